@@ -1,0 +1,214 @@
+"""The PV domain builder (libxenguest's xc_dom_* job) for x86_64 guests.
+
+Lays the guest's first pseudo-physical frames out as Xen's builder does:
+
+    kernel image | ramdisk | p2m list | start_info | xenstore | console |
+    page tables (L4, L3s, L2s, L1s) | boot stack
+
+all mapped at ``virt_base + pfn * 4096`` by the initial page tables, which
+cover at least 512 KiB past the boot stack rounded up to 4 MiB (capped at
+the domain's memory).  Page-table frames are mapped read-only.  The L4 is
+then pinned, which runs the PV MMU validator over the whole initial tree,
+exactly as the toolstack's pin does on Xen.
+
+``plan_layout`` is pure and unit-tested; ``build`` writes the domain's RAM.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .. import abi
+from ..hv import machine as M
+from ..hv.domain import Domain
+from ..hv.mm import PGT_L4
+from .elf import XenKernel
+
+PAGE = abi.PAGE_SIZE
+PTE_DATA = M.PTE_P | M.PTE_RW | M.PTE_US | M.PTE_A | M.PTE_D
+PTE_RO = M.PTE_P | M.PTE_US | M.PTE_A
+PTE_TABLE = M.PTE_P | M.PTE_RW | M.PTE_US | M.PTE_A
+
+
+class BuildError(ValueError):
+    """The kernel, ramdisk or memory size cannot make a bootable domain."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    virt_base: int
+    nr_pages: int
+    kernel_pfn: int
+    kernel_pages: int
+    ramdisk_pfn: int
+    ramdisk_pages: int
+    p2m_pfn: int
+    p2m_pages: int
+    start_info_pfn: int
+    xenstore_pfn: int
+    console_pfn: int
+    pt_pfn: int
+    nr_pt_frames: int
+    n_l3: int
+    n_l2: int
+    n_l1: int
+    bootstack_pfn: int
+    mapped_pages: int  # pfns [0, mapped_pages) are mapped
+
+    def va(self, pfn: int) -> int:
+        return self.virt_base + pfn * PAGE
+
+
+def _span(lo: int, hi: int, shift: int) -> int:
+    """Number of 2^shift-aligned regions that [lo, hi) touches."""
+    return ((hi - 1) >> shift) - (lo >> shift) + 1
+
+
+def plan_layout(virt_base: int, kstart: int, kend: int, nr_pages: int,
+                ramdisk_len: int = 0, name: str = "kernel") -> Layout:
+    if kstart < virt_base:
+        raise BuildError(f"{name}: image starts below its virt_base")
+    kernel_pfn = (kstart - virt_base) // PAGE
+    kernel_pages = (kend - virt_base + PAGE - 1) // PAGE - kernel_pfn
+    nxt = kernel_pfn + kernel_pages
+    ramdisk_pfn = nxt
+    ramdisk_pages = (ramdisk_len + PAGE - 1) // PAGE
+    nxt += ramdisk_pages
+    p2m_pfn = nxt
+    p2m_pages = (nr_pages * 8 + PAGE - 1) // PAGE
+    nxt += p2m_pages
+    start_info_pfn, xenstore_pfn, console_pfn = nxt, nxt + 1, nxt + 2
+    pt_pfn = nxt + 3
+    # the tables must map themselves and the boot stack: iterate to a fixpoint
+    n_pt = 1
+    while True:
+        bootstack = pt_pfn + n_pt
+        want = ((bootstack + 1) * PAGE + (512 << 10) + (4 << 20) - 1) // (4 << 20) * (4 << 20)
+        mapped = min(want // PAGE, nr_pages)
+        lo, hi = virt_base, virt_base + mapped * PAGE
+        n_l3, n_l2, n_l1 = _span(lo, hi, 39), _span(lo, hi, 30), _span(lo, hi, 21)
+        need = 1 + n_l3 + n_l2 + n_l1
+        if need <= n_pt:
+            break
+        n_pt = need
+    if bootstack + 1 > nr_pages or mapped < bootstack + 1:
+        raise BuildError(f"{name}: memory too small: the image and boot structures need "
+                         f"{(bootstack + 1) * PAGE >> 10} KiB, the domain has {nr_pages * PAGE >> 10} KiB")
+    if hi > (1 << 64) or (virt_base >> 47) not in (0, 0x1FFFF):
+        raise BuildError(f"{name}: virt_base {virt_base:#x} is not canonical")
+    if virt_base < 0xFFFF880000000000 and hi > 0xFFFF800000000000:
+        raise BuildError(f"{name}: image overlaps the hypervisor's virtual range")
+    return Layout(virt_base, nr_pages, kernel_pfn, kernel_pages, ramdisk_pfn, ramdisk_pages,
+                  p2m_pfn, p2m_pages, start_info_pfn, xenstore_pfn, console_pfn, pt_pfn, n_pt,
+                  n_l3, n_l2, n_l1, bootstack, mapped)
+
+
+def build_page_tables(lay: Layout, pfn_to_mfn: int) -> dict[int, list[tuple[int, int]]]:
+    """Entries of the initial tables: {pt pfn: [(index, value), ...]}.  ``pfn_to_mfn``
+    is the p2m offset (mfn = pfn + offset)."""
+    vb = lay.virt_base
+    lo, hi = vb, vb + lay.mapped_pages * PAGE
+    pfns = iter(range(lay.pt_pfn, lay.pt_pfn + lay.nr_pt_frames))
+    l4 = next(pfns)
+    tables: dict[int, list[tuple[int, int]]] = {l4: []}
+    l3_of: dict[int, int] = {}
+    l2_of: dict[int, int] = {}
+    l1_of: dict[int, int] = {}
+    pt_range = range(lay.pt_pfn, lay.pt_pfn + lay.nr_pt_frames)
+
+    def child(parent: int, idx: int, cache: dict[int, int], key: int) -> int:
+        if key not in cache:
+            pfn = next(pfns)
+            cache[key] = pfn
+            tables[pfn] = []
+            tables[parent].append((idx, ((pfn + pfn_to_mfn) << 12) | PTE_TABLE))
+        return cache[key]
+
+    for va in range(lo, hi, PAGE):
+        l3 = child(l4, (va >> 39) & 511, l3_of, va >> 39)
+        l2 = child(l3, (va >> 30) & 511, l2_of, va >> 30)
+        l1 = child(l2, (va >> 21) & 511, l1_of, va >> 21)
+        pfn = (va - vb) // PAGE
+        flags = PTE_RO if pfn in pt_range else PTE_DATA
+        tables[l1].append(((va >> 12) & 511, ((pfn + pfn_to_mfn) << 12) | flags))
+    return tables
+
+
+@dataclass
+class BootInfo:
+    layout: Layout
+    start_info_va: int
+    entry: int
+    stack_top: int
+    l4_mfn: int
+    console_mfn: int
+    console_evtchn: int
+    store_mfn: int
+    store_evtchn: int
+
+
+def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes | None = None,
+          console_notify: object = None) -> BootInfo:
+    """Load ``kernel`` into ``domain`` and prepare vCPU0 to start it."""
+    nr = domain.nr_pages
+    if kernel.hypercall_page is None:
+        raise BuildError(f"{kernel.name}: no XEN_ELFNOTE_HYPERCALL_PAGE: pyxen guests must "
+                         "use the hypercall page")
+    if len(cmdline.encode()) >= abi.MAX_GUEST_CMDLINE:
+        raise BuildError(f"command line longer than {abi.MAX_GUEST_CMDLINE - 1} bytes")
+    lay = plan_layout(kernel.virt_base, kernel.virt_kstart, kernel.virt_kend, nr,
+                      len(ramdisk or b""), kernel.name)
+    ram = domain.machine.ram
+    off = M.MFN_BASE  # p2m offset: mfn = pfn + MFN_BASE
+
+    def ram_off(pfn: int) -> int:
+        return pfn * PAGE  # RAM memfd starts at pfn 0
+
+    for seg in kernel.segments:
+        o = ram_off(0) + seg.vaddr - lay.virt_base
+        ram[o:o + len(seg.data)] = seg.data
+    hp = kernel.hypercall_page
+    o = hp - lay.virt_base
+    ram[o:o + PAGE] = M.hypercall_page()
+    if ramdisk:
+        o = ram_off(lay.ramdisk_pfn)
+        ram[o:o + len(ramdisk)] = ramdisk
+    # p2m list and M2P
+    p2m = struct.pack(f"<{nr}Q", *range(off, off + nr))
+    o = ram_off(lay.p2m_pfn)
+    ram[o:o + len(p2m)] = p2m
+    for pfn in range(nr):
+        domain.machine.set_m2p(off + pfn, pfn)
+    # page tables
+    tables = build_page_tables(lay, off)
+    for pfn, ents in tables.items():
+        base = ram_off(pfn)
+        for idx, val in ents:
+            struct.pack_into("<Q", ram, base + idx * 8, val)
+    l4_mfn = lay.pt_pfn + off
+    # event channels for the console and xenstore
+    console_port = domain.evtchn.bind_backend(lambda: domain.console.on_event()  # type: ignore[union-attr]
+                                              if domain.console else None, 1)
+    store_port = domain.evtchn.alloc_unbound(0)
+    # start_info
+    si = abi.START_INFO.pack(
+        abi.START_INFO_MAGIC.ljust(32, b"\0"), nr, domain.shared_info_mfn << 12, 0,
+        lay.xenstore_pfn + off, store_port, lay.console_pfn + off, console_port,
+        lay.va(lay.pt_pfn), lay.nr_pt_frames, lay.va(lay.p2m_pfn),
+        lay.va(lay.ramdisk_pfn) if ramdisk else 0, len(ramdisk or b""),
+        cmdline.encode().ljust(abi.MAX_GUEST_CMDLINE, b"\0"), lay.p2m_pfn, lay.p2m_pages)
+    o = ram_off(lay.start_info_pfn)
+    ram[o:o + len(si)] = si
+    # validate the initial tables (pin), then vCPU0's CR3 reference
+    domain.ft.pin(l4_mfn, PGT_L4)
+    domain.ft.get_type(l4_mfn, PGT_L4)
+    stack_top = lay.va(lay.bootstack_pfn + 1)
+    entry = kernel.entry
+    v0 = domain.vcpus[0]
+    v0.set_initial_state(entry, stack_top, lay.va(lay.start_info_pfn), l4_mfn)
+    info = BootInfo(lay, lay.va(lay.start_info_pfn), entry, stack_top, l4_mfn,
+                    lay.console_pfn + off, console_port, lay.xenstore_pfn + off, store_port)
+    domain.start_info = {"console_mfn": info.console_mfn, "console_evtchn": console_port,
+                         "store_mfn": info.store_mfn, "store_evtchn": store_port}
+    return info

@@ -1,0 +1,56 @@
+"""Create domains in this process: the toolstack's path into the hypervisor
+(Xen's domctl + libxl's domain builder glue).  The daemon's domain processes
+and the tests both use :func:`create_domain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .backends.console import ConsoleBackend
+from .builder import pv
+from .builder.elf import ElfError, XenKernel, load_elf
+from .hv.domain import Domain, DomainSpec
+
+
+class CreateError(ValueError):
+    """A domain could not be created; the message says why, for the user."""
+
+
+def load_kernel(path: str) -> XenKernel:
+    try:
+        return load_elf(path)
+    except ElfError as e:
+        raise CreateError(str(e)) from None
+
+
+def create_domain(spec: DomainSpec, console_sink: Callable[[bytes], None] | None = None,
+                  log_sink: Callable[[str], None] | None = None,
+                  on_state: Callable[[Domain], None] | None = None,
+                  start: bool = True, kernel: XenKernel | None = None) -> Domain:
+    """Build and (by default) start a PV domain from ``spec``."""
+    if spec.memory_mib < 1:
+        raise CreateError("memory must be at least 1 MiB")
+    k = kernel or load_kernel(spec.kernel)
+    ramdisk = None
+    if spec.ramdisk:
+        try:
+            ramdisk = Path(spec.ramdisk).read_bytes()
+        except OSError as e:
+            raise CreateError(f"cannot read ramdisk {spec.ramdisk}: {e.strerror}") from None
+    d = Domain(spec, console_sink, on_state, log_sink)
+    try:
+        info = pv.build(d, k, spec.cmdline, ramdisk)
+    except pv.BuildError as e:
+        d.destroy()
+        d.close()
+        raise CreateError(str(e)) from None
+    off = d.machine.ram_offset(info.console_mfn)
+    page = d.machine.ram_view[off:off + 4096]
+    port = info.console_evtchn
+    d.console = ConsoleBackend(page, d.console_output, lambda: d.raise_port(port, 0))
+    d.log(f"created: {k.guest_os or 'guest'} kernel {spec.kernel}, {spec.memory_mib} MiB, "
+          f"{spec.vcpus} vcpu(s)")
+    if start:
+        d.start()
+    return d

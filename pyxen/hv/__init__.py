@@ -1,0 +1,1 @@
+"""The hypervisor proper: domains, vCPUs, hypercalls, PV MMU, events, time."""

@@ -1,0 +1,429 @@
+"""Domains: one KVM VM, its memory, vCPUs, event channels, timers and state.
+
+A :class:`Domain` lives in one host process (the domain process); the
+toolstack daemon only talks to it.  States follow Xen's: running, blocked,
+paused, shutdown (with a reason), crashed, dying.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import abi
+from . import machine as M
+from .evtchn import EventChannels
+from ..abi import XenError
+from .mm import PGT_SEG, PGT_WRITABLE, FrameTable
+from .time import DomainClock
+from .vcpu import VCPU
+
+ConsoleSink = Callable[[bytes], None]
+
+
+@dataclass
+class DomainSpec:
+    """What the builder needs to create a domain (from xl.cfg or the API)."""
+
+    name: str
+    memory_mib: int
+    kernel: str
+    maxmem_mib: int = 0
+    vcpus: int = 1
+    maxvcpus: int = 0
+    cmdline: str = ""
+    ramdisk: str | None = None
+    domid: int = 1
+    uuid: str = "00000000-0000-0000-0000-000000000000"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class TimerThread:
+    """One thread per domain that wakes vCPUs whose timers expire while they run.
+
+    A blocked vCPU sleeps on its own condition with the deadline as timeout;
+    a running one needs a kick at the deadline, which this thread provides."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.heap: list[tuple[int, int, VCPU]] = []
+        self.cond = threading.Condition()
+        self.seq = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._main, name=f"d{domain.domid}-timers",
+                                       daemon=True)
+        self.thread.start()
+
+    def schedule(self, vcpu: VCPU, deadline: int) -> None:
+        if not deadline:
+            return
+        with self.cond:
+            self.seq += 1
+            heapq.heappush(self.heap, (deadline, self.seq, vcpu))
+            if self.heap[0][2] is vcpu and self.heap[0][0] == deadline:
+                self.cond.notify()
+
+    def _main(self) -> None:
+        clock = self.domain.clock
+        while True:
+            with self.cond:
+                if self.stop:
+                    return
+                if not self.heap:
+                    self.cond.wait(1.0)
+                    continue
+                deadline, _, vcpu = self.heap[0]
+                now = clock.system_time()
+                if deadline > now:
+                    self.cond.wait((deadline - now) / 1e9)
+                    continue
+                heapq.heappop(self.heap)
+            if vcpu.timer_deadline and vcpu.timer_deadline <= deadline or \
+                    vcpu.periodic_ns and vcpu.periodic_next <= deadline:
+                vcpu.post(VCPU.POST_WAKE)
+            if vcpu.periodic_ns:
+                self.schedule(vcpu, vcpu.periodic_next if vcpu.periodic_next > deadline
+                              else deadline + vcpu.periodic_ns)
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify()
+
+
+class Domain:
+    """A running (or stopped) PV domain."""
+
+    def __init__(self, spec: DomainSpec, console_sink: ConsoleSink | None = None,
+                 on_state: Callable[[Domain], None] | None = None,
+                 log_sink: Callable[[str], None] | None = None) -> None:
+        from .hypercalls import Hypercalls  # circular: hypercalls needs Domain's API
+
+        self.spec = spec
+        self.domid = spec.domid
+        self.name = spec.name
+        self.nr_pages = spec.memory_mib * 256
+        self.max_pages = max(spec.maxmem_mib, spec.memory_mib) * 256
+        self.console_sinks: list[ConsoleSink] = [console_sink] if console_sink else []
+        self.log_sink = log_sink
+        self.on_state = on_state
+        self.dmesg: list[str] = []
+        self.state_lock = threading.RLock()
+        self.shutdown_reason: int | None = None
+        self.shutdown_code: int | None = None
+        self.crashed = False
+        self.crash_info = ""
+        self.dying = False
+        self.paused = 0
+        self.vm_assist = 0
+        self.started = False
+        self.create_time = time.time()
+        self.dirty_logging = False
+        self.host_dirty: set[int] = set()
+        self.machine = M.Machine(self.max_pages, max(spec.vcpus, spec.maxvcpus or spec.vcpus))
+        ram = self.machine.ram
+        si_off = self.machine.ram_offset(self.machine.xenheap_mfn)
+        self.shared_info_mfn = self.machine.xenheap_mfn
+        self.shared_info = self.machine.ram_view[si_off:si_off + abi.PAGE_SIZE]
+        self.mmu_pending: list[int] = []
+        self.mmu_lock = threading.Lock()
+        self.ft = FrameTable(ram, M.MFN_BASE, self.machine.nr_frames, self._write_entry,
+                             self._owned, self.machine.l4_hv_slots())
+        self.clock = DomainClock()
+        self.evtchn = EventChannels(self)
+        self.hypercalls = Hypercalls(self)
+        self.timers = TimerThread(self)
+        nv = max(spec.vcpus, spec.maxvcpus or spec.vcpus)
+        self.vcpus = [VCPU(self, i) for i in range(nv)]
+        self.clock.write_wallclock(self.shared_info, 0)
+        struct.pack_into("<Q", self.shared_info, abi.SI_ARCH_MAX_PFN, self.nr_pages)
+        for v in self.vcpus:
+            v.vi_set(abi.VI_UPCALL_MASK, 1)
+            v.update_time()
+        self.console = None  # set by the builder (console backend)
+        self.start_info: dict[str, int] = {}
+
+    # ------------------------------------------------------------ memory
+    def _owned(self, mfn: int) -> bool:
+        pfn = mfn - M.MFN_BASE
+        if pfn < self.nr_pages:
+            return True
+        return mfn == self.shared_info_mfn
+
+    def _write_entry(self, maddr: int, value: int) -> None:
+        off = maddr - (M.MFN_BASE << 12)
+        struct.pack_into("<Q", self.machine.ram, off, value)
+        if self.started:
+            with self.mmu_lock:
+                self.mmu_pending.append(M.DM_VA + maddr)
+
+    def mark_dirty(self, mfn: int) -> None:
+        if self.dirty_logging:
+            self.host_dirty.add(mfn)
+
+    def pfn_to_mfn(self, pfn: int) -> int:
+        return M.MFN_BASE + pfn
+
+    # ------------------------------------------------------------ events
+    def raise_port(self, port: int, vcpu_id: int) -> None:
+        v = self.vcpus[vcpu_id]
+        if v.thread is not None and threading.get_ident() == v.kvm.thread_id:
+            v.set_pending(port)
+        else:
+            v.post(VCPU.POST_PORT, port)
+
+    # ------------------------------------------------------------ console / log
+    def console_output(self, data: bytes) -> None:
+        for sink in list(self.console_sinks):
+            try:
+                sink(data)
+            except Exception as e:  # noqa: BLE001 - a broken client must not stop the guest
+                self.log(f"console sink failed: {e!r}")
+                self.console_sinks.remove(sink)
+
+    def log(self, msg: str) -> None:
+        line = f"(d{self.domid}) {msg}"
+        self.dmesg.append(line)
+        del self.dmesg[:-2000]
+        if self.log_sink:
+            self.log_sink(line)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.started = True
+        self.clock.write_wallclock(self.shared_info, 0)
+        for v in self.vcpus:
+            v.update_time()
+            v.start()
+
+    @property
+    def state(self) -> str:
+        if self.dying:
+            return "dying"
+        if self.crashed:
+            return "crashed"
+        if self.shutdown_reason is not None:
+            return "shutdown"
+        if self.paused:
+            return "paused"
+        if all(v.blocked or not v.up for v in self.vcpus):
+            return "blocked"
+        return "running"
+
+    def state_flags(self) -> str:
+        """xl list's State column: r b p s c d."""
+        st = self.state
+        return "".join(c if st == n else "-" for c, n in (("r", "running"), ("b", "blocked"),
+                       ("p", "paused"), ("s", "shutdown"), ("c", "crashed"), ("d", "dying")))
+
+    def _stop_vcpus(self) -> None:
+        for v in self.vcpus:
+            with v.cond:
+                v.stop = True
+                v.cond.notify_all()
+            if threading.get_ident() != v.kvm.thread_id:
+                v.kvm.kick()
+
+    def shutdown(self, reason: int) -> None:
+        with self.state_lock:
+            if self.shutdown_reason is not None or self.crashed:
+                return
+            self.shutdown_reason = reason
+        self.log(f"shutdown: {abi.SHUTDOWN_NAMES.get(reason, reason)}")
+        self._stop_vcpus()
+        if self.on_state:
+            self.on_state(self)
+
+    def crash(self, why: str, regs: str = "") -> None:
+        with self.state_lock:
+            if self.crashed or self.shutdown_reason is not None:
+                return
+            self.crashed = True
+            self.shutdown_reason = abi.SHUTDOWN_crash
+            self.crash_info = why + ("\n" + regs if regs else "")
+        self.log(f"domain crashed: {why}")
+        for line in regs.splitlines():
+            self.log(line)
+        self._stop_vcpus()
+        if self.on_state:
+            self.on_state(self)
+
+    def pause(self) -> None:
+        with self.state_lock:
+            self.paused += 1
+        for v in self.vcpus:
+            with v.cond:
+                v.paused = self.paused
+            v.kvm.kick() if threading.get_ident() != v.kvm.thread_id else None
+        if self.on_state:
+            self.on_state(self)
+
+    def unpause(self) -> None:
+        with self.state_lock:
+            if self.paused:
+                self.paused -= 1
+        for v in self.vcpus:
+            with v.cond:
+                v.paused = self.paused
+                v.cond.notify_all()
+        if self.on_state:
+            self.on_state(self)
+
+    def wait_stopped(self, timeout: float | None = None) -> bool:
+        """Wait until every vCPU thread has left the guest."""
+        end = None if timeout is None else time.monotonic() + timeout
+        for v in self.vcpus:
+            if v.thread is None:
+                continue
+            v.thread.join(None if end is None else max(0.0, end - time.monotonic()))
+            if v.thread.is_alive():
+                return False
+        return True
+
+    def destroy(self) -> None:
+        self.dying = True
+        self._stop_vcpus()
+        self.timers.close()
+        self.wait_stopped(5.0)
+        if self.console is not None:
+            self.console.close()
+
+    def close(self) -> None:
+        """Release the VM and memory (after destroy)."""
+        self.shared_info.release()
+        self.machine.close()
+
+    # ------------------------------------------------------------ info
+    def info(self) -> dict[str, object]:
+        cpu_ns = sum(v.runstate_time[abi.RUNSTATE_running] for v in self.vcpus)
+        return {"domid": self.domid, "name": self.name, "state": self.state,
+                "flags": self.state_flags(), "memory_mib": self.nr_pages // 256,
+                "maxmem_mib": self.max_pages // 256, "vcpus": len(self.vcpus),
+                "shutdown_reason": None if self.shutdown_reason is None
+                else abi.SHUTDOWN_NAMES.get(self.shutdown_reason, str(self.shutdown_reason)),
+                "cpu_time_ns": cpu_ns, "uptime_s": time.time() - self.create_time,
+                "stats": {f"vcpu{v.id}": dict(v.stats) for v in self.vcpus}}
+
+    # ------------------------------------------------------------ hypercall helpers
+    def console_io_write(self, data: bytes) -> None:
+        """HYPERVISOR_console_io output: the guest's early console.  Xen sends it
+        to the hypervisor console; pyxen shows it on the domain's console too,
+        so early boot messages reach the user."""
+        self.console_output(data)
+
+    def flush_all_tlbs(self, v: VCPU) -> None:
+        v.flush_requested = True
+        for o in self.vcpus:
+            if o is not v and o.up:
+                o.post(VCPU.POST_FLUSH)
+
+    def clear_page(self, mfn: int) -> None:
+        self.ft.get_type(mfn, PGT_WRITABLE)
+        try:
+            off = self.machine.ram_offset(mfn)
+            self.machine.ram[off:off + abi.PAGE_SIZE] = bytes(abi.PAGE_SIZE)
+            self.mark_dirty(mfn)
+        finally:
+            self.ft.put_type(mfn)
+
+    def copy_page(self, dst: int, src: int) -> None:
+        if not self.ft.owns(src):
+            raise XenError(abi.EPERM, f"copy from frame {src:#x} not owned")
+        self.ft.get_type(dst, PGT_WRITABLE)
+        try:
+            so, do = self.machine.ram_offset(src), self.machine.ram_offset(dst)
+            self.machine.ram[do:do + abi.PAGE_SIZE] = self.machine.ram[so:so + abi.PAGE_SIZE]
+            self.mark_dirty(dst)
+        finally:
+            self.ft.put_type(dst)
+
+    def register_vcpu_info(self, caller: VCPU, v: VCPU, arg: int) -> int:
+        mfn, offset, _ = struct.unpack("<QII", caller.copy_from_guest(arg, 16))
+        if v.vi_buf is not self.shared_info:
+            raise XenError(abi.EINVAL, "vcpu_info already registered")
+        if offset + abi.VCPU_INFO_SIZE > abi.PAGE_SIZE or offset & 7:
+            raise XenError(abi.EINVAL, "vcpu_info crosses a page")
+        if not self.ft.owns(mfn) or mfn == self.shared_info_mfn:
+            raise XenError(abi.EINVAL, f"frame {mfn:#x} not usable for vcpu_info")
+        self.ft.get_type(mfn, PGT_WRITABLE)  # held for the domain's lifetime, as Xen
+        base = self.machine.ram_offset(mfn)
+        old = bytes(v.vi_buf[v.vi_off:v.vi_off + abi.VCPU_INFO_SIZE])
+        v.vi_buf = self.machine.ram_view[base:base + abi.PAGE_SIZE]
+        v.vi_off = offset
+        v.vi_buf[offset:offset + abi.VCPU_INFO_SIZE] = old
+        # as Xen: mark every selector bit so the guest rescans after the move
+        struct.pack_into("<Q", v.vi_buf, offset + abi.VI_PENDING_SEL, (1 << 64) - 1)
+        v.vi_buf[offset + abi.VI_UPCALL_PENDING] = 1
+        v.update_time()
+        return 0
+
+    def vcpu_updown(self, caller: VCPU, v: VCPU, cmd: int, arg: int) -> int:
+        raise XenError(abi.ENOSYS, "secondary vCPUs arrive with the SMP issue")
+
+    # ------------------------------------------------------------ descriptor tables
+    @staticmethod
+    def check_descriptor(desc: int) -> int:
+        """Xen's check_descriptor for a 64-bit PV guest: code/data segments are
+        forced to DPL 3 with the accessed bit set (so the CPU never writes the
+        table); system descriptors are refused."""
+        if not desc >> 47 & 1:
+            return desc  # not present: anything goes
+        if not desc >> 44 & 1:
+            raise XenError(abi.EINVAL, f"system descriptor {desc:#x} not allowed")
+        return desc | (3 << 45) | (1 << 40)
+
+    def set_gdt(self, v: VCPU, frames_ptr: int, entries: int) -> int:
+        if entries > abi.FIRST_RESERVED_GDT_ENTRY:
+            raise XenError(abi.EINVAL, f"{entries} GDT entries is too many")
+        nframes = (entries + 511) // 512
+        frames = list(struct.unpack(f"<{nframes}Q", v.copy_from_guest(frames_ptr, 8 * nframes))) \
+            if nframes else []
+        taken: list[int] = []
+        try:
+            for mfn in frames:
+                if not self.ft.owns(mfn):
+                    raise XenError(abi.EPERM, f"GDT frame {mfn:#x} not owned")
+                off = self.machine.ram_offset(mfn)
+                descs = struct.unpack_from("<512Q", self.machine.ram, off)
+                fixed = [self.check_descriptor(dsc) for dsc in descs]
+                self.ft.get_type(mfn, PGT_SEG)
+                taken.append(mfn)
+                if fixed != list(descs):
+                    struct.pack_into("<512Q", self.machine.ram, off, *fixed)
+        except XenError:
+            for mfn in taken:
+                self.ft.put_type(mfn)
+            raise
+        for mfn in getattr(v, "gdt_frames", []):
+            self.ft.put_type(mfn)
+        v.gdt_frames = taken
+        self.machine.map_gdt_frames(v.id, taken, self._hv_touch)
+        v.flush_requested = True
+        return 0
+
+    def _hv_touch(self, va: int) -> None:
+        with self.mmu_lock:
+            self.mmu_pending.append(va)
+
+    def update_descriptor(self, maddr: int, desc: int) -> int:
+        if maddr & 7:
+            raise XenError(abi.EINVAL, "misaligned descriptor address")
+        mfn = maddr >> 12
+        if not self.ft.owns(mfn):
+            raise XenError(abi.EPERM, f"descriptor frame {mfn:#x} not owned")
+        desc = self.check_descriptor(desc)
+        t, c = self.ft.type_of(mfn)
+        off = maddr - (M.MFN_BASE << 12)
+        if c and t == PGT_SEG:
+            struct.pack_into("<Q", self.machine.ram, off, desc)
+            return 0
+        self.ft.get_type(mfn, PGT_WRITABLE)
+        try:
+            struct.pack_into("<Q", self.machine.ram, off, desc)
+        finally:
+            self.ft.put_type(mfn)
+        return 0

@@ -1,0 +1,226 @@
+"""Event channels, Xen's 2-level ABI (event_channel.h).
+
+The domain's ports live in a table here; pending and mask bits live in the
+guest's shared_info page, with the per-vCPU selector word and
+``evtchn_upcall_pending`` in vcpu_info, exactly as the guest reads them.
+
+Bits in shared_info are changed only by the thread of the vCPU they notify
+while that vCPU is stopped (see :meth:`pyxen.hv.vcpu.VCPU.post`), so the
+hypervisor's read-modify-writes never race the guest's own locked bit
+operations on the same vCPU.
+
+Channels to the host's backends (console now; more later) are
+"interdomain" channels whose remote end is a Python callable standing in for
+dom0's end.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from .. import abi
+from ..abi import EINVAL, ENOSPC, EEXIST, ESRCH, ENOSYS, EPERM, XenError
+
+if TYPE_CHECKING:
+    from .domain import Domain
+
+ST_FREE, ST_UNBOUND, ST_INTERDOMAIN, ST_PIRQ, ST_VIRQ, ST_IPI = 0, 1, 2, 3, 4, 5
+GLOBAL_VIRQS = {abi.VIRQ_CONSOLE, abi.VIRQ_DOM_EXC, 4, 6, 8, 9, 10, 12}
+DOM0 = 0
+MAX_PORTS_DEFAULT = 1023  # xl's default max_event_channels
+
+
+@dataclass
+class Channel:
+    state: int = ST_FREE
+    vcpu: int = 0
+    remote_dom: int = 0
+    remote_port: int = 0
+    virq: int = 0
+    backend: Callable[[], None] | None = field(default=None, repr=False)
+
+
+class EventChannels:
+    """The port table of one domain."""
+
+    def __init__(self, domain: Domain, max_ports: int = MAX_PORTS_DEFAULT) -> None:
+        self.domain = domain
+        self.max_ports = min(max_ports, abi.EVTCHN_2L_NR_CHANNELS - 1)
+        self.ports: list[Channel] = [Channel()]  # port 0 is never used
+        self.virq_ports: dict[tuple[int, int], int] = {}
+        self.lock = threading.RLock()
+        self.sends = 0
+
+    # ------------------------------------------------------------ allocation
+    def _alloc(self) -> int:
+        for p in range(1, len(self.ports)):
+            if self.ports[p].state == ST_FREE:
+                return p
+        if len(self.ports) > self.max_ports:
+            raise XenError(ENOSPC, "no free event channel ports")
+        self.ports.append(Channel())
+        return len(self.ports) - 1
+
+    def _get(self, port: int) -> Channel:
+        if not 0 < port < len(self.ports) or self.ports[port].state == ST_FREE:
+            raise XenError(EINVAL, f"port {port} is not bound")
+        return self.ports[port]
+
+    def bind_backend(self, notify: Callable[[], None], backend_port: int = 0) -> int:
+        """A channel whose other end is a host backend (dom0's end in Xen)."""
+        with self.lock:
+            p = self._alloc()
+            self.ports[p] = Channel(ST_INTERDOMAIN, 0, DOM0, backend_port, backend=notify)
+            return p
+
+    def alloc_unbound(self, remote_dom: int) -> int:
+        with self.lock:
+            p = self._alloc()
+            self.ports[p] = Channel(ST_UNBOUND, 0, remote_dom)
+            return p
+
+    def bind_virq(self, virq: int, vcpu: int) -> int:
+        if not 0 <= virq < abi.NR_VIRQS:
+            raise XenError(EINVAL, f"virq {virq} out of range")
+        if virq in GLOBAL_VIRQS and vcpu != 0:
+            raise XenError(EINVAL, f"global virq {virq} must bind to vcpu 0")
+        if not 0 <= vcpu < len(self.domain.vcpus):
+            raise XenError(ENOENT_, f"no vcpu {vcpu}")
+        with self.lock:
+            if (vcpu, virq) in self.virq_ports:
+                raise XenError(EEXIST, f"virq {virq} already bound on vcpu {vcpu}")
+            p = self._alloc()
+            self.ports[p] = Channel(ST_VIRQ, vcpu, virq=virq)
+            self.virq_ports[(vcpu, virq)] = p
+            return p
+
+    def bind_ipi(self, vcpu: int) -> int:
+        if not 0 <= vcpu < len(self.domain.vcpus):
+            raise XenError(ENOENT_, f"no vcpu {vcpu}")
+        with self.lock:
+            p = self._alloc()
+            self.ports[p] = Channel(ST_IPI, vcpu)
+            return p
+
+    def close(self, port: int) -> None:
+        with self.lock:
+            ch = self._get(port)
+            if ch.state == ST_VIRQ:
+                self.virq_ports.pop((ch.vcpu, ch.virq), None)
+            self.ports[port] = Channel()
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        if not 0 <= vcpu < len(self.domain.vcpus):
+            raise XenError(ENOENT_, f"no vcpu {vcpu}")
+        with self.lock:
+            ch = self._get(port)
+            if ch.state == ST_VIRQ and ch.virq not in GLOBAL_VIRQS:
+                raise XenError(EINVAL, "per-vcpu virq cannot move")
+            if ch.state not in (ST_VIRQ, ST_UNBOUND, ST_INTERDOMAIN, ST_PIRQ):
+                raise XenError(EINVAL, "channel cannot be rebound")
+            ch.vcpu = vcpu
+
+    def status(self, port: int) -> bytes:
+        """struct evtchn_status's OUT part: status, vcpu, union (16 bytes)."""
+        with self.lock:
+            if not 0 < port < len(self.ports):
+                raise XenError(EINVAL, f"port {port} out of range")
+            ch = self.ports[port]
+            u = b"\0" * 8
+            if ch.state == ST_UNBOUND:
+                u = struct.pack("<H6x", ch.remote_dom)
+            elif ch.state == ST_INTERDOMAIN:
+                u = struct.pack("<H2xI", ch.remote_dom, ch.remote_port)
+            elif ch.state == ST_VIRQ:
+                u = struct.pack("<I4x", ch.virq)
+            return struct.pack("<II", ch.state, ch.vcpu) + u
+
+    def reset(self) -> None:
+        with self.lock:
+            for p in range(1, len(self.ports)):
+                if self.ports[p].state not in (ST_FREE,) and self.ports[p].backend is None:
+                    self.close(p)
+
+    # ------------------------------------------------------------ delivery
+    def send(self, port: int) -> None:
+        ch = self._get(port)
+        self.sends += 1
+        if ch.state == ST_INTERDOMAIN:
+            if ch.backend is not None:
+                ch.backend()
+            return
+        if ch.state in (ST_IPI, ST_VIRQ):
+            self.domain.raise_port(port, ch.vcpu)
+            return
+        if ch.state == ST_UNBOUND:
+            return  # nobody listening: dropped, as in Xen
+        raise XenError(EINVAL, f"port {port} cannot be sent on")
+
+    def raise_virq(self, virq: int, vcpu: int = 0) -> bool:
+        p = self.virq_ports.get((vcpu, virq))
+        if p is None:
+            return False
+        self.domain.raise_port(p, vcpu)
+        return True
+
+    def notify_vcpu(self, port: int) -> int:
+        if 0 < port < len(self.ports):
+            return self.ports[port].vcpu
+        return 0
+
+
+ENOENT_ = abi.ENOENT
+
+
+def set_pending_bits(si: memoryview, vi_off: int, port: int) -> bool:
+    """Xen's evtchn_2l_set_pending on shared_info memory.  Returns True if the
+    vCPU must be notified (upcall_pending went 0 → 1)."""
+    word, bit = divmod(port, 64)
+    poff = abi.SI_EVTCHN_PENDING + word * 8
+    pend = int.from_bytes(si[poff:poff + 8], "little")
+    if pend >> bit & 1:
+        return False
+    struct.pack_into("<Q", si, poff, pend | (1 << bit))
+    moff = abi.SI_EVTCHN_MASK + word * 8
+    if int.from_bytes(si[moff:moff + 8], "little") >> bit & 1:
+        return False
+    return _mark_selector(si, vi_off, word)
+
+
+def _mark_selector(si: memoryview, vi_off: int, word: int) -> bool:
+    soff = vi_off + abi.VI_PENDING_SEL
+    sel = int.from_bytes(si[soff:soff + 8], "little")
+    if sel >> word & 1:
+        return False
+    struct.pack_into("<Q", si, soff, sel | (1 << word))
+    if si[vi_off + abi.VI_UPCALL_PENDING]:
+        return False
+    si[vi_off + abi.VI_UPCALL_PENDING] = 1
+    return True
+
+
+def unmask_bits(si: memoryview, vi_off: int, port: int) -> bool:
+    """Xen's evtchn_2l_unmask: clear the mask bit; if the port is pending,
+    re-raise it on its vCPU.  Returns True if an upcall became pending."""
+    word, bit = divmod(port, 64)
+    moff = abi.SI_EVTCHN_MASK + word * 8
+    mask = int.from_bytes(si[moff:moff + 8], "little")
+    if mask >> bit & 1:
+        struct.pack_into("<Q", si, moff, mask & ~(1 << bit))
+    poff = abi.SI_EVTCHN_PENDING + word * 8
+    if int.from_bytes(si[poff:poff + 8], "little") >> bit & 1:
+        return _mark_selector(si, vi_off, word)
+    return False
+
+
+def is_pending(si: memoryview, port: int) -> bool:
+    word, bit = divmod(port, 64)
+    poff = abi.SI_EVTCHN_PENDING + word * 8
+    return bool(int.from_bytes(si[poff:poff + 8], "little") >> bit & 1)
+
+
+__all__ = ["EventChannels", "Channel", "set_pending_bits", "unmask_bits", "is_pending",
+           "ENOSYS", "EPERM", "ESRCH"]

@@ -1,0 +1,554 @@
+"""The hypercall table: Xen's numbers, argument registers and error codes.
+
+``dispatch`` is the guest boundary: it reads the number and arguments from
+the vCPU's registers, calls one ``do_<name>`` handler, and stores the result
+(or ``-errno`` for a :class:`XenError`) in rax.  Handlers read and write
+guest memory only through ``VCPU.copy_from_guest``/``copy_to_guest``, which
+translate and check every address.  Unknown hypercalls return ``-ENOSYS``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Callable
+
+from .. import abi
+from ..abi import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH, XenError
+from . import machine as M
+from .mm import PGT_L1, PGT_L2, PGT_L3, PGT_L4, PGT_SEG, PGT_WRITABLE
+
+if TYPE_CHECKING:
+    from ..kvm import Regs
+    from .domain import Domain
+    from .vcpu import VCPU
+
+Handler = Callable[["VCPU", int, int, int, int, int], "int | None"]
+MASK64 = (1 << 64) - 1
+XEN_MAJOR, XEN_MINOR, XEN_EXTRA = 4, 19, ".0-pyxen"
+XEN_CAPABILITIES = "xen-3.0-x86_64 "
+MAX_MULTICALL = 1024
+
+
+def _u32(buf: bytes, off: int = 0) -> int:
+    return int(struct.unpack_from("<I", buf, off)[0])
+
+
+def _cstring(s: str, size: int) -> bytes:
+    b = s.encode()[:size - 1]
+    return b + b"\0" * (size - len(b))
+
+
+class Hypercalls:
+    """Per-domain hypercall table."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.table: dict[int, Handler] = {}
+        for name, nr in abi.HYPERCALLS.items():
+            fn = getattr(self, f"do_{name}", None)
+            if fn is not None:
+                self.table[nr] = fn
+        self.counts = [0] * 64
+
+    # ------------------------------------------------------------ entry
+    def dispatch(self, v: VCPU, r: Regs) -> None:
+        nr = r.rax & 0xFFFFFFFF
+        fn = self.table.get(nr)
+        if nr < 64:
+            self.counts[nr] += 1
+        v.stats["hypercalls"] += 1
+        if fn is None:
+            r.rax = -ENOSYS & MASK64
+        else:
+            try:
+                res = fn(v, r.rdi, r.rsi, r.rdx, r.r10, r.r8)
+            except XenError as e:
+                res = -e.errno
+            if res is None:
+                return
+            r.rax = res & MASK64
+        v.kvm.mark_regs_dirty()
+
+    def call(self, v: VCPU, nr: int, args: tuple[int, ...]) -> int:
+        """Run hypercall ``nr`` with explicit args (multicall); returns the result."""
+        fn = self.table.get(nr)
+        if fn is None or nr == abi.HYPERVISOR_iret:
+            return -ENOSYS
+        try:
+            res = fn(v, *args[:5])
+        except XenError as e:
+            return -e.errno
+        return 0 if res is None else res
+
+    # ------------------------------------------------------------ console, version
+    def do_console_io(self, v: VCPU, cmd: int, count: int, buf: int, *_: int) -> int:
+        if cmd == abi.CONSOLEIO_write:
+            if count > 1 << 16:
+                raise XenError(EINVAL, "console_io write too large")
+            data = v.copy_from_guest(buf, count)
+            self.domain.console_io_write(data)
+            return 0
+        if cmd == abi.CONSOLEIO_read:
+            return 0  # a domU has no hypervisor console to read
+        raise XenError(ENOSYS)
+
+    def do_xen_version(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        if cmd == abi.XENVER_version:
+            return (XEN_MAJOR << 16) | XEN_MINOR
+        if cmd == abi.XENVER_extraversion:
+            v.copy_to_guest(arg, _cstring(XEN_EXTRA, 16))
+        elif cmd == abi.XENVER_compile_info:
+            v.copy_to_guest(arg, _cstring("pyxen", 64) + _cstring("python", 16)
+                            + _cstring("pyxen", 32) + _cstring("2026", 32))
+        elif cmd == abi.XENVER_capabilities:
+            v.copy_to_guest(arg, _cstring(XEN_CAPABILITIES, 1024))
+        elif cmd == abi.XENVER_changeset:
+            v.copy_to_guest(arg, _cstring("pyxen", 64))
+        elif cmd == abi.XENVER_platform_parameters:
+            v.copy_to_guest(arg, struct.pack("<Q", abi.HYPERVISOR_VIRT_START))
+        elif cmd == abi.XENVER_get_features:
+            idx = _u32(v.copy_from_guest(arg, 4))
+            sub = (1 << abi.XENFEAT_mmu_pt_update_preserve_ad) if idx == 0 else 0
+            v.copy_to_guest(arg + 4, struct.pack("<I", sub))
+        elif cmd == abi.XENVER_pagesize:
+            return abi.PAGE_SIZE
+        elif cmd == abi.XENVER_guest_handle:
+            import uuid
+            v.copy_to_guest(arg, uuid.UUID(self.domain.spec.uuid).bytes)
+        elif cmd == abi.XENVER_commandline:
+            v.copy_to_guest(arg, _cstring("", 1024))
+        else:
+            raise XenError(ENOSYS)
+        return 0
+
+    # ------------------------------------------------------------ traps, callbacks
+    def do_set_trap_table(self, v: VCPU, ptr: int, *_: int) -> int:
+        if ptr == 0:
+            v.trap_table.clear()
+            return 0
+        table: dict[int, tuple[int, int, int]] = {}
+        for i in range(256):
+            vec, flags, cs, addr = abi.TRAP_INFO.unpack(v.copy_from_guest(ptr + 16 * i, 16))
+            if addr == 0:
+                break
+            table[vec] = (flags, cs, addr)
+        v.trap_table.update(table)
+        return 0
+
+    def do_set_callbacks(self, v: VCPU, event: int, failsafe: int, syscall: int, *_: int) -> int:
+        v.event_callback, v.failsafe_callback, v.syscall_callback = event, failsafe, syscall
+        return 0
+
+    def do_callback_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        if cmd == abi.CALLBACKOP_register:
+            typ, flags, addr = abi.CALLBACK_REGISTER.unpack(v.copy_from_guest(arg, 16))
+            if typ == abi.CALLBACKTYPE_event:
+                v.event_callback = addr
+            elif typ == abi.CALLBACKTYPE_failsafe:
+                v.failsafe_callback = addr
+            elif typ == abi.CALLBACKTYPE_syscall:
+                v.syscall_callback = addr
+                v.syscall_mask_events = bool(flags & abi.CALLBACKF_mask_events)
+            elif typ in (abi.CALLBACKTYPE_nmi, abi.CALLBACKTYPE_syscall32,
+                         abi.CALLBACKTYPE_sysenter):
+                pass  # accepted; never raised on pyxen yet
+            else:
+                raise XenError(EINVAL, f"callback type {typ}")
+            return 0
+        if cmd == abi.CALLBACKOP_unregister:
+            typ = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
+            if typ == abi.CALLBACKTYPE_event:
+                v.event_callback = 0
+            elif typ == abi.CALLBACKTYPE_failsafe:
+                v.failsafe_callback = 0
+            elif typ == abi.CALLBACKTYPE_syscall:
+                v.syscall_callback = 0
+            else:
+                raise XenError(EINVAL, f"callback type {typ}")
+            return 0
+        raise XenError(ENOSYS)
+
+    def do_stack_switch(self, v: VCPU, ss: int, sp: int, *_: int) -> int:
+        if ss & 3 != 3 and ss & ~3 != abi.FLAT_KERNEL_SS & ~3:
+            raise XenError(EINVAL, f"bad kernel stack segment {ss:#x}")
+        v.kernel_ss, v.kernel_sp = ss, sp
+        return 0
+
+    def do_iret(self, v: VCPU, *_: int) -> None:
+        v.do_iret()
+        return None
+
+    def do_fpu_taskswitch(self, v: VCPU, set_: int, *_: int) -> int:
+        s = v.kvm.sregs
+        if set_:
+            v.virtual_ts = True
+            s.cr0 |= 0x8
+        else:
+            v.virtual_ts = False
+            s.cr0 &= ~0x8
+        v.kvm.mark_sregs_dirty()
+        return 0
+
+    def do_set_segment_base(self, v: VCPU, which: int, base: int, *_: int) -> int:
+        s = v.kvm.sregs
+        if base >= 0x0000800000000000 and base < 0xFFFF800000000000:
+            raise XenError(EINVAL, "non-canonical segment base")
+        if which == abi.SEGBASE_FS:
+            s.fs.base = base
+        elif which == abi.SEGBASE_GS_USER:
+            if v.kernel_mode:
+                v.gs_base_user = base
+            else:
+                s.gs.base = base
+        elif which == abi.SEGBASE_GS_KERNEL:
+            if v.kernel_mode:
+                s.gs.base = base
+            else:
+                v.gs_base_kernel = base
+        elif which == abi.SEGBASE_GS_USER_SEL:
+            if base & 0xFFFF:
+                raise XenError(EINVAL, "only the null %gs selector is supported")
+            s.gs.selector = 0
+        else:
+            raise XenError(EINVAL, f"segment base selector {which}")
+        v.kvm.mark_sregs_dirty()
+        return 0
+
+    def do_vm_assist(self, v: VCPU, cmd: int, typ: int, *_: int) -> int:
+        if typ >= 64 or not (abi.VMASST_VALID >> typ) & 1:
+            raise XenError(EINVAL, f"vm_assist type {typ}")
+        if typ == abi.VMASST_TYPE_writable_pagetables:
+            raise XenError(EINVAL, "writable page tables are not supported")
+        if cmd == abi.VMASST_CMD_enable:
+            self.domain.vm_assist |= 1 << typ
+        elif cmd == abi.VMASST_CMD_disable:
+            self.domain.vm_assist &= ~(1 << typ)
+        else:
+            raise XenError(ENOSYS)
+        return 0
+
+    def do_set_gdt(self, v: VCPU, frames_ptr: int, entries: int, *_: int) -> int:
+        return self.domain.set_gdt(v, frames_ptr, entries)
+
+    def do_update_descriptor(self, v: VCPU, maddr: int, desc: int, *_: int) -> int:
+        return self.domain.update_descriptor(maddr, desc)
+
+    # ------------------------------------------------------------ MMU
+    def _check_foreign(self, foreigndom: int) -> None:
+        if foreigndom not in (abi.DOMID_SELF, self.domain.domid):
+            raise XenError(EPERM if foreigndom < abi.DOMID_SELF else ESRCH,
+                           "foreign page-table updates need privilege")
+
+    def do_mmu_update(self, v: VCPU, reqs: int, count: int, done_ptr: int, foreigndom: int,
+                      *_: int) -> int:
+        count &= 0x7FFFFFFF
+        self._check_foreign(foreigndom & 0xFFFF)
+        ft = self.domain.ft
+        done = 0
+        rc = 0
+        try:
+            while done < count:
+                n = min(count - done, 256)
+                raw = v.copy_from_guest(reqs + 16 * done, 16 * n)
+                for ptr, val in struct.iter_unpack("<QQ", raw):
+                    cmd = ptr & 3
+                    if cmd in (abi.MMU_NORMAL_PT_UPDATE, abi.MMU_PT_UPDATE_PRESERVE_AD,
+                               abi.MMU_PT_UPDATE_NO_TRANSLATE):
+                        ft.mod_entry(ptr & ~3, val)
+                    elif cmd == abi.MMU_MACHPHYS_UPDATE:
+                        mfn = ptr >> 12
+                        if not ft.owns(mfn):
+                            raise XenError(EPERM, f"M2P update for frame {mfn:#x} not owned")
+                        self.domain.machine.set_m2p(mfn, val)
+                    done += 1
+        except XenError as e:
+            rc = -e.errno
+            self.domain.log(f"mmu_update #{done} failed: {e.why}")
+        if done_ptr:
+            v.copy_to_guest(done_ptr, struct.pack("<I", done))
+        return rc
+
+    def do_update_va_mapping(self, v: VCPU, va: int, val: int, flags: int, *_: int) -> int:
+        ft = self.domain.ft
+        try:
+            ft.mod_entry(ft.l1_entry_for(v.kernel_l4 if v.kernel_mode else v.user_l4, va), val)
+        except XenError as e:
+            self.domain.log(f"update_va_mapping {va:#x} failed: {e.why}")
+            raise
+        if flags & abi.UVMF_ALL:
+            self.domain.flush_all_tlbs(v)
+        return 0
+
+    def do_mmuext_op(self, v: VCPU, ops: int, count: int, done_ptr: int, foreigndom: int,
+                     *_: int) -> int:
+        count &= 0x7FFFFFFF
+        self._check_foreign(foreigndom & 0xFFFF)
+        d = self.domain
+        ft = d.ft
+        done = 0
+        rc = 0
+        try:
+            while done < count:
+                cmd, arg1, arg2 = abi.MMUEXT_OP.unpack(v.copy_from_guest(ops + 24 * done, 24))
+                if cmd in (abi.MMUEXT_PIN_L1_TABLE, abi.MMUEXT_PIN_L2_TABLE,
+                           abi.MMUEXT_PIN_L3_TABLE, abi.MMUEXT_PIN_L4_TABLE):
+                    ft.pin(arg1, cmd + 1)
+                elif cmd == abi.MMUEXT_UNPIN_TABLE:
+                    ft.unpin(arg1)
+                elif cmd == abi.MMUEXT_NEW_BASEPTR:
+                    if not v.kernel_mode:
+                        raise XenError(EINVAL, "new_baseptr from user mode")
+                    if arg1 != v.kernel_l4:
+                        ft.get_type(arg1, PGT_L4)
+                        old, v.kernel_l4 = v.kernel_l4, arg1
+                        if old:
+                            ft.put_type(old)
+                    v.kvm.sregs.cr3 = arg1 << 12
+                    v.kvm.mark_sregs_dirty()
+                    v.flush_requested = True
+                elif cmd == abi.MMUEXT_NEW_USER_BASEPTR:
+                    if arg1 != v.user_l4:
+                        if arg1:
+                            ft.get_type(arg1, PGT_L4)
+                        old, v.user_l4 = v.user_l4, arg1
+                        if old:
+                            ft.put_type(old)
+                elif cmd in (abi.MMUEXT_TLB_FLUSH_LOCAL, abi.MMUEXT_INVLPG_LOCAL):
+                    v.flush_requested = True
+                elif cmd in (abi.MMUEXT_TLB_FLUSH_MULTI, abi.MMUEXT_INVLPG_MULTI,
+                             abi.MMUEXT_TLB_FLUSH_ALL, abi.MMUEXT_INVLPG_ALL):
+                    d.flush_all_tlbs(v)
+                elif cmd in (abi.MMUEXT_FLUSH_CACHE, abi.MMUEXT_FLUSH_CACHE_GLOBAL):
+                    pass
+                elif cmd == abi.MMUEXT_SET_LDT:
+                    if arg2 != 0:
+                        raise XenError(EINVAL, "LDTs are not supported")
+                elif cmd == abi.MMUEXT_CLEAR_PAGE:
+                    d.clear_page(arg1)
+                elif cmd == abi.MMUEXT_COPY_PAGE:
+                    d.copy_page(arg1, arg2)
+                else:
+                    raise XenError(ENOSYS, f"mmuext cmd {cmd}")
+                done += 1
+        except XenError as e:
+            rc = -e.errno
+            d.log(f"mmuext_op #{done} failed: {e.why}")
+        if done_ptr:
+            v.copy_to_guest(done_ptr, struct.pack("<I", done))
+        return rc
+
+    def do_memory_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        d = self.domain
+        cmd &= 0xF  # low bits: command; the rest is a continuation start extent
+        if cmd in (abi.XENMEM_current_reservation, abi.XENMEM_maximum_reservation,
+                   abi.XENMEM_maximum_gpfn):
+            domid = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
+            if domid not in (abi.DOMID_SELF, d.domid):
+                raise XenError(ESRCH if domid < abi.DOMID_SELF else EPERM)
+            if cmd == abi.XENMEM_current_reservation:
+                return d.nr_pages
+            if cmd == abi.XENMEM_maximum_reservation:
+                return d.max_pages
+            return d.max_pages - 1
+        if cmd == abi.XENMEM_maximum_ram_page:
+            return M.MFN_BASE + d.machine.nr_frames - 1
+        if cmd == abi.XENMEM_memory_map:
+            nr, buf = abi.MEMORY_MAP.unpack(v.copy_from_guest(arg, 16))
+            if nr < 1:
+                raise XenError(EINVAL, "memory map buffer too small")
+            v.copy_to_guest(buf, abi.E820_ENTRY.pack(0, d.nr_pages * abi.PAGE_SIZE, abi.E820_RAM))
+            v.copy_to_guest(arg, struct.pack("<I", 1))
+            return 0
+        if cmd == abi.XENMEM_machphys_mapping:
+            v.copy_to_guest(arg, struct.pack("<QQQ", abi.MACH2PHYS_VIRT_START,
+                                             abi.MACH2PHYS_VIRT_END,
+                                             M.MFN_BASE + d.machine.nr_frames - 1))
+            return 0
+        raise XenError(ENOSYS, f"memory_op {cmd}")
+
+    # ------------------------------------------------------------ multicall
+    def do_multicall(self, v: VCPU, calls: int, n: int, *_: int) -> int:
+        if n > MAX_MULTICALL:
+            raise XenError(EINVAL, "too many multicall entries")
+        for i in range(n):
+            addr = calls + i * abi.MULTICALL_ENTRY.size
+            op, _res, *args = abi.MULTICALL_ENTRY.unpack(v.copy_from_guest(addr, abi.MULTICALL_ENTRY.size))
+            res = self.call(v, op, tuple(args)) if op != abi.HYPERCALLS["multicall"] else -EINVAL
+            v.copy_to_guest(addr + 8, struct.pack("<q", res))
+        return 0
+
+    # ------------------------------------------------------------ scheduling, time
+    def do_set_timer_op(self, v: VCPU, timeout: int, *_: int) -> int:
+        v.set_timer(timeout)
+        if timeout and timeout <= self.domain.clock.system_time():
+            self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, v.id)
+            v.timer_deadline = 0
+        return 0
+
+    def do_sched_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        d = self.domain
+        if cmd == abi.SCHEDOP_yield:
+            return 0
+        if cmd == abi.SCHEDOP_block:
+            v.kvm.regs.rax = 0
+            v.kvm.mark_regs_dirty()
+            v.block()
+            return 0
+        if cmd in (abi.SCHEDOP_shutdown, abi.SCHEDOP_shutdown_code):
+            reason = _u32(v.copy_from_guest(arg, 4))
+            if reason > abi.SHUTDOWN_soft_reset:
+                raise XenError(EINVAL, f"shutdown reason {reason}")
+            if cmd == abi.SCHEDOP_shutdown_code:
+                d.shutdown_code = reason
+                return 0
+            v.kvm.regs.rax = 0
+            if reason == abi.SHUTDOWN_crash:
+                d.crash("the guest reported a crash (SCHEDOP_shutdown, reason crash)",
+                        v.register_dump())
+            else:
+                d.shutdown(reason)
+            return 0
+        if cmd == abi.SCHEDOP_poll:
+            ports_ptr, nr, timeout = struct.unpack("<QI4xQ", v.copy_from_guest(arg, 24))
+            if nr > 128:
+                raise XenError(EINVAL, "too many ports to poll")
+            ports = list(struct.unpack(f"<{nr}I", v.copy_from_guest(ports_ptr, 4 * nr))) if nr else []
+            for p in ports:
+                if not 0 < p < len(d.evtchn.ports):
+                    raise XenError(EINVAL, f"poll on bad port {p}")
+            v.kvm.regs.rax = 0
+            v.kvm.mark_regs_dirty()
+            v.poll_ports = ports
+            v.poll_deadline = timeout
+            if timeout:
+                d.timers.schedule(v, timeout)
+            with v.cond:
+                v.blocked = True
+            return 0
+        if cmd == abi.SCHEDOP_remote_shutdown:
+            domid, reason = struct.unpack("<HxxI", v.copy_from_guest(arg, 8))
+            if domid not in (abi.DOMID_SELF, d.domid):
+                raise XenError(EPERM, "remote shutdown needs privilege")
+            d.shutdown(reason)
+            return 0
+        if cmd == abi.SCHEDOP_watchdog:
+            raise XenError(ENOSYS)
+        raise XenError(EINVAL, f"sched_op {cmd}")
+
+    def do_sched_op_compat(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        if cmd == abi.SCHEDOP_shutdown:
+            if arg == abi.SHUTDOWN_crash:
+                self.domain.crash("the guest reported a crash", v.register_dump())
+            else:
+                self.domain.shutdown(arg)
+            return 0
+        if cmd in (abi.SCHEDOP_yield, abi.SCHEDOP_block):
+            return self.do_sched_op(v, cmd, 0)
+        raise XenError(ENOSYS)
+
+    def do_vcpu_op(self, v: VCPU, cmd: int, vcpuid: int, arg: int, *_: int) -> int:
+        d = self.domain
+        if not 0 <= vcpuid < len(d.vcpus):
+            raise XenError(abi.ENOENT, f"no vcpu {vcpuid}")
+        t = d.vcpus[vcpuid]
+        if cmd == abi.VCPUOP_is_up:
+            return 1 if t.up else 0
+        if cmd == abi.VCPUOP_get_runstate_info:
+            v.copy_to_guest(arg, t.runstate_info())
+            return 0
+        if cmd == abi.VCPUOP_register_vcpu_info:
+            return d.register_vcpu_info(v, t, arg)
+        if vcpuid != v.id and cmd in (abi.VCPUOP_set_periodic_timer, abi.VCPUOP_stop_periodic_timer,
+                                      abi.VCPUOP_set_singleshot_timer,
+                                      abi.VCPUOP_stop_singleshot_timer):
+            raise XenError(EINVAL, "timers can only be set on the calling vcpu")
+        if cmd == abi.VCPUOP_set_periodic_timer:
+            period = struct.unpack("<Q", v.copy_from_guest(arg, 8))[0]
+            if period < 1_000_000:
+                raise XenError(EINVAL, "period below 1 ms")
+            v.periodic_ns = period
+            v.periodic_next = d.clock.system_time() + period
+            d.timers.schedule(v, v.periodic_next)
+            return 0
+        if cmd == abi.VCPUOP_stop_periodic_timer:
+            v.periodic_ns = 0
+            return 0
+        if cmd == abi.VCPUOP_set_singleshot_timer:
+            timeout, flags = struct.unpack("<QI4x", v.copy_from_guest(arg, 16))
+            if flags & abi.VCPU_SSHOTTMR_future and timeout < d.clock.system_time():
+                raise XenError(62, "timeout in the past")  # -ETIME
+            return self.do_set_timer_op(v, timeout)
+        if cmd == abi.VCPUOP_stop_singleshot_timer:
+            v.timer_deadline = 0
+            return 0
+        if cmd in (abi.VCPUOP_up, abi.VCPUOP_down, abi.VCPUOP_initialise):
+            return d.vcpu_updown(v, t, cmd, arg)
+        raise XenError(ENOSYS, f"vcpu_op {cmd}")
+
+    # ------------------------------------------------------------ event channels
+    def do_event_channel_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        d = self.domain
+        ev = d.evtchn
+        if cmd == abi.EVTCHNOP_send:
+            ev.send(_u32(v.copy_from_guest(arg, 4)))
+            return 0
+        if cmd == abi.EVTCHNOP_unmask:
+            port = _u32(v.copy_from_guest(arg, 4))
+            if not 0 < port < len(ev.ports):
+                raise XenError(EINVAL, f"port {port}")
+            target = d.vcpus[ev.notify_vcpu(port)]
+            if target is v:
+                v.unmask(port)
+            else:
+                target.post(v.POST_UNMASK, port)
+            return 0
+        if cmd == abi.EVTCHNOP_bind_virq:
+            virq, vcpu = struct.unpack("<II", v.copy_from_guest(arg, 8))
+            port = ev.bind_virq(virq, vcpu)
+            v.copy_to_guest(arg + 8, struct.pack("<I", port))
+            return 0
+        if cmd == abi.EVTCHNOP_bind_ipi:
+            vcpu = _u32(v.copy_from_guest(arg, 4))
+            v.copy_to_guest(arg + 4, struct.pack("<I", ev.bind_ipi(vcpu)))
+            return 0
+        if cmd == abi.EVTCHNOP_close:
+            ev.close(_u32(v.copy_from_guest(arg, 4)))
+            return 0
+        if cmd == abi.EVTCHNOP_status:
+            dom, port = struct.unpack("<HxxI", v.copy_from_guest(arg, 8))
+            if dom not in (abi.DOMID_SELF, d.domid):
+                raise XenError(EPERM if dom < abi.DOMID_SELF else ESRCH)
+            v.copy_to_guest(arg + 8, ev.status(port))
+            return 0
+        if cmd == abi.EVTCHNOP_alloc_unbound:
+            dom, remote = struct.unpack("<HH", v.copy_from_guest(arg, 4))
+            if dom not in (abi.DOMID_SELF, d.domid):
+                raise XenError(EPERM, "alloc_unbound for another domain")
+            v.copy_to_guest(arg + 4, struct.pack("<I", ev.alloc_unbound(remote)))
+            return 0
+        if cmd == abi.EVTCHNOP_bind_vcpu:
+            port, vcpu = struct.unpack("<II", v.copy_from_guest(arg, 8))
+            ev.bind_vcpu(port, vcpu)
+            return 0
+        if cmd == abi.EVTCHNOP_reset:
+            dom = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
+            if dom not in (abi.DOMID_SELF, d.domid):
+                raise XenError(EPERM)
+            ev.reset()
+            return 0
+        if cmd == abi.EVTCHNOP_bind_interdomain:
+            raise XenError(ENOSYS, "interdomain binding arrives with the event channel issue")
+        raise XenError(ENOSYS, f"event_channel_op {cmd}")
+
+    def do_event_channel_op_compat(self, v: VCPU, arg: int, *_: int) -> int:
+        cmd = _u32(v.copy_from_guest(arg, 4))
+        return self.do_event_channel_op(v, cmd, arg + 8)
+
+    def do_grant_table_op(self, v: VCPU, *_: int) -> int:
+        raise XenError(ENOSYS)
+
+    def do_physdev_op(self, v: VCPU, *_: int) -> int:
+        raise XenError(ENOSYS)
+
+
+__all__ = ["Hypercalls", "PGT_L1", "PGT_L2", "PGT_L3", "PGT_SEG", "PGT_WRITABLE", "EFAULT"]

@@ -1,0 +1,306 @@
+"""The machine a domain runs on: its KVM VM, its RAM and the hypervisor area.
+
+Address map (guest-physical = "machine" addresses in Xen's terms):
+
+* RAM: a memfd mapped at GPA ``MFN_BASE << 12``.  Frame ``MFN_BASE + pfn`` is
+  the domain's pseudo-physical frame ``pfn`` (the p2m is an offset, so MFNs
+  never equal PFNs and guests that confuse them fail early, as on Xen).
+  After the domain's ``max_pages`` RAM frames come ``XENHEAP_PAGES`` frames
+  the hypervisor shares with the guest (shared_info, later grant frames).
+* The hypervisor area: private memory at ``HV_GPA`` holding the hypervisor's
+  page tables, the per-vCPU GDT/TSS/stacks, the IDT, the CPL0 stubs and the
+  machine-to-phys table.  No guest frame number ever points here.
+
+Virtual map, in Xen's reserved range (L4 slots 256-271), installed into every
+guest L4 that is validated:
+
+* slot 256 ``0xffff800000000000``: read-only M2P table (user readable, as Xen)
+* slot 260 ``0xffff820000000000``: the hypervisor area (supervisor only)
+* slot 262 ``0xffff830000000000``: direct map of RAM (supervisor only); the
+  CPL0 MMU helper writes page-table entries through it (PLATFORM.md fact 1).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+from .. import abi
+from ..kvm import VM
+
+MFN_BASE = 0x100000  # RAM starts at GPA 4 GiB
+XENHEAP_PAGES = 16
+HV_GPA = 0x10000000
+HV_SLOT, RAM_SLOT = 1, 0
+
+L4_M2P, L4_HV, L4_DIRECTMAP = 256, 260, 262
+M2P_VA = abi.MACH2PHYS_VIRT_START
+HV_VA = 0xFFFF820000000000
+DM_VA = 0xFFFF830000000000
+
+# I/O ports: the hypercall page uses HC_PORT (allowed at CPL3 by the TSS bitmap);
+# the CPL0 exception stubs and the MMU helper use ports CPL3 cannot reach.
+HC_PORT, TRAP_PORT, HELPER_PORT = 0xF0, 0xF1, 0xF2
+
+MAX_VCPUS = 16
+# hypervisor area: fixed pages
+PG_HV_L3, PG_HV_L2, PG_HV_L1, PG_PERCPU_L1 = 0, 1, 2, 3
+PG_M2P_L3, PG_M2P_L2, PG_DM_L3, PG_CODE, PG_IDT, PG_ZERO = 4, 5, 6, 7, 8, 9
+FIXED_PAGES = 10
+# per-vCPU virtual slot (32 pages) in the second 2 MiB of the hv area
+PERCPU_VA_PAGES = 32
+PC_GDT, PC_TSS, PC_STACK, PC_LIST = 0, 16, 19, 21  # page offsets inside a vCPU slot
+PC_LIST_PAGES = 8
+PC_PHYS_PAGES = 1 + 3 + 2 + PC_LIST_PAGES  # gdt reserved page, tss, stack, list
+TSS_LIMIT = 104 + 8192
+
+CODE_HELPER = 0x000
+CODE_STUBS = 0x100  # 8 bytes per vector
+HELPER_CODE = bytes.fromhex(
+    "488b0e" "4883c608" "e312" "488b3e" "488b07" "488907" "4883c608" "48ffc9" "75ee"
+    "0f22da" "e6f2")
+
+PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PSE = 1, 2, 4, 0x20, 0x40, 0x80
+HV_TABLE = PTE_P | PTE_RW | PTE_A
+HV_PAGE = PTE_P | PTE_RW | PTE_A | PTE_D
+
+
+def hypercall_page() -> bytes:
+    """The hypercall page the hypervisor writes into the guest (32-byte slots)."""
+    page = bytearray(abi.PAGE_SIZE)
+    for nr in range(abi.NR_HYPERCALL_SLOTS):
+        off = nr * 32
+        if nr == abi.HYPERVISOR_iret:
+            # push %rcx; push %r11; push %rax; mov $23,%eax; out %al,$HC_PORT
+            code = b"\x51\x41\x53\x50\xb8" + struct.pack("<I", nr) + bytes([0xE6, HC_PORT])
+        else:
+            # mov $nr,%eax; out %al,$HC_PORT; ret
+            code = b"\xb8" + struct.pack("<I", nr) + bytes([0xE6, HC_PORT, 0xC3])
+        page[off:off + len(code)] = code
+    return bytes(page)
+
+
+def _gdt_entries(tss_va: int) -> dict[int, int]:
+    """Descriptors of Xen's reserved GDT page (index within that page → value)."""
+    ents = {
+        (abi.HYPERVISOR_CS64 >> 3) - abi.FIRST_RESERVED_GDT_ENTRY: 0x00AF9B000000FFFF,
+        (abi.HYPERVISOR_DS >> 3) - abi.FIRST_RESERVED_GDT_ENTRY: 0x00CF93000000FFFF,
+        (abi.FLAT_RING3_CS32 >> 3) - abi.FIRST_RESERVED_GDT_ENTRY: 0x00CFFB000000FFFF,
+        (abi.FLAT_RING3_DS32 >> 3) - abi.FIRST_RESERVED_GDT_ENTRY: 0x00CFF3000000FFFF,
+        (abi.FLAT_RING3_CS64 >> 3) - abi.FIRST_RESERVED_GDT_ENTRY: 0x00AFFB000000FFFF,
+    }
+    t = (abi.TSS_SELECTOR >> 3) - abi.FIRST_RESERVED_GDT_ENTRY
+    lo = (TSS_LIMIT & 0xFFFF) | ((tss_va & 0xFFFFFF) << 16) | (0x8B << 40) \
+        | (((TSS_LIMIT >> 16) & 0xF) << 48) | (((tss_va >> 24) & 0xFF) << 56)
+    ents[t] = lo
+    ents[t + 1] = tss_va >> 32
+    return ents
+
+
+class Machine:
+    """RAM, hypervisor area and the KVM VM of one domain."""
+
+    def __init__(self, max_pages: int, nr_vcpus: int) -> None:
+        if not 1 <= nr_vcpus <= MAX_VCPUS:
+            raise ValueError(f"vcpus must be 1..{MAX_VCPUS}")
+        self.max_pages = max_pages
+        self.nr_frames = max_pages + XENHEAP_PAGES
+        ram_bytes = _round_up(self.nr_frames * abi.PAGE_SIZE, 2 << 20)
+        self.ram_bytes = ram_bytes
+        self.memfd = os.memfd_create("pyxen-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, ram_bytes)
+        self.ram = mmap.mmap(self.memfd, ram_bytes, mmap.MAP_SHARED,
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        self.ram_view = memoryview(self.ram)
+        self.ram_gpa = MFN_BASE << abi.PAGE_SHIFT
+        # hypervisor area sizing
+        self.m2p_first = (MFN_BASE * 8) >> abi.PAGE_SHIFT  # first M2P page index
+        self.m2p_last = ((MFN_BASE + self.nr_frames) * 8 - 1) >> abi.PAGE_SHIFT
+        m2p_pages = self.m2p_last - self.m2p_first + 1
+        m2p_l1s = (self.m2p_last >> 9) - (self.m2p_first >> 9) + 1
+        dm_l2s = ((self.ram_gpa + ram_bytes - 1) >> 30) - (self.ram_gpa >> 30) + 1
+        hv_pages = FIXED_PAGES + m2p_pages + m2p_l1s + dm_l2s + MAX_VCPUS * PC_PHYS_PAGES
+        if hv_pages > 512:
+            raise ValueError("domain too large for the hypervisor area")
+        self.hv_bytes = _round_up(hv_pages * abi.PAGE_SIZE, 2 << 20)
+        self.hv = mmap.mmap(-1, self.hv_bytes, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+                            mmap.PROT_READ | mmap.PROT_WRITE)
+        self._next_hv_page = FIXED_PAGES
+        self.vm = VM()
+        self.vm.set_memory(RAM_SLOT, self.ram_gpa, ram_bytes, _addr(self.ram))
+        self.vm.set_memory(HV_SLOT, HV_GPA, self.hv_bytes, _addr(self.hv))
+        self._build_hv_area(m2p_pages, dm_l2s)
+        self.percpu: list[dict[str, int]] = [self._build_percpu(i) for i in range(nr_vcpus)]
+
+    # ---------------------------------------------------------- addresses
+    def ram_offset(self, mfn: int) -> int:
+        """Offset into the RAM memfd of machine frame ``mfn`` (no check)."""
+        return (mfn - MFN_BASE) << abi.PAGE_SHIFT
+
+    def is_ram_mfn(self, mfn: int) -> bool:
+        return MFN_BASE <= mfn < MFN_BASE + self.nr_frames
+
+    @property
+    def xenheap_mfn(self) -> int:
+        return MFN_BASE + self.max_pages
+
+    def dm_va(self, maddr: int) -> int:
+        return DM_VA + maddr
+
+    def hv_va(self, off: int) -> int:
+        return HV_VA + off
+
+    def l4_hv_slots(self) -> dict[int, int]:
+        """Entries Xen's reserved L4 slots hold in every guest L4."""
+        base = HV_GPA
+        return {
+            L4_M2P: (base + PG_M2P_L3 * 4096) | PTE_P | PTE_US | PTE_A,
+            L4_HV: (base + PG_HV_L3 * 4096) | HV_TABLE,
+            L4_DIRECTMAP: (base + PG_DM_L3 * 4096) | HV_TABLE,
+        }
+
+    # ---------------------------------------------------------- construction
+    def _alloc_hv_page(self) -> int:
+        p = self._next_hv_page
+        self._next_hv_page += 1
+        return p
+
+    def _hv_put(self, page: int, index: int, value: int) -> None:
+        struct.pack_into("<Q", self.hv, page * 4096 + index * 8, value)
+
+    def _build_hv_area(self, m2p_pages: int, dm_l2s: int) -> None:
+        hv = self.hv
+        base = HV_GPA
+        # slot 260: L3[0] -> L2; L2[0] -> L1 (fixed pages, 4K), L2[1] -> per-cpu L1
+        self._hv_put(PG_HV_L3, 0, (base + PG_HV_L2 * 4096) | HV_TABLE)
+        self._hv_put(PG_HV_L2, 0, (base + PG_HV_L1 * 4096) | HV_TABLE)
+        self._hv_put(PG_HV_L2, 1, (base + PG_PERCPU_L1 * 4096) | HV_TABLE)
+        for p in range(FIXED_PAGES):
+            flags = (PTE_P | PTE_A) if p == PG_ZERO else HV_PAGE
+            self._hv_put(PG_HV_L1, p, (base + p * 4096) | flags)
+        # code page: MMU helper and one exception stub per vector
+        code = PG_CODE * 4096
+        hv[code + CODE_HELPER:code + CODE_HELPER + len(HELPER_CODE)] = HELPER_CODE
+        idt = PG_IDT * 4096
+        for v in range(256):
+            stub = b"\x68" + struct.pack("<I", v) + bytes([0xE6, TRAP_PORT, 0x90])
+            off = code + CODE_STUBS + v * 8
+            hv[off:off + 8] = stub
+            h = HV_VA + PG_CODE * 4096 + CODE_STUBS + v * 8
+            lo = (h & 0xFFFF) | (abi.HYPERVISOR_CS64 << 16) | (0x8E << 40) | (((h >> 16) & 0xFFFF) << 48)
+            struct.pack_into("<QQ", hv, idt + v * 16, lo, h >> 32)
+        # M2P: slot 256, read-only and user-readable
+        self._hv_put(PG_M2P_L3, 0, (base + PG_M2P_L2 * 4096) | PTE_P | PTE_US | PTE_A)
+        self.m2p_page_of: dict[int, int] = {}
+        l1_of: dict[int, int] = {}
+        for idx in range(self.m2p_first, self.m2p_last + 1):
+            l2i = idx >> 9
+            if l2i not in l1_of:
+                l1 = self._alloc_hv_page()
+                l1_of[l2i] = l1
+                self._hv_put(PG_M2P_L2, l2i, (base + l1 * 4096) | PTE_P | PTE_US | PTE_A)
+            pg = self._alloc_hv_page()
+            self.m2p_page_of[idx] = pg
+            hv[pg * 4096:(pg + 1) * 4096] = b"\xff" * 4096  # INVALID_M2P_ENTRY
+            self._hv_put(l1_of[l2i], idx & 511, (base + pg * 4096) | PTE_P | PTE_US | PTE_A)
+        # direct map of RAM with 2 MiB pages, supervisor only
+        first_gb = self.ram_gpa >> 30
+        for gb in range(first_gb, first_gb + dm_l2s):
+            l2 = self._alloc_hv_page()
+            self._hv_put(PG_DM_L3, gb, (base + l2 * 4096) | HV_TABLE)
+            for i in range(512):
+                gpa = (gb << 30) | (i << 21)
+                if self.ram_gpa <= gpa < self.ram_gpa + self.ram_bytes:
+                    self._hv_put(l2, i, gpa | HV_PAGE | PTE_PSE)
+
+    def _build_percpu(self, cpu: int) -> dict[str, int]:
+        va_page0 = 512 + cpu * PERCPU_VA_PAGES  # page index inside slot 260's first GiB
+        base = HV_GPA
+        gdt_pg = self._alloc_hv_page()
+        tss_pg = [self._alloc_hv_page() for _ in range(3)]
+        stack_pg = [self._alloc_hv_page() for _ in range(2)]
+        list_pg = [self._alloc_hv_page() for _ in range(PC_LIST_PAGES)]
+
+        def va(p: int) -> int:
+            return HV_VA + (va_page0 + p) * 4096
+
+        def map_(p: int, phys_page: int, flags: int = HV_PAGE) -> None:
+            self._hv_put(PG_PERCPU_L1, (va_page0 + p) - 512, (base + phys_page * 4096) | flags)
+
+        for p in range(16):
+            if p == abi.FIRST_RESERVED_GDT_PAGE:
+                map_(p, gdt_pg)
+            else:
+                map_(p, PG_ZERO, PTE_P | PTE_A)
+        for i, pg in enumerate(tss_pg):
+            map_(PC_TSS + i, pg)
+        for i, pg in enumerate(stack_pg):
+            map_(PC_STACK + i, pg)
+        for i, pg in enumerate(list_pg):
+            map_(PC_LIST + i, pg)
+        tss_va = va(PC_TSS)
+        for idx, val in _gdt_entries(tss_va).items():
+            self._hv_put(gdt_pg, idx, val)
+        stack_top = va(PC_STACK + 2)
+        t = tss_pg[0] * 4096
+        struct.pack_into("<Q", self.hv, t + 4, stack_top)  # RSP0
+        struct.pack_into("<H", self.hv, t + 102, 104)  # I/O bitmap offset
+        bitmap = bytearray(b"\xff" * 8193)
+        bitmap[HC_PORT >> 3] &= ~(1 << (HC_PORT & 7)) & 0xFF
+        self.hv[t + 104:t + 104 + 8193] = bytes(bitmap)
+        return {"gdt_va": va(0), "tss_va": tss_va, "stack_top": stack_top,
+                "list_va": va(PC_LIST), "list_off": list_pg[0] * 4096,
+                "list_pages": PC_LIST_PAGES, "stack_off": stack_pg[0] * 4096}
+
+    # ---------------------------------------------------------- M2P
+    def set_m2p(self, mfn: int, pfn: int) -> None:
+        idx = mfn * 8
+        pg = self.m2p_page_of[idx >> 12]
+        struct.pack_into("<Q", self.hv, pg * 4096 + (idx & 4095), pfn)
+
+    @property
+    def helper_va(self) -> int:
+        return HV_VA + PG_CODE * 4096 + CODE_HELPER
+
+    @property
+    def idt_va(self) -> int:
+        return HV_VA + PG_IDT * 4096
+
+    def close(self) -> None:
+        self.vm.close()
+        self.ram_view.release()
+        try:
+            self.ram.close()
+        except BufferError:
+            pass
+        self.hv.close()
+        os.close(self.memfd)
+
+
+def _addr(m: mmap.mmap) -> int:
+    import ctypes
+    return ctypes.addressof(ctypes.c_char.from_buffer(m))
+
+
+def _round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+HYPERVISOR_RANGE = (abi.HYPERVISOR_VIRT_START, abi.HYPERVISOR_VIRT_END)
+
+
+def _map_gdt_frames(self: Machine, cpu: int, mfns: list[int], touch: object) -> None:
+    """Point the first GDT pages of ``cpu`` at the guest's frames (set_gdt);
+    the rest at the zero page.  ``touch(va)`` queues each hv PTE for the vCPU."""
+    va_page0 = 512 + cpu * PERCPU_VA_PAGES
+    for p in range(abi.FIRST_RESERVED_GDT_PAGE):
+        if p < len(mfns):
+            val = (mfns[p] << 12) | HV_PAGE
+        else:
+            val = (HV_GPA + PG_ZERO * 4096) | PTE_P | PTE_A
+        idx = va_page0 + p - 512
+        self._hv_put(PG_PERCPU_L1, idx, val)
+        touch(HV_VA + PG_PERCPU_L1 * 4096 + idx * 8)  # type: ignore[operator]
+
+
+Machine.map_gdt_frames = _map_gdt_frames  # type: ignore[attr-defined]

@@ -1,0 +1,314 @@
+"""The PV MMU: Xen's page-table validation rules, free of KVM.
+
+A PV guest's page tables hold machine frame numbers and are never written
+by the guest directly: every update arrives through ``mmu_update``,
+``update_va_mapping`` or ``mmuext_op`` and is checked here first.
+
+State per machine frame, as in Xen's ``struct page_info``:
+
+* a *type* (none, L1-L4 page table, segment descriptor page, writable page)
+  with a *type count*: a frame has one type at a time and may change it only
+  when its type count is zero.  Mapping a frame writable takes a
+  ``writable`` type reference, so a frame that is a page table (type L1-L4)
+  can never also be mapped writable, and vice versa;
+* *pinned*: the guest asked for the frame to stay validated (holds one type
+  reference).
+
+When a frame's type count goes 0 → 1 as an Ln page table it is *validated*:
+every present entry must refer to a frame the domain owns and takes a type
+reference on it (Ln-1 for n > 1, ``writable`` for RW L1 mappings).  When the
+count drops back to 0 the references are released again.  Xen's reserved L4
+slots (256-271) are ignored in guest L4s and overwritten with the
+hypervisor's own entries.
+
+Writes never happen here: the caller supplies ``write_entry(maddr, value)``,
+which stores the value and records it so that the vCPU itself re-applies
+it before the guest runs again (PLATFORM.md fact 1).
+
+Errors are Xen's: ``-EPERM`` for frames the domain does not own, ``-EINVAL``
+for entries or requests the rules forbid, ``-EBUSY`` for type conflicts.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Callable, Protocol
+
+from ..abi import (_PAGE_NX, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER, EBUSY, EINVAL,
+                   EPERM, PADDR_MASK, XenError)
+
+PGT_NONE, PGT_L1, PGT_L2, PGT_L3, PGT_L4, PGT_SEG, PGT_WRITABLE = 0, 1, 2, 3, 4, 5, 6
+TYPE_NAMES = {0: "none", 1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "seg_desc", 6: "writable"}
+XEN_L4_FIRST, XEN_L4_LAST = 256, 271
+# bits a guest may not set in L2-L4 entries (no superpages for PV guests here)
+_L234_DISALLOW = _PAGE_PSE
+_ADDR_RESERVED = 0x7FF0000000000000  # bits 52-62: must be zero (no avail-high use)
+
+_ENTRIES = struct.Struct("<512Q")
+_ENTRY = struct.Struct("<Q")
+
+
+class Memory(Protocol):
+    def __getitem__(self, i: slice) -> bytes: ...
+
+
+class FrameTable:
+    """Type and pin state of one domain's machine frames."""
+
+    def __init__(self, mem: object, mfn_base: int, nr_frames: int,
+                 write_entry: Callable[[int, int], None],
+                 owned: Callable[[int], bool] | None = None,
+                 xen_l4_slots: dict[int, int] | None = None) -> None:
+        self.mem = mem  # buffer holding frame mfn_base at offset 0
+        self.mfn_base = mfn_base
+        self.nr_frames = nr_frames
+        self.type = bytearray(nr_frames)
+        self.count = [0] * nr_frames
+        self.pinned = bytearray(nr_frames)
+        self.write_entry = write_entry
+        self._owned = owned
+        self.xen_l4_slots = xen_l4_slots or {}
+        self.stats = {"validated": 0, "devalidated": 0, "updates": 0, "rejected": 0}
+
+    # ------------------------------------------------------------ memory
+    def owns(self, mfn: int) -> bool:
+        if not self.mfn_base <= mfn < self.mfn_base + self.nr_frames:
+            return False
+        return self._owned(mfn) if self._owned else True
+
+    def read_entry(self, maddr: int) -> int:
+        off = maddr - (self.mfn_base << 12)
+        return int(_ENTRY.unpack_from(self.mem, off)[0])  # type: ignore[arg-type]
+
+    def read_table(self, mfn: int) -> tuple[int, ...]:
+        return _ENTRIES.unpack_from(self.mem, (mfn - self.mfn_base) << 12)  # type: ignore[arg-type]
+
+    def type_of(self, mfn: int) -> tuple[int, int]:
+        i = mfn - self.mfn_base
+        return self.type[i], self.count[i]
+
+    # ------------------------------------------------------------ types
+    def get_type(self, mfn: int, t: int) -> None:
+        if not self.owns(mfn):
+            raise XenError(EPERM, f"frame {mfn:#x} is not owned by the domain")
+        i = mfn - self.mfn_base
+        c = self.count[i]
+        if c == 0:
+            self.type[i] = t
+            self.count[i] = 1
+            if PGT_L1 <= t <= PGT_L4:
+                try:
+                    self._validate(mfn, t)
+                except XenError:
+                    self.type[i] = PGT_NONE
+                    self.count[i] = 0
+                    raise
+        elif self.type[i] == t:
+            self.count[i] = c + 1
+        else:
+            raise XenError(EBUSY if t == PGT_WRITABLE or self.type[i] == PGT_WRITABLE else EINVAL,
+                           f"frame {mfn:#x} is {TYPE_NAMES[self.type[i]]}, "
+                           f"wanted {TYPE_NAMES[t]}")
+
+    def put_type(self, mfn: int) -> None:
+        i = mfn - self.mfn_base
+        c = self.count[i]
+        assert c > 0, f"type count underflow on {mfn:#x}"
+        if c == 1:
+            t = self.type[i]
+            if PGT_L1 <= t <= PGT_L4:
+                self._devalidate(mfn, t)
+            self.type[i] = PGT_NONE
+        self.count[i] = c - 1
+
+    # ------------------------------------------------------------ entries
+    def _adjust(self, e: int) -> int:
+        # x86_64 PV: the guest kernel runs at CPL3, so every mapping is a user one.
+        return e | _PAGE_USER if e & _PAGE_PRESENT else e
+
+    def _get_entry_ref(self, e: int, level: int) -> None:
+        if e & _ADDR_RESERVED:
+            raise XenError(EINVAL, f"reserved bits set in L{level} entry {e:#x}")
+        mfn = (e & PADDR_MASK) >> 12
+        if level == 1:
+            if not self.owns(mfn):
+                raise XenError(EPERM, f"L1 entry maps frame {mfn:#x} the domain does not own")
+            if e & _PAGE_RW:
+                self.get_type(mfn, PGT_WRITABLE)
+            return
+        if e & _L234_DISALLOW:
+            raise XenError(EINVAL, f"superpage (PSE) in L{level} entry {e:#x}")
+        self.get_type(mfn, level - 1)
+
+    def _put_entry_ref(self, e: int, level: int) -> None:
+        if not e & _PAGE_PRESENT:
+            return
+        mfn = (e & PADDR_MASK) >> 12
+        if level == 1:
+            if e & _PAGE_RW:
+                self.put_type(mfn)
+            return
+        self.put_type(mfn)
+
+    def _guest_slots(self, level: int) -> range:
+        return range(512)
+
+    def _validate(self, mfn: int, level: int) -> None:
+        entries = self.read_table(mfn)
+        done: list[int] = []
+        base = mfn << 12
+        try:
+            for idx, e in enumerate(entries):
+                if not e & _PAGE_PRESENT:
+                    continue
+                if level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
+                    continue
+                self._get_entry_ref(e, level)
+                done.append(idx)
+                a = self._adjust(e)
+                if a != e:
+                    self.write_entry(base + idx * 8, a)
+        except XenError:
+            for idx in done:
+                self._put_entry_ref(entries[idx], level)
+            self.stats["rejected"] += 1
+            raise
+        if level == 4:
+            for idx in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
+                want = self.xen_l4_slots.get(idx, 0)
+                if entries[idx] != want:
+                    self.write_entry(base + idx * 8, want)
+        self.stats["validated"] += 1
+
+    def _devalidate(self, mfn: int, level: int) -> None:
+        for idx, e in enumerate(self.read_table(mfn)):
+            if level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
+                continue
+            self._put_entry_ref(e, level)
+        self.stats["devalidated"] += 1
+
+    # ------------------------------------------------------------ operations
+    def mod_entry(self, maddr: int, val: int) -> None:
+        """MMU_NORMAL_PT_UPDATE: ``*maddr = val``, checked."""
+        if maddr & 7:
+            raise XenError(EINVAL, f"misaligned PTE address {maddr:#x}")
+        mfn = maddr >> 12
+        if not self.owns(mfn):
+            raise XenError(EPERM, f"update of frame {mfn:#x} the domain does not own")
+        i = mfn - self.mfn_base
+        t = self.type[i]
+        self.stats["updates"] += 1
+        if self.count[i] and PGT_L1 <= t <= PGT_L4:
+            idx = (maddr & 0xFFF) >> 3
+            if t == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST:
+                raise XenError(EINVAL, f"L4 slot {idx} is reserved for the hypervisor")
+            old = self.read_entry(maddr)
+            new = self._adjust(val)
+            if new & _PAGE_PRESENT:
+                self._get_entry_ref(new, t)
+            self.write_entry(maddr, new)
+            self._put_entry_ref(old, t)
+            return
+        # not a page table: a plain checked write to a page the guest may write
+        self.get_type(mfn, PGT_WRITABLE)
+        try:
+            self.write_entry(maddr, val)
+        finally:
+            self.put_type(mfn)
+
+    def pin(self, mfn: int, level: int) -> None:
+        if not self.owns(mfn):
+            raise XenError(EPERM, f"pin of frame {mfn:#x} the domain does not own")
+        i = mfn - self.mfn_base
+        if self.pinned[i]:
+            raise XenError(EINVAL, f"frame {mfn:#x} already pinned")
+        self.get_type(mfn, level)
+        self.pinned[i] = 1
+
+    def unpin(self, mfn: int) -> None:
+        if not self.owns(mfn):
+            raise XenError(EPERM, f"unpin of frame {mfn:#x} the domain does not own")
+        i = mfn - self.mfn_base
+        if not self.pinned[i]:
+            raise XenError(EINVAL, f"frame {mfn:#x} is not pinned")
+        self.pinned[i] = 0
+        self.put_type(mfn)
+
+    def l1_entry_for(self, l4_mfn: int, va: int) -> int:
+        """Machine address of the L1 entry mapping ``va`` (for update_va_mapping)."""
+        if 0xFFFF800000000000 <= va < 0xFFFF880000000000:
+            raise XenError(EINVAL, f"address {va:#x} is in the hypervisor's range")
+        table = l4_mfn
+        for level, shift in ((4, 39), (3, 30), (2, 21)):
+            e = self.read_entry((table << 12) + ((va >> shift) & 511) * 8)
+            if not e & _PAGE_PRESENT or e & _PAGE_PSE:
+                raise XenError(EINVAL, f"no L1 table maps {va:#x} (L{level} entry {e:#x})")
+            table = (e & PADDR_MASK) >> 12
+            if not self.owns(table):
+                raise XenError(EINVAL, f"page table frame {table:#x} not owned")
+        i = table - self.mfn_base
+        if self.type[i] != PGT_L1 or not self.count[i]:
+            raise XenError(EINVAL, f"frame {table:#x} mapping {va:#x} is not a validated L1")
+        return (table << 12) + ((va >> 12) & 511) * 8
+
+    def translate(self, l4_mfn: int, va: int, write: bool) -> int | None:
+        """Machine address for a guest access to ``va`` at CPL3, or None (a fault)."""
+        if va >= 0x0000800000000000 and va < 0xFFFF800000000000:
+            return None  # non-canonical
+        table = l4_mfn
+        for shift in (39, 30, 21, 12):
+            if not self.owns(table):
+                return None
+            e = self.read_entry((table << 12) + ((va >> shift) & 511) * 8)
+            if (e & (_PAGE_PRESENT | _PAGE_USER)) != (_PAGE_PRESENT | _PAGE_USER):
+                return None
+            if write and not e & _PAGE_RW:
+                return None
+            table = (e & PADDR_MASK) >> 12
+        if not self.owns(table):
+            return None
+        return (table << 12) | (va & 0xFFF)
+
+    # ------------------------------------------------------------ audit
+    def audit(self, roots: list[int]) -> list[str]:
+        """Recompute every type count from the pinned frames and ``roots``
+        (L4s in CR3s) and report mismatches.  Used by tests."""
+        expect = [0] * self.nr_frames
+        expect_type = bytearray(self.nr_frames)
+        seen: set[int] = set()
+
+        def walk(mfn: int, level: int) -> None:
+            if mfn in seen:
+                return
+            seen.add(mfn)
+            for idx, e in enumerate(self.read_table(mfn)):
+                if not e & _PAGE_PRESENT or (level == 4 and XEN_L4_FIRST <= idx <= XEN_L4_LAST):
+                    continue
+                t = (e & PADDR_MASK) >> 12
+                j = t - self.mfn_base
+                if level == 1:
+                    if e & _PAGE_RW:
+                        expect[j] += 1
+                        expect_type[j] = PGT_WRITABLE
+                    continue
+                expect[j] += 1
+                expect_type[j] = level - 1
+                walk(t, level - 1)
+
+        for i in range(self.nr_frames):
+            if self.pinned[i]:
+                expect[i] += 1
+                expect_type[i] = self.type[i]
+                walk(i + self.mfn_base, self.type[i])
+        for r in roots:
+            j = r - self.mfn_base
+            expect[j] += 1
+            expect_type[j] = PGT_L4
+            walk(r, 4)
+        problems = []
+        for i in range(self.nr_frames):
+            if expect[i] != self.count[i] or (expect[i] and expect_type[i] != self.type[i]):
+                problems.append(f"frame {i + self.mfn_base:#x}: count {self.count[i]} "
+                                f"type {TYPE_NAMES[self.type[i]]}, expected {expect[i]} "
+                                f"{TYPE_NAMES[expect_type[i]]}")
+        return problems

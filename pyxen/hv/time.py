@@ -1,0 +1,71 @@
+"""Xen's time API: system time, per-vCPU vcpu_time_info and the wallclock.
+
+System time is nanoseconds since the domain was created, taken from the
+host's CLOCK_MONOTONIC.  The guest extrapolates between updates with its
+own TSC: ``system_time + ((tsc - tsc_timestamp) << shift) * mul >> 32``, so
+each update records the guest TSC (read from KVM) at the same instant as the
+host clock, and the scale factors come from the vCPU's TSC frequency.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from .. import abi
+
+
+def tsc_scale(tsc_khz: int) -> tuple[int, int]:
+    """(tsc_to_system_mul, tsc_shift) for a TSC of ``tsc_khz`` kHz, as Xen's
+    ``compute_time_scale``: ns = ((tsc << shift) * mul) >> 32, mul < 2^32."""
+    tps = tsc_khz * 1000
+    shift = 0
+    # normalise so that tps is in [0.5e9, 1e9) scaled by 2^shift
+    t = tps
+    while t > 2 * 1_000_000_000:
+        t >>= 1
+        shift -= 1
+    while t <= 1_000_000_000:
+        t <<= 1
+        shift += 1
+    mul = (1_000_000_000 << 32) // t
+    if mul >= 1 << 32:
+        mul = (1 << 32) - 1
+    return mul, shift
+
+
+def scale_delta(delta: int, mul: int, shift: int) -> int:
+    if shift >= 0:
+        delta <<= shift
+    else:
+        delta >>= -shift
+    return (delta * mul) >> 32
+
+
+class DomainClock:
+    """The domain's time base: boot instant on the host and the wallclock."""
+
+    def __init__(self) -> None:
+        self.boot_ns = time.monotonic_ns()
+        self.boot_wall_ns = time.time_ns() - 0  # wallclock at system time 0
+
+    def system_time(self) -> int:
+        return time.monotonic_ns() - self.boot_ns
+
+    def write_wallclock(self, buf: object, si_off: int) -> None:
+        """shared_info wc_* fields (version odd while updating)."""
+        wc = self.boot_wall_ns
+        ver = struct.unpack_from("<I", buf, si_off + abi.SI_WC_VERSION)[0]  # type: ignore[call-overload]
+        struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 1) & 0xFFFFFFFF)  # type: ignore[call-overload]
+        sec, nsec = divmod(wc, 1_000_000_000)
+        struct.pack_into("<III", buf, si_off + abi.SI_WC_SEC, sec & 0xFFFFFFFF, nsec, sec >> 32)  # type: ignore[call-overload]
+        struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 2) & 0xFFFFFFFF)  # type: ignore[call-overload]
+
+
+def write_vcpu_time(buf: object, off: int, tsc: int, system_ns: int, mul: int, shift: int) -> None:
+    """Update a vcpu_time_info at ``off``: version goes odd, fields, then even."""
+    ver = struct.unpack_from("<I", buf, off)[0]  # type: ignore[call-overload]
+    struct.pack_into("<I", buf, off, (ver + 1) | 1)  # type: ignore[call-overload]
+    struct.pack_into("<QQIbB", buf, off + abi.VT_TSC_TIMESTAMP, tsc, system_ns, mul, shift,  # type: ignore[call-overload]
+                     abi.XEN_PVCLOCK_TSC_STABLE_BIT)
+    struct.pack_into("<I", buf, off, ((ver + 1) | 1) + 1)  # type: ignore[call-overload]

@@ -1,0 +1,614 @@
+"""Virtual CPUs: the run loop, the trap path and Xen's bounce frames.
+
+Each vCPU runs in its own host thread.  The guest kernel and its user
+space both run at CPL3 with Xen's flat ring-3 selectors; the hypervisor owns
+CPL0 (GDT, IDT, TSS and stubs in Xen's reserved virtual range).  Three
+kinds of exit reach Python:
+
+* ``out`` to ``HC_PORT`` from the hypercall page: a hypercall, number in
+  %eax, arguments in rdi, rsi, rdx, r10, r8, result in rax;
+* ``out`` to ``TRAP_PORT`` from a CPL0 exception stub: the stub pushed the
+  vector on the hypervisor stack above the CPU's exception frame.  The
+  exception is *bounced* to the handler the guest registered with
+  ``set_trap_table`` by building Xen's frame on the guest kernel stack;
+* a kick (EINTR): something was posted to this vCPU (an event, a timer, a
+  pause), handled before the guest runs again.
+
+Page-table changes are applied by the vCPU itself: validated entries are
+written to RAM and their addresses queued; before the guest runs again the
+CPL0 MMU helper re-writes each queued entry and reloads CR3
+(PLATFORM.md fact 1).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from .. import abi, kvm
+from ..abi import XenError
+from . import machine as M
+from .evtchn import set_pending_bits, unmask_bits
+from .time import scale_delta, tsc_scale, write_vcpu_time
+
+if TYPE_CHECKING:
+    from .domain import Domain
+
+X86_EFLAGS_TF, X86_EFLAGS_IF, X86_EFLAGS_IOPL = 0x100, 0x200, 0x3000
+X86_EFLAGS_NT, X86_EFLAGS_RF, X86_EFLAGS_VM, X86_EFLAGS_AC = 0x4000, 0x10000, 0x20000, 0x40000
+X86_EFLAGS_ALL = 0x3F7FD5
+EXC_HAS_ERRCODE = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
+EXC_NAMES = {0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint",
+             4: "#OF overflow", 5: "#BR bound", 6: "#UD invalid opcode",
+             7: "#NM device not available", 8: "#DF double fault", 10: "#TS invalid TSS",
+             11: "#NP segment not present", 12: "#SS stack fault",
+             13: "#GP general protection", 14: "#PF page fault", 16: "#MF x87 FPU",
+             17: "#AC alignment check", 18: "#MC machine check", 19: "#XM SIMD"}
+MSR_KERNEL_GS_BASE = 0xC0000102
+
+
+def _seg(selector: int, code: bool, dpl: int) -> kvm.Segment:
+    return kvm.Segment(base=0, limit=0xFFFFFFFF, selector=selector, present=1, dpl=dpl, s=1, g=1,
+                       type=11 if code else 3, l=1 if code else 0, db=0 if code else 1)
+
+
+GUEST_CS = _seg(abi.FLAT_KERNEL_CS, True, 3)
+GUEST_SS = _seg(abi.FLAT_KERNEL_SS, False, 3)
+GUEST_DS = _seg(0, False, 3)
+HV_CS = _seg(abi.HYPERVISOR_CS64, True, 0)
+HV_SS = _seg(abi.HYPERVISOR_DS, False, 0)
+
+
+class GuestCrash(Exception):
+    """The guest did something that ends the domain (Xen's domain_crash)."""
+
+
+class VCPU:
+    """One virtual CPU of a domain."""
+
+    def __init__(self, domain: Domain, vcpu_id: int) -> None:
+        self.domain = domain
+        self.id = vcpu_id
+        self.machine = domain.machine
+        self.kvm = domain.machine.vm.create_vcpu()
+        self.percpu = domain.machine.percpu[vcpu_id]
+        # Xen PV vCPU state
+        self.kernel_mode = True
+        self.kernel_l4 = 0  # mfn
+        self.user_l4 = 0
+        self.kernel_ss = abi.FLAT_KERNEL_SS
+        self.kernel_sp = 0
+        self.trap_table: dict[int, tuple[int, int, int]] = {}  # vector -> (flags, cs, addr)
+        self.event_callback = 0
+        self.failsafe_callback = 0
+        self.syscall_callback = 0
+        self.syscall_mask_events = False
+        self.fs_base = 0
+        self.gs_base_kernel = 0
+        self.gs_base_user = 0
+        self.virtual_ts = False
+        self.up = vcpu_id == 0
+        # vcpu_info location: (buffer, offset); shared_info slot by default
+        self.vi_buf: memoryview = domain.shared_info
+        self.vi_off = vcpu_id * abi.VCPU_INFO_SIZE
+        # timers
+        self.timer_deadline = 0  # system time ns, 0 = off
+        self.periodic_ns = 0
+        self.periodic_next = 0
+        # scheduling
+        self.cond = threading.Condition()
+        self.inbox: list[tuple[int, int]] = []  # (kind, arg)
+        self.blocked = False
+        self.poll_ports: list[int] | None = None
+        self.poll_deadline = 0
+        self.paused = 0
+        self.stop = False
+        self.flush_requested = False
+        self.thread: threading.Thread | None = None
+        # runstate
+        self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
+        self.runstate_entry = 0
+        self.runstate_time = [0, 0, 0, 0]
+        # statistics (pyxen top)
+        self.stats = {"hypercalls": 0, "exceptions": 0, "events": 0, "exits": 0, "kicks": 0,
+                      "mmu_flushes": 0}
+        self.hc_counts: dict[int, int] = {}
+        # time scale
+        self.tsc_khz = self.kvm.tsc_khz()
+        self.tsc_mul, self.tsc_shift = tsc_scale(self.tsc_khz)
+        self._setup_cpu()
+
+    # ------------------------------------------------------------ CPU state
+    def _setup_cpu(self) -> None:
+        v = self.kvm
+        v.set_cpuid(kvm.system().supported_cpuid())
+        s = v.sregs
+        s.cs = GUEST_CS
+        s.ss = GUEST_SS
+        s.ds = GUEST_DS
+        s.es = GUEST_DS
+        s.fs = GUEST_DS
+        s.gs = GUEST_DS
+        s.tr = kvm.Segment(base=self.percpu["tss_va"], limit=M.TSS_LIMIT,
+                           selector=abi.TSS_SELECTOR, type=11, present=1)
+        s.ldt = kvm.Segment(selector=0, type=2, present=1, unusable=0, limit=0xFFFF)
+        s.gdt.base = self.percpu["gdt_va"]
+        s.gdt.limit = 0xFFFF
+        s.idt.base = self.machine.idt_va
+        s.idt.limit = 256 * 16 - 1
+        s.cr0 = 0x80050033  # PG|AM|WP|NE|ET|MP|PE
+        s.cr4 = 0x20 | 0x200 | 0x400  # PAE|OSFXSR|OSXMMEXCPT
+        s.efer = 0xD01  # NXE|LMA|LME|SCE
+        v.mark_sregs_dirty()
+
+    def set_initial_state(self, rip: int, rsp: int, rsi: int, l4_mfn: int) -> None:
+        r = self.kvm.regs
+        ctypes.memset(ctypes.addressof(r), 0, ctypes.sizeof(r))
+        r.rip, r.rsp, r.rsi, r.rflags = rip, rsp, rsi, 0x202
+        self.kvm.sregs.cr3 = l4_mfn << 12
+        self.kernel_l4 = l4_mfn
+        self.kvm.mark_regs_dirty()
+        self.kvm.mark_sregs_dirty()
+        self.kvm.flush_state()
+
+    # ------------------------------------------------------------ vcpu_info
+    def vi_get(self, off: int) -> int:
+        return self.vi_buf[self.vi_off + off]
+
+    def vi_set(self, off: int, val: int) -> None:
+        self.vi_buf[self.vi_off + off] = val
+
+    def update_time(self) -> None:
+        tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
+        now = self.domain.clock.system_time()
+        write_vcpu_time(self.vi_buf, self.vi_off + abi.VI_TIME, tsc, now, self.tsc_mul, self.tsc_shift)
+
+    def guest_time_now(self) -> int:
+        """What the guest's own clock reads now (for tests and tracing)."""
+        off = self.vi_off + abi.VI_TIME
+        _, _, tsc0, sys0, mul, shift, _ = abi.VCPU_TIME_INFO.unpack_from(self.vi_buf, off)
+        tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
+        return int(sys0 + scale_delta(tsc - tsc0, mul, shift))
+
+    # ------------------------------------------------------------ posting work
+    POST_PORT, POST_TIMER, POST_WAKE, POST_FLUSH, POST_UNMASK = 0, 1, 2, 3, 4
+
+    def post(self, kind: int, arg: int = 0) -> None:
+        """Hand work to this vCPU's thread from any thread; wakes or kicks it."""
+        with self.cond:
+            self.inbox.append((kind, arg))
+            if self.blocked or self.paused or not self.up:
+                self.cond.notify_all()
+                return
+        if threading.get_ident() != self.kvm.thread_id:
+            self.stats["kicks"] += 1
+            self.kvm.kick()
+
+    def _drain_inbox(self) -> None:
+        with self.cond:
+            items, self.inbox = self.inbox, []
+        for kind, arg in items:
+            if kind == self.POST_PORT:
+                self.set_pending(arg)
+            elif kind == self.POST_FLUSH:
+                self.flush_requested = True
+            elif kind == self.POST_UNMASK:
+                self.unmask(arg)
+
+    def set_pending(self, port: int) -> None:
+        """Mark ``port`` pending (vCPU thread only)."""
+        set_pending_bits(self.domain.shared_info, self.vi_off, port) \
+            if self.vi_buf is self.domain.shared_info else self._set_pending_moved(port)
+
+    def _set_pending_moved(self, port: int) -> None:
+        # vcpu_info registered elsewhere: bitmaps stay in shared_info, selector moves
+        si = self.domain.shared_info
+        word, bit = divmod(port, 64)
+        poff = abi.SI_EVTCHN_PENDING + word * 8
+        pend = int.from_bytes(si[poff:poff + 8], "little")
+        if pend >> bit & 1:
+            return
+        struct.pack_into("<Q", si, poff, pend | (1 << bit))
+        moff = abi.SI_EVTCHN_MASK + word * 8
+        if int.from_bytes(si[moff:moff + 8], "little") >> bit & 1:
+            return
+        soff = self.vi_off + abi.VI_PENDING_SEL
+        sel = int.from_bytes(self.vi_buf[soff:soff + 8], "little")
+        struct.pack_into("<Q", self.vi_buf, soff, sel | (1 << word))
+        self.vi_buf[self.vi_off + abi.VI_UPCALL_PENDING] = 1
+
+    def unmask(self, port: int) -> None:
+        unmask_bits(self.domain.shared_info, self.vi_off, port)
+
+    # ------------------------------------------------------------ timers
+    def check_timers(self, now: int) -> int:
+        """Fire due timers; return the next deadline (0 = none)."""
+        nxt = 0
+        if self.timer_deadline and now >= self.timer_deadline:
+            self.timer_deadline = 0
+            self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, self.id)
+        if self.periodic_ns and now >= self.periodic_next:
+            self.periodic_next = now + self.periodic_ns
+            self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, self.id)
+        for d in (self.timer_deadline, self.periodic_next if self.periodic_ns else 0,
+                  self.poll_deadline if self.poll_ports is not None else 0):
+            if d and (not nxt or d < nxt):
+                nxt = d
+        return nxt
+
+    def set_timer(self, deadline: int) -> None:
+        self.timer_deadline = deadline
+        self.domain.timers.schedule(self, deadline)
+
+    # ------------------------------------------------------------ run loop
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"d{self.domain.domid}v{self.id}",
+                                       daemon=True)
+        self.thread.start()
+
+    def _thread_main(self) -> None:
+        self.kvm.bind_thread()
+        try:
+            self.run_loop()
+        except GuestCrash as e:
+            self.domain.crash(str(e), self.register_dump())
+        except Exception as e:  # a hypervisor bug: contained to this domain
+            self.domain.crash(f"hypervisor error: {e!r}\n{traceback.format_exc()}",
+                              self.register_dump())
+        finally:
+            self.kvm.thread_id = None
+
+    def _set_runstate(self, st: int) -> None:
+        now = self.domain.clock.system_time()
+        self.runstate_time[self.runstate] += now - self.runstate_entry
+        self.runstate = st
+        self.runstate_entry = now
+
+    def _wait_runnable(self) -> bool:
+        """Sleep while paused, offline or blocked.  False if the vCPU must stop."""
+        while True:
+            if self.stop:
+                return False
+            now = self.domain.clock.system_time()
+            nxt = self.check_timers(now)
+            self._drain_inbox()
+            with self.cond:
+                if self.stop:
+                    return False
+                if self.paused or not self.up:
+                    self.cond.wait(0.5)
+                    continue
+                if self.blocked:
+                    if self._wake_condition():
+                        self.blocked = False
+                        self.poll_ports = None
+                        self._set_runstate(abi.RUNSTATE_running)
+                        return True
+                    if self.inbox:
+                        continue
+                    timeout = (nxt - now) / 1e9 if nxt else 1.0
+                    self.cond.wait(max(0.0, min(timeout, 1.0)))
+                    continue
+                return True
+
+    def _wake_condition(self) -> bool:
+        if self.poll_ports is not None:
+            si = self.domain.shared_info
+            for p in self.poll_ports:
+                word, bit = divmod(p, 64)
+                off = abi.SI_EVTCHN_PENDING + word * 8
+                if int.from_bytes(si[off:off + 8], "little") >> bit & 1:
+                    return True
+            if self.poll_deadline and self.domain.clock.system_time() >= self.poll_deadline:
+                return True
+            return False
+        return bool(self.vi_get(abi.VI_UPCALL_PENDING))
+
+    def run_loop(self) -> None:
+        v = self.kvm
+        run = v.run_struct
+        regs = v.regs
+        hypercall = self.domain.hypercalls.dispatch
+        while True:
+            if self.inbox or self.blocked or self.paused or self.stop or not self.up:
+                if not self._wait_runnable():
+                    return
+                self.check_timers(self.domain.clock.system_time())
+            if self.domain.mmu_pending or self.flush_requested:
+                self.flush_mmu()
+            if self.vi_buf[self.vi_off] and not self.vi_buf[self.vi_off + 1]:
+                self.deliver_event()
+            r = v.run()
+            self.stats["exits"] += 1
+            if r == kvm.EXIT_IO:
+                port = run.exit.io.port
+                if port == M.HC_PORT:
+                    hypercall(self, regs)
+                elif port == M.TRAP_PORT:
+                    self.exception()
+                else:
+                    raise GuestCrash(f"unexpected I/O exit on port {port:#x}")
+            elif r == -1:
+                continue
+            elif r == kvm.EXIT_SHUTDOWN:
+                raise GuestCrash("triple fault (the CPU shut down)")
+            elif r == kvm.EXIT_INTR:
+                continue
+            else:
+                raise GuestCrash(f"unexpected KVM exit {kvm.EXIT_NAMES.get(r, r)}")
+
+    # ------------------------------------------------------------ MMU helper
+    def flush_mmu(self, new_cr3_mfn: int | None = None) -> None:
+        """Have the vCPU re-write queued page-table entries and reload CR3."""
+        d = self.domain
+        with d.mmu_lock:
+            addrs = list(d.mmu_pending)
+            d.mmu_pending.clear()
+        self.flush_requested = False
+        cap = self.percpu["list_pages"] * 512 - 1
+        cr3 = (new_cr3_mfn << 12) if new_cr3_mfn is not None else self.kvm.sregs.cr3
+        hv = self.machine.hv
+        lo = self.percpu["list_off"]
+        first = True
+        while first or addrs:
+            first = False
+            chunk, addrs = addrs[:cap], addrs[cap:]
+            struct.pack_into(f"<Q{len(chunk)}Q", hv, lo, len(chunk), *chunk)
+            self._run_helper(cr3)
+        self.stats["mmu_flushes"] += 1
+
+    def _run_helper(self, cr3: int) -> None:
+        v = self.kvm
+        saved_r = kvm.Regs.from_buffer_copy(v.regs)
+        saved_s = kvm.Sregs.from_buffer_copy(v.sregs)
+        r, s = v.regs, v.sregs
+        r.rip = self.machine.helper_va
+        r.rsi = self.percpu["list_va"]
+        r.rdx = cr3
+        r.rsp = self.percpu["stack_top"]
+        r.rflags = 0x2
+        s.cs = HV_CS
+        s.ss = HV_SS
+        v.mark_regs_dirty()
+        v.mark_sregs_dirty()
+        while True:
+            rc = v.run()
+            if rc != -1:
+                break
+        if rc != kvm.EXIT_IO or v.run_struct.exit.io.port != M.HELPER_PORT:
+            raise GuestCrash(f"MMU helper failed: exit {kvm.EXIT_NAMES.get(rc, rc)} "
+                             f"rip={v.regs.rip:#x}")
+        ctypes.memmove(ctypes.addressof(v.regs), ctypes.addressof(saved_r), ctypes.sizeof(saved_r))
+        saved_s.cr3 = cr3
+        saved_s.cr2 = v.sregs.cr2
+        ctypes.memmove(ctypes.addressof(v.sregs), ctypes.addressof(saved_s), ctypes.sizeof(saved_s))
+        v.mark_regs_dirty()
+        v.mark_sregs_dirty()
+
+    # ------------------------------------------------------------ guest memory
+    @property
+    def current_l4(self) -> int:
+        return self.kernel_l4 if self.kernel_mode else self.user_l4
+
+    def copy_from_guest(self, va: int, n: int) -> bytes:
+        """Read ``n`` bytes at guest virtual ``va`` (as the guest could), or EFAULT."""
+        out = bytearray()
+        ft = self.domain.ft
+        ram = self.machine.ram
+        base = M.MFN_BASE << 12
+        l4 = self.current_l4
+        while n > 0:
+            ma = ft.translate(l4, va, False)
+            if ma is None:
+                raise XenError(abi.EFAULT, f"guest address {va:#x} not readable")
+            k = min(n, 4096 - (va & 4095))
+            off = ma - base
+            out += ram[off:off + k]
+            va += k
+            n -= k
+        return bytes(out)
+
+    def copy_to_guest(self, va: int, data: bytes) -> None:
+        ft = self.domain.ft
+        ram = self.machine.ram
+        base = M.MFN_BASE << 12
+        l4 = self.current_l4
+        i = 0
+        n = len(data)
+        # check all pages first so a fault writes nothing
+        spans = []
+        while i < n:
+            ma = ft.translate(l4, va + i, True)
+            if ma is None:
+                raise XenError(abi.EFAULT, f"guest address {va + i:#x} not writable")
+            k = min(n - i, 4096 - ((va + i) & 4095))
+            spans.append((ma - base, i, k))
+            i += k
+        for off, i, k in spans:
+            ram[off:off + k] = data[i:i + k]
+            self.domain.mark_dirty((off >> 12) + M.MFN_BASE)
+
+    # ------------------------------------------------------------ exceptions
+    def exception(self) -> None:
+        v = self.kvm
+        r = v.regs
+        stack_va0 = self.percpu["stack_top"] - 2 * 4096
+        off = self.percpu["stack_off"] + (r.rsp - stack_va0)
+        hv = self.machine.hv
+        vec = struct.unpack_from("<Q", hv, off)[0] & 0xFF
+        err = None
+        p = off + 8
+        if vec in EXC_HAS_ERRCODE:
+            err = struct.unpack_from("<Q", hv, p)[0]
+            p += 8
+        rip, cs, rflags, rsp, ss = struct.unpack_from("<5Q", hv, p)
+        self.stats["exceptions"] += 1
+        # back to the guest context as the CPU saw it
+        r.rip, r.rsp, r.rflags = rip, rsp, rflags
+        s = v.sregs
+        s.cs = GUEST_CS
+        s.ss = GUEST_SS
+        v.mark_regs_dirty()
+        v.mark_sregs_dirty()
+        if cs & 3 != 3:
+            raise GuestCrash(f"exception {vec} in hypervisor code at {rip:#x} (err={err})")
+        if vec == 14:
+            struct.pack_into("<Q", self.vi_buf, self.vi_off + abi.VI_CR2, s.cr2)
+        if vec == 7 and self.virtual_ts:
+            # lazy FPU switch: the guest asked for #NM with fpu_taskswitch(1)
+            self.virtual_ts = False
+            s.cr0 &= ~0x8
+        if vec in (6, 13) and self._emulate_int(rip, err):
+            return
+        self.bounce_trap(vec, err)
+
+    def _emulate_int(self, rip: int, err: int | None) -> bool:
+        """``int $n`` at CPL3 raises #UD here (PLATFORM.md fact 4) or #GP: deliver
+        it as the software interrupt the guest registered with DPL 3."""
+        try:
+            code = self.copy_from_guest(rip, 2)
+        except XenError:
+            return False
+        if code[0] != 0xCD:
+            return False
+        n = code[1]
+        ent = self.trap_table.get(n)
+        if ent is None or (ent[0] & 3) < 3 and not self.kernel_mode:
+            return False
+        if (ent[0] & 3) == 0:
+            return False
+        self.kvm.regs.rip = rip + 2
+        self.bounce(ent[2], None, bool(ent[0] & 4))
+        return True
+
+    def bounce_trap(self, vec: int, err: int | None) -> None:
+        ent = self.trap_table.get(vec)
+        if ent is None or not ent[2]:
+            raise GuestCrash(f"unhandled {EXC_NAMES.get(vec, f'exception {vec}')}"
+                             + (f" err={err:#x}" if err is not None else "")
+                             + (f" cr2={self.kvm.sregs.cr2:#x}" if vec == 14 else "")
+                             + " (no trap handler registered)")
+        self.bounce(ent[2], err, bool(ent[0] & 4))
+
+    def deliver_event(self) -> None:
+        if not self.event_callback:
+            return
+        self.stats["events"] += 1
+        self.bounce(self.event_callback, None, True)
+
+    def bounce(self, handler: int, err: int | None, mask_events: bool) -> None:
+        """Xen's create_bounce_frame: push {RCX, R11, [ERR], RIP, CS, RFLAGS,
+        RSP, SS} on the guest kernel stack and continue at ``handler``."""
+        v = self.kvm
+        r = v.regs
+        cs = abi.FLAT_KERNEL_CS
+        if self.kernel_mode:
+            sp = r.rsp
+            cs &= ~3  # RPL 0 tells the guest it interrupted kernel context
+        else:
+            self.toggle_guest_mode()
+            sp = self.kernel_sp
+        sp &= ~0xF
+        if M.HYPERVISOR_RANGE[0] <= sp < M.HYPERVISOR_RANGE[1] + 64:
+            raise GuestCrash(f"guest kernel stack {sp:#x} inside the hypervisor's range")
+        saved_mask = self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK]
+        rflags = (r.rflags & ~(X86_EFLAGS_IF | X86_EFLAGS_IOPL)) | (0 if saved_mask else X86_EFLAGS_IF)
+        frame = [r.rcx, r.r11]
+        if err is not None:
+            frame.append(err & 0xFFFFFFFF)
+        frame += [r.rip, cs | (saved_mask << 32), rflags, r.rsp, abi.FLAT_KERNEL_SS]
+        sp -= 8 * len(frame)
+        try:
+            self.copy_to_guest(sp, struct.pack(f"<{len(frame)}Q", *frame))
+        except XenError as e:
+            raise GuestCrash(f"cannot write exception frame to the guest stack at {sp:#x}: {e.why}")
+        if mask_events:
+            self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK] = 1
+        r.rip = handler
+        r.rsp = sp
+        r.rflags = (r.rflags & ~(X86_EFLAGS_AC | X86_EFLAGS_VM | X86_EFLAGS_RF | X86_EFLAGS_NT
+                                 | X86_EFLAGS_TF | X86_EFLAGS_IOPL)) | X86_EFLAGS_IF | 0x2
+        s = v.sregs
+        if s.cs.selector != abi.FLAT_KERNEL_CS or s.cs.dpl != 3:
+            s.cs = GUEST_CS
+            s.ss = GUEST_SS
+            v.mark_sregs_dirty()
+        v.mark_regs_dirty()
+
+    def do_iret(self) -> None:
+        v = self.kvm
+        r = v.regs
+        try:
+            raw = self.copy_from_guest(r.rsp, abi.IRET_CONTEXT.size)
+        except XenError:
+            raise GuestCrash(f"fault reading the iret frame at {r.rsp:#x}") from None
+        rax, r11, rcx, flags, rip, cs, rflags, rsp, ss = abi.IRET_CONTEXT.unpack(raw)
+        if (cs & 3) == 3 and self.kernel_mode:
+            if not self.user_l4:
+                raise GuestCrash("guest switching to user mode with no user page tables")
+            self.toggle_guest_mode()
+        r.rip = rip
+        r.rsp = rsp
+        r.rflags = (rflags & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF | 0x2
+        if not flags & abi.VGCF_in_syscall:
+            r.r11 = r11
+            r.rcx = rcx
+        r.rax = rax
+        self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK] = 0 if rflags & X86_EFLAGS_IF else 1
+        v.mark_regs_dirty()
+
+    def toggle_guest_mode(self) -> None:
+        """Switch between guest kernel and guest user: page tables and GS base."""
+        s = self.kvm.sregs
+        self.kernel_mode = not self.kernel_mode
+        l4 = self.current_l4
+        if self.kernel_mode:
+            self.gs_base_user = s.gs.base
+            s.gs.base = self.gs_base_kernel
+        else:
+            self.gs_base_kernel = s.gs.base
+            s.gs.base = self.gs_base_user
+        s.cr3 = l4 << 12
+        self.kvm.mark_sregs_dirty()
+
+    # ------------------------------------------------------------ diagnostics
+    def register_dump(self) -> str:
+        try:
+            r = self.kvm.regs
+            s = self.kvm.sregs
+            d = r.as_dict()
+            lines = [f"vcpu {self.id} ({'kernel' if self.kernel_mode else 'user'} mode):"]
+            names = list(d)
+            for i in range(0, len(names), 4):
+                lines.append("  " + "  ".join(f"{n:>6}={d[n]:016x}" for n in names[i:i + 4]))
+            lines.append(f"      cs={s.cs.selector:04x} ss={s.ss.selector:04x} cr2={s.cr2:016x} "
+                         f"cr3={s.cr3:016x} fs={s.fs.base:x} gs={s.gs.base:x}")
+            return "\n".join(lines)
+        except Exception as e:  # noqa: BLE001 - diagnostics must never fail
+            return f"(registers unavailable: {e})"
+
+    def runstate_info(self) -> bytes:
+        now = self.domain.clock.system_time()
+        t = list(self.runstate_time)
+        t[self.runstate] += now - self.runstate_entry
+        return abi.RUNSTATE_INFO.pack(self.runstate, self.runstate_entry, *t)
+
+    def block(self) -> None:
+        """SCHEDOP_block: enable event delivery, sleep until an event is pending."""
+        self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK] = 0
+        if self.vi_buf[self.vi_off + abi.VI_UPCALL_PENDING]:
+            return
+        with self.cond:
+            self.blocked = True
+        self._set_runstate(abi.RUNSTATE_blocked)
+
+    def now_wall(self) -> float:
+        return time.time()
+
+
+def _unused(*_: Any) -> None:
+    pass
