@@ -1,0 +1,37 @@
+/*
+ * dirtier: keep rewriting a block of memory (a workload for live
+ * migration).  cmdline: mib=N (default 8), loops=K (default 0 = forever).
+ * Every 8-byte word gets a fresh value from a running 64-bit counter each
+ * pass, so every page is dirtied every pass.
+ */
+#include "app.h"
+
+const char app_name[] = "dirtier";
+
+int app_main(const char *cmdline)
+{
+    unsigned long mib = cmdline_get_ulong(cmdline, "mib", 8);
+    unsigned long loops = cmdline_get_ulong(cmdline, "loops", 0);
+    unsigned long pages = mib * 256;
+    unsigned long words = pages * (PAGE_SIZE / sizeof(uint64_t));
+    volatile uint64_t *mem;
+    uint64_t counter = 0;
+
+    mem = alloc_pages(pages);
+    if (!mib || !mem) {
+        printk("dirtier: cannot allocate %lu MiB (%lu pages free)\n", mib, mm_free_pages());
+        return 1;
+    }
+    printk("dirtier: mib=%lu loops=%lu buffer=%p\n", mib, loops, (void *)mem);
+
+    for (unsigned long pass = 1; loops == 0 || pass <= loops; pass++) {
+        uint64_t t0 = monotonic_ns(), t1;
+        for (unsigned long i = 0; i < words; i++)
+            mem[i] = ++counter;
+        t1 = monotonic_ns();
+        printk("dirtier: pass %lu done ns=%lu\n", pass, (unsigned long)(t1 - t0));
+        schedule();     /* let other threads (and a suspend) get a look in */
+    }
+    printk("dirtier: done\n");
+    poweroff();
+}

@@ -1,0 +1,77 @@
+/*
+ * events.h - shared_info, event channels and the virtual "interrupt flag".
+ *
+ * A PV guest can't cli/sti.  Instead vcpu_info.evtchn_upcall_mask is the
+ * interrupt-disable flag: while it is non-zero the hypervisor won't start
+ * an event upcall.  Re-enabling must then check evtchn_upcall_pending,
+ * because an event that arrived while masked raised no upcall.
+ */
+#ifndef PYXEN_EVENTS_H
+#define PYXEN_EVENTS_H
+
+#include "kernel.h"
+
+#include "traps.h"
+
+/*
+ * A page-aligned page inside our own image (.bss) whose mapping we replace
+ * with the hypervisor's shared_info frame at boot.  Declared as a page-sized
+ * object so every access is a plain absolute address.
+ */
+union shared_info_page {
+    struct shared_info s;
+    char pad[PAGE_SIZE];
+};
+extern union shared_info_page shared_info_page;
+#define HYPERVISOR_shared_info (&shared_info_page.s)
+
+static inline struct vcpu_info *this_vcpu(void)
+{
+    return &HYPERVISOR_shared_info->vcpu_info[0];
+}
+
+/* Run the event dispatch loop synchronously (events must be masked). */
+void evtchn_do_upcall(struct pt_regs *regs);
+
+/* Mask events; returns the previous mask so it can be restored. */
+static inline unsigned long irq_save(void)
+{
+    struct vcpu_info *v = this_vcpu();
+    unsigned long old = READ_ONCE(v->evtchn_upcall_mask);
+    WRITE_ONCE(v->evtchn_upcall_mask, 1);
+    barrier();
+    return old;
+}
+
+void irq_deliver_pending(void);
+
+static inline void irq_restore(unsigned long flags)
+{
+    struct vcpu_info *v = this_vcpu();
+    barrier();
+    WRITE_ONCE(v->evtchn_upcall_mask, (uint8_t)flags);
+    barrier();
+    /* Events that arrived while masked did not cause an upcall. */
+    if (!flags && READ_ONCE(v->evtchn_upcall_pending))
+        irq_deliver_pending();
+}
+
+static inline void irq_disable(void) { (void)irq_save(); }
+static inline void irq_enable(void)  { irq_restore(0); }
+static inline int irqs_disabled(void)
+{
+    return READ_ONCE(this_vcpu()->evtchn_upcall_mask) != 0;
+}
+
+typedef void (*evtchn_handler_t)(evtchn_port_t port, struct pt_regs *regs, void *data);
+
+void events_init(void);             /* mask every port, clear handlers */
+int  bind_evtchn(evtchn_port_t port, evtchn_handler_t h, void *data); /* and unmask */
+int  bind_virq(uint32_t virq, evtchn_handler_t h, void *data);       /* -> port or -errno */
+void unbind_evtchn(evtchn_port_t port);                               /* mask + close */
+void mask_evtchn(evtchn_port_t port);
+void unmask_evtchn(evtchn_port_t port);
+void clear_evtchn(evtchn_port_t port);
+long notify_remote_via_evtchn(evtchn_port_t port);
+
+#endif /* PYXEN_EVENTS_H */

@@ -1,0 +1,153 @@
+/*
+ * main.c - boot sequence and shutdown.
+ *
+ * Order matters:
+ *   1. console_io line (needs nothing but the hypercall page)
+ *   2. stack_switch, trap table      - so faults are reported from here on
+ *   3. map shared_info, mask ports, register callbacks
+ *   4. console ring                  - printk output goes there from now
+ *   5. map all RAM + page allocator, threads, timer
+ *   6. start the app thread, unmask events, become the idle thread
+ */
+#include "kernel.h"
+#include "console.h"
+#include "events.h"
+#include "hypercall.h"
+#include "mm.h"
+#include "sched.h"
+#include "traps.h"
+#include "xtime.h"
+
+static struct start_info start_info_copy;
+struct start_info *start_info = &start_info_copy;
+const char *kernel_cmdline = "";
+unsigned long boot_initial_rsp;         /* written by head.S */
+
+extern char boot_stack_top[];
+extern char hypervisor_callback[], failsafe_callback[];
+
+void __noreturn start_kernel(struct start_info *si);
+
+static void map_shared_info(void)
+{
+    /* start_info->shared_info is a machine address: map it over our page. */
+    long rc = HYPERVISOR_update_va_mapping((unsigned long)&shared_info_page,
+                                           start_info->shared_info | _PAGE_PRESENT |
+                                           _PAGE_RW | _PAGE_USER,
+                                           UVMF_INVLPG);
+    if (rc) {
+        early_printk("pyxen-guest: mapping shared_info 0x%lx failed rc=%ld\n",
+                     start_info->shared_info, rc);
+        xen_shutdown(SHUTDOWN_crash);
+    }
+}
+
+static void register_callbacks(void)
+{
+    struct callback_register event = {
+        .type = CALLBACKTYPE_event,
+        .flags = CALLBACKF_mask_events,
+        .address = (unsigned long)hypervisor_callback,
+    };
+    struct callback_register failsafe = {
+        .type = CALLBACKTYPE_failsafe,
+        .flags = CALLBACKF_mask_events,
+        .address = (unsigned long)failsafe_callback,
+    };
+    long rc;
+
+    rc = HYPERVISOR_callback_op(CALLBACKOP_register, &event);
+    if (rc)
+        panic("callback_op(event) failed rc=%ld\n", rc);
+    rc = HYPERVISOR_callback_op(CALLBACKOP_register, &failsafe);
+    if (rc)
+        early_printk("pyxen-guest: callback_op(failsafe) failed rc=%ld\n", rc);
+}
+
+static void main_thread(void *arg)
+{
+    int rc;
+
+    (void)arg;
+    printk("pyxen-guest: starting app %s\n", app_name);
+    rc = app_main(kernel_cmdline);
+    /* Apps normally power off themselves; this is the fallback. */
+    printk("pyxen-guest: app %s returned %d\n", app_name, rc);
+    xen_shutdown(rc == 0 ? SHUTDOWN_poweroff : SHUTDOWN_crash);
+}
+
+void start_kernel(struct start_info *si)
+{
+    static const char hello[] = "pyxen-guest: booting\n";
+    long ver;
+    uint64_t wsec;
+    uint32_t wnsec;
+
+    /* Keep our own copy: the builder's page is ordinary memory to it. */
+    memcpy(&start_info_copy, si, sizeof(start_info_copy));
+    start_info_copy.cmd_line[MAX_GUEST_CMDLINE - 1] = '\0';
+    kernel_cmdline = (const char *)start_info_copy.cmd_line;
+
+    console_io_write(hello, sizeof(hello) - 1);
+    if (memcmp(si->magic, "xen-3.0-x86_64", 14) != 0)
+        early_printk("pyxen-guest: warning: unexpected start_info magic '%.32s'\n",
+                     si->magic);
+
+    /* Tell the hypervisor our kernel stack (used on user->kernel switches). */
+    HYPERVISOR_stack_switch(FLAT_KERNEL_SS, (unsigned long)boot_stack_top);
+    trap_init();
+    map_shared_info();
+    events_init();
+    register_callbacks();
+    console_init();
+
+    ver = HYPERVISOR_xen_version(XENVER_version, NULL);
+    printk("pyxen-guest: Xen %ld.%ld, app=%s\n", ver >> 16, ver & 0xffff, app_name);
+    printk("pyxen-guest: start_info magic=%.32s nr_pages=%lu shared_info=0x%lx "
+           "pt_base=0x%lx nr_pt_frames=%lu mfn_list=0x%lx flags=0x%x\n",
+           si->magic, si->nr_pages, si->shared_info, si->pt_base,
+           si->nr_pt_frames, si->mfn_list, si->flags);
+    printk("pyxen-guest: console mfn=0x%lx evtchn=%u store mfn=0x%lx evtchn=%u\n",
+           si->console.domU.mfn, si->console.domU.evtchn, si->store_mfn,
+           si->store_evtchn);
+    printk("pyxen-guest: cmdline \"%s\"\n", kernel_cmdline);
+
+    mm_init(si);
+    sched_init();
+    time_init();
+
+    wallclock(&wsec, &wnsec);
+    printk("pyxen-guest: system time %lu ns, wallclock %lu.%09u\n",
+           (unsigned long)monotonic_ns(), (unsigned long)wsec, wnsec);
+
+    if (!create_thread("main", main_thread, NULL))
+        panic("cannot create main thread\n");
+
+    irq_enable();
+    idle_loop();
+}
+
+void xen_shutdown(unsigned int reason)
+{
+    struct sched_shutdown op = { .reason = reason };
+    long rc;
+
+    /* Let the backend drain the ring first, or the last lines are lost. */
+    console_flush(NSEC_PER_SEC);
+    rc = HYPERVISOR_sched_op(SCHEDOP_shutdown, &op);
+
+    /* Should be unreachable.  Park quietly: no ports, no timer. */
+    early_printk("pyxen-guest: SCHEDOP_shutdown(%u) returned %ld\n", reason, rc);
+    irq_disable();
+    events_init();
+    HYPERVISOR_set_timer_op(0);
+    for (;;) {
+        WRITE_ONCE(this_vcpu()->evtchn_upcall_pending, 0);
+        HYPERVISOR_sched_op(SCHEDOP_block, NULL);
+    }
+}
+
+void poweroff(void)
+{
+    xen_shutdown(SHUTDOWN_poweroff);
+}
