@@ -1,0 +1,5 @@
+import sys
+
+from .toolstack.cli import main
+
+sys.exit(main())

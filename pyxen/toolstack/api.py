@@ -1,0 +1,156 @@
+"""The Python API to a pyxen host: the same operations as the ``pyxen`` CLI.
+
+    from pyxen.toolstack.api import Host
+    h = Host()                         # starts pyxend on demand
+    domid = h.create("examples/hello.cfg")
+    for chunk in h.console(domid):      # bytes until the domain goes away
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .proto import Conn, ProtocolError
+from .xlcfg import ConfigError, DomainConfig, load_domain_config
+
+
+class PyxenError(Exception):
+    """An operation failed; the message is for the user."""
+
+
+def config_to_request(cfg: DomainConfig) -> dict[str, Any]:
+    """The daemon's create request for a parsed xl.cfg."""
+    spec = {"name": cfg.name, "memory_mib": cfg.memory, "maxmem_mib": cfg.maxmem,
+            "vcpus": cfg.vcpus, "maxvcpus": cfg.maxvcpus, "kernel": str(cfg.kernel),
+            "cmdline": cfg.cmdline, "ramdisk": str(cfg.ramdisk) if cfg.ramdisk else None,
+            "uuid": str(cfg.uuid) if cfg.uuid else "00000000-0000-0000-0000-000000000000"}
+    actions = {k: getattr(cfg, k).value for k in ("on_poweroff", "on_reboot", "on_crash",
+                                                   "on_watchdog")}
+    return {"op": "create", "spec": spec, "actions": actions}
+
+
+class Host:
+    """A connection to the local pyxen daemon."""
+
+    def __init__(self, run_dir: str | Path | None = None, autostart: bool = True) -> None:
+        self.run_dir = Path(run_dir) if run_dir else paths.run_dir()
+        self.conn = self._connect(autostart)
+
+    def _connect(self, autostart: bool) -> Conn:
+        sock = str(paths.daemon_socket(self.run_dir))
+        try:
+            return Conn.connect(sock, timeout=5)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not autostart:
+                raise PyxenError(f"pyxend is not running (no socket at {sock})") from None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(paths.daemon_log(self.run_dir), "ab")  # noqa: SIM115
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        subprocess.Popen([sys.executable, "-m", "pyxen.toolstack.daemon", "--run-dir", str(self.run_dir)],
+                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                         env=env)
+        log.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return Conn.connect(sock, timeout=5)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if time.monotonic() > deadline:
+                    raise PyxenError(f"pyxend did not start; see {paths.daemon_log(self.run_dir)}") from None
+                time.sleep(0.005)
+
+    def _call(self, **req: Any) -> dict[str, Any]:
+        try:
+            r = self.conn.call(req)
+        except (OSError, ProtocolError) as e:
+            raise PyxenError(f"lost the connection to pyxend: {e}") from None
+        if not r.get("ok"):
+            raise PyxenError(str(r.get("error", "failed")))
+        return r
+
+    # ------------------------------------------------------------ operations
+    def create(self, config: str | Path | DomainConfig, overrides: list[str] | None = None) -> int:
+        """Create a domain from an xl.cfg file (or a parsed config); returns its domid."""
+        if not isinstance(config, DomainConfig):
+            try:
+                config, _warnings = load_domain_config(config, overrides or [])
+            except ConfigError as e:
+                raise PyxenError(str(e)) from None
+        return int(self._call(**config_to_request(config))["domid"])
+
+    def create_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._call(**req)
+
+    def list(self, long: bool = False) -> list[dict[str, Any]]:
+        return list(self._call(op="list", long=long)["domains"])
+
+    def destroy(self, dom: int | str) -> None:
+        self._call(op="destroy", domain=dom)
+
+    def shutdown(self, dom: int | str) -> None:
+        self._call(op="shutdown", domain=dom)
+
+    def reboot(self, dom: int | str) -> None:
+        self._call(op="reboot", domain=dom)
+
+    def pause(self, dom: int | str) -> None:
+        self._call(op="pause", domain=dom)
+
+    def unpause(self, dom: int | str) -> None:
+        self._call(op="unpause", domain=dom)
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._call(op="info")["info"])
+
+    def domain_info(self, dom: int | str) -> dict[str, Any]:
+        return dict(self._call(op="domain-info", domain=dom)["info"])
+
+    def dmesg(self, clear: bool = False) -> list[str]:
+        return list(self._call(op="dmesg", clear=clear)["lines"])
+
+    def quit(self) -> None:
+        """Stop the daemon (destroys every domain)."""
+        self._call(op="quit")
+
+    def console_socket(self, dom: int | str) -> socket.socket:
+        """A socket attached to the domain's console: reads give output (the
+        scrollback first), writes go to the guest's console input."""
+        r = self._call(op="console", domain=dom)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(r["sock"])
+        except OSError as e:
+            s.close()
+            raise PyxenError(f"cannot attach to the console of domain {dom}: {e.strerror}") from None
+        return s
+
+    def console(self, dom: int | str) -> Iterator[bytes]:
+        s = self.console_socket(dom)
+        try:
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    return
+                yield b
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Host:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,391 @@
+"""pyxend: the host daemon that keeps the domain table.
+
+Started on demand by the CLI or the API.  It allocates domain IDs, asks the
+zygote to fork a process per domain, tracks each domain's state from the
+events that process sends, applies the config's on_poweroff/on_reboot/
+on_crash actions, keeps the hypervisor log (``pyxen dmesg``) and answers the
+control socket.  It never runs guest code itself, so a misbehaving domain
+cannot take it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import itertools
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from . import paths
+from .proto import Conn, ProtocolError
+
+MAX_DOMID = 0x7FEF
+
+
+@dataclass
+class Record:
+    domid: int
+    name: str
+    spec: dict[str, Any]
+    actions: dict[str, str]
+    state: str = "creating"
+    reason: str | None = None
+    pid: int = 0
+    sock: str = ""
+    conn: Conn | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    pending: dict[int, Any] = field(default_factory=dict)
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    crash: str = ""
+
+
+class Daemon:
+    def __init__(self, rundir: Path) -> None:
+        self.rundir = rundir
+        self.lock = threading.RLock()
+        self.domains: dict[int, Record] = {}
+        self.dmesg: list[str] = []
+        self.ids = itertools.count(1)
+        self.zygote: subprocess.Popen[str] | None = None
+        self.zlock = threading.Lock()
+        self.quit = threading.Event()
+        self.start_time = time.time()
+
+    # ------------------------------------------------------------ log
+    def log(self, line: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self.lock:
+            self.dmesg.append(f"[{stamp}] {line}")
+            del self.dmesg[:-5000]
+
+    # ------------------------------------------------------------ zygote
+    def _zygote(self) -> subprocess.Popen[str]:
+        if self.zygote is None or self.zygote.poll() is not None:
+            self.zygote = subprocess.Popen(
+                [sys.executable, "-m", "pyxen.toolstack.zygote"], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=False)
+        return self.zygote
+
+    def spawn(self, domid: int, spec: dict[str, Any]) -> int:
+        with self.zlock:
+            z = self._zygote()
+            assert z.stdin and z.stdout
+            z.stdin.write(json.dumps({"domid": domid, "spec": spec, "rundir": str(self.rundir)}) + "\n")
+            z.stdin.flush()
+            reply = json.loads(z.stdout.readline() or "{}")
+        if "pid" not in reply:
+            raise RuntimeError(f"zygote failed: {reply.get('error', 'no reply')}")
+        return int(reply["pid"])
+
+    # ------------------------------------------------------------ domains
+    def _find(self, ref: Any) -> Record:
+        with self.lock:
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                r = self.domains.get(int(ref))
+                if r:
+                    return r
+            for r in self.domains.values():
+                if r.name == ref:
+                    return r
+        raise LookupError(f"no domain {ref!r}")
+
+    def _alloc_domid(self) -> int:
+        with self.lock:
+            for d in range(1, MAX_DOMID):
+                if d not in self.domains:
+                    return d
+        raise RuntimeError("out of domain IDs")
+
+    def create(self, spec: dict[str, Any], actions: dict[str, str]) -> Record:
+        name = spec["name"]
+        with self.lock:
+            for r in self.domains.values():
+                if r.name == name:
+                    raise ValueError(f"domain with name {name!r} already exists (domid {r.domid})")
+            domid = self._alloc_domid()
+            spec = dict(spec, domid=domid)
+            rec = Record(domid, name, spec, actions)
+            self.domains[domid] = rec
+        try:
+            rec.pid = self.spawn(domid, spec)
+        except Exception:
+            with self.lock:
+                self.domains.pop(domid, None)
+            raise
+        if not rec.ready.wait(30):
+            rec.error = rec.error or "domain process did not start in 30 s"
+        if rec.error:
+            with self.lock:
+                self.domains.pop(domid, None)
+            self._kill(rec)
+            raise ValueError(rec.error)
+        self.log(f"created domain {domid} ({name}), pid {rec.pid}")
+        return rec
+
+    def _kill(self, rec: Record) -> None:
+        if rec.pid:
+            try:
+                os.kill(rec.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def request(self, rec: Record, op: str, timeout: float = 10.0, **kw: Any) -> dict[str, Any]:
+        if rec.conn is None:
+            raise RuntimeError(f"domain {rec.domid} is not connected")
+        ev = threading.Event()
+        rid = id(ev)
+        rec.pending[rid] = ev
+        with rec.send_lock:
+            rec.conn.send(dict(kw, op=op, id=rid))
+        if not ev.wait(timeout):
+            rec.pending.pop(rid, None)
+            raise TimeoutError(f"domain {rec.domid} did not answer {op!r}")
+        reply = rec.pending.pop(rid)
+        if not reply.get("ok"):
+            raise RuntimeError(reply.get("error", "failed"))
+        return dict(reply)
+
+    def destroy(self, rec: Record) -> None:
+        with self.lock:
+            self.domains.pop(rec.domid, None)
+        try:
+            if rec.conn is not None:
+                self.request(rec, "destroy", timeout=10)
+        except (RuntimeError, TimeoutError, OSError):
+            self._kill(rec)
+        self.log(f"destroyed domain {rec.domid} ({rec.name})")
+
+    def _domain_events(self, conn: Conn, first: dict[str, Any]) -> None:
+        """Serve one domain process's connection (runs in its own thread)."""
+        rec = self.domains.get(int(first.get("domid", -1)))
+        if rec is None:
+            conn.close()
+            return
+        rec.conn = conn
+        rec.pid = int(first.get("pid", rec.pid))
+        rec.sock = str(first.get("sock", ""))
+        while True:
+            try:
+                msg = conn.recv()
+            except (OSError, ProtocolError):
+                msg = None
+            if msg is None:
+                break
+            if "reply" in msg:
+                ev = rec.pending.get(msg["reply"])
+                if ev is not None:
+                    rec.pending[msg["reply"]] = msg
+                    ev.set()
+                continue
+            kind = msg.get("event")
+            if kind == "ready":
+                rec.state = "running"
+                rec.ready.set()
+            elif kind == "error":
+                rec.error = str(msg.get("error"))
+                rec.ready.set()
+            elif kind == "log":
+                self.log(str(msg.get("line")))
+            elif kind == "state":
+                rec.state = str(msg.get("state"))
+                rec.reason = msg.get("reason")
+                rec.crash = str(msg.get("crash") or "")
+                if rec.state in ("shutdown", "crashed"):
+                    threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
+        # the domain process is gone
+        for k, v in list(rec.pending.items()):
+            if isinstance(v, threading.Event):
+                rec.pending[k] = {"ok": True}
+                v.set()
+        with self.lock:
+            still = self.domains.get(rec.domid) is rec
+            if still and rec.state != "creating":
+                self.domains.pop(rec.domid, None)
+                self.log(f"domain {rec.domid} ({rec.name}): domain process exited")
+        if not rec.ready.is_set():
+            rec.error = rec.error or "domain process exited during creation"
+            rec.ready.set()
+
+    def _on_shutdown(self, rec: Record) -> None:
+        reason = rec.reason or "poweroff"
+        key = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
+               "watchdog": "on_watchdog", "soft_reset": "on_soft_reset",
+               "suspend": "on_suspend"}.get(reason, "on_poweroff")
+        action = rec.actions.get(key, "destroy" if key != "on_reboot" else "restart")
+        self.log(f"domain {rec.domid} ({rec.name}) {reason}: {key}={action}")
+        if action == "preserve" or key == "on_suspend":
+            return
+        self.destroy(rec)
+        if action in ("restart", "rename-restart", "coredump-restart", "soft-reset"):
+            try:
+                self.create({k: v for k, v in rec.spec.items() if k != "domid"}, rec.actions)
+            except Exception as e:  # noqa: BLE001
+                self.log(f"restart of {rec.name} failed: {e}")
+
+    # ------------------------------------------------------------ client requests
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid(), "version": __version__}
+        if op == "create":
+            rec = self.create(dict(req["spec"]), dict(req.get("actions", {})))
+            return {"ok": True, "domid": rec.domid, "sock": rec.sock}
+        if op == "list":
+            with self.lock:
+                recs = sorted(self.domains.values(), key=lambda r: r.domid)
+            out = []
+            for r in recs:
+                ent: dict[str, Any] = {"domid": r.domid, "name": r.name, "state": r.state,
+                                       "memory": r.spec.get("memory_mib"), "vcpus": r.spec.get("vcpus"),
+                                       "reason": r.reason, "pid": r.pid}
+                if req.get("long") and r.conn is not None and r.state not in ("creating",):
+                    try:
+                        ent["info"] = self.request(r, "info", timeout=2)["info"]
+                    except (RuntimeError, TimeoutError, OSError):
+                        pass
+                out.append(ent)
+            return {"ok": True, "domains": out}
+        if op == "dmesg":
+            with self.lock:
+                lines = list(self.dmesg)
+            if req.get("clear"):
+                with self.lock:
+                    self.dmesg.clear()
+            return {"ok": True, "lines": lines}
+        if op == "info":
+            return {"ok": True, "info": self.host_info()}
+        if op == "quit":
+            self.quit.set()
+            return {"ok": True}
+        rec = self._find(req.get("domain"))
+        if op == "destroy":
+            self.destroy(rec)
+            return {"ok": True}
+        if op == "console":
+            return {"ok": True, "sock": rec.sock, "domid": rec.domid, "state": rec.state}
+        if op in ("pause", "unpause"):
+            self.request(rec, op)
+            return {"ok": True}
+        if op in ("shutdown", "reboot"):
+            self.request(rec, "shutdown", reason=0 if op == "shutdown" else 1)
+            return {"ok": True}
+        if op == "domain-info":
+            return {"ok": True, "info": self.request(rec, "info")["info"], "pid": rec.pid}
+        raise ValueError(f"unknown operation {op!r}")
+
+    def host_info(self) -> dict[str, Any]:
+        from ..hv.hypercalls import XEN_CAPABILITIES, XEN_EXTRA, XEN_MAJOR, XEN_MINOR
+        mem_total = mem_free = 0
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                k, v = line.split(":", 1)
+                if k == "MemTotal":
+                    mem_total = int(v.split()[0]) // 1024
+                elif k == "MemAvailable":
+                    mem_free = int(v.split()[0]) // 1024
+        except OSError:
+            pass
+        u = platform.uname()
+        return {"host": u.node, "release": u.release, "version": u.version, "machine": u.machine,
+                "nr_cpus": os.cpu_count(), "total_memory": mem_total, "free_memory": mem_free,
+                "xen_major": XEN_MAJOR, "xen_minor": XEN_MINOR, "xen_extra": XEN_EXTRA,
+                "xen_version": f"{XEN_MAJOR}.{XEN_MINOR}{XEN_EXTRA}",
+                "xen_caps": XEN_CAPABILITIES.strip(), "pyxen_version": __version__,
+                "kvm": os.path.exists("/dev/kvm"), "run_dir": str(self.rundir),
+                "daemon_pid": os.getpid(), "daemon_uptime_s": round(time.time() - self.start_time, 1),
+                "nr_domains": len(self.domains)}
+
+    def _client(self, sock: socket.socket) -> None:
+        conn = Conn(sock)
+        try:
+            first = conn.recv()
+        except (OSError, ProtocolError):
+            first = None
+        if first is None:
+            conn.close()
+            return
+        if first.get("event") == "register":
+            self._domain_events(conn, first)
+            return
+        req: dict[str, Any] | None = first
+        while req is not None:
+            try:
+                reply = self.handle(req)
+            except (ValueError, LookupError, RuntimeError, TimeoutError, KeyError, OSError) as e:
+                reply = {"ok": False, "error": str(e)}
+            try:
+                conn.send(reply)
+                req = conn.recv()
+            except (OSError, ProtocolError):
+                break
+        conn.close()
+
+    # ------------------------------------------------------------ main
+    def serve(self) -> None:
+        path = paths.daemon_socket(self.rundir)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(str(path))
+        lsock.listen(128)
+        lsock.settimeout(0.5)
+        self._zygote()
+        self.log(f"pyxend {__version__} started, pid {os.getpid()}, run dir {self.rundir}")
+        while not self.quit.is_set():
+            try:
+                s, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            s.settimeout(None)
+            threading.Thread(target=self._client, args=(s,), daemon=True).start()
+        # shutting down: destroy every domain, stop the zygote
+        with self.lock:
+            recs = list(self.domains.values())
+        for r in recs:
+            self.destroy(r)
+        if self.zygote is not None:
+            self.zygote.kill()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="pyxend", description="pyxen host daemon")
+    ap.add_argument("--run-dir", default=None)
+    args = ap.parse_args(argv)
+    rundir = Path(args.run_dir) if args.run_dir else paths.run_dir()
+    rundir.mkdir(parents=True, exist_ok=True)
+    lockf = open(rundir / "pyxend.lock", "w")  # noqa: SIM115 - held for the process's life
+    try:
+        fcntl.flock(lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print("pyxend: another daemon is running in", rundir, file=sys.stderr)
+        sys.exit(0)
+    lockf.write(str(os.getpid()))
+    lockf.flush()
+    signal.signal(signal.SIGTERM, lambda *_: d.quit.set())
+    d = Daemon(rundir)
+    d.serve()
+
+
+if __name__ == "__main__":
+    main()

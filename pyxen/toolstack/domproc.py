@@ -1,0 +1,192 @@
+"""The domain process: one per domain, forked from the zygote.
+
+It owns the domain's KVM VM, vCPU threads and backends, so a fault here
+never reaches the daemon or another domain.  It talks to the daemon over
+one connection (commands in, state and log events out) and serves console
+attaches on its own socket (``domain-N.sock``): output is appended to the
+console log, kept in a scrollback buffer that a new attach replays, and
+streamed to every attached client; client bytes go to the console ring.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import kvm
+from ..domctl import CreateError, create_domain
+from ..hv.domain import Domain, DomainSpec
+from . import paths
+from .proto import Conn, ProtocolError
+
+SCROLLBACK = 64 << 10
+
+
+class DomainProcess:
+    def __init__(self, domid: int, spec: dict[str, Any], rundir: Path) -> None:
+        self.domid = domid
+        self.spec = DomainSpec(**spec)
+        self.rundir = rundir
+        self.lock = threading.Lock()
+        self.history = bytearray()
+        self.clients: list[socket.socket] = []
+        logp = paths.console_log(rundir, self.spec.name)
+        logp.parent.mkdir(parents=True, exist_ok=True)
+        self.logf = open(logp, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+        self.daemon = Conn.connect(str(paths.daemon_socket(rundir)), timeout=5)
+        self.send_lock = threading.Lock()
+        self.domain: Domain | None = None
+        self.sel = selectors.DefaultSelector()
+
+    # ------------------------------------------------------------ events to the daemon
+    def event(self, **kw: Any) -> None:
+        with self.send_lock:
+            try:
+                self.daemon.send(kw)
+            except OSError:
+                pass
+
+    def on_console(self, data: bytes) -> None:
+        with self.lock:
+            self.logf.write(data)
+            self.history += data
+            if len(self.history) > SCROLLBACK:
+                del self.history[:-SCROLLBACK]
+            dead = []
+            for c in self.clients:
+                try:
+                    c.sendall(data)
+                except OSError:
+                    dead.append(c)
+            for c in dead:
+                self._drop_client(c)
+
+    def on_state(self, d: Domain) -> None:
+        self.event(event="state", state=d.state, reason=d.info()["shutdown_reason"],
+                   crash=d.crash_info[:4000])
+
+    def on_log(self, line: str) -> None:
+        self.event(event="log", line=line)
+
+    # ------------------------------------------------------------ console clients
+    def _drop_client(self, c: socket.socket) -> None:
+        if c in self.clients:
+            self.clients.remove(c)
+        try:
+            self.sel.unregister(c)
+        except (KeyError, ValueError):
+            pass
+        c.close()
+
+    def _accept(self, lsock: socket.socket) -> None:
+        c, _ = lsock.accept()
+        c.setblocking(True)
+        with self.lock:
+            try:
+                c.sendall(bytes(self.history))
+            except OSError:
+                c.close()
+                return
+            self.clients.append(c)
+        self.sel.register(c, selectors.EVENT_READ, self._client_input)
+
+    def _client_input(self, c: socket.socket) -> None:
+        try:
+            data = c.recv(4096)
+        except OSError:
+            data = b""
+        if not data:
+            with self.lock:
+                self._drop_client(c)
+            return
+        if self.domain is not None and self.domain.console is not None:
+            self.domain.console.write_input(data)
+
+    # ------------------------------------------------------------ commands
+    def _command(self, conn_sock: socket.socket) -> None:
+        try:
+            msg = self.daemon.recv()
+        except (OSError, ProtocolError):
+            msg = None
+        if msg is None:  # the daemon went away: keep running, domains outlive it
+            self.sel.unregister(conn_sock)
+            return
+        op = msg.get("op")
+        rid = msg.get("id")
+        d = self.domain
+        assert d is not None
+        reply: dict[str, Any] = {"reply": rid, "ok": True}
+        try:
+            if op == "pause":
+                d.pause()
+            elif op == "unpause":
+                d.unpause()
+            elif op == "shutdown":
+                d.shutdown(int(msg.get("reason", 0)))
+            elif op == "info":
+                reply["info"] = d.info()
+            elif op == "destroy":
+                self.event(**reply)
+                self.exit(0)
+            else:
+                reply = {"reply": rid, "ok": False, "error": f"unknown op {op!r}"}
+        except Exception as e:  # noqa: BLE001 - report, never die on a bad request
+            reply = {"reply": rid, "ok": False, "error": str(e)}
+        self.event(**reply)
+
+    def exit(self, code: int) -> None:
+        if self.domain is not None:
+            self.domain.destroy()
+        try:
+            os.unlink(paths.domain_socket(self.rundir, self.domid))
+        except OSError:
+            pass
+        os._exit(code)
+
+    # ------------------------------------------------------------ main
+    def run(self) -> None:
+        kvm.install_kick_handler()
+        sock_path = paths.domain_socket(self.rundir, self.domid)
+        try:
+            os.unlink(sock_path)
+        except OSError:
+            pass
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        lsock.bind(str(sock_path))
+        lsock.listen(8)
+        self.event(event="register", domid=self.domid, pid=os.getpid(), sock=str(sock_path))
+        try:
+            self.domain = create_domain(self.spec, console_sink=self.on_console,
+                                        log_sink=self.on_log, on_state=self.on_state,
+                                        start=False)
+        except (CreateError, OSError, ValueError) as e:
+            self.event(event="error", error=str(e))
+            os._exit(1)
+        if self.spec.extra.get("paused"):
+            self.domain.pause()
+        self.domain.start()
+        self.event(event="ready", domid=self.domid)
+        self.sel.register(lsock, selectors.EVENT_READ, self._accept)
+        self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
+        while True:
+            for key, _ in self.sel.select(timeout=1.0):
+                key.data(key.fileobj)
+
+
+def domain_main(domid: int, spec: dict[str, Any], rundir: str) -> None:
+    """Entry point in the forked child; never returns."""
+    code = 0
+    try:
+        DomainProcess(domid, spec, Path(rundir)).run()
+    except Exception as e:  # noqa: BLE001
+        print(f"pyxen domain {domid}: {e!r}", file=sys.stderr)
+        code = 1
+    finally:
+        time.sleep(0)
+        os._exit(code)

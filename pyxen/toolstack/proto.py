@@ -1,0 +1,67 @@
+"""The toolstack's control protocol: one JSON object per line on unix sockets.
+
+Requests carry ``op``; replies carry ``ok`` and either results or ``error``
+(a message for the user).  A console attach turns the connection into a raw
+byte stream after the JSON reply line.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+MAX_LINE = 1 << 20
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class Conn:
+    """A JSON-lines connection (buffered reader + sender)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    @classmethod
+    def connect(cls, path: str, timeout: float | None = None) -> Conn:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect(path)
+        s.settimeout(None)
+        return cls(s)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any] | None:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+            if len(self.buf) > MAX_LINE:
+                raise ProtocolError("control message too long")
+        line, self.buf = self.buf.split(b"\n", 1)
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise ProtocolError(f"malformed control message: {e}") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError("control message is not an object")
+        return obj
+
+    def call(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.send(obj)
+        r = self.recv()
+        if r is None:
+            raise ProtocolError("connection closed")
+        return r
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass

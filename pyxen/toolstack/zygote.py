@@ -1,0 +1,44 @@
+"""The zygote: a warm, single-threaded Python process that forks domain processes.
+
+Starting a domain must not pay Python's start-up and import time, so the
+daemon starts this process once; it imports everything a domain process
+needs and then forks one child per domain (fork is only safe from a process
+without threads, which is why the multi-threaded daemon doesn't fork
+itself).  Requests and replies are JSON lines on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+from . import domproc  # noqa: F401 - imported to be warm in every child
+
+
+def main() -> None:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    out = sys.stdout
+    for line in sys.stdin:
+        try:
+            req = json.loads(line)
+            domid, spec, rundir = int(req["domid"]), dict(req["spec"]), str(req["rundir"])
+        except (ValueError, KeyError, TypeError) as e:
+            out.write(json.dumps({"error": f"bad request: {e}"}) + "\n")
+            out.flush()
+            continue
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+            domproc.domain_main(domid, spec, rundir)
+        out.write(json.dumps({"pid": pid}) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
