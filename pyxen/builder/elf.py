@@ -453,6 +453,8 @@ class _Elf:
         return _cstr(strtab[sh.sh_name:])
 
     def segment_bytes(self, ph: _Phdr) -> bytes:
+        if ph.p_filesz == 0:  # pure BSS: p_offset is irrelevant
+            return b""
         end = ph.p_offset + ph.p_filesz
         if end > len(self.data):
             raise self.err(f"segment {ph.index} (file {_hex(ph.p_offset)}.."

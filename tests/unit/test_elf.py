@@ -680,3 +680,16 @@ def test_legacy_number_bases(virt_base: str) -> None:
     k = parse_xen_kernel(build_elf(spec))
     assert k.virt_base == 0x400000
     assert k.hypercall_page == 0x401000
+
+
+def test_bss_only_segment_offset_is_ignored() -> None:
+    spec = ElfSpec(
+        segments=[Seg(TEXT_VA, PADDR, b"\x90" * 0x2000),
+                  Seg(TEXT_VA + 0x2000, PADDR + 0x2000, b"", 0x4000,
+                      PF_R | PF_W)],
+        extra_phdrs=[])
+    data = bytearray(build_elf(spec))
+    struct.pack_into("<Q", data, 64 + 56 + 8, 0xFFFFFFFF)  # seg 1 p_offset
+    k = parse_xen_kernel(bytes(data))
+    assert k.segments[1] == Segment(TEXT_VA + 0x2000, 0x4000, b"")
+    assert k.virt_kend == TEXT_VA + 0x6000
