@@ -108,6 +108,9 @@ class Atom:
     text: str
     quoted: bool
     line: int
+    #: File the value was written in, when it differs from its setting's
+    #: (a file's list extended with ``+=`` on the command line).
+    source: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,7 @@ class ValueList:
 
     items: tuple[Value, ...]
     line: int
+    source: str | None = field(default=None, compare=False)
 
 
 Value = Union[Atom, ValueList]  # noqa: UP007 (runtime alias, not annotation)
@@ -143,11 +147,16 @@ class Setting:
     source: str
     line: int
 
-    def error(self, what: str, line: int | None = None) -> ConfigError:
-        """A ConfigError blaming this setting (or one line inside it)."""
-        return ConfigError(what, filename=self.source,
-                           line=self.line if line is None else line,
-                           key=self.key)
+    def error(self, what: str, at: Value | None = None) -> ConfigError:
+        """A ConfigError blaming this setting, or one value inside it."""
+        return ConfigError(what, filename=self.where_of(at)[0],
+                           line=self.where_of(at)[1], key=self.key)
+
+    def where_of(self, at: Value | None) -> tuple[str, int]:
+        """(file, line) of a value inside this setting (or the setting)."""
+        if at is None:
+            return self.source, self.line
+        return at.source or self.source, at.line
 
     @property
     def where(self) -> str:
@@ -210,9 +219,9 @@ class RawConfig:
             old = prev.value
             if isinstance(old, Atom) and isinstance(value, Atom):
                 value = Atom(old.text + value.text,
-                             old.quoted or value.quoted, value.line)
+                             old.quoted or value.quoted, value.line, source)
             elif isinstance(old, ValueList) and isinstance(value, ValueList):
-                value = ValueList(old.items + value.items, value.line)
+                value = ValueList(old.items + value.items, value.line, source)
             else:
                 raise ConfigError(
                     "can't add [list] to \"string\" or vice versa "
@@ -302,7 +311,7 @@ class RawConfig:
         for i, item in enumerate(s.value.items, 1):
             if not isinstance(item, Atom):
                 raise s.error(f"element {i} is a list, expected a string",
-                              item.line)
+                              item)
             out.append(item)
         return out
 
@@ -516,7 +525,7 @@ class _Parser:
         t = self.tok
         if t.kind in ("NUMBER", "STRING"):
             self.advance()
-            return Atom(t.text, t.kind == "STRING", t.line)
+            return Atom(t.text, t.kind == "STRING", t.line, self.lexer.source)
         if t.kind == "[":
             return self.list_value(key)
         if t.kind == "IDENT":
@@ -542,7 +551,7 @@ class _Parser:
         while True:
             if self.tok.kind == "]":
                 self.advance()
-                return ValueList(tuple(items), open_tok.line)
+                return ValueList(tuple(items), open_tok.line, self.lexer.source)
             if self.tok.kind == "EOF":
                 raise self.error(f"unterminated list (no ']' for the '[' on "
                                  f"line {open_tok.line})", key=key)
@@ -1127,14 +1136,14 @@ class _Loader:
     def missing(self, key: str, what: str) -> ConfigError:
         return ConfigError(what, filename=self.raw.filename, key=key)
 
-    def warn(self, s: Setting, what: str, line: int | None = None) -> None:
-        self.warnings.append(f"{s.source}:{s.line if line is None else line}"
-                             f": {what}")
+    def warn(self, s: Setting, what: str, at: Value | None = None) -> None:
+        src, line = s.where_of(at)
+        self.warnings.append(f"{src}:{line}: {what}")
 
     def string(self, key: str) -> str | None:
         return self.raw.get_string(key)
 
-    def candidates(self, s: Setting, value: str) -> list[Path]:
+    def candidates(self, source: str, value: str) -> list[Path]:
         """Where a relative path may live, in order of preference.
 
         Settings from the file look next to the file first (so a config
@@ -1147,7 +1156,7 @@ class _Loader:
             return [p]
         cwd = Path.cwd()
         bases = [self.config_dir, cwd]
-        if s.source == COMMAND_LINE:
+        if source == COMMAND_LINE:
             bases.reverse()
         out: list[Path] = []
         for b in bases:
@@ -1156,9 +1165,9 @@ class _Loader:
                 out.append(c)
         return out
 
-    def resolve(self, s: Setting, value: str) -> Path:
+    def resolve(self, source: str, value: str) -> Path:
         """The first candidate that exists, else the first candidate."""
-        cands = self.candidates(s, value)
+        cands = self.candidates(source, value)
         for c in cands:
             if c.exists():
                 return c
@@ -1171,7 +1180,7 @@ class _Loader:
             return None
         if not value:
             raise s.error("empty path")
-        cands = self.candidates(s, value)
+        cands = self.candidates(s.source, value)
         for c in cands:
             if c.is_file():
                 return c
@@ -1327,19 +1336,19 @@ class _Loader:
         s = self.raw.get("cpus")
         if s is None:
             return None
-        items: list[tuple[str, int]]
+        items: list[Atom]
         if isinstance(s.value, Atom):
-            items = [(s.value.text, s.line)]
+            items = [s.value]
         else:
-            items = [(a.text, a.line) for a in self.raw.get_list("cpus") or []]
-        for text, line in items:
-            for part in text.split(","):
+            items = self.raw.get_list("cpus") or []
+        for a in items:
+            for part in a.text.split(","):
                 if not _CPU_ITEM_RE.fullmatch(part.strip()):
-                    raise s.error(f"bad CPU list '{text}' (e.g. \"all\", "
-                                  "\"0-3,^1\", \"nodes:0\")", line)
+                    raise s.error(f"bad CPU list '{a.text}' (e.g. \"all\", "
+                                  "\"0-3,^1\", \"nodes:0\")", a)
         if isinstance(s.value, Atom):
             return s.value.text
-        return [t for t, _ in items]
+        return [a.text for a in items]
 
     def disks(self) -> list[DiskSpec]:
         s = self.raw.get("disk")
@@ -1347,28 +1356,31 @@ class _Loader:
         if s is None or items is None:
             return []
         out: list[DiskSpec] = []
-        seen: dict[int, tuple[str, int]] = {}
+        seen: dict[int, Atom] = {}
         for a in items:
             try:
                 d = parse_disk_spec(a.text)
             except ValueError as e:
-                raise s.error(f"'{a.text}': {e}", a.line) from None
+                raise s.error(f"'{a.text}': {e}", a) from None
             if d.devid in seen:
-                other, line = seen[d.devid]
+                other = seen[d.devid]
+                src, line = s.where_of(other)
+                where = f"line {line}" if src == s.where_of(a)[0] else \
+                    f"{src}:{line}"
                 raise s.error(f"vdev '{d.vdev}' is used twice (also by "
-                              f"'{other}' on line {line})", a.line)
-            seen[d.devid] = (a.text, a.line)
+                              f"'{other.text}' on {where})", a)
+            seen[d.devid] = a
             if d.format not in SUPPORTED_DISK_FORMATS:
                 raise s.error(f"'{a.text}': disk format '{d.format.value}' "
                               "is not supported by pyxen (use raw or qcow2)",
-                              a.line)
+                              a)
             if d.script is not None:
                 self.warn(s, f"disk '{a.text}': block scripts are not "
                           f"supported by pyxen; script '{d.script}' ignored",
-                          a.line)
+                          a)
             if (d.target is not None and d.nbd is None and d.script is None
                     and d.target):
-                d = replace(d, path=self.resolve(s, d.target))
+                d = replace(d, path=self.resolve(s.where_of(a)[0], d.target))
             out.append(d)
         return out
 
@@ -1382,9 +1394,9 @@ class _Loader:
             try:
                 v, warns = parse_vif_spec(a.text)
             except ValueError as e:
-                raise s.error(f"'{a.text}': {e}", a.line) from None
+                raise s.error(f"'{a.text}': {e}", a) from None
             for w in warns:
-                self.warn(s, f"vif '{a.text}': {w}", a.line)
+                self.warn(s, f"vif '{a.text}': {w}", a)
             out.append(v)
         return out
 

@@ -911,3 +911,20 @@ def test_vifs_in_domain_config(guest: Path) -> None:
     assert load_error(guest, BASE + "vif = ['mac=zz']") == (
         "t.cfg:3: vif: 'mac=zz': bad MAC address 'zz' (expected six hex "
         "bytes like 00:16:3e:12:34:56)")
+
+
+def test_appended_list_keeps_element_sources(guest: Path) -> None:
+    f = str(guest / "t.cfg")
+    with pytest.raises(ConfigError) as ei:
+        load(guest, BASE + "disk = ['/a,,xvda',\n '/b,,xvdz,bogus']",
+             ["disk += ['/c,,xvdc']"])
+    assert str(ei.value) == (f"{f}:4: disk: '/b,,xvdz,bogus': unknown access "
+                             "mode 'bogus' (use r, ro, w or rw)")
+    with pytest.raises(ConfigError) as ei:
+        load(guest, BASE + "disk = ['/a,,xvda']", ["disk += ['/c,,xvda']"])
+    assert str(ei.value) == ("<command line>:1: disk: vdev 'xvda' is used "
+                             f"twice (also by '/a,,xvda' on {f}:3)")
+    cfg, _ = load(guest, BASE + "disk = ['img,,xvda']",
+                  ["disk += ['img,,xvdb']"])
+    assert cfg.disks[0].path == guest / "img"  # file entry: config dir first
+    assert cfg.disks[1].path == Path.cwd() / "img"  # override: CWD first
