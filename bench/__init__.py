@@ -1,0 +1,1 @@
+"""pyxen benchmarks: run them with ``bench/run`` (see docs/bench.md)."""

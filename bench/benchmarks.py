@@ -1,0 +1,276 @@
+"""The benchmarks.  Each is one function registered with ``@benchmark(name)``.
+
+Every benchmark measures pyxen and its baseline side by side in the same run
+(these machines are noisy) and reports both figures and their ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .lib import ROOT, Context, Failed, Result, Target, benchmark, compare, median, parse_line, run_cmd
+
+GUEST_CFLAGS = ("-O2", "-std=gnu11", "-fno-builtin", "-mno-red-zone", "-mgeneral-regs-only",
+                "-fno-stack-protector", "-fno-tree-loop-distribute-patterns",
+                "-fno-pie", "-no-pie")
+"""The guest Makefile's code-generation flags that matter for cpubench_work.h
+(minus the kernel-only ones: -ffreestanding -nostdlib -mcmodel=kernel)."""
+
+
+# --------------------------------------------------------------------- pyxen in-process
+@dataclass
+class Boot:
+    output: str
+    t_create: float  # perf_counter() just before create_domain
+    t_first_byte: float | None  # perf_counter() when the first console byte arrived
+    state: str
+
+
+def boot(ctx: Context, kernel: Path, cmdline: str = "", memory_mib: int = 16,
+         timeout: float = 120.0, name: str = "bench") -> Boot:
+    """Boot ``kernel`` in this process and wait for it to stop; its console output."""
+    ctx.require_kvm()
+    ctx.pyxen()
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+
+    chunks: list[bytes] = []
+    first: list[float] = []
+
+    def sink(b: bytes) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        chunks.append(b)
+
+    spec = DomainSpec(name=name, memory_mib=memory_mib, kernel=str(kernel), cmdline=cmdline)
+    t0 = time.perf_counter()
+    d = create_domain(spec, console_sink=sink)
+    try:
+        stopped = d.wait_stopped(timeout=timeout)
+        state = d.state
+        crash = d.crash_info
+    finally:
+        d.destroy()
+        d.close()
+    out = b"".join(chunks).decode(errors="replace")
+    if not stopped:
+        raise Failed(f"{kernel.name} did not stop within {timeout:g} s", console=out[-4000:])
+    if state == "crashed":
+        lines = [x.strip() for x in out.splitlines() if x.strip()]
+        why = next((x for x in lines if "FATAL" in x), lines[-1] if lines else "no output")
+        raise Failed(f"{kernel.name} crashed: {why}", console=out[-4000:], crash=crash)
+    return Boot(out, t0, first[0] if first else None, state)
+
+
+# --------------------------------------------------------------------- null_hypercall
+@benchmark("null_hypercall", unit="µs", target=Target("ratio", "<=", 1.15))
+def null_hypercall(ctx: Context) -> Result:
+    """Round trip of the cheapest hypercall vs a minimal C hypervisor's port-I/O exit."""
+    ctx.require_kvm()
+    n = 5000 if ctx.quick else 20000
+    rounds = 1 if ctx.quick else 2
+    kvm_null = ctx.cc("kvm_null", "c/kvm_null.c")
+    app = ctx.guest_app("nullcall")
+    base: list[float] = []
+    pyx: list[float] = []
+    for _ in range(rounds):
+        base.append(float(parse_line(run_cmd([kvm_null, "loop", n]), "kvm_null:")["per_call_ns"]))
+        b = boot(ctx, app, f"n={n}", name="bench-nullcall")
+        pyx.append(float(parse_line(b.output, "nullcall:")["per_call_ns"]))
+        ctx.log(f"null_hypercall: baseline {base[-1] / 1e3:.2f} µs, pyxen {pyx[-1] / 1e3:.2f} µs")
+    return compare(min(pyx) / 1e3, min(base) / 1e3, n=n,
+                   pyxen_ns=pyx, baseline_ns=base, stat="best of each")
+
+
+# --------------------------------------------------------------------- cpubench
+@benchmark("cpubench", unit="s", target=Target("ratio", ">=", 0.95))
+def cpubench(ctx: Context) -> Result:
+    """The same integer workload in a pyxen guest (CPL3) and natively."""
+    ctx.require_kvm()
+    native = ctx.cc("native_cpubench", "c/native_cpubench.c", GUEST_CFLAGS)
+    app = ctx.guest_app("cpubench")
+    want_ns = 0.3e9 if ctx.quick else 1.0e9
+    rounds = 2 if ctx.quick else 3
+    iters = 1_000_000
+    while True:  # calibrate natively: long enough to measure, short enough to wait for
+        ns = int(parse_line(run_cmd([native, iters]), "cpubench:")["ns"])
+        if ns >= 50e6:
+            break
+        iters *= 4
+    iters = max(1, int(iters * want_ns / ns))
+    nat: list[int] = []
+    gst: list[int] = []
+    sums: set[str] = set()
+    for _ in range(rounds):
+        kv = parse_line(run_cmd([native, iters]), "cpubench:")
+        nat.append(int(kv["ns"]))
+        sums.add(f"native {int(kv['result'], 16):x}")
+        kv = parse_line(boot(ctx, app, f"iters={iters}", memory_mib=32,
+                             name="bench-cpubench").output, "cpubench: iters=")
+        if int(kv["iters"]) != iters:
+            raise Failed(f"guest ran iters={kv['iters']}, asked {iters}")
+        gst.append(int(kv["ns"]))
+        sums.add(f"guest {int(kv['result'], 16):x}")
+        ctx.log(f"cpubench: native {nat[-1] / 1e9:.3f} s, guest {gst[-1] / 1e9:.3f} s")
+    if len({s.split()[1] for s in sums}) != 1:
+        raise Failed(f"checksum mismatch: {', '.join(sorted(sums))}")
+    return compare(min(gst) / 1e9, min(nat) / 1e9, ratio="baseline/pyxen", iters=iters, guest_ns=gst,
+                   native_ns=nat, checksum=sums.pop().split()[1], stat="best of each")
+
+
+# --------------------------------------------------------------------- create -> first byte
+@benchmark("create_to_first_byte_api_inprocess", unit="ms", target=Target("pyxen", "<=", 20.0))
+def create_to_first_byte_api_inprocess(ctx: Context) -> Result:
+    """create_domain() to the first console byte (hello, 16 MiB), in this process."""
+    ctx.require_kvm()
+    kvm_null = ctx.cc("kvm_null", "c/kvm_null.c")
+    app = ctx.guest_app("hello")
+    n = 5 if ctx.quick else 10
+    base = float(parse_line(run_cmd([kvm_null, "create", n]), "kvm_null:")["median_ns"]) / 1e6
+    boot(ctx, app, name="bench-create-warmup")  # imports, page cache: not what we measure
+    samples: list[float] = []
+    for i in range(n):
+        b = boot(ctx, app, name=f"bench-create-{i}")
+        if b.t_first_byte is None:
+            raise Failed("hello printed nothing")
+        if "Hello from pyxen guest!" not in b.output:
+            raise Failed(f"unexpected hello output: {b.output[-80:]!r}")
+        samples.append((b.t_first_byte - b.t_create) * 1e3)
+    ctx.log(f"create: baseline {base:.3f} ms, pyxen samples "
+            + " ".join(f"{s:.1f}" for s in samples) + " ms")
+    return compare(median(samples), base, samples_ms=samples,
+                   stat="median", n=n, baseline_desc="kvm_null create: open..first KVM exit, median")
+
+
+# --------------------------------------------------------------------- idle memory
+CHILD = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+from pyxen import kvm
+from pyxen.domctl import create_domain
+from pyxen.hv.domain import DomainSpec
+kvm.install_kick_handler()
+got = threading.Event()
+d = create_domain(DomainSpec(name=sys.argv[3], memory_mib=int(sys.argv[4]), kernel=sys.argv[2],
+                             cmdline=sys.argv[5]), console_sink=lambda b: got.set())
+print("ready" if got.wait(60) else "silent", flush=True)
+d.wait_stopped()
+print("stopped", d.state, flush=True)
+"""
+BARE = "import time; print('ready', flush=True); time.sleep(300)"
+IDLE_CMDLINE = "period_ms=1000"  # ticker: one line a second, blocked in between
+
+
+def _kib(text: str, key: str) -> int:
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def domain_memory_kib(pid: int) -> dict[str, int]:
+    """PSS of ``pid``, with its guest RAM memfd counted as the pages it holds.
+
+    smaps_rollup's Pss counts the guest RAM pages mapped in this process; the
+    memfd's allocated blocks count every page the guest (or builder) touched,
+    mapped here or not.  Total = Pss - memfd's mapped Pss + memfd's blocks."""
+    proc = Path(f"/proc/{pid}")
+    pss = _kib((proc / "smaps_rollup").read_text(), "Pss")
+    ram_pss = 0
+    in_ram = False
+    for line in (proc / "smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split()[0]:
+            in_ram = "memfd:pyxen-ram" in line
+        elif in_ram and line.startswith("Pss:"):
+            ram_pss += int(line.split()[1])
+    ram_blocks = 0
+    for fd in os.listdir(proc / "fd"):
+        try:
+            if os.readlink(proc / "fd" / fd).startswith("/memfd:pyxen-ram"):
+                ram_blocks += os.stat(proc / "fd" / fd).st_blocks * 512 // 1024
+        except OSError:
+            continue
+    return {"pss": pss, "ram_mapped_pss": ram_pss, "ram_touched": ram_blocks,
+            "total": pss - ram_pss + ram_blocks}
+
+
+def _wait_lines(procs: list[subprocess.Popen[str]], deadline: float) -> dict[int, str]:
+    """The first stdout line of each process (or '' on EOF) until ``deadline``."""
+    sel = selectors.DefaultSelector()
+    for p in procs:
+        assert p.stdout is not None
+        sel.register(p.stdout, selectors.EVENT_READ, p)
+    lines: dict[int, str] = {}
+    while len(lines) < len(procs) and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            p = key.data
+            lines[p.pid] = key.fileobj.readline().strip()  # type: ignore[union-attr]
+            sel.unregister(key.fileobj)
+    sel.close()
+    return lines
+
+
+def _check_alive(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is not None:
+            rest = p.stdout.read().strip() if p.stdout else ""
+            raise Failed(f"process {p.pid} exited during the measurement ({rest or p.returncode})")
+
+
+@benchmark("idle_domain_memory_standalone", unit="MiB")
+def idle_domain_memory_standalone(ctx: Context) -> Result:
+    """Memory per idle domain, one standalone Python process per domain (no daemon).
+
+    To be replaced by a daemon-based variant (``idle_domain_memory``) once the
+    toolstack daemon runs one domain process per domain."""
+    ctx.require_kvm()
+    ctx.pyxen()
+    app = ctx.guest_app("ticker")
+    k = 4 if ctx.quick else 10
+    settle = 1.0 if ctx.quick else 2.0
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        def spawn(args: list[str]) -> subprocess.Popen[str]:
+            p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+            procs.append(p)
+            return p
+
+        bare = [spawn(["-c", BARE]) for _ in range(k)]
+        doms = [spawn(["-c", CHILD, str(ROOT), str(app), f"bench-idle-{i}", "16", IDLE_CMDLINE])
+                for i in range(k)]
+        lines = _wait_lines(procs, time.monotonic() + 45)
+        bad = [f"{p.pid}: {lines.get(p.pid, 'timeout') or 'exited'}" for p in procs
+               if lines.get(p.pid) != "ready"]
+        if bad:
+            raise Failed(f"{len(bad)}/{len(procs)} processes not ready ({bad[0]})")
+        time.sleep(settle)
+        _check_alive(procs)
+        dom_mem = [domain_memory_kib(p.pid) for p in doms]
+        bare_mem = [domain_memory_kib(p.pid) for p in bare]
+        _check_alive(procs)
+    finally:
+        for p in procs:  # exactly the processes started here
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.stdout is not None:
+                p.stdout.close()
+    pyx = median([m["total"] for m in dom_mem]) / 1024
+    base = median([m["total"] for m in bare_mem]) / 1024
+    ctx.log(f"idle memory: pyxen {pyx:.1f} MiB/domain, bare python {base:.1f} MiB")
+    return compare(pyx, base, k=k, memory_mib=16,
+                   guest=f"ticker {IDLE_CMDLINE}", overhead_mib=round(pyx - base, 2),
+                   domains_kib=dom_mem, bare_kib=bare_mem, stat="median",
+                   baseline_desc="bare python3 sleeping, same run")
