@@ -360,8 +360,7 @@ class Hypercalls:
             v.copy_to_guest(arg, struct.pack("<I", 1))
             return 0
         if cmd == abi.XENMEM_machphys_mapping:
-            v.copy_to_guest(arg, struct.pack("<QQQ", abi.MACH2PHYS_VIRT_START,
-                                             abi.MACH2PHYS_VIRT_END,
+            v.copy_to_guest(arg, struct.pack("<QQQ", M.M2P_VA, M.M2P_VA_END,
                                              M.MFN_BASE + d.machine.nr_frames - 1))
             return 0
         raise XenError(ENOSYS, f"memory_op {cmd}")

@@ -14,7 +14,11 @@ Address map (guest-physical = "machine" addresses in Xen's terms):
 Virtual map, in Xen's reserved range (L4 slots 256-271), installed into every
 guest L4 that is validated:
 
-* slot 256 ``0xffff800000000000``: read-only M2P table (user readable, as Xen)
+* slot 257 ``0xffff808000000000``: read-only M2P table (user readable).  Xen
+  puts it at 0xffff800000000000 (slot 256), but on PVM hosts guest mappings
+  in L4 slot 256 never resolve (measured: every access faults), so pyxen
+  moves it one slot up and reports the place through
+  ``XENMEM_machphys_mapping``, which is how PV guests (Linux included) find it.
 * slot 260 ``0xffff820000000000``: the hypervisor area (supervisor only)
 * slot 262 ``0xffff830000000000``: direct map of RAM (supervisor only); the
   CPL0 MMU helper writes page-table entries through it (PLATFORM.md fact 1).
@@ -34,8 +38,9 @@ XENHEAP_PAGES = 16
 HV_GPA = 0x10000000
 HV_SLOT, RAM_SLOT = 1, 0
 
-L4_M2P, L4_HV, L4_DIRECTMAP = 256, 260, 262
-M2P_VA = abi.MACH2PHYS_VIRT_START
+L4_M2P, L4_HV, L4_DIRECTMAP = 257, 260, 262
+M2P_VA = 0xFFFF808000000000
+M2P_VA_END = M2P_VA + (abi.MACH2PHYS_VIRT_END - abi.MACH2PHYS_VIRT_START)
 HV_VA = 0xFFFF820000000000
 DM_VA = 0xFFFF830000000000
 

@@ -26,7 +26,7 @@ which stores the value and records it so that the vCPU itself re-applies
 it before the guest runs again (PLATFORM.md fact 1).
 
 Errors are Xen's: ``-EPERM`` for frames the domain does not own, ``-EINVAL``
-for entries or requests the rules forbid, ``-EBUSY`` for type conflicts.
+for entries, requests and type conflicts the rules forbid ("bad type").
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from __future__ import annotations
 import struct
 from typing import Callable, Protocol
 
-from ..abi import (_PAGE_NX, _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER, EBUSY, EINVAL,
-                   EPERM, PADDR_MASK, XenError)
+from ..abi import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER, EINVAL, EPERM, PADDR_MASK, XenError
 
 PGT_NONE, PGT_L1, PGT_L2, PGT_L3, PGT_L4, PGT_SEG, PGT_WRITABLE = 0, 1, 2, 3, 4, 5, 6
 TYPE_NAMES = {0: "none", 1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "seg_desc", 6: "writable"}
@@ -106,8 +105,7 @@ class FrameTable:
         elif self.type[i] == t:
             self.count[i] = c + 1
         else:
-            raise XenError(EBUSY if t == PGT_WRITABLE or self.type[i] == PGT_WRITABLE else EINVAL,
-                           f"frame {mfn:#x} is {TYPE_NAMES[self.type[i]]}, "
+            raise XenError(EINVAL, f"frame {mfn:#x} is {TYPE_NAMES[self.type[i]]}, "
                            f"wanted {TYPE_NAMES[t]}")
 
     def put_type(self, mfn: int) -> None:
