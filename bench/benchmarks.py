@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lib import ROOT, Context, Failed, Result, Target, benchmark, compare, median, parse_line, run_cmd
+from .lib import ROOT, Context, Failed, Result, Skip, Target, benchmark, compare, median, parse_line, run_cmd
 
 GUEST_CFLAGS = ("-O2", "-std=gnu11", "-fno-builtin", "-mno-red-zone", "-mgeneral-regs-only",
                 "-fno-stack-protector", "-fno-tree-loop-distribute-patterns",
@@ -129,10 +129,15 @@ def cpubench(ctx: Context) -> Result:
 def create_to_first_byte_api_inprocess(ctx: Context) -> Result:
     """create_domain() to the first console byte (hello, 16 MiB), in this process."""
     ctx.require_kvm()
-    kvm_null = ctx.cc("kvm_null", "c/kvm_null.c")
     app = ctx.guest_app("hello")
     n = 5 if ctx.quick else 10
-    base = float(parse_line(run_cmd([kvm_null, "create", n]), "kvm_null:")["median_ns"]) / 1e6
+    base: float | None = None
+    base_note = "kvm_null create: open /dev/kvm .. first KVM exit, median"
+    try:  # the target is absolute: pyxen's figure is still worth having without the baseline
+        kvm_null = ctx.cc("kvm_null", "c/kvm_null.c")
+        base = float(parse_line(run_cmd([kvm_null, "create", n]), "kvm_null:")["median_ns"]) / 1e6
+    except (Skip, Failed) as e:
+        base_note = f"baseline unavailable: {e}"
     boot(ctx, app, name="bench-create-warmup")  # imports, page cache: not what we measure
     samples: list[float] = []
     for i in range(n):
@@ -142,10 +147,10 @@ def create_to_first_byte_api_inprocess(ctx: Context) -> Result:
         if "Hello from pyxen guest!" not in b.output:
             raise Failed(f"unexpected hello output: {b.output[-80:]!r}")
         samples.append((b.t_first_byte - b.t_create) * 1e3)
-    ctx.log(f"create: baseline {base:.3f} ms, pyxen samples "
+    ctx.log(f"create: baseline {base_note if base is None else f'{base:.3f} ms'}, pyxen samples "
             + " ".join(f"{s:.1f}" for s in samples) + " ms")
-    return compare(median(samples), base, samples_ms=samples,
-                   stat="median", n=n, baseline_desc="kvm_null create: open..first KVM exit, median")
+    return compare(median(samples), base, samples_ms=samples, stat="median", n=n,
+                   baseline_desc=base_note)
 
 
 # --------------------------------------------------------------------- idle memory

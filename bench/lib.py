@@ -101,16 +101,18 @@ class Result:
         return d
 
 
-def compare(pyxen: float, baseline: float, *,
+def compare(pyxen: float, baseline: float | None, *,
             ratio: Literal["pyxen/baseline", "baseline/pyxen"] = "pyxen/baseline",
             **details: Any) -> Result:
     """The result of a side-by-side measurement, both figures in the benchmark's unit.
 
     The name, unit and target come from the registry (:func:`run_one` fills them)."""
-    if ratio == "pyxen/baseline":
-        r = pyxen / baseline if baseline else None
-    else:
-        r = baseline / pyxen if pyxen else None
+    r: float | None = None
+    if baseline is not None:
+        if ratio == "pyxen/baseline":
+            r = pyxen / baseline if baseline else None
+        else:
+            r = baseline / pyxen if pyxen else None
     return Result("", "ok", pyxen=pyxen, baseline=baseline, ratio=r, ratio_def=ratio,
                   details=details)
 
