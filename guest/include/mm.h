@@ -19,10 +19,14 @@
 
 extern unsigned long *phys_to_machine;  /* start_info->mfn_list */
 extern unsigned long nr_pages;          /* usable pfns (capped at MAX_PFNS) */
-#define machine_to_phys ((const unsigned long *)MACH2PHYS_VIRT_START)
+extern const unsigned long *machine_to_phys; /* read-only M2P table */
+extern unsigned long m2p_max_mfn;
 
 static inline unsigned long pfn_to_mfn(unsigned long pfn) { return phys_to_machine[pfn]; }
-static inline unsigned long mfn_to_pfn(unsigned long mfn) { return machine_to_phys[mfn]; }
+static inline unsigned long mfn_to_pfn(unsigned long mfn)
+{
+    return mfn <= m2p_max_mfn ? machine_to_phys[mfn] : INVALID_MFN;
+}
 static inline void *pfn_to_virt(unsigned long pfn)
 {
     return (void *)(VIRT_BASE + (pfn << PAGE_SHIFT));
@@ -43,6 +47,9 @@ static inline void *mfn_to_virt(unsigned long mfn) { return pfn_to_virt(mfn_to_p
 #define PTE_KERNEL_RO   (_PAGE_PRESENT | _PAGE_USER | _PAGE_ACCESSED)
 #define PTE_TABLE       (_PAGE_PRESENT | _PAGE_RW | _PAGE_USER | _PAGE_ACCESSED)
 
+/* p2m pointer, nr_pages and the M2P location (XENMEM_machphys_mapping):
+ * everything pfn_to_mfn/mfn_to_pfn need.  Called before the console. */
+void mm_early_init(void);
 /* boot_si: the builder's start_info (its page must not be reused). */
 void mm_init(const struct start_info *boot_si);
 

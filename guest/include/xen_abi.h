@@ -43,8 +43,17 @@
 #define FLAT_KERNEL_SS   0xe02b
 #define FLAT_KERNEL_DS   0x0000
 
-/* Virtual address of the read-only machine-to-phys table. */
+/*
+ * Default virtual address of the read-only machine-to-phys table.  The
+ * authoritative place is what XENMEM_machphys_mapping reports (pyxen moves
+ * it, as a hypervisor may).
+ */
 #define MACH2PHYS_VIRT_START 0xFFFF800000000000UL
+
+/* memory_op commands (memory.h). */
+#define XENMEM_current_reservation  3
+#define XENMEM_maximum_reservation  4
+#define XENMEM_machphys_mapping    12
 
 /* ELF note types (elfnote.h). */
 #define XEN_ELFNOTE_ENTRY           1
@@ -324,6 +333,11 @@ struct vcpu_set_periodic_timer {
     uint64_t period_ns;
 };
 
+struct xen_machphys_mapping {
+    unsigned long v_start, v_end;   /* where the M2P table is mapped */
+    unsigned long max_mfn;          /* largest MFN it covers */
+};
+
 struct multicall_entry {
     unsigned long op, result;
     unsigned long args[6];
@@ -394,6 +408,7 @@ ABI_SIZE(struct evtchn_bind_virq, 12);
 ABI_SIZE(struct evtchn_alloc_unbound, 8);
 ABI_SIZE(struct sched_poll, 24);
 ABI_SIZE(struct multicall_entry, 64);
+ABI_SIZE(struct xen_machphys_mapping, 24);
 ABI_SIZE(struct xencons_interface, 3092);
 ABI_OFF(struct xencons_interface, out, 1024);
 ABI_OFF(struct xencons_interface, in_cons, 3072);

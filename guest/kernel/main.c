@@ -99,6 +99,7 @@ void start_kernel(struct start_info *si)
     map_shared_info();
     events_init();
     register_callbacks();
+    mm_early_init();
     console_init();
 
     ver = HYPERVISOR_xen_version(XENVER_version, NULL);
@@ -110,6 +111,7 @@ void start_kernel(struct start_info *si)
     printk("pyxen-guest: console mfn=0x%lx evtchn=%u store mfn=0x%lx evtchn=%u\n",
            si->console.domU.mfn, si->console.domU.evtchn, si->store_mfn,
            si->store_evtchn);
+    printk("pyxen-guest: m2p at %p (max mfn 0x%lx)\n", (void *)machine_to_phys, m2p_max_mfn);
     printk("pyxen-guest: cmdline \"%s\"\n", kernel_cmdline);
 
     mm_init(si);

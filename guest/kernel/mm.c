@@ -20,6 +20,8 @@
 
 unsigned long *phys_to_machine;
 unsigned long nr_pages;
+const unsigned long *machine_to_phys = (const unsigned long *)MACH2PHYS_VIRT_START;
+unsigned long m2p_max_mfn = ~0UL;
 
 static uint64_t *l4_table;          /* start_info->pt_base */
 static unsigned long first_free_pfn;
@@ -44,11 +46,14 @@ static inline uint64_t *entry_table(uint64_t e)
 }
 
 /* ---------------------------------------------------------------- */
-/* Batched mmu_update */
+/* Batched mmu_update.  Every hypercall is a VM exit (tens of microseconds
+ * on some hosts), so mapping RAM queues several whole L1s per call. */
 
-#define MMU_BATCH 520       /* one hook + a whole L1 worth of entries */
+#define MMU_BATCH      2048
+#define L1_BATCH_COST  (2 + 512)    /* RO flip + hook + a full L1 */
 static struct mmu_update mmu_batch[MMU_BATCH];
 static unsigned int mmu_count;
+static unsigned long mmu_calls;
 
 static void mmu_flush(void)
 {
@@ -58,6 +63,7 @@ static void mmu_flush(void)
     if (!mmu_count)
         return;
     rc = HYPERVISOR_mmu_update(mmu_batch, mmu_count, &done, DOMID_SELF);
+    mmu_calls++;
     if (rc < 0)
         panic("mm: mmu_update rc=%ld, %u of %u done (ptr=0x%lx val=0x%lx)\n",
               rc, done, mmu_count,
@@ -69,7 +75,7 @@ static void mmu_flush(void)
 static void mmu_queue(uint64_t pte_maddr, uint64_t val)
 {
     if (mmu_count == MMU_BATCH)
-        mmu_flush();
+        panic("mm: mmu batch overflow\n");
     mmu_batch[mmu_count].ptr = pte_maddr | MMU_NORMAL_PT_UPDATE;
     mmu_batch[mmu_count].val = val;
     mmu_count++;
@@ -79,29 +85,40 @@ static void mmu_queue(uint64_t pte_maddr, uint64_t val)
 /* Building page tables at boot */
 
 static unsigned long pt_alloc_pfn;      /* next pfn to use for a new table */
-static unsigned long mapped_limit_pfn;  /* everything below is mapped */
+static unsigned long mapped_limit_pfn;  /* all pfns below are mapped (flushed) */
+static unsigned long queued_limit_pfn;  /* ... once the queued batch is flushed */
+
+static void map_flush(void)
+{
+    mmu_flush();
+    if (queued_limit_pfn > mapped_limit_pfn)
+        mapped_limit_pfn = queued_limit_pfn;
+}
 
 /*
  * Turn a free, mapped pfn into an (empty) page-table frame hooked in at
- * parent_entry (machine address of the parent's entry).  The hook is only
- * queued; the caller flushes.
+ * parent_entry (machine address of the parent's entry).  Queued in order:
+ * our mapping of the frame becomes read-only (no writable mapping may
+ * exist when it turns into a page table), then the parent entry is set,
+ * which makes the hypervisor validate it as a (still empty) table.
  */
 static uint64_t *new_table(uint64_t parent_entry_maddr)
 {
-    unsigned long pfn = pt_alloc_pfn++;
-    unsigned long mfn;
+    unsigned long pfn, mfn;
+    uint64_t self_pte;
     void *va;
-    long rc;
 
+    if (pt_alloc_pfn >= mapped_limit_pfn)
+        map_flush();                    /* may advance mapped_limit_pfn */
+    pfn = pt_alloc_pfn++;
     if (pfn >= mapped_limit_pfn)
         panic("mm: no mapped memory left for page tables (pfn %lu)\n", pfn);
     va = pfn_to_virt(pfn);
     mfn = pfn_to_mfn(pfn);
-    memset(va, 0, PAGE_SIZE);
-    rc = HYPERVISOR_update_va_mapping((unsigned long)va,
-                                      (mfn << PAGE_SHIFT) | PTE_KERNEL_RO, UVMF_INVLPG);
-    if (rc)
-        panic("mm: cannot make new page table pfn %lu read-only: rc=%ld\n", pfn, rc);
+    if (!mm_lookup_pte((unsigned long)va, &self_pte))
+        panic("mm: pfn %lu below the mapped limit is not mapped\n", pfn);
+    memset(va, 0, PAGE_SIZE);           /* while we can still write it */
+    mmu_queue(self_pte, (mfn << PAGE_SHIFT) | PTE_KERNEL_RO);
     mmu_queue(parent_entry_maddr, (mfn << PAGE_SHIFT) | PTE_TABLE);
     return va;
 }
@@ -115,7 +132,7 @@ static uint64_t *get_table(uint64_t *tbl, unsigned int idx)
     if (pte_present(e))
         return entry_table(e);
     t = new_table(virt_to_maddr(&tbl[idx]));
-    mmu_flush();        /* upper levels are rare: hook at once */
+    map_flush();        /* upper levels are rare; hook at once so reads see it */
     return t;
 }
 
@@ -124,6 +141,11 @@ static int pfn_is_boot_pagetable(unsigned long pfn)
     return pfn >= pt_first_pfn && pfn < pt_end_pfn;
 }
 
+/*
+ * Map every pfn, 2 MiB (one L1) at a time, lowest first.  Before each L1
+ * the batch is flushed if it couldn't take a whole one more; with nothing
+ * queued, everything below the current pfn is known to be mapped.
+ */
 static unsigned long map_all_ram(void)
 {
     unsigned long pfn = 0, added = 0;
@@ -134,7 +156,10 @@ static unsigned long map_all_ram(void)
         uint64_t l2e;
         int fresh = 0;
 
-        mapped_limit_pfn = pfn;
+        if (mmu_count + L1_BATCH_COST > MMU_BATCH)
+            map_flush();
+        if (!mmu_count && pfn > mapped_limit_pfn)
+            mapped_limit_pfn = pfn;
         l3 = get_table(l4_table, L4_IDX(va));
         l2 = get_table(l3, L3_IDX(va));
         l2e = READ_ONCE(l2[L2_IDX(va)]);
@@ -149,7 +174,6 @@ static unsigned long map_all_ram(void)
             l1 = new_table(virt_to_maddr(&l2[L2_IDX(va)]));
             fresh = 1;
         }
-        /* Fill the rest of this L1 (one mmu_update call per 2 MiB). */
         for (unsigned int i = L1_IDX(va); i < 512 && pfn < nr_pages; i++, pfn++) {
             unsigned long mfn = pfn_to_mfn(pfn);
             if (!fresh && pte_present(READ_ONCE(l1[i])))
@@ -159,8 +183,9 @@ static unsigned long map_all_ram(void)
             mmu_queue(virt_to_maddr(&l1[i]), (mfn << PAGE_SHIFT) | PTE_KERNEL_RW);
             added++;
         }
-        mmu_flush();
+        queued_limit_pfn = pfn;
     }
+    map_flush();
     return added;
 }
 
@@ -259,6 +284,25 @@ unsigned long mm_first_free_pfn(void) { return first_free_pfn; }
 
 /* ---------------------------------------------------------------- */
 
+void mm_early_init(void)
+{
+    struct xen_machphys_mapping map;
+    long rc;
+
+    phys_to_machine = (unsigned long *)start_info->mfn_list;
+    nr_pages = start_info->nr_pages;
+    if (nr_pages > MAX_PFNS)
+        nr_pages = MAX_PFNS;
+
+    rc = HYPERVISOR_memory_op(XENMEM_machphys_mapping, &map);
+
+    if (rc == 0) {
+        machine_to_phys = (const unsigned long *)map.v_start;
+        m2p_max_mfn = map.max_mfn;
+    }
+    /* else: an old hypervisor; keep Xen's fixed address, unbounded. */
+}
+
 static unsigned long va_end_pfn(unsigned long va_end)
 {
     return (ALIGN_UP(va_end, PAGE_SIZE) - VIRT_BASE) >> PAGE_SHIFT;
@@ -281,12 +325,8 @@ void mm_init(const struct start_info *boot_si)
     const struct start_info *si = start_info;
     unsigned long end, added;
 
-    phys_to_machine = (unsigned long *)si->mfn_list;
-    nr_pages = si->nr_pages;
-    if (nr_pages > MAX_PFNS) {
-        printk("mm: %lu pages, only using the first %lu\n", nr_pages, MAX_PFNS);
-        nr_pages = MAX_PFNS;
-    }
+    if (si->nr_pages > nr_pages)
+        printk("mm: %lu pages, only using the first %lu\n", si->nr_pages, nr_pages);
     l4_table = (uint64_t *)si->pt_base;
     pt_first_pfn = virt_to_pfn(l4_table);
     pt_end_pfn = pt_first_pfn + si->nr_pt_frames;
@@ -325,8 +365,9 @@ void mm_init(const struct start_info *boot_si)
     }
     search_hint = pt_alloc_pfn;
 
-    printk("pyxen-guest: mm: %lu pages (%lu MiB), first free pfn %lu, "
-           "mapped %lu more pages using %lu new page-table frames, %lu pages free\n",
+    printk("pyxen-guest: mm: %lu pages (%lu MiB), first free pfn %lu, mapped %lu "
+           "more pages with %lu new page-table frames in %lu mmu_update calls, "
+           "%lu pages free\n",
            nr_pages, nr_pages >> 8, first_free_pfn, added,
-           pt_alloc_pfn - first_free_pfn, free_count);
+           pt_alloc_pfn - first_free_pfn, mmu_calls, free_count);
 }

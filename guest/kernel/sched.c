@@ -117,8 +117,24 @@ uint64_t sched_next_deadline(void)
     return dl;
 }
 
+/*
+ * The one-shot timer deadline currently armed in the hypervisor (0 = none
+ * or already fired).  Re-arming the same deadline is skipped: each
+ * hypercall is a VM exit.
+ */
+static uint64_t timer_armed;
+
+static void arm_timer(uint64_t deadline)
+{
+    if (deadline && deadline != timer_armed) {
+        timer_armed = deadline;
+        HYPERVISOR_set_timer_op(deadline);
+    }
+}
+
 void sched_timer_event(void)
 {
+    timer_armed = 0;            /* one-shot: it has fired */
     wake_expired(monotonic_ns());
 }
 
@@ -210,7 +226,7 @@ void hv_wait(uint64_t deadline_ns)
     dl = sched_next_deadline();
     if (!dl || deadline_ns < dl)
         dl = deadline_ns;
-    HYPERVISOR_set_timer_op(dl);
+    arm_timer(dl);
     /* Block atomically re-enables events; skip it if one is already here. */
     if (!READ_ONCE(this_vcpu()->evtchn_upcall_pending))
         HYPERVISOR_sched_op(SCHEDOP_block, NULL);
@@ -260,8 +276,7 @@ void idle_loop(void)
             continue;
         }
         dl = sched_next_deadline();
-        if (dl)
-            HYPERVISOR_set_timer_op(dl);
+        arm_timer(dl);
         if (!READ_ONCE(this_vcpu()->evtchn_upcall_pending))
             HYPERVISOR_sched_op(SCHEDOP_block, NULL);
         /* Events are on again; run any upcall the hypervisor left pending. */
