@@ -211,11 +211,8 @@ void panic(const char *fmt, ...)
     va_end(ap);
     if (n > (int)sizeof(buf) - 1)
         n = sizeof(buf) - 1;
-    /* Like fatal traps: best effort on the ring, guaranteed via console_io. */
-    if (console_ring_ready()) {
-        console_write(buf, (size_t)n);
-        console_flush(200 * NSEC_PER_MSEC);
-    }
+    /* Like fatal traps: drain the ring, then the synchronous console_io. */
+    console_flush(200 * NSEC_PER_MSEC);
     console_io_write(buf, (size_t)n);
     xen_shutdown(SHUTDOWN_crash);
 }

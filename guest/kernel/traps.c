@@ -85,7 +85,11 @@ static const char *trap_name(uint64_t vec)
     return "unknown";
 }
 
-/* Emit one fatal line: ring (best effort, if up) and console_io (always). */
+/*
+ * Fatal output goes through HYPERVISOR_console_io only: it is synchronous
+ * and needs no working event/ring machinery.  (pyxen also echoes it onto
+ * the domain console, so writing it to the ring too would duplicate it.)
+ */
 static void __printf(1, 2) fatal_line(const char *fmt, ...)
 {
     char buf[256];
@@ -97,8 +101,6 @@ static void __printf(1, 2) fatal_line(const char *fmt, ...)
     va_end(ap);
     if (n > (int)sizeof(buf) - 1)
         n = sizeof(buf) - 1;
-    if (console_ring_ready())
-        console_write(buf, (size_t)n);
     console_io_write(buf, (size_t)n);
 }
 
@@ -113,6 +115,8 @@ void fatal_trap(struct pt_regs *r, unsigned long cr2)
         xen_shutdown(SHUTDOWN_crash);
     }
 
+    /* Let earlier ring output reach the console first, to keep the order. */
+    console_flush(200 * NSEC_PER_MSEC);
     fatal_line("FATAL: %s (vector %lu) at rip=0x%016lx cr2=0x%016lx err=0x%lx\n",
                trap_name(r->vector), r->vector, r->rip, cr2, r->error_code);
     fatal_line("  rax=0x%016lx rbx=0x%016lx rcx=0x%016lx rdx=0x%016lx\n",
