@@ -29,6 +29,7 @@ class Boot:
     output: str
     t_create: float  # perf_counter() just before create_domain
     t_first_byte: float | None  # perf_counter() when the first console byte arrived
+    t_stopped: float  # perf_counter() once the vCPUs stopped
     state: str
 
 
@@ -53,6 +54,7 @@ def boot(ctx: Context, kernel: Path, cmdline: str = "", memory_mib: int = 16,
     d = create_domain(spec, console_sink=sink)
     try:
         stopped = d.wait_stopped(timeout=timeout)
+        t1 = time.perf_counter()
         state = d.state
         crash = d.crash_info
     finally:
@@ -65,7 +67,7 @@ def boot(ctx: Context, kernel: Path, cmdline: str = "", memory_mib: int = 16,
         lines = [x.strip() for x in out.splitlines() if x.strip()]
         why = next((x for x in lines if "FATAL" in x), lines[-1] if lines else "no output")
         raise Failed(f"{kernel.name} crashed: {why}", console=out[-4000:], crash=crash)
-    return Boot(out, t0, first[0] if first else None, state)
+    return Boot(out, t0, first[0] if first else None, t1, state)
 
 
 # --------------------------------------------------------------------- null_hypercall
@@ -82,7 +84,7 @@ def null_hypercall(ctx: Context) -> Result:
     for _ in range(rounds):
         base.append(float(parse_line(run_cmd([kvm_null, "loop", n]), "kvm_null:")["per_call_ns"]))
         b = boot(ctx, app, f"n={n}", name="bench-nullcall")
-        pyx.append(float(parse_line(b.output, "nullcall:")["per_call_ns"]))
+        pyx.append(float(parse_line(b.output, "nullcall:", "per_call_ns")["per_call_ns"]))
         ctx.log(f"null_hypercall: baseline {base[-1] / 1e3:.2f} µs, pyxen {pyx[-1] / 1e3:.2f} µs")
     return compare(min(pyx) / 1e3, min(base) / 1e3, n=n,
                    pyxen_ns=pyx, baseline_ns=base, stat="best of each")
@@ -106,13 +108,15 @@ def cpubench(ctx: Context) -> Result:
     iters = max(1, int(iters * want_ns / ns))
     nat: list[int] = []
     gst: list[int] = []
+    wall: list[int] = []  # host view of each guest run, create to stop: a guest clock sanity check
     sums: set[str] = set()
     for _ in range(rounds):
-        kv = parse_line(run_cmd([native, iters]), "cpubench:")
+        kv = parse_line(run_cmd([native, iters]), "cpubench:", "result", "ns")
         nat.append(int(kv["ns"]))
         sums.add(f"native {int(kv['result'], 16):x}")
-        kv = parse_line(boot(ctx, app, f"iters={iters}", memory_mib=32,
-                             name="bench-cpubench").output, "cpubench: iters=")
+        b = boot(ctx, app, f"iters={iters}", memory_mib=32, name="bench-cpubench")
+        wall.append(int((b.t_stopped - b.t_create) * 1e9))
+        kv = parse_line(b.output, "cpubench:", "iters", "result", "ns")
         if int(kv["iters"]) != iters:
             raise Failed(f"guest ran iters={kv['iters']}, asked {iters}")
         gst.append(int(kv["ns"]))
@@ -121,6 +125,7 @@ def cpubench(ctx: Context) -> Result:
     if len({s.split()[1] for s in sums}) != 1:
         raise Failed(f"checksum mismatch: {', '.join(sorted(sums))}")
     return compare(min(gst) / 1e9, min(nat) / 1e9, ratio="baseline/pyxen", iters=iters, guest_ns=gst,
+                   guest_wall_ns=wall,
                    native_ns=nat, checksum=sums.pop().split()[1], stat="best of each")
 
 

@@ -262,16 +262,18 @@ def run_cmd(cmd: Sequence[object], timeout: float = 120) -> str:
     return p.stdout
 
 
-def parse_line(text: str, prefix: str) -> dict[str, str]:
-    """``key=value`` pairs of the last line of ``text`` that starts with ``prefix``."""
-    found = None
-    for line in text.splitlines():
+def parse_line(text: str, prefix: str, *keys: str) -> dict[str, str]:
+    """``key=value`` pairs of the last line of ``text`` that starts with ``prefix``
+    and has all of ``keys``."""
+    for line in reversed(text.splitlines()):
         s = line.strip()
-        if s.startswith(prefix):
-            found = s
-    if found is None:
-        raise Failed(f"no '{prefix}' line in output: {last_line(text)!r}")
-    return dict(tok.split("=", 1) for tok in found[len(prefix):].split() if "=" in tok)
+        if not s.startswith(prefix):
+            continue
+        kv = dict(tok.split("=", 1) for tok in s[len(prefix):].split() if "=" in tok)
+        if all(k in kv for k in keys):
+            return kv
+    want = f"'{prefix}' line" + (f" with {', '.join(keys)}" if keys else "")
+    raise Failed(f"no {want} in output: {last_line(text)!r}", output=text[-4000:])
 
 
 def median(xs: Sequence[float]) -> float:
