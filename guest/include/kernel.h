@@ -86,6 +86,7 @@ void __noreturn panic(const char *fmt, ...) __printf(1, 2);
 extern struct start_info *start_info;   /* private copy, valid forever */
 extern const char *kernel_cmdline;
 extern unsigned long boot_initial_rsp;  /* RSP we were entered with */
+extern int shared_info_mapped;          /* set once shared_info is mapped */
 void __noreturn xen_shutdown(unsigned int reason);
 void __noreturn poweroff(void);
 

@@ -22,6 +22,7 @@ static struct start_info start_info_copy;
 struct start_info *start_info = &start_info_copy;
 const char *kernel_cmdline = "";
 unsigned long boot_initial_rsp;         /* written by head.S */
+int shared_info_mapped;                 /* vcpu_info (cr2, time) is real */
 
 extern char boot_stack_top[];
 extern char hypervisor_callback[], failsafe_callback[];
@@ -40,6 +41,7 @@ static void map_shared_info(void)
                      start_info->shared_info, rc);
         xen_shutdown(SHUTDOWN_crash);
     }
+    shared_info_mapped = 1;
 }
 
 static void register_callbacks(void)

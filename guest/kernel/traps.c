@@ -117,8 +117,10 @@ void fatal_trap(struct pt_regs *r, unsigned long cr2)
 
     /* Let earlier ring output reach the console first, to keep the order. */
     console_flush(200 * NSEC_PER_MSEC);
-    fatal_line("FATAL: %s (vector %lu) at rip=0x%016lx cr2=0x%016lx err=0x%lx\n",
-               trap_name(r->vector), r->vector, r->rip, cr2, r->error_code);
+    fatal_line("FATAL: %s (vector %lu) at rip=0x%016lx cr2=0x%016lx err=0x%lx%s\n",
+               trap_name(r->vector), r->vector, r->rip, cr2, r->error_code,
+               shared_info_mapped || r->vector != 14 ? "" :
+               " (cr2 unknown: shared_info not mapped yet)");
     fatal_line("  rax=0x%016lx rbx=0x%016lx rcx=0x%016lx rdx=0x%016lx\n",
                r->rax, r->rbx, r->rcx, r->rdx);
     fatal_line("  rsi=0x%016lx rdi=0x%016lx rbp=0x%016lx rsp=0x%016lx\n",
