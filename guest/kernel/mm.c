@@ -227,7 +227,7 @@ static inline void set_used(unsigned long pfn, int used)
 
 void *alloc_pages(unsigned long count)
 {
-    unsigned long flags, start, run = 0, pfn;
+    unsigned long flags, start = 0, run = 0, pfn;
     void *va = NULL;
 
     if (!count)
