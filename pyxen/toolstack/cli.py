@@ -65,6 +65,8 @@ def attach_console(s: socket.socket, out: Any = None) -> int:
 
 
 def cmd_create(h: Host, a: argparse.Namespace) -> int:
+    if not a.quiet:
+        print(f"Parsing config from {a.config}", file=sys.stderr)
     try:
         cfg, warnings = load_domain_config(a.config, a.overrides)
     except ConfigError as e:
@@ -74,8 +76,6 @@ def cmd_create(h: Host, a: argparse.Namespace) -> int:
     req = config_to_request(cfg)
     if a.console or a.paused:
         req["spec"]["extra"] = {"paused": True}
-    if not a.quiet:
-        print(f"Parsing config from {a.config}", file=sys.stderr)
     r = h.create_request(req)
     domid = int(r["domid"])
     if a.console:

@@ -151,9 +151,10 @@ def test_cli_reports_bad_kernel_and_config(guest: Path, tmp_path: Path) -> None:
         r = cli(["create", str(cfg)], rd)
         assert r.returncode == 1 and b"/bin/true" in r.stderr and b"Traceback" not in r.stderr, r.stderr
         cfg.write_text(f'name = "small"\nkernel = "{ROOT}/guest/build/hello"\nmemory = 16\n')
-        r = cli(["create", str(cfg), "memory=16", "vnc=1"], rd)
+        r = cli(["create", str(cfg), "memory=16", "vnc=1", "frobnicate=1"], rd)
         assert r.returncode == 0, r.stderr
-        assert b"unknown key 'vnc'" in r.stderr
+        assert b"<command line>:2: key 'vnc'" in r.stderr
+        assert b"<command line>:3: unknown key 'frobnicate'" in r.stderr
     finally:
         cli(["daemon", "stop"], rd)
 
