@@ -189,6 +189,14 @@ KVM_SYNC_X86_EVENTS = 4
 
 KVM_MEM_LOG_DIRTY_PAGES = 1
 
+# word indexes into the kvm_run page (see VCPU.q/.d/.w)
+Q_VALID, Q_DIRTY = 36, 37  # kvm_valid_regs, kvm_dirty_regs (64-bit words)
+Q_RAX, Q_RBX, Q_RCX, Q_RDX, Q_RSI, Q_RDI, Q_RSP, Q_RBP = 38, 39, 40, 41, 42, 43, 44, 45
+Q_R8, Q_R9, Q_R10, Q_R11 = 46, 47, 48, 49
+Q_RIP, Q_RFLAGS = 54, 55
+D_EXIT_REASON = 2  # 32-bit word
+W_IO_PORT = 17  # 16-bit word: kvm_run.io.port at byte 34
+
 # exit reasons
 EXIT_UNKNOWN = 0
 EXIT_EXCEPTION = 1
@@ -347,6 +355,11 @@ class VCPU:
                               mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_struct = Run.from_buffer(self._map)
         self.run_addr = ctypes.addressof(self.run_struct)
+        # Fast views of the kvm_run page for the exit path: 64-, 32- and 16-bit words.
+        # Q_* are indexes into ``q`` (sync regs start at byte 304 = word 38).
+        self.q = memoryview(self._map).cast("Q")
+        self.d = memoryview(self._map).cast("I")
+        self.w = memoryview(self._map).cast("H")
         self.sync = vm.kvm.check_extension(KVM_CAP_SYNC_REGS) & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS) == 3
         self.thread_id: int | None = None
         if self.sync:
@@ -367,18 +380,27 @@ class VCPU:
         ioctl(self.fd, KVM_GET_SREGS, self.sregs)
 
     def mark_regs_dirty(self) -> None:
-        self._dirty |= KVM_SYNC_X86_REGS
+        if self.sync:
+            self.q[Q_DIRTY] |= KVM_SYNC_X86_REGS
+        else:
+            self._dirty |= KVM_SYNC_X86_REGS
 
     def mark_sregs_dirty(self) -> None:
-        self._dirty |= KVM_SYNC_X86_SREGS
+        if self.sync:
+            self.q[Q_DIRTY] |= KVM_SYNC_X86_SREGS
+        else:
+            self._dirty |= KVM_SYNC_X86_SREGS
 
     def flush_state(self) -> None:
         """Push pending register changes now (needed before MSR/FPU ioctls)."""
-        if self._dirty & KVM_SYNC_X86_REGS:
+        dirty = self._dirty | (self.q[Q_DIRTY] if self.sync else 0)
+        if dirty & KVM_SYNC_X86_REGS:
             ioctl(self.fd, KVM_SET_REGS, self.regs)
-        if self._dirty & KVM_SYNC_X86_SREGS:
+        if dirty & KVM_SYNC_X86_SREGS:
             ioctl(self.fd, KVM_SET_SREGS, self.sregs)
         self._dirty = 0
+        if self.sync:
+            self.q[Q_DIRTY] = 0
 
     def get_msrs(self, indices: list[int]) -> list[int]:
         msrs = _msrs_type(len(indices))()
@@ -423,10 +445,7 @@ class VCPU:
     # -- running -------------------------------------------------------------
     def run(self) -> int:
         """Enter the guest; return the exit reason, or -1 if kicked (EINTR)."""
-        if self.sync:
-            self.run_struct.kvm_dirty_regs = self._dirty
-            self._dirty = 0
-        elif self._dirty:
+        if not self.sync and self._dirty:
             self.flush_state()
         rc = _ioctl(self.fd, KVM_RUN, None)
         if rc < 0:
@@ -457,6 +476,8 @@ class VCPU:
         return self._map[self.run_struct.exit.io.data_offset]
 
     def close(self) -> None:
+        for m in (self.q, self.d, self.w):
+            m.release()
         try:
             del self.regs, self.sregs, self.run_struct
         except AttributeError:

@@ -224,6 +224,7 @@ class Domain:
         for v in self.vcpus:
             with v.cond:
                 v.stop = True
+                v.attention = True
                 v.cond.notify_all()
             if threading.get_ident() != v.kvm.thread_id:
                 v.kvm.kick()
@@ -258,6 +259,7 @@ class Domain:
         for v in self.vcpus:
             with v.cond:
                 v.paused = self.paused
+                v.attention = True
             v.kvm.kick() if threading.get_ident() != v.kvm.thread_id else None
         if self.on_state:
             self.on_state(self)
@@ -269,6 +271,7 @@ class Domain:
         for v in self.vcpus:
             with v.cond:
                 v.paused = self.paused
+                v.attention = True
                 v.cond.notify_all()
         if self.on_state:
             self.on_state(self)
@@ -306,7 +309,8 @@ class Domain:
                 "shutdown_reason": None if self.shutdown_reason is None
                 else abi.SHUTDOWN_NAMES.get(self.shutdown_reason, str(self.shutdown_reason)),
                 "cpu_time_ns": cpu_ns, "uptime_s": time.time() - self.create_time,
-                "stats": {f"vcpu{v.id}": dict(v.stats) for v in self.vcpus}}
+                "stats": {f"vcpu{v.id}": dict(v.stats, exits=v.n_exits, hypercalls=v.n_hypercalls)
+                          for v in self.vcpus}}
 
     # ------------------------------------------------------------ hypercall helpers
     def console_io_write(self, data: bytes) -> None:

@@ -56,7 +56,7 @@ class Hypercalls:
         fn = self.table.get(nr)
         if nr < 64:
             self.counts[nr] += 1
-        v.stats["hypercalls"] += 1
+        v.n_hypercalls += 1
         if fn is None:
             r.rax = -ENOSYS & MASK64
         else:
@@ -423,6 +423,7 @@ class Hypercalls:
                 d.timers.schedule(v, timeout)
             with v.cond:
                 v.blocked = True
+                v.attention = True
             return 0
         if cmd == abi.SCHEDOP_remote_shutdown:
             domid, reason = struct.unpack("<HxxI", v.copy_from_guest(arg, 8))

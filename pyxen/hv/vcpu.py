@@ -23,6 +23,8 @@ CPL0 MMU helper re-writes each queued entry and reloads CR3
 from __future__ import annotations
 
 import ctypes
+import errno
+import os
 import struct
 import threading
 import time
@@ -30,7 +32,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
-from ..abi import XenError
+from ..abi import ENOSYS, XenError
 from . import machine as M
 from .evtchn import set_pending_bits, unmask_bits
 from .time import scale_delta, tsc_scale, write_vcpu_time
@@ -108,14 +110,16 @@ class VCPU:
         self.paused = 0
         self.stop = False
         self.flush_requested = False
+        self.attention = True  # the run loop must look at posted work before entering
+        self.n_exits = 0
+        self.n_hypercalls = 0
         self.thread: threading.Thread | None = None
         # runstate
         self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
         self.runstate_entry = 0
         self.runstate_time = [0, 0, 0, 0]
         # statistics (pyxen top)
-        self.stats = {"hypercalls": 0, "exceptions": 0, "events": 0, "exits": 0, "kicks": 0,
-                      "mmu_flushes": 0}
+        self.stats = {"exceptions": 0, "events": 0, "kicks": 0, "mmu_flushes": 0}
         self.hc_counts: dict[int, int] = {}
         # time scale
         self.tsc_khz = self.kvm.tsc_khz()
@@ -181,6 +185,7 @@ class VCPU:
         """Hand work to this vCPU's thread from any thread; wakes or kicks it."""
         with self.cond:
             self.inbox.append((kind, arg))
+            self.attention = True
             if self.blocked or self.paused or not self.up:
                 self.cond.notify_all()
                 return
@@ -309,37 +314,117 @@ class VCPU:
         return bool(self.vi_get(abi.VI_UPCALL_PENDING))
 
     def run_loop(self) -> None:
+        """The vCPU's life: enter the guest, handle the exit, repeat.
+
+        This is the hot path of every hypercall, so it reads the exit and the
+        registers straight from the kvm_run page through memoryviews and
+        dispatches inline.  Anything unusual (posted work, blocking, pause,
+        MMU flushes) raises ``self.attention`` and is handled off the fast path."""
         v = self.kvm
-        run = v.run_struct
-        regs = v.regs
+        if not v.sync:
+            return self._run_loop_nosync()
+        q, d32, w16 = v.q, v.d, v.w
+        fd = v.fd
+        enter = kvm._ioctl
+        KVM_RUN = kvm.KVM_RUN
+        dom = self.domain
+        table = dom.hypercalls.table
+        counts = dom.hypercalls.counts
+        MASK = (1 << 64) - 1
+        EXIT_IO, HC, TRAP = kvm.EXIT_IO, M.HC_PORT, M.TRAP_PORT
+        Q_RAX, Q_DIRTY, Q_RDI, Q_RSI, Q_RDX, Q_R10, Q_R8 = (kvm.Q_RAX, kvm.Q_DIRTY, kvm.Q_RDI,
+                                                            kvm.Q_RSI, kvm.Q_RDX, kvm.Q_R10, kvm.Q_R8)
+        while True:
+            if self.attention:
+                if not self._attend():
+                    return
+            vi = self.vi_buf
+            vo = self.vi_off
+            if vi[vo] and not vi[vo + 1]:
+                self.deliver_event()
+            if enter(fd, KVM_RUN, None) < 0:
+                self._run_failed()
+                continue
+            self.n_exits += 1
+            if d32[2] == EXIT_IO:
+                port = w16[17]
+                if port == HC:
+                    nr = q[Q_RAX] & 0xFFFFFFFF
+                    fn = table.get(nr)
+                    self.n_hypercalls += 1
+                    if nr < 64:
+                        counts[nr] += 1
+                    if fn is None:
+                        q[Q_RAX] = -ENOSYS & MASK
+                        q[Q_DIRTY] |= 1
+                        continue
+                    try:
+                        res = fn(self, q[Q_RDI], q[Q_RSI], q[Q_RDX], q[Q_R10], q[Q_R8])
+                    except XenError as e:
+                        res = -e.errno
+                    if res is not None:
+                        q[Q_RAX] = res & MASK
+                        q[Q_DIRTY] |= 1
+                    if dom.mmu_pending or self.flush_requested:
+                        self.attention = True
+                elif port == TRAP:
+                    self.exception()
+                else:
+                    raise GuestCrash(f"unexpected I/O exit on port {port:#x}")
+            else:
+                self._other_exit(d32[2])
+
+    def _run_failed(self) -> None:
+        e = ctypes.get_errno()
+        if e in (errno.EINTR, errno.EAGAIN):
+            self.kvm.run_struct.immediate_exit = 0
+            self.attention = True
+            return
+        raise GuestCrash(f"KVM_RUN failed: {os.strerror(e)}")
+
+    def _other_exit(self, reason: int) -> None:
+        if reason == kvm.EXIT_SHUTDOWN:
+            raise GuestCrash("triple fault (the CPU shut down)")
+        if reason == kvm.EXIT_INTR:
+            return
+        raise GuestCrash(f"unexpected KVM exit {kvm.EXIT_NAMES.get(reason, reason)}")
+
+    def _attend(self) -> bool:
+        """Off the fast path: posted work, blocking, pause, stop, MMU flushes."""
+        self.attention = False
+        if self.inbox or self.blocked or self.paused or self.stop or not self.up:
+            if not self._wait_runnable():
+                return False
+            self.check_timers(self.domain.clock.system_time())
+        if self.domain.mmu_pending or self.flush_requested:
+            self.flush_mmu()
+        return True
+
+    def _run_loop_nosync(self) -> None:
+        """Without KVM_CAP_SYNC_REGS: the same loop through GET/SET ioctls."""
+        v = self.kvm
         hypercall = self.domain.hypercalls.dispatch
         while True:
-            if self.inbox or self.blocked or self.paused or self.stop or not self.up:
-                if not self._wait_runnable():
-                    return
-                self.check_timers(self.domain.clock.system_time())
-            if self.domain.mmu_pending or self.flush_requested:
-                self.flush_mmu()
+            if self.attention and not self._attend():
+                return
             if self.vi_buf[self.vi_off] and not self.vi_buf[self.vi_off + 1]:
                 self.deliver_event()
             r = v.run()
-            self.stats["exits"] += 1
-            if r == kvm.EXIT_IO:
-                port = run.exit.io.port
+            self.n_exits += 1
+            if r == -1:
+                self.attention = True
+            elif r == kvm.EXIT_IO:
+                port = v.run_struct.exit.io.port
                 if port == M.HC_PORT:
-                    hypercall(self, regs)
+                    hypercall(self, v.regs)
+                    if self.domain.mmu_pending or self.flush_requested:
+                        self.attention = True
                 elif port == M.TRAP_PORT:
                     self.exception()
                 else:
                     raise GuestCrash(f"unexpected I/O exit on port {port:#x}")
-            elif r == -1:
-                continue
-            elif r == kvm.EXIT_SHUTDOWN:
-                raise GuestCrash("triple fault (the CPU shut down)")
-            elif r == kvm.EXIT_INTR:
-                continue
             else:
-                raise GuestCrash(f"unexpected KVM exit {kvm.EXIT_NAMES.get(r, r)}")
+                self._other_exit(r)
 
     # ------------------------------------------------------------ MMU helper
     def flush_mmu(self, new_cr3_mfn: int | None = None) -> None:
@@ -604,6 +689,7 @@ class VCPU:
             return
         with self.cond:
             self.blocked = True
+            self.attention = True
         self._set_runstate(abi.RUNSTATE_blocked)
 
     def now_wall(self) -> float:
