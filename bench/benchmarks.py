@@ -284,3 +284,139 @@ def idle_domain_memory_standalone(ctx: Context) -> Result:
                    guest=f"ticker {IDLE_CMDLINE}", overhead_mib=round(pyx - base, 2),
                    domains_kib=dom_mem, bare_kib=bare_mem, stat="median",
                    baseline_desc="bare python3 sleeping, same run")
+
+
+# --------------------------------------------------------------------- through the daemon
+class _PrivateHost:
+    """A pyxend of the benchmark's own in a fresh run dir, stopped afterwards."""
+
+    def __init__(self, ctx: Context) -> None:
+        ctx.require_kvm()
+        ctx.pyxen()
+        from pyxen.toolstack.api import Host
+        self.run_dir = Path(f"/tmp/pyxen-bench-{os.getpid()}-{time.monotonic_ns()}")
+        self.host = Host(run_dir=self.run_dir)
+
+    def __enter__(self) -> _PrivateHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.host.quit()
+        finally:
+            self.host.close()
+
+
+def _hello_cfg(ctx: Context, name: str = "bench-hello") -> list[str]:
+    return [f'name="{name}"', f'kernel="{ctx.guest_app("hello")}"', "memory=16"]
+
+
+@benchmark("create_to_first_byte_api", unit="ms", target=Target("pyxen", "<=", 20.0))
+def create_to_first_byte_api(ctx: Context) -> Result:
+    """Host.create_attached() (the daemon path: parse, daemon, zygote fork, build,
+    console attach) to the first console byte of hello, median.  Baseline: the
+    same boot in-process (create_domain), i.e. the toolstack's own overhead."""
+    n = 5 if ctx.quick else 15
+    cfg = ROOT / "examples" / "hello.cfg"
+    samples: list[float] = []
+    with _PrivateHost(ctx) as ph:
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            _domid, s = ph.host.create_attached(cfg, _hello_cfg(ctx, f"bench-api-{i}"))
+            s.settimeout(10)
+            first = s.recv(1)
+            t1 = time.perf_counter()
+            rest = first
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                rest += b
+            s.close()
+            if b"Hello from pyxen guest!" not in rest:
+                raise Failed(f"unexpected hello output {rest[-100:]!r}")
+            if i:  # the first run warms the zygote's page cache
+                samples.append((t1 - t0) * 1e3)
+    inproc = [(b.t_first_byte - b.t_create) * 1e3 for b in
+              (boot(ctx, ctx.guest_app("hello"), name=f"bench-ip-{i}") for i in range(5))
+              if b.t_first_byte is not None]
+    ctx.log("api samples " + " ".join(f"{x:.1f}" for x in samples) + " ms")
+    return compare(median(samples), median(inproc), samples_ms=samples, inprocess_ms=inproc,
+                   stat="median", n=n, baseline_desc="create_domain() in-process, median of 5")
+
+
+@benchmark("create_to_first_byte_cli", unit="ms", target=Target("pyxen", "<=", 150.0))
+def create_to_first_byte_cli(ctx: Context) -> Result:
+    """`pyxen create -c` (a new Python process) to the guest's first console byte
+    on its stdout, median, with the daemon already running.  Baseline: starting
+    `python3 -c pass`, the floor for any Python command on this machine."""
+    n = 3 if ctx.quick else 10
+    samples: list[float] = []
+    floor: list[float] = []
+    with _PrivateHost(ctx) as ph:
+        env = dict(os.environ, PYXEN_RUN_DIR=str(ph.run_dir), PYTHONPATH=str(ROOT))
+        for i in range(n + 1):
+            t0 = time.perf_counter()
+            p = subprocess.Popen([sys.executable, "-m", "pyxen", "create", "-q", "-c",
+                                  str(ROOT / "examples" / "hello.cfg"), f'name="bench-cli-{i}"'],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+            assert p.stdout is not None
+            first = p.stdout.read(1)
+            t1 = time.perf_counter()
+            out, err = p.communicate(timeout=30)
+            if p.returncode != 0 or b"Hello from pyxen guest!" not in first + out:
+                raise Failed(f"pyxen create -c failed: {err.decode()[-300:]}")
+            if i:
+                samples.append((t1 - t0) * 1e3)
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            floor.append((time.perf_counter() - t0) * 1e3)
+    ctx.log("cli samples " + " ".join(f"{x:.1f}" for x in samples) + " ms")
+    return compare(median(samples), median(floor), samples_ms=samples, python_startup_ms=floor,
+                   stat="median", n=n, baseline_desc="python3 -c pass, median")
+
+
+def _meminfo_kib(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+@benchmark("idle_domains", unit="domains", target=Target("pyxen", ">=", 200.0))
+def idle_domains(ctx: Context) -> Result:
+    """Start N idle 16 MiB domains through the daemon (ticker with a one-hour
+    period: blocked all the time), check they all run at once, and report the
+    memory each costs.  Baseline: the guest RAM each was given (16 MiB)."""
+    n = 40 if ctx.quick else 200
+    cfg = ROOT / "examples" / "ticker.cfg"
+    with _PrivateHost(ctx) as ph:
+        h = ph.host
+        avail0 = _meminfo_kib("MemAvailable")
+        t0 = time.perf_counter()
+        pids = []
+        for i in range(n):
+            h.create(cfg, [f'name="idle-{i}"', "memory=16", 'extra="period_ms=3600000"'])
+        t_create = time.perf_counter() - t0
+        time.sleep(1.0)
+        doms = h.list()
+        alive = [d for d in doms if d["state"] in ("running", "blocked")]
+        pids = [d["pid"] for d in doms]
+        pss = []
+        for pid in pids:
+            try:
+                pss.append(domain_memory_kib(pid)["total"])
+            except (OSError, KeyError, Failed):
+                pass
+        avail1 = _meminfo_kib("MemAvailable")
+        # every domain still answers: ask one in ten for its info
+        answered = sum(1 for d in alive[::10] if h.domain_info(d["domid"]).get("state"))
+    per_dom_pss = sum(pss) / max(1, len(pss)) / 1024
+    per_dom_host = (avail0 - avail1) / max(1, len(alive)) / 1024
+    ctx.log(f"idle: {len(alive)}/{n} alive, created in {t_create:.1f} s, PSS {per_dom_pss:.1f} MiB/domain, "
+            f"host MemAvailable drop {per_dom_host:.1f} MiB/domain")
+    if answered < len(alive[::10]):
+        raise Failed(f"only {answered} of {len(alive[::10])} sampled domains answered")
+    return compare(float(len(alive)), None, requested=n, create_seconds=round(t_create, 2),
+                   pss_mib_per_domain=round(per_dom_pss, 2),
+                   host_mib_per_domain=round(per_dom_host, 2), guest_ram_mib=16)

@@ -178,8 +178,7 @@ def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes |
     p2m = struct.pack(f"<{nr}Q", *range(off, off + nr))
     o = ram_off(lay.p2m_pfn)
     ram[o:o + len(p2m)] = p2m
-    for pfn in range(nr):
-        domain.machine.set_m2p(off + pfn, pfn)
+    domain.machine.set_m2p_range(off, 0, nr)
     # page tables
     tables = build_page_tables(lay, off)
     for pfn, ents in tables.items():

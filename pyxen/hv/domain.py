@@ -17,6 +17,7 @@ from typing import Callable
 from .. import abi
 from . import machine as M
 from .evtchn import EventChannels
+from .hypercalls import Hypercalls
 from ..abi import XenError
 from .mm import PGT_SEG, PGT_WRITABLE, FrameTable
 from .time import DomainClock
@@ -101,8 +102,6 @@ class Domain:
     def __init__(self, spec: DomainSpec, console_sink: ConsoleSink | None = None,
                  on_state: Callable[[Domain], None] | None = None,
                  log_sink: Callable[[str], None] | None = None) -> None:
-        from .hypercalls import Hypercalls  # circular: hypercalls needs Domain's API
-
         self.spec = spec
         self.domid = spec.domid
         self.name = spec.name

@@ -259,6 +259,17 @@ class Machine:
                 "list_pages": PC_LIST_PAGES, "stack_off": stack_pg[0] * 4096}
 
     # ---------------------------------------------------------- M2P
+    def set_m2p_range(self, mfn: int, pfn: int, n: int) -> None:
+        """M2P[mfn + i] = pfn + i for i < n, a page of the table at a time."""
+        while n > 0:
+            idx = mfn * 8
+            pg = self.m2p_page_of[idx >> 12]
+            k = min(n, (4096 - (idx & 4095)) // 8)
+            struct.pack_into(f"<{k}Q", self.hv, pg * 4096 + (idx & 4095), *range(pfn, pfn + k))
+            mfn += k
+            pfn += k
+            n -= k
+
     def set_m2p(self, mfn: int, pfn: int) -> None:
         idx = mfn * 8
         pg = self.m2p_page_of[idx >> 12]

@@ -92,6 +92,29 @@ class Host:
     def create_request(self, req: dict[str, Any]) -> dict[str, Any]:
         return self._call(**req)
 
+    def create_attached(self, config: str | Path | DomainConfig,
+                        overrides: list[str] | None = None) -> tuple[int, socket.socket]:
+        """Create a domain with its console attached from the first byte (``create -c``):
+        the domain is built paused, the console attached, then it is unpaused,
+        so even a guest that finishes at once loses no output."""
+        if not isinstance(config, DomainConfig):
+            try:
+                config, _warnings = load_domain_config(config, overrides or [])
+            except ConfigError as e:
+                raise PyxenError(str(e)) from None
+        req = config_to_request(config)
+        req["spec"]["extra"] = {"paused": True}
+        r = self._call(**req)
+        domid = int(r["domid"])
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(r["sock"])
+            s.sendall(b'{"unpause":true}\n')
+        except OSError as e:
+            s.close()
+            raise PyxenError(f"cannot attach to the console of domain {domid}: {e.strerror}") from None
+        return domid, s
+
     def list(self, long: bool = False) -> list[dict[str, Any]]:
         return list(self._call(op="list", long=long)["domains"])
 
@@ -123,13 +146,15 @@ class Host:
         """Stop the daemon (destroys every domain)."""
         self._call(op="quit")
 
-    def console_socket(self, dom: int | str) -> socket.socket:
+    def console_socket(self, dom: int | str, unpause: bool = False) -> socket.socket:
         """A socket attached to the domain's console: reads give output (the
-        scrollback first), writes go to the guest's console input."""
+        scrollback first), writes go to the guest's console input.  With
+        ``unpause`` the domain is unpaused once the console is attached."""
         r = self._call(op="console", domain=dom)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             s.connect(r["sock"])
+            s.sendall(b'{"unpause":true}\n' if unpause else b"{}\n")
         except OSError as e:
             s.close()
             raise PyxenError(f"cannot attach to the console of domain {dom}: {e.strerror}") from None

@@ -73,16 +73,16 @@ def cmd_create(h: Host, a: argparse.Namespace) -> int:
         return _err(str(e))
     for w in warnings:
         print(f"pyxen: warning: {w}", file=sys.stderr)
+    if a.console and not a.paused:
+        _domid, s = h.create_attached(cfg)
+        return attach_console(s)
     req = config_to_request(cfg)
-    if a.console or a.paused:
+    if a.paused:
         req["spec"]["extra"] = {"paused": True}
     r = h.create_request(req)
     domid = int(r["domid"])
     if a.console:
-        s = h.console_socket(domid)
-        if not a.paused:
-            h.unpause(domid)
-        return attach_console(s)
+        return attach_console(h.console_socket(domid))
     return 0
 
 

@@ -3,13 +3,15 @@
 It owns the domain's KVM VM, vCPU threads and backends, so a fault here
 never reaches the daemon or another domain.  It talks to the daemon over
 one connection (commands in, state and log events out) and serves console
-attaches on its own socket (``domain-N.sock``): output is appended to the
+attaches on its own socket (``domain-N.sock``; a client first sends one JSON
+line of options, then raw bytes): output is appended to the
 console log, kept in a scrollback buffer that a new attach replays, and
 streamed to every attached client; client bytes go to the console ring.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import socket
@@ -36,6 +38,7 @@ class DomainProcess:
         self.lock = threading.Lock()
         self.history = bytearray()
         self.clients: list[socket.socket] = []
+        self.greeting: dict[socket.socket, bytes] = {}  # clients that have not sent their first line
         logp = paths.console_log(rundir, self.spec.name)
         logp.parent.mkdir(parents=True, exist_ok=True)
         self.logf = open(logp, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
@@ -87,14 +90,28 @@ class DomainProcess:
     def _accept(self, lsock: socket.socket) -> None:
         c, _ = lsock.accept()
         c.setblocking(True)
+        self.greeting[c] = b""
+        self.sel.register(c, selectors.EVENT_READ, self._client_input)
+
+    def _greet(self, c: socket.socket, line: bytes) -> None:
+        """The first line a console client sends: a JSON object of options
+        (``{"unpause": true}`` lets ``create -c`` start the guest once attached)."""
+        try:
+            opts = json.loads(line or b"{}")
+            if not isinstance(opts, dict):
+                raise ValueError
+        except ValueError:
+            self._drop_client(c)
+            return
         with self.lock:
             try:
                 c.sendall(bytes(self.history))
             except OSError:
-                c.close()
+                self._drop_client(c)
                 return
             self.clients.append(c)
-        self.sel.register(c, selectors.EVENT_READ, self._client_input)
+        if opts.get("unpause") and self.domain is not None and self.domain.paused:
+            self.domain.unpause()
 
     def _client_input(self, c: socket.socket) -> None:
         try:
@@ -102,9 +119,24 @@ class DomainProcess:
         except OSError:
             data = b""
         if not data:
+            self.greeting.pop(c, None)
             with self.lock:
                 self._drop_client(c)
             return
+        if c in self.greeting:
+            buf = self.greeting[c] + data
+            if b"\n" not in buf:
+                if len(buf) > 4096:
+                    self.greeting.pop(c)
+                    self._drop_client(c)
+                else:
+                    self.greeting[c] = buf
+                return
+            line, data = buf.split(b"\n", 1)
+            del self.greeting[c]
+            self._greet(c, line)
+            if not data:
+                return
         if self.domain is not None and self.domain.console is not None:
             self.domain.console.write_input(data)
 
@@ -150,6 +182,10 @@ class DomainProcess:
         os._exit(code)
 
     # ------------------------------------------------------------ main
+    def mark(self, what: str) -> None:
+        if os.environ.get("PYXEN_TRACE_CREATE"):
+            self.event(event="log", line=f"MARK {what} {time.monotonic_ns()}")
+
     def run(self) -> None:
         kvm.install_kick_handler()
         sock_path = paths.domain_socket(self.rundir, self.domid)
@@ -161,6 +197,7 @@ class DomainProcess:
         lsock.bind(str(sock_path))
         lsock.listen(8)
         self.event(event="register", domid=self.domid, pid=os.getpid(), sock=str(sock_path))
+        self.mark("registered")
         try:
             self.domain = create_domain(self.spec, console_sink=self.on_console,
                                         log_sink=self.on_log, on_state=self.on_state,
@@ -168,6 +205,7 @@ class DomainProcess:
         except (CreateError, OSError, ValueError) as e:
             self.event(event="error", error=str(e))
             os._exit(1)
+        self.mark("created")
         if self.spec.extra.get("paused"):
             self.domain.pause()
         self.domain.start()

@@ -9,16 +9,25 @@ itself).  Requests and replies are JSON lines on stdin/stdout.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
 import sys
+import time
 
+from .. import kvm
 from . import domproc  # noqa: F401 - imported to be warm in every child
 
 
 def main() -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
+    try:  # /dev/kvm and its CPUID table, opened once and inherited by every child
+        kvm.system().supported_cpuid()
+    except OSError:
+        pass  # reported by the child that tries to create a domain
+    gc.collect()
+    gc.freeze()  # keep the collector from touching (and un-sharing) inherited objects
     out = sys.stdout
     for line in sys.stdin:
         try:
@@ -28,6 +37,8 @@ def main() -> None:
             out.write(json.dumps({"error": f"bad request: {e}"}) + "\n")
             out.flush()
             continue
+        if os.environ.get("PYXEN_TRACE_CREATE"):
+            print(f"fork {time.monotonic_ns()}", file=sys.stderr)
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
