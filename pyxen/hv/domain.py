@@ -153,10 +153,10 @@ class Domain:
             return True
         return mfn == self.shared_info_mfn
 
-    def _write_entry(self, maddr: int, value: int) -> None:
+    def _write_entry(self, maddr: int, value: int, old: int | None) -> None:
         off = maddr - (M.MFN_BASE << 12)
         struct.pack_into("<Q", self.machine.ram, off, value)
-        if self.started:
+        if self.started and (old is None or old & 1):
             with self.mmu_lock:
                 self.mmu_pending.append(M.DM_VA + maddr)
 

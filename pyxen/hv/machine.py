@@ -126,8 +126,6 @@ class Machine:
         m2p_l1s = (self.m2p_last >> 9) - (self.m2p_first >> 9) + 1
         dm_l2s = ((self.ram_gpa + ram_bytes - 1) >> 30) - (self.ram_gpa >> 30) + 1
         hv_pages = FIXED_PAGES + m2p_pages + m2p_l1s + dm_l2s + MAX_VCPUS * PC_PHYS_PAGES
-        if hv_pages > 512:
-            raise ValueError("domain too large for the hypervisor area")
         self.hv_bytes = _round_up(hv_pages * abi.PAGE_SIZE, 2 << 20)
         self.hv = mmap.mmap(-1, self.hv_bytes, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
                             mmap.PROT_READ | mmap.PROT_WRITE)

@@ -21,9 +21,13 @@ count drops back to 0 the references are released again.  Xen's reserved L4
 slots (256-271) are ignored in guest L4s and overwritten with the
 hypervisor's own entries.
 
-Writes never happen here: the caller supplies ``write_entry(maddr, value)``,
-which stores the value and records it so that the vCPU itself re-applies
-it before the guest runs again (PLATFORM.md fact 1).
+Writes never happen here: the caller supplies ``write_entry(maddr, value,
+old)``, which stores the value and, when the entry it replaces was present
+(``old`` has _PAGE_PRESENT, or ``old`` is None for a plain write), records
+it so that the vCPU itself re-applies it and reloads CR3 before the guest
+runs again (PLATFORM.md fact 1).  A not-present entry made present needs no
+such step: the shadow MMU has nothing cached for it and walks the table on
+the first access.
 
 Errors are Xen's: ``-EPERM`` for frames the domain does not own, ``-EINVAL``
 for entries, requests and type conflicts the rules forbid ("bad type").
@@ -55,7 +59,7 @@ class FrameTable:
     """Type and pin state of one domain's machine frames."""
 
     def __init__(self, mem: object, mfn_base: int, nr_frames: int,
-                 write_entry: Callable[[int, int], None],
+                 write_entry: Callable[[int, int, int | None], None],
                  owned: Callable[[int], bool] | None = None,
                  xen_l4_slots: dict[int, int] | None = None) -> None:
         self.mem = mem  # buffer holding frame mfn_base at offset 0
@@ -165,7 +169,7 @@ class FrameTable:
                 done.append(idx)
                 a = self._adjust(e)
                 if a != e:
-                    self.write_entry(base + idx * 8, a)
+                    self.write_entry(base + idx * 8, a, e)
         except XenError:
             for idx in done:
                 self._put_entry_ref(entries[idx], level)
@@ -175,7 +179,7 @@ class FrameTable:
             for idx in range(XEN_L4_FIRST, XEN_L4_LAST + 1):
                 want = self.xen_l4_slots.get(idx, 0)
                 if entries[idx] != want:
-                    self.write_entry(base + idx * 8, want)
+                    self.write_entry(base + idx * 8, want, entries[idx])
         self.stats["validated"] += 1
 
     def _devalidate(self, mfn: int, level: int) -> None:
@@ -204,13 +208,13 @@ class FrameTable:
             new = self._adjust(val)
             if new & _PAGE_PRESENT:
                 self._get_entry_ref(new, t)
-            self.write_entry(maddr, new)
+            self.write_entry(maddr, new, old)
             self._put_entry_ref(old, t)
             return
         # not a page table: a plain checked write to a page the guest may write
         self.get_type(mfn, PGT_WRITABLE)
         try:
-            self.write_entry(maddr, val)
+            self.write_entry(maddr, val, None)
         finally:
             self.put_type(mfn)
 

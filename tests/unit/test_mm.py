@@ -22,7 +22,7 @@ class Mem:
         self.writes: list[tuple[int, int]] = []
         self.ft = FrameTable(self.buf, BASE, N, self.write, xen_l4_slots={260: 0xABC001})
 
-    def write(self, maddr: int, val: int) -> None:
+    def write(self, maddr: int, val: int, old: int | None = None) -> None:
         self.writes.append((maddr, val))
         struct.pack_into("<Q", self.buf, maddr - BASE * 4096, val)
 
