@@ -160,6 +160,30 @@ class Domain:
             with self.mmu_lock:
                 self.mmu_pending.append(M.DM_VA + maddr)
 
+    def set_dirty_logging(self, on: bool) -> None:
+        """Log-dirty mode (for live migration): KVM logs guest writes to RAM;
+        writes the hypervisor and backends make are recorded by mark_dirty
+        (KVM does not see them, PLATFORM.md fact 8)."""
+        self.machine.vm.set_dirty_logging(M.RAM_SLOT, on)
+        self.host_dirty.clear()
+        self.dirty_logging = on
+
+    def read_dirty(self) -> set[int]:
+        """PFNs written since the last call (guest and host writes), and clear."""
+        bitmap = self.machine.vm.get_dirty_log(M.RAM_SLOT)
+        pfns = set()
+        words = struct.unpack(f"<{len(bitmap) // 8}Q", bitmap)
+        for wi, w in enumerate(words):
+            while w:
+                low = w & -w
+                pfn = wi * 64 + low.bit_length() - 1
+                if pfn < self.nr_pages:
+                    pfns.add(pfn)
+                w ^= low
+        host, self.host_dirty = self.host_dirty, set()
+        pfns.update(m - M.MFN_BASE for m in host if m - M.MFN_BASE < self.nr_pages)
+        return pfns
+
     def mark_dirty(self, mfn: int) -> None:
         if self.dirty_logging:
             self.host_dirty.add(mfn)
