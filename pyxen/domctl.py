@@ -4,8 +4,8 @@ and the tests both use :func:`create_domain`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .backends.console import ConsoleBackend
 from .builder import pv

@@ -61,7 +61,7 @@ class Regs(ctypes.Structure):
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")]
 
     def as_dict(self) -> dict[str, int]:
-        return {n: int(getattr(self, n)) for n, _ in self._fields_}
+        return {f[0]: int(getattr(self, f[0])) for f in self._fields_}
 
 
 class Segment(ctypes.Structure):

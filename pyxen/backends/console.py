@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 IN_SIZE, OUT_SIZE = 1024, 2048
 OFF_IN, OFF_OUT = 0, 1024

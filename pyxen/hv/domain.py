@@ -11,17 +11,21 @@ import heapq
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from .. import abi
+from ..abi import XenError
 from . import machine as M
 from .evtchn import EventChannels
 from .hypercalls import Hypercalls
-from ..abi import XenError
 from .mm import PGT_SEG, PGT_WRITABLE, FrameTable
 from .time import DomainClock
 from .vcpu import VCPU
+
+if TYPE_CHECKING:
+    from ..backends.console import ConsoleBackend
 
 ConsoleSink = Callable[[bytes], None]
 
@@ -143,7 +147,7 @@ class Domain:
         for v in self.vcpus:
             v.vi_set(abi.VI_UPCALL_MASK, 1)
             v.update_time()
-        self.console = None  # set by the builder (console backend)
+        self.console: ConsoleBackend | None = None  # attached by domctl.create_domain
         self.start_info: dict[str, int] = {}
 
     # ------------------------------------------------------------ memory
@@ -425,7 +429,7 @@ class Domain:
             for mfn in taken:
                 self.ft.put_type(mfn)
             raise
-        for mfn in getattr(v, "gdt_frames", []):
+        for mfn in v.gdt_frames:
             self.ft.put_type(mfn)
         v.gdt_frames = taken
         self.machine.map_gdt_frames(v.id, taken, self._hv_touch)

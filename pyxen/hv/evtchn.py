@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .. import abi
-from ..abi import EINVAL, ENOSPC, EEXIST, ESRCH, ENOSYS, EPERM, XenError
+from ..abi import EEXIST, EINVAL, ENOSPC, ENOSYS, EPERM, ESRCH, XenError
 
 if TYPE_CHECKING:
     from .domain import Domain

@@ -10,7 +10,8 @@ translate and check every address.  Unknown hypercalls return ``-ENOSYS``.
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import abi
 from ..abi import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH, XenError

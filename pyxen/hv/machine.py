@@ -29,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections.abc import Callable
 
 from .. import abi
 from ..kvm import VM
@@ -273,6 +274,20 @@ class Machine:
         pg = self.m2p_page_of[idx >> 12]
         struct.pack_into("<Q", self.hv, pg * 4096 + (idx & 4095), pfn)
 
+    def map_gdt_frames(self, cpu: int, mfns: list[int], touch: Callable[[int], None]) -> None:
+        """Point the first GDT pages of ``cpu`` at the guest's frames (set_gdt),
+        the rest at the zero page; ``touch(va)`` queues each changed hv PTE for
+        the vCPU to re-write (PLATFORM.md fact 1)."""
+        va_page0 = 512 + cpu * PERCPU_VA_PAGES
+        for p in range(abi.FIRST_RESERVED_GDT_PAGE):
+            if p < len(mfns):
+                val = (mfns[p] << 12) | HV_PAGE
+            else:
+                val = (HV_GPA + PG_ZERO * 4096) | PTE_P | PTE_A
+            idx = va_page0 + p - 512
+            self._hv_put(PG_PERCPU_L1, idx, val)
+            touch(HV_VA + PG_PERCPU_L1 * 4096 + idx * 8)
+
     @property
     def helper_va(self) -> int:
         return HV_VA + PG_CODE * 4096 + CODE_HELPER
@@ -302,19 +317,3 @@ def _round_up(x: int, a: int) -> int:
 
 HYPERVISOR_RANGE = (abi.HYPERVISOR_VIRT_START, abi.HYPERVISOR_VIRT_END)
 
-
-def _map_gdt_frames(self: Machine, cpu: int, mfns: list[int], touch: object) -> None:
-    """Point the first GDT pages of ``cpu`` at the guest's frames (set_gdt);
-    the rest at the zero page.  ``touch(va)`` queues each hv PTE for the vCPU."""
-    va_page0 = 512 + cpu * PERCPU_VA_PAGES
-    for p in range(abi.FIRST_RESERVED_GDT_PAGE):
-        if p < len(mfns):
-            val = (mfns[p] << 12) | HV_PAGE
-        else:
-            val = (HV_GPA + PG_ZERO * 4096) | PTE_P | PTE_A
-        idx = va_page0 + p - 512
-        self._hv_put(PG_PERCPU_L1, idx, val)
-        touch(HV_VA + PG_PERCPU_L1 * 4096 + idx * 8)  # type: ignore[operator]
-
-
-Machine.map_gdt_frames = _map_gdt_frames  # type: ignore[attr-defined]

@@ -36,7 +36,8 @@ for entries, requests and type conflicts the rules forbid ("bad type").
 from __future__ import annotations
 
 import struct
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from ..abi import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER, EINVAL, EPERM, PADDR_MASK, XenError
 

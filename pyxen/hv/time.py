@@ -9,10 +9,13 @@ host clock, and the scale factors come from the vCPU's TSC frequency.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import time
 
 from .. import abi
+
+Buffer = bytearray | memoryview | mmap.mmap
 
 
 def tsc_scale(tsc_khz: int) -> tuple[int, int]:
@@ -52,20 +55,20 @@ class DomainClock:
     def system_time(self) -> int:
         return time.monotonic_ns() - self.boot_ns
 
-    def write_wallclock(self, buf: object, si_off: int) -> None:
+    def write_wallclock(self, buf: Buffer, si_off: int) -> None:
         """shared_info wc_* fields (version odd while updating)."""
         wc = self.boot_wall_ns
-        ver = struct.unpack_from("<I", buf, si_off + abi.SI_WC_VERSION)[0]  # type: ignore[call-overload]
-        struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 1) & 0xFFFFFFFF)  # type: ignore[call-overload]
+        ver = struct.unpack_from("<I", buf, si_off + abi.SI_WC_VERSION)[0]
+        struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 1) & 0xFFFFFFFF)
         sec, nsec = divmod(wc, 1_000_000_000)
-        struct.pack_into("<III", buf, si_off + abi.SI_WC_SEC, sec & 0xFFFFFFFF, nsec, sec >> 32)  # type: ignore[call-overload]
-        struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 2) & 0xFFFFFFFF)  # type: ignore[call-overload]
+        struct.pack_into("<III", buf, si_off + abi.SI_WC_SEC, sec & 0xFFFFFFFF, nsec, sec >> 32)
+        struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 2) & 0xFFFFFFFF)
 
 
-def write_vcpu_time(buf: object, off: int, tsc: int, system_ns: int, mul: int, shift: int) -> None:
+def write_vcpu_time(buf: Buffer, off: int, tsc: int, system_ns: int, mul: int, shift: int) -> None:
     """Update a vcpu_time_info at ``off``: version goes odd, fields, then even."""
-    ver = struct.unpack_from("<I", buf, off)[0]  # type: ignore[call-overload]
-    struct.pack_into("<I", buf, off, (ver + 1) | 1)  # type: ignore[call-overload]
-    struct.pack_into("<QQIbB", buf, off + abi.VT_TSC_TIMESTAMP, tsc, system_ns, mul, shift,  # type: ignore[call-overload]
+    ver = struct.unpack_from("<I", buf, off)[0]
+    struct.pack_into("<I", buf, off, (ver + 1) | 1)
+    struct.pack_into("<QQIbB", buf, off + abi.VT_TSC_TIMESTAMP, tsc, system_ns, mul, shift,
                      abi.XEN_PVCLOCK_TSC_STABLE_BIT)
-    struct.pack_into("<I", buf, off, ((ver + 1) | 1) + 1)  # type: ignore[call-overload]
+    struct.pack_into("<I", buf, off, ((ver + 1) | 1) + 1)

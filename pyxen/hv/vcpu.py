@@ -93,6 +93,7 @@ class VCPU:
         self.gs_base_kernel = 0
         self.gs_base_user = 0
         self.virtual_ts = False
+        self.gdt_frames: list[int] = []  # set_gdt frames (typed seg_desc)
         self.up = vcpu_id == 0
         # vcpu_info location: (buffer, offset); shared_info slot by default
         self.vi_buf: memoryview = domain.shared_info
@@ -610,7 +611,7 @@ class VCPU:
         try:
             self.copy_to_guest(sp, struct.pack(f"<{len(frame)}Q", *frame))
         except XenError as e:
-            raise GuestCrash(f"cannot write exception frame to the guest stack at {sp:#x}: {e.why}")
+            raise GuestCrash(f"cannot write exception frame to the guest stack at {sp:#x}: {e.why}") from None
         if mask_events:
             self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK] = 1
         r.rip = handler

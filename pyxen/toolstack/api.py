@@ -115,9 +115,6 @@ class Host:
             raise PyxenError(f"cannot attach to the console of domain {domid}: {e.strerror}") from None
         return domid, s
 
-    def list(self, long: bool = False) -> list[dict[str, Any]]:
-        return list(self._call(op="list", long=long)["domains"])
-
     def destroy(self, dom: int | str) -> None:
         self._call(op="destroy", domain=dom)
 
@@ -173,6 +170,9 @@ class Host:
 
     def close(self) -> None:
         self.conn.close()
+
+    def list(self, long: bool = False) -> list[dict[str, Any]]:
+        return list(self._call(op="list", long=long)["domains"])
 
     def __enter__(self) -> Host:
         return self

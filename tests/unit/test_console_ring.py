@@ -7,8 +7,16 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyxen.backends.console import (OFF_IN_CONS, OFF_IN_PROD, OFF_OUT, OFF_OUT_CONS, OFF_OUT_PROD,
-                                    OUT_SIZE, ring_consume, ring_produce_input)
+from pyxen.backends.console import (
+    OFF_IN_CONS,
+    OFF_IN_PROD,
+    OFF_OUT,
+    OFF_OUT_CONS,
+    OFF_OUT_PROD,
+    OUT_SIZE,
+    ring_consume,
+    ring_produce_input,
+)
 
 
 def page() -> memoryview:

@@ -21,9 +21,11 @@ int main(void) {
   printf("Regs %zu\nSregs %zu\nSegment %zu\nDTable %zu\nSyncRegs.sregs %zu\n", sizeof(struct kvm_regs),
          sizeof(struct kvm_sregs), sizeof(struct kvm_segment), sizeof(struct kvm_dtable),
          offsetof(struct kvm_sync_regs, sregs));
-  printf("Fpu %zu\nXsave %zu\nCpuidEntry2 %zu\nDirtyLog %zu\nUserspaceMemoryRegion %zu\nMsrEntry %zu\n",
+  printf("Fpu %zu\nXsave %zu\nCpuidEntry2 %zu\nDirtyLog %zu\n"
+         "UserspaceMemoryRegion %zu\nMsrEntry %zu\n",
          sizeof(struct kvm_fpu), sizeof(struct kvm_xsave), sizeof(struct kvm_cpuid_entry2),
-         sizeof(struct kvm_dirty_log), sizeof(struct kvm_userspace_memory_region), sizeof(struct kvm_msr_entry));
+         sizeof(struct kvm_dirty_log), sizeof(struct kvm_userspace_memory_region),
+         sizeof(struct kvm_msr_entry));
   printf("KVM_RUN %lu\nKVM_GET_REGS %lu\nKVM_SET_REGS %lu\nKVM_GET_SREGS %lu\nKVM_SET_SREGS %lu\n",
          (unsigned long)KVM_RUN, (unsigned long)KVM_GET_REGS, (unsigned long)KVM_SET_REGS,
          (unsigned long)KVM_GET_SREGS, (unsigned long)KVM_SET_SREGS);
