@@ -234,12 +234,17 @@ class VCPU:
     def check_timers(self, now: int) -> int:
         """Fire due timers; return the next deadline (0 = none)."""
         nxt = 0
+        fired = False
         if self.timer_deadline and now >= self.timer_deadline:
             self.timer_deadline = 0
             self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, self.id)
+            fired = True
         if self.periodic_ns and now >= self.periodic_next:
             self.periodic_next = now + self.periodic_ns
             self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, self.id)
+            fired = True
+        if fired and threading.get_ident() == self.kvm.thread_id:
+            self.update_time()  # as Xen does on each timer tick: no drift accumulates
         for d in (self.timer_deadline, self.periodic_next if self.periodic_ns else 0,
                   self.poll_deadline if self.poll_ports is not None else 0):
             if d and (not nxt or d < nxt):
