@@ -160,6 +160,8 @@ class Domain:
     def _write_entry(self, maddr: int, value: int, old: int | None) -> None:
         off = maddr - (M.MFN_BASE << 12)
         struct.pack_into("<Q", self.machine.ram, off, value)
+        if self.dirty_logging:
+            self.host_dirty.add(maddr >> 12)
         if self.started and (old is None or old & 1):
             with self.mmu_lock:
                 self.mmu_pending.append(M.DM_VA + maddr)
@@ -185,8 +187,22 @@ class Domain:
                     pfns.add(pfn)
                 w ^= low
         host, self.host_dirty = self.host_dirty, set()
-        pfns.update(m - M.MFN_BASE for m in host if m - M.MFN_BASE < self.nr_pages)
+        # frames the hypervisor and backends write all the time: always resent
+        host.update(self.always_dirty_mfns())
+        pfns.update(m - M.MFN_BASE for m in host if 0 <= m - M.MFN_BASE < self.nr_pages)
         return pfns
+
+    def always_dirty_mfns(self) -> set[int]:
+        """Guest frames the host side writes without going through copy_to_guest:
+        the console ring (indexes, input) and vcpu_info placed in guest memory
+        (event bits, time)."""
+        out = set()
+        if self.start_info:
+            out.add(self.start_info["console_mfn"])
+        for v in self.vcpus:
+            if v.vi_mfn:
+                out.add(v.vi_mfn)
+        return out
 
     def mark_dirty(self, mfn: int) -> None:
         if self.dirty_logging:
@@ -337,7 +353,10 @@ class Domain:
                 else abi.SHUTDOWN_NAMES.get(self.shutdown_reason, str(self.shutdown_reason)),
                 "cpu_time_ns": cpu_ns, "uptime_s": time.time() - self.create_time,
                 "stats": {f"vcpu{v.id}": dict(v.stats, exits=v.n_exits, hypercalls=v.n_hypercalls)
-                          for v in self.vcpus}}
+                          for v in self.vcpus},
+                "hypercalls": {abi.HYPERCALL_NAMES.get(i, str(i)): n
+                               for i, n in enumerate(self.hypercalls.counts) if n},
+                "event_sends": self.evtchn.sends}
 
     # ------------------------------------------------------------ hypercall helpers
     def console_io_write(self, data: bytes) -> None:
@@ -385,6 +404,7 @@ class Domain:
         old = bytes(v.vi_buf[v.vi_off:v.vi_off + abi.VCPU_INFO_SIZE])
         v.vi_buf = self.machine.ram_view[base:base + abi.PAGE_SIZE]
         v.vi_off = offset
+        v.vi_mfn = mfn
         v.vi_buf[offset:offset + abi.VCPU_INFO_SIZE] = old
         # as Xen: mark every selector bit so the guest rescans after the move
         struct.pack_into("<Q", v.vi_buf, offset + abi.VI_PENDING_SEL, (1 << 64) - 1)
@@ -425,6 +445,7 @@ class Domain:
                 taken.append(mfn)
                 if fixed != list(descs):
                     struct.pack_into("<512Q", self.machine.ram, off, *fixed)
+                    self.mark_dirty(mfn)
         except XenError:
             for mfn in taken:
                 self.ft.put_type(mfn)
@@ -449,6 +470,7 @@ class Domain:
         desc = self.check_descriptor(desc)
         t, c = self.ft.type_of(mfn)
         off = maddr - (M.MFN_BASE << 12)
+        self.mark_dirty(mfn)
         if c and t == PGT_SEG:
             struct.pack_into("<Q", self.machine.ram, off, desc)
             return 0

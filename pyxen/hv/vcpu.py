@@ -98,6 +98,7 @@ class VCPU:
         # vcpu_info location: (buffer, offset); shared_info slot by default
         self.vi_buf: memoryview = domain.shared_info
         self.vi_off = vcpu_id * abi.VCPU_INFO_SIZE
+        self.vi_mfn = 0  # guest frame holding vcpu_info after register_vcpu_info
         # timers
         self.timer_deadline = 0  # system time ns, 0 = off
         self.periodic_ns = 0

@@ -63,6 +63,7 @@ class Daemon:
         self.zlock = threading.Lock()
         self.quit = threading.Event()
         self.start_time = time.time()
+        self.reserved: dict[int, float] = {}  # domid -> until when (domains to re-adopt)
 
     # ------------------------------------------------------------ log
     def log(self, line: str) -> None:
@@ -104,8 +105,9 @@ class Daemon:
 
     def _alloc_domid(self) -> int:
         with self.lock:
+            now = time.monotonic()
             for d in range(1, MAX_DOMID):
-                if d not in self.domains:
+                if d not in self.domains and self.reserved.get(d, 0) < now:
                     return d
         raise RuntimeError("out of domain IDs")
 
@@ -117,6 +119,7 @@ class Daemon:
                     raise ValueError(f"domain with name {name!r} already exists (domid {r.domid})")
             domid = self._alloc_domid()
             spec = dict(spec, domid=domid)
+            spec["extra"] = dict(spec.get("extra") or {}, actions=actions)
             rec = Record(domid, name, spec, actions)
             self.domains[domid] = rec
         try:
@@ -170,7 +173,10 @@ class Daemon:
 
     def _domain_events(self, conn: Conn, first: dict[str, Any]) -> None:
         """Serve one domain process's connection (runs in its own thread)."""
-        rec = self.domains.get(int(first.get("domid", -1)))
+        domid = int(first.get("domid", -1))
+        rec = self.domains.get(domid)
+        if rec is None and first.get("adopt") and isinstance(first.get("spec"), dict):
+            rec = self._adopt(domid, first)
         if rec is None:
             conn.close()
             return
@@ -218,6 +224,37 @@ class Daemon:
         if not rec.ready.is_set():
             rec.error = rec.error or "domain process exited during creation"
             rec.ready.set()
+
+    def _adopt(self, domid: int, msg: dict[str, Any]) -> Record | None:
+        """A domain process that outlived a previous daemon registers again."""
+        spec = dict(msg["spec"])
+        actions = dict((spec.get("extra") or {}).get("actions") or {})
+        with self.lock:
+            if domid in self.domains or not 0 < domid < MAX_DOMID:
+                return None
+            rec = Record(domid, str(spec.get("name")), spec, actions,
+                         state=str(msg.get("state", "running")), reason=msg.get("reason"))
+            rec.ready.set()
+            self.domains[domid] = rec
+            self.reserved.pop(domid, None)
+        self.log(f"adopted domain {domid} ({rec.name}), pid {msg.get('pid')}")
+        if rec.state in ("shutdown", "crashed"):
+            threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
+        return rec
+
+    def _reserve_survivors(self) -> None:
+        """Domain processes of a previous daemon keep their sockets; keep their
+        IDs free for a while so they can register again (see domproc._readopt)."""
+        for p in self.rundir.glob("domain-*.sock"):
+            try:
+                domid = int(p.stem.split("-", 1)[1])
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.settimeout(0.5)
+                s.connect(str(p))
+                s.close()
+            except (ValueError, OSError):
+                continue
+            self.reserved[domid] = time.monotonic() + 15
 
     def _on_shutdown(self, rec: Record) -> None:
         reason = rec.reason or "poweroff"
@@ -344,6 +381,7 @@ class Daemon:
         lsock.bind(str(path))
         lsock.listen(128)
         lsock.settimeout(0.5)
+        self._reserve_survivors()
         self._zygote()
         self.log(f"pyxend {__version__} started, pid {os.getpid()}, run dir {self.rundir}")
         while not self.quit.is_set():

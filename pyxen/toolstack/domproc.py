@@ -11,6 +11,7 @@ streamed to every attached client; client bytes go to the console ring.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import selectors
@@ -45,6 +46,7 @@ class DomainProcess:
         self.daemon = Conn.connect(str(paths.daemon_socket(rundir)), timeout=5)
         self.send_lock = threading.Lock()
         self.domain: Domain | None = None
+        self.daemon_lost = 0.0  # when the daemon connection was lost (0: connected)
         self.sel = selectors.DefaultSelector()
 
     # ------------------------------------------------------------ events to the daemon
@@ -148,6 +150,8 @@ class DomainProcess:
             msg = None
         if msg is None:  # the daemon went away: keep running, domains outlive it
             self.sel.unregister(conn_sock)
+            self.daemon.close()
+            self.daemon_lost = time.monotonic()
             return
         op = msg.get("op")
         rid = msg.get("id")
@@ -213,8 +217,28 @@ class DomainProcess:
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
         while True:
-            for key, _ in self.sel.select(timeout=1.0):
+            for key, _ in self.sel.select(timeout=0.25):
                 key.data(key.fileobj)
+            if self.daemon_lost and time.monotonic() - self.daemon_lost > 0.2:
+                self._readopt()
+
+    def _readopt(self) -> None:
+        """Register again with a restarted daemon, which adopts this domain."""
+        try:
+            conn = Conn.connect(str(paths.daemon_socket(self.rundir)), timeout=1)
+        except OSError:
+            self.daemon_lost = time.monotonic()
+            return
+        d = self.domain
+        assert d is not None
+        with self.send_lock:
+            self.daemon = conn
+        self.daemon_lost = 0.0
+        spec = dataclasses.asdict(self.spec)
+        self.event(event="register", adopt=True, domid=self.domid, pid=os.getpid(),
+                   sock=str(paths.domain_socket(self.rundir, self.domid)), spec=spec,
+                   state=d.state, reason=d.info()["shutdown_reason"])
+        self.sel.register(conn.sock, selectors.EVENT_READ, self._command)
 
 
 def domain_main(domid: int, spec: dict[str, Any], rundir: str) -> None:

@@ -1,8 +1,10 @@
 """The toolstack's control protocol: one JSON object per line on unix sockets.
 
 Requests carry ``op``; replies carry ``ok`` and either results or ``error``
-(a message for the user).  A console attach turns the connection into a raw
-byte stream after the JSON reply line.
+(a message for the user).  Domain processes use the same framing on their
+connection to the daemon (``event`` messages out, ``op`` requests in, replies
+matched by ``id``).  Consoles are separate: a client connects to the domain's
+own ``domain-N.sock``, sends one JSON line of options, then raw bytes flow.
 """
 
 from __future__ import annotations

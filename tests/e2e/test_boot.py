@@ -186,3 +186,35 @@ def test_two_domains_one_goes_away(host, order: str) -> None:
         buf += s.recv(4096)
     assert buf.count(b"tick") >= n0 + 7
     s.close()
+
+
+def test_domains_survive_a_daemon_crash(host) -> None:
+    """kill -9 of pyxend: the domain keeps running and a new daemon adopts it."""
+    import os
+    import signal
+
+    from pyxen.toolstack.api import Host
+    a = host.create(ROOT / "examples/ticker.cfg", ['name="survivor"'])
+    os.kill(host.info()["daemon_pid"], signal.SIGKILL)
+    time.sleep(0.3)
+    h2 = Host(run_dir=host.run_dir)
+    try:
+        deadline = time.monotonic() + 10
+        while not any(d["name"] == "survivor" for d in h2.list()):
+            assert time.monotonic() < deadline, h2.dmesg()
+            time.sleep(0.1)
+        (d,) = h2.list()
+        assert d["domid"] == a
+        assert any("adopted domain" in line for line in h2.dmesg())
+        s = h2.console_socket(a)
+        s.settimeout(5)
+        buf = b""
+        while buf.count(b"tick") < 3:
+            buf += s.recv(4096)
+        s.close()
+        # a new domain does not take the survivor's ID
+        b = h2.create(ROOT / "examples/ticker.cfg", ['name="newcomer"'])
+        assert b != a
+    finally:
+        h2.quit()
+        h2.close()
