@@ -29,6 +29,7 @@ from . import paths
 from .proto import Conn, ProtocolError
 
 SCROLLBACK = 64 << 10
+CLIENT_BACKLOG = 1 << 20
 
 
 class DomainProcess:
@@ -39,7 +40,8 @@ class DomainProcess:
         self.lock = threading.Lock()
         self.history = bytearray()
         self.clients: list[socket.socket] = []
-        self.greeting: dict[socket.socket, bytes] = {}  # clients that have not sent their first line
+        self.greeting: dict[socket.socket, bytes] = {}
+        self.backlog: dict[socket.socket, bytes] = {}  # output a slow client has not taken yet  # clients that have not sent their first line
         logp = paths.console_log(rundir, self.spec.name)
         logp.parent.mkdir(parents=True, exist_ok=True)
         self.logf = open(logp, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
@@ -63,14 +65,29 @@ class DomainProcess:
             self.history += data
             if len(self.history) > SCROLLBACK:
                 del self.history[:-SCROLLBACK]
-            dead = []
-            for c in self.clients:
-                try:
-                    c.sendall(data)
-                except OSError:
-                    dead.append(c)
+            dead = [c for c in self.clients if not self._send(c, data)]
             for c in dead:
                 self._drop_client(c)
+
+    def _send(self, c: socket.socket, data: bytes) -> bool:
+        """Send without ever blocking the vCPU: what a slow client cannot take
+        now waits in its queue; a client that falls CLIENT_BACKLOG behind is
+        dropped (the log file still has everything).  False: drop it."""
+        buf = self.backlog.get(c, b"") + data
+        try:
+            n = c.send(buf) if buf else 0
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            return False
+        rest = buf[n:]
+        if len(rest) > CLIENT_BACKLOG:
+            return False
+        if rest:
+            self.backlog[c] = rest
+        else:
+            self.backlog.pop(c, None)
+        return True
 
     def on_state(self, d: Domain) -> None:
         self.event(event="state", state=d.state, reason=d.info()["shutdown_reason"],
@@ -81,6 +98,7 @@ class DomainProcess:
 
     # ------------------------------------------------------------ console clients
     def _drop_client(self, c: socket.socket) -> None:
+        self.backlog.pop(c, None)
         if c in self.clients:
             self.clients.remove(c)
         try:
@@ -106,9 +124,8 @@ class DomainProcess:
             self._drop_client(c)
             return
         with self.lock:
-            try:
-                c.sendall(bytes(self.history))
-            except OSError:
+            c.setblocking(False)
+            if not self._send(c, bytes(self.history)):
                 self._drop_client(c)
                 return
             self.clients.append(c)
@@ -118,6 +135,8 @@ class DomainProcess:
     def _client_input(self, c: socket.socket) -> None:
         try:
             data = c.recv(4096)
+        except BlockingIOError:
+            return
         except OSError:
             data = b""
         if not data:
@@ -217,8 +236,12 @@ class DomainProcess:
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
         while True:
-            for key, _ in self.sel.select(timeout=0.25):
+            for key, _ in self.sel.select(timeout=0.1 if self.backlog else 0.25):
                 key.data(key.fileobj)
+            if self.backlog:
+                with self.lock:
+                    for c in [c for c in list(self.backlog) if not self._send(c, b"")]:
+                        self._drop_client(c)
             if self.daemon_lost and time.monotonic() - self.daemon_lost > 0.2:
                 self._readopt()
 
