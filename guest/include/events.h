@@ -25,9 +25,13 @@ union shared_info_page {
 extern union shared_info_page shared_info_page;
 #define HYPERVISOR_shared_info (&shared_info_page.s)
 
+/* vCPU 0's vcpu_info: in shared_info, unless moved with
+ * VCPUOP_register_vcpu_info (the mover updates this with events masked). */
+extern struct vcpu_info *vcpu_info_ptr;
+
 static inline struct vcpu_info *this_vcpu(void)
 {
-    return &HYPERVISOR_shared_info->vcpu_info[0];
+    return vcpu_info_ptr;
 }
 
 /* Run the event dispatch loop synchronously (events must be masked). */

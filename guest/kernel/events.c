@@ -11,6 +11,7 @@
 #include "traps.h"
 
 union shared_info_page shared_info_page __aligned(PAGE_SIZE) __section(".bss.page_aligned");
+struct vcpu_info *vcpu_info_ptr = &shared_info_page.s.vcpu_info[0];
 
 /* Handlers for the ports we can dispatch; higher ports are masked. */
 #define MAX_BOUND_PORTS 1024
