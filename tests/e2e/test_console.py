@@ -33,7 +33,7 @@ def read_until(s: socket.socket, pattern: bytes, timeout: float = 10.0, buf: byt
         s.settimeout(left)
         try:
             b = s.recv(4096)
-        except socket.timeout:
+        except TimeoutError:
             continue
         if not b:
             raise AssertionError(f"console closed before {pattern!r}; got {buf!r}")

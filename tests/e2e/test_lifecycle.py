@@ -4,7 +4,6 @@ preserve, name clashes, unknown domains, pause) and `pyxen list`."""
 from __future__ import annotations
 
 import re
-import socket
 import time
 
 import pytest
@@ -45,7 +44,7 @@ def read_console(host, dom, pattern: bytes, timeout: float = 10.0) -> bytes:
             s.settimeout(left)
             try:
                 b = s.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not b:
                 raise AssertionError(f"console of {dom} closed before {pattern!r}: {buf!r}")
@@ -105,8 +104,8 @@ def test_crash_preserved_until_destroyed(host) -> None:
     log = "\n".join(host.dmesg())
     assert "domain crashed" in log
     # the hypervisor's dump of the guest's registers at the crash
-    assert re.search(r"\(d%d\).*rip=[0-9a-f]{16}" % d, log), log
-    assert re.search(r"\(d%d\).*rax=[0-9a-f]{16}" % d, log), log
+    assert re.search(rf"\(d{d}\).*rip=[0-9a-f]{{16}}", log), log
+    assert re.search(rf"\(d{d}\).*rax=[0-9a-f]{{16}}", log), log
     assert "on_crash=preserve" in log
     # and the guest's own dump is on its console
     out = read_console(host, d, rb"FATAL: crashing domain")
@@ -127,7 +126,7 @@ def test_guest_console_io_dump_in_dmesg(host) -> None:
     wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "crash")] == ["crashed"],
              what="crash in state crashed")
     log = "\n".join(host.dmesg())
-    assert re.search(r"\(d%d\).*FATAL: page fault" % d, log), log
+    assert re.search(rf"\(d{d}\).*FATAL: page fault", log), log
 
 
 def test_on_poweroff_preserve_keeps_shutdown_domain(host) -> None:
