@@ -55,17 +55,14 @@ void clear_evtchn(evtchn_port_t port)
 
 void unmask_evtchn(evtchn_port_t port)
 {
-    struct shared_info *s = HYPERVISOR_shared_info;
-
-    sync_clear_bit(port % EVTCHN_WORD_BITS, word_of(s->evtchn_mask, port));
     /*
-     * If it became pending while masked, no upcall was raised for it:
-     * EVTCHNOP_unmask makes the hypervisor redo the pending->upcall logic.
+     * Let the hypervisor clear the mask bit: if the port became pending while
+     * masked, EVTCHNOP_unmask raises the upcall that was held back.  (Xen only
+     * does so when it is the one clearing the bit, so clearing it here first
+     * would lose the event.)
      */
-    if (test_bit(port, s->evtchn_pending)) {
-        struct evtchn_unmask op = { .port = port };
-        HYPERVISOR_event_channel_op(EVTCHNOP_unmask, &op);
-    }
+    struct evtchn_unmask op = { .port = port };
+    HYPERVISOR_event_channel_op(EVTCHNOP_unmask, &op);
 }
 
 long notify_remote_via_evtchn(evtchn_port_t port)

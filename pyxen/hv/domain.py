@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..backends.console import ConsoleBackend
 
 ConsoleSink = Callable[[bytes], None]
+CONSOLE_IO_LOG_LIMIT = 10000  # lines of a domain's console_io kept in the hypervisor log
 
 
 @dataclass
@@ -84,7 +85,7 @@ class TimerThread:
                 deadline, _, vcpu = self.heap[0]
                 now = clock.system_time()
                 if deadline > now:
-                    self.cond.wait((deadline - now) / 1e9)
+                    self.cond.wait(min((deadline - now) / 1e9, 1.0))
                     continue
                 heapq.heappop(self.heap)
             if vcpu.timer_deadline and vcpu.timer_deadline <= deadline or \
@@ -115,6 +116,8 @@ class Domain:
         self.log_sink = log_sink
         self.on_state = on_state
         self.dmesg: list[str] = []
+        self.console_io_partial = b""
+        self.console_io_lines = 0
         self.state_lock = threading.RLock()
         self.shutdown_reason: int | None = None
         self.shutdown_code: int | None = None
@@ -360,10 +363,24 @@ class Domain:
 
     # ------------------------------------------------------------ hypercall helpers
     def console_io_write(self, data: bytes) -> None:
-        """HYPERVISOR_console_io output: the guest's early console.  Xen sends it
-        to the hypervisor console; pyxen shows it on the domain's console too,
-        so early boot messages reach the user."""
+        """HYPERVISOR_console_io output: the guest's early console.  As Xen, it
+        goes to the hypervisor log (``pyxen dmesg``), one line at a time with
+        the domain's prefix; pyxen also shows it on the domain's console, so
+        early boot messages reach the user."""
         self.console_output(data)
+        buf = self.console_io_partial + data
+        *lines, self.console_io_partial = buf.split(b"\n")
+        if len(self.console_io_partial) > 1024:  # a line that never ends
+            lines.append(self.console_io_partial)
+            self.console_io_partial = b""
+        for line in lines:
+            if self.console_io_lines >= CONSOLE_IO_LOG_LIMIT:
+                if self.console_io_lines == CONSOLE_IO_LOG_LIMIT:
+                    self.log("console_io: further output not logged (limit reached)")
+                    self.console_io_lines += 1
+                break
+            self.console_io_lines += 1
+            self.log(line.decode(errors="replace").rstrip("\r"))
 
     def flush_all_tlbs(self, v: VCPU) -> None:
         v.flush_requested = True
@@ -382,7 +399,7 @@ class Domain:
 
     def copy_page(self, dst: int, src: int) -> None:
         if not self.ft.owns(src):
-            raise XenError(abi.EPERM, f"copy from frame {src:#x} not owned")
+            raise XenError(abi.EINVAL, f"copy from frame {src:#x} not owned")
         self.ft.get_type(dst, PGT_WRITABLE)
         try:
             so, do = self.machine.ram_offset(src), self.machine.ram_offset(dst)
@@ -437,7 +454,7 @@ class Domain:
         try:
             for mfn in frames:
                 if not self.ft.owns(mfn):
-                    raise XenError(abi.EPERM, f"GDT frame {mfn:#x} not owned")
+                    raise XenError(abi.EINVAL, f"GDT frame {mfn:#x} not owned")
                 off = self.machine.ram_offset(mfn)
                 descs = struct.unpack_from("<512Q", self.machine.ram, off)
                 fixed = [self.check_descriptor(dsc) for dsc in descs]
@@ -466,7 +483,7 @@ class Domain:
             raise XenError(abi.EINVAL, "misaligned descriptor address")
         mfn = maddr >> 12
         if not self.ft.owns(mfn):
-            raise XenError(abi.EPERM, f"descriptor frame {mfn:#x} not owned")
+            raise XenError(abi.EINVAL, f"descriptor frame {mfn:#x} not owned")
         desc = self.check_descriptor(desc)
         t, c = self.ft.type_of(mfn)
         off = maddr - (M.MFN_BASE << 12)

@@ -176,9 +176,11 @@ class EventChannels:
 ENOENT_ = abi.ENOENT
 
 
-def set_pending_bits(si: memoryview, vi_off: int, port: int) -> bool:
-    """Xen's evtchn_2l_set_pending on shared_info memory.  Returns True if the
-    vCPU must be notified (upcall_pending went 0 → 1)."""
+def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int) -> bool:
+    """Xen's evtchn_2l_set_pending: pending/mask bits in shared_info ``si``, the
+    selector and upcall flag in the vCPU's vcpu_info at ``vi[vo:]`` (which may
+    have moved out of shared_info with VCPUOP_register_vcpu_info).  Returns
+    True if the vCPU must be notified (upcall_pending went 0 -> 1)."""
     word, bit = divmod(port, 64)
     poff = abi.SI_EVTCHN_PENDING + word * 8
     pend = int.from_bytes(si[poff:poff + 8], "little")
@@ -188,32 +190,35 @@ def set_pending_bits(si: memoryview, vi_off: int, port: int) -> bool:
     moff = abi.SI_EVTCHN_MASK + word * 8
     if int.from_bytes(si[moff:moff + 8], "little") >> bit & 1:
         return False
-    return _mark_selector(si, vi_off, word)
+    return _mark_selector(vi, vo, word)
 
 
-def _mark_selector(si: memoryview, vi_off: int, word: int) -> bool:
-    soff = vi_off + abi.VI_PENDING_SEL
-    sel = int.from_bytes(si[soff:soff + 8], "little")
+def _mark_selector(vi: memoryview, vo: int, word: int) -> bool:
+    soff = vo + abi.VI_PENDING_SEL
+    sel = int.from_bytes(vi[soff:soff + 8], "little")
     if sel >> word & 1:
         return False
-    struct.pack_into("<Q", si, soff, sel | (1 << word))
-    if si[vi_off + abi.VI_UPCALL_PENDING]:
+    struct.pack_into("<Q", vi, soff, sel | (1 << word))
+    if vi[vo + abi.VI_UPCALL_PENDING]:
         return False
-    si[vi_off + abi.VI_UPCALL_PENDING] = 1
+    vi[vo + abi.VI_UPCALL_PENDING] = 1
     return True
 
 
-def unmask_bits(si: memoryview, vi_off: int, port: int) -> bool:
-    """Xen's evtchn_2l_unmask: clear the mask bit; if the port is pending,
-    re-raise it on its vCPU.  Returns True if an upcall became pending."""
+def unmask_bits(si: memoryview, vi: memoryview, vo: int, port: int) -> bool:
+    """Xen's evtchn_2l_unmask: clear the mask bit and, only if this call cleared
+    it and the port is pending, re-raise it on its vCPU (a guest that cleared
+    the bit itself gets nothing re-raised, exactly as on Xen).  Returns True
+    if an upcall became pending."""
     word, bit = divmod(port, 64)
     moff = abi.SI_EVTCHN_MASK + word * 8
     mask = int.from_bytes(si[moff:moff + 8], "little")
-    if mask >> bit & 1:
-        struct.pack_into("<Q", si, moff, mask & ~(1 << bit))
+    if not mask >> bit & 1:
+        return False
+    struct.pack_into("<Q", si, moff, mask & ~(1 << bit))
     poff = abi.SI_EVTCHN_PENDING + word * 8
     if int.from_bytes(si[poff:poff + 8], "little") >> bit & 1:
-        return _mark_selector(si, vi_off, word)
+        return _mark_selector(vi, vo, word)
     return False
 
 

@@ -28,10 +28,15 @@ MASK64 = (1 << 64) - 1
 XEN_MAJOR, XEN_MINOR, XEN_EXTRA = 4, 19, ".0-pyxen"
 XEN_CAPABILITIES = "xen-3.0-x86_64 "
 MAX_MULTICALL = 1024
+MEMOP_CMD_MASK = (1 << 6) - 1  # memory.h: MEMOP_EXTENT_SHIFT = 6
 
 
 def _u32(buf: bytes, off: int = 0) -> int:
     return int(struct.unpack_from("<I", buf, off)[0])
+
+
+def _canonical(va: int) -> bool:
+    return va < 0x0000800000000000 or va >= 0xFFFF800000000000
 
 
 def _cstring(s: str, size: int) -> bytes:
@@ -143,6 +148,8 @@ class Hypercalls:
     def do_callback_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         if cmd == abi.CALLBACKOP_register:
             typ, flags, addr = abi.CALLBACK_REGISTER.unpack(v.copy_from_guest(arg, 16))
+            if not _canonical(addr):
+                raise XenError(EINVAL, f"non-canonical callback address {addr:#x}")
             if typ == abi.CALLBACKTYPE_event:
                 v.event_callback = addr
             elif typ == abi.CALLBACKTYPE_failsafe:
@@ -154,7 +161,7 @@ class Hypercalls:
                          abi.CALLBACKTYPE_sysenter):
                 pass  # accepted; never raised on pyxen yet
             else:
-                raise XenError(EINVAL, f"callback type {typ}")
+                raise XenError(ENOSYS, f"callback type {typ}")
             return 0
         if cmd == abi.CALLBACKOP_unregister:
             typ = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
@@ -165,7 +172,7 @@ class Hypercalls:
             elif typ == abi.CALLBACKTYPE_syscall:
                 v.syscall_callback = 0
             else:
-                raise XenError(EINVAL, f"callback type {typ}")
+                raise XenError(ENOSYS, f"callback type {typ}")
             return 0
         raise XenError(ENOSYS)
 
@@ -252,15 +259,17 @@ class Hypercalls:
                 n = min(count - done, 256)
                 raw = v.copy_from_guest(reqs + 16 * done, 16 * n)
                 for ptr, val in struct.iter_unpack("<QQ", raw):
-                    cmd = ptr & 3
+                    cmd = ptr & 7
                     if cmd in (abi.MMU_NORMAL_PT_UPDATE, abi.MMU_PT_UPDATE_PRESERVE_AD,
                                abi.MMU_PT_UPDATE_NO_TRANSLATE):
-                        ft.mod_entry(ptr & ~3, val)
+                        ft.mod_entry(ptr - cmd, val)
                     elif cmd == abi.MMU_MACHPHYS_UPDATE:
                         mfn = ptr >> 12
                         if not ft.owns(mfn):
-                            raise XenError(EPERM, f"M2P update for frame {mfn:#x} not owned")
+                            raise XenError(EINVAL, f"M2P update for frame {mfn:#x} not owned")
                         self.domain.machine.set_m2p(mfn, val)
+                    else:
+                        raise XenError(ENOSYS, f"mmu_update command {cmd}")
                     done += 1
         except XenError as e:
             rc = -e.errno
@@ -299,6 +308,8 @@ class Hypercalls:
                 elif cmd == abi.MMUEXT_NEW_BASEPTR:
                     if not v.kernel_mode:
                         raise XenError(EINVAL, "new_baseptr from user mode")
+                    if not ft.owns(arg1):
+                        raise XenError(EINVAL, f"new_baseptr to frame {arg1:#x} not owned")
                     if arg1 != v.kernel_l4:
                         ft.get_type(arg1, PGT_L4)
                         old, v.kernel_l4 = v.kernel_l4, arg1
@@ -340,7 +351,7 @@ class Hypercalls:
 
     def do_memory_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         d = self.domain
-        cmd &= 0xF  # low bits: command; the rest is a continuation start extent
+        cmd &= MEMOP_CMD_MASK  # the bits above are a continuation's start extent
         if cmd in (abi.XENMEM_current_reservation, abi.XENMEM_maximum_reservation,
                    abi.XENMEM_maximum_gpfn):
             domid = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
@@ -379,10 +390,19 @@ class Hypercalls:
 
     # ------------------------------------------------------------ scheduling, time
     def do_set_timer_op(self, v: VCPU, timeout: int, *_: int) -> int:
-        v.set_timer(timeout)
-        if timeout and timeout <= self.domain.clock.system_time():
-            self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, v.id)
+        now = self.domain.clock.system_time()
+        if timeout == 0:
             v.timer_deadline = 0
+            return 0
+        if timeout >= 1 << 63 or (timeout > now and (timeout - now) >> 50):
+            # As Xen: a deadline that wrapped negative or lies more than ~13 days
+            # ahead is a guest's way of saying "no timer"; fire in 100 ms.
+            timeout = now + 100_000_000
+        if timeout <= now:
+            v.timer_deadline = 0
+            self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, v.id)
+            return 0
+        v.set_timer(timeout)
         return 0
 
     def do_sched_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:

@@ -47,13 +47,19 @@ DM_VA = 0xFFFF830000000000
 
 # I/O ports: the hypercall page uses HC_PORT (allowed at CPL3 by the TSS bitmap);
 # the CPL0 exception stubs and the MMU helper use ports CPL3 cannot reach.
-HC_PORT, TRAP_PORT, HELPER_PORT = 0xF0, 0xF1, 0xF2
+# SYSCALL_PORT is the `syscall` entry stub's: on PVM `syscall` stays at CPL3
+# (PLATFORM.md fact 5), so the stub runs at CPL3 too and the bitmap opens it.
+HC_PORT, TRAP_PORT, HELPER_PORT, SYSCALL_PORT = 0xF0, 0xF1, 0xF2, 0xF3
+# The syscall entry stub lives in a user-readable page at the top of the M2P's
+# L4 slot (257), so it can run at CPL3 (PVM) or CPL0 (VT-x/AMD-V) alike.
+SYSCALL_STUB_VA = 0xFFFF808000000000 + (511 << 30) + (511 << 21) + (511 << 12)
 
 MAX_VCPUS = 16
 # hypervisor area: fixed pages
 PG_HV_L3, PG_HV_L2, PG_HV_L1, PG_PERCPU_L1 = 0, 1, 2, 3
 PG_M2P_L3, PG_M2P_L2, PG_DM_L3, PG_CODE, PG_IDT, PG_ZERO = 4, 5, 6, 7, 8, 9
-FIXED_PAGES = 10
+PG_USER_L2, PG_USER_L1, PG_USER_CODE = 10, 11, 12
+FIXED_PAGES = 13
 # per-vCPU virtual slot (32 pages) in the second 2 MiB of the hv area
 PERCPU_VA_PAGES = 32
 PC_GDT, PC_TSS, PC_STACK, PC_LIST = 0, 16, 19, 21  # page offsets inside a vCPU slot
@@ -194,7 +200,14 @@ class Machine:
             h = HV_VA + PG_CODE * 4096 + CODE_STUBS + v * 8
             lo = (h & 0xFFFF) | (abi.HYPERVISOR_CS64 << 16) | (0x8E << 40) | (((h >> 16) & 0xFFFF) << 48)
             struct.pack_into("<QQ", hv, idt + v * 16, lo, h >> 32)
-        # M2P: slot 256, read-only and user-readable
+        # the syscall entry stub: `out %al,$SYSCALL_PORT`, user-readable, read-only
+        ucode = PG_USER_CODE * 4096
+        hv[ucode:ucode + 2] = bytes([0xE6, SYSCALL_PORT])
+        user_ro = PTE_P | PTE_US | PTE_A
+        self._hv_put(PG_M2P_L3, 511, (base + PG_USER_L2 * 4096) | user_ro)
+        self._hv_put(PG_USER_L2, 511, (base + PG_USER_L1 * 4096) | user_ro)
+        self._hv_put(PG_USER_L1, 511, (base + PG_USER_CODE * 4096) | user_ro)
+        # M2P: slot 257, read-only and user-readable
         self._hv_put(PG_M2P_L3, 0, (base + PG_M2P_L2 * 4096) | PTE_P | PTE_US | PTE_A)
         self.m2p_page_of: dict[int, int] = {}
         l1_of: dict[int, int] = {}
@@ -251,7 +264,8 @@ class Machine:
         struct.pack_into("<Q", self.hv, t + 4, stack_top)  # RSP0
         struct.pack_into("<H", self.hv, t + 102, 104)  # I/O bitmap offset
         bitmap = bytearray(b"\xff" * 8193)
-        bitmap[HC_PORT >> 3] &= ~(1 << (HC_PORT & 7)) & 0xFF
+        for port in (HC_PORT, SYSCALL_PORT):
+            bitmap[port >> 3] &= ~(1 << (port & 7)) & 0xFF
         self.hv[t + 104:t + 104 + 8193] = bytes(bitmap)
         return {"gdt_va": va(0), "tss_va": tss_va, "stack_top": stack_top,
                 "list_va": va(PC_LIST), "list_off": list_pg[0] * 4096,

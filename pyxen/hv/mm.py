@@ -29,8 +29,9 @@ runs again (PLATFORM.md fact 1).  A not-present entry made present needs no
 such step: the shadow MMU has nothing cached for it and walks the table on
 the first access.
 
-Errors are Xen's: ``-EPERM`` for frames the domain does not own, ``-EINVAL``
-for entries, requests and type conflicts the rules forbid ("bad type").
+Errors are Xen's: ``-EPERM`` for an L1 entry mapping a frame the domain does
+not own, ``-EINVAL`` for everything else the rules forbid (frames not owned
+as page tables or update targets, bad flags, type conflicts: "bad type").
 """
 
 from __future__ import annotations
@@ -44,9 +45,14 @@ from ..abi import _PAGE_PRESENT, _PAGE_PSE, _PAGE_RW, _PAGE_USER, EINVAL, EPERM,
 PGT_NONE, PGT_L1, PGT_L2, PGT_L3, PGT_L4, PGT_SEG, PGT_WRITABLE = 0, 1, 2, 3, 4, 5, 6
 TYPE_NAMES = {0: "none", 1: "L1", 2: "L2", 3: "L3", 4: "L4", 5: "seg_desc", 6: "writable"}
 XEN_L4_FIRST, XEN_L4_LAST = 256, 271
-# bits a guest may not set in L2-L4 entries (no superpages for PV guests here)
-_L234_DISALLOW = _PAGE_PSE
-_ADDR_RESERVED = 0x7FF0000000000000  # bits 52-62: must be zero (no avail-high use)
+# Bits a domU may not set, as Xen's l1/l2/l3/l4 disallow masks (x86_64/page.h):
+# no cache attributes (PWT, PCD, PAT) without I/O privileges, bit 62 (Xen's
+# _PAGE_GNTTAB) in L1s; in L2-L4 no cache attributes, no superpages (PSE), no
+# global bit and nothing in bits 52-62.  Bits 52-61 are the guest's own
+# (_PAGE_AVAIL_HIGH) in L1 entries; NX is always allowed.
+_PAGE_PWT, _PAGE_PCD, _PAGE_PAT, _PAGE_GLOBAL = 0x8, 0x10, 0x80, 0x100
+L1_DISALLOW = _PAGE_PWT | _PAGE_PCD | _PAGE_PAT | (1 << 62)
+L234_DISALLOW = _PAGE_PWT | _PAGE_PCD | _PAGE_PSE | _PAGE_GLOBAL | (0x7FF << 52)
 
 _ENTRIES = struct.Struct("<512Q")
 _ENTRY = struct.Struct("<Q")
@@ -94,7 +100,7 @@ class FrameTable:
     # ------------------------------------------------------------ types
     def get_type(self, mfn: int, t: int) -> None:
         if not self.owns(mfn):
-            raise XenError(EPERM, f"frame {mfn:#x} is not owned by the domain")
+            raise XenError(EINVAL, f"frame {mfn:#x} is not owned by the domain")
         i = mfn - self.mfn_base
         c = self.count[i]
         if c == 0:
@@ -130,17 +136,17 @@ class FrameTable:
         return e | _PAGE_USER if e & _PAGE_PRESENT else e
 
     def _get_entry_ref(self, e: int, level: int) -> None:
-        if e & _ADDR_RESERVED:
-            raise XenError(EINVAL, f"reserved bits set in L{level} entry {e:#x}")
         mfn = (e & PADDR_MASK) >> 12
         if level == 1:
+            if e & L1_DISALLOW:
+                raise XenError(EINVAL, f"bad L1 flags in {e:#x}")
             if not self.owns(mfn):
                 raise XenError(EPERM, f"L1 entry maps frame {mfn:#x} the domain does not own")
             if e & _PAGE_RW:
                 self.get_type(mfn, PGT_WRITABLE)
             return
-        if e & _L234_DISALLOW:
-            raise XenError(EINVAL, f"superpage (PSE) in L{level} entry {e:#x}")
+        if e & L234_DISALLOW:
+            raise XenError(EINVAL, f"bad L{level} flags in {e:#x}")
         self.get_type(mfn, level - 1)
 
     def _put_entry_ref(self, e: int, level: int) -> None:
@@ -197,7 +203,7 @@ class FrameTable:
             raise XenError(EINVAL, f"misaligned PTE address {maddr:#x}")
         mfn = maddr >> 12
         if not self.owns(mfn):
-            raise XenError(EPERM, f"update of frame {mfn:#x} the domain does not own")
+            raise XenError(EINVAL, f"update of frame {mfn:#x} the domain does not own")
         i = mfn - self.mfn_base
         t = self.type[i]
         self.stats["updates"] += 1
@@ -221,7 +227,7 @@ class FrameTable:
 
     def pin(self, mfn: int, level: int) -> None:
         if not self.owns(mfn):
-            raise XenError(EPERM, f"pin of frame {mfn:#x} the domain does not own")
+            raise XenError(EINVAL, f"pin of frame {mfn:#x} the domain does not own")
         i = mfn - self.mfn_base
         if self.pinned[i]:
             raise XenError(EINVAL, f"frame {mfn:#x} already pinned")
@@ -230,7 +236,7 @@ class FrameTable:
 
     def unpin(self, mfn: int) -> None:
         if not self.owns(mfn):
-            raise XenError(EPERM, f"unpin of frame {mfn:#x} the domain does not own")
+            raise XenError(EINVAL, f"unpin of frame {mfn:#x} the domain does not own")
         i = mfn - self.mfn_base
         if not self.pinned[i]:
             raise XenError(EINVAL, f"frame {mfn:#x} is not pinned")

@@ -51,6 +51,7 @@ EXC_NAMES = {0: "#DE divide error", 1: "#DB debug", 2: "NMI", 3: "#BP breakpoint
              13: "#GP general protection", 14: "#PF page fault", 16: "#MF x87 FPU",
              17: "#AC alignment check", 18: "#MC machine check", 19: "#XM SIMD"}
 MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 
 
 def _seg(selector: int, code: bool, dpl: int) -> kvm.Segment:
@@ -150,6 +151,12 @@ class VCPU:
         s.cr4 = 0x20 | 0x200 | 0x400  # PAE|OSFXSR|OSXMMEXCPT
         s.efer = 0xD01  # NXE|LMA|LME|SCE
         v.mark_sregs_dirty()
+        # `syscall` enters the hypervisor's stub, which reports to SYSCALL_PORT;
+        # sysret is never used, STAR's upper selector only mirrors Xen's flat ones
+        v.set_msrs({MSR_LSTAR: M.SYSCALL_STUB_VA, MSR_CSTAR: M.SYSCALL_STUB_VA,
+                    MSR_STAR: (abi.HYPERVISOR_CS64 << 32) | (abi.FLAT_RING3_CS32 << 48),
+                    MSR_SYSCALL_MASK: X86_EFLAGS_TF | X86_EFLAGS_IF | 0x400 | X86_EFLAGS_NT
+                    | X86_EFLAGS_AC})
 
     def set_initial_state(self, rip: int, rsp: int, rsi: int, l4_mfn: int) -> None:
         r = self.kvm.regs
@@ -208,28 +215,10 @@ class VCPU:
 
     def set_pending(self, port: int) -> None:
         """Mark ``port`` pending (vCPU thread only)."""
-        set_pending_bits(self.domain.shared_info, self.vi_off, port) \
-            if self.vi_buf is self.domain.shared_info else self._set_pending_moved(port)
-
-    def _set_pending_moved(self, port: int) -> None:
-        # vcpu_info registered elsewhere: bitmaps stay in shared_info, selector moves
-        si = self.domain.shared_info
-        word, bit = divmod(port, 64)
-        poff = abi.SI_EVTCHN_PENDING + word * 8
-        pend = int.from_bytes(si[poff:poff + 8], "little")
-        if pend >> bit & 1:
-            return
-        struct.pack_into("<Q", si, poff, pend | (1 << bit))
-        moff = abi.SI_EVTCHN_MASK + word * 8
-        if int.from_bytes(si[moff:moff + 8], "little") >> bit & 1:
-            return
-        soff = self.vi_off + abi.VI_PENDING_SEL
-        sel = int.from_bytes(self.vi_buf[soff:soff + 8], "little")
-        struct.pack_into("<Q", self.vi_buf, soff, sel | (1 << word))
-        self.vi_buf[self.vi_off + abi.VI_UPCALL_PENDING] = 1
+        set_pending_bits(self.domain.shared_info, self.vi_buf, self.vi_off, port)
 
     def unmask(self, port: int) -> None:
-        unmask_bits(self.domain.shared_info, self.vi_off, port)
+        unmask_bits(self.domain.shared_info, self.vi_buf, self.vi_off, port)
 
     # ------------------------------------------------------------ timers
     def check_timers(self, now: int) -> int:
@@ -376,6 +365,8 @@ class VCPU:
                         self.attention = True
                 elif port == TRAP:
                     self.exception()
+                elif port == M.SYSCALL_PORT:
+                    self.syscall_entry()
                 else:
                     raise GuestCrash(f"unexpected I/O exit on port {port:#x}")
             else:
@@ -428,6 +419,8 @@ class VCPU:
                         self.attention = True
                 elif port == M.TRAP_PORT:
                     self.exception()
+                elif port == M.SYSCALL_PORT:
+                    self.syscall_entry()
                 else:
                     raise GuestCrash(f"unexpected I/O exit on port {port:#x}")
             else:
@@ -557,6 +550,29 @@ class VCPU:
         if vec in (6, 13) and self._emulate_int(rip, err):
             return
         self.bounce_trap(vec, err)
+
+    def syscall_entry(self) -> None:
+        """The guest executed `syscall` (the CPU left the return RIP in rcx and
+        RFLAGS in r11).  As on Xen: from guest kernel mode it is a hypercall;
+        from guest user mode it is bounced to the syscall callback in kernel
+        mode, or raises #UD where no callback is registered."""
+        v = self.kvm
+        r, s = v.regs, v.sregs
+        if s.cs.dpl != 3 or s.cs.selector != abi.FLAT_KERNEL_CS:
+            s.cs = GUEST_CS
+            s.ss = GUEST_SS
+            v.mark_sregs_dirty()
+        r.rip = r.rcx
+        r.rflags = (r.r11 & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF | 0x2
+        v.mark_regs_dirty()
+        if self.kernel_mode:
+            self.domain.hypercalls.dispatch(self, r)
+            return
+        if not self.syscall_callback:
+            r.rip = (r.rcx - 2) & ((1 << 64) - 1)
+            self.bounce_trap(6, None)
+            return
+        self.bounce(self.syscall_callback, None, self.syscall_mask_events)
 
     def _emulate_int(self, rip: int, err: int | None) -> bool:
         """``int $n`` at CPL3 raises #UD here (PLATFORM.md fact 4) or #GP: deliver

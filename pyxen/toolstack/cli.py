@@ -93,15 +93,16 @@ def _dom(a: argparse.Namespace) -> int | str:
 def cmd_list(h: Host, a: argparse.Namespace) -> int:
     doms = h.list(long=True)
     info = h.info()
-    print(f"{'Name':<40}{'ID':>5}{'Mem':>6}{'VCPUs':>6}\t{'State':<6}\t{'Time(s)':>7}")
-    print(f"{'Domain-0':<40}{0:>5}{info['total_memory']:>6}{info['nr_cpus']:>6}\t{'r-----':<6}\t"
-          f"{time.process_time():>7.1f}")
+    print("Name                                        ID   Mem VCPUs\tState\tTime(s)")  # xl's
+    row = "{:<40} {:>5} {:>5} {:>5}     {:<6}  {:>8.1f}"  # xl's list_domains format
+    print(row.format("Domain-0", 0, info["total_memory"], info["nr_cpus"], "r-----",
+                     time.process_time()))
     for d in doms:
         inf = d.get("info") or {}
         state = inf.get("state", d["state"])
         cpu = inf.get("cpu_time_ns", 0) / 1e9
-        print(f"{d['name']:<40}{d['domid']:>5}{d['memory']:>6}{d['vcpus']:>6}\t"
-              f"{FLAGS.get(state, '------'):<6}\t{cpu:>7.1f}")
+        print(row.format(d["name"], d["domid"], d["memory"], d["vcpus"],
+                         FLAGS.get(state, "------"), cpu))
     return 0
 
 

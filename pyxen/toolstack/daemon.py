@@ -64,6 +64,7 @@ class Daemon:
         self.quit = threading.Event()
         self.start_time = time.time()
         self.reserved: dict[int, float] = {}  # domid -> until when (domains to re-adopt)
+        self.last_domid = 0
 
     # ------------------------------------------------------------ log
     def log(self, line: str) -> None:
@@ -104,10 +105,14 @@ class Daemon:
         raise LookupError(f"no domain {ref!r}")
 
     def _alloc_domid(self) -> int:
+        """As Xen's domctl: a rover, the next free ID after the last one created,
+        so a restarted domain (reboot) gets a new ID."""
         with self.lock:
             now = time.monotonic()
-            for d in range(1, MAX_DOMID):
+            for i in range(MAX_DOMID - 1):
+                d = (self.last_domid + i) % (MAX_DOMID - 1) + 1
                 if d not in self.domains and self.reserved.get(d, 0) < now:
+                    self.last_domid = d
                     return d
         raise RuntimeError("out of domain IDs")
 
