@@ -40,8 +40,8 @@ class DomainProcess:
         self.lock = threading.Lock()
         self.history = bytearray()
         self.clients: list[socket.socket] = []
-        self.greeting: dict[socket.socket, bytes] = {}
-        self.backlog: dict[socket.socket, bytes] = {}  # output a slow client has not taken yet  # clients that have not sent their first line
+        self.greeting: dict[socket.socket, bytes] = {}  # clients yet to send their first line
+        self.backlog: dict[socket.socket, bytes] = {}  # output a slow client has not taken yet
         logp = paths.console_log(rundir, self.spec.name)
         logp.parent.mkdir(parents=True, exist_ok=True)
         self.logf = open(logp, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
