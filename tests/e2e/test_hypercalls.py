@@ -58,15 +58,7 @@ PLATFORM_LIMITS = {
     "set_gdt.load_selector": _PVM_GDT,
     "update_descriptor.load_selector": _PVM_GDT,
 }
-PYXEN_BUGS = {
-    "vcpu_op.register_vcpu_info.unmask": (
-        "pyxen bug: VCPU.unmask (pyxen/hv/vcpu.py:231) calls unmask_bits(domain.shared_info, "
-        "self.vi_off, port), i.e. it marks the selector word and evtchn_upcall_pending at "
-        "offset vi_off of shared_info even after VCPUOP_register_vcpu_info moved vcpu_info to "
-        "another frame; so EVTCHNOP_unmask of a pending port raises no upcall (Xen's "
-        "evtchn_2l_unmask uses vcpu_info(v, ...), the registered copy) and the write lands in "
-        "shared_info's vcpu_info slot at that offset"),
-}
+PYXEN_BUGS: dict[str, str] = {}  # pyxen bugs found by a check: name -> why (strict xfail)
 
 
 def _params() -> Iterator[object]:

@@ -77,11 +77,6 @@ def test_reboot_restarts_same_name(host) -> None:
     assert sum(f"({new['name']})" in line and "created domain" in line for line in log) == 2, log
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyxen bug: Daemon._alloc_domid (pyxen/toolstack/daemon.py) hands out the lowest free "
-    "domid, so a domain restarted after reboot gets its old domid back; Xen allocates domids "
-    "with a rover (next after the last one created, xen/common/domctl.c), so a restart "
-    "gets a new domid"))
 def test_reboot_gives_new_domid(host) -> None:
     old, new = _reboot(host, "tick-r2")
     assert new["domid"] != old["domid"], (old, new)
@@ -114,13 +109,6 @@ def test_crash_preserved_until_destroyed(host) -> None:
     assert not by_name(host.list(), "crash")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyxen bug: a domU's HYPERVISOR_console_io(CONSOLEIO_write) output goes only to the domain "
-    "console (Domain.console_io_write, pyxen/hv/domain.py), never to the hypervisor log, although "
-    "that method's docstring says Xen sends it to the hypervisor console. Xen's "
-    "guest_console_write emits it as '(dN) ...' guest_printk lines in its console ring, which "
-    "xl dmesg shows (subject to guest_loglvl), so the guest's FATAL register dump is not in "
-    "pyxen dmesg"))
 def test_guest_console_io_dump_in_dmesg(host) -> None:
     d = host.create(CRASH)
     wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "crash")] == ["crashed"],
@@ -187,11 +175,6 @@ def test_cli_list_rows(host) -> None:
     assert rows["hello-l"][1:5] == [str(b), "16", "1", "---s--"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyxen bug: cmd_list in pyxen/toolstack/cli.py prints "
-    "f\"{'Name':<40}{'ID':>5}...{'VCPUs':>6}\\t{'State':<6}\\t...\": 'ID' one column left of xl's "
-    "and 'State ' with a trailing space; xl prints the literal "
-    "'Name' + 40 spaces + 'ID   Mem VCPUs\\tState\\tTime(s)'"))
 def test_cli_list_header_is_xl(host) -> None:
     r = cli(["list"], host.run_dir, timeout=30)
     assert r.returncode == 0, r.stderr
