@@ -35,49 +35,21 @@ SEEDS = [1, 2, 3, 0xC0FFEE]
 
 # check name -> what pyxen does differently from Xen (file, Xen's rule)
 KNOWN_BUGS = {
-    "mmu_update_pt_not_owned":
-        "hv/mm.py FrameTable.mod_entry: -EPERM for a PTE address in a frame the domain does not "
-        "own; Xen's do_mmu_update fails get_page_from_gfn with -EINVAL",
-    "mmu_update_machphys_not_owned":
-        "hv/hypercalls.py do_mmu_update: MMU_MACHPHYS_UPDATE of a frame not owned gives -EPERM; "
-        "Xen gives -EINVAL (get_page_from_mfn fails)",
-    "mmu_update_bad_cmd":
-        "hv/hypercalls.py do_mmu_update decodes the command as ptr & 3; Xen uses ptr & 7 and "
-        "returns -ENOSYS for 4..7 (5 is even taken as MMU_MACHPHYS_UPDATE by pyxen)",
-    "update_va_mapping_cache_attrs":
-        "hv/mm.py accepts PCD/PWT/PAT in L1 entries; Xen's l1_disallow_mask refuses cache "
-        "attributes for a domU without I/O (-EINVAL)",
-    "update_va_mapping_avail_high_bit":
-        "hv/mm.py _ADDR_RESERVED refuses PTE bits 52-62 (-EINVAL); Xen allows bits 52-61 "
-        "(_PAGE_AVAIL_HIGH) in L1 entries, which Linux uses for software bits",
-    "mmuext_new_baseptr_not_owned":
-        "hv/hypercalls.py MMUEXT_NEW_BASEPTR of a frame not owned: -EPERM from get_type; "
-        "Xen's new_guest_cr3 returns -EINVAL",
-    "set_gdt_not_owned":
-        "hv/domain.py set_gdt: -EPERM for a frame not owned; Xen's pv_set_gdt returns -EINVAL",
-    "update_descriptor_not_owned":
-        "hv/domain.py update_descriptor: -EPERM for a frame not owned; Xen returns -EINVAL",
-    "memory_op_unknown_cmd":
-        "hv/hypercalls.py do_memory_op masks cmd with 0xF instead of MEMOP_CMD_MASK (0x3F): "
-        "cmd 60 runs XENMEM_machphys_mapping (writes 24 bytes, returns 0); Xen: -ENOSYS",
-    "callback_op_bad_type":
-        "hv/hypercalls.py do_callback_op: unknown callback type gives -EINVAL; Xen -ENOSYS",
-    "callback_op_noncanonical":
-        "hv/hypercalls.py do_callback_op accepts a non-canonical callback address; Xen's "
-        "register_guest_callback returns -EINVAL",
     "callback_op_unregister_event":
-        "hv/hypercalls.py do_callback_op lets the guest unregister the event callback; Xen "
-        "refuses (-EINVAL) for event/failsafe/syscall",
+        "hv/hypercalls.py do_callback_op lets the guest unregister the event callback (returns 0); "
+        "Xen's unregister_guest_callback refuses event/failsafe/syscall with -EINVAL",
     "sched_op_unknown_cmd":
-        "hv/hypercalls.py do_sched_op: unknown sub-op gives -EINVAL; Xen's default is -ENOSYS",
+        "hv/hypercalls.py do_sched_op: an unknown sub-op (99) gives -EINVAL; Xen's do_sched_op "
+        "default is -ENOSYS",
     "sched_op_pin_override":
-        "hv/hypercalls.py do_sched_op: SCHEDOP_pin_override from a domU gives -EINVAL; Xen -EPERM",
+        "hv/hypercalls.py do_sched_op: SCHEDOP_pin_override (7) from a domU gives -EINVAL; Xen "
+        "returns -EPERM (not the hardware domain)",
     "vcpu_op_vcpuid_truncated":
-        "hv/hypercalls.py do_vcpu_op uses all 64 bits of vcpuid; Xen's prototype is "
-        "vcpu_op(int cmd, unsigned int vcpuid, ...) so 1<<32 means vcpu 0",
+        "hv/hypercalls.py do_vcpu_op uses all 64 bits of vcpuid (-ENOENT for 1<<32); Xen's "
+        "prototype is vcpu_op(int cmd, unsigned int vcpuid, void *arg), so 1<<32 is vcpu 0",
     "evtchn_send_virq_port":
-        "hv/evtchn.py EventChannels.send raises a VIRQ port; Xen's evtchn_send returns -EINVAL "
-        "for ECS_VIRQ (only interdomain, IPI and unbound ports can be sent on)",
+        "hv/evtchn.py EventChannels.send raises a VIRQ-bound port and returns 0; Xen's evtchn_send "
+        "returns -EINVAL for ECS_VIRQ (only interdomain, IPI and unbound ports can be sent on)",
 }
 
 
@@ -170,6 +142,9 @@ def test_hcfuzz_survives(guest: Path, seed: int) -> None:
     assert not re.search(r"^hcfuzz: restore", res.output, re.M), ctx
     assert not [line for line in res.output.splitlines() if line.startswith("hcfuzz: ")
                 and not line.startswith("hcfuzz: check ") and "FAIL" in line], ctx
+    # random page tables built, pinned and torn down leave no type reference behind
+    assert re.search(r"^hcfuzz: ptfuzz ops=\d+ ok=[1-9]\d* ", res.output, re.M), ctx
+    assert "hcfuzz: ptfuzz cleanup OK" in res.output, ctx
     # page-table reference counts are still exactly what the tables say
     assert res.audit == [], res.audit
     assert res.seconds < 10, f"hcfuzz took {res.seconds:.1f} s"
@@ -508,32 +483,52 @@ def test_hostile_kernels_leave_a_ticker_alone(run_guest, kernels: dict[str, Path
     _no_hypervisor_error(t)
 
 
-# ------------------------------------------------------------------ timers and syscall
+# ------------------------------------------------------------------ timers, syscall, user mode
 
-TIMER_FAR = """
+# set_timer_op(~0), then block.  Xen treats a timeout that is negative or
+# more than 2^50 ns ahead as "soon" and fires it after 100 ms; the guest must
+# wake up (and the domain's timer thread must survive the huge deadline).
+TIMER_FAR = SAY_HELLO + """
+    leaq bindv(%rip), %rsi
+    movl $1, %edi                   /* EVTCHNOP_bind_virq {VIRQ_TIMER, vcpu 0} */
+    call hypercall_page + 32*32
+    testq %rax, %rax
+    jnz 9f
     movq $-1, %rdi
-    call hypercall_page + 15*32     /* set_timer_op(~0): the far, far future */
-    movq $0x1000000, %rcx
-1:  pause
-    dec %rcx
-    jnz 1b
-""" + SAY_HELLO + """
+    call hypercall_page + 15*32     /* set_timer_op(~0) */
+    movl $1, %edi                   /* SCHEDOP_block: until the timer's event */
+    xorl %esi, %esi
+    call hypercall_page + 29*32
+    leaq woke(%rip), %rdx
+    xorl %edi, %edi
+    movq $wokelen, %rsi
+    call hypercall_page + 18*32
     jmp .
+9:  int3
+"""
+TIMER_DATA = DATA + r"""
+    .balign 16
+bindv: .long 0, 0, 0
+woke: .ascii "hostile: woke\n"
+    .set wokelen, . - woke
 """
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "hv/domain.py TimerThread._main: cond.wait((deadline - now) / 1e9) raises OverflowError "
-    "('timestamp out of range for platform time_t') for set_timer_op(~0); the domain's timer "
-    "thread dies silently and no running vCPU is woken by a timer again. Xen fires timeouts "
-    "more than 2^50 ns ahead (or negative) after 100 ms instead."))
-def test_far_future_timer_keeps_timer_thread_alive(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
-    k = build_kernel(tmp_path, "timer_far", TIMER_FAR)
+def _seen_at(r: GuestRun, text: bytes) -> float:
+    buf = b""
+    for t, c in list(r.chunks):
+        buf += c
+        if text in buf:
+            return t
+    raise AssertionError(f"{text!r} not in output: {r.output!r}")
+
+
+def test_far_future_timer_fires_soon_and_timer_thread_survives(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
+    k = build_kernel(tmp_path, "timer_far", TIMER_FAR, TIMER_DATA)
     errors, old = _thread_errors()
     try:
         r = run_guest(k)
-        r.wait_for("hostile: started", timeout=10)
+        r.wait_for("hostile: woke", timeout=5)
         time.sleep(0.2)
         alive = r.domain.timers.thread.is_alive()
     finally:
@@ -541,17 +536,18 @@ def test_far_future_timer_keeps_timer_thread_alive(run_guest, tmp_path: Path) ->
     _no_hypervisor_error(r)
     assert not errors, errors
     assert alive, "the domain's timer thread died"
+    waited = _seen_at(r, b"hostile: woke") - _seen_at(r, b"hostile: started")
+    assert 0.05 <= waited <= 1.0, f"woke after {waited:.3f} s (Xen: 100 ms)"
 
 
-# Map a page of our own at VA 0, then `syscall`.  pyxen never sets MSR_LSTAR
-# (0) while EFER.SCE is on, so the CPU jumps to VA 0.  On these PVM hosts it
-# stays at CPL3 (PLATFORM.md fact 5) and `mov %cr3` faults; on VT-x/AMD-V it
-# would run the page at CPL0.  Xen bounces a guest kernel's syscall to the
-# registered syscall callback, or injects #UD at the syscall if there is none.
+# Map a page of our own at VA 0 (three fresh tables under L4 slot 0), then
+# `syscall` from guest kernel mode.  On Xen that is a hypercall (number in
+# rax); the CPU must never run our page at VA 0, above all not at CPL0
+# (`mov %cr3` works there, and `hlt` would be a HLT exit).
 SYSCALL_VA0 = r"""
     movq %rsi, %r15                 /* start_info */
     movq 0x68(%r15), %r14           /* mfn_list */
-    leaq tables(%rip), %rbx         /* 4 zero pages -> read-only, to become L1..L3 */
+    leaq tables(%rip), %rbx         /* 3 zero pages -> read-only, to become L1..L3 */
     xorl %r12d, %r12d
 1:  movq %rbx, %rax
     movabsq $0xffffffff80000000, %rcx
@@ -617,8 +613,9 @@ SYSCALL_VA0 = r"""
     testq %rax, %rax
     jnz fail
 """ + SAY_HELLO + r"""
-    .globl the_syscall
-the_syscall:
+    movl $17, %eax                  /* xen_version(XENVER_version), through syscall */
+    xorl %edi, %edi
+    xorl %esi, %esi
     syscall
     ud2
 fail:
@@ -639,31 +636,105 @@ reqs: .skip 128
 """
 
 
-def test_syscall_never_runs_guest_code_at_cpl0(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
+def _reg(info: str, name: str) -> int:
+    m = re.search(rf"\b{name}=([0-9a-f]{{16}})", info)
+    assert m, info
+    return int(m.group(1), 16)
+
+
+def test_kernel_syscall_is_a_hypercall_never_a_jump(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
     k = build_kernel(tmp_path, "syscall_va0", SYSCALL_VA0, SYSCALL_DATA)
     r = run_guest(k)
     assert r.domain.wait_stopped(5)
-    assert "hostile: started" in r.output, (r.output, r.domain.crash_info)  # VA 0 is mapped
+    assert "hostile: started" in r.output, (r.output, r.domain.crash_info)  # VA 0 got mapped
     info = r.domain.crash_info
     assert r.domain.state == "crashed", info
     _no_hypervisor_error(r)
     assert "KVM exit" not in info and "HLT" not in info, f"guest code ran at CPL0:\n{info}"
+    assert re.search(r"#UD|invalid opcode", info.splitlines()[0]), info   # the ud2 after it
+    assert _reg(info, "rip") != 0, info
+    assert _reg(info, "rax") == (4 << 16) | 19, info                      # XENVER_version
 
 
+# Enter guest user mode (the kernel's own L4 as the user L4, then the iret
+# hypercall with CS RPL 3) and try to reach the hypervisor from there.
+TO_USER = r"""
+    movq %rsi, %r15
+    movq 0x68(%r15), %r14           /* mfn_list */
+    movq 0x58(%r15), %rax           /* pt_base -> L4 mfn */
+    movabsq $0xffffffff80000000, %rcx
+    subq %rcx, %rax
+    shrq $12, %rax
+    movq (%r14,%rax,8), %rax
+    leaq uop(%rip), %rdi
+    movl $15, 0(%rdi)               /* MMUEXT_NEW_USER_BASEPTR */
+    movq %rax, 8(%rdi)
+    movq $1, %rsi
+    xorl %edx, %edx
+    movq $0x7ff0, %r10
+    call hypercall_page + 26*32
+    testq %rax, %rax
+    jnz 9f
+    leaq ustack_top(%rip), %rax
+    movq %rax, to_user+56(%rip)
+    leaq user_code(%rip), %rax
+    movq %rax, to_user+32(%rip)
+    leaq to_user(%rip), %rsp
+    movl $23, %eax
+    out %al, $0xf0                  /* iret to user mode */
+9:  int3
+user_code:
+    movl $17, %eax                  /* xen_version(XENVER_version) */
+    xorl %edi, %edi
+    xorl %esi, %esi
+    .globl user_insn
+user_insn:
+"""
+USER_DATA = DATA + r"""
+    .balign 16
+uop: .skip 32
+to_user:                            /* rax r11 rcx flags rip cs rflags rsp ss */
+    .quad 0, 0, 0, 0, 0, 0xe033, 0x202, 0, 0xe02b
+    .balign 4096
+ustack: .skip 4096
+ustack_top:
+"""
+
+
+@pytest.mark.parametrize("how", ["out_port", "hypercall_page"])
 @pytest.mark.xfail(strict=True, reason=(
-    "pyxen never programs MSR_LSTAR/STAR/FMASK but leaves EFER.SCE set (hv/vcpu.py "
-    "_setup_cpu): a guest `syscall` jumps to VA 0 (at CPL3 on PVM, at CPL0 on VT-x/AMD-V) "
-    "instead of being bounced to the syscall callback, or #UD at the syscall when none is "
-    "registered, as Xen does"))
-def test_syscall_without_callback_is_ud(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
-    k = build_kernel(tmp_path, "syscall_va0", SYSCALL_VA0, SYSCALL_DATA)
+    "hv/hypercalls.py Hypercalls.dispatch (reached from VCPU.run_loop on HC_PORT) never checks "
+    "VCPU.kernel_mode: guest *user* mode can make any hypercall (mmu_update, update_va_mapping, "
+    "sched_op shutdown, ...) with `out %al,$0xf0` or through the hypercall page, since the TSS "
+    "bitmap opens port 0xF0 to all of CPL3. Xen only takes hypercalls from guest kernel mode "
+    "(pv_hypercall ASSERTs guest_kernel_mode; a user `syscall` goes to the guest kernel). "
+    "Reproducer: this test's TO_USER kernel; the crash dump shows rax=0x40013 in user mode."))
+def test_user_mode_cannot_make_hypercalls(run_guest, tmp_path: Path, how: str) -> None:  # noqa: ANN001
+    insn = "out %al, $0xf0" if how == "out_port" else "call hypercall_page + 17*32"
+    k = build_kernel(tmp_path, f"user_{how}", TO_USER + f"    {insn}\n    ud2\n", USER_DATA)
     r = run_guest(k)
     assert r.domain.wait_stopped(5)
     info = r.domain.crash_info
+    assert r.domain.state == "crashed", info
     _no_hypervisor_error(r)
+    assert "(user mode)" in info, info                                    # we got there
+    assert _reg(info, "rax") != (4 << 16) | 19, f"a user-mode hypercall ran:\n{info}"
+
+
+def test_user_syscall_without_callback_is_ud_at_the_syscall(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
+    k = build_kernel(tmp_path, "user_syscall", TO_USER + "    syscall\n    ud2\n", USER_DATA)
+    r = run_guest(k)
+    assert r.domain.wait_stopped(5)
+    info = r.domain.crash_info
+    assert r.domain.state == "crashed", info
+    _no_hypervisor_error(r)
+    assert "(user mode)" in info, info
     assert re.search(r"#UD|invalid opcode", info.splitlines()[0]), info
-    rip = re.search(r"rip=([0-9a-f]{16})", info)
-    assert rip and int(rip.group(1), 16) != 0, info
+    syms = subprocess.run(["nm", str(tmp_path / "user_syscall")], capture_output=True, text=True)
+    m = re.search(r"^([0-9a-f]+) \S user_insn$", syms.stdout, re.M)
+    assert m, syms.stdout
+    assert _reg(info, "rip") == int(m.group(1), 16), info                 # at the syscall
+    assert _reg(info, "rax") == 17, info                                  # not a hypercall
 
 
 @pytest.fixture(autouse=True)
