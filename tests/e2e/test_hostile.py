@@ -375,6 +375,18 @@ KERNELS: dict[str, tuple[str, str]] = {
         int3
         jmp .
         """, r"(?i)hypervisor|stack"),
+    # the hypervisor's own memory is out of reach: its area, its direct map of
+    # our RAM, the read-only M2P and syscall-stub page
+    "read_hypervisor_area": ("movabsq $0xffff820000000000, %rax\n movq (%rax), %rbx\n ud2\n",
+                             r"(?i)#PF|page fault"),
+    "write_hypervisor_stack": ("movabsq $0xffff820000200000 + 19*4096, %rax\n"
+                               " movq $0, (%rax)\n ud2\n", r"(?i)#PF|page fault"),
+    "read_direct_map": ("movabsq $0xffff830000000000 + 0x100000000, %rax\n movq (%rax), %rbx\n"
+                        " ud2\n", r"(?i)#PF|page fault"),
+    "write_m2p": ("movabsq $0xffff808000800000, %rax\n movq $0, (%rax)\n ud2\n",
+                  r"(?i)#PF|page fault"),
+    "write_syscall_stub": ("movabsq $0xffff808000000000 + (511 << 30) + (511 << 21) + (511 << 12),"
+                           " %rax\n movq $0, (%rax)\n ud2\n", r"(?i)#PF|page fault"),
     # (e) the iret hypercall with a garbage stack
     "iret_unmapped_stack": ("""
         movabsq $0xdead0000, %rsp
@@ -654,6 +666,50 @@ def test_kernel_syscall_is_a_hypercall_never_a_jump(run_guest, tmp_path: Path) -
     assert re.search(r"#UD|invalid opcode", info.splitlines()[0]), info   # the ud2 after it
     assert _reg(info, "rip") != 0, info
     assert _reg(info, "rax") == (4 << 16) | 19, info                      # XENVER_version
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "hv/hypercalls.py Hypercalls.dispatch takes the hypercall number as rax & 0xFFFFFFFF; Xen's "
+    "_pv_hypercall switches on all 64 bits of rax (call_handlers_pv64), so 0x100000011 is "
+    "-ENOSYS there, not xen_version"))
+def test_hypercall_number_is_all_of_rax(run_guest, tmp_path: Path) -> None:  # noqa: ANN001
+    k = build_kernel(tmp_path, "hc_high_rax", """
+        movabsq $0x100000011, %rax
+        xorl %edi, %edi
+        xorl %esi, %esi
+        syscall
+        ud2
+        """)
+    r = run_guest(k)
+    assert r.domain.wait_stopped(5)
+    info = r.domain.crash_info
+    _no_hypervisor_error(r)
+    assert _reg(info, "rax") == (-38) & (2**64 - 1), info
+
+
+@pytest.mark.parametrize("what", ["spin", "block"])
+def test_destroy_is_prompt_in_process(tmp_path: Path, guest: Path, what: str) -> None:
+    """A vCPU spinning with events masked, or blocked with no timer, stops at once."""
+    body = "jmp .\n" if what == "spin" else """
+        movl $1, %edi               /* SCHEDOP_block, no timer, no event will come */
+        xorl %esi, %esi
+        call hypercall_page + 29*32
+        jmp .
+        """
+    k = build_kernel(tmp_path, f"forever_{what}", SAY_HELLO + body)
+    r = GuestRun(k, "", name=f"forever-{what}")
+    try:
+        r.wait_for("hostile: started", timeout=5)
+        time.sleep(0.3)
+        assert r.domain.state in ("running", "blocked"), r.domain.state
+        t0 = time.monotonic()
+        r.domain.destroy()
+        took = time.monotonic() - t0
+        assert r.domain.wait_stopped(0.1)
+        assert took < 2, f"destroy took {took:.2f} s"
+    finally:
+        r.domain.destroy()
+        r.domain.close()
 
 
 # Enter guest user mode (the kernel's own L4 as the user L4, then the iret
