@@ -58,7 +58,7 @@ class Hypercalls:
 
     # ------------------------------------------------------------ entry
     def dispatch(self, v: VCPU, r: Regs) -> None:
-        nr = r.rax & 0xFFFFFFFF
+        nr = r.rax
         fn = self.table.get(nr)
         if nr < 64:
             self.counts[nr] += 1

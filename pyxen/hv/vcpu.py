@@ -345,7 +345,10 @@ class VCPU:
             if d32[2] == EXIT_IO:
                 port = w16[17]
                 if port == HC:
-                    nr = q[Q_RAX] & 0xFFFFFFFF
+                    if not self.kernel_mode:
+                        self.user_hypercall()
+                        continue
+                    nr = q[Q_RAX]  # all 64 bits, as Xen: 0x100000011 is not xen_version
                     fn = table.get(nr)
                     self.n_hypercalls += 1
                     if nr < 64:
@@ -413,7 +416,9 @@ class VCPU:
                 self.attention = True
             elif r == kvm.EXIT_IO:
                 port = v.run_struct.exit.io.port
-                if port == M.HC_PORT:
+                if port == M.HC_PORT and not self.kernel_mode:
+                    self.user_hypercall()
+                elif port == M.HC_PORT:
                     hypercall(self, v.regs)
                     if self.domain.mmu_pending or self.flush_requested:
                         self.attention = True
@@ -550,6 +555,15 @@ class VCPU:
         if vec in (6, 13) and self._emulate_int(rip, err):
             return
         self.bounce_trap(vec, err)
+
+    def user_hypercall(self) -> None:
+        """Guest user mode reached the hypercall port.  Hypercalls belong to the
+        guest kernel (on Xen user mode cannot make them at all), so this is what
+        `out` without I/O privilege is on hardware: #GP(0) at the instruction."""
+        r = self.kvm.regs
+        r.rip = (r.rip - 2) & ((1 << 64) - 1)  # back to the 2-byte `out %al,$imm8`
+        self.kvm.mark_regs_dirty()
+        self.bounce_trap(13, 0)
 
     def syscall_entry(self) -> None:
         """The guest executed `syscall` (the CPU left the return RIP in rcx and
