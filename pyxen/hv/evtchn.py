@@ -153,7 +153,7 @@ class EventChannels:
             if ch.backend is not None:
                 ch.backend()
             return
-        if ch.state in (ST_IPI, ST_VIRQ):
+        if ch.state == ST_IPI:
             self.domain.raise_port(port, ch.vcpu)
             return
         if ch.state == ST_UNBOUND:

@@ -29,6 +29,8 @@ XEN_MAJOR, XEN_MINOR, XEN_EXTRA = 4, 19, ".0-pyxen"
 XEN_CAPABILITIES = "xen-3.0-x86_64 "
 MAX_MULTICALL = 1024
 MEMOP_CMD_MASK = (1 << 6) - 1  # memory.h: MEMOP_EXTENT_SHIFT = 6
+SCHEDOP_pin_override = 7
+U32 = 0xFFFFFFFF
 
 
 def _u32(buf: bytes, off: int = 0) -> int:
@@ -165,15 +167,13 @@ class Hypercalls:
             return 0
         if cmd == abi.CALLBACKOP_unregister:
             typ = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
-            if typ == abi.CALLBACKTYPE_event:
-                v.event_callback = 0
-            elif typ == abi.CALLBACKTYPE_failsafe:
-                v.failsafe_callback = 0
-            elif typ == abi.CALLBACKTYPE_syscall:
-                v.syscall_callback = 0
-            else:
-                raise XenError(ENOSYS, f"callback type {typ}")
-            return 0
+            if typ in (abi.CALLBACKTYPE_event, abi.CALLBACKTYPE_failsafe,
+                       abi.CALLBACKTYPE_syscall):
+                raise XenError(EINVAL, f"callback type {typ} cannot be unregistered")
+            if typ in (abi.CALLBACKTYPE_nmi, abi.CALLBACKTYPE_syscall32,
+                       abi.CALLBACKTYPE_sysenter):
+                return 0
+            raise XenError(ENOSYS, f"callback type {typ}")
         raise XenError(ENOSYS)
 
     def do_stack_switch(self, v: VCPU, ss: int, sp: int, *_: int) -> int:
@@ -407,6 +407,7 @@ class Hypercalls:
 
     def do_sched_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         d = self.domain
+        cmd &= U32  # (int cmd, void *arg)
         if cmd == abi.SCHEDOP_yield:
             return 0
         if cmd == abi.SCHEDOP_block:
@@ -454,7 +455,9 @@ class Hypercalls:
             return 0
         if cmd == abi.SCHEDOP_watchdog:
             raise XenError(ENOSYS)
-        raise XenError(EINVAL, f"sched_op {cmd}")
+        if cmd == SCHEDOP_pin_override:
+            raise XenError(EPERM, "pin_override is for the hardware domain")
+        raise XenError(ENOSYS, f"sched_op {cmd}")
 
     def do_sched_op_compat(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         if cmd == abi.SCHEDOP_shutdown:
@@ -469,6 +472,7 @@ class Hypercalls:
 
     def do_vcpu_op(self, v: VCPU, cmd: int, vcpuid: int, arg: int, *_: int) -> int:
         d = self.domain
+        cmd, vcpuid = cmd & U32, vcpuid & U32  # (int cmd, unsigned int vcpuid, ...)
         if not 0 <= vcpuid < len(d.vcpus):
             raise XenError(abi.ENOENT, f"no vcpu {vcpuid}")
         t = d.vcpus[vcpuid]
@@ -509,6 +513,7 @@ class Hypercalls:
     # ------------------------------------------------------------ event channels
     def do_event_channel_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         d = self.domain
+        cmd &= U32  # (int cmd, void *arg)
         ev = d.evtchn
         if cmd == abi.EVTCHNOP_send:
             ev.send(_u32(v.copy_from_guest(arg, 4)))
