@@ -35,9 +35,9 @@ SEEDS = [1, 2, 3, 0xC0FFEE]
 
 # check name -> what pyxen does differently from Xen (file, Xen's rule)
 KNOWN_BUGS: dict[str, str] = {
-    # Empty: every divergence these checks found (21 error codes and flag rules)
-    # has been fixed.  Add "check_name": "file: what differs from Xen" here to
-    # turn a failing check into a strict xfail until it is fixed.
+    # Empty: every divergence these checks found (16 of them) has been fixed.
+    # Add "check_name": "file: what differs from Xen" here to turn a failing
+    # check into a strict xfail until it is fixed.
 }
 
 
