@@ -27,7 +27,6 @@ Handler = Callable[["VCPU", int, int, int, int, int], "int | None"]
 MASK64 = (1 << 64) - 1
 XEN_MAJOR, XEN_MINOR, XEN_EXTRA = 4, 19, ".0-pyxen"
 XEN_CAPABILITIES = "xen-3.0-x86_64 "
-MAX_MULTICALL = 1024
 MEMOP_CMD_MASK = (1 << 6) - 1  # memory.h: MEMOP_EXTENT_SHIFT = 6
 SCHEDOP_pin_override = 7
 U32 = 0xFFFFFFFF
@@ -177,9 +176,8 @@ class Hypercalls:
         raise XenError(ENOSYS)
 
     def do_stack_switch(self, v: VCPU, ss: int, sp: int, *_: int) -> int:
-        if ss & 3 != 3 and ss & ~3 != abi.FLAT_KERNEL_SS & ~3:
-            raise XenError(EINVAL, f"bad kernel stack segment {ss:#x}")
-        v.kernel_ss, v.kernel_sp = ss, sp
+        # as Xen's fixup_guest_stack_selector: the guest kernel runs at RPL 3
+        v.kernel_ss, v.kernel_sp = (ss & 0xFFFF) | 3, sp
         return 0
 
     def do_iret(self, v: VCPU, *_: int) -> None:
@@ -214,9 +212,9 @@ class Hypercalls:
             else:
                 v.gs_base_kernel = base
         elif which == abi.SEGBASE_GS_USER_SEL:
-            if base & 0xFFFF:
-                raise XenError(EINVAL, "only the null %gs selector is supported")
-            s.gs.selector = 0
+            # Xen loads the selector (a null one if it faults) and never fails;
+            # descriptors are not consulted on PVM hosts (platform-notes.md)
+            s.gs.selector = base & 0xFFFF
         else:
             raise XenError(EINVAL, f"segment base selector {which}")
         v.kvm.mark_sregs_dirty()
@@ -274,9 +272,17 @@ class Hypercalls:
         except XenError as e:
             rc = -e.errno
             self.domain.log(f"mmu_update #{done} failed: {e.why}")
-        if done_ptr:
-            v.copy_to_guest(done_ptr, struct.pack("<I", done))
+        self._report_done(v, done_ptr, done)
         return rc
+
+    @staticmethod
+    def _report_done(v: VCPU, done_ptr: int, done: int) -> None:
+        """Store the count of requests done; as Xen, a bad pointer is ignored."""
+        if done_ptr:
+            try:
+                v.copy_to_guest(done_ptr, struct.pack("<I", done))
+            except XenError:
+                pass
 
     def do_update_va_mapping(self, v: VCPU, va: int, val: int, flags: int, *_: int) -> int:
         ft = self.domain.ft
@@ -345,8 +351,7 @@ class Hypercalls:
         except XenError as e:
             rc = -e.errno
             d.log(f"mmuext_op #{done} failed: {e.why}")
-        if done_ptr:
-            v.copy_to_guest(done_ptr, struct.pack("<I", done))
+        self._report_done(v, done_ptr, done)
         return rc
 
     def do_memory_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
@@ -379,9 +384,7 @@ class Hypercalls:
 
     # ------------------------------------------------------------ multicall
     def do_multicall(self, v: VCPU, calls: int, n: int, *_: int) -> int:
-        if n > MAX_MULTICALL:
-            raise XenError(EINVAL, "too many multicall entries")
-        for i in range(n):
+        for i in range(n & U32):  # any count, as Xen; a bad entry address ends it with EFAULT
             addr = calls + i * abi.MULTICALL_ENTRY.size
             op, _res, *args = abi.MULTICALL_ENTRY.unpack(v.copy_from_guest(addr, abi.MULTICALL_ENTRY.size))
             res = self.call(v, op, tuple(args)) if op != abi.HYPERCALLS["multicall"] else -EINVAL
