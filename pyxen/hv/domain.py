@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING
 
 from .. import abi
 from ..abi import XenError
+from . import atomic
 from . import machine as M
 from .evtchn import EventChannels
+from .gnttab import GrantTables
 from .hypercalls import Hypercalls
+from .interdomain import Directory, LocalDirectory, default_directory, write_peer_header
 from .mm import PGT_SEG, PGT_WRITABLE, FrameTable
 from .time import DomainClock
 from .vcpu import VCPU
@@ -106,7 +109,8 @@ class Domain:
 
     def __init__(self, spec: DomainSpec, console_sink: ConsoleSink | None = None,
                  on_state: Callable[[Domain], None] | None = None,
-                 log_sink: Callable[[str], None] | None = None) -> None:
+                 log_sink: Callable[[str], None] | None = None,
+                 directory: Directory | None = None) -> None:
         self.spec = spec
         self.domid = spec.domid
         self.name = spec.name
@@ -140,6 +144,9 @@ class Domain:
         self.ft = FrameTable(ram, M.MFN_BASE, self.machine.nr_frames, self._write_entry,
                              self._owned, self.machine.l4_hv_slots())
         self.clock = DomainClock()
+        self.directory: Directory = directory or default_directory
+        self.gnttab = GrantTables(self)
+        write_peer_header(self)
         self.evtchn = EventChannels(self)
         self.hypercalls = Hypercalls(self)
         self.timers = TimerThread(self)
@@ -151,6 +158,8 @@ class Domain:
             v.vi_set(abi.VI_UPCALL_MASK, 1)
             v.update_time()
         self.console: ConsoleBackend | None = None  # attached by domctl.create_domain
+        if isinstance(self.directory, LocalDirectory):
+            self.directory.register(self)
         self.start_info: dict[str, int] = {}
 
     # ------------------------------------------------------------ memory
@@ -158,7 +167,7 @@ class Domain:
         pfn = mfn - M.MFN_BASE
         if pfn < self.nr_pages:
             return True
-        return mfn == self.shared_info_mfn
+        return mfn == self.shared_info_mfn or self.gnttab.owns_frame(mfn)
 
     def _write_entry(self, maddr: int, value: int, old: int | None) -> None:
         off = maddr - (M.MFN_BASE << 12)
@@ -179,7 +188,7 @@ class Domain:
 
     def read_dirty(self) -> set[int]:
         """PFNs written since the last call (guest and host writes), and clear."""
-        bitmap = self.machine.vm.get_dirty_log(M.RAM_SLOT)
+        bitmap = self.machine.vm.get_dirty_log(M.RAM_SLOT) if self.dirty_logging else b""
         pfns = set()
         words = struct.unpack(f"<{len(bitmap) // 8}Q", bitmap)
         for wi, w in enumerate(words):
@@ -188,6 +197,16 @@ class Domain:
                 pfn = wi * 64 + low.bit_length() - 1
                 if pfn < self.nr_pages:
                     pfns.add(pfn)
+                w ^= low
+        # pages other domains' processes wrote (grant copies, unmapped RW grants)
+        m = self.machine
+        base = atomic.address_of(m.ram) + m.xenheap_offset(M.XH_DIRTY)
+        for wi in range((self.nr_pages + 63) // 64):
+            w = atomic.exchange64(base + wi * 8, 0) if struct.unpack_from(
+                "<Q", m.ram, m.xenheap_offset(M.XH_DIRTY) + wi * 8)[0] else 0
+            while w:
+                low = w & -w
+                pfns.add(wi * 64 + low.bit_length() - 1)
                 w ^= low
         host, self.host_dirty = self.host_dirty, set()
         # frames the hypervisor and backends write all the time: always resent
@@ -333,11 +352,19 @@ class Domain:
                 return False
         return True
 
+    def peer_gone(self, domid: int) -> None:
+        """Another domain died: unbind our channels to it, clear its grant use."""
+        self.evtchn.peer_gone(domid)
+        self.gnttab.peer_gone(domid)
+
     def destroy(self) -> None:
         self.dying = True
         self._stop_vcpus()
         self.timers.close()
         self.wait_stopped(5.0)
+        self.gnttab.release_all()
+        if isinstance(self.directory, LocalDirectory):
+            self.directory.forget(self)
         if self.console is not None:
             self.console.close()
 

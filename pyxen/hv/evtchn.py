@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .domain import Domain
 
 ST_FREE, ST_UNBOUND, ST_INTERDOMAIN, ST_PIRQ, ST_VIRQ, ST_IPI = 0, 1, 2, 3, 4, 5
+ST_RESERVED = 6  # allocated while a bind is in flight (reported as closed)
 GLOBAL_VIRQS = {abi.VIRQ_CONSOLE, abi.VIRQ_DOM_EXC, 4, 6, 8, 9, 10, 12}
 DOM0 = 0
 MAX_PORTS_DEFAULT = 1023  # xl's default max_event_channels
@@ -42,6 +43,7 @@ class Channel:
     remote_port: int = 0
     virq: int = 0
     backend: Callable[[], None] | None = field(default=None, repr=False)
+    backend_local: bool = False  # the other end is a backend in this process (dom0's)
 
 
 class EventChannels:
@@ -74,7 +76,8 @@ class EventChannels:
         """A channel whose other end is a host backend (dom0's end in Xen)."""
         with self.lock:
             p = self._alloc()
-            self.ports[p] = Channel(ST_INTERDOMAIN, 0, DOM0, backend_port, backend=notify)
+            self.ports[p] = Channel(ST_INTERDOMAIN, 0, DOM0, backend_port, backend=notify,
+                                    backend_local=True)
             return p
 
     def alloc_unbound(self, remote_dom: int) -> int:
@@ -112,6 +115,58 @@ class EventChannels:
             if ch.state == ST_VIRQ:
                 self.virq_ports.pop((ch.vcpu, ch.virq), None)
             self.ports[port] = Channel()
+        if ch.state == ST_INTERDOMAIN and not ch.backend_local:
+            try:  # the other end becomes unbound again, as in Xen
+                self.domain.directory.unbind(self.domain, port, ch.remote_dom, ch.remote_port)
+            except XenError:
+                pass
+
+    # ------------------------------------------------------------ interdomain
+    def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
+        """EVTCHNOP_bind_interdomain: connect to ``remote_port`` that
+        ``remote_dom`` allocated unbound for us."""
+        d = self.domain
+        if remote_dom == abi.DOMID_SELF:
+            remote_dom = d.domid
+        with self.lock:
+            lport = self._alloc()
+            self.ports[lport] = Channel(ST_RESERVED)
+        try:
+            notify = d.directory.bind(d, lport, remote_dom, remote_port)
+        except XenError:
+            with self.lock:
+                self.ports[lport] = Channel()
+            raise
+        with self.lock:
+            self.ports[lport] = Channel(ST_INTERDOMAIN, 0, remote_dom, remote_port, backend=notify)
+        return lport
+
+    def accept_interdomain(self, port: int, from_dom: int, from_port: int,
+                           notify: Callable[[], None]) -> None:
+        """The remote side of bind_interdomain, run in the domain that owns ``port``."""
+        with self.lock:
+            if not 0 < port < len(self.ports):
+                raise XenError(EINVAL, f"port {port} out of range")
+            ch = self.ports[port]
+            if ch.state != ST_UNBOUND or ch.remote_dom not in (from_dom, abi.DOMID_SELF):
+                raise XenError(EINVAL, f"port {port} of domain {self.domain.domid} is not "
+                                       f"waiting for domain {from_dom}")
+            self.ports[port] = Channel(ST_INTERDOMAIN, ch.vcpu, from_dom, from_port, backend=notify)
+
+    def remote_closed(self, port: int, from_dom: int) -> None:
+        """The other end of an interdomain channel closed: back to unbound."""
+        with self.lock:
+            if 0 < port < len(self.ports):
+                ch = self.ports[port]
+                if ch.state == ST_INTERDOMAIN and ch.remote_dom == from_dom:
+                    self.ports[port] = Channel(ST_UNBOUND, ch.vcpu, from_dom)
+
+    def peer_gone(self, domid: int) -> None:
+        """Domain ``domid`` died: our channels to it become unbound (Xen)."""
+        with self.lock:
+            for p, ch in enumerate(self.ports):
+                if ch.state == ST_INTERDOMAIN and ch.remote_dom == domid and not ch.backend_local:
+                    self.ports[p] = Channel(ST_UNBOUND, ch.vcpu, domid)
 
     def bind_vcpu(self, port: int, vcpu: int) -> None:
         if not 0 <= vcpu < len(self.domain.vcpus):
@@ -130,6 +185,8 @@ class EventChannels:
             if not 0 < port < len(self.ports):
                 raise XenError(EINVAL, f"port {port} out of range")
             ch = self.ports[port]
+            if ch.state == ST_RESERVED:
+                return struct.pack("<II", ST_FREE, 0) + b"\0" * 8
             u = b"\0" * 8
             if ch.state == ST_UNBOUND:
                 u = struct.pack("<H6x", ch.remote_dom)
@@ -142,7 +199,7 @@ class EventChannels:
     def reset(self) -> None:
         with self.lock:
             for p in range(1, len(self.ports)):
-                if self.ports[p].state not in (ST_FREE,) and self.ports[p].backend is None:
+                if self.ports[p].state not in (ST_FREE, ST_RESERVED) and not self.ports[p].backend_local:
                     self.close(p)
 
     # ------------------------------------------------------------ delivery
@@ -153,6 +210,8 @@ class EventChannels:
             if ch.backend is not None:
                 ch.backend()
             return
+        if ch.state == ST_RESERVED:
+            raise XenError(EINVAL, f"port {port} is not bound yet")
         if ch.state == ST_IPI:
             self.domain.raise_port(port, ch.vcpu)
             return

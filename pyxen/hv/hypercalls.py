@@ -566,15 +566,80 @@ class Hypercalls:
             ev.reset()
             return 0
         if cmd == abi.EVTCHNOP_bind_interdomain:
-            raise XenError(ENOSYS, "interdomain binding arrives with the event channel issue")
+            remote_dom, remote_port = struct.unpack("<HxxI", v.copy_from_guest(arg, 8))
+            v.copy_to_guest(arg + 8, struct.pack("<I", ev.bind_interdomain(remote_dom, remote_port)))
+            return 0
         raise XenError(ENOSYS, f"event_channel_op {cmd}")
 
     def do_event_channel_op_compat(self, v: VCPU, arg: int, *_: int) -> int:
         cmd = _u32(v.copy_from_guest(arg, 4))
         return self.do_event_channel_op(v, cmd, arg + 8)
 
-    def do_grant_table_op(self, v: VCPU, *_: int) -> int:
-        raise XenError(ENOSYS)
+    def do_grant_table_op(self, v: VCPU, cmd: int, uop: int, count: int, *_: int) -> int:
+        """grant_table_op(cmd, uop, count): each op's status goes into its struct."""
+        from . import gnttab as G
+        d = self.domain
+        gt = d.gnttab
+        cmd &= U32
+        count &= U32
+        if cmd == G.GNTTABOP_setup_table:
+            for i in range(count):
+                a = uop + i * G.SETUP_TABLE.size
+                dom, nr, _, frames_ptr = G.SETUP_TABLE.unpack(v.copy_from_guest(a, G.SETUP_TABLE.size))
+                status = G.GNTST_okay
+                if dom not in (abi.DOMID_SELF, d.domid):
+                    status = G.GNTST_permission_denied
+                elif nr > gt.max_frames:
+                    status = G.GNTST_general_error
+                else:
+                    mfns = gt.setup(nr)
+                    if mfns:
+                        v.copy_to_guest(frames_ptr, struct.pack(f"<{len(mfns)}Q", *mfns))
+                v.copy_to_guest(a + 8, struct.pack("<h", status))
+            return 0
+        if cmd == G.GNTTABOP_query_size:
+            for i in range(count):
+                a = uop + i * G.QUERY_SIZE.size
+                dom = struct.unpack("<H", v.copy_from_guest(a, 2))[0]
+                if dom not in (abi.DOMID_SELF, d.domid):
+                    v.copy_to_guest(a + 12, struct.pack("<h", G.GNTST_permission_denied))
+                    continue
+                v.copy_to_guest(a + 4, struct.pack("<IIh", gt.nr_frames, gt.max_frames, 0))
+            return 0
+        if cmd == G.GNTTABOP_get_version:
+            dom = struct.unpack("<H", v.copy_from_guest(uop, 2))[0]
+            if dom not in (abi.DOMID_SELF, d.domid):
+                raise XenError(EPERM, "get_version of another domain")
+            v.copy_to_guest(uop + 4, struct.pack("<I", 1))
+            return 0
+        if cmd == G.GNTTABOP_set_version:
+            version = struct.unpack("<I", v.copy_from_guest(uop, 4))[0]
+            v.copy_to_guest(uop, struct.pack("<I", 1))
+            if version != 1:
+                raise XenError(EINVAL, "pyxen implements grant table version 1 only")
+            return 0
+        if cmd == G.GNTTABOP_map_grant_ref:
+            for i in range(count):
+                a = uop + i * G.MAP_GRANT_REF.size
+                host_addr, flags, ref, dom, *_rest = G.MAP_GRANT_REF.unpack(
+                    v.copy_from_guest(a, G.MAP_GRANT_REF.size))
+                status, handle, bus = gt.map(v, host_addr, flags, ref, dom)
+                v.copy_to_guest(a + 18, struct.pack("<hIQ", status, handle, bus))
+            return 0
+        if cmd == G.GNTTABOP_unmap_grant_ref:
+            for i in range(count):
+                a = uop + i * G.UNMAP_GRANT_REF.size
+                host_addr, bus, handle, _ = G.UNMAP_GRANT_REF.unpack(
+                    v.copy_from_guest(a, G.UNMAP_GRANT_REF.size))
+                v.copy_to_guest(a + 20, struct.pack("<h", gt.unmap(v, host_addr, bus, handle)))
+            return 0
+        if cmd == G.GNTTABOP_copy:
+            for i in range(count):
+                a = uop + i * G.COPY.size
+                status = gt.copy_one(v.copy_from_guest(a, G.COPY.size))
+                v.copy_to_guest(a + 36, struct.pack("<h", status))
+            return 0
+        raise XenError(ENOSYS, f"grant_table_op {cmd}")
 
     def do_physdev_op(self, v: VCPU, *_: int) -> int:
         raise XenError(ENOSYS)

@@ -5,8 +5,10 @@ Address map (guest-physical = "machine" addresses in Xen's terms):
 * RAM: a memfd mapped at GPA ``MFN_BASE << 12``.  Frame ``MFN_BASE + pfn`` is
   the domain's pseudo-physical frame ``pfn`` (the p2m is an offset, so MFNs
   never equal PFNs and guests that confuse them fail early, as on Xen).
-  After the domain's ``max_pages`` RAM frames come ``XENHEAP_PAGES`` frames
-  the hypervisor shares with the guest (shared_info, later grant frames).
+  After the domain's ``max_pages`` RAM frames come the Xen-heap frames
+  (``XH_*``): shared_info, the grant table, a peer header and a dirty bitmap.
+* The grant window at ``GRANT_GPA``: pages of other domains mapped through
+  grant references appear here (``gnttab.py``).
 * The hypervisor area: private memory at ``HV_GPA`` holding the hypervisor's
   page tables, the per-vCPU GDT/TSS/stacks, the IDT, the CPL0 stubs and the
   machine-to-phys table.  No guest frame number ever points here.
@@ -35,9 +37,20 @@ from .. import abi
 from ..kvm import VM
 
 MFN_BASE = 0x100000  # RAM starts at GPA 4 GiB
-XENHEAP_PAGES = 16
+# Xen-heap frames after RAM: shared_info, the grant table, a header other
+# processes read (peer page: grant-table size, RAM size) and a bitmap in which
+# other domains' processes mark pages of this domain they wrote (dirty log).
+XH_SHARED_INFO = 0
+XH_GRANT = 1
+MAX_GRANT_FRAMES = 32
+XH_PEER = XH_GRANT + MAX_GRANT_FRAMES
+XH_DIRTY = XH_PEER + 1
 HV_GPA = 0x10000000
-HV_SLOT, RAM_SLOT = 1, 0
+HV_SLOT, RAM_SLOT, GRANT_SLOT = 1, 0, 2
+# Grant mappings of other domains' pages appear in this window of the mapper's
+# guest-physical space, one page per mapping (their "machine frames" here).
+GRANT_GPA = 0x40000000
+GRANT_WINDOW_PAGES = 16384
 
 L4_M2P, L4_HV, L4_DIRECTMAP = 257, 260, 262
 M2P_VA = 0xFFFF808000000000
@@ -117,7 +130,8 @@ class Machine:
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}")
         self.max_pages = max_pages
-        self.nr_frames = max_pages + XENHEAP_PAGES
+        self.dirty_pages = (max_pages + 32767) // 32768  # 1 bit per RAM page
+        self.nr_frames = max_pages + XH_DIRTY + self.dirty_pages
         ram_bytes = _round_up(self.nr_frames * abi.PAGE_SIZE, 2 << 20)
         self.ram_bytes = ram_bytes
         self.memfd = os.memfd_create("pyxen-ram", os.MFD_CLOEXEC)
@@ -140,6 +154,12 @@ class Machine:
         self.vm = VM()
         self.vm.set_memory(RAM_SLOT, self.ram_gpa, ram_bytes, _addr(self.ram))
         self.vm.set_memory(HV_SLOT, HV_GPA, self.hv_bytes, _addr(self.hv))
+        # the grant window: anonymous until a grant is mapped over one of its pages
+        self.grant_window = mmap.mmap(-1, GRANT_WINDOW_PAGES * 4096,
+                                      mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+                                      mmap.PROT_READ | mmap.PROT_WRITE)
+        self.grant_window_addr = _addr(self.grant_window)
+        self.vm.set_memory(GRANT_SLOT, GRANT_GPA, GRANT_WINDOW_PAGES * 4096, self.grant_window_addr)
         self._build_hv_area(m2p_pages, dm_l2s)
         self.percpu: list[dict[str, int]] = [self._build_percpu(i) for i in range(nr_vcpus)]
 
@@ -154,6 +174,10 @@ class Machine:
     @property
     def xenheap_mfn(self) -> int:
         return MFN_BASE + self.max_pages
+
+    def xenheap_offset(self, index: int) -> int:
+        """Offset in the RAM memfd of Xen-heap frame ``index`` (XH_*)."""
+        return (self.max_pages + index) << abi.PAGE_SHIFT
 
     def dm_va(self, maddr: int) -> int:
         return DM_VA + maddr
@@ -318,6 +342,7 @@ class Machine:
         except BufferError:
             pass
         self.hv.close()
+        self.grant_window.close()
         os.close(self.memfd)
 
 

@@ -154,7 +154,7 @@ class FrameTable:
             return
         mfn = (e & PADDR_MASK) >> 12
         if level == 1:
-            if e & _PAGE_RW:
+            if e & _PAGE_RW and self.owns(mfn):  # not owned: a grant mapping (no ref)
                 self.put_type(mfn)
             return
         self.put_type(mfn)
@@ -224,6 +224,12 @@ class FrameTable:
             self.write_entry(maddr, val, None)
         finally:
             self.put_type(mfn)
+
+    def replace_raw(self, maddr: int, new: int, old: int) -> None:
+        """The hypervisor's own L1 write (grant mappings): ``new`` is not validated
+        and takes no reference; ``old``'s references are dropped."""
+        self.write_entry(maddr, new, old)
+        self._put_entry_ref(old, 1)
 
     def pin(self, mfn: int, level: int) -> None:
         if not self.owns(mfn):
@@ -295,6 +301,8 @@ class FrameTable:
                     continue
                 t = (e & PADDR_MASK) >> 12
                 j = t - self.mfn_base
+                if not 0 <= j < self.nr_frames:
+                    continue  # a grant mapping: no reference
                 if level == 1:
                     if e & _PAGE_RW:
                         expect[j] += 1

@@ -1,0 +1,335 @@
+"""Grant tables, version 1 (grant_table.h).
+
+The granter's side is the guest's own business: it fills
+``grant_entry_v1 {u16 flags; domid_t domid; u32 frame}`` entries in table
+frames the hypervisor gives it (``GNTTABOP_setup_table``; Xen-heap frames
+after shared_info).  The hypervisor acts for the *mapping* domain:
+
+* ``map_grant_ref`` checks the granter's entry in the granter's own memory
+  (reached through :class:`~pyxen.hv.interdomain.PeerMemory`): type
+  ``GTF_permit_access``, granted to us, writable unless we map read-only;
+  then sets ``GTF_reading`` (and ``GTF_writing``) with a compare-and-swap,
+  as Xen does, so a granter that revokes concurrently either sees the bits
+  (and must not reuse the page) or we see the revocation (and fail).  The
+  page is mapped into our grant window (one page of our guest-physical
+  space per mapping, ``machine.GRANT_GPA``) by mmap'ing the granter's memfd
+  there, and with ``GNTMAP_host_map`` the PTE for ``host_addr`` is written
+  by the hypervisor (the guest itself can never map those frames).
+* ``unmap_grant_ref`` undoes it; the status bits drop when our last mapping
+  of that reference goes, and the page is marked dirty in the granter's log.
+* ``copy`` copies between our frames and granted frames (either side a
+  grant), checking each grant for the duration of the copy.
+
+When a mapping domain goes away, the granter clears the status bits of
+every entry it had granted to that domain (``peer_gone``): its mappings died
+with its process.  Status codes are Xen's ``GNTST_*``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import abi
+from ..abi import XenError
+from . import atomic
+from . import machine as M
+from .interdomain import PeerMemory, write_peer_header
+from .mm import PGT_WRITABLE
+
+if TYPE_CHECKING:
+    from .domain import Domain
+    from .vcpu import VCPU
+
+GNTTABOP_map_grant_ref, GNTTABOP_unmap_grant_ref, GNTTABOP_setup_table = 0, 1, 2
+GNTTABOP_dump_table, GNTTABOP_transfer, GNTTABOP_copy, GNTTABOP_query_size = 3, 4, 5, 6
+GNTTABOP_unmap_and_replace, GNTTABOP_set_version, GNTTABOP_get_status_frames = 7, 8, 9
+GNTTABOP_get_version = 10
+GTF_permit_access, GTF_type_mask = 1, 3
+GTF_readonly, GTF_reading, GTF_writing = 1 << 2, 1 << 3, 1 << 4
+GNTMAP_device_map, GNTMAP_host_map, GNTMAP_readonly = 1, 2, 4
+GNTMAP_application_map, GNTMAP_contains_pte = 8, 16
+GNTCOPY_source_gref, GNTCOPY_dest_gref = 1, 2
+GNTST_okay, GNTST_general_error, GNTST_bad_domain, GNTST_bad_gntref = 0, -1, -2, -3
+GNTST_bad_handle, GNTST_bad_virt_addr, GNTST_bad_dev_addr = -4, -5, -6
+GNTST_permission_denied, GNTST_bad_page, GNTST_bad_copy_arg = -8, -9, -10
+GNTST_eagain, GNTST_no_space = -12, -13
+
+SETUP_TABLE = struct.Struct("<HxxIhxxxxxxQ")  # dom, nr_frames, status, frame_list
+QUERY_SIZE = struct.Struct("<HxxIIh2x")  # dom, nr_frames, max_nr_frames, status
+MAP_GRANT_REF = struct.Struct("<QIIHhIQ")  # host_addr, flags, ref, dom, status, handle, dev_bus_addr
+UNMAP_GRANT_REF = struct.Struct("<QQIh2x")  # host_addr, dev_bus_addr, handle, status
+COPY_PTR = struct.Struct("<QHH4x")  # union {ref, gmfn}, domid, offset
+COPY = struct.Struct("<QHH4xQHH4xHHh2x")  # source, dest, len, flags, status
+assert SETUP_TABLE.size == 24 and QUERY_SIZE.size == 16 and MAP_GRANT_REF.size == 32
+assert UNMAP_GRANT_REF.size == 24 and COPY.size == 40
+ENTRIES_PER_FRAME = 512
+DEFAULT_GRANT_FRAMES = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                  ctypes.c_long]
+MAP_FIXED = 0x10
+
+
+def _map_fixed(addr: int, prot: int, flags: int, fd: int, offset: int) -> None:
+    r = _mmap(addr, 4096, prot, flags | MAP_FIXED, fd, offset)
+    if r is None or r == ctypes.c_void_p(-1).value:
+        raise OSError(ctypes.get_errno(), "mmap of a grant page failed")
+
+
+@dataclass
+class Mapping:
+    peer: PeerMemory
+    ref: int
+    readonly: bool
+    slot: int  # page index in our grant window
+    host_addr: int  # VA whose PTE we wrote (0: none)
+    pte_maddr: int  # machine address of that PTE
+
+
+class GrantTables:
+    """One domain's grant table (as granter) and maptrack (as mapper)."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.domain = domain
+        self.nr_frames = 0
+        self.max_frames = M.MAX_GRANT_FRAMES
+        self.maptrack: dict[int, Mapping] = {}
+        self.active: dict[tuple[int, int], int] = {}  # (granter, ref) -> our mappings
+        self.free_slots = list(range(M.GRANT_WINDOW_PAGES - 1, -1, -1))
+        self.next_handle = 0
+        self.lock = threading.RLock()
+        self.peers: dict[int, PeerMemory] = {}
+        self.stats = {"maps": 0, "unmaps": 0, "copies": 0, "copy_bytes": 0}
+
+    # ------------------------------------------------------------ granter side
+    def frame_mfns(self) -> list[int]:
+        base = self.domain.machine.xenheap_mfn + M.XH_GRANT
+        return [base + i for i in range(self.nr_frames)]
+
+    def setup(self, nr: int) -> list[int]:
+        if nr > self.max_frames:
+            raise XenError(abi.EINVAL, f"{nr} grant frames (max {self.max_frames})")
+        with self.lock:
+            self.nr_frames = max(self.nr_frames, nr)
+            write_peer_header(self.domain)
+            return self.frame_mfns()[:nr]
+
+    def owns_frame(self, mfn: int) -> bool:
+        first = self.domain.machine.xenheap_mfn + M.XH_GRANT
+        return first <= mfn < first + self.nr_frames
+
+    def peer_gone(self, domid: int) -> None:
+        """A domain died: its mappings of our grants went with it."""
+        m = self.domain.machine
+        base = atomic.address_of(m.ram) + m.xenheap_offset(M.XH_GRANT)
+        for ref in range(self.nr_frames * ENTRIES_PER_FRAME):
+            flags, dom = struct.unpack_from("<HH", m.ram, m.xenheap_offset(M.XH_GRANT) + ref * 8)
+            if dom == domid and flags & (GTF_reading | GTF_writing):
+                atomic.fetch_and16(base + ref * 8, ~(GTF_reading | GTF_writing) & 0xFFFF)
+        with self.lock:
+            p = self.peers.pop(domid, None)
+        if p is not None:
+            p.close()
+
+    # ------------------------------------------------------------ mapper side
+    def _peer(self, domid: int) -> PeerMemory:
+        d = self.domain
+        if domid in (abi.DOMID_SELF, d.domid):
+            domid = d.domid
+        with self.lock:
+            if domid == d.domid and domid not in self.peers:
+                self.peers[domid] = PeerMemory(domid, d.machine.ram, d.machine.memfd,
+                                               d.machine.max_pages)
+            p = self.peers.get(domid)
+            if p is None:
+                p = d.directory.peer(domid)
+                self.peers[domid] = p
+            return p
+
+    def _acquire(self, p: PeerMemory, ref: int, readonly: bool) -> int:
+        """Set GTF_reading/GTF_writing on the granter's entry; return its frame."""
+        if ref >= p.grant_frames * ENTRIES_PER_FRAME:
+            raise _Gnt(GNTST_bad_gntref, f"grant ref {ref} beyond domain {p.domid}'s table")
+        off = p.grant_entry_offset(ref)
+        addr = p.addr + off
+        me = self.domain.domid
+        want = GTF_reading | (0 if readonly else GTF_writing)
+        word = atomic.load32(addr)
+        while True:
+            flags, dom = word & 0xFFFF, word >> 16
+            if flags & GTF_type_mask != GTF_permit_access or dom != me:
+                raise _Gnt(GNTST_permission_denied if flags & GTF_type_mask == GTF_permit_access
+                           else GNTST_bad_gntref,
+                           f"grant ref {ref} of domain {p.domid} is not granted to domain {me}")
+            if not readonly and flags & GTF_readonly:
+                raise _Gnt(GNTST_permission_denied, f"grant ref {ref} is read-only")
+            ok, word = atomic.cas32(addr, word, word | want)
+            if ok:
+                break
+        frame = int(struct.unpack_from("<I", p.buf, off + 4)[0])
+        return frame
+
+    def _release(self, p: PeerMemory, ref: int, readonly: bool) -> None:
+        key = (p.domid, ref)
+        with self.lock:
+            n = self.active.get(key, 0) - 1
+            if n > 0:
+                self.active[key] = n
+                return
+            self.active.pop(key, None)
+        addr = p.addr + p.grant_entry_offset(ref)
+        atomic.fetch_and16(addr, ~(GTF_reading | GTF_writing) & 0xFFFF)
+
+    def map(self, v: VCPU, host_addr: int, flags: int, ref: int, dom: int) -> tuple[int, int, int]:
+        """GNTTABOP_map_grant_ref: (status, handle, dev_bus_addr)."""
+        d = self.domain
+        if not flags & (GNTMAP_host_map | GNTMAP_device_map):
+            return GNTST_bad_virt_addr if flags & GNTMAP_host_map else GNTST_general_error, 0, 0
+        if flags & GNTMAP_contains_pte:
+            return GNTST_general_error, 0, 0  # host_addr as a PTE address: not supported
+        readonly = bool(flags & GNTMAP_readonly)
+        pte = 0
+        if flags & GNTMAP_host_map:
+            if host_addr & 0xFFF:
+                return GNTST_bad_virt_addr, 0, 0
+            try:
+                pte = d.ft.l1_entry_for(v.current_l4, host_addr)
+            except XenError:
+                return GNTST_bad_virt_addr, 0, 0
+        try:
+            p = self._peer(dom)
+        except XenError:
+            return GNTST_bad_domain, 0, 0
+        try:
+            frame = self._acquire(p, ref, readonly)
+        except _Gnt as e:
+            d.log(f"grant map of d{dom} ref {ref}: {e.why}")
+            return e.status, 0, 0
+        with self.lock:
+            self.active[(p.domid, ref)] = self.active.get((p.domid, ref), 0) + 1
+        off = p.ram_offset(frame)
+        if off is None or not self.free_slots:
+            self._release(p, ref, readonly)
+            return (GNTST_bad_page if off is None else GNTST_no_space), 0, 0
+        with self.lock:
+            slot = self.free_slots.pop()
+            handle = self.next_handle
+            self.next_handle += 1
+        m = d.machine
+        prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
+        _map_fixed(m.grant_window_addr + slot * 4096, prot, mmap.MAP_SHARED, p.fd, off)
+        alias = (M.GRANT_GPA >> 12) + slot
+        if pte:
+            old = d.ft.read_entry(pte)
+            new = (alias << 12) | 0x1 | 0x4 | 0x20 | 0x40 | (0 if readonly else 0x2) | abi._PAGE_NX
+            d.ft.replace_raw(pte, new, old)
+        with self.lock:
+            self.maptrack[handle] = Mapping(p, ref, readonly, slot, host_addr if pte else 0, pte)
+        self.stats["maps"] += 1
+        return GNTST_okay, handle, alias << 12
+
+    def unmap(self, v: VCPU, host_addr: int, dev_bus_addr: int, handle: int) -> int:
+        d = self.domain
+        with self.lock:
+            mp = self.maptrack.get(handle)
+            if mp is None:
+                return GNTST_bad_handle
+            if host_addr and host_addr != mp.host_addr:
+                return GNTST_bad_virt_addr
+            del self.maptrack[handle]
+        alias = (M.GRANT_GPA >> 12) + mp.slot
+        if mp.pte_maddr and host_addr:
+            cur = d.ft.read_entry(mp.pte_maddr)
+            if (cur & abi.PADDR_MASK) >> 12 == alias and cur & 1:
+                d.ft.replace_raw(mp.pte_maddr, 0, cur)
+        m = d.machine
+        _map_fixed(m.grant_window_addr + mp.slot * 4096, mmap.PROT_READ | mmap.PROT_WRITE,
+                   mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, -1, 0)
+        with self.lock:
+            self.free_slots.append(mp.slot)
+        if not mp.readonly:
+            frame = int(struct.unpack_from("<I", mp.peer.buf, mp.peer.grant_entry_offset(mp.ref) + 4)[0])
+            if mp.peer.ram_offset(frame) is not None:
+                mp.peer.mark_dirty(frame - M.MFN_BASE)
+        self._release(mp.peer, mp.ref, mp.readonly)
+        self.stats["unmaps"] += 1
+        return GNTST_okay
+
+    def copy_one(self, raw: bytes) -> int:
+        """One gnttab_copy; returns its status."""
+        s_u, s_dom, s_off, d_u, d_dom, d_off, length, flags, _ = COPY.unpack(raw)
+        if s_off + length > 4096 or d_off + length > 4096:
+            return GNTST_bad_copy_arg
+        held: list[tuple[PeerMemory, int, bool]] = []
+        try:
+            src = self._copy_side(s_u, s_dom, bool(flags & GNTCOPY_source_gref), True, held)
+            dst = self._copy_side(d_u, d_dom, bool(flags & GNTCOPY_dest_gref), False, held)
+        except _Gnt as e:
+            for p, ref, ro in held:
+                self._release(p, ref, ro)
+            return e.status
+        sbuf, soff, _ = src
+        dbuf, doff, dmark = dst
+        dbuf[doff + d_off:doff + d_off + length] = sbuf[soff + s_off:soff + s_off + length]
+        dmark()
+        for p, ref, ro in held:
+            self._release(p, ref, ro)
+        self.stats["copies"] += 1
+        self.stats["copy_bytes"] += length
+        return GNTST_okay
+
+    def _copy_side(self, u: int, dom: int, is_ref: bool, reading: bool,
+                   held: list[tuple[PeerMemory, int, bool]]) -> tuple[mmap.mmap, int, Callable[[], None]]:
+        d = self.domain
+        if not is_ref:
+            if dom not in (abi.DOMID_SELF, d.domid):
+                raise _Gnt(GNTST_permission_denied, "copy from another domain's frame needs a grant")
+            if not d.ft.owns(u) or u - M.MFN_BASE >= d.nr_pages:
+                raise _Gnt(GNTST_bad_page, f"frame {u:#x} is not ours")
+            if not reading:
+                t, c = d.ft.type_of(u)
+                if c and t != PGT_WRITABLE:
+                    raise _Gnt(GNTST_general_error, f"frame {u:#x} is a page table")
+            return d.machine.ram, d.machine.ram_offset(u), (lambda: d.mark_dirty(u))
+        try:
+            p = self._peer(dom)
+        except XenError:
+            raise _Gnt(GNTST_bad_domain, f"no domain {dom}") from None
+        frame = self._acquire(p, u, reading)
+        with self.lock:
+            self.active[(p.domid, u)] = self.active.get((p.domid, u), 0) + 1
+        held.append((p, u, reading))
+        off = p.ram_offset(frame)
+        if off is None:
+            raise _Gnt(GNTST_bad_page, f"grant {u} names frame {frame:#x}")
+        pfn = frame - M.MFN_BASE
+        return p.buf, off, (lambda: p.mark_dirty(pfn))
+
+    def release_all(self) -> None:
+        """The domain is going away: drop every mapping it holds."""
+        with self.lock:
+            maps = list(self.maptrack.items())
+        for handle, mp in maps:
+            with self.lock:
+                self.maptrack.pop(handle, None)
+            self._release(mp.peer, mp.ref, mp.readonly)
+        with self.lock:
+            peers, self.peers = self.peers, {}
+        for p in peers.values():
+            p.close()
+
+
+class _Gnt(Exception):
+    def __init__(self, status: int, why: str = "") -> None:
+        super().__init__(status, why)
+        self.status = status
+        self.why = why
