@@ -1,0 +1,4 @@
+"""XenStore: the tree (tree.py), the wire protocol (wire.py) and the daemon (server.py).
+
+See docs/xenstore.md.
+"""
