@@ -11,6 +11,7 @@ from .backends.console import ConsoleBackend
 from .builder import pv
 from .builder.elf import ElfError, XenKernel, load_elf
 from .hv.domain import Domain, DomainSpec
+from .hv.interdomain import Directory
 
 
 class CreateError(ValueError):
@@ -27,7 +28,8 @@ def load_kernel(path: str) -> XenKernel:
 def create_domain(spec: DomainSpec, console_sink: Callable[[bytes], None] | None = None,
                   log_sink: Callable[[str], None] | None = None,
                   on_state: Callable[[Domain], None] | None = None,
-                  start: bool = True, kernel: XenKernel | None = None) -> Domain:
+                  start: bool = True, kernel: XenKernel | None = None,
+                  directory: Directory | None = None) -> Domain:
     """Build and (by default) start a PV domain from ``spec``."""
     if spec.memory_mib < 1:
         raise CreateError("memory must be at least 1 MiB")
@@ -38,7 +40,7 @@ def create_domain(spec: DomainSpec, console_sink: Callable[[bytes], None] | None
             ramdisk = Path(spec.ramdisk).read_bytes()
         except OSError as e:
             raise CreateError(f"cannot read ramdisk {spec.ramdisk}: {e.strerror}") from None
-    d = Domain(spec, console_sink, on_state, log_sink)
+    d = Domain(spec, console_sink, on_state, log_sink, directory)
     try:
         info = pv.build(d, k, spec.cmdline, ramdisk)
     except pv.BuildError as e:

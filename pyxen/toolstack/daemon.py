@@ -50,6 +50,8 @@ class Record:
     pending: dict[int, Any] = field(default_factory=dict)
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     crash: str = ""
+    memfd: int = -1
+    max_pages: int = 0
 
 
 class Daemon:
@@ -150,7 +152,9 @@ class Daemon:
             except ProcessLookupError:
                 pass
 
-    def request(self, rec: Record, op: str, timeout: float = 10.0, **kw: Any) -> dict[str, Any]:
+    def request(self, rec: Record, op: str, timeout: float = 10.0, raw: bool = False,
+                **kw: Any) -> dict[str, Any]:
+        """Ask the domain process; its reply (``raw``: even a failed one, errno and all)."""
         if rec.conn is None:
             raise RuntimeError(f"domain {rec.domid} is not connected")
         ev = threading.Event()
@@ -162,9 +166,15 @@ class Daemon:
             rec.pending.pop(rid, None)
             raise TimeoutError(f"domain {rec.domid} did not answer {op!r}")
         reply = rec.pending.pop(rid)
-        if not reply.get("ok"):
+        if not reply.get("ok") and not raw:
             raise RuntimeError(reply.get("error", "failed"))
         return dict(reply)
+
+    def forward(self, rec: Record, op: str, **kw: Any) -> dict[str, Any]:
+        """A request to a domain process whose reply (errno included) goes back as is."""
+        reply = self.request(rec, op, raw=True, **kw)
+        reply.pop("reply", None)
+        return reply
 
     def destroy(self, rec: Record) -> None:
         with self.lock:
@@ -175,6 +185,19 @@ class Daemon:
         except (RuntimeError, TimeoutError, OSError):
             self._kill(rec)
         self.log(f"destroyed domain {rec.domid} ({rec.name})")
+        self._peer_gone(rec.domid)
+
+    def _peer_gone(self, domid: int) -> None:
+        """Tell every other domain process that ``domid`` is gone (its event
+        channels to us become unbound, its grant mappings died with it)."""
+        with self.lock:
+            others = [r for r in self.domains.values() if r.conn is not None]
+        for r in others:
+            try:
+                with r.send_lock:
+                    r.conn.send({"op": "peer-gone", "domid": domid, "id": 0})  # type: ignore[union-attr]
+            except OSError:
+                pass
 
     def _domain_events(self, conn: Conn, first: dict[str, Any]) -> None:
         """Serve one domain process's connection (runs in its own thread)."""
@@ -204,6 +227,8 @@ class Daemon:
             kind = msg.get("event")
             if kind == "ready":
                 rec.state = "running"
+                rec.memfd = int(msg.get("memfd", -1))
+                rec.max_pages = int(msg.get("max_pages", 0))
                 rec.ready.set()
             elif kind == "error":
                 rec.error = str(msg.get("error"))
@@ -226,6 +251,8 @@ class Daemon:
             if still and rec.state != "creating":
                 self.domains.pop(rec.domid, None)
                 self.log(f"domain {rec.domid} ({rec.name}): domain process exited")
+        if still:
+            self._peer_gone(rec.domid)
         if not rec.ready.is_set():
             rec.error = rec.error or "domain process exited during creation"
             rec.ready.set()
@@ -238,7 +265,8 @@ class Daemon:
             if domid in self.domains or not 0 < domid < MAX_DOMID:
                 return None
             rec = Record(domid, str(spec.get("name")), spec, actions,
-                         state=str(msg.get("state", "running")), reason=msg.get("reason"))
+                         state=str(msg.get("state", "running")), reason=msg.get("reason"),
+                         memfd=int(msg.get("memfd", -1)), max_pages=int(msg.get("max_pages", 0)))
             rec.ready.set()
             self.domains[domid] = rec
             self.reserved.pop(domid, None)
@@ -312,7 +340,10 @@ class Daemon:
         if op == "quit":
             self.quit.set()
             return {"ok": True}
-        rec = self._find(req.get("domain"))
+        try:
+            rec = self._find(req.get("domain"))
+        except LookupError as e:
+            return {"ok": False, "error": str(e), "errno": 3}  # ESRCH
         if op == "destroy":
             self.destroy(rec)
             return {"ok": True}
@@ -326,6 +357,14 @@ class Daemon:
             return {"ok": True}
         if op == "domain-info":
             return {"ok": True, "info": self.request(rec, "info")["info"], "pid": rec.pid}
+        if op == "peer":
+            if rec.memfd < 0:
+                return {"ok": False, "error": f"domain {rec.domid} has no memory yet", "errno": 3}
+            return {"ok": True, "pid": rec.pid, "memfd": rec.memfd, "max_pages": rec.max_pages}
+        if op in ("evtchn-bind", "evtchn-unbind"):
+            fwd = "evtchn-accept" if op == "evtchn-bind" else "evtchn-remote-closed"
+            return self.forward(rec, fwd, port=req.get("port"), from_dom=req.get("from_dom"),
+                                from_port=req.get("from_port"))
         raise ValueError(f"unknown operation {op!r}")
 
     def host_info(self) -> dict[str, Any]:

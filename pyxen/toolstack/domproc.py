@@ -19,13 +19,16 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .. import kvm
+from ..abi import XenError
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
 from . import paths
+from .directory import ProcessDirectory
 from .proto import Conn, ProtocolError
 
 SCROLLBACK = 64 << 10
@@ -48,6 +51,7 @@ class DomainProcess:
         self.daemon = Conn.connect(str(paths.daemon_socket(rundir)), timeout=5)
         self.send_lock = threading.Lock()
         self.domain: Domain | None = None
+        self.directory = ProcessDirectory(rundir, self._watch_fd, self._unwatch_fd)
         self.daemon_lost = 0.0  # when the daemon connection was lost (0: connected)
         self.sel = selectors.DefaultSelector()
 
@@ -186,11 +190,25 @@ class DomainProcess:
                 d.shutdown(int(msg.get("reason", 0)))
             elif op == "info":
                 reply["info"] = d.info()
+            elif op == "evtchn-accept":
+                reply.update(self.directory.accept(d, int(msg["port"]), int(msg["from_dom"]),
+                                                   int(msg["from_port"])))
+            elif op == "evtchn-remote-closed":
+                self.directory.drop(int(msg["port"]))
+                d.evtchn.remote_closed(int(msg["port"]), int(msg["from_dom"]))
+            elif op == "peer-gone":
+                gone = int(msg["domid"])
+                for port, ch in enumerate(list(d.evtchn.ports)):
+                    if ch.remote_dom == gone and not ch.backend_local:
+                        self.directory.drop(port)
+                d.peer_gone(gone)
             elif op == "destroy":
                 self.event(**reply)
                 self.exit(0)
             else:
                 reply = {"reply": rid, "ok": False, "error": f"unknown op {op!r}"}
+        except XenError as e:
+            reply = {"reply": rid, "ok": False, "error": e.why or str(e), "errno": e.errno}
         except Exception as e:  # noqa: BLE001 - report, never die on a bad request
             reply = {"reply": rid, "ok": False, "error": str(e)}
         self.event(**reply)
@@ -224,7 +242,7 @@ class DomainProcess:
         try:
             self.domain = create_domain(self.spec, console_sink=self.on_console,
                                         log_sink=self.on_log, on_state=self.on_state,
-                                        start=False)
+                                        start=False, directory=self.directory)
         except (CreateError, OSError, ValueError) as e:
             self.event(event="error", error=str(e))
             os._exit(1)
@@ -232,7 +250,7 @@ class DomainProcess:
         if self.spec.extra.get("paused"):
             self.domain.pause()
         self.domain.start()
-        self.event(event="ready", domid=self.domid)
+        self.event(event="ready", domid=self.domid, **self._memory())
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
         while True:
@@ -244,6 +262,26 @@ class DomainProcess:
                         self._drop_client(c)
             if self.daemon_lost and time.monotonic() - self.daemon_lost > 0.2:
                 self._readopt()
+
+    def _memory(self) -> dict[str, int]:
+        """Where other domain processes find our RAM (pidfd_getfd of this fd)."""
+        assert self.domain is not None
+        return {"memfd": self.domain.machine.memfd, "max_pages": self.domain.machine.max_pages}
+
+    def _watch_fd(self, fd: int, cb: Callable[[], None]) -> None:
+        def ready(_: object) -> None:
+            try:
+                os.eventfd_read(fd)
+            except (BlockingIOError, OSError):
+                return
+            cb()
+        self.sel.register(fd, selectors.EVENT_READ, ready)
+
+    def _unwatch_fd(self, fd: int) -> None:
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def _readopt(self) -> None:
         """Register again with a restarted daemon, which adopts this domain."""
@@ -260,7 +298,7 @@ class DomainProcess:
         spec = dataclasses.asdict(self.spec)
         self.event(event="register", adopt=True, domid=self.domid, pid=os.getpid(),
                    sock=str(paths.domain_socket(self.rundir, self.domid)), spec=spec,
-                   state=d.state, reason=d.info()["shutdown_reason"])
+                   state=d.state, reason=d.info()["shutdown_reason"], **self._memory())
         self.sel.register(conn.sock, selectors.EVENT_READ, self._command)
 
 

@@ -1,0 +1,142 @@
+"""The multi-process :class:`~pyxen.hv.interdomain.Directory` of a domain process.
+
+Other domains live in other processes.  The daemon knows where (pid, memfd
+number, size) and brokers the *setup* of a connection; the data path never
+touches it:
+
+* memory: the peer's memfd is duplicated into this process with
+  ``pidfd_getfd(2)`` and mapped;
+* event channels: the accepting side creates two eventfds (one per
+  direction) and registers its inbound one in its own selector; the binding
+  side duplicates both with ``pidfd_getfd`` and does the same.  A send is an
+  ``eventfd_write`` by the sender's vCPU thread; the receiver's main loop
+  wakes and raises the port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import abi
+from ..abi import XenError
+from ..hv.interdomain import Directory, PeerMemory
+from . import paths
+from .proto import Conn, ProtocolError
+
+if TYPE_CHECKING:
+    from ..hv.domain import Domain
+
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_pidfd_getfd = 438
+
+
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """Duplicate file descriptor ``fd`` of process ``pid`` into this process."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        r = int(_libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0))
+        if r < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, f"pidfd_getfd({pid}, {fd}): {os.strerror(e)}")
+        os.set_inheritable(r, False)
+        return r
+    finally:
+        os.close(pidfd)
+
+
+class ProcessDirectory(Directory):
+    """Other domains reached through the daemon (setup) and shared fds (data)."""
+
+    def __init__(self, rundir: Path, watch: Callable[[int, Callable[[], None]], None],
+                 unwatch: Callable[[int], None]) -> None:
+        self.rundir = rundir
+        self.watch = watch  # register an inbound eventfd with the main loop
+        self.unwatch = unwatch
+        self.lock = threading.Lock()
+        self.links: dict[int, tuple[int, int]] = {}  # our port -> (in_fd, out_fd)
+
+    def _ask(self, **req: Any) -> dict[str, Any]:
+        try:
+            c = Conn.connect(str(paths.daemon_socket(self.rundir)), timeout=10)
+        except OSError:
+            raise XenError(abi.ESRCH, "the toolstack daemon is not reachable") from None
+        try:
+            r = c.call(req)
+        except (OSError, ProtocolError):
+            raise XenError(abi.ESRCH, "the toolstack daemon went away") from None
+        finally:
+            c.close()
+        if not r.get("ok"):
+            raise XenError(int(r.get("errno", abi.ESRCH)), str(r.get("error", "")))
+        return r
+
+    # ------------------------------------------------------------ memory
+    def peer(self, domid: int) -> PeerMemory:
+        r = self._ask(op="peer", domain=domid)
+        fd = pidfd_getfd(int(r["pid"]), int(r["memfd"]))
+        size = os.fstat(fd).st_size
+        buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return PeerMemory(domid, buf, fd, int(r["max_pages"]), owned=True)
+
+    # ------------------------------------------------------------ event channels
+    def bind(self, local: Domain, lport: int, remote_dom: int, remote_port: int) -> Callable[[], None]:
+        if remote_dom == local.domid:  # loopback within the domain
+            local.evtchn.accept_interdomain(
+                remote_port, local.domid, lport,
+                lambda: local.raise_port(lport, local.evtchn.notify_vcpu(lport)))
+            return lambda: local.raise_port(remote_port, local.evtchn.notify_vcpu(remote_port))
+        r = self._ask(op="evtchn-bind", domain=remote_dom, from_dom=local.domid, from_port=lport,
+                      port=remote_port)
+        pid = int(r["pid"])
+        out_fd = pidfd_getfd(pid, int(r["in_fd"]))  # they read what we write
+        in_fd = pidfd_getfd(pid, int(r["out_fd"]))  # we read what they write
+        with self.lock:
+            self.links[lport] = (in_fd, out_fd)
+        self.watch(in_fd, lambda: local.raise_port(lport, local.evtchn.notify_vcpu(lport)))
+        return lambda: _signal(out_fd)
+
+    def accept(self, local: Domain, port: int, from_dom: int, from_port: int) -> dict[str, int]:
+        """The remote half of a bind, run in the accepting domain's process."""
+        in_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        out_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            local.evtchn.accept_interdomain(port, from_dom, from_port, lambda: _signal(out_fd))
+        except XenError:
+            os.close(in_fd)
+            os.close(out_fd)
+            raise
+        with self.lock:
+            self.links[port] = (in_fd, out_fd)
+        self.watch(in_fd, lambda: local.raise_port(port, local.evtchn.notify_vcpu(port)))
+        return {"pid": os.getpid(), "in_fd": in_fd, "out_fd": out_fd}
+
+    def drop(self, port: int) -> None:
+        with self.lock:
+            fds = self.links.pop(port, None)
+        if fds:
+            self.unwatch(fds[0])
+            for fd in fds:
+                os.close(fd)
+
+    def unbind(self, local: Domain, lport: int, remote_dom: int, remote_port: int) -> None:
+        self.drop(lport)
+        if remote_dom == local.domid:
+            local.evtchn.remote_closed(remote_port, local.domid)
+            return
+        try:
+            self._ask(op="evtchn-unbind", domain=remote_dom, from_dom=local.domid, port=remote_port)
+        except XenError:
+            pass
+
+
+def _signal(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except OSError:
+        pass  # the other side is gone: Xen drops events to dead domains too
