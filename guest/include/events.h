@@ -76,6 +76,35 @@ void unbind_evtchn(evtchn_port_t port);                               /* mask + 
 void mask_evtchn(evtchn_port_t port);
 void unmask_evtchn(evtchn_port_t port);
 void clear_evtchn(evtchn_port_t port);
-long notify_remote_via_evtchn(evtchn_port_t port);
+long notify_remote_via_evtchn(evtchn_port_t port);   /* EVTCHNOP_send */
+
+/*
+ * Interdomain channels (event_channel.h).  Each returns the local port
+ * (>= 0) with handler h installed and the port unmasked, or -errno.
+ *   evtchn_alloc_unbound:    a new port that remote_dom may bind to
+ *   evtchn_bind_interdomain: connect to remote_dom's unbound port
+ *                            remote_port (Xen marks the new local port
+ *                            pending once, so h sees one early event)
+ * Sending is notify_remote_via_evtchn(); close_evtchn() masks the port,
+ * drops its handler and returns EVTCHNOP_close's result (the peer's end
+ * goes back to "unbound", as in Xen).
+ */
+struct evtchn_bind_interdomain {
+    domid_t remote_dom;
+    evtchn_port_t remote_port;
+    evtchn_port_t local_port;     /* OUT */
+};
+_Static_assert(sizeof(struct evtchn_bind_interdomain) == 12, "evtchn_bind_interdomain size");
+_Static_assert(offsetof(struct evtchn_bind_interdomain, remote_port) == 4,
+               "evtchn_bind_interdomain.remote_port offset");
+_Static_assert(offsetof(struct evtchn_bind_interdomain, local_port) == 8,
+               "evtchn_bind_interdomain.local_port offset");
+_Static_assert(offsetof(struct evtchn_alloc_unbound, port) == 4,
+               "evtchn_alloc_unbound.port offset");
+
+int  evtchn_alloc_unbound(domid_t remote_dom, evtchn_handler_t h, void *data);
+int  evtchn_bind_interdomain(domid_t remote_dom, evtchn_port_t remote_port,
+                             evtchn_handler_t h, void *data);
+long close_evtchn(evtchn_port_t port);
 
 #endif /* PYXEN_EVENTS_H */

@@ -99,7 +99,46 @@ int bind_virq(uint32_t virq, evtchn_handler_t h, void *data)
 
 void unbind_evtchn(evtchn_port_t port)
 {
+    (void)close_evtchn(port);
+}
+
+int evtchn_alloc_unbound(domid_t remote_dom, evtchn_handler_t h, void *data)
+{
+    struct evtchn_alloc_unbound op = { .dom = DOMID_SELF, .remote_dom = remote_dom };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_alloc_unbound, &op);
+
+    if (rc < 0)
+        return (int)rc;
+    rc = bind_evtchn(op.port, h, data);
+    if (rc < 0) {
+        close_evtchn(op.port);
+        return (int)rc;
+    }
+    return (int)op.port;
+}
+
+int evtchn_bind_interdomain(domid_t remote_dom, evtchn_port_t remote_port,
+                            evtchn_handler_t h, void *data)
+{
+    struct evtchn_bind_interdomain op = {
+        .remote_dom = remote_dom, .remote_port = remote_port,
+    };
+    long rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_interdomain, &op);
+
+    if (rc < 0)
+        return (int)rc;
+    rc = bind_evtchn(op.local_port, h, data);
+    if (rc < 0) {
+        close_evtchn(op.local_port);
+        return (int)rc;
+    }
+    return (int)op.local_port;
+}
+
+long close_evtchn(evtchn_port_t port)
+{
     struct evtchn_close op = { .port = port };
+
     mask_evtchn(port);
     if (port < MAX_BOUND_PORTS) {
         unsigned long flags = irq_save();
@@ -107,7 +146,7 @@ void unbind_evtchn(evtchn_port_t port)
         handlers[port].data = NULL;
         irq_restore(flags);
     }
-    HYPERVISOR_event_channel_op(EVTCHNOP_close, &op);
+    return HYPERVISOR_event_channel_op(EVTCHNOP_close, &op);
 }
 
 /*

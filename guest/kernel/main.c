@@ -12,10 +12,12 @@
 #include "kernel.h"
 #include "console.h"
 #include "events.h"
+#include "gnttab.h"
 #include "hypercall.h"
 #include "mm.h"
 #include "sched.h"
 #include "traps.h"
+#include "xenbus.h"
 #include "xtime.h"
 
 static struct start_info start_info_copy;
@@ -126,6 +128,9 @@ void start_kernel(struct start_info *si)
 
     if (!create_thread("main", main_thread, NULL))
         panic("cannot create main thread\n");
+    /* Grant table, and the xenbus thread (store probe, control/shutdown). */
+    gnttab_init();
+    xenbus_init();
 
     irq_enable();
     idle_loop();

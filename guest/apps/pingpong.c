@@ -1,0 +1,413 @@
+/*
+ * pingpong: two domains bounce an event, and data in a granted page,
+ * after a libvchan-style handshake over XenStore.
+ *
+ *   A (role=a [rounds=N] [peer=B])        B (role=b peer=A)
+ *   data/pingpong/join = "" (perms: owner A,
+ *       everyone else may write), watch it
+ *                                         write /local/domain/A/data/pingpong/join
+ *                                           = B's domid (retried until allowed)
+ *   read B from join
+ *   port = alloc_unbound(B)
+ *   gref = grant one page to B, rw
+ *   one transaction: data/pingpong/{gref,port}
+ *       (perms: owner A, everyone may read)
+ *                                         watch A's data/pingpong/port, read both
+ *                                         bind_interdomain(A, port), map gref
+ *                                         page.b_state = 1, notify
+ *   round i: ping = 2i+1, data[i%DATA] = ping&0xff, notify
+ *                                         check ping and data, pong = ping+1, notify
+ *   check pong
+ *   ...
+ *                                         after the last round: b_state = 2,
+ *                                         unmap, notify, close, power off
+ *   end access (retried while B still has it mapped), close, power off
+ *
+ * Output (both roles):
+ *   pingpong: role=<r> peer=<d> connected port=<local port> gref=<g>
+ *   pingpong: round N ok                              every 100 rounds
+ *   pingpong: done rounds=N rtt_ns=<median> avg_ns=<mean> p99_ns=<p99> min_ns=<min>
+ * (A times each round trip; B the interval between pings.)  Any mismatch or
+ * timeout prints "pingpong: FAIL ..." and crashes the domain.
+ */
+#include "app.h"
+#include "gnttab.h"
+#include "xenbus.h"
+
+const char app_name[] = "pingpong";
+
+#define PP_MAGIC        0x474e4950u     /* "PING" */
+#define DATA_BYTES      3072
+#define MAX_SAMPLES     8192
+#define CONNECT_TIMEOUT (120 * NSEC_PER_SEC)
+#define ROUND_TIMEOUT   (10 * NSEC_PER_SEC)
+
+struct pp_page {
+    uint32_t magic;             /* A */
+    uint32_t rounds;            /* A */
+    uint32_t b_state;           /* B: 1 = connected, 2 = unmapping */
+    uint32_t pad;
+    uint64_t ping;              /* A -> B */
+    uint64_t pong;              /* B -> A */
+    uint8_t  data[DATA_BYTES];  /* A writes, B checks */
+};
+_Static_assert(sizeof(struct pp_page) <= PAGE_SIZE, "pp_page fits a page");
+
+static volatile struct pp_page *page;
+static struct thread *waiter;
+static evtchn_port_t port;
+static uint64_t samples[MAX_SAMPLES];
+
+static void __noreturn fail(const char *fmt, ...) __printf(1, 2);
+static void fail(const char *fmt, ...)
+{
+    char buf[256];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    printk("pingpong: FAIL %s\n", buf);
+    xen_shutdown(SHUTDOWN_crash);
+}
+
+static void pp_event(evtchn_port_t p, struct pt_regs *regs, void *data)
+{
+    (void)p; (void)regs; (void)data;
+    if (waiter)
+        wake_thread(waiter);
+}
+
+/* Sleep until cond() (checked with events masked) or the deadline. */
+static int wait_until(int (*cond)(uint64_t), uint64_t arg, uint64_t deadline)
+{
+    int ok;
+
+    for (;;) {
+        irq_disable();
+        if (cond(arg)) {
+            ok = 1;
+            break;
+        }
+        if (monotonic_ns() >= deadline) {
+            ok = 0;
+            break;
+        }
+        waiter = current;
+        current->wakeup_ns = deadline;
+        current->state = T_BLOCKED;
+        irq_enable();
+        schedule();
+    }
+    waiter = NULL;
+    irq_enable();
+    return ok;
+}
+
+static int b_state_is(uint64_t v) { return READ_ONCE(page->b_state) == v; }
+static int pong_is(uint64_t v)    { return READ_ONCE(page->pong) == v; }
+static int ping_is(uint64_t v)    { return READ_ONCE(page->ping) >= v; }
+
+/* ---- statistics ---- */
+
+static void sort_u64(uint64_t *a, unsigned long n)
+{
+    /* Shell sort with Ciura-ish gaps: fine for a few thousand samples. */
+    static const unsigned long gaps[] = { 1750, 701, 301, 132, 57, 23, 10, 4, 1 };
+    for (size_t g = 0; g < ARRAY_SIZE(gaps); g++) {
+        unsigned long gap = gaps[g];
+        for (unsigned long i = gap; i < n; i++) {
+            uint64_t v = a[i];
+            unsigned long j = i;
+            for (; j >= gap && a[j - gap] > v; j -= gap)
+                a[j] = a[j - gap];
+            a[j] = v;
+        }
+    }
+}
+
+static void report(unsigned long rounds, unsigned long nsamples, uint64_t total_ns)
+{
+    unsigned long n = MIN(nsamples, (unsigned long)MAX_SAMPLES);
+    uint64_t med = 0, p99 = 0, mn = 0;
+
+    if (n) {
+        sort_u64(samples, n);
+        med = samples[n / 2];
+        p99 = samples[(n * 99) / 100 < n ? (n * 99) / 100 : n - 1];
+        mn = samples[0];
+    }
+    printk("pingpong: done rounds=%lu rtt_ns=%lu avg_ns=%lu p99_ns=%lu min_ns=%lu\n",
+           rounds, (unsigned long)med,
+           (unsigned long)(nsamples ? total_ns / nsamples : 0),
+           (unsigned long)p99, (unsigned long)mn);
+}
+
+/* ---- xenstore helpers ---- */
+
+static void must(int rc, const char *what)
+{
+    if (rc < 0)
+        fail("%s: %s (%d)", what, xenbus_strerror(rc), rc);
+}
+
+/* ---- role A ---- */
+
+static int role_a(unsigned long rounds, unsigned long want_peer)
+{
+    static struct xenbus_watch join_watch;
+    xenbus_transaction_t t;
+    unsigned long peer = 0, seen = 0, nsamples = 0;
+    uint64_t deadline, total = 0;
+    char buf[32];
+    domid_t self;
+    int gref, rc;
+
+    must(xenbus_self_domid(&self), "read domid");
+
+    /* A fresh join node that anyone may write but only we can read. */
+    xenbus_rm(XBT_NIL, "data/pingpong");
+    for (;;) {
+        must(xenbus_transaction_start(&t), "transaction_start");
+        rc = xenbus_write(t, "data/pingpong/join", "");
+        if (!rc)
+            rc = xenbus_set_perms_owner(t, "data/pingpong/join", self, 'w');
+        if (rc) {
+            xenbus_transaction_end(t, 1);
+            must(rc, "create data/pingpong/join");
+        }
+        rc = xenbus_transaction_end(t, 0);
+        if (rc != -XEN_EAGAIN)
+            break;
+    }
+    must(rc, "commit data/pingpong/join");
+    must(xenbus_watch(&join_watch, "data/pingpong/join", NULL, NULL), "watch join");
+    printk("pingpong: role=a self=%u waiting for a peer on data/pingpong/join\n", self);
+
+    deadline = monotonic_ns() + CONNECT_TIMEOUT;
+    for (;;) {
+        if (!xenbus_watch_wait(&join_watch, &seen, deadline) && monotonic_ns() >= deadline)
+            fail("no peer joined in %lu s", (unsigned long)(CONNECT_TIMEOUT / NSEC_PER_SEC));
+        rc = xenbus_read(XBT_NIL, "data/pingpong/join", buf, sizeof(buf));
+        if (rc > 0) {
+            const char *end;
+            peer = simple_strtoul(buf, &end, 10);
+            if (*end || peer >= DOMID_SELF || peer == self)
+                fail("bad join value '%s'", buf);
+            break;
+        }
+    }
+    xenbus_unwatch(&join_watch);
+    if (want_peer && peer != want_peer)
+        fail("domain %lu joined, expected peer=%lu", peer, want_peer);
+
+    page = alloc_page();
+    if (!page)
+        fail("no memory");
+    memset((void *)page, 0, PAGE_SIZE);
+    page->magic = PP_MAGIC;
+    page->rounds = (uint32_t)rounds;
+    for (unsigned int i = 0; i < DATA_BYTES; i++)
+        page->data[i] = (uint8_t)(i * 7 + 3);
+    wmb();
+
+    gref = gnttab_grant_page((domid_t)peer, (const void *)page, 0);
+    if (gref < 0)
+        fail("grant_access: %d", gref);
+    rc = evtchn_alloc_unbound((domid_t)peer, pp_event, NULL);
+    if (rc < 0)
+        fail("alloc_unbound(%lu): %d", peer, rc);
+    port = (evtchn_port_t)rc;
+
+    /* Both keys at once, readable by everyone. */
+    for (;;) {
+        must(xenbus_transaction_start(&t), "transaction_start");
+        rc = xenbus_printf(t, "data/pingpong/gref", "%d", gref);
+        if (!rc)
+            rc = xenbus_set_perms_owner(t, "data/pingpong/gref", self, 'r');
+        if (!rc)
+            rc = xenbus_printf(t, "data/pingpong/port", "%u", port);
+        if (!rc)
+            rc = xenbus_set_perms_owner(t, "data/pingpong/port", self, 'r');
+        if (rc) {
+            xenbus_transaction_end(t, 1);
+            must(rc, "write port/gref");
+        }
+        rc = xenbus_transaction_end(t, 0);
+        if (rc != -XEN_EAGAIN)
+            break;
+    }
+    must(rc, "commit port/gref");
+
+    if (!wait_until(b_state_is, 1, monotonic_ns() + CONNECT_TIMEOUT))
+        fail("peer %lu did not connect (b_state=%u)", peer, page->b_state);
+    printk("pingpong: role=a peer=%lu connected port=%u gref=%d\n", peer, port, gref);
+
+    for (unsigned long i = 0; i < rounds; i++) {
+        uint64_t seq = 2 * i + 1, t0, dt;
+
+        t0 = monotonic_ns();
+        page->data[i % DATA_BYTES] = (uint8_t)seq;
+        wmb();
+        WRITE_ONCE(page->ping, seq);
+        notify_remote_via_evtchn(port);
+        if (!wait_until(pong_is, seq + 1, t0 + ROUND_TIMEOUT))
+            fail("round %lu: pong=%lu, want %lu", i + 1, (unsigned long)page->pong,
+                 (unsigned long)(seq + 1));
+        dt = monotonic_ns() - t0;
+        total += dt;
+        samples[nsamples++ % MAX_SAMPLES] = dt;
+        if ((i + 1) % 100 == 0)
+            printk("pingpong: round %lu ok\n", i + 1);
+    }
+
+    /* B unmaps first; then the grant can be revoked. */
+    if (!wait_until(b_state_is, 2, monotonic_ns() + ROUND_TIMEOUT))
+        fail("peer did not finish (b_state=%u)", page->b_state);
+    deadline = monotonic_ns() + ROUND_TIMEOUT;
+    while ((rc = gnttab_end_access((grant_ref_t)gref)) == -XEN_EBUSY) {
+        if (monotonic_ns() >= deadline)
+            fail("end_access(%d): still mapped by the peer", gref);
+        msleep(1);
+    }
+    if (rc)
+        fail("end_access(%d): %d", gref, rc);
+    close_evtchn(port);
+    report(rounds, nsamples, total);
+    xenbus_rm(XBT_NIL, "data/pingpong");
+    poweroff();
+}
+
+/* ---- role B ---- */
+
+static int role_b(unsigned long peer)
+{
+    static struct xenbus_watch port_watch;
+    char apath[64], path[128];
+    unsigned long seen = 0, rport = 0, gref = 0, rounds, nsamples = 0;
+    uint64_t deadline, last = 0, total = 0;
+    grant_handle_t handle;
+    int16_t status;
+    void *area;
+    domid_t self;
+    long hrc;
+    int rc;
+
+    if (!peer || peer >= DOMID_SELF)
+        fail("role=b needs peer=<domid of A>");
+    must(xenbus_self_domid(&self), "read domid");
+    rc = xenbus_get_domain_path((domid_t)peer, apath, sizeof(apath));
+    must(rc, "get_domain_path");
+
+    /* Join: A's node exists once A is up; until then we may not write. */
+    snprintf(path, sizeof(path), "%s/data/pingpong/join", apath);
+    deadline = monotonic_ns() + CONNECT_TIMEOUT;
+    while ((rc = xenbus_printf(XBT_NIL, path, "%u", self)) != 0) {
+        if ((rc != -XEN_EACCES && rc != -XEN_ENOENT) || monotonic_ns() >= deadline)
+            fail("write %s: %s (%d)", path, xenbus_strerror(rc), rc);
+        msleep(100);
+    }
+    printk("pingpong: role=b self=%u joined %s\n", self, path);
+
+    /* Wait for A's port and gref (written together in one transaction). */
+    snprintf(path, sizeof(path), "%s/data/pingpong/port", apath);
+    must(xenbus_watch(&port_watch, path, NULL, NULL), "watch port");
+    for (;;) {
+        rc = xenbus_read_ulong(XBT_NIL, path, &rport);
+        if (!rc) {
+            snprintf(path, sizeof(path), "%s/data/pingpong/gref", apath);
+            rc = xenbus_read_ulong(XBT_NIL, path, &gref);
+            snprintf(path, sizeof(path), "%s/data/pingpong/port", apath);
+            if (!rc)
+                break;
+        }
+        if (rc != -XEN_ENOENT && rc != -XEN_EACCES)
+            fail("read %s: %s (%d)", path, xenbus_strerror(rc), rc);
+        if (monotonic_ns() >= deadline)
+            fail("A published no port/gref");
+        /* Re-poll now and then too, in case an event was filtered. */
+        xenbus_watch_wait(&port_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
+    }
+    xenbus_unwatch(&port_watch);
+
+    rc = evtchn_bind_interdomain((domid_t)peer, (evtchn_port_t)rport, pp_event, NULL);
+    if (rc < 0)
+        fail("bind_interdomain(%lu, %lu): %d", peer, rport, rc);
+    port = (evtchn_port_t)rc;
+
+    area = gnttab_alloc_map_area(1);
+    if (!area)
+        fail("no map area");
+    hrc = gnttab_map((domid_t)peer, (grant_ref_t)gref, 0, (unsigned long)area, &handle,
+                     &status);
+    if (hrc || status != GNTST_okay)
+        fail("map_grant_ref(dom %lu, ref %lu): rc=%ld status=%d (%s)", peer, gref, hrc,
+             status, gnttab_strerror(status));
+    page = area;
+    if (page->magic != PP_MAGIC)
+        fail("granted page has magic 0x%x", page->magic);
+    for (unsigned int i = 0; i < DATA_BYTES; i++)
+        if (page->data[i] != (uint8_t)(i * 7 + 3))
+            fail("granted page data[%u]=0x%x, want 0x%x", i, page->data[i],
+                 (uint8_t)(i * 7 + 3));
+    rounds = page->rounds;
+    WRITE_ONCE(page->b_state, 1);
+    notify_remote_via_evtchn(port);
+    printk("pingpong: role=b peer=%lu connected port=%u gref=%lu\n", peer, port, gref);
+
+    for (unsigned long i = 0; i < rounds; i++) {
+        uint64_t seq = 2 * i + 1, ping, now;
+
+        if (!wait_until(ping_is, seq, monotonic_ns() + ROUND_TIMEOUT))
+            fail("round %lu: no ping (ping=%lu)", i + 1, (unsigned long)page->ping);
+        now = monotonic_ns();
+        rmb();
+        ping = READ_ONCE(page->ping);
+        if (ping != seq)
+            fail("round %lu: ping=%lu, want %lu", i + 1, (unsigned long)ping,
+                 (unsigned long)seq);
+        if (page->data[i % DATA_BYTES] != (uint8_t)seq)
+            fail("round %lu: data[%lu]=0x%x, want 0x%x", i + 1, i % DATA_BYTES,
+                 page->data[i % DATA_BYTES], (uint8_t)seq);
+        if (i) {
+            total += now - last;
+            samples[nsamples++ % MAX_SAMPLES] = now - last;
+        }
+        last = now;
+        WRITE_ONCE(page->pong, seq + 1);
+        notify_remote_via_evtchn(port);
+        if ((i + 1) % 100 == 0)
+            printk("pingpong: round %lu ok\n", i + 1);
+    }
+
+    /* Unmap first, then tell A it may revoke the grant. */
+    WRITE_ONCE(page->b_state, 2);
+    wmb();
+    page = NULL;
+    hrc = gnttab_unmap((unsigned long)area, handle, &status);
+    if (hrc || status != GNTST_okay)
+        fail("unmap_grant_ref: rc=%ld status=%d (%s)", hrc, status, gnttab_strerror(status));
+    notify_remote_via_evtchn(port);
+    gnttab_free_map_area(area, 1);
+    close_evtchn(port);
+    report(rounds, nsamples, total);
+    poweroff();
+}
+
+int app_main(const char *cmdline)
+{
+    char role[8] = "";
+    unsigned long rounds = cmdline_get_ulong(cmdline, "rounds", 1000);
+    unsigned long peer = cmdline_get_ulong(cmdline, "peer", 0);
+
+    cmdline_get_str(cmdline, "role", role, sizeof(role));
+    if (!xenbus_available())
+        fail("no xenstore");
+    if (!gnttab_ready())
+        fail("no grant table");
+    if (!strcmp(role, "a"))
+        return role_a(rounds, peer);
+    if (!strcmp(role, "b"))
+        return role_b(peer);
+    fail("role=a or role=b, please (got '%s')", role);
+}
