@@ -606,13 +606,13 @@ class Store:
         parent_name = parent_of(name)
         order: list[str] = []
         stack = [name]
-        while stack:                        # pre-order, then reversed = children before parents
+        while stack:                        # right-to-left pre-order; reversed, it is post-order
             p = stack.pop()
             node = v.get(p)
             if node is None:
                 continue
             order.append(p)
-            stack.extend(child_path(p, c) for c in reversed(node.children))
+            stack.extend(child_path(p, c) for c in node.children)
         for p in reversed(order):
             node = v.nodes[p]
             v.emit(p, Match.SUBTREE if p == name else Match.EXACT, node.perms,
