@@ -189,7 +189,8 @@ def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes |
     # event channels for the console and xenstore
     console_port = domain.evtchn.bind_backend(lambda: domain.console.on_event()  # type: ignore[union-attr]
                                               if domain.console else None, 1)
-    store_port = domain.evtchn.alloc_unbound(0)
+    store_port = domain.evtchn.bind_backend(lambda: domain.xs_ring.on_guest_event()  # type: ignore[union-attr]
+                                            if domain.xs_ring else None, 2)
     # start_info
     si = abi.START_INFO.pack(
         abi.START_INFO_MAGIC.ljust(32, b"\0"), nr, domain.shared_info_mfn << 12, 0,

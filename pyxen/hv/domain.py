@@ -29,6 +29,7 @@ from .vcpu import VCPU
 
 if TYPE_CHECKING:
     from ..backends.console import ConsoleBackend
+    from ..backends.xsring import XenstoreRing
 
 ConsoleSink = Callable[[bytes], None]
 CONSOLE_IO_LOG_LIMIT = 10000  # lines of a domain's console_io kept in the hypervisor log
@@ -158,6 +159,7 @@ class Domain:
             v.vi_set(abi.VI_UPCALL_MASK, 1)
             v.update_time()
         self.console: ConsoleBackend | None = None  # attached by domctl.create_domain
+        self.xs_ring: XenstoreRing | None = None  # attached by the domain process
         if isinstance(self.directory, LocalDirectory):
             self.directory.register(self)
         self.start_info: dict[str, int] = {}

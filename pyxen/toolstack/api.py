@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid as uuidlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def config_to_request(cfg: DomainConfig) -> dict[str, Any]:
     spec = {"name": cfg.name, "memory_mib": cfg.memory, "maxmem_mib": cfg.maxmem,
             "vcpus": cfg.vcpus, "maxvcpus": cfg.maxvcpus, "kernel": str(cfg.kernel),
             "cmdline": cfg.cmdline, "ramdisk": str(cfg.ramdisk) if cfg.ramdisk else None,
-            "uuid": str(cfg.uuid) if cfg.uuid else "00000000-0000-0000-0000-000000000000"}
+            "uuid": str(cfg.uuid or uuidlib.uuid4())}  # as xl: a fresh UUID unless configured
     actions = {k: getattr(cfg, k).value for k in ("on_poweroff", "on_reboot", "on_crash",
                                                    "on_watchdog")}
     return {"op": "create", "spec": spec, "actions": actions}
@@ -118,11 +119,14 @@ class Host:
     def destroy(self, dom: int | str) -> None:
         self._call(op="destroy", domain=dom)
 
-    def shutdown(self, dom: int | str) -> None:
-        self._call(op="shutdown", domain=dom)
+    def shutdown(self, dom: int | str, timeout: float = 10.0) -> str:
+        """Ask the guest to power off through xenstore (control/shutdown); after
+        ``timeout`` s without reaction, or if it has no PV control, force it.
+        Returns how it was asked: "xenstore" or "hypercall"."""
+        return str(self._call(op="shutdown", domain=dom, timeout=timeout).get("via"))
 
-    def reboot(self, dom: int | str) -> None:
-        self._call(op="reboot", domain=dom)
+    def reboot(self, dom: int | str, timeout: float = 10.0) -> str:
+        return str(self._call(op="reboot", domain=dom, timeout=timeout).get("via"))
 
     def pause(self, dom: int | str) -> None:
         self._call(op="pause", domain=dom)

@@ -126,7 +126,7 @@ def cmd_simple(op: str) -> Any:
 
 def cmd_info(h: Host, a: argparse.Namespace) -> int:
     for k, v in h.info().items():
-        print(f"{k:<24}: {v}")
+        print(f"{k}: {v}")
     return 0
 
 

@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..xenstore.server import Xenstored, XenstoreServer
+from ..xenstore.tree import XsError
 from . import paths
 from .proto import Conn, ProtocolError
+from .xsdomain import DomainSocket, write_domain_layout
 
 MAX_DOMID = 0x7FEF
 
@@ -52,6 +55,7 @@ class Record:
     crash: str = ""
     memfd: int = -1
     max_pages: int = 0
+    start_info: dict[str, int] = field(default_factory=dict)
 
 
 class Daemon:
@@ -67,6 +71,13 @@ class Daemon:
         self.start_time = time.time()
         self.reserved: dict[int, float] = {}  # domid -> until when (domains to re-adopt)
         self.last_domid = 0
+        self.xsd = Xenstored(rundir / "xenstore.json", flush_delay=0.05)
+        self.xs_server: XenstoreServer | None = None
+        self.xs_domains: DomainSocket | None = None
+
+    @property
+    def xenstore_socket(self) -> Path:
+        return self.rundir / "xenstored.sock"
 
     # ------------------------------------------------------------ log
     def log(self, line: str) -> None:
@@ -142,6 +153,13 @@ class Daemon:
                 self.domains.pop(domid, None)
             self._kill(rec)
             raise ValueError(rec.error)
+        try:  # as libxl: the domain's xenstore entries exist before it runs
+            self.xsd.introduce(domid, rec.start_info.get("store_mfn", 0),
+                               rec.start_info.get("store_evtchn", 0))
+            write_domain_layout(self.xsd, domid, spec, rec.start_info)
+        except XsError as e:
+            self.log(f"xenstore entries for domain {domid}: {e}")
+        self.request(rec, "start", paused=bool((spec.get("extra") or {}).get("paused")))
         self.log(f"created domain {domid} ({name}), pid {rec.pid}")
         return rec
 
@@ -185,7 +203,15 @@ class Daemon:
         except (RuntimeError, TimeoutError, OSError):
             self._kill(rec)
         self.log(f"destroyed domain {rec.domid} ({rec.name})")
+        self._xs_release(rec.domid)
         self._peer_gone(rec.domid)
+
+    def _xs_release(self, domid: int) -> None:
+        try:
+            if domid in self.xsd.domains:
+                self.xsd.release(domid)
+        except XsError:
+            pass
 
     def _peer_gone(self, domid: int) -> None:
         """Tell every other domain process that ``domid`` is gone (its event
@@ -227,6 +253,7 @@ class Daemon:
             kind = msg.get("event")
             if kind == "ready":
                 rec.state = "running"
+                rec.start_info = dict(msg.get("start_info") or {})
                 rec.memfd = int(msg.get("memfd", -1))
                 rec.max_pages = int(msg.get("max_pages", 0))
                 rec.ready.set()
@@ -240,6 +267,10 @@ class Daemon:
                 rec.reason = msg.get("reason")
                 rec.crash = str(msg.get("crash") or "")
                 if rec.state in ("shutdown", "crashed"):
+                    try:
+                        self.xsd.domain_shutdown(rec.domid)
+                    except XsError:
+                        pass
                     threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
         # the domain process is gone
         for k, v in list(rec.pending.items()):
@@ -252,6 +283,7 @@ class Daemon:
                 self.domains.pop(rec.domid, None)
                 self.log(f"domain {rec.domid} ({rec.name}): domain process exited")
         if still:
+            self._xs_release(rec.domid)
             self._peer_gone(rec.domid)
         if not rec.ready.is_set():
             rec.error = rec.error or "domain process exited during creation"
@@ -271,6 +303,10 @@ class Daemon:
             self.domains[domid] = rec
             self.reserved.pop(domid, None)
         self.log(f"adopted domain {domid} ({rec.name}), pid {msg.get('pid')}")
+        try:
+            self.xsd.introduce(domid)
+        except XsError:
+            pass
         if rec.state in ("shutdown", "crashed"):
             threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
         return rec
@@ -353,8 +389,7 @@ class Daemon:
             self.request(rec, op)
             return {"ok": True}
         if op in ("shutdown", "reboot"):
-            self.request(rec, "shutdown", reason=0 if op == "shutdown" else 1)
-            return {"ok": True}
+            return self.shutdown(rec, op, float(req.get("timeout", 10.0)))
         if op == "domain-info":
             return {"ok": True, "info": self.request(rec, "info")["info"], "pid": rec.pid}
         if op == "peer":
@@ -366,6 +401,36 @@ class Daemon:
             return self.forward(rec, fwd, port=req.get("port"), from_dom=req.get("from_dom"),
                                 from_port=req.get("from_port"))
         raise ValueError(f"unknown operation {op!r}")
+
+    def shutdown(self, rec: Record, how: str, timeout: float) -> dict[str, Any]:
+        """As xl: ask the guest through control/shutdown if it advertises support
+        (control/feature-poweroff), else, or if it does nothing within
+        ``timeout`` seconds, shut it down through the hypervisor."""
+        reason = 0 if how == "shutdown" else 1
+        word = "poweroff" if how == "shutdown" else "reboot"
+        ctl = f"/local/domain/{rec.domid}/control"
+        try:
+            feature = self.xsd.read(f"{ctl}/feature-{word}") == b"1"
+        except XsError:
+            feature = False
+        if not feature:
+            self.request(rec, "shutdown", reason=reason)
+            return {"ok": True, "via": "hypercall"}
+        self.xsd.write(f"{ctl}/shutdown", word)
+        self.log(f"domain {rec.domid} ({rec.name}): asked to {word} through xenstore")
+
+        def fallback() -> None:
+            if self.domains.get(rec.domid) is rec and rec.state not in ("shutdown", "crashed"):
+                self.log(f"domain {rec.domid} ({rec.name}) ignored control/shutdown for "
+                         f"{timeout:g} s: forcing {word}")
+                try:
+                    self.request(rec, "shutdown", reason=reason)
+                except (RuntimeError, TimeoutError, OSError):
+                    pass
+        t = threading.Timer(timeout, fallback)
+        t.daemon = True
+        t.start()
+        return {"ok": True, "via": "xenstore"}
 
     def host_info(self) -> dict[str, Any]:
         from ..hv.hypercalls import XEN_CAPABILITIES, XEN_EXTRA, XEN_MAJOR, XEN_MINOR
@@ -387,7 +452,7 @@ class Daemon:
                 "xen_caps": XEN_CAPABILITIES.strip(), "pyxen_version": __version__,
                 "kvm": os.path.exists("/dev/kvm"), "run_dir": str(self.rundir),
                 "daemon_pid": os.getpid(), "daemon_uptime_s": round(time.time() - self.start_time, 1),
-                "nr_domains": len(self.domains)}
+                "nr_domains": len(self.domains), "xenstore_socket": str(self.xenstore_socket)}
 
     def _client(self, sock: socket.socket) -> None:
         conn = Conn(sock)
@@ -426,6 +491,8 @@ class Daemon:
         lsock.listen(128)
         lsock.settimeout(0.5)
         self._reserve_survivors()
+        self.xs_server = XenstoreServer(self.xenstore_socket, xenstored=self.xsd).start()
+        self.xs_domains = DomainSocket(self.rundir / "xenstored-domain.sock", self.xsd)
         self._zygote()
         self.log(f"pyxend {__version__} started, pid {os.getpid()}, run dir {self.rundir}")
         while not self.quit.is_set():
@@ -444,6 +511,10 @@ class Daemon:
             self.destroy(r)
         if self.zygote is not None:
             self.zygote.kill()
+        if self.xs_domains is not None:
+            self.xs_domains.close()
+        if self.xs_server is not None:
+            self.xs_server.stop()
         try:
             os.unlink(path)
         except OSError:

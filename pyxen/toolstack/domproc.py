@@ -25,11 +25,13 @@ from typing import Any
 
 from .. import kvm
 from ..abi import XenError
+from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
 from . import paths
 from .directory import ProcessDirectory
 from .proto import Conn, ProtocolError
+from .xsdomain import HELLO, MAGIC
 
 SCROLLBACK = 64 << 10
 CLIENT_BACKLOG = 1 << 20
@@ -190,6 +192,10 @@ class DomainProcess:
                 d.shutdown(int(msg.get("reason", 0)))
             elif op == "info":
                 reply["info"] = d.info()
+            elif op == "start":
+                self._connect_xenstore()
+                if not msg.get("paused"):
+                    d.unpause()
             elif op == "evtchn-accept":
                 reply.update(self.directory.accept(d, int(msg["port"]), int(msg["from_dom"]),
                                                    int(msg["from_port"])))
@@ -247,21 +253,53 @@ class DomainProcess:
             self.event(event="error", error=str(e))
             os._exit(1)
         self.mark("created")
-        if self.spec.extra.get("paused"):
-            self.domain.pause()
+        # built paused: the daemon writes the domain's xenstore entries, then says "start"
+        self.domain.pause()
         self.domain.start()
-        self.event(event="ready", domid=self.domid, **self._memory())
+        self.event(event="ready", domid=self.domid, start_info=self.domain.start_info,
+                   **self._memory())
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
         while True:
-            for key, _ in self.sel.select(timeout=0.1 if self.backlog else 0.25):
+            busy = self.backlog or (self.domain is not None and self.domain.xs_ring is not None
+                                    and self.domain.xs_ring.to_daemon)
+            for key, _ in self.sel.select(timeout=0.02 if busy else 0.25):
                 key.data(key.fileobj)
+            ring = self.domain.xs_ring if self.domain else None
+            if ring is not None and ring.to_daemon:
+                ring.flush()
             if self.backlog:
                 with self.lock:
                     for c in [c for c in list(self.backlog) if not self._send(c, b"")]:
                         self._drop_client(c)
             if self.daemon_lost and time.monotonic() - self.daemon_lost > 0.2:
                 self._readopt()
+
+    def _connect_xenstore(self) -> None:
+        """Relay the guest's xenstore ring to the daemon's xenstored."""
+        d = self.domain
+        assert d is not None
+        path = self.rundir / "xenstored-domain.sock"
+        if d.xs_ring is not None or not path.exists():
+            return
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            s.sendall(HELLO.pack(MAGIC, self.domid))
+        except OSError:
+            s.close()
+            return
+        off = d.machine.ram_offset(d.start_info["store_mfn"])
+        port = d.start_info["store_evtchn"]
+        ring = XenstoreRing(d.machine.ram_view[off:off + 4096], s, lambda: d.raise_port(port, 0))
+
+        def readable(_: object) -> None:
+            if not ring.on_daemon_data():
+                self._unwatch_fd(s.fileno())
+                d.xs_ring = None
+                s.close()
+        d.xs_ring = ring
+        self.sel.register(s, selectors.EVENT_READ, readable)
 
     def _memory(self) -> dict[str, int]:
         """Where other domain processes find our RAM (pidfd_getfd of this fd)."""

@@ -1,0 +1,150 @@
+"""The guest's end of XenStore: its shared ring page (io/xs_wire.h).
+
+struct xenstore_domain_interface { char req[1024]; char rsp[1024];
+    XENSTORE_RING_IDX req_cons, req_prod, rsp_cons, rsp_prod;
+    uint32_t server_features, connection, error; }
+
+xenstored proper runs in the toolstack daemon.  The domain process relays:
+bytes the guest produced in ``req`` go to the daemon's domain socket (which
+knows this connection is domain N, unprivileged), and what comes back
+(replies and watch events) is copied into ``rsp`` as space allows, with a
+notification on the store event channel each time.  Indexes are free-running
+32-bit counters; a guest whose indexes claim more than a ring's worth is
+marked with ``error`` (XENSTORE_ERROR_RINGIDX) and ignored, as xenstored does.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Callable
+
+RING = 1024
+OFF_REQ, OFF_RSP = 0, 1024
+OFF_REQ_CONS, OFF_REQ_PROD, OFF_RSP_CONS, OFF_RSP_PROD = 2048, 2052, 2056, 2060
+OFF_FEATURES, OFF_CONNECTION, OFF_ERROR = 2064, 2068, 2072
+XENSTORE_CONNECTED = 0
+XENSTORE_ERROR_NONE, XENSTORE_ERROR_COMM, XENSTORE_ERROR_RINGIDX = 0, 1, 2
+MAX_BACKLOG = 1 << 20
+
+
+def take_requests(page: memoryview) -> bytes | None:
+    """Consume what the guest produced; None if its indexes are impossible."""
+    cons, prod = struct.unpack_from("<II", page, OFF_REQ_CONS)
+    n = (prod - cons) & 0xFFFFFFFF
+    if n > RING:
+        return None
+    out = bytes(page[OFF_REQ + (cons + i) % RING] for i in range(n)) if n < 64 else \
+        _ring_read(page, OFF_REQ, cons, n)
+    struct.pack_into("<I", page, OFF_REQ_CONS, prod)
+    return out
+
+
+def _ring_read(page: memoryview, base: int, cons: int, n: int) -> bytes:
+    start = cons % RING
+    first = min(n, RING - start)
+    data = bytes(page[base + start:base + start + first])
+    if first < n:
+        data += bytes(page[base:base + n - first])
+    return data
+
+
+def put_responses(page: memoryview, data: bytes) -> int | None:
+    """Copy as much of ``data`` into rsp as fits; None if the indexes are impossible."""
+    cons, prod = struct.unpack_from("<II", page, OFF_RSP_CONS)
+    used = (prod - cons) & 0xFFFFFFFF
+    if used > RING:
+        return None
+    n = min(len(data), RING - used)
+    start = prod % RING
+    first = min(n, RING - start)
+    page[OFF_RSP + start:OFF_RSP + start + first] = data[:first]
+    if first < n:
+        page[OFF_RSP:OFF_RSP + n - first] = data[first:n]
+    struct.pack_into("<I", page, OFF_RSP_PROD, (prod + n) & 0xFFFFFFFF)
+    return n
+
+
+class XenstoreRing:
+    """Relay between one guest's xenstore ring and the daemon's domain socket."""
+
+    def __init__(self, page: memoryview, sock: socket.socket, notify_guest: Callable[[], None]) -> None:
+        self.page = page
+        self.sock = sock
+        self.sock.setblocking(False)
+        self.notify_guest = notify_guest
+        self.lock = threading.Lock()
+        self.to_daemon = bytearray()
+        self.to_guest = bytearray()
+        self.broken = False
+        struct.pack_into("<III", page, OFF_FEATURES, 0, XENSTORE_CONNECTED, XENSTORE_ERROR_NONE)
+
+    def _fail(self, why: int) -> None:
+        self.broken = True
+        struct.pack_into("<I", self.page, OFF_ERROR, why)
+
+    def on_guest_event(self) -> None:
+        """The guest notified the store port: new requests or freed response space."""
+        with self.lock:
+            if self.broken:
+                return
+            data = take_requests(self.page)
+            if data is None:
+                self._fail(XENSTORE_ERROR_RINGIDX)
+                return
+            self.to_daemon += data
+            self._flush_daemon()
+            notify = self._push_guest()
+        if notify:
+            self.notify_guest()
+
+    def on_daemon_data(self) -> bool:
+        """The daemon sent replies or watch events.  False: the socket closed."""
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            return False
+        with self.lock:
+            if len(self.to_guest) + len(data) > MAX_BACKLOG:
+                self._fail(XENSTORE_ERROR_COMM)  # the guest stopped reading its ring
+                return True
+            self.to_guest += data
+            notify = self._push_guest()
+        if notify:
+            self.notify_guest()
+        return True
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush_daemon()
+
+    def _flush_daemon(self) -> None:
+        if not self.to_daemon:
+            return
+        try:
+            n = self.sock.send(self.to_daemon)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._fail(XENSTORE_ERROR_COMM)
+            return
+        del self.to_daemon[:n]
+
+    def _push_guest(self) -> bool:
+        if self.broken or not self.to_guest:
+            return False
+        n = put_responses(self.page, bytes(self.to_guest))
+        if n is None:
+            self._fail(XENSTORE_ERROR_RINGIDX)
+            return False
+        del self.to_guest[:n]
+        return n > 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.to_daemon or self.to_guest)

@@ -1,0 +1,152 @@
+"""XenStore for the domains: their standard layout, and their rings' relay end.
+
+The daemon hosts xenstored (``pyxen.xenstore``): host clients use its unix
+socket as dom0; each guest's ring is relayed by its domain process (see
+``pyxen.backends.xsring``) to :class:`DomainSocket`, where every connection
+starts with ``b"PXSD"`` and the domid, and is then that domain's
+(unprivileged) xenstore connection.  Only domain processes can reach that
+socket (the run directory is the toolstack's).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+from ..xenstore.server import Xenstored
+
+HELLO = struct.Struct("<4sI")
+MAGIC = b"PXSD"
+
+
+def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: dict[str, int]) -> None:
+    """What libxl writes for a new PV domain, with its permissions: the domain
+    can read its own directory and write only where guests write."""
+    dp = f"/local/domain/{domid}"
+    uuid = str(spec.get("uuid") or "00000000-0000-0000-0000-000000000000")
+    vm = f"/vm/{uuid}"
+    ro = ["n0", f"r{domid}"]  # owner dom0, the domain may read
+    rw = [f"n{domid}"]  # owned by the domain
+    mem_kib = int(spec.get("memory_mib", 0)) * 1024
+    maxmem_kib = max(int(spec.get("maxmem_mib") or 0) * 1024, mem_kib)
+    vcpus = int(spec.get("vcpus", 1))
+    maxvcpus = max(int(spec.get("maxvcpus") or 0), vcpus)
+    for path in (dp, vm):
+        xsd.write(path, "")
+        xsd.set_perms(path, ro)
+    values = {
+        f"{vm}/uuid": uuid, f"{vm}/name": str(spec.get("name", "")),
+        f"{vm}/start_time": "0",
+        f"{dp}/vm": vm, f"{dp}/name": str(spec.get("name", "")), f"{dp}/domid": str(domid),
+        f"{dp}/memory/static-max": str(maxmem_kib), f"{dp}/memory/target": str(mem_kib),
+        f"{dp}/memory/videoram": "-1",
+        f"{dp}/store/port": str(info.get("store_evtchn", 0)),
+        f"{dp}/store/ring-ref": str(info.get("store_mfn", 0)),
+        f"{dp}/console/port": str(info.get("console_evtchn", 0)),
+        f"{dp}/console/ring-ref": str(info.get("console_mfn", 0)),
+        f"{dp}/console/type": "xenconsoled", f"{dp}/console/limit": "1048576",
+        f"{dp}/image/os_type": "linux",
+    }
+    for i in range(maxvcpus):
+        values[f"{dp}/cpu/{i}/availability"] = "online" if i < vcpus else "offline"
+    for path, value in values.items():
+        xsd.write(path, value)
+    for sub in ("device", "control", "error", "drivers", "attr", "data", "feature"):
+        xsd.write(f"{dp}/{sub}", "")
+        xsd.set_perms(f"{dp}/{sub}", rw if sub in ("data", "drivers", "attr", "error", "feature")
+                      else ro)
+    for node in ("shutdown", "feature-poweroff", "feature-reboot", "feature-suspend", "sysrq"):
+        xsd.write(f"{dp}/control/{node}", "")
+        xsd.set_perms(f"{dp}/control/{node}", rw)
+
+
+class DomainSocket:
+    """Serves the domain processes' ring relays."""
+
+    def __init__(self, path: Path, xsd: Xenstored) -> None:
+        self.path = path
+        self.xsd = xsd
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        os.chmod(path, 0o600)
+        self.listener.listen(128)
+        self.stop = False
+        threading.Thread(target=self._accept_loop, name="xs-domains", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self.stop:
+            try:
+                s, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _serve(self, s: socket.socket) -> None:
+        try:
+            s.settimeout(5)
+            hello = b""
+            while len(hello) < HELLO.size:
+                chunk = s.recv(HELLO.size - len(hello))
+                if not chunk:
+                    return
+                hello += chunk
+            magic, domid = HELLO.unpack(hello)
+            dom = self.xsd.domains.get(domid)
+            if magic != MAGIC or dom is None or dom.conn is None or domid == 0:
+                return
+            conn = dom.conn
+            s.settimeout(None)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+
+            def on_output() -> None:
+                try:
+                    os.write(wake_w, b"x")
+                except OSError:
+                    pass
+            conn.on_output = on_output
+            try:
+                while not conn.closed:
+                    ready: list[socket.socket | int] = [s, wake_r]
+                    r, _, _ = select.select(ready, [], [], 1.0)
+                    if s in r:
+                        data = s.recv(65536)
+                        if not data:
+                            return
+                        out = conn.feed(data)
+                        if out:
+                            s.sendall(out)
+                    if wake_r in r:
+                        try:
+                            while os.read(wake_r, 4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    if conn.has_output:
+                        s.sendall(conn.take_output())
+            finally:
+                conn.on_output = None
+                os.close(wake_r)
+                os.close(wake_w)
+        except OSError:
+            return
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        self.stop = True
+        self.listener.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
