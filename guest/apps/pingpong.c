@@ -29,6 +29,10 @@
  *   pingpong: done rounds=N rtt_ns=<median> avg_ns=<mean> p99_ns=<p99> min_ns=<min>
  * (A times each round trip; B the interval between pings.)  Any mismatch or
  * timeout prints "pingpong: FAIL ..." and crashes the domain.
+ *
+ * Without a store (xs=0): A needs peer=B and prints
+ * "pingpong: role=a offer port=<p> gref=<g>"; B is then started with
+ * "role=b peer=A xs=0 port=<p> gref=<g>".
  */
 #include "app.h"
 #include "gnttab.h"
@@ -153,7 +157,7 @@ static void must(int rc, const char *what)
 
 /* ---- role A ---- */
 
-static int role_a(unsigned long rounds, unsigned long want_peer)
+static int role_a(unsigned long rounds, unsigned long want_peer, int use_xs)
 {
     static struct xenbus_watch join_watch;
     xenbus_transaction_t t;
@@ -163,6 +167,12 @@ static int role_a(unsigned long rounds, unsigned long want_peer)
     domid_t self;
     int gref, rc;
 
+    if (!use_xs) {
+        if (!want_peer || want_peer >= DOMID_SELF)
+            fail("xs=0 needs peer=<domid of B>");
+        peer = want_peer;
+        goto offer;
+    }
     must(xenbus_self_domid(&self), "read domid");
 
     /* A fresh join node that anyone may write but only we can read. */
@@ -201,6 +211,7 @@ static int role_a(unsigned long rounds, unsigned long want_peer)
     if (want_peer && peer != want_peer)
         fail("domain %lu joined, expected peer=%lu", peer, want_peer);
 
+offer:
     page = alloc_page();
     if (!page)
         fail("no memory");
@@ -218,6 +229,10 @@ static int role_a(unsigned long rounds, unsigned long want_peer)
     if (rc < 0)
         fail("alloc_unbound(%lu): %d", peer, rc);
     port = (evtchn_port_t)rc;
+    if (!use_xs) {
+        printk("pingpong: role=a offer port=%u gref=%d\n", port, gref);
+        goto wait_peer;
+    }
 
     /* Both keys at once, readable by everyone. */
     for (;;) {
@@ -239,6 +254,7 @@ static int role_a(unsigned long rounds, unsigned long want_peer)
     }
     must(rc, "commit port/gref");
 
+wait_peer:
     if (!wait_until(b_state_is, 1, monotonic_ns() + CONNECT_TIMEOUT))
         fail("peer %lu did not connect (b_state=%u)", peer, page->b_state);
     printk("pingpong: role=a peer=%lu connected port=%u gref=%d\n", peer, port, gref);
@@ -274,13 +290,14 @@ static int role_a(unsigned long rounds, unsigned long want_peer)
         fail("end_access(%d): %d", gref, rc);
     close_evtchn(port);
     report(rounds, nsamples, total);
-    xenbus_rm(XBT_NIL, "data/pingpong");
+    if (use_xs)
+        xenbus_rm(XBT_NIL, "data/pingpong");
     poweroff();
 }
 
 /* ---- role B ---- */
 
-static int role_b(unsigned long peer)
+static int role_b(unsigned long peer, int use_xs, const char *cmdline)
 {
     static struct xenbus_watch port_watch;
     char apath[64], path[128];
@@ -295,6 +312,13 @@ static int role_b(unsigned long peer)
 
     if (!peer || peer >= DOMID_SELF)
         fail("role=b needs peer=<domid of A>");
+    if (!use_xs) {
+        rport = cmdline_get_ulong(cmdline, "port", 0);
+        gref = cmdline_get_ulong(cmdline, "gref", 0);
+        if (!rport || !gref)
+            fail("xs=0 needs port=<A's port> gref=<A's gref>");
+        goto connect;
+    }
     must(xenbus_self_domid(&self), "read domid");
     rc = xenbus_get_domain_path((domid_t)peer, apath, sizeof(apath));
     must(rc, "get_domain_path");
@@ -330,6 +354,7 @@ static int role_b(unsigned long peer)
     }
     xenbus_unwatch(&port_watch);
 
+connect:
     rc = evtchn_bind_interdomain((domid_t)peer, (evtchn_port_t)rport, pp_event, NULL);
     if (rc < 0)
         fail("bind_interdomain(%lu, %lu): %d", peer, rport, rc);
@@ -399,15 +424,16 @@ int app_main(const char *cmdline)
     char role[8] = "";
     unsigned long rounds = cmdline_get_ulong(cmdline, "rounds", 1000);
     unsigned long peer = cmdline_get_ulong(cmdline, "peer", 0);
+    int use_xs = cmdline_get_ulong(cmdline, "xs", 1) != 0;
 
     cmdline_get_str(cmdline, "role", role, sizeof(role));
-    if (!xenbus_available())
+    if (use_xs && !xenbus_available())
         fail("no xenstore");
     if (!gnttab_ready())
         fail("no grant table");
     if (!strcmp(role, "a"))
-        return role_a(rounds, peer);
+        return role_a(rounds, peer, use_xs);
     if (!strcmp(role, "b"))
-        return role_b(peer);
+        return role_b(peer, use_xs, cmdline);
     fail("role=a or role=b, please (got '%s')", role);
 }
