@@ -207,11 +207,24 @@ class Daemon:
         self._peer_gone(rec.domid)
 
     def _xs_release(self, domid: int) -> None:
+        """The domain is gone: release it in xenstored and, as libxl does, remove
+        its /local/domain/N and /vm/UUID directories."""
+        dp = f"/local/domain/{domid}"
+        try:
+            vm = self.xsd.read(f"{dp}/vm").decode()
+        except XsError:
+            vm = ""
         try:
             if domid in self.xsd.domains:
                 self.xsd.release(domid)
         except XsError:
             pass
+        for path in (dp, vm):
+            if path.startswith("/"):
+                try:
+                    self.xsd.rm(path)
+                except XsError:
+                    pass
 
     def _peer_gone(self, domid: int) -> None:
         """Tell every other domain process that ``domid`` is gone (its event
