@@ -1,0 +1,85 @@
+"""The xenstored socket server in a thread, cross-thread events, and state across restarts."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pyxen.xenstore import wire
+from pyxen.xenstore.server import Xenstored, XenstoreServer
+from pyxen.xenstore.tree import guest
+from pyxen.xenstore.wire import Message, Op, Parser, join
+
+
+class SockClient:
+    def __init__(self, path: Path) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(5)
+        self.s.connect(str(path))
+        self.p = Parser()
+        self.msgs: list[Message] = []
+
+    def send(self, op: int, payload: bytes, req_id: int = 1, tx: int = 0) -> None:
+        self.s.sendall(wire.encode(op, payload, req_id, tx))
+
+    def next(self) -> Message:
+        while not self.msgs:
+            data = self.s.recv(65536)
+            assert data, "server closed the connection"
+            self.msgs += self.p.feed(data)
+        return self.msgs.pop(0)
+
+    def closed(self) -> bool:
+        try:
+            return self.s.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def test_socket_server_requests_events_and_kill(tmp_path: Path) -> None:
+    sock = tmp_path / "xs.sock"
+    with XenstoreServer(sock, tmp_path / "state.json", flush_delay=0) as srv:
+        a, b = SockClient(sock), SockClient(sock)
+        a.send(Op.WATCH, join("/x", "tok"))
+        assert a.next().type == Op.WATCH and a.next().strings() == ["/x", "tok"]
+        b.send(Op.WRITE, join("/x/y") + b"1", req_id=7)
+        r = b.next()
+        assert (r.type, r.req_id) == (Op.WRITE, 7)
+        assert a.next().strings() == ["/x/y", "tok"]
+        srv.xsd.write("/x/z", "from another thread")          # wakes the server loop
+        assert a.next().strings() == ["/x/z", "tok"]
+        # several requests in one send, replies in order
+        b.s.sendall(b"".join(wire.encode(Op.READ, join(p), i) for i, p in enumerate(["/x/y", "/nope"])))
+        r0, r1 = b.next(), b.next()
+        assert (r0.req_id, r0.payload, r1.req_id, r1.payload) == (0, b"1", 1, b"ENOENT\0")
+        b.s.sendall(wire.HEADER.pack(Op.READ, 1, 0, 5000))       # oversized: dropped
+        assert b.closed()
+        a.send(Op.READ, join("/x/z"))
+        assert a.next().payload == b"from another thread"   # others are still served
+        a.close()
+        b.close()
+    assert not sock.exists()
+    assert Xenstored(tmp_path / "state.json").read("/x/z") == b"from another thread"
+
+
+def test_domains_and_their_watches_survive_a_restart(tmp_path: Path) -> None:
+    state = tmp_path / "s.json"
+    x = Xenstored(state)
+    x.mkdir("/local/domain/4")
+    x.set_perms("/local/domain/4", ["n4"])
+    g = x.introduce(4, gfn=99, port=3)
+    g.request(Op.WATCH, join("data", "t"))
+    x.store.quotas.nodes = 50
+    x.dirty = True
+    x.close()
+    y = Xenstored(state)
+    assert y.is_introduced(4) and y.domains[4].gfn == 99 and y.domains[4].port == 3
+    conn = y.domains[4].conn
+    assert conn is not None and conn.caller == guest(4)
+    y.write("/local/domain/4/data/k", "v")
+    assert Parser().feed(conn.take_output())[0].strings() == ["data/k", "t"]
+    assert y.store.quotas.nodes == 50
+    assert y.read("/local/domain/4/data/k", guest(4)) == b"v"
