@@ -174,11 +174,13 @@ static inline long HYPERVISOR_grant_table_op(unsigned int cmd, void *uop, unsign
 
 #define GNTTAB_MAX_FRAMES 4
 
-/* Boot: query_size + setup_table (up to GNTTAB_MAX_FRAMES frames) + map.
- * Without grant tables it prints one line and the calls below fail with
- * -XEN_ENOSYS. */
+/* query_size + setup_table (up to GNTTAB_MAX_FRAMES frames) + map, once.
+ * Done on first use (gnttab_ready() or the first grant), not at boot: a
+ * kernel that never grants keeps Xen's default of no table set up, so the
+ * frames after shared_info stay the hypervisor's.  Without grant tables it
+ * prints one line and granting fails with -XEN_ENOSYS. */
 void gnttab_init(void);
-int  gnttab_ready(void);
+int  gnttab_ready(void);            /* initialises if needed; 1 = usable */
 unsigned int gnttab_nr_frames(void);        /* frames set up (0 = none) */
 unsigned int gnttab_max_frames(void);       /* query_size's max_nr_frames */
 struct grant_entry_v1 *gnttab_table(void);  /* our mapped table */

@@ -22,7 +22,15 @@ static unsigned int nr_entries;
 static uint16_t free_refs[MAX_ENTRIES];
 static unsigned int nr_free;
 
-int gnttab_ready(void) { return table != NULL; }
+static int init_tried;
+
+int gnttab_ready(void)
+{
+    if (!init_tried)
+        gnttab_init();
+    return table != NULL;
+}
+
 unsigned int gnttab_nr_frames(void) { return table ? nr_frames : 0; }
 unsigned int gnttab_max_frames(void) { return max_frames; }
 struct grant_entry_v1 *gnttab_table(void) { return table; }
@@ -35,6 +43,9 @@ void gnttab_init(void)
     char *va;
     long rc;
 
+    if (init_tried)
+        return;
+    init_tried = 1;
     rc = HYPERVISOR_grant_table_op(GNTTABOP_query_size, &q, 1);
     if (rc < 0 || q.status != GNTST_okay) {
         printk("pyxen-guest: gnttab: not available (query_size rc=%ld status=%d)\n",
@@ -111,7 +122,7 @@ int gnttab_grant_access(domid_t domid, unsigned long mfn, int readonly)
     struct grant_entry_v1 *e;
     int ref;
 
-    if (!table)
+    if (!gnttab_ready())
         return -XEN_ENOSYS;
     if (mfn > 0xFFFFFFFFUL)         /* v1 frames are 32 bits */
         return -XEN_EINVAL;

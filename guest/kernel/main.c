@@ -12,7 +12,6 @@
 #include "kernel.h"
 #include "console.h"
 #include "events.h"
-#include "gnttab.h"
 #include "hypercall.h"
 #include "mm.h"
 #include "sched.h"
@@ -128,8 +127,8 @@ void start_kernel(struct start_info *si)
 
     if (!create_thread("main", main_thread, NULL))
         panic("cannot create main thread\n");
-    /* Grant table, and the xenbus thread (store probe, control/shutdown). */
-    gnttab_init();
+    /* The xenbus thread (store probe, control/shutdown).  The grant table
+     * is set up on first use (gnttab_ready()). */
     xenbus_init();
 
     irq_enable();
