@@ -142,10 +142,13 @@ static uint64_t scratch_pte, scratch_pte_ma;
 static unsigned long min_mfn = ~0UL, max_mfn, si_mfn, l4_mfn;
 static unsigned long l1_mfn;           /* the L1 table frame mapping `scratch` */
 
-/* Conservative: anything between our lowest and highest frame counts as ours. */
+/* Conservative: anything between our lowest and highest frame counts as ours,
+ * and so do the Xen-heap frames after shared_info, which include our grant
+ * table once the kernel has set it up (GNTTABOP_setup_table). */
+#define XENHEAP_SPAN 64
 static int maybe_owned(unsigned long mfn)
 {
-    return (mfn >= min_mfn && mfn <= max_mfn) || mfn == si_mfn;
+    return (mfn >= min_mfn && mfn <= max_mfn) || (mfn >= si_mfn && mfn < si_mfn + XENHEAP_SPAN);
 }
 
 static unsigned long foreign_mfn(void)
@@ -156,7 +159,7 @@ static unsigned long foreign_mfn(void)
         switch (rnd() % 6) {
         case 0: m = min_mfn - 1 - rnd() % 16; break;           /* just below our RAM */
         case 1: m = max_mfn + 1 + rnd() % 64; break;           /* just above (xenheap) */
-        case 2: m = si_mfn + 1 + rnd() % 15; break;            /* hypervisor heap */
+        case 2: m = si_mfn + XENHEAP_SPAN + rnd() % 64; break;  /* past the Xen heap */
         case 3: m = rnd() % 0x100000; break;                   /* low machine memory */
         case 4: m = rnd() & 0xFFFFFFFFFUL; break;              /* 36-bit */
         default: m = rnd() >> 12; break;                       /* anything */
