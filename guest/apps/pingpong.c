@@ -22,6 +22,8 @@
  *                                         after the last round: b_state = 2,
  *                                         unmap, notify, close, power off
  *   end access (retried while B still has it mapped), close, power off
+ *   (A also checks once, right after B connects, that end access is refused
+ *   with EBUSY while B has the page mapped.)
  *
  * Output (both roles):
  *   pingpong: role=<r> peer=<d> connected port=<local port> gref=<g>
@@ -258,6 +260,11 @@ wait_peer:
     if (!wait_until(b_state_is, 1, monotonic_ns() + CONNECT_TIMEOUT))
         fail("peer %lu did not connect (b_state=%u)", peer, page->b_state);
     printk("pingpong: role=a peer=%lu connected port=%u gref=%d\n", peer, port, gref);
+    /* B has it mapped, so the hypervisor holds GTF_reading|GTF_writing. */
+    rc = gnttab_end_access((grant_ref_t)gref);
+    if (rc != -XEN_EBUSY)
+        fail("end_access(%d) while the peer has it mapped: %d, want %d (EBUSY)", gref, rc,
+             -XEN_EBUSY);
 
     for (unsigned long i = 0; i < rounds; i++) {
         uint64_t seq = 2 * i + 1, t0, dt;
