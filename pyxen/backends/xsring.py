@@ -27,6 +27,7 @@ OFF_FEATURES, OFF_CONNECTION, OFF_ERROR = 2064, 2068, 2072
 XENSTORE_CONNECTED = 0
 XENSTORE_ERROR_NONE, XENSTORE_ERROR_COMM, XENSTORE_ERROR_RINGIDX = 0, 1, 2
 MAX_BACKLOG = 1 << 20
+THROTTLE = 64 << 10
 
 
 def take_requests(page: memoryview) -> bytes | None:
@@ -85,16 +86,20 @@ class XenstoreRing:
         struct.pack_into("<I", self.page, OFF_ERROR, why)
 
     def on_guest_event(self) -> None:
-        """The guest notified the store port: new requests or freed response space."""
+        """The guest notified the store port: new requests or freed response space.
+        While more than THROTTLE bytes of replies wait for the guest, its new
+        requests stay in its ring (a bound on outstanding requests); its next
+        notification, after it read replies, picks them up."""
         with self.lock:
             if self.broken:
                 return
-            data = take_requests(self.page)
-            if data is None:
-                self._fail(XENSTORE_ERROR_RINGIDX)
-                return
-            self.to_daemon += data
-            self._flush_daemon()
+            if len(self.to_guest) <= THROTTLE:
+                data = take_requests(self.page)
+                if data is None:
+                    self._fail(XENSTORE_ERROR_RINGIDX)
+                    return
+                self.to_daemon += data
+                self._flush_daemon()
             notify = self._push_guest()
         if notify:
             self.notify_guest()

@@ -139,6 +139,9 @@ class EventChannels:
             raise
         with self.lock:
             self.ports[lport] = Channel(ST_INTERDOMAIN, 0, remote_dom, remote_port, backend=notify)
+        # as Xen's evtchn_bind_interdomain: the new port starts pending, so a
+        # notification the other side sent before we bound is not lost
+        d.raise_port(lport, 0)
         return lport
 
     def accept_interdomain(self, port: int, from_dom: int, from_port: int,

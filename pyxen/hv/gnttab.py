@@ -166,12 +166,12 @@ class GrantTables:
         word = atomic.load32(addr)
         while True:
             flags, dom = word & 0xFFFF, word >> 16
+            # Xen's _set_status_v1: both refusals are GNTST_general_error
             if flags & GTF_type_mask != GTF_permit_access or dom != me:
-                raise _Gnt(GNTST_permission_denied if flags & GTF_type_mask == GTF_permit_access
-                           else GNTST_bad_gntref,
+                raise _Gnt(GNTST_general_error,
                            f"grant ref {ref} of domain {p.domid} is not granted to domain {me}")
             if not readonly and flags & GTF_readonly:
-                raise _Gnt(GNTST_permission_denied, f"grant ref {ref} is read-only")
+                raise _Gnt(GNTST_general_error, f"attempt to write-map read-only grant ref {ref}")
             ok, word = atomic.cas32(addr, word, word | want)
             if ok:
                 break
@@ -199,8 +199,7 @@ class GrantTables:
         readonly = bool(flags & GNTMAP_readonly)
         pte = 0
         if flags & GNTMAP_host_map:
-            if host_addr & 0xFFF:
-                return GNTST_bad_virt_addr, 0, 0
+            host_addr &= ~0xFFF  # as Xen: the page that contains host_addr
             try:
                 pte = d.ft.l1_entry_for(v.current_l4, host_addr)
             except XenError:
@@ -243,7 +242,7 @@ class GrantTables:
             mp = self.maptrack.get(handle)
             if mp is None:
                 return GNTST_bad_handle
-            if host_addr and host_addr != mp.host_addr:
+            if host_addr and host_addr & ~0xFFF != mp.host_addr:
                 return GNTST_bad_virt_addr
             del self.maptrack[handle]
         alias = (M.GRANT_GPA >> 12) + mp.slot

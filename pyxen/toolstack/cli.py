@@ -124,6 +124,22 @@ def cmd_simple(op: str) -> Any:
     return run
 
 
+def cmd_domid(h: Host, a: argparse.Namespace) -> int:
+    for d in h.list():
+        if d["name"] == a.name:
+            print(d["domid"])
+            return 0
+    return _err(f"no domain named {a.name!r}")
+
+
+def cmd_domname(h: Host, a: argparse.Namespace) -> int:
+    for d in h.list():
+        if str(d["domid"]) == a.domid:
+            print(d["name"])
+            return 0
+    return _err(f"no domain {a.domid}")
+
+
 def cmd_info(h: Host, a: argparse.Namespace) -> int:
     for k, v in h.info().items():
         print(f"{k}: {v}")
@@ -166,6 +182,12 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("-w", dest="wait", action="store_true", help="wait for it to go away")
         s.set_defaults(fn=cmd_console if name == "console" else cmd_simple(name))
     sub.add_parser("info", help="host and hypervisor information").set_defaults(fn=cmd_info)
+    di = sub.add_parser("domid", help="the ID of the domain with this name")
+    di.add_argument("name")
+    di.set_defaults(fn=cmd_domid)
+    dn = sub.add_parser("domname", help="the name of the domain with this ID")
+    dn.add_argument("domid")
+    dn.set_defaults(fn=cmd_domname)
     d = sub.add_parser("dmesg", help="the hypervisor log")
     d.add_argument("-c", dest="clear", action="store_true", help="clear after printing")
     d.set_defaults(fn=cmd_dmesg)
