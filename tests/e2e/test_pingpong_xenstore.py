@@ -67,9 +67,9 @@ def test_guest_reads_and_watches_host_writes(host) -> None:  # noqa: ANN001
 
 
 def test_guest_past_its_quota_gets_enospc_and_others_are_served(host) -> None:  # noqa: ANN001
-    flood = host.create(ROOT / "examples/ticker.cfg", ['name="xs-big"', f'kernel="{ROOT}/guest/build/xsdemo"',
-                                                       'extra="big=1"'])
-    other = host.create(ROOT / "examples/ticker.cfg", ['name="xs-other"', f'kernel="{ROOT}/guest/build/xsdemo"'])
+    xsdemo = f'kernel="{ROOT}/guest/build/xsdemo"'
+    flood = host.create(ROOT / "examples/ticker.cfg", ['name="xs-big"', xsdemo, 'extra="big=1"'])
+    other = host.create(ROOT / "examples/ticker.cfg", ['name="xs-other"', xsdemo])
     out = read_until(host.console_socket(flood), rb"xsdemo: big OK .*oversize=\S+")
     assert re.search(rb"oversize=(ENOSPC|E2BIG)", out), out
     read_until(host.console_socket(other), rb"xsdemo: ready")
