@@ -307,6 +307,8 @@ class _PrivateHost:
             self.host.quit()
         finally:
             self.host.close()
+            import shutil
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
 def _hello_cfg(ctx: Context, name: str = "bench-hello") -> list[str]:

@@ -60,7 +60,7 @@ def test_shutdown_through_xenstore(host) -> None:  # noqa: ANN001
     d = host.create(ROOT / "examples/ticker.cfg", ['name="xs-off"'])
     time.sleep(0.5)  # let the guest register its control/shutdown watch
     assert host.shutdown(d, timeout=30) == "xenstore"
-    assert _gone(host, "xs-off", 5), "the guest did not power off through xenstore"
+    assert _gone(host, "xs-off", 20), "the guest did not power off through xenstore"
     log = "\n".join(host.dmesg())
     assert "asked to poweroff through xenstore" in log
     assert "forcing" not in log
