@@ -136,6 +136,12 @@ def host(guest: Path, tmp_path: Path) -> Iterator[object]:
         except Exception:  # noqa: BLE001
             pass
         h.close()
+        import shutil
+        for _ in range(50):  # the daemon removes its sockets as it exits
+            if not (rd / "pyxend.sock").exists():
+                break
+            time.sleep(0.05)
+        shutil.rmtree(rd, ignore_errors=True)
 
 
 def cli(args: list[str], run_dir: Path, timeout: float = 30, input: bytes | None = None
