@@ -80,5 +80,5 @@ def test_random_pages_and_replies_never_raise(idx: tuple[int, int, int, int], ri
         ring.on_daemon_data()
         ring.on_guest_event()
     cons, prod = struct.unpack_from("<II", page, X.OFF_RSP_CONS)
-    if not ring.broken:
+    if prod != idx[3]:  # the relay produced replies: never more than a ring's worth
         assert (prod - cons) & 0xFFFFFFFF <= X.RING
