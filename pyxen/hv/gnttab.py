@@ -155,13 +155,13 @@ class GrantTables:
                 self.peers[domid] = p
             return p
 
-    def _acquire(self, p: PeerMemory, ref: int, readonly: bool) -> int:
+    def _acquire(self, p: PeerMemory, ref: int, readonly: bool, me: int | None = None) -> int:
         """Set GTF_reading/GTF_writing on the granter's entry; return its frame."""
         if ref >= p.grant_frames * ENTRIES_PER_FRAME:
             raise _Gnt(GNTST_bad_gntref, f"grant ref {ref} beyond domain {p.domid}'s table")
         off = p.grant_entry_offset(ref)
         addr = p.addr + off
-        me = self.domain.domid
+        me = self.domain.domid if me is None else me
         want = GTF_reading | (0 if readonly else GTF_writing)
         word = atomic.load32(addr)
         while True:
@@ -312,6 +312,36 @@ class GrantTables:
             raise _Gnt(GNTST_bad_page, f"grant {u} names frame {frame:#x}")
         pfn = frame - M.MFN_BASE
         return p.buf, off, (lambda: p.mark_dirty(pfn))
+
+    # ------------------------------------------------------------ host backends
+    def host_acquire(self, ref: int, backend_domid: int, write: bool) -> int:
+        """A backend in this process (acting as ``backend_domid``, dom0 for ours)
+        wants to touch the page our guest granted it: validate and mark the
+        entry exactly as a mapping would, and return the page's offset in our
+        RAM.  Raises XenError(EPERM) if the grant does not allow it."""
+        p = self._peer(self.domain.domid)
+        try:
+            frame = self._acquire(p, ref, not write, me=backend_domid)
+        except _Gnt as e:
+            raise XenError(abi.EPERM, e.why) from None
+        with self.lock:
+            self.active[(-1, ref)] = self.active.get((-1, ref), 0) + 1
+        off = p.ram_offset(frame)
+        if off is None:
+            self.host_release(ref)
+            raise XenError(abi.EPERM, f"grant {ref} names frame {frame:#x}, not a page of the guest")
+        return off
+
+    def host_release(self, ref: int) -> None:
+        key = (-1, ref)
+        with self.lock:
+            n = self.active.get(key, 0) - 1
+            if n > 0:
+                self.active[key] = n
+                return
+            self.active.pop(key, None)
+        p = self._peer(self.domain.domid)
+        atomic.fetch_and16(p.addr + p.grant_entry_offset(ref), ~(GTF_reading | GTF_writing) & 0xFFFF)
 
     def release_all(self) -> None:
         """The domain is going away: drop every mapping it holds."""

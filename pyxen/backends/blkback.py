@@ -1,0 +1,390 @@
+"""blkback: the host side of a virtual block device (xen-blkback's job).
+
+One :class:`BlkBack` per disk, living in the domain's own process, so it
+reaches the guest's pages directly: every page it touches is first checked
+in the guest's grant table (granted to the backend domain, dom0, writable
+when the backend writes into it) and marked in use for the duration, as a
+grant map would (``GrantTables.host_acquire``).  Data moves between the
+guest's pages and the image with no bounce buffer (``readinto``/``write`` of
+memoryviews of guest RAM).
+
+Protocol (io/blkif.h): the XenbusState handshake through xenstore (the
+toolstack creates both directories in Initialising; we go InitWait with our
+features; the frontend gives ring-ref(s) and event-channel and goes
+Initialised; we connect and go Connected; Closing/Closed both ways, and a
+frontend that starts over gets a fresh InitWait), a shared ring with event
+suppression, requests processed by a pool of threads (many in flight),
+responses batched into one notification where the ring allows.  A FLUSH or
+BARRIER waits for everything before it, then fdatasyncs, then completes: an
+acknowledged flush means durable data, and nothing is reordered across it.
+
+A frontend that breaks the protocol (ring indexes running ahead) is
+disconnected; a bad request (bad grant, sectors out of range, too many
+segments) gets BLKIF_RSP_ERROR.  Nothing a frontend does raises out of here.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from ..abi import XenError
+from ..hv import gnttab
+from ..storage import BlockImage, ImageError
+from ..xenstore.client import XsClient, XsError
+from . import blkif as B
+
+if TYPE_CHECKING:
+    from ..hv.domain import Domain
+
+BACKEND_DOMID = 0
+MAX_RING_PAGE_ORDER = 2
+WORKERS = 8
+
+
+class BlkBack:
+    """One virtual block device of one domain."""
+
+    def __init__(self, domain: Domain, xs: XsClient, devid: int, image: BlockImage,
+                 params: str = "", fmt: str = "raw", readonly: bool = False, vdev: str = "") -> None:
+        self.domain = domain
+        self.xs = xs
+        self.devid = devid
+        self.image = image
+        self.readonly = readonly or image.readonly
+        self.params, self.fmt, self.vdev = params, fmt, vdev
+        self.fe = f"/local/domain/{domain.domid}/device/vbd/{devid}"
+        self.be = f"/local/domain/{BACKEND_DOMID}/backend/vbd/{domain.domid}/{devid}"
+        self.token = f"blkback-{domain.domid}-{devid}"
+        self.state = B.STATE_INITIALISING
+        self.ring: B.BackRing | None = None
+        self.ring_map: mmap.mmap | None = None
+        self.ring_view: memoryview | None = None
+        self.ring_refs: list[int] = []
+        self.port = 0
+        self.lock = threading.RLock()  # state machine
+        self.ring_lock = threading.Lock()  # responses
+        self.wake = threading.Event()
+        self.stop = False
+        self.detaching = False
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"blk{devid}")
+        self.inflight: set[Future[None]] = set()
+        self.thread: threading.Thread | None = None
+        self.stats = {"reads": 0, "writes": 0, "flushes": 0, "discards": 0, "errors": 0,
+                      "read_bytes": 0, "write_bytes": 0}
+
+    # ------------------------------------------------------------ xenstore
+    @property
+    def sectors(self) -> int:
+        return self.image.size // B.SECTOR
+
+    def start(self) -> None:
+        """Advertise the disk and our features, go InitWait, watch the frontend."""
+        xs, be = self.xs, self.be
+        vals = {
+            "sectors": str(self.sectors), "sector-size": str(self.image.sector_size),
+            "physical-sector-size": str(self.image.sector_size),
+            "info": str(B.VDISK_READONLY if self.readonly else 0),
+            "feature-flush-cache": "1", "feature-barrier": "1",
+            "feature-persistent": "0",
+            "feature-max-indirect-segments": str(B.MAX_INDIRECT_SEGMENTS),
+            "max-ring-page-order": str(MAX_RING_PAGE_ORDER),
+            "mode": "r" if self.readonly else "w",
+        }
+        if self.image.supports_discard and not self.readonly:
+            vals.update({"feature-discard": "1", "discard-granularity": str(B.SECTOR),
+                         "discard-alignment": "0", "discard-secure": "0"})
+        for k, v in vals.items():
+            xs.write(f"{be}/{k}", v)
+        self._switch(B.STATE_INITWAIT)
+        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+        self.thread = threading.Thread(target=self._service, name=f"blkback-{self.devid}", daemon=True)
+        self.thread.start()
+
+    def _switch(self, state: int) -> None:
+        self.state = state
+        try:
+            self.xs.write(f"{self.be}/state", str(state))
+        except XsError:
+            pass
+
+    def _fe_state(self) -> int:
+        v = self.xs.try_read(f"{self.fe}/state")
+        try:
+            return int(v) if v is not None else B.STATE_UNKNOWN
+        except ValueError:
+            return B.STATE_UNKNOWN
+
+    def _on_frontend(self, path: str, token: str) -> None:
+        with self.lock:
+            fe = self._fe_state()
+            if fe in (B.STATE_INITIALISED, B.STATE_CONNECTED) and self.state == B.STATE_INITWAIT:
+                try:
+                    self._connect()
+                except (XenError, XsError, ValueError, OSError) as e:
+                    self._fail(f"cannot connect: {e}")
+            elif fe == B.STATE_CLOSING:
+                self._disconnect()
+                self._switch(B.STATE_CLOSING)
+            elif fe == B.STATE_CLOSED:
+                self._disconnect()
+                self._switch(B.STATE_CLOSED)
+                if self.detaching:
+                    self._remove_nodes()
+            elif fe == B.STATE_INITIALISING and self.state in (B.STATE_CLOSED, B.STATE_CLOSING):
+                self._switch(B.STATE_INITWAIT)  # the frontend starts over
+            elif fe == B.STATE_INITIALISING and self.state == B.STATE_CONNECTED:
+                self._disconnect()  # it lost its ring (guest restart of the driver)
+                self._switch(B.STATE_INITWAIT)
+
+    def _fail(self, why: str) -> None:
+        self.domain.log(f"blkback {self.vdev or self.devid}: {why}")
+        try:
+            self.xs.write(f"{self.be}/error", why)
+        except XsError:
+            pass
+        self._disconnect()
+        self._switch(B.STATE_CLOSING)
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        xs, fe = self.xs, self.fe
+        order_s = xs.try_read(f"{fe}/ring-page-order")
+        order = int(order_s) if order_s else 0
+        if order > MAX_RING_PAGE_ORDER:
+            raise ValueError(f"ring-page-order {order} above {MAX_RING_PAGE_ORDER}")
+        npages = 1 << order
+        if order_s:
+            refs = [int(xs.read(f"{fe}/ring-ref{i}")) for i in range(npages)]
+        else:
+            refs = [int(xs.read(f"{fe}/ring-ref"))]
+        port = int(xs.read(f"{fe}/event-channel"))
+        proto = xs.try_read(f"{fe}/protocol", "x86_64-abi")
+        if proto not in ("x86_64-abi", ""):
+            raise ValueError(f"protocol {proto!r} not supported")
+        d = self.domain
+        # the ring pages, contiguous in our address space (they need not be in the guest's)
+        m = mmap.mmap(-1, npages * 4096, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        base = gnttab.atomic.address_of(m)
+        taken: list[int] = []
+        try:
+            for i, ref in enumerate(refs):
+                off = d.gnttab.host_acquire(ref, BACKEND_DOMID, True)
+                taken.append(ref)
+                gnttab._map_fixed(base + i * 4096, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED,
+                                  d.machine.memfd, off)
+        except (XenError, OSError):
+            for ref in taken:
+                d.gnttab.host_release(ref)
+            m.close()
+            raise
+        self.ring_map, self.ring_refs = m, refs
+        self.ring_view = memoryview(m)
+        self.ring = B.BackRing(self.ring_view, B.ring_entries(npages))
+        d.evtchn.accept_interdomain(port, BACKEND_DOMID, 0x8000 + self.devid, self._notified)
+        self.port = port
+        self._switch(B.STATE_CONNECTED)
+        self.wake.set()
+
+    def _disconnect(self) -> None:
+        if self.ring is None:
+            return
+        self._drain()
+        d = self.domain
+        d.evtchn.remote_closed(self.port, BACKEND_DOMID)
+        self.ring = None
+        if self.ring_view is not None:
+            self.ring_view.release()
+            self.ring_view = None
+        if self.ring_map is not None:
+            self.ring_map.close()
+            self.ring_map = None
+        for ref in self.ring_refs:
+            d.gnttab.host_release(ref)
+        self.ring_refs = []
+
+    def _remove_nodes(self) -> None:
+        for path in (self.be, self.fe):
+            try:
+                self.xs.rm(path)
+            except XsError:
+                pass
+
+    def _notified(self) -> None:
+        """The guest sent on our event channel (runs in its vCPU thread)."""
+        self.wake.set()
+
+    # ------------------------------------------------------------ requests
+    def _service(self) -> None:
+        while not self.stop:
+            self.wake.wait(1.0)
+            self.wake.clear()
+            with self.lock:
+                ring = self.ring
+            if ring is None:
+                continue
+            try:
+                self._process(ring)
+            except B.ProtocolError as e:
+                with self.lock:
+                    self._fail(f"protocol error: {e}")
+            except Exception as e:  # noqa: BLE001 - never let a guest kill the backend
+                self.domain.log(f"blkback {self.devid}: {e!r}\n{traceback.format_exc()}")
+
+    def _process(self, ring: B.BackRing) -> None:
+        while True:
+            while ring.pending_requests():
+                req = B.parse_request(ring.take_request())
+                self._dispatch(req)
+            if not ring.final_check_for_requests():
+                return
+
+    def _dispatch(self, req: B.Request) -> None:
+        if req.error:
+            return self._respond(req, B.RSP_EOPNOTSUPP if req.error.startswith("operation")
+                                 else B.RSP_ERROR, req.error)
+        if req.operation in (B.OP_FLUSH_DISKCACHE, B.OP_WRITE_BARRIER):
+            self._drain()  # nothing reorders across a flush or barrier
+            status = B.RSP_OKAY
+            for s in req.segments or []:  # a barrier may carry data (rare): write it first
+                status = self._io(req, B.OP_WRITE, [s], req.sector)
+            try:
+                self.image.flush()
+                self.stats["flushes"] += 1
+            except (ImageError, OSError) as e:
+                status = B.RSP_ERROR
+                self.domain.log(f"blkback {self.devid}: flush failed: {e}")
+            return self._respond(req, status)
+        if req.operation in (B.OP_WRITE, B.OP_DISCARD) or req.indirect_op == B.OP_WRITE:
+            if self.readonly:
+                return self._respond(req, B.RSP_ERROR, "write to a read-only disk")
+        fut = self.pool.submit(self._run, req)
+        self.inflight.add(fut)
+        fut.add_done_callback(self.inflight.discard)
+
+    def _drain(self) -> None:
+        for f in list(self.inflight):
+            f.result()
+
+    def _run(self, req: B.Request) -> None:
+        try:
+            if req.operation == B.OP_DISCARD:
+                err = B.check_range(req, self.sectors)
+                if err:
+                    return self._respond(req, B.RSP_ERROR, err)
+                if not self.image.supports_discard:
+                    return self._respond(req, B.RSP_EOPNOTSUPP)
+                self.image.discard(req.sector * B.SECTOR, req.nr_sectors * B.SECTOR)
+                self.stats["discards"] += 1
+                return self._respond(req, B.RSP_OKAY)
+            op = req.operation
+            if op == B.OP_INDIRECT:
+                op = req.indirect_op
+                req.segments = self._indirect_segments(req)
+            err = B.check_range(req, self.sectors)
+            if err:
+                return self._respond(req, B.RSP_ERROR, err)
+            self._respond(req, self._io(req, op, req.segments or [], req.sector))
+        except _BadRequest as e:
+            self._respond(req, B.RSP_ERROR, str(e))
+        except Exception as e:  # noqa: BLE001
+            self._respond(req, B.RSP_ERROR, f"{e!r}")
+
+    def _indirect_segments(self, req: B.Request) -> list[B.Segment]:
+        d = self.domain
+        raw = b""
+        for ref in req.indirect_grefs or []:
+            try:
+                off = d.gnttab.host_acquire(ref, BACKEND_DOMID, False)
+            except XenError as e:
+                raise _BadRequest(f"indirect page: {e.why}") from None
+            try:
+                raw += bytes(d.machine.ram_view[off:off + 4096])
+            finally:
+                d.gnttab.host_release(ref)
+        segs, err = B.parse_segments(raw, req.nr_indirect)
+        if err:
+            raise _BadRequest(err)
+        return segs
+
+    def _io(self, req: B.Request, op: int, segs: list[B.Segment], sector: int) -> int:
+        d = self.domain
+        ram = d.machine.ram_view
+        pos = sector * B.SECTOR
+        for s in segs:
+            try:
+                off = d.gnttab.host_acquire(s.gref, BACKEND_DOMID, op == B.OP_READ)
+            except XenError as e:
+                self.domain.log(f"blkback {self.devid}: request {req.id}: {e.why}")
+                return B.RSP_ERROR
+            try:
+                view = ram[off + s.first * B.SECTOR:off + (s.last + 1) * B.SECTOR]
+                if op == B.OP_READ:
+                    self.image.readinto(pos, view)
+                    d.mark_dirty(d.pfn_to_mfn(off >> 12))
+                    self.stats["read_bytes"] += s.nbytes
+                else:
+                    self.image.write(pos, view)
+                    self.stats["write_bytes"] += s.nbytes
+            except (ImageError, OSError) as e:
+                self.domain.log(f"blkback {self.devid}: I/O error at {pos}: {e}")
+                return B.RSP_ERROR
+            finally:
+                d.gnttab.host_release(s.gref)
+            pos += s.nbytes
+        self.stats["reads" if op == B.OP_READ else "writes"] += 1
+        return B.RSP_OKAY
+
+    def _respond(self, req: B.Request, status: int, why: str = "") -> None:
+        if status != B.RSP_OKAY:
+            self.stats["errors"] += 1
+            if why:
+                self.domain.log(f"blkback {self.vdev or self.devid}: request {req.id}: {why}")
+        with self.ring_lock:
+            ring = self.ring
+            if ring is None:
+                return
+            ring.put_response(req.id, req.operation, status)
+            notify = ring.push_responses()
+        if notify:
+            self.domain.raise_port(self.port, self.domain.evtchn.notify_vcpu(self.port))
+
+    # ------------------------------------------------------------ lifecycle
+    def detach(self, timeout: float = 10.0) -> None:
+        """Toolstack-initiated removal: Closing, wait for the frontend to close."""
+        with self.lock:
+            self.detaching = True
+            self._switch(B.STATE_CLOSING)
+        end = threading.Event()
+        for _ in range(int(timeout * 20)):
+            if self._fe_state() in (B.STATE_CLOSED, B.STATE_UNKNOWN, B.STATE_INITIALISING):
+                break
+            end.wait(0.05)
+        with self.lock:
+            self._disconnect()
+            self._switch(B.STATE_CLOSED)
+            self._remove_nodes()
+        self.close()
+
+    def close(self) -> None:
+        self.stop = True
+        self.wake.set()
+        try:
+            self.xs.unwatch(f"{self.fe}/state", self.token)
+        except XsError:
+            pass
+        with self.lock:
+            self._disconnect()
+        self.pool.shutdown(wait=True)
+        try:
+            self.image.flush()
+        except (ImageError, OSError):
+            pass
+        self.image.close()
+
+
+class _BadRequest(Exception):
+    pass

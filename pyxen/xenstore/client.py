@@ -1,0 +1,132 @@
+"""A XenStore client for the host side (toolstack and backends), over the
+daemon's unix socket, speaking xs_wire like libxenstore.
+
+Requests are synchronous (one reply per request, matched by req_id); watch
+events are dispatched to callbacks by a reader thread.  Errors come back as
+:class:`XsError` carrying xenstored's error name ("ENOENT", "EACCES", ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from collections.abc import Callable
+
+from .tree import XsError
+from .wire import HEADER, Op, Parser, encode, join
+
+WatchCallback = Callable[[str, str], None]  # (path, token)
+
+
+class XsClient:
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.sock.settimeout(None)
+        self.timeout = timeout
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()  # one request on the wire at a time
+        self.cond = threading.Condition()
+        self.replies: dict[int, tuple[int, bytes]] = {}
+        self.watches: dict[str, WatchCallback] = {}
+        self.closed = False
+        self.reader = threading.Thread(target=self._read_loop, name="xs-client", daemon=True)
+        self.reader.start()
+
+    def _read_loop(self) -> None:
+        parser = Parser()
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            for m in parser.feed(data):
+                if m.type == Op.WATCH_EVENT:
+                    parts = m.payload.split(b"\0")
+                    if len(parts) >= 2:
+                        path, token = parts[0].decode(errors="replace"), parts[1].decode(errors="replace")
+                        cb = self.watches.get(token)
+                        if cb is not None:
+                            try:
+                                cb(path, token)
+                            except Exception:  # noqa: BLE001 - a callback must not kill the reader
+                                pass
+                    continue
+                with self.cond:
+                    self.replies[m.req_id] = (m.type, m.payload)
+                    self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def request(self, op: int, payload: bytes, tx: int = 0) -> bytes:
+        rid = next(self.ids) & 0xFFFFFFFF
+        with self.lock:
+            self.sock.sendall(encode(op, payload, rid, tx))
+        with self.cond:
+            if not self.cond.wait_for(lambda: rid in self.replies or self.closed, self.timeout):
+                raise XsError("EIO", "xenstored did not answer")
+            if rid not in self.replies:
+                raise XsError("EIO", "connection to xenstored closed")
+            typ, data = self.replies.pop(rid)
+        if typ == Op.ERROR:
+            raise XsError(data.rstrip(b"\0").decode() or "EIO", "")
+        return data
+
+    # ------------------------------------------------------------ operations
+    def read(self, path: str, tx: int = 0) -> str:
+        return self.request(Op.READ, join(path), tx).decode(errors="replace")
+
+    def try_read(self, path: str, default: str | None = None) -> str | None:
+        try:
+            return self.read(path)
+        except XsError:
+            return default
+
+    def write(self, path: str, value: str | bytes, tx: int = 0) -> None:
+        v = value.encode() if isinstance(value, str) else value
+        self.request(Op.WRITE, path.encode() + b"\0" + v, tx)
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        self.request(Op.MKDIR, join(path), tx)
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self.request(Op.RM, join(path), tx)
+
+    def directory(self, path: str, tx: int = 0) -> list[str]:
+        data = self.request(Op.DIRECTORY, join(path), tx)
+        return [x.decode() for x in data.split(b"\0") if x]
+
+    def set_perms(self, path: str, perms: list[str], tx: int = 0) -> None:
+        self.request(Op.SET_PERMS, join(path, *perms), tx)
+
+    def watch(self, path: str, token: str, cb: WatchCallback) -> None:
+        self.watches[token] = cb
+        self.request(Op.WATCH, join(path, token))
+
+    def unwatch(self, path: str, token: str) -> None:
+        self.watches.pop(token, None)
+        try:
+            self.request(Op.UNWATCH, join(path, token))
+        except XsError:
+            pass
+
+    def transaction_start(self) -> int:
+        return int(self.request(Op.TRANSACTION_START, b"\0").rstrip(b"\0"))
+
+    def transaction_end(self, tx: int, commit: bool = True) -> None:
+        self.request(Op.TRANSACTION_END, b"T\0" if commit else b"F\0", tx)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+__all__ = ["XsClient", "XsError", "HEADER"]
