@@ -21,7 +21,7 @@ from typing import Any
 
 from . import paths
 from .proto import Conn, ProtocolError
-from .xlcfg import ConfigError, DomainConfig, load_domain_config
+from .xlcfg import ConfigError, DiskSpec, DomainConfig, load_domain_config
 
 
 class PyxenError(Exception):
@@ -36,7 +36,17 @@ def config_to_request(cfg: DomainConfig) -> dict[str, Any]:
             "uuid": str(cfg.uuid or uuidlib.uuid4())}  # as xl: a fresh UUID unless configured
     actions = {k: getattr(cfg, k).value for k in ("on_poweroff", "on_reboot", "on_crash",
                                                    "on_watchdog")}
+    disks = [disk_to_dict(ds) for ds in cfg.disks]
+    if disks:
+        spec["extra"] = {"disks": disks}
     return {"op": "create", "spec": spec, "actions": actions}
+
+
+def disk_to_dict(ds: DiskSpec) -> dict[str, Any]:
+    """A parsed disk line for the daemon and the domain process (paths resolved)."""
+    return {"spec": ds.spec, "vdev": ds.vdev, "devid": ds.devid,
+            "target": str(ds.path) if ds.path else ds.target, "format": ds.format.value,
+            "readwrite": ds.readwrite}
 
 
 class Host:
@@ -104,7 +114,7 @@ class Host:
             except ConfigError as e:
                 raise PyxenError(str(e)) from None
         req = config_to_request(config)
-        req["spec"]["extra"] = {"paused": True}
+        req["spec"].setdefault("extra", {})["paused"] = True
         r = self._call(**req)
         domid = int(r["domid"])
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -78,7 +78,7 @@ def cmd_create(h: Host, a: argparse.Namespace) -> int:
         return attach_console(s)
     req = config_to_request(cfg)
     if a.paused:
-        req["spec"]["extra"] = {"paused": True}
+        req["spec"].setdefault("extra", {})["paused"] = True
     r = h.create_request(req)
     domid = int(r["domid"])
     if a.console:

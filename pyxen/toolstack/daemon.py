@@ -31,7 +31,7 @@ from ..xenstore.server import Xenstored, XenstoreServer
 from ..xenstore.tree import XsError
 from . import paths
 from .proto import Conn, ProtocolError
-from .xsdomain import DomainSocket, write_domain_layout
+from .xsdomain import DomainSocket, write_domain_layout, write_vbd
 
 MAX_DOMID = 0x7FEF
 
@@ -157,6 +157,8 @@ class Daemon:
             self.xsd.introduce(domid, rec.start_info.get("store_mfn", 0),
                                rec.start_info.get("store_evtchn", 0))
             write_domain_layout(self.xsd, domid, spec, rec.start_info)
+            for disk in (spec.get("extra") or {}).get("disks", []):
+                write_vbd(self.xsd, domid, disk)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
         self.request(rec, "start", paused=bool((spec.get("extra") or {}).get("paused")))
@@ -206,6 +208,14 @@ class Daemon:
         self._xs_release(rec.domid)
         self._peer_gone(rec.domid)
 
+    def _xs_rm_vbd(self, domid: int, devid: int) -> None:
+        for path in (f"/local/domain/0/backend/vbd/{domid}/{devid}",
+                     f"/local/domain/{domid}/device/vbd/{devid}"):
+            try:
+                self.xsd.rm(path)
+            except XsError:
+                pass
+
     def _xs_release(self, domid: int) -> None:
         """The domain is gone: release it in xenstored and, as libxl does, remove
         its /local/domain/N and /vm/UUID directories."""
@@ -219,7 +229,7 @@ class Daemon:
                 self.xsd.release(domid)
         except XsError:
             pass
-        for path in (dp, vm):
+        for path in (dp, vm, f"/local/domain/0/backend/vbd/{domid}"):
             if path.startswith("/"):
                 try:
                     self.xsd.rm(path)
@@ -405,6 +415,23 @@ class Daemon:
             return self.shutdown(rec, op, float(req.get("timeout", 10.0)))
         if op == "domain-info":
             return {"ok": True, "info": self.request(rec, "info")["info"], "pid": rec.pid}
+        if op == "block-attach":
+            disk = dict(req["disk"])
+            write_vbd(self.xsd, rec.domid, disk)
+            try:
+                self.request(rec, "block-attach", disk=disk, timeout=30)
+            except (RuntimeError, TimeoutError):
+                self._xs_rm_vbd(rec.domid, int(disk["devid"]))
+                raise
+            (rec.spec.setdefault("extra", {}).setdefault("disks", [])).append(disk)
+            return {"ok": True}
+        if op == "block-detach":
+            self.request(rec, "block-detach", devid=int(req["devid"]), timeout=30)
+            disks = (rec.spec.get("extra") or {}).get("disks", [])
+            disks[:] = [x for x in disks if int(x["devid"]) != int(req["devid"])]
+            return {"ok": True}
+        if op == "block-list":
+            return {"ok": True, "disks": self.request(rec, "block-list")["disks"]}
         if op == "peer":
             if rec.memfd < 0:
                 return {"ok": False, "error": f"domain {rec.domid} has no memory yet", "errno": 3}

@@ -65,6 +65,30 @@ def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: 
         xsd.set_perms(f"{dp}/control/{node}", rw)
 
 
+def write_vbd(xsd: Xenstored, domid: int, disk: dict[str, Any]) -> None:
+    """libxl's nodes for a virtual block device, both ends in Initialising."""
+    devid = int(disk["devid"])
+    fe = f"/local/domain/{domid}/device/vbd/{devid}"
+    be = f"/local/domain/0/backend/vbd/{domid}/{devid}"
+    fmt = str(disk.get("format", "raw"))
+    rw = bool(disk.get("readwrite", True))
+    be_vals = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1",
+               "params": str(disk.get("target", "")), "type": "qdisk" if fmt != "raw" else "phy",
+               "mode": "w" if rw else "r", "dev": str(disk.get("vdev", "")),
+               "device-type": "disk", "removable": "0", "bootable": "1"}
+    fe_vals = {"backend": be, "backend-id": "0", "virtual-device": str(devid),
+               "device-type": "disk", "state": "1"}
+    xsd.write(be, "")
+    xsd.set_perms(be, ["n0", f"r{domid}"])
+    for k, v in be_vals.items():
+        xsd.write(f"{be}/{k}", v)
+    xsd.write(fe, "")
+    xsd.set_perms(fe, [f"n{domid}", "r0"])
+    for k, v in fe_vals.items():
+        xsd.write(f"{fe}/{k}", v)
+    xsd.set_perms(f"{fe}/state", [f"n{domid}", "r0"])
+
+
 class DomainSocket:
     """Serves the domain processes' ring relays."""
 
