@@ -138,6 +138,16 @@ class Host:
     def reboot(self, dom: int | str, timeout: float = 10.0) -> str:
         return str(self._call(op="reboot", domain=dom, timeout=timeout).get("via"))
 
+    def block_attach(self, dom: int | str, disk: dict[str, Any]) -> None:
+        """Hot-plug a disk (``disk_to_dict`` of a parsed disk line)."""
+        self._call(op="block-attach", domain=dom, disk=disk)
+
+    def block_detach(self, dom: int | str, devid: int) -> None:
+        self._call(op="block-detach", domain=dom, devid=devid)
+
+    def block_list(self, dom: int | str) -> list[dict[str, Any]]:
+        return list(self._call(op="block-list", domain=dom)["disks"])
+
     def pause(self, dom: int | str) -> None:
         self._call(op="pause", domain=dom)
 

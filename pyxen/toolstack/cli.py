@@ -7,15 +7,17 @@ Every failure a user can cause is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import select
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from .api import Host, PyxenError, config_to_request
-from .xlcfg import ConfigError, load_domain_config
+from .api import Host, PyxenError, config_to_request, disk_to_dict
+from .xlcfg import ConfigError, load_domain_config, parse_disk_spec, vdev_to_devid
 
 DETACH = 0x1D  # Ctrl-]
 FLAGS = {"running": "r-----", "blocked": "-b----", "paused": "--p---", "shutdown": "---s--",
@@ -140,6 +142,32 @@ def cmd_domname(h: Host, a: argparse.Namespace) -> int:
     return _err(f"no domain {a.domid}")
 
 
+def cmd_block_attach(h: Host, a: argparse.Namespace) -> int:
+    try:
+        ds = parse_disk_spec(",".join(a.disk))
+    except ValueError as e:
+        return _err(f"disk specification: {e}")
+    if ds.path is None and ds.nbd is None and ds.target:
+        ds = dataclasses.replace(ds, path=Path(ds.target).resolve())
+    h.block_attach(_dom(a), disk_to_dict(ds))
+    return 0
+
+
+def cmd_block_detach(h: Host, a: argparse.Namespace) -> int:
+    dev = a.device
+    devid = int(dev) if dev.isdigit() else vdev_to_devid(dev)
+    h.block_detach(_dom(a), devid)
+    return 0
+
+
+def cmd_block_list(h: Host, a: argparse.Namespace) -> int:
+    print(f"{'Vdev':<8}{'BE':>4}{'handle':>8}{'state':>7}  {'format':<8}{'mode':<6}target")
+    for d in h.block_list(_dom(a)):
+        print(f"{d.get('vdev', ''):<8}{0:>4}{d['devid']:>8}{d.get('state', 0):>7}  "
+              f"{d.get('format', ''):<8}{'w' if d.get('readwrite', True) else 'r':<6}{d.get('target', '')}")
+    return 0
+
+
 def cmd_info(h: Host, a: argparse.Namespace) -> int:
     for k, v in h.info().items():
         print(f"{k}: {v}")
@@ -182,6 +210,17 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("-w", dest="wait", action="store_true", help="wait for it to go away")
         s.set_defaults(fn=cmd_console if name == "console" else cmd_simple(name))
     sub.add_parser("info", help="host and hypervisor information").set_defaults(fn=cmd_info)
+    ba = sub.add_parser("block-attach", help="attach a disk to a running domain (xl disk syntax)")
+    ba.add_argument("domain")
+    ba.add_argument("disk", nargs="+", help="e.g. format=raw,vdev=xvdb,target=/tmp/d.img")
+    ba.set_defaults(fn=cmd_block_attach)
+    bd = sub.add_parser("block-detach", help="detach a disk (by vdev or device id)")
+    bd.add_argument("domain")
+    bd.add_argument("device")
+    bd.set_defaults(fn=cmd_block_detach)
+    bl = sub.add_parser("block-list", help="list a domain's disks")
+    bl.add_argument("domain")
+    bl.set_defaults(fn=cmd_block_list)
     di = sub.add_parser("domid", help="the ID of the domain with this name")
     di.add_argument("name")
     di.set_defaults(fn=cmd_domid)
