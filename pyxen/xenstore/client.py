@@ -2,13 +2,15 @@
 daemon's unix socket, speaking xs_wire like libxenstore.
 
 Requests are synchronous (one reply per request, matched by req_id); watch
-events are dispatched to callbacks by a reader thread.  Errors come back as
+events go to callbacks on a dispatcher thread of their own, so a callback may
+itself make requests (the reader thread must stay free to read the replies).  Errors come back as
 :class:`XsError` carrying xenstored's error name ("ENOENT", "EACCES", ...).
 """
 
 from __future__ import annotations
 
 import itertools
+import queue
 import socket
 import threading
 from collections.abc import Callable
@@ -32,8 +34,24 @@ class XsClient:
         self.replies: dict[int, tuple[int, bytes]] = {}
         self.watches: dict[str, WatchCallback] = {}
         self.closed = False
+        self.events: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self.reader = threading.Thread(target=self._read_loop, name="xs-client", daemon=True)
         self.reader.start()
+        self.dispatcher = threading.Thread(target=self._dispatch_loop, name="xs-watches", daemon=True)
+        self.dispatcher.start()
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            ev = self.events.get()
+            if ev is None:
+                return
+            path, token = ev
+            cb = self.watches.get(token)
+            if cb is not None:
+                try:
+                    cb(path, token)
+                except Exception:  # noqa: BLE001 - a callback must not stop the others
+                    pass
 
     def _read_loop(self) -> None:
         parser = Parser()
@@ -48,13 +66,8 @@ class XsClient:
                 if m.type == Op.WATCH_EVENT:
                     parts = m.payload.split(b"\0")
                     if len(parts) >= 2:
-                        path, token = parts[0].decode(errors="replace"), parts[1].decode(errors="replace")
-                        cb = self.watches.get(token)
-                        if cb is not None:
-                            try:
-                                cb(path, token)
-                            except Exception:  # noqa: BLE001 - a callback must not kill the reader
-                                pass
+                        self.events.put((parts[0].decode(errors="replace"),
+                                         parts[1].decode(errors="replace")))
                     continue
                 with self.cond:
                     self.replies[m.req_id] = (m.type, m.payload)
@@ -62,6 +75,7 @@ class XsClient:
         with self.cond:
             self.closed = True
             self.cond.notify_all()
+        self.events.put(None)
 
     def request(self, op: int, payload: bytes, tx: int = 0) -> bytes:
         rid = next(self.ids) & 0xFFFFFFFF

@@ -1,0 +1,257 @@
+"""blkback against a frontend played by the test itself (so it can misbehave):
+the guest's memory, grant table, event channel and xenstore nodes are written
+from Python exactly as a blkfront would, and the backend is checked for
+correct I/O, flush durability, read-only refusal and every malformed request
+a malicious frontend could send."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyxen.backends import blkif as B
+from pyxen.backends.blkback import BlkBack
+from pyxen.hv import gnttab as G
+from pyxen.hv import machine as M
+from pyxen.hv.domain import Domain
+from pyxen.storage import BlockImage, ImageError
+from pyxen.xenstore.client import XsClient
+from pyxen.xenstore.server import XenstoreServer
+from pyxen.xenstore.tree import XsError
+
+
+class FileImage(BlockImage):
+    """A plain file (the real formats have their own tests)."""
+
+    def __init__(self, path: Path, size: int, readonly: bool = False) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        os.ftruncate(self.fd, size)
+        self.size, self.readonly, self.name = size, readonly, str(path)
+        self.flushes = 0
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        os.preadv(self.fd, [buf], offset)
+
+    def write(self, offset: int, data: memoryview | bytes) -> None:
+        if self.readonly:
+            raise ImageError("read-only")
+        os.pwritev(self.fd, [data], offset)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+RING_PFN, DATA_PFN = 400, 410  # guest pages the "frontend" uses
+
+
+class Front:
+    """The frontend's side, in Python."""
+
+    def __init__(self, d: Domain, xs: XsClient, devid: int = 51712) -> None:
+        self.d, self.xs, self.devid = d, xs, devid
+        d.gnttab.setup(1)
+        self.port = d.evtchn.alloc_unbound(0)
+        self.ring_off = RING_PFN * 4096
+        d.machine.ram[self.ring_off:self.ring_off + 4096] = bytes(4096)
+        self.grant(1, RING_PFN)
+        self.req_prod = 0
+        self.rsp_cons = 0
+        self.fe = f"/local/domain/{d.domid}/device/vbd/{devid}"
+        self.be = f"/local/domain/0/backend/vbd/{d.domid}/{devid}"
+
+    def grant(self, ref: int, pfn: int, readonly: bool = False, domid: int = 0) -> None:
+        off = self.d.machine.xenheap_offset(M.XH_GRANT) + ref * 8
+        flags = G.GTF_permit_access | (G.GTF_readonly if readonly else 0)
+        struct.pack_into("<HHI", self.d.machine.ram, off, flags, domid, M.MFN_BASE + pfn)
+
+    def connect(self) -> None:
+        xs = self.xs
+        for k, v in (("ring-ref", "1"), ("event-channel", str(self.port)),
+                     ("protocol", "x86_64-abi"), ("state", "3")):
+            xs.write(f"{self.fe}/{k}", v)
+        wait(lambda: xs.read(f"{self.be}/state") == "4", "backend Connected")
+
+    def push(self, raw: bytes) -> None:
+        n = B.ring_entries(1)
+        off = self.ring_off + B.SRING_HDR.size + (self.req_prod % n) * B.REQ_SIZE
+        self.d.machine.ram[off:off + len(raw)] = raw
+        self.req_prod += 1
+        struct.pack_into("<I", self.d.machine.ram, self.ring_off, self.req_prod)
+        self.d.evtchn.send(self.port)
+
+    def rw(self, op: int, rid: int, sector: int, segs: list[tuple[int, int, int]]) -> None:
+        raw = B.REQ_HDR.pack(op, len(segs), 0, rid, sector)
+        raw += b"".join(B.SEG.pack(g, f, last) for g, f, last in segs)
+        self.push(raw.ljust(B.REQ_SIZE, b"\0"))
+
+    def responses(self, want: int, timeout: float = 5.0) -> list[tuple[int, int, int]]:
+        n = B.ring_entries(1)
+        out = []
+        end = time.monotonic() + timeout
+        while len(out) < want:
+            prod = struct.unpack_from("<I", self.d.machine.ram, self.ring_off + 8)[0]
+            while self.rsp_cons != prod:
+                off = self.ring_off + B.SRING_HDR.size + (self.rsp_cons % n) * B.REQ_SIZE
+                out.append(B.RSP.unpack_from(self.d.machine.ram, off))
+                self.rsp_cons += 1
+            if time.monotonic() > end:
+                raise AssertionError(f"only {len(out)} of {want} responses")
+            time.sleep(0.005)
+        return out
+
+
+def wait(cond, what: str, timeout: float = 5.0) -> None:  # noqa: ANN001
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except XsError:
+            pass
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def setup(guest: Path, tmp_path: Path) -> Iterator[tuple[Domain, XsClient, Front, FileImage, BlkBack]]:
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+    sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
+    server = XenstoreServer(sock).start()
+    xs = XsClient(str(sock))
+    d = create_domain(DomainSpec(name="blk", memory_mib=16, kernel=str(guest / "hello"), domid=21),
+                      start=False)
+    img = FileImage(tmp_path / "disk.img", 8 << 20)
+    front = Front(d, xs)
+    for path, val in ((front.fe + "/state", "1"), (front.be + "/state", "1")):
+        xs.write(path, val)
+    bb = BlkBack(d, xs, front.devid, img, vdev="xvda")
+    bb.start()
+    wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait")
+    yield d, xs, front, img, bb
+    bb.close()
+    d.destroy()
+    d.close()
+    xs.close()
+    server.stop()
+
+
+def test_handshake_features(setup) -> None:  # noqa: ANN001
+    d, xs, front, img, bb = setup
+    be = front.be
+    assert xs.read(f"{be}/sectors") == str((8 << 20) // 512)
+    assert xs.read(f"{be}/sector-size") == "512"
+    assert xs.read(f"{be}/feature-flush-cache") == "1"
+    assert xs.read(f"{be}/feature-barrier") == "1"
+    assert int(xs.read(f"{be}/feature-max-indirect-segments")) >= 11
+    front.connect()
+    assert bb.ring is not None
+
+
+def test_write_flush_read_zero_copy(setup) -> None:  # noqa: ANN001
+    d, xs, front, img, bb = setup
+    front.connect()
+    ram = d.machine.ram
+    ram[DATA_PFN * 4096:DATA_PFN * 4096 + 4096] = bytes(range(256)) * 16
+    front.grant(2, DATA_PFN, readonly=True)  # a WRITE only needs read access
+    front.rw(B.OP_WRITE, 7, 100, [(2, 0, 7)])
+    front.push(B.REQ_HDR.pack(B.OP_FLUSH_DISKCACHE, 0, 0, 8, 0).ljust(B.REQ_SIZE, b"\0"))
+    assert front.responses(2) == [(7, B.OP_WRITE, 0), (8, B.OP_FLUSH_DISKCACHE, 0)]
+    assert img.flushes >= 1
+    assert os.pread(img.fd, 4096, 100 * 512) == bytes(range(256)) * 16
+    # read it back into another page, sectors 2..5 only
+    front.grant(3, DATA_PFN + 1)
+    front.rw(B.OP_READ, 9, 100, [(3, 2, 5)])
+    assert front.responses(1) == [(9, B.OP_READ, 0)]
+    got = bytes(ram[(DATA_PFN + 1) * 4096 + 1024:(DATA_PFN + 1) * 4096 + 3072])
+    assert got == (bytes(range(256)) * 16)[:2048]
+    # status bits were released after each request
+    flags = struct.unpack_from("<H", ram, d.machine.xenheap_offset(M.XH_GRANT) + 3 * 8)[0]
+    assert flags == G.GTF_permit_access
+
+
+def test_malicious_requests_get_errors_and_the_ring_survives(setup) -> None:  # noqa: ANN001
+    d, xs, front, img, bb = setup
+    front.connect()
+    front.grant(2, DATA_PFN, readonly=True)
+    front.grant(4, DATA_PFN, domid=33)  # granted to someone else
+    front.rw(B.OP_READ, 1, 0, [(2, 0, 7)])  # READ needs a writable grant
+    front.rw(B.OP_READ, 2, 0, [(4, 0, 7)])  # not granted to the backend
+    front.rw(B.OP_READ, 3, 0, [(999, 0, 7)])  # beyond the grant table
+    front.rw(B.OP_READ, 4, (8 << 20) // 512, [(2, 0, 0)])  # past the end of the disk
+    front.rw(B.OP_READ, 5, 0, [(2, 3, 1)])  # first > last
+    front.rw(B.OP_READ, 6, 0, [(2, 0, 9)])  # beyond a page
+    raw = B.REQ_HDR.pack(B.OP_READ, 12, 0, 7, 0).ljust(B.REQ_SIZE, b"\0")  # 12 segments
+    front.push(raw)
+    front.push(struct.pack("<BxxxxxxxQ", 42, 8).ljust(B.REQ_SIZE, b"\0"))  # unknown operation
+    rsp = {r[0]: r[2] for r in front.responses(8)}
+    assert rsp == {1: -1, 2: -1, 3: -1, 4: -1, 5: -1, 6: -1, 7: -1, 8: -2}
+    # and a good request still works
+    front.grant(5, DATA_PFN)
+    front.rw(B.OP_READ, 9, 0, [(5, 0, 7)])
+    assert front.responses(1) == [(9, B.OP_READ, 0)]
+    assert bb.stats["errors"] == 8
+
+
+def test_ring_index_running_ahead_disconnects(setup) -> None:  # noqa: ANN001
+    d, xs, front, img, bb = setup
+    front.connect()
+    struct.pack_into("<I", d.machine.ram, front.ring_off, 1000)  # req_prod far ahead
+    d.evtchn.send(front.port)
+    wait(lambda: xs.read(f"{front.be}/state") == "5", "backend Closing")
+    assert "ran" in xs.read(f"{front.be}/error")
+
+
+def test_read_only_disk_refuses_writes(guest: Path, tmp_path: Path) -> None:
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+    sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
+    server = XenstoreServer(sock).start()
+    xs = XsClient(str(sock))
+    d = create_domain(DomainSpec(name="ro", memory_mib=16, kernel=str(guest / "hello"), domid=22),
+                      start=False)
+    img = FileImage(tmp_path / "ro.img", 1 << 20)
+    front = Front(d, xs)
+    xs.write(front.fe + "/state", "1")
+    bb = BlkBack(d, xs, front.devid, img, readonly=True)
+    try:
+        bb.start()
+        assert xs.read(f"{front.be}/info") == str(B.VDISK_READONLY)
+        front.connect()
+        front.grant(2, DATA_PFN, readonly=True)
+        front.rw(B.OP_WRITE, 1, 0, [(2, 0, 7)])
+        assert front.responses(1) == [(1, B.OP_WRITE, -1)]
+    finally:
+        bb.close()
+        d.destroy()
+        d.close()
+        xs.close()
+        server.stop()
+
+
+def test_frontend_closing_and_reconnecting(setup) -> None:  # noqa: ANN001
+    d, xs, front, img, bb = setup
+    front.connect()
+    xs.write(f"{front.fe}/state", "5")
+    wait(lambda: xs.read(f"{front.be}/state") == "5", "backend Closing")
+    xs.write(f"{front.fe}/state", "6")
+    wait(lambda: xs.read(f"{front.be}/state") == "6", "backend Closed")
+    flags = struct.unpack_from("<H", d.machine.ram, d.machine.xenheap_offset(M.XH_GRANT) + 8)[0]
+    assert flags == G.GTF_permit_access  # the ring page is released
+    xs.write(f"{front.fe}/state", "1")
+    wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait again")
+    front.req_prod = front.rsp_cons = 0
+    d.machine.ram[front.ring_off:front.ring_off + 4096] = bytes(4096)
+    front.connect()
+    front.grant(2, DATA_PFN)
+    front.rw(B.OP_READ, 1, 0, [(2, 0, 7)])
+    assert front.responses(1) == [(1, B.OP_READ, 0)]
