@@ -50,6 +50,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
+from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pyxen.storage import BlockImage, ImageError
@@ -330,6 +331,9 @@ class NbdImage(BlockImage):
         except ValueError as e:
             raise ImageError(str(e)) from None
         return cls(host, port, export, readonly, timeout, socket_path=sock)
+
+    def __enter__(self) -> Self:
+        return self
 
     def __repr__(self) -> str:
         return f"NbdImage({self.name!r}, {self.size} bytes, {'ro' if self.readonly else 'rw'})"

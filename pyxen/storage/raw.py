@@ -27,6 +27,7 @@ import stat
 import struct
 import threading
 from pathlib import Path
+from typing import Self
 
 from pyxen.storage import BlockImage, ImageError
 
@@ -117,6 +118,9 @@ class RawImage(BlockImage):
             return size
         except OSError:
             return os.lseek(self._fd, 0, os.SEEK_END)
+
+    def __enter__(self) -> Self:
+        return self
 
     def __repr__(self) -> str:
         mode = "ro" if self.readonly else "rw"
