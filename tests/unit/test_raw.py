@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
+import subprocess
+import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -234,3 +238,37 @@ def test_open_image_errors_name_the_disk(tmp_path: Path, img: Path) -> None:
         open_image(parse_disk_spec("format=qcow2, vdev=xvda, target=nbd://127.0.0.1:1/x"))
     with pytest.raises(ImageError, match=r"disk xvda \('nbd://127.0.0.1:1/x'\): .*cannot connect"):
         open_image(parse_disk_spec("vdev=xvda, target=nbd://127.0.0.1:1/x"), nbd_timeout=2)
+
+
+def test_open_image_qcow2_is_lazy_and_gets_its_secret(img: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qcow2 comes from pyxen.storage.qcow2 (imported when needed); the key by vdev, target, then path."""
+    calls: list[dict[str, object]] = []
+
+    class FakeQcow2:
+        def __init__(self, path: Path, readonly: bool = False, key_secret: bytes | None = None) -> None:
+            calls.append({"path": path, "readonly": readonly, "key": key_secret})
+
+    mod = types.ModuleType("pyxen.storage.qcow2")
+    mod.Qcow2Image = FakeQcow2  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pyxen.storage.qcow2", mod)
+    spec = parse_disk_spec(f"format=qcow2, vdev=xvdc, access=ro, target={img}")
+    open_image(spec)
+    open_image(spec, {"xvdc": b"by-vdev", str(img): b"by-target"})
+    open_image(spec, {"xvdz": b"other", str(img): b"by-target"})
+    assert [c["key"] for c in calls] == [None, b"by-vdev", b"by-target"]
+    assert all(c["readonly"] is True and str(c["path"]) == str(img) for c in calls)
+
+
+def test_open_image_qcow2_made_by_qemu_img(tmp_path: Path) -> None:
+    pytest.importorskip("pyxen.storage.qcow2")
+    if shutil.which("qemu-img") is None:
+        pytest.skip("SKIPPED LOUDLY: qemu-img is not installed (apt-get install qemu-utils)")
+    p = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(p), "8M"], check=True, timeout=30)
+    with open_image(parse_disk_spec(f"format=qcow2, vdev=xvda, target={p}")) as d:
+        assert d.size == 8 * MiB and not d.readonly
+        d.write(4096, b"q" * 512)
+        d.flush()
+        buf = bytearray(512)
+        d.readinto(4096, memoryview(buf))
+        assert buf == b"q" * 512
