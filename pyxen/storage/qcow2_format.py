@@ -248,7 +248,17 @@ class Header:
             off += (length + 7) // 8 * 8
 
     def pack(self) -> bytes:
-        """Header, extensions and backing file name: the bytes at the start of cluster 0."""
+        """Header, extensions and backing file name: the bytes at the start of cluster 0.
+
+        The feature name table is optional: it is left out when it would not fit."""
+        try:
+            return self._pack(self.version >= 3)
+        except FormatError:
+            if self.version < 3:
+                raise
+            return self._pack(False)
+
+    def _pack(self, feature_table: bool) -> bytes:
         v3 = self.version >= 3
         ext = bytearray()
 
@@ -261,7 +271,7 @@ class Header:
             add(EXT_BACKING_FORMAT, self.backing_format.encode())
         if self.crypt_method == CRYPT_LUKS:
             add(EXT_FDE, struct.pack(">QQ", self.fde_offset, self.fde_length))
-        if v3:
+        if feature_table:
             names = dict(FEATURE_NAMES)
             names.update(self.feature_names)
             add(EXT_FEATURE_TABLE, b"".join(struct.pack(">BB46s", k, b, n.encode()[:46])
