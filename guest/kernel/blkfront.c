@@ -1,0 +1,2054 @@
+/*
+ * blkfront.c - virtual block device frontend (io/blkif.h over io/ring.h).
+ *
+ * Threads and contexts:
+ *   - The ring (requests, responses, grants, the I/O list) is only touched
+ *     with events masked: from threads through irq_save(), and from the
+ *     ring's event handler, which consumes responses, completes I/Os and
+ *     refills the ring.  Nothing there allocates memory or blocks.
+ *   - Each device has a thread ("blkfront") that runs the XenBus state
+ *     machine: watch callbacks (in the xenbus thread) only kick it.  It
+ *     does all xenbus calls, allocations, ring setup and teardown.
+ *   - Apps submit I/Os from their own threads and sleep in blk_wait().
+ *
+ * Requests: an I/O becomes one or more ring requests ("shadows"): up to 11
+ * segments directly, or up to max_segs through indirect pages when the
+ * backend offers feature-max-indirect-segments.  Each segment is a part of
+ * one page, given to the backend either by granting the I/O's own page
+ * (writable for reads, read-only for writes; access ended after the
+ * response) or, with persistent grants, through a pool of pages granted
+ * once (data copied in for writes and out for reads).
+ */
+#include "blkfront.h"
+#include "events.h"
+#include "mm.h"
+#include "sched.h"
+#include "xenbus.h"
+#include "xtime.h"
+
+#define MAX_DEVS            4
+#define MAX_RING_ORDER      3           /* 8 pages, 256 entries */
+#define MAX_RING_PAGES      (1U << MAX_RING_ORDER)
+#define DEFAULT_RING_ORDER  2
+#define DEFAULT_INDIRECT    256         /* segments: 1 MiB per ring request */
+#define MAX_INDIRECT        1024
+#define MAX_IND_PAGES       ((MAX_INDIRECT + BLKIF_SEGS_PER_INDIRECT_FRAME - 1) / \
+                             BLKIF_SEGS_PER_INDIRECT_FRAME)
+#define DEFAULT_BUDGET      1024        /* grants for data in flight */
+#define DEFAULT_TIMEOUT     (30 * NSEC_PER_SEC)
+#define DRAIN_TIMEOUT       (5 * NSEC_PER_SEC)
+#define DEFERRED_MAX        4096
+
+_Static_assert(MAX_IND_PAGES <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, "indirect pages");
+
+#define SECTOR_SHIFT 9
+
+/* ---------------------------------------------------------------- */
+/* Waiting: threads park in waiters[]; anything that may satisfy a
+ * condition wakes them all and each re-checks its own. */
+
+#define MAX_WAITERS 16
+static struct thread *waiters[MAX_WAITERS];
+
+static void blk_wake_all(void)
+{
+    unsigned long flags = irq_save();
+    for (int i = 0; i < MAX_WAITERS; i++)
+        if (waiters[i])
+            wake_thread(waiters[i]);
+    irq_restore(flags);
+}
+
+/* cond is checked with events masked.  deadline 0 = none.  1 = cond true. */
+static int blk_wait(int (*cond)(void *), void *arg, uint64_t deadline)
+{
+    int slot = -1, ok;
+
+    for (;;) {
+        irq_disable();
+        if (cond(arg)) {
+            ok = 1;
+            break;
+        }
+        if (deadline && monotonic_ns() >= deadline) {
+            ok = 0;
+            break;
+        }
+        if (slot < 0) {
+            for (int i = 0; i < MAX_WAITERS && slot < 0; i++)
+                if (!waiters[i])
+                    slot = i;
+            if (slot < 0) {
+                /* Everyone's parked: poll instead. */
+                irq_enable();
+                msleep(1);
+                continue;
+            }
+            waiters[slot] = current;
+        }
+        current->wakeup_ns = deadline;
+        current->state = T_BLOCKED;
+        irq_enable();
+        schedule();
+    }
+    if (slot >= 0)
+        waiters[slot] = NULL;
+    irq_enable();
+    return ok;
+}
+
+/* ---------------------------------------------------------------- */
+/* Device state */
+
+struct pgnt {                   /* a persistently granted page */
+    void *va;
+    grant_ref_t ref;
+};
+
+struct seginfo {
+    grant_ref_t ref;
+    uint16_t off, len;          /* bytes within the page */
+    int32_t pg;                 /* persistent pool index, or -1 */
+};
+
+struct shadow {
+    struct blk_io *io;
+    size_t off, len;            /* the part of io->buf this request carries */
+    uint8_t op;                 /* operation on the ring (INDIRECT's inner op) */
+    uint8_t indirect;
+    uint8_t in_use;
+    uint8_t nind;
+    uint16_t nseg;
+    int next_free;
+    struct seginfo *seg;        /* [dev->shadow_segs] */
+    void *ind_page[MAX_IND_PAGES];      /* our pages (non-persistent) */
+    grant_ref_t ind_ref[MAX_IND_PAGES];
+    int32_t ind_pg[MAX_IND_PAGES];      /* persistent pool index, or -1 */
+};
+
+struct deferred {               /* grants the backend still had in use */
+    grant_ref_t ref;
+    void *page;                 /* freed once the grant is ended, or NULL */
+};
+
+struct blkfront_dev {
+    int used;
+    unsigned int devid;
+    char name[16];
+    char node[40];              /* "device/vbd/<devid>" */
+    char backend[128];
+    domid_t backend_id;
+    struct blkfront_opts opts;
+
+    /* state machine (device thread) */
+    int fe_state, be_state;
+    int gone, closing_by_us, exiting, fatal;
+    unsigned int generation;
+    struct thread *thread;
+    struct xenbus_watch fe_watch, be_watch;
+    int be_watch_on, fe_watch_on;
+    volatile unsigned long kicks;
+    int lock;                   /* sleeping mutex over the state machine */
+    int wrote_multi, wrote_single;
+
+    /* ring (events masked) */
+    int connected, draining;
+    struct blkif_sring *sring;
+    unsigned int ring_pages;
+    grant_ref_t ring_ref[MAX_RING_PAGES];
+    uint32_t req_prod_pvt, rsp_cons, ring_size;
+    int port;
+    struct blkfront_info info;
+    int be_persistent;          /* backend's feature-persistent (at talk time) */
+
+    struct shadow *shadow;
+    unsigned int nshadow, shadow_segs, shadow_pages, seg_pages;
+    struct seginfo *segmem;
+    int free_shadow;
+    unsigned int inflight_reqs, grants_inflight;
+
+    struct pgnt *pool;
+    unsigned int pool_n, pool_pages;
+    int32_t *pool_free;
+    unsigned int pool_nfree;
+
+    struct blk_io *head, *tail, *cursor;
+    volatile unsigned long completions;
+
+    struct blkfront_stats st;
+    unsigned int bad_printed;
+};
+
+static struct blkfront_dev devs[MAX_DEVS];
+static struct deferred deferred[DEFERRED_MAX];
+static unsigned int ndeferred;
+static unsigned long deferred_leaked;
+
+static const char *const state_names[] = {
+    "Unknown", "Initialising", "InitWait", "Initialised", "Connected", "Closing",
+    "Closed", "Reconfiguring", "Reconfigured",
+};
+
+const char *xenbus_state_name(int s)
+{
+    return s >= 0 && (size_t)s < ARRAY_SIZE(state_names) ? state_names[s] : "?";
+}
+
+#define dlog(d, ...) do { if (!(d)->opts.quiet) printk(__VA_ARGS__); } while (0)
+
+/* ---------------------------------------------------------------- */
+/* vbd numbers (docs/misc/vbd-interface) */
+
+static void disk_letters(unsigned int disk, char *out)
+{
+    char tmp[8];
+    int n = 0;
+
+    /* bijective base 26: a..z, aa..zz, ... */
+    disk++;
+    while (disk && n < 7) {
+        disk--;
+        tmp[n++] = (char)('a' + disk % 26);
+        disk /= 26;
+    }
+    while (n)
+        *out++ = tmp[--n];
+    *out = '\0';
+}
+
+void blkfront_devid_name(unsigned int devid, char *buf, size_t size)
+{
+    char letters[8];
+    unsigned int major = devid >> 8, disk, part;
+    const char *pfx;
+
+    if (devid & (1U << 28)) {
+        pfx = "xvd";
+        disk = (devid >> 8) & 0xfffff;
+        part = devid & 0xff;
+    } else if (major == 202) {
+        pfx = "xvd";
+        disk = (devid >> 4) & 15;
+        part = devid & 15;
+    } else if (major == 8) {
+        pfx = "sd";
+        disk = (devid >> 4) & 15;
+        part = devid & 15;
+    } else if (major == 3 || major == 22) {
+        pfx = "hd";
+        disk = ((devid >> 6) & 3) + (major == 22 ? 2 : 0);
+        part = devid & 63;
+    } else {
+        snprintf(buf, size, "vbd%u", devid);
+        return;
+    }
+    disk_letters(disk, letters);
+    if (part)
+        snprintf(buf, size, "%s%s%u", pfx, letters, part);
+    else
+        snprintf(buf, size, "%s%s", pfx, letters);
+}
+
+int blkfront_parse_vdev(const char *s, unsigned int *devid)
+{
+    unsigned int disk = 0, part = 0, kind;
+    const char *p, *end;
+
+    if (!s || !*s)
+        return -XEN_EINVAL;
+    if (*s >= '0' && *s <= '9') {
+        unsigned long v = simple_strtoul(s, &end, 0);
+        if (*end || v > 0xffffffffUL)
+            return -XEN_EINVAL;
+        *devid = (unsigned int)v;
+        return 0;
+    }
+    if (!strncmp(s, "xvd", 3)) {
+        kind = 0;
+        p = s + 3;
+    } else if (!strncmp(s, "sd", 2)) {
+        kind = 1;
+        p = s + 2;
+    } else if (!strncmp(s, "hd", 2)) {
+        kind = 2;
+        p = s + 2;
+    } else {
+        return -XEN_EINVAL;
+    }
+    if (*p < 'a' || *p > 'z')
+        return -XEN_EINVAL;
+    /* Bijective base 26: a = 0, z = 25, aa = 26, ... */
+    for (; *p >= 'a' && *p <= 'z'; p++) {
+        disk = disk * 26 + (unsigned int)(*p - 'a' + 1);
+        if (disk > (1U << 20))
+            return -XEN_EINVAL;
+    }
+    disk--;
+    if (*p) {
+        part = (unsigned int)simple_strtoul(p, &end, 10);
+        if (*end || end == p)
+            return -XEN_EINVAL;
+    }
+    switch (kind) {
+    case 0:
+        if (disk < 16 && part < 16)
+            *devid = (202U << 8) | (disk << 4) | part;
+        else if (disk < (1U << 20) && part < 256)
+            *devid = (1U << 28) | (disk << 8) | part;
+        else
+            return -XEN_EINVAL;
+        return 0;
+    case 1:
+        if (disk >= 16 || part >= 16)
+            return -XEN_EINVAL;
+        *devid = (8U << 8) | (disk << 4) | part;
+        return 0;
+    default:
+        if (disk >= 4 || part >= 64)
+            return -XEN_EINVAL;
+        *devid = ((disk < 2 ? 3U : 22U) << 8) | ((disk & 1) << 6) | part;
+        return 0;
+    }
+}
+
+/* ---------------------------------------------------------------- */
+/* Grants we could not end yet */
+
+static void defer_end(grant_ref_t ref, void *page)
+{
+    if (ndeferred < DEFERRED_MAX) {
+        deferred[ndeferred].ref = ref;
+        deferred[ndeferred].page = page;
+        ndeferred++;
+    } else {
+        deferred_leaked++;      /* the ref and the page stay out of use */
+    }
+}
+
+/* Thread context (frees pages). */
+static void retry_deferred(void)
+{
+    unsigned int i = 0;
+
+    while (i < ndeferred) {
+        unsigned long flags = irq_save();
+        struct deferred e = deferred[i];
+        int rc = gnttab_end_access(e.ref);
+        if (rc == -XEN_EBUSY) {
+            irq_restore(flags);
+            i++;
+            continue;
+        }
+        deferred[i] = deferred[--ndeferred];
+        irq_restore(flags);
+        if (e.page)
+            free_pages(e.page, 1);
+    }
+}
+
+/* End access to ref now if the backend is done with it, else later. */
+static void end_or_defer(struct blkfront_dev *d, grant_ref_t ref, int count_busy)
+{
+    if (gnttab_end_access(ref) == -XEN_EBUSY) {
+        if (count_busy)
+            d->st.grant_busy++;
+        defer_end(ref, NULL);
+    }
+}
+
+/* ---------------------------------------------------------------- */
+/* I/O list and completion (events masked) */
+
+static int fully_issued(const struct blk_io *io)
+{
+    if (io->len && io->op != BLKIF_OP_DISCARD)
+        return io->issued >= io->len;
+    return io->sent;
+}
+
+static void io_unlink(struct blkfront_dev *d, struct blk_io *io)
+{
+    if (io->prev)
+        io->prev->next = io->next;
+    else
+        d->head = io->next;
+    if (io->next)
+        io->next->prev = io->prev;
+    else
+        d->tail = io->prev;
+    if (d->cursor == io)
+        d->cursor = io->next;
+    io->prev = io->next = NULL;
+}
+
+static void io_finish(struct blkfront_dev *d, struct blk_io *io, int status)
+{
+    if (status && !io->status)
+        io->status = status;
+    io_unlink(d, io);
+    io->done_ns = monotonic_ns();
+    wmb();
+    io->complete = 1;
+    d->completions++;
+    if (io->done)
+        io->done(io);
+}
+
+static void io_maybe_finish(struct blkfront_dev *d, struct blk_io *io)
+{
+    if (!io->outstanding && fully_issued(io))
+        io_finish(d, io, 0);
+}
+
+/* Fail every I/O that is not on the ring (all of them after a teardown). */
+static void fail_all(struct blkfront_dev *d, int status)
+{
+    struct blk_io *io = d->head, *next;
+
+    for (; io; io = next) {
+        next = io->next;
+        if (!io->outstanding)
+            io_finish(d, io, status);
+    }
+}
+
+static void put_shadow(struct blkfront_dev *d, struct shadow *sh)
+{
+    sh->in_use = 0;
+    sh->io = NULL;
+    sh->next_free = d->free_shadow;
+    d->free_shadow = (int)(sh - d->shadow);
+    d->inflight_reqs--;
+}
+
+static void pool_put(struct blkfront_dev *d, int32_t pg)
+{
+    d->pool_free[d->pool_nfree++] = pg;
+}
+
+/*
+ * Give back what a request held.  copy_out: a successful read whose data
+ * sits in persistent pages.  lost: the ring went away (no response).
+ */
+static void release_shadow(struct blkfront_dev *d, struct shadow *sh, int copy_out, int lost)
+{
+    char *user = (char *)sh->io->buf + sh->off;
+
+    for (unsigned int i = 0; i < sh->nseg; i++) {
+        struct seginfo *s = &sh->seg[i];
+        if (s->pg >= 0) {
+            if (copy_out) {
+                memcpy(user, (char *)d->pool[s->pg].va + s->off, s->len);
+                d->st.copies++;
+            }
+            pool_put(d, s->pg);
+        } else {
+            end_or_defer(d, s->ref, !lost);
+            d->grants_inflight--;
+        }
+        user += s->len;
+    }
+    for (unsigned int i = 0; i < sh->nind; i++) {
+        if (sh->ind_pg[i] >= 0) {
+            pool_put(d, sh->ind_pg[i]);
+        } else {
+            end_or_defer(d, sh->ind_ref[i], !lost);
+            d->grants_inflight--;
+        }
+    }
+    sh->nseg = 0;
+    sh->nind = 0;
+}
+
+static void bad_response(struct blkfront_dev *d, const char *fmt, ...) __printf(2, 3);
+static void bad_response(struct blkfront_dev *d, const char *fmt, ...)
+{
+    char buf[160];
+    va_list ap;
+
+    d->st.protocol_errors++;
+    if (d->bad_printed++ >= 8)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    printk("blkfront: %s: backend protocol error: %s\n", d->name, buf);
+}
+
+static void complete_response(struct blkfront_dev *d, const struct blkif_response *rsp)
+{
+    struct shadow *sh;
+    struct blk_io *io;
+    uint8_t want_op;
+    int16_t status = rsp->status;
+    int err = 0;
+
+    if (rsp->id >= d->nshadow || !d->shadow[rsp->id].in_use) {
+        bad_response(d, "response id %lu is not a request in flight", (unsigned long)rsp->id);
+        return;
+    }
+    sh = &d->shadow[rsp->id];
+    io = sh->io;
+    want_op = sh->indirect ? BLKIF_OP_INDIRECT : sh->op;
+    if (rsp->operation != want_op)
+        bad_response(d, "response to id %lu has operation %u, request had %u",
+                     (unsigned long)rsp->id, rsp->operation, want_op);
+    if (status != BLKIF_RSP_OKAY) {
+        if (status != BLKIF_RSP_ERROR && status != BLKIF_RSP_EOPNOTSUPP)
+            bad_response(d, "response to id %lu has status %d", (unsigned long)rsp->id, status);
+        err = status == BLKIF_RSP_EOPNOTSUPP ? -XEN_EOPNOTSUPP : -XEN_EIO;
+        if (!io->rsp_status)
+            io->rsp_status = status;
+        if (!io->status)
+            io->status = err;
+    }
+    release_shadow(d, sh, !err && sh->op == BLKIF_OP_READ, 0);
+    put_shadow(d, sh);
+    io->outstanding--;
+    d->st.responses++;
+    io_maybe_finish(d, io);
+}
+
+/* RING_FINAL_CHECK_FOR_RESPONSES loop.  Events masked. */
+static void process_responses(struct blkfront_dev *d)
+{
+    struct blkif_sring *s = d->sring;
+
+    if (!s)
+        return;
+    for (;;) {
+        uint32_t rp = READ_ONCE(s->rsp_prod);
+        rmb();          /* entries up to rp are written before rsp_prod */
+        if (rp - d->rsp_cons > d->ring_size) {
+            bad_response(d, "rsp_prod %u runs %u ahead of rsp_cons %u (ring %u); ignoring",
+                         rp, rp - d->rsp_cons, d->rsp_cons, d->ring_size);
+            return;
+        }
+        while (d->rsp_cons != rp) {
+            struct blkif_response r;
+            const volatile struct blkif_response *vr =
+                &s->ring[d->rsp_cons & (d->ring_size - 1)].rsp;
+            r.id = vr->id;
+            r.operation = vr->operation;
+            r.status = vr->status;
+            d->rsp_cons++;
+            complete_response(d, &r);
+        }
+        /* Ask for an event on the next response, then look once more. */
+        WRITE_ONCE(s->rsp_event, d->rsp_cons + 1);
+        mb();
+        if (READ_ONCE(s->rsp_prod) == d->rsp_cons)
+            break;
+    }
+}
+
+/* ---------------------------------------------------------------- */
+/* Building requests (events masked) */
+
+static struct shadow *get_shadow(struct blkfront_dev *d)
+{
+    struct shadow *sh;
+
+    if (d->free_shadow < 0)
+        return NULL;
+    sh = &d->shadow[d->free_shadow];
+    d->free_shadow = sh->next_free;
+    sh->in_use = 1;
+    sh->nseg = 0;
+    sh->nind = 0;
+    d->inflight_reqs++;
+    return sh;
+}
+
+/* Undo a half-built request (nothing was put on the ring). */
+static void unbuild(struct blkfront_dev *d, struct shadow *sh)
+{
+    release_shadow(d, sh, 0, 1);
+    put_shadow(d, sh);
+}
+
+#define BUILD_OK     0
+#define BUILD_WAIT   1      /* out of resources for now */
+
+static int is_write_op(uint8_t op)
+{
+    return op == BLKIF_OP_WRITE || op == BLKIF_OP_WRITE_BARRIER;
+}
+
+/* Grant one page-part; 0, or BUILD_WAIT / -errno. */
+static int grant_seg(struct blkfront_dev *d, struct seginfo *s, const char *user, int writeop)
+{
+    if (d->info.persistent) {
+        int32_t pg;
+        if (!d->pool_nfree)
+            return BUILD_WAIT;
+        pg = d->pool_free[--d->pool_nfree];
+        s->pg = pg;
+        s->ref = d->pool[pg].ref;
+        if (writeop) {
+            memcpy((char *)d->pool[pg].va + s->off, user, s->len);
+            d->st.copies++;
+        }
+        return 0;
+    } else {
+        int ref = gnttab_grant_access(d->backend_id,
+                                      virt_to_mfn((const void *)((uintptr_t)user & PAGE_MASK)),
+                                      writeop);
+        if (ref < 0)
+            return ref;
+        s->pg = -1;
+        s->ref = (grant_ref_t)ref;
+        d->grants_inflight++;
+        return 0;
+    }
+}
+
+/* Request slot for the next request (zeroed). */
+static union blkif_sring_entry *next_slot(struct blkfront_dev *d)
+{
+    union blkif_sring_entry *e = &d->sring->ring[d->req_prod_pvt & (d->ring_size - 1)];
+    memset(e, 0, sizeof(*e));
+    return e;
+}
+
+static int build_rw(struct blkfront_dev *d, struct blk_io *io)
+{
+    struct shadow *sh;
+    size_t remaining = io->len - io->issued, chunk = 0;
+    uintptr_t addr = (uintptr_t)io->buf + io->issued;
+    unsigned int max = d->info.max_segs, nseg = 0, nind = 0, i;
+    int barrier = io->op == BLKIF_OP_WRITE_BARRIER;
+    int writeop = is_write_op(io->op);
+    uint8_t op;
+    int indirect, rc;
+
+    if (barrier)
+        max = BLKIF_MAX_SEGMENTS_PER_REQUEST;  /* indirect carries only READ/WRITE */
+    /* How many segments this request gets. */
+    {
+        uintptr_t a = addr;
+        size_t r = remaining;
+        while (r && nseg < max) {
+            size_t l = MIN(PAGE_SIZE - (a & (PAGE_SIZE - 1)), r);
+            a += l;
+            r -= l;
+            chunk += l;
+            nseg++;
+        }
+    }
+    indirect = nseg > BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    if (indirect)
+        nind = (nseg + BLKIF_SEGS_PER_INDIRECT_FRAME - 1) / BLKIF_SEGS_PER_INDIRECT_FRAME;
+
+    /* Resources: pool pages or grant budget (always let one through). */
+    if (d->info.persistent) {
+        if (d->pool_nfree < nseg + nind)
+            return BUILD_WAIT;
+    } else if (d->grants_inflight + nseg + nind > d->opts.grant_budget && d->inflight_reqs) {
+        return BUILD_WAIT;
+    }
+    sh = get_shadow(d);
+    if (!sh)
+        return BUILD_WAIT;
+    sh->io = io;
+    sh->off = io->issued;
+    sh->len = chunk;
+    op = io->op;
+    if (barrier && io->issued + chunk < io->len)
+        op = BLKIF_OP_WRITE;            /* leading parts of a split barrier */
+    sh->op = op;
+    sh->indirect = (uint8_t)indirect;
+
+    for (i = 0; i < nseg; i++) {
+        struct seginfo *s = &sh->seg[i];
+        size_t off = addr & (PAGE_SIZE - 1);
+        size_t l = MIN(PAGE_SIZE - off, remaining);
+        remaining -= l;
+        s->off = (uint16_t)off;
+        s->len = (uint16_t)l;
+        rc = grant_seg(d, s, (const char *)addr, writeop);
+        if (rc) {
+            sh->nseg = (uint16_t)i;
+            unbuild(d, sh);
+            return rc == BUILD_WAIT ? BUILD_WAIT : (d->inflight_reqs ? BUILD_WAIT : rc);
+        }
+        sh->nseg = (uint16_t)(i + 1);
+        addr += l;
+    }
+
+    if (!indirect) {
+        struct blkif_request *req = &next_slot(d)->req;
+        req->operation = op;
+        req->nr_segments = (uint8_t)nseg;
+        req->handle = (uint16_t)d->devid;
+        req->id = (uint64_t)(sh - d->shadow);
+        req->sector_number = io->sector + (sh->off >> SECTOR_SHIFT);
+        for (i = 0; i < nseg; i++) {
+            req->seg[i].gref = sh->seg[i].ref;
+            req->seg[i].first_sect = (uint8_t)(sh->seg[i].off >> SECTOR_SHIFT);
+            req->seg[i].last_sect =
+                (uint8_t)((sh->seg[i].off + sh->seg[i].len - 1) >> SECTOR_SHIFT);
+        }
+    } else {
+        struct blkif_request_indirect *req;
+        for (i = 0; i < nind; i++) {
+            struct blkif_request_segment *page;
+            unsigned int first = i * BLKIF_SEGS_PER_INDIRECT_FRAME;
+            unsigned int n = MIN(nseg - first, (unsigned int)BLKIF_SEGS_PER_INDIRECT_FRAME);
+
+            if (d->info.persistent) {
+                int32_t pg = d->pool_free[--d->pool_nfree];
+                sh->ind_pg[i] = pg;
+                sh->ind_ref[i] = d->pool[pg].ref;
+                page = d->pool[pg].va;
+            } else {
+                int ref;
+                page = sh->ind_page[i];
+                /* Filled before it is granted. */
+                for (unsigned int k = 0; k < n; k++) {
+                    struct seginfo *s = &sh->seg[first + k];
+                    page[k].gref = s->ref;
+                    page[k].first_sect = (uint8_t)(s->off >> SECTOR_SHIFT);
+                    page[k].last_sect = (uint8_t)((s->off + s->len - 1) >> SECTOR_SHIFT);
+                }
+                ref = gnttab_grant_access(d->backend_id, virt_to_mfn(page), 1);
+                if (ref < 0) {
+                    sh->nind = (uint8_t)i;
+                    unbuild(d, sh);
+                    return d->inflight_reqs ? BUILD_WAIT : ref;
+                }
+                sh->ind_pg[i] = -1;
+                sh->ind_ref[i] = (grant_ref_t)ref;
+                d->grants_inflight++;
+                sh->nind = (uint8_t)(i + 1);
+                continue;
+            }
+            for (unsigned int k = 0; k < n; k++) {
+                struct seginfo *s = &sh->seg[first + k];
+                page[k].gref = s->ref;
+                page[k].first_sect = (uint8_t)(s->off >> SECTOR_SHIFT);
+                page[k].last_sect = (uint8_t)((s->off + s->len - 1) >> SECTOR_SHIFT);
+            }
+            sh->nind = (uint8_t)(i + 1);
+        }
+        req = (struct blkif_request_indirect *)&next_slot(d)->req;
+        req->operation = BLKIF_OP_INDIRECT;
+        req->indirect_op = op;
+        req->nr_segments = (uint16_t)nseg;
+        req->id = (uint64_t)(sh - d->shadow);
+        req->sector_number = io->sector + (sh->off >> SECTOR_SHIFT);
+        req->handle = (uint16_t)d->devid;
+        for (i = 0; i < nind; i++)
+            req->indirect_grefs[i] = sh->ind_ref[i];
+        d->st.indirect_requests++;
+    }
+    d->req_prod_pvt++;
+    io->issued += chunk;
+    io->outstanding++;
+    io->nreqs++;
+    d->st.ring_requests++;
+    return BUILD_OK;
+}
+
+/* FLUSH, DISCARD, or a barrier without data: one request, no segments. */
+static int build_nodata(struct blkfront_dev *d, struct blk_io *io)
+{
+    struct shadow *sh = get_shadow(d);
+    union blkif_sring_entry *e;
+
+    if (!sh)
+        return BUILD_WAIT;
+    sh->io = io;
+    sh->off = 0;
+    sh->len = 0;
+    sh->op = io->op;
+    sh->indirect = 0;
+    e = next_slot(d);
+    if (io->op == BLKIF_OP_DISCARD) {
+        struct blkif_request_discard *r = (struct blkif_request_discard *)&e->req;
+        r->operation = BLKIF_OP_DISCARD;
+        r->flag = io->discard_flags & BLKIF_DISCARD_SECURE;
+        r->handle = (uint16_t)d->devid;
+        r->id = (uint64_t)(sh - d->shadow);
+        r->sector_number = io->sector;
+        r->nr_sectors = io->len >> SECTOR_SHIFT;
+    } else {
+        e->req.operation = io->op;
+        e->req.nr_segments = 0;
+        e->req.handle = (uint16_t)d->devid;
+        e->req.id = (uint64_t)(sh - d->shadow);
+        e->req.sector_number = io->op == BLKIF_OP_FLUSH_DISKCACHE ? 0 : io->sector;
+    }
+    d->req_prod_pvt++;
+    io->sent = 1;
+    io->outstanding++;
+    io->nreqs++;
+    d->st.ring_requests++;
+    return BUILD_OK;
+}
+
+/* Put as much of the I/O list on the ring as fits.  Events masked. */
+static void kick_queue(struct blkfront_dev *d)
+{
+    struct blk_io *io, *next;
+    uint32_t old, newp;
+    int pushed = 0;
+
+    if (!d->connected || d->draining || !d->sring)
+        return;
+    while (d->cursor && fully_issued(d->cursor))
+        d->cursor = d->cursor->next;
+    for (io = d->cursor; io; io = next) {
+        next = io->next;
+        if (fully_issued(io))
+            continue;
+        /* A flush goes out once everything before it has completed. */
+        if (io->op == BLKIF_OP_FLUSH_DISKCACHE && io != d->head)
+            break;
+        while (!fully_issued(io)) {
+            int rc;
+            if (d->req_prod_pvt - d->rsp_cons >= d->ring_size)
+                goto out;
+            if (io->len && io->op != BLKIF_OP_DISCARD)
+                rc = build_rw(d, io);
+            else
+                rc = build_nodata(d, io);
+            if (rc == BUILD_WAIT)
+                goto out;
+            if (rc < 0) {
+                /* Could not grant anything with nothing in flight: give up
+                 * on the rest of this I/O. */
+                io->len = io->issued;
+                io->sent = 1;
+                if (!io->status)
+                    io->status = rc;
+                io_maybe_finish(d, io);
+                break;
+            }
+            pushed++;
+        }
+    }
+out:
+    if (!pushed)
+        return;
+    /* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY */
+    old = d->sring->req_prod;
+    newp = d->req_prod_pvt;
+    wmb();
+    WRITE_ONCE(d->sring->req_prod, newp);
+    mb();
+    if ((uint32_t)(newp - READ_ONCE(d->sring->req_event)) < (uint32_t)(newp - old)) {
+        d->st.notifies++;
+        notify_remote_via_evtchn((evtchn_port_t)d->port);
+    }
+}
+
+static void blk_event(evtchn_port_t port, struct pt_regs *regs, void *data)
+{
+    struct blkfront_dev *d = data;
+
+    (void)regs;
+    if (!d->sring || (int)port != d->port)
+        return;
+    d->st.events++;
+    process_responses(d);
+    kick_queue(d);
+    blk_wake_all();
+}
+
+/* ---------------------------------------------------------------- */
+/* Memory for shadows and the persistent pool (thread context) */
+
+static void free_shadows(struct blkfront_dev *d)
+{
+    if (!d->shadow)
+        return;
+    for (unsigned int i = 0; i < d->nshadow; i++)
+        for (unsigned int k = 0; k < MAX_IND_PAGES; k++)
+            if (d->shadow[i].ind_page[k])
+                free_pages(d->shadow[i].ind_page[k], 1);
+    free_pages(d->shadow, d->shadow_pages);
+    if (d->segmem)
+        free_pages(d->segmem, d->seg_pages);
+    d->shadow = NULL;
+    d->segmem = NULL;
+    d->nshadow = 0;
+}
+
+static int alloc_shadows(struct blkfront_dev *d, unsigned int n, unsigned int segs, int ind_pages)
+{
+    unsigned long spages = (n * sizeof(struct shadow) + PAGE_SIZE - 1) / PAGE_SIZE;
+    unsigned long gpages = (n * segs * sizeof(struct seginfo) + PAGE_SIZE - 1) / PAGE_SIZE;
+    unsigned int nind = (segs + BLKIF_SEGS_PER_INDIRECT_FRAME - 1) / BLKIF_SEGS_PER_INDIRECT_FRAME;
+
+    free_shadows(d);
+    d->shadow = alloc_pages(spages);
+    if (!d->shadow)
+        return -XEN_ENOMEM;
+    d->segmem = alloc_pages(gpages);
+    if (!d->segmem) {
+        free_pages(d->shadow, spages);
+        d->shadow = NULL;
+        return -XEN_ENOMEM;
+    }
+    memset(d->shadow, 0, spages * PAGE_SIZE);
+    d->shadow_pages = (unsigned int)spages;
+    d->seg_pages = (unsigned int)gpages;
+    d->nshadow = n;
+    d->shadow_segs = segs;
+    for (unsigned int i = 0; i < n; i++) {
+        d->shadow[i].seg = d->segmem + (size_t)i * segs;
+        d->shadow[i].next_free = i + 1 < n ? (int)(i + 1) : -1;
+        if (ind_pages && segs > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+            for (unsigned int k = 0; k < nind; k++) {
+                d->shadow[i].ind_page[k] = alloc_page();
+                if (!d->shadow[i].ind_page[k]) {
+                    free_shadows(d);
+                    return -XEN_ENOMEM;
+                }
+            }
+        }
+    }
+    d->free_shadow = 0;
+    d->inflight_reqs = 0;
+    d->grants_inflight = 0;
+    return 0;
+}
+
+static void free_pool(struct blkfront_dev *d)
+{
+    if (!d->pool)
+        return;
+    for (unsigned int i = 0; i < d->pool_n; i++) {
+        if (gnttab_end_access(d->pool[i].ref) == -XEN_EBUSY)
+            defer_end(d->pool[i].ref, d->pool[i].va);
+        else
+            free_pages(d->pool[i].va, 1);
+    }
+    free_pages(d->pool, d->pool_pages);
+    d->pool = NULL;
+    d->pool_free = NULL;
+    d->pool_n = d->pool_nfree = 0;
+    d->st.pgrants = 0;
+}
+
+static int alloc_pool(struct blkfront_dev *d, unsigned int cap)
+{
+    unsigned long bytes = cap * (sizeof(struct pgnt) + sizeof(int32_t));
+    unsigned long pages = (bytes + PAGE_SIZE - 1) / PAGE_SIZE;
+
+    d->pool = alloc_pages(pages);
+    if (!d->pool)
+        return -XEN_ENOMEM;
+    d->pool_pages = (unsigned int)pages;
+    d->pool_free = (int32_t *)(d->pool + cap);
+    d->pool_n = d->pool_nfree = 0;
+    for (unsigned int i = 0; i < cap; i++) {
+        void *va = alloc_page();
+        int ref;
+        if (!va)
+            break;
+        memset(va, 0, PAGE_SIZE);
+        /* Writable even for writes: the backend may map it for either (note 8). */
+        ref = gnttab_grant_page(d->backend_id, va, 0);
+        if (ref < 0) {
+            free_pages(va, 1);
+            break;
+        }
+        d->pool[i].va = va;
+        d->pool[i].ref = (grant_ref_t)ref;
+        d->pool_free[d->pool_nfree++] = (int32_t)i;
+        d->pool_n++;
+    }
+    d->st.pgrants = d->pool_n;
+    return (int)d->pool_n;
+}
+
+/* ---------------------------------------------------------------- */
+/* XenStore helpers (thread context) */
+
+static int be_read(struct blkfront_dev *d, const char *key, char *buf, size_t size)
+{
+    char path[192];
+    snprintf(path, sizeof(path), "%s/%s", d->backend, key);
+    return xenbus_read(XBT_NIL, path, buf, size);
+}
+
+static unsigned long be_ulong(struct blkfront_dev *d, const char *key, unsigned long dflt)
+{
+    char buf[32];
+    const char *end;
+    unsigned long v;
+
+    if (be_read(d, key, buf, sizeof(buf)) <= 0)
+        return dflt;
+    v = simple_strtoul(buf, &end, 10);
+    return end == buf ? dflt : v;
+}
+
+static int read_be_state(struct blkfront_dev *d)
+{
+    char buf[16];
+    const char *end;
+    unsigned long v;
+
+    if (!d->backend[0] || be_read(d, "state", buf, sizeof(buf)) <= 0)
+        return XenbusStateUnknown;
+    v = simple_strtoul(buf, &end, 10);
+    return end == buf ? XenbusStateUnknown : (int)v;
+}
+
+static int fe_printf(struct blkfront_dev *d, xenbus_transaction_t t, const char *key,
+                     const char *fmt, ...) __printf(4, 5);
+static int fe_printf(struct blkfront_dev *d, xenbus_transaction_t t, const char *key,
+                     const char *fmt, ...)
+{
+    char path[96], val[64];
+    va_list ap;
+
+    snprintf(path, sizeof(path), "%s/%s", d->node, key);
+    va_start(ap, fmt);
+    vsnprintf(val, sizeof(val), fmt, ap);
+    va_end(ap);
+    return xenbus_write(t, path, val);
+}
+
+static void fe_rm(struct blkfront_dev *d, xenbus_transaction_t t, const char *key)
+{
+    char path[96];
+    snprintf(path, sizeof(path), "%s/%s", d->node, key);
+    xenbus_rm(t, path);
+}
+
+static int switch_state(struct blkfront_dev *d, int state)
+{
+    int rc = fe_printf(d, XBT_NIL, "state", "%d", state);
+
+    if (rc)
+        printk("blkfront: %s: writing state %s: %s\n", d->name, xenbus_state_name(state),
+               xenbus_strerror(rc));
+    else
+        d->fe_state = state;
+    blk_wake_all();
+    return rc;
+}
+
+/* ---------------------------------------------------------------- */
+/* Ring setup and teardown (device thread) */
+
+static void free_ring(struct blkfront_dev *d)
+{
+    for (unsigned int i = 0; i < d->ring_pages; i++) {
+        void *pg = (char *)d->sring + i * PAGE_SIZE;
+        if (gnttab_end_access(d->ring_ref[i]) == -XEN_EBUSY)
+            defer_end(d->ring_ref[i], pg);
+        else
+            free_pages(pg, 1);
+    }
+    d->sring = NULL;
+    d->ring_pages = 0;
+}
+
+/*
+ * Take the ring down.  Responses already there are consumed; requests
+ * that got none are rewound so they go out again on the next ring.
+ */
+static void teardown(struct blkfront_dev *d)
+{
+    unsigned long flags;
+    unsigned int lost = 0;
+
+    flags = irq_save();
+    if (d->sring)
+        process_responses(d);
+    d->connected = 0;
+    for (unsigned int i = 0; i < d->nshadow; i++) {
+        struct shadow *sh = &d->shadow[i];
+        struct blk_io *io = sh->io;
+        if (!sh->in_use)
+            continue;
+        if (io->len && io->op != BLKIF_OP_DISCARD) {
+            if (sh->off < io->issued)
+                io->issued = sh->off;
+        } else {
+            io->sent = 0;
+        }
+        io->outstanding--;
+        release_shadow(d, sh, 0, 1);
+        put_shadow(d, sh);
+        lost++;
+    }
+    d->st.redone += lost;
+    d->cursor = d->head;
+    if (d->port >= 0) {
+        close_evtchn((evtchn_port_t)d->port);
+        d->port = -1;
+    }
+    irq_restore(flags);
+    if (d->sring)
+        free_ring(d);
+    free_pool(d);
+    d->info.persistent = 0;
+    if (lost)
+        dlog(d, "blkfront: %s: %u requests in flight will be sent again\n", d->name, lost);
+}
+
+/* Allocate, grant and publish the ring; switch to Initialised. */
+static int talk_to_backend(struct blkfront_dev *d)
+{
+    unsigned long be_order, be_pages, order;
+    xenbus_transaction_t t;
+    unsigned int pages;
+    int rc, port;
+
+    be_order = be_ulong(d, "max-ring-page-order", 0);
+    be_pages = be_ulong(d, "max-ring-pages", 1);
+    if (be_pages > 1) {
+        unsigned long o = 0;
+        while ((2UL << o) <= be_pages)
+            o++;
+        be_order = MAX(be_order, o);
+    }
+    d->info.max_ring_order = (unsigned int)be_order;
+    d->be_persistent = be_ulong(d, "feature-persistent", 0) == 1;
+    order = d->opts.ring_order >= 0 ? (unsigned long)d->opts.ring_order : DEFAULT_RING_ORDER;
+    order = MIN(MIN(order, be_order), (unsigned long)MAX_RING_ORDER);
+    pages = 1U << order;
+
+    d->sring = alloc_pages(pages);
+    if (!d->sring) {
+        printk("blkfront: %s: no memory for a %u-page ring\n", d->name, pages);
+        return -XEN_ENOMEM;
+    }
+    memset(d->sring, 0, pages * PAGE_SIZE);
+    /* SHARED_RING_INIT */
+    d->sring->req_prod = d->sring->rsp_prod = 0;
+    d->sring->req_event = d->sring->rsp_event = 1;
+    /* FRONT_RING_INIT: entries rounded down to a power of two */
+    d->req_prod_pvt = d->rsp_cons = 0;
+    {
+        uint32_t n = (uint32_t)((pages * PAGE_SIZE - offsetof(struct blkif_sring, ring)) /
+                                sizeof(union blkif_sring_entry));
+        uint32_t p2 = 1;
+        while (p2 * 2 <= n)
+            p2 *= 2;
+        d->ring_size = p2;
+    }
+    d->ring_pages = 0;
+    for (unsigned int i = 0; i < pages; i++) {
+        rc = gnttab_grant_page(d->backend_id, (char *)d->sring + i * PAGE_SIZE, 0);
+        if (rc < 0) {
+            printk("blkfront: %s: granting ring page %u: %d\n", d->name, i, rc);
+            for (unsigned int k = 0; k < d->ring_pages; k++)
+                gnttab_end_access(d->ring_ref[k]);
+            free_pages(d->sring, pages);
+            d->sring = NULL;
+            d->ring_pages = 0;
+            return rc;
+        }
+        d->ring_ref[i] = (grant_ref_t)rc;
+        d->ring_pages++;
+    }
+    d->info.ring_order = (unsigned int)order;
+    d->info.ring_entries = d->ring_size;
+
+    port = evtchn_alloc_unbound(d->backend_id, blk_event, d);
+    if (port < 0) {
+        printk("blkfront: %s: alloc_unbound(%u): %d\n", d->name, d->backend_id, port);
+        free_ring(d);
+        return port;
+    }
+    d->port = port;
+
+again:
+    rc = xenbus_transaction_start(&t);
+    if (rc)
+        goto fail;
+    if (pages == 1) {
+        rc = fe_printf(d, t, "ring-ref", "%u", d->ring_ref[0]);
+        if (!rc && d->wrote_multi) {
+            fe_rm(d, t, "ring-page-order");
+            fe_rm(d, t, "num-ring-pages");
+            for (unsigned int i = 0; i < MAX_RING_PAGES; i++) {
+                char key[16];
+                snprintf(key, sizeof(key), "ring-ref%u", i);
+                fe_rm(d, t, key);
+            }
+        }
+    } else {
+        rc = fe_printf(d, t, "ring-page-order", "%lu", order);
+        if (!rc)
+            rc = fe_printf(d, t, "num-ring-pages", "%u", pages);   /* blkif.h note 3 */
+        for (unsigned int i = 0; !rc && i < pages; i++) {
+            char key[16];
+            snprintf(key, sizeof(key), "ring-ref%u", i);
+            rc = fe_printf(d, t, key, "%u", d->ring_ref[i]);
+        }
+        if (!rc && d->wrote_single)
+            fe_rm(d, t, "ring-ref");
+    }
+    if (!rc)
+        rc = fe_printf(d, t, "event-channel", "%d", port);
+    if (!rc)
+        rc = fe_printf(d, t, "protocol", "%s", XEN_IO_PROTO_ABI_X86_64);
+    if (!rc)
+        rc = fe_printf(d, t, "feature-persistent", "%d", d->opts.persistent ? 1 : 0);
+    if (rc) {
+        xenbus_transaction_end(t, 1);
+        goto fail;
+    }
+    rc = xenbus_transaction_end(t, 0);
+    if (rc == -XEN_EAGAIN)
+        goto again;
+    if (rc)
+        goto fail;
+    if (pages == 1)
+        d->wrote_single = 1;
+    else
+        d->wrote_multi = 1;
+    rc = switch_state(d, XenbusStateInitialised);
+    if (rc)
+        goto fail;
+    dlog(d, "blkfront: %s: ring %u page%s (%u entries) ref%s %u%s port %d, Initialised\n",
+         d->name, pages, pages > 1 ? "s" : "", d->ring_size, pages > 1 ? "s" : "",
+         d->ring_ref[0], pages > 1 ? ".." : "", port);
+    return 0;
+fail:
+    printk("blkfront: %s: publishing the ring: %s (%d)\n", d->name, xenbus_strerror(rc), rc);
+    teardown(d);
+    return rc;
+}
+
+/* The backend is Connected: read the disk's properties, switch to Connected. */
+static int connect_backend(struct blkfront_dev *d)
+{
+    struct blkfront_info *in = &d->info;
+    char mode[8];
+    unsigned int segs, nind;
+    int rc, persistent;
+
+    in->sectors = be_ulong(d, "sectors", ~0UL);
+    if (in->sectors == ~0UL) {
+        printk("blkfront: %s: backend is Connected without 'sectors'\n", d->name);
+        return -XEN_EINVAL;
+    }
+    in->sector_size = (unsigned int)be_ulong(d, "sector-size", 512);
+    if (in->sector_size < 512 || in->sector_size > PAGE_SIZE ||
+        (in->sector_size & (in->sector_size - 1))) {
+        printk("blkfront: %s: unusable sector-size %u\n", d->name, in->sector_size);
+        return -XEN_EINVAL;
+    }
+    in->physical_sector_size = (unsigned int)be_ulong(d, "physical-sector-size", in->sector_size);
+    in->info = (unsigned int)be_ulong(d, "info", 0);
+    in->readonly = !!(in->info & VDISK_READONLY);
+    if (be_read(d, "mode", mode, sizeof(mode)) > 0 && mode[0] == 'r')
+        in->readonly = 1;
+    in->feature_flush = be_ulong(d, "feature-flush-cache", 0) == 1;
+    in->feature_barrier = be_ulong(d, "feature-barrier", 0) == 1;
+    in->feature_discard = be_ulong(d, "feature-discard", 0) == 1;
+    in->discard_granularity = (unsigned int)be_ulong(d, "discard-granularity", in->sector_size);
+    in->discard_alignment = (unsigned int)be_ulong(d, "discard-alignment", 0);
+    in->discard_secure = be_ulong(d, "discard-secure", 0) == 1;
+    in->feature_persistent = be_ulong(d, "feature-persistent", d->be_persistent) == 1;
+    in->max_indirect = (unsigned int)be_ulong(d, "feature-max-indirect-segments", 0);
+
+    segs = BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    if (in->max_indirect > BLKIF_MAX_SEGMENTS_PER_REQUEST && d->opts.max_indirect > 0) {
+        segs = MIN(in->max_indirect, (unsigned int)d->opts.max_indirect);
+        segs = MIN(segs, (unsigned int)MAX_INDIRECT);
+        if (segs < BLKIF_MAX_SEGMENTS_PER_REQUEST)
+            segs = BLKIF_MAX_SEGMENTS_PER_REQUEST;
+    }
+    persistent = d->opts.persistent && in->feature_persistent;
+    nind = segs > BLKIF_MAX_SEGMENTS_PER_REQUEST
+         ? (segs + BLKIF_SEGS_PER_INDIRECT_FRAME - 1) / BLKIF_SEGS_PER_INDIRECT_FRAME : 0;
+
+    if (!d->shadow || d->nshadow != d->ring_size || d->shadow_segs != segs ||
+        (!persistent && nind && !d->shadow[0].ind_page[0])) {
+        rc = alloc_shadows(d, d->ring_size, segs, !persistent);
+        if (rc && segs > BLKIF_MAX_SEGMENTS_PER_REQUEST) {
+            segs = BLKIF_MAX_SEGMENTS_PER_REQUEST;
+            nind = 0;
+            rc = alloc_shadows(d, d->ring_size, segs, 0);
+        }
+        if (rc) {
+            printk("blkfront: %s: no memory for %u requests\n", d->name, d->ring_size);
+            return rc;
+        }
+    }
+    in->max_segs = segs;
+
+    if (persistent) {
+        unsigned int want = d->ring_size * (segs + nind);
+        unsigned int cap = d->opts.grant_budget;
+        if (want < cap)
+            cap = want;
+        if (cap < segs + nind)
+            cap = segs + nind;
+        /* Keep at least a quarter of the free memory. */
+        if (cap > mm_free_pages() * 3 / 4)
+            cap = (unsigned int)(mm_free_pages() * 3 / 4);
+        rc = alloc_pool(d, cap);
+        if (rc < (int)(segs + nind)) {
+            printk("blkfront: %s: only %d persistent grant pages; not using persistent grants\n",
+                   d->name, rc);
+            free_pool(d);
+            persistent = 0;
+            if (nind && !d->shadow[0].ind_page[0]) {
+                rc = alloc_shadows(d, d->ring_size, segs, 1);
+                if (rc) {
+                    segs = BLKIF_MAX_SEGMENTS_PER_REQUEST;
+                    rc = alloc_shadows(d, d->ring_size, segs, 0);
+                    if (rc)
+                        return rc;
+                    in->max_segs = segs;
+                }
+            }
+        }
+    }
+    in->persistent = persistent;
+
+    rc = switch_state(d, XenbusStateConnected);
+    if (rc)
+        return rc;
+    d->generation++;
+    {
+        unsigned long flags = irq_save();
+        d->connected = 1;
+        d->draining = 0;
+        d->cursor = d->head;
+        kick_queue(d);
+        irq_restore(flags);
+    }
+    {
+        char feat[128];
+        blkfront_features(d, feat, sizeof(feat));
+        dlog(d, "blkfront: %s: Connected sectors=%lu sector-size=%u info=0x%x %s "
+             "segs=%u persistent=%d pool=%u features=%s\n", d->name,
+             (unsigned long)in->sectors, in->sector_size, in->info,
+             in->readonly ? "ro" : "rw", in->max_segs, in->persistent, d->pool_n, feat);
+    }
+    blk_wake_all();
+    return 0;
+}
+
+/* Stop issuing; give the backend up to DRAIN_TIMEOUT to answer what it has. */
+static int nothing_in_flight(void *arg)
+{
+    struct blkfront_dev *d = arg;
+    return d->inflight_reqs == 0 || !d->sring;
+}
+
+static void drain(struct blkfront_dev *d)
+{
+    unsigned long flags = irq_save();
+    d->draining = 1;
+    irq_restore(flags);
+    if (d->sring && d->inflight_reqs)
+        blk_wait(nothing_in_flight, d, monotonic_ns() + DRAIN_TIMEOUT);
+}
+
+/* ---------------------------------------------------------------- */
+/* The state machine (device thread, under dev->lock) */
+
+static int lock_free(void *arg)
+{
+    return !((struct blkfront_dev *)arg)->lock;
+}
+
+static void dev_lock(struct blkfront_dev *d)
+{
+    while (d->lock)
+        blk_wait(lock_free, d, 0);
+    d->lock = 1;
+}
+
+static void dev_unlock(struct blkfront_dev *d)
+{
+    d->lock = 0;
+    blk_wake_all();
+}
+
+static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
+{
+    struct blkfront_dev *d = data;
+    (void)w; (void)path;
+    d->kicks++;
+    blk_wake_all();
+}
+
+static int watch_backend(struct blkfront_dev *d)
+{
+    char path[192];
+    int rc;
+
+    if (d->be_watch_on) {
+        xenbus_unwatch(&d->be_watch);
+        d->be_watch_on = 0;
+    }
+    snprintf(path, sizeof(path), "%s/state", d->backend);
+    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
+    if (!rc)
+        d->be_watch_on = 1;
+    else
+        printk("blkfront: %s: watch %s: %s\n", d->name, path, xenbus_strerror(rc));
+    return rc;
+}
+
+/* Read backend and backend-id; 0, or -errno (-XEN_ENOENT: no device). */
+static int read_frontend(struct blkfront_dev *d, int *changed)
+{
+    char path[96], buf[128];
+    unsigned long id;
+    int rc;
+
+    *changed = 0;
+    snprintf(path, sizeof(path), "%s/backend", d->node);
+    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    if (rc < 0)
+        return rc;
+    snprintf(path, sizeof(path), "%s/backend-id", d->node);
+    rc = xenbus_read_ulong(XBT_NIL, path, &id);
+    if (rc < 0)
+        return rc;
+    if (strcmp(buf, d->backend) || id != d->backend_id) {
+        strncpy_z(d->backend, buf, sizeof(d->backend));
+        d->backend_id = (domid_t)id;
+        *changed = 1;
+    }
+    return 0;
+}
+
+static void device_removed(struct blkfront_dev *d)
+{
+    unsigned long flags;
+
+    dlog(d, "blkfront: %s: device removed\n", d->name);
+    teardown(d);
+    d->gone = 1;
+    d->fe_state = XenbusStateUnknown;
+    d->be_state = XenbusStateUnknown;
+    if (d->be_watch_on) {
+        xenbus_unwatch(&d->be_watch);
+        d->be_watch_on = 0;
+    }
+    d->backend[0] = '\0';
+    flags = irq_save();
+    fail_all(d, -XEN_ENODEV);
+    irq_restore(flags);
+    blk_wake_all();
+}
+
+static void step(struct blkfront_dev *d)
+{
+    int rc, changed, be, fe;
+
+    rc = read_frontend(d, &changed);
+    if (rc == -XEN_ENOENT) {
+        if (!d->gone)
+            device_removed(d);
+        return;
+    }
+    if (rc < 0)
+        return;
+    if (d->gone) {
+        char buf[16];
+        char path[64];
+        snprintf(path, sizeof(path), "%s/state", d->node);
+        d->gone = 0;
+        d->fatal = 0;
+        d->fe_state = XenbusStateInitialising;
+        if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
+            d->fe_state = (int)simple_strtoul(buf, NULL, 10);
+        dlog(d, "blkfront: %s: device is back, backend %s\n", d->name, d->backend);
+        changed = 1;
+    }
+    if (changed) {
+        if (d->sring) {
+            dlog(d, "blkfront: %s: backend moved to %s (dom %u)\n", d->name, d->backend,
+                 d->backend_id);
+            drain(d);
+            teardown(d);
+            switch_state(d, XenbusStateInitialising);
+        }
+        d->be_state = -1;
+        watch_backend(d);
+    }
+    if (d->closing_by_us || d->fatal)
+        return;
+
+    be = read_be_state(d);
+    fe = d->fe_state;
+    if (be != d->be_state) {
+        dlog(d, "blkfront: %s: backend state %s (frontend %s)\n", d->name,
+             xenbus_state_name(be), xenbus_state_name(fe));
+        d->be_state = be;
+    }
+    switch (be) {
+    case XenbusStateInitWait:
+    case XenbusStateInitialised:
+        if (fe == XenbusStateInitialised && d->sring)
+            break;                      /* published; waiting for Connected */
+        if (fe == XenbusStateConnected || d->sring) {
+            /* The backend started over (restarted or re-attached). */
+            dlog(d, "blkfront: %s: backend re-initialised, reconnecting\n", d->name);
+            teardown(d);
+        }
+        if (talk_to_backend(d))
+            d->fatal = 1;
+        break;
+    case XenbusStateConnected:
+        if (fe == XenbusStateConnected && d->connected)
+            break;
+        if (fe != XenbusStateInitialised || !d->sring) {
+            if (d->sring)
+                teardown(d);
+            if (talk_to_backend(d)) {
+                d->fatal = 1;
+                break;
+            }
+        }
+        if (connect_backend(d)) {
+            printk("blkfront: %s: cannot use the backend; closing\n", d->name);
+            d->fatal = 1;
+            teardown(d);
+            switch_state(d, XenbusStateClosed);
+        }
+        break;
+    case XenbusStateClosing:
+        if (fe == XenbusStateClosed)
+            break;
+        dlog(d, "blkfront: %s: backend is closing\n", d->name);
+        drain(d);
+        teardown(d);
+        switch_state(d, XenbusStateClosed);
+        break;
+    case XenbusStateClosed:
+        if (fe == XenbusStateClosed || fe == XenbusStateInitialising)
+            break;
+        drain(d);
+        teardown(d);
+        switch_state(d, XenbusStateClosed);
+        break;
+    default:        /* Unknown (gone), Initialising, Reconfiguring... */
+        if (d->sring) {
+            dlog(d, "blkfront: %s: backend went away (state %s)\n", d->name,
+                 xenbus_state_name(be));
+            teardown(d);
+            switch_state(d, XenbusStateInitialising);
+        }
+        break;
+    }
+}
+
+struct kick_wait {
+    struct blkfront_dev *d;
+    unsigned long seen;
+};
+
+static int kicked(void *arg)
+{
+    struct kick_wait *k = arg;
+    return k->d->kicks != k->seen || k->d->exiting;
+}
+
+static void dev_thread(void *arg)
+{
+    struct blkfront_dev *d = arg;
+    struct kick_wait k = { d, 0 };
+
+    for (;;) {
+        uint64_t dl = ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0;
+        blk_wait(kicked, &k, dl);
+        if (d->exiting)
+            break;
+        k.seen = d->kicks;
+        dev_lock(d);
+        step(d);
+        dev_unlock(d);
+        if (ndeferred)
+            retry_deferred();
+    }
+    d->thread = NULL;
+    blk_wake_all();
+}
+
+/* ---------------------------------------------------------------- */
+/* API */
+
+void blkfront_opts_from_cmdline(struct blkfront_opts *o, const char *cmdline)
+{
+    memset(o, 0, sizeof(*o));
+    o->persistent = -1;
+    o->ring_order = -1;
+    o->max_indirect = -1;
+    if (cmdline_find(cmdline, "persistent", NULL))
+        o->persistent = (int)cmdline_get_ulong(cmdline, "persistent", 1);
+    if (cmdline_find(cmdline, "ring_order", NULL))
+        o->ring_order = (int)cmdline_get_ulong(cmdline, "ring_order", 0);
+    if (cmdline_find(cmdline, "indirect", NULL))
+        o->max_indirect = (int)cmdline_get_ulong(cmdline, "indirect", DEFAULT_INDIRECT);
+    o->grant_budget = (unsigned int)cmdline_get_ulong(cmdline, "grants", 0);
+    o->timeout_ns = cmdline_get_ulong(cmdline, "timeout", 0) * NSEC_PER_SEC;
+    o->quiet = (int)cmdline_get_ulong(cmdline, "quiet", 0);
+}
+
+struct vbd_wait {
+    struct xenbus_watch *w;
+    unsigned long seen;
+};
+
+unsigned long blk_cmdline_size(const char *cmdline, const char *key, unsigned long dflt)
+{
+    char buf[32];
+    const char *end;
+    unsigned long v;
+
+    if (!cmdline_get_str(cmdline, key, buf, sizeof(buf)) || !buf[0])
+        return dflt;
+    v = simple_strtoul(buf, &end, 0);
+    if (end == buf)
+        return dflt;
+    switch (*end) {
+    case 'k': case 'K': v <<= 10; break;
+    case 'm': case 'M': v <<= 20; break;
+    case 'g': case 'G': v <<= 30; break;
+    default: break;
+    }
+    return v;
+}
+
+/* Pick the device: by number, or the lowest under device/vbd. */
+static int find_vbd(const char *vdev, unsigned int *devid, uint64_t deadline)
+{
+    static struct xenbus_watch vbd_watch;
+    static char list[1024];
+    unsigned long seen = 0;
+    unsigned int want = 0;
+    int rc, n, watching = 0;
+
+    if (vdev && *vdev) {
+        rc = blkfront_parse_vdev(vdev, &want);
+        if (rc) {
+            printk("blkfront: cannot parse vdev '%s'\n", vdev);
+            return rc;
+        }
+    }
+    for (;;) {
+        n = xenbus_directory(XBT_NIL, "device/vbd", list, sizeof(list));
+        if (n > 0) {
+            const char *p = list;
+            unsigned long best = ~0UL;
+            for (int i = 0; i < n; i++, p += strlen(p) + 1) {
+                const char *end;
+                unsigned long id = simple_strtoul(p, &end, 10);
+                if (*end || end == p)
+                    continue;
+                if (vdev && *vdev ? id == want : id < best)
+                    best = id;
+            }
+            if (best != ~0UL) {
+                char path[64], buf[8];
+                /* The toolstack writes the directory in one transaction;
+                 * still, wait until "backend" is there. */
+                snprintf(path, sizeof(path), "device/vbd/%lu/backend", best);
+                if (xenbus_read(XBT_NIL, path, list, sizeof(list)) > 0) {
+                    (void)buf;
+                    *devid = (unsigned int)best;
+                    rc = 0;
+                    break;
+                }
+            }
+        } else if (n < 0 && n != -XEN_ENOENT) {
+            printk("blkfront: listing device/vbd: %s\n", xenbus_strerror(n));
+            rc = n;
+            break;
+        }
+        if (monotonic_ns() >= deadline) {
+            rc = -XEN_ENOENT;
+            break;
+        }
+        if (!watching) {
+            if (xenbus_watch(&vbd_watch, "device/vbd", NULL, NULL) == 0)
+                watching = 1;
+            seen = vbd_watch.events;
+        }
+        if (watching)
+            xenbus_watch_wait(&vbd_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
+        else
+            msleep(100);
+    }
+    if (watching)
+        xenbus_unwatch(&vbd_watch);
+    return rc;
+}
+
+static int open_done(void *arg)
+{
+    struct blkfront_dev *d = arg;
+    return (d->connected && d->fe_state == XenbusStateConnected) || d->fatal;
+}
+
+struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts *opts, int *err)
+{
+    struct blkfront_dev *d = NULL;
+    struct blkfront_opts o;
+    unsigned int devid;
+    uint64_t deadline;
+    int rc, changed;
+
+    if (opts)
+        o = *opts;
+    else
+        blkfront_opts_from_cmdline(&o, NULL);
+    if (o.persistent < 0)
+        o.persistent = 1;
+    if (o.max_indirect < 0)
+        o.max_indirect = DEFAULT_INDIRECT;
+    if (!o.grant_budget)
+        o.grant_budget = DEFAULT_BUDGET;
+    if (!o.timeout_ns)
+        o.timeout_ns = DEFAULT_TIMEOUT;
+    deadline = monotonic_ns() + o.timeout_ns;
+
+    if (!xenbus_available()) {
+        printk("blkfront: no xenstore, so no block devices\n");
+        rc = -XEN_ENODEV;
+        goto out;
+    }
+    if (!gnttab_ready()) {
+        printk("blkfront: no grant table\n");
+        rc = -XEN_ENOSYS;
+        goto out;
+    }
+    rc = find_vbd(vdev, &devid, deadline);
+    if (rc) {
+        printk("blkfront: no virtual block device%s%s under device/vbd\n",
+               vdev && *vdev ? " " : "", vdev ? vdev : "");
+        goto out;
+    }
+    for (int i = 0; i < MAX_DEVS; i++) {
+        if (devs[i].used && devs[i].devid == devid) {
+            printk("blkfront: device %u is already open\n", devid);
+            rc = -XEN_EBUSY;
+            goto out;
+        }
+    }
+    for (int i = 0; i < MAX_DEVS && !d; i++)
+        if (!devs[i].used)
+            d = &devs[i];
+    if (!d) {
+        rc = -XEN_ENOSPC;
+        goto out;
+    }
+    memset(d, 0, sizeof(*d));
+    d->used = 1;
+    d->devid = devid;
+    d->opts = o;
+    d->port = -1;
+    d->free_shadow = -1;
+    d->be_state = -1;
+    blkfront_devid_name(devid, d->name, sizeof(d->name));
+    snprintf(d->node, sizeof(d->node), "device/vbd/%u", devid);
+    rc = read_frontend(d, &changed);
+    if (rc) {
+        printk("blkfront: %s: reading %s: %s\n", d->name, d->node, xenbus_strerror(rc));
+        goto out_free;
+    }
+    {
+        char path[64], buf[16];
+        snprintf(path, sizeof(path), "%s/state", d->node);
+        d->fe_state = XenbusStateUnknown;
+        if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
+            d->fe_state = (int)simple_strtoul(buf, NULL, 10);
+    }
+    dlog(d, "blkfront: %s: %s, backend %s (dom %u), state %s\n", d->name, d->node,
+         d->backend, d->backend_id, xenbus_state_name(d->fe_state));
+    if (d->fe_state != XenbusStateInitialising && d->fe_state != XenbusStateClosed)
+        switch_state(d, XenbusStateInitialising);   /* a previous user's leftovers */
+
+    rc = xenbus_watch(&d->fe_watch, d->node, kick_cb, d);
+    if (rc) {
+        printk("blkfront: %s: watch %s: %s\n", d->name, d->node, xenbus_strerror(rc));
+        goto out_free;
+    }
+    d->fe_watch_on = 1;
+    if (watch_backend(d))
+        goto out_unwatch;
+    d->kicks++;
+    d->thread = create_thread("blkfront", dev_thread, d);
+    if (!d->thread) {
+        rc = -XEN_ENOMEM;
+        goto out_unwatch;
+    }
+    if (!blk_wait(open_done, d, deadline) || d->fatal) {
+        printk("blkfront: %s: not connected after %lu s (frontend %s, backend %s)\n",
+               d->name, (unsigned long)(o.timeout_ns / NSEC_PER_SEC),
+               xenbus_state_name(d->fe_state), xenbus_state_name(d->be_state));
+        rc = -XEN_ETIMEDOUT_BLK;
+        /* Leave the device thread running: the backend may still come. */
+        goto out;
+    }
+    if (err)
+        *err = 0;
+    return d;
+
+out_unwatch:
+    if (d->be_watch_on)
+        xenbus_unwatch(&d->be_watch);
+    if (d->fe_watch_on)
+        xenbus_unwatch(&d->fe_watch);
+out_free:
+    d->used = 0;
+out:
+    if (err)
+        *err = rc;
+    return NULL;
+}
+
+static int thread_gone(void *arg)
+{
+    return ((struct blkfront_dev *)arg)->thread == NULL;
+}
+
+void blkfront_close(struct blkfront_dev *d)
+{
+    uint64_t deadline;
+    int be;
+
+    if (!d || !d->used)
+        return;
+    dev_lock(d);
+    d->closing_by_us = 1;
+    if (!d->gone) {
+        drain(d);
+        switch_state(d, XenbusStateClosing);
+        deadline = monotonic_ns() + DRAIN_TIMEOUT;
+        for (;;) {
+            be = read_be_state(d);
+            if (be >= XenbusStateClosing || be == XenbusStateUnknown ||
+                monotonic_ns() >= deadline)
+                break;
+            msleep(5);
+        }
+        teardown(d);
+        switch_state(d, XenbusStateClosed);
+        deadline = monotonic_ns() + DRAIN_TIMEOUT;
+        while (read_be_state(d) != XenbusStateClosed && read_be_state(d) != XenbusStateUnknown &&
+               monotonic_ns() < deadline)
+            msleep(5);
+        be = read_be_state(d);
+        dlog(d, "blkfront: %s: closed (backend %s)\n", d->name, xenbus_state_name(be));
+    }
+    {
+        unsigned long flags = irq_save();
+        fail_all(d, -XEN_ENODEV);
+        irq_restore(flags);
+    }
+    d->exiting = 1;
+    dev_unlock(d);
+    blk_wake_all();
+    if (d->thread)
+        blk_wait(thread_gone, d, monotonic_ns() + NSEC_PER_SEC);
+    if (d->be_watch_on)
+        xenbus_unwatch(&d->be_watch);
+    if (d->fe_watch_on)
+        xenbus_unwatch(&d->fe_watch);
+    d->be_watch_on = d->fe_watch_on = 0;
+    retry_deferred();
+    free_shadows(d);
+    d->used = 0;
+}
+
+const struct blkfront_info *blkfront_get_info(struct blkfront_dev *d) { return &d->info; }
+const char *blkfront_name(struct blkfront_dev *d) { return d->name; }
+unsigned int blkfront_devid(struct blkfront_dev *d) { return d->devid; }
+int blkfront_connected(struct blkfront_dev *d) { return d->connected; }
+int blkfront_gone(struct blkfront_dev *d) { return d->gone; }
+unsigned int blkfront_generation(struct blkfront_dev *d) { return d->generation; }
+
+void blkfront_features(struct blkfront_dev *d, char *buf, size_t size)
+{
+    const struct blkfront_info *in = &d->info;
+    size_t n = 0;
+
+    buf[0] = '\0';
+#define ADD(...) do { if (n < size) n += (size_t)snprintf(buf + n, size - n, __VA_ARGS__); } while (0)
+    if (in->feature_flush)
+        ADD("%sflush", n ? "," : "");
+    if (in->feature_barrier)
+        ADD("%sbarrier", n ? "," : "");
+    if (in->feature_discard)
+        ADD("%sdiscard", n ? "," : "");
+    if (in->feature_persistent)
+        ADD("%spersistent", n ? "," : "");
+    if (in->max_indirect)
+        ADD("%sindirect=%u", n ? "," : "", in->max_indirect);
+    if (in->max_ring_order)
+        ADD("%sring-order=%u", n ? "," : "", in->max_ring_order);
+    if (in->readonly)
+        ADD("%sreadonly", n ? "," : "");
+    if (!n)
+        ADD("none");
+#undef ADD
+}
+
+void blkfront_get_stats(struct blkfront_dev *d, struct blkfront_stats *st)
+{
+    unsigned long flags = irq_save();
+    *st = d->st;
+    irq_restore(flags);
+}
+
+int blkfront_submit(struct blkfront_dev *d, struct blk_io *io)
+{
+    const struct blkfront_info *in = &d->info;
+    unsigned int ss = in->sector_size ? in->sector_size : 512;
+    unsigned long flags;
+    int data = io->op == BLKIF_OP_READ || io->op == BLKIF_OP_WRITE ||
+               io->op == BLKIF_OP_WRITE_BARRIER;
+
+    io->complete = 0;
+    io->status = 0;
+    io->rsp_status = 0;
+    io->issued = 0;
+    io->outstanding = 0;
+    io->nreqs = 0;
+    io->sent = 0;
+    io->prev = io->next = NULL;
+    if (d->gone || !d->used)
+        return -XEN_ENODEV;
+    switch (io->op) {
+    case BLKIF_OP_READ:
+    case BLKIF_OP_WRITE:
+    case BLKIF_OP_WRITE_BARRIER:
+    case BLKIF_OP_FLUSH_DISKCACHE:
+    case BLKIF_OP_DISCARD:
+        break;
+    default:
+        return -XEN_EINVAL;
+    }
+    if (data) {
+        if (io->len % ss || ((uintptr_t)io->buf & (ss - 1)) || (io->sector & ((ss >> 9) - 1)))
+            return -XEN_EINVAL;
+        if (io->len && !io->buf)
+            return -XEN_EINVAL;
+        if (!io->len && io->op != BLKIF_OP_WRITE_BARRIER)
+            return -XEN_EINVAL;
+    }
+    if (io->op == BLKIF_OP_DISCARD && (!io->len || io->len % 512))
+        return -XEN_EINVAL;
+    if (io->op == BLKIF_OP_FLUSH_DISKCACHE)
+        io->len = 0;
+    if (io->flags & BLK_IO_NOCHECK)
+        goto queue;
+    if ((data || io->op == BLKIF_OP_DISCARD) && in->sectors &&
+        (io->sector > in->sectors || (io->len >> SECTOR_SHIFT) > in->sectors - io->sector))
+        return -XEN_EINVAL;
+    if (in->readonly && io->op != BLKIF_OP_READ && io->op != BLKIF_OP_FLUSH_DISKCACHE)
+        return -XEN_EROFS;
+    if ((io->op == BLKIF_OP_WRITE_BARRIER && !in->feature_barrier) ||
+        (io->op == BLKIF_OP_FLUSH_DISKCACHE && !in->feature_flush) ||
+        (io->op == BLKIF_OP_DISCARD && !in->feature_discard))
+        return -XEN_EOPNOTSUPP;
+queue:
+    io->submit_ns = monotonic_ns();
+    flags = irq_save();
+    io->prev = d->tail;
+    if (d->tail)
+        d->tail->next = io;
+    else
+        d->head = io;
+    d->tail = io;
+    if (!d->cursor)
+        d->cursor = io;
+    d->st.ios++;
+    kick_queue(d);
+    irq_restore(flags);
+    return 0;
+}
+
+struct io_wait {
+    struct blk_io *io;
+};
+
+static int io_complete(void *arg)
+{
+    return ((struct io_wait *)arg)->io->complete;
+}
+
+int blkfront_wait_io(struct blkfront_dev *d, struct blk_io *io, uint64_t deadline_ns)
+{
+    struct io_wait w = { io };
+    (void)d;
+    return blk_wait(io_complete, &w, deadline_ns);
+}
+
+struct any_wait {
+    struct blkfront_dev *d;
+    unsigned long seen;
+};
+
+static int any_complete(void *arg)
+{
+    struct any_wait *a = arg;
+    return a->d->completions != a->seen;
+}
+
+int blkfront_wait_any(struct blkfront_dev *d, unsigned long *seen, uint64_t deadline_ns)
+{
+    struct any_wait a = { d, *seen };
+
+    if (!blk_wait(any_complete, &a, deadline_ns))
+        return 0;
+    *seen = d->completions;
+    return 1;
+}
+
+static int is_connected(void *arg)
+{
+    struct blkfront_dev *d = arg;
+    return d->connected || d->gone;
+}
+
+int blkfront_wait_connected(struct blkfront_dev *d, uint64_t deadline_ns)
+{
+    return blk_wait(is_connected, d, deadline_ns) && d->connected;
+}
+
+static int is_gone(void *arg)
+{
+    return ((struct blkfront_dev *)arg)->gone;
+}
+
+int blkfront_wait_gone(struct blkfront_dev *d, uint64_t deadline_ns)
+{
+    return blk_wait(is_gone, d, deadline_ns);
+}
+
+int blkfront_rw(struct blkfront_dev *d, uint8_t op, uint64_t sector, void *buf, size_t len)
+{
+    struct blk_io io;
+    int rc;
+
+    memset(&io, 0, sizeof(io));
+    io.op = op;
+    io.sector = sector;
+    io.buf = buf;
+    io.len = len;
+    rc = blkfront_submit(d, &io);
+    if (rc)
+        return rc;
+    if (!blkfront_wait_io(d, &io, monotonic_ns() + 60 * NSEC_PER_SEC)) {
+        /* The I/O is still queued and refers to our stack: it must not
+         * complete later.  Pull it out if it is not on the ring. */
+        unsigned long flags = irq_save();
+        if (!io.complete && !io.outstanding)
+            io_unlink(d, &io);
+        irq_restore(flags);
+        if (!io.complete && io.outstanding)
+            panic("blkfront: %s: request on the ring for 60 s\n", d->name);
+        return -XEN_ETIMEDOUT_BLK;
+    }
+    return io.status;
+}
