@@ -73,7 +73,7 @@ def open_image(spec: DiskSpec, secrets: dict[str, bytes] | None = None,
             from pyxen.storage.raw import RawImage
             return RawImage(path, readonly=readonly)
         if spec.format is DiskFormat.QCOW2:
-            from pyxen.storage.qcow2 import Qcow2Image  # type: ignore[import-not-found, unused-ignore]
+            from pyxen.storage.qcow2 import Qcow2Image
             return Qcow2Image(path, readonly=readonly, key_secret=_secret(spec, secrets))
     except ImageError as e:
         raise ImageError(f"{where}: {e}") from e
