@@ -14,8 +14,10 @@
  *   3. pass 2 over about half the chunks of a new chunking; flush
  *   4. read everything back (another chunking) and compare
  *   5. barrier: write pass 3, a barrier write of pass 4 and a write of
- *      pass 5 to the same blocks, all in flight at once; pass 5 must win
- *      (without feature-barrier: a plain write of pass 5)
+ *      pass 5 to the same blocks, all in flight at once; pass 5 must win;
+ *      then a barrier write of pass 7 alone (several segments, the first
+ *      starting inside its page) must read back (without feature-barrier:
+ *      a plain write of pass 7)
  *   6. discard (feature-discard): a granularity-aligned range; reading it
  *      must give zeros or the old data (both allowed), counted; then the
  *      range is written with pass 6
@@ -415,26 +417,42 @@ static void flush(const char *what)
     }
 }
 
+static void read_check(const char *what, uint64_t sector, uint64_t n, size_t off)
+{
+    char *buf = slots[0].mem + off;
+    int rc;
+
+    mismatches = 0;
+    rc = blkfront_rw(dev, BLKIF_OP_READ, sector, buf, n * 512);
+    if (rc)
+        fail("%s: read back sector=%lu: %d", what, (unsigned long)sector, rc);
+    check_read(what, sector, buf, n * 512);
+}
+
+/*
+ * Pass 3 (write), 4 (barrier write), 5 (write) to the same blocks, all in
+ * flight: the barrier orders them, so pass 5 wins.  Then pass 7 as a
+ * barrier write on its own, from a buffer that starts inside a page (its
+ * segments don't start at sector 0 of their pages): its data must land
+ * where it belongs.  Without feature-barrier, plain writes of 5 and 7.
+ */
 static void barrier_test(void)
 {
     uint64_t n = MIN((uint64_t)16 * spb, rsecs);
+    size_t uoff = ss < PAGE_SIZE ? ss : 0;
     struct slot *a, *b, *c;
-    char *buf;
 
+    drain_all("barrier");
     if (!info->feature_barrier) {
-        set_expected(rstart, n, 5);
-        submit(get_slot("barrier"), "barrier", BLKIF_OP_WRITE, rstart, n * 512, 0, 5);
+        set_expected(rstart, n, 7);
+        submit(get_slot("barrier"), "barrier", BLKIF_OP_WRITE, rstart, n * 512, uoff, 7);
         drain_all("barrier");
         printk("blkverify: barrier skipped (no feature-barrier)\n");
         return;
     }
-    drain_all("barrier");
-    if (qd < 3)
-        fail("barrier test needs qd >= 3");
     a = &slots[0];
     b = &slots[1];
     c = &slots[2];
-    /* All three in flight together: the barrier orders them. */
     submit(a, "barrier", BLKIF_OP_WRITE, rstart, n * 512, 0, 3);
     submit(b, "barrier", BLKIF_OP_WRITE_BARRIER, rstart, n * 512, 0, 4);
     submit(c, "barrier", BLKIF_OP_WRITE, rstart, n * 512, 0, 5);
@@ -442,23 +460,27 @@ static void barrier_test(void)
         if (!blkfront_wait_any(dev, &seen_completions, monotonic_ns() + STALL_NS))
             fail("barrier: no completion");
     if (b->io.status == -XEN_EOPNOTSUPP) {
-        printk("blkverify: barrier EOPNOTSUPP; writing pass 5 plainly\n");
+        printk("blkverify: barrier EOPNOTSUPP; writing plainly\n");
         a->busy = b->busy = c->busy = 0;
-        set_expected(rstart, n, 5);
-        submit(a, "barrier", BLKIF_OP_WRITE, rstart, n * 512, 0, 5);
+        set_expected(rstart, n, 7);
+        submit(a, "barrier", BLKIF_OP_WRITE, rstart, n * 512, uoff, 7);
         drain_all("barrier");
         return;
     }
     reap();
     set_expected(rstart, n, 5);
-    buf = slots[0].mem;
-    mismatches = 0;
-    if (blkfront_rw(dev, BLKIF_OP_READ, rstart, buf, n * 512))
-        fail("barrier: read back");
-    check_read("barrier", rstart, buf, n * 512);
+    read_check("barrier", rstart, n, 0);
     if (mismatches)
         fail("barrier: write, barrier write, write to the same %lu sectors: the last did "
              "not win", (unsigned long)n);
+
+    set_expected(rstart, n, 7);
+    submit(a, "barrier", BLKIF_OP_WRITE_BARRIER, rstart, n * 512, uoff, 7);
+    drain_all("barrier");
+    read_check("barrier data", rstart, n, 0);
+    if (mismatches)
+        fail("barrier: a barrier write of %lu sectors (%u segments) did not read back",
+             (unsigned long)n, (unsigned int)((uoff + n * 512 + PAGE_SIZE - 1) / PAGE_SIZE));
     printk("blkverify: barrier OK sectors=%lu+%lu\n", (unsigned long)rstart, (unsigned long)n);
 }
 
@@ -644,7 +666,7 @@ int app_main(const char *cmdline)
     if (readback) {
         memset(map, 1, blocks);
         plan_pass(2, 2, 1);
-        set_expected(rstart, MIN((uint64_t)16 * spb, rsecs), 5);
+        set_expected(rstart, MIN((uint64_t)16 * spb, rsecs), 7);
         plan_discard();
         range_test();
         verify_pass("readback", 4);
