@@ -249,8 +249,10 @@ class BlkBack:
         if req.operation in (B.OP_FLUSH_DISKCACHE, B.OP_WRITE_BARRIER):
             self._drain()  # nothing reorders across a flush or barrier
             status = B.RSP_OKAY
-            for s in req.segments or []:  # a barrier may carry data (rare): write it first
-                status = self._io(req, B.OP_WRITE, [s], req.sector)
+            if req.segments:  # a barrier may carry data: write it first, in order
+                err = B.check_range(req, self.sectors)
+                status = B.RSP_ERROR if err or self.readonly else \
+                    self._io(req, B.OP_WRITE, req.segments, req.sector)
             try:
                 self.image.flush()
                 self.stats["flushes"] += 1
