@@ -3,7 +3,7 @@
 Format facts from QEMU's docs/interop/qcow2.txt; structures live in
 :mod:`pyxen.storage.qcow2_format`, LUKS in :mod:`pyxen.storage.luks`.
 
-Locking.  One lock (``_cv``, a condition over an RLock) guards all metadata:
+Locking.  One lock (``_cv``, a condition over a Lock) guards all metadata:
 the L1 table, the L2 cache, refcount blocks, the refcount table, the snapshot
 list and the header.  Reads and in-place writes of clusters whose refcount is
 exactly one (the COPIED flag) look the mapping up under the lock and then do
@@ -119,7 +119,10 @@ class _RawBacking(BlockImage):
         self.name = path
 
     def readinto(self, offset: int, buf: memoryview) -> None:
-        _pread_full(self._fd, buf, offset)
+        try:
+            _pread_full(self._fd, buf, offset)
+        except OSError as e:
+            raise ImageError(f"{self.name}: I/O error: {e.strerror or e}") from e
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
         raise ImageError(f"{self.name}: backing file is read-only")
@@ -193,7 +196,7 @@ class Qcow2Image(BlockImage):
                  _bootstrap: bool = False) -> None:
         self.path = self.name = os.fspath(path)
         self.readonly = readonly
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._inflight = 0
         self._draining = 0
@@ -288,10 +291,9 @@ class Qcow2Image(BlockImage):
 
         self._snapshots: list[SnapshotEntry] = []
         if h.nb_snapshots:
-            if h.snapshots_offset == 0:
-                raise self._err("nb_snapshots is set but snapshots_offset is 0")
-            data = os.pread(self._fd, min(self._file_size - h.snapshots_offset, 64 << 20)
-                            if h.snapshots_offset < self._file_size else 0, h.snapshots_offset)
+            if h.snapshots_offset == 0 or h.snapshots_offset >= self._file_size:
+                raise self._err(f"snapshots_offset {h.snapshots_offset:#x} lies outside the file")
+            data = os.pread(self._fd, min(self._file_size - h.snapshots_offset, 64 << 20), h.snapshots_offset)
             try:
                 self._snapshots, tlen = parse_snapshot_table(data, h.nb_snapshots, h.version)
             except FormatError as e:
@@ -300,6 +302,9 @@ class Qcow2Image(BlockImage):
             for s in self._snapshots:
                 if s.l1_table_offset % cs or s.l1_size * 8 > MAX_L1_BYTES:
                     raise self._err(f"snapshot {s.id!r}: l1_table_offset/l1_size invalid")
+                if s.disk_size is not None and (s.disk_size >= 1 << 63 or
+                                                _l1_entries(s.disk_size, self.cbits) * 8 > MAX_L1_BYTES):
+                    raise self._err(f"snapshot {s.id!r}: disk size {s.disk_size} out of range")
                 self._check_area(f"snapshot {s.id!r} L1 table", s.l1_table_offset, s.l1_size * 8)
         else:
             self._snap_table_len = 0
@@ -713,6 +718,12 @@ class Qcow2Image(BlockImage):
         return plan
 
     def readinto(self, offset: int, buf: memoryview) -> None:
+        try:
+            self._readinto(offset, buf)
+        except OSError as e:
+            raise self._err(f"I/O error: {e.strerror or e}") from e
+
+    def _readinto(self, offset: int, buf: memoryview) -> None:
         mv = _bytes_view(buf)
         n = len(mv)
         self._check_range(offset, n)
@@ -803,6 +814,12 @@ class Qcow2Image(BlockImage):
             self._decref(c)
 
     def write(self, offset: int, data: memoryview | bytes) -> None:
+        try:
+            self._write(offset, data)
+        except OSError as e:
+            raise self._err(f"I/O error: {e.strerror or e}") from e
+
+    def _write(self, offset: int, data: memoryview | bytes) -> None:
         if self.readonly:
             raise self._err("image is read-only")
         mv = _bytes_view(data)
@@ -871,6 +888,12 @@ class Qcow2Image(BlockImage):
 
     def write_compressed(self, cluster_index: int, data: memoryview | bytes) -> None:
         """Write one whole guest cluster deflate-compressed (stored plainly if it does not shrink)."""
+        try:
+            self._write_compressed(cluster_index, data)
+        except OSError as e:
+            raise self._err(f"I/O error: {e.strerror or e}") from e
+
+    def _write_compressed(self, cluster_index: int, data: memoryview | bytes) -> None:
         if self.readonly:
             raise self._err("image is read-only")
         if self._crypto is not None:
@@ -917,6 +940,12 @@ class Qcow2Image(BlockImage):
 
         Dropped clusters read as zeros, except in a version 2 image with a backing
         file, which has no zero flag: there they read the backing file again."""
+        try:
+            self._discard(offset, length)
+        except OSError as e:
+            raise self._err(f"I/O error: {e.strerror or e}") from e
+
+    def _discard(self, offset: int, length: int) -> None:
         if self.readonly:
             raise self._err("image is read-only")
         self._check_range(offset, length)
@@ -950,6 +979,8 @@ class Qcow2Image(BlockImage):
             self._draining += 1
             try:
                 self._flush_locked()
+            except OSError as e:
+                raise self._err(f"I/O error: {e.strerror or e}") from e
             finally:
                 self._draining -= 1
                 self._cv.notify_all()
