@@ -149,3 +149,35 @@ def test_two_disks_and_a_bad_image(host, tmp_path: Path) -> None:  # noqa: ANN00
         host.create(CFG, ['name="blk-bad"', f'disk=["format=qcow2,vdev=xvda,target={bad}"]'])
     with pytest.raises(PyxenError, match="missing.img"):
         host.create(CFG, ['name="blk-bad2"', f'disk=["format=raw,vdev=xvda,target={tmp_path}/missing.img"]'])
+
+
+def test_hotplug_attach_while_running_and_detach(host, tmp_path: Path) -> None:  # noqa: ANN001
+    """blkverify starts with no disk and waits for one; `pyxen block-attach`
+    plugs it in while the guest runs; `block-detach` removes a disk again."""
+    from tests.conftest import cli
+    img = tmp_path / "hot.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    d = host.create(CFG, ['name="blk-hot"', 'extra="mib=2 timeout=30"', "disk=[]"])
+    s = host.console_socket(d)
+    s.settimeout(30)
+    time.sleep(0.5)
+    r = cli(["block-attach", "blk-hot", f"format=raw,vdev=xvdb,access=rw,target={img}"], host.run_dir)
+    assert r.returncode == 0, r.stderr
+    out = b""
+    while b"blkverify: OK" not in out and b"FAIL" not in out:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    assert b"blkverify: OK" in out, out[-2000:]
+    s.close()
+    # detach from a domain whose frontend never connected (ticker has no blkfront)
+    t = host.create(ROOT / "examples/ticker.cfg",
+                    ['name="blk-det"', f'disk=["format=raw,vdev=xvdc,target={img}"]'])
+    assert [x["vdev"] for x in host.block_list(t)] == ["xvdc"]
+    r = cli(["block-list", "blk-det"], host.run_dir)
+    assert b"xvdc" in r.stdout
+    r = cli(["block-detach", "blk-det", "xvdc"], host.run_dir)
+    assert r.returncode == 0, r.stderr
+    assert host.block_list(t) == []
