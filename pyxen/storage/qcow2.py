@@ -1134,6 +1134,24 @@ class Qcow2Image(BlockImage):
                         fn(c)
             fn(l2off // self.cs)
 
+    def _clear_copied(self) -> None:
+        """COPIED flags off in the active L1 and its L2 tables (before a snapshot shares them)."""
+        for i, e in enumerate(self._l1):
+            l2off = e & L1E_OFFSET_MASK
+            if not l2off:
+                continue
+            if e & OFLAG_COPIED:
+                self._l1[i] = e & ~OFLAG_COPIED
+                self._l1_dirty = True
+            tbl = self._l2.get(l2off)
+            if tbl is None:
+                tbl = self._load_l2(l2off, active=False)
+                self._l2_put(l2off, tbl)
+            for j, x in enumerate(tbl):
+                if x & OFLAG_COPIED:
+                    tbl[j] = x & ~OFLAG_COPIED
+                    self._l2_dirty.add(l2off)
+
     def _fix_copied(self) -> None:
         """Recompute COPIED flags in the active L1 and its L2 tables from the refcounts."""
         cs = self.cs
@@ -1191,6 +1209,10 @@ class Qcow2Image(BlockImage):
             elif any(s.id == snap_id for s in self._snapshots):
                 raise self._err(f"a snapshot with id {snap_id!r} exists already")
             self._flush_locked()
+            # COPIED flags off (and durable) before any refcount goes to 2, so that no crash
+            # leaves a flag claiming sole ownership of a shared cluster
+            self._clear_copied()
+            self._flush_locked()
             l1 = array("Q", (e & ~OFLAG_COPIED for e in self._l1))
             n = max(1, -(-len(l1) * 8 // self.cs))
             off = self._alloc(n)
@@ -1201,7 +1223,6 @@ class Qcow2Image(BlockImage):
             now = time.time()
             ent = SnapshotEntry(off, len(l1), snap_id, name, int(now), int(now % 1 * 1e9), 0, 0, self.size)
             self._write_snapshot_table(self._snapshots + [ent])
-            self._fix_copied()
             self._flush_locked()
             return SnapshotInfo(ent.id, ent.name, now, 0, self.size)
 
@@ -1218,6 +1239,7 @@ class Qcow2Image(BlockImage):
             for c in self._crange(s.l1_table_offset, s.l1_size * 8):
                 self._decref(c)
             self._rebuild_meta()
+            self._flush_locked()  # refcounts drop on disk before any COPIED flag comes back
             self._fix_copied()
             self._flush_locked()
 
@@ -1250,6 +1272,7 @@ class Qcow2Image(BlockImage):
             self._l1_moved = True
             self._hdr_dirty = True
             self._rebuild_meta()
+            self._flush_locked()
             self._fix_copied()
             self._flush_locked()
 
@@ -1290,8 +1313,8 @@ class Qcow2Image(BlockImage):
                 if tbl is None:
                     tbl = self._load_l2(l2off, active=False)
                 if active and bool(e & OFLAG_COPIED) != (self._refcount(l2off // cs) == 1):
-                    res.corruptions.append(f"{what} entry {i}: COPIED flag disagrees with refcount "
-                                           f"{self._refcount(l2off // cs)}")
+                    rc = self._refcount(l2off // cs)
+                    res.corruptions.append(f"{what} entry {i}: " + _copied_msg(e, rc))
                 for j, x in enumerate(tbl):
                     if not x:
                         continue
@@ -1302,8 +1325,8 @@ class Qcow2Image(BlockImage):
                         if hoff and hoff % cs:
                             res.corruptions.append(f"L2 {l2off:#x} entry {j}: misaligned offset")
                         if active and hoff and bool(x & OFLAG_COPIED) != (self._refcount(hoff // cs) == 1):
-                            res.corruptions.append(f"L2 {l2off:#x} entry {j}: COPIED flag disagrees with "
-                                                   f"refcount {self._refcount(hoff // cs)}")
+                            res.corruptions.append(f"L2 {l2off:#x} entry {j}: "
+                                                   + _copied_msg(x, self._refcount(hoff // cs)))
                     for c in self._entry_clusters(x):
                         exp[c] += 1
         return exp
@@ -1354,6 +1377,12 @@ class Qcow2Image(BlockImage):
         self.h.incompatible &= ~INCOMPAT_DIRTY
         self._hdr_dirty = True
         self._flush_locked()
+
+
+def _copied_msg(e: int, rc: int) -> str:
+    if e & OFLAG_COPIED:
+        return f"COPIED flag set but refcount {rc}"
+    return f"COPIED flag missing with refcount {rc} (harmless: costs a copy on the next write)"
 
 
 def _l1_entries(size: int, cluster_bits: int) -> int:
