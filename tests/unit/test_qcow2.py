@@ -505,6 +505,10 @@ def test_crash_at_every_barrier_leaves_no_corruption(tmp_path: Path, monkeypatch
             bad = [c for c in r.corruptions if "COPIED flag missing" not in c]
             assert not bad, (k, bad[:5])
             _read_all(img)
+        with Qcow2Image(p) as img:  # and the image goes on being usable
+            img.write(4096, _pattern(6, 20000))
+            assert _read_all(img)[4096:24096] == _pattern(6, 20000)
+            assert not [c for c in img.check().corruptions if "COPIED flag missing" not in c]
         if not crashed:
             break
         k += 1
