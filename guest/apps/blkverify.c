@@ -22,7 +22,10 @@
  *      must give zeros or the old data (both allowed), counted; then the
  *      range is written with pass 6
  *   7. checks that the backend refuses a read past the end of the disk
+ *      (and, on a read-only disk, writes, barrier writes and discards)
  *   8. flush, read everything back again and compare
+ * mode=reattach then waits for the disk to be detached (I/O must fail with
+ * ENODEV meanwhile) and attached again, and reads everything back.
  * mode=readback does only step 8's reading (what a previous run with the
  * same mib/start/seed left, after its final flush): write, flush, destroy
  * the domain, boot again with mode=readback.
@@ -33,12 +36,13 @@
  *   blkverify: OK bytes=<region bytes>
  * or "blkverify: FAIL <details>" and SHUTDOWN_crash.
  *
- * Options: mib=8 seed=1 start=0 (sector) qd=8 mode=verify|readback
- * vdev=xvda close=1, and blkfront's persistent= ring_order= indirect=
+ * Options: mib=8 seed=1 start=0 (sector) qd=8 mode=verify|readback|reattach
+ * barrier=1 (0: plain writes instead of the barrier checks) vdev=xvda close=1, and blkfront's persistent= ring_order= indirect=
  * grants= timeout= quiet=.
  */
 #include "app.h"
 #include "blkfront.h"
+#include "xenbus.h"
 
 const char app_name[] = "blkverify";
 
@@ -64,6 +68,7 @@ static uint64_t rstart, rsecs;        /* region, in 512-byte sectors */
 static uint8_t *map;                  /* expected pass per block */
 static unsigned long mismatches;
 static unsigned int qd;
+static int use_barrier = 1;
 
 static void __noreturn fail(const char *fmt, ...) __printf(1, 2);
 static void fail(const char *fmt, ...)
@@ -443,11 +448,12 @@ static void barrier_test(void)
     struct slot *a, *b, *c;
 
     drain_all("barrier");
-    if (!info->feature_barrier) {
+    if (!info->feature_barrier || !use_barrier) {
         set_expected(rstart, n, 7);
         submit(get_slot("barrier"), "barrier", BLKIF_OP_WRITE, rstart, n * 512, uoff, 7);
         drain_all("barrier");
-        printk("blkverify: barrier skipped (no feature-barrier)\n");
+        printk("blkverify: barrier skipped (%s)\n",
+               use_barrier ? "no feature-barrier" : "barrier=0");
         return;
     }
     a = &slots[0];
@@ -588,20 +594,57 @@ static void range_test(void)
              (unsigned long)io.sector, (unsigned long)info->sectors);
     printk("blkverify: past-end read refused status=%d OK\n", io.rsp_status);
     if (info->readonly) {
-        memset(&io, 0, sizeof(io));
-        io.op = BLKIF_OP_WRITE;
-        io.flags = BLK_IO_NOCHECK;
-        io.sector = rstart;
-        io.buf = buf;
-        io.len = ss;
-        memset(buf, 0xa5, ss);
-        rc = blkfront_submit(dev, &io);
-        if (rc || !blkfront_wait_io(dev, &io, monotonic_ns() + STALL_NS))
-            fail("write to a read-only disk: submit %d / no response", rc);
-        if (io.status == 0)
-            fail("a write to a read-only disk succeeded");
-        printk("blkverify: read-only write refused status=%d OK\n", io.rsp_status);
+        static const uint8_t ops[] = { BLKIF_OP_WRITE, BLKIF_OP_WRITE_BARRIER, BLKIF_OP_DISCARD };
+        static const char *const names[] = { "write", "barrier write", "discard" };
+        for (size_t i = 0; i < ARRAY_SIZE(ops); i++) {
+            memset(&io, 0, sizeof(io));
+            io.op = ops[i];
+            io.flags = BLK_IO_NOCHECK;
+            io.sector = rstart;
+            io.buf = ops[i] == BLKIF_OP_DISCARD ? NULL : buf;
+            io.len = ss;
+            memset(buf, 0xa5, ss);
+            rc = blkfront_submit(dev, &io);
+            if (rc || !blkfront_wait_io(dev, &io, monotonic_ns() + STALL_NS))
+                fail("%s to a read-only disk: submit %d / no response", names[i], rc);
+            if (io.status == 0)
+                fail("a %s to a read-only disk succeeded", names[i]);
+            printk("blkverify: read-only %s refused status=%d OK\n", names[i], io.rsp_status);
+        }
     }
+}
+
+/* mode=reattach: after the checks, wait for the disk to be detached and
+ * attached again (pyxen block-detach / block-attach), then read back. */
+static void reattach(void)
+{
+    uint64_t dl = monotonic_ns() + 600 * NSEC_PER_SEC;
+    unsigned int gen = blkfront_generation(dev);
+    struct blk_io io;
+    int rc;
+
+    printk("blkverify: waiting for detach\n");
+    if (!blkfront_wait_gone(dev, dl))
+        fail("not detached in 600 s");
+    memset(&io, 0, sizeof(io));
+    io.op = BLKIF_OP_READ;
+    io.sector = rstart;
+    io.buf = slots[0].mem;
+    io.len = ss;
+    rc = blkfront_submit(dev, &io);
+    if (rc != -XEN_ENODEV)
+        fail("a read while detached: %d, want %d (ENODEV)", rc, -XEN_ENODEV);
+    printk("blkverify: detached (I/O refused with ENODEV)\n");
+    if (!blkfront_wait_connected(dev, dl))
+        fail("not re-attached in 600 s");
+    if (blkfront_generation(dev) == gen)
+        fail("re-attached without a new ring");
+    info = blkfront_get_info(dev);
+    printk("blkverify: re-attached sectors=%lu generation=%u\n", (unsigned long)info->sectors,
+           blkfront_generation(dev));
+    if (info->sectors < rstart + rsecs)
+        fail("the re-attached disk is smaller (%lu sectors)", (unsigned long)info->sectors);
+    verify_pass("reattach verify", 4);
 }
 
 int app_main(const char *cmdline)
@@ -616,10 +659,11 @@ int app_main(const char *cmdline)
     rstart = cmdline_get_ulong(cmdline, "start", 0);
     qd = (unsigned int)cmdline_get_ulong(cmdline, "qd", 8);
     qd = MAX(3U, MIN(qd, (unsigned int)MAX_QD));
+    use_barrier = (int)cmdline_get_ulong(cmdline, "barrier", 1);
     cmdline_get_str(cmdline, "vdev", vdev, sizeof(vdev));
     cmdline_get_str(cmdline, "mode", mode, sizeof(mode));
-    if (strcmp(mode, "verify") && strcmp(mode, "readback"))
-        fail("mode=verify or mode=readback, please (got '%s')", mode);
+    if (strcmp(mode, "verify") && strcmp(mode, "readback") && strcmp(mode, "reattach"))
+        fail("mode=verify|readback|reattach, please (got '%s')", mode);
     readback = !strcmp(mode, "readback");
     blkfront_opts_from_cmdline(&opts, cmdline);
 
@@ -682,6 +726,8 @@ int app_main(const char *cmdline)
         range_test();
         flush("final");
         verify_pass("final verify", 4);
+        if (!strcmp(mode, "reattach"))
+            reattach();
     }
     {
         struct blkfront_stats st;

@@ -258,7 +258,8 @@ int blkfront_wait_io(struct blkfront_dev *dev, struct blk_io *io, uint64_t deadl
 /* Block until some I/O completed since *seen (then *seen is updated, 1) or
  * the deadline passes (0). */
 int blkfront_wait_any(struct blkfront_dev *dev, unsigned long *seen, uint64_t deadline_ns);
-/* Block until the device is connected (1) or gone/the deadline (0). */
+/* Block until the device is connected (1) or the deadline (0); a removed
+ * device that is attached again counts. */
 int blkfront_wait_connected(struct blkfront_dev *dev, uint64_t deadline_ns);
 /* Block until the device has been removed (1) or the deadline (0). */
 int blkfront_wait_gone(struct blkfront_dev *dev, uint64_t deadline_ns);

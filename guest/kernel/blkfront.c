@@ -157,6 +157,7 @@ struct blkfront_dev {
     unsigned int ring_pages;
     grant_ref_t ring_ref[MAX_RING_PAGES];
     uint32_t req_prod_pvt, rsp_cons, ring_size;
+    uint32_t ring_gen;          /* in the upper half of every request id */
     int port;
     struct blkfront_info info;
     int be_persistent;          /* backend's feature-persistent (at talk time) */
@@ -483,19 +484,20 @@ static void complete_response(struct blkfront_dev *d, const struct blkif_respons
     int16_t status = rsp->status;
     int err = 0;
 
-    if (rsp->id >= d->nshadow || !d->shadow[rsp->id].in_use) {
-        bad_response(d, "response id %lu is not a request in flight", (unsigned long)rsp->id);
+    if ((rsp->id >> 32) != d->ring_gen || (uint32_t)rsp->id >= d->nshadow ||
+        !d->shadow[(uint32_t)rsp->id].in_use) {
+        bad_response(d, "response id 0x%lx is not a request in flight", (unsigned long)rsp->id);
         return;
     }
-    sh = &d->shadow[rsp->id];
+    sh = &d->shadow[(uint32_t)rsp->id];
     io = sh->io;
     want_op = sh->indirect ? BLKIF_OP_INDIRECT : sh->op;
     if (rsp->operation != want_op)
-        bad_response(d, "response to id %lu has operation %u, request had %u",
+        bad_response(d, "response to id 0x%lx has operation %u, request had %u",
                      (unsigned long)rsp->id, rsp->operation, want_op);
     if (status != BLKIF_RSP_OKAY) {
         if (status != BLKIF_RSP_ERROR && status != BLKIF_RSP_EOPNOTSUPP)
-            bad_response(d, "response to id %lu has status %d", (unsigned long)rsp->id, status);
+            bad_response(d, "response to id 0x%lx has status %d", (unsigned long)rsp->id, status);
         err = status == BLKIF_RSP_EOPNOTSUPP ? -XEN_EOPNOTSUPP : -XEN_EIO;
         if (!io->rsp_status)
             io->rsp_status = status;
@@ -603,6 +605,13 @@ static int grant_seg(struct blkfront_dev *d, struct seginfo *s, const char *user
     }
 }
 
+/* Shadow index, tagged with the ring's generation: a response that
+ * belongs to an earlier ring can never complete a request on this one. */
+static uint64_t req_id(struct blkfront_dev *d, struct shadow *sh)
+{
+    return ((uint64_t)d->ring_gen << 32) | (uint32_t)(sh - d->shadow);
+}
+
 /* Request slot for the next request (zeroed). */
 static union blkif_sring_entry *next_slot(struct blkfront_dev *d)
 {
@@ -681,7 +690,7 @@ static int build_rw(struct blkfront_dev *d, struct blk_io *io)
         req->operation = op;
         req->nr_segments = (uint8_t)nseg;
         req->handle = (uint16_t)d->devid;
-        req->id = (uint64_t)(sh - d->shadow);
+        req->id = req_id(d, sh);
         req->sector_number = io->sector + (sh->off >> SECTOR_SHIFT);
         for (i = 0; i < nseg; i++) {
             req->seg[i].gref = sh->seg[i].ref;
@@ -735,7 +744,7 @@ static int build_rw(struct blkfront_dev *d, struct blk_io *io)
         req->operation = BLKIF_OP_INDIRECT;
         req->indirect_op = op;
         req->nr_segments = (uint16_t)nseg;
-        req->id = (uint64_t)(sh - d->shadow);
+        req->id = req_id(d, sh);
         req->sector_number = io->sector + (sh->off >> SECTOR_SHIFT);
         req->handle = (uint16_t)d->devid;
         for (i = 0; i < nind; i++)
@@ -769,14 +778,14 @@ static int build_nodata(struct blkfront_dev *d, struct blk_io *io)
         r->operation = BLKIF_OP_DISCARD;
         r->flag = io->discard_flags & BLKIF_DISCARD_SECURE;
         r->handle = (uint16_t)d->devid;
-        r->id = (uint64_t)(sh - d->shadow);
+        r->id = req_id(d, sh);
         r->sector_number = io->sector;
         r->nr_sectors = io->len >> SECTOR_SHIFT;
     } else {
         e->req.operation = io->op;
         e->req.nr_segments = 0;
         e->req.handle = (uint16_t)d->devid;
-        e->req.id = (uint64_t)(sh - d->shadow);
+        e->req.id = req_id(d, sh);
         e->req.sector_number = io->op == BLKIF_OP_FLUSH_DISKCACHE ? 0 : io->sector;
     }
     d->req_prod_pvt++;
@@ -1126,6 +1135,7 @@ static int talk_to_backend(struct blkfront_dev *d)
     d->sring->req_event = d->sring->rsp_event = 1;
     /* FRONT_RING_INIT: entries rounded down to a power of two */
     d->req_prod_pvt = d->rsp_cons = 0;
+    d->ring_gen++;
     {
         uint32_t n = (uint32_t)((pages * PAGE_SIZE - offsetof(struct blkif_sring, ring)) /
                                 sizeof(union blkif_sring_entry));
@@ -1492,6 +1502,7 @@ static void step(struct blkfront_dev *d)
         if (fe == XenbusStateConnected || d->sring) {
             /* The backend started over (restarted or re-attached). */
             dlog(d, "blkfront: %s: backend re-initialised, reconnecting\n", d->name);
+            drain(d);
             teardown(d);
         }
         if (talk_to_backend(d))
@@ -1534,6 +1545,7 @@ static void step(struct blkfront_dev *d)
         if (d->sring) {
             dlog(d, "blkfront: %s: backend went away (state %s)\n", d->name,
                  xenbus_state_name(be));
+            drain(d);
             teardown(d);
             switch_state(d, XenbusStateInitialising);
         }
@@ -2007,8 +2019,7 @@ int blkfront_wait_any(struct blkfront_dev *d, unsigned long *seen, uint64_t dead
 
 static int is_connected(void *arg)
 {
-    struct blkfront_dev *d = arg;
-    return d->connected || d->gone;
+    return ((struct blkfront_dev *)arg)->connected;
 }
 
 int blkfront_wait_connected(struct blkfront_dev *d, uint64_t deadline_ns)
