@@ -38,8 +38,27 @@ def config_to_request(cfg: DomainConfig) -> dict[str, Any]:
                                                    "on_watchdog")}
     disks = [disk_to_dict(ds) for ds in cfg.disks]
     if disks:
-        spec["extra"] = {"disks": disks}
+        extra: dict[str, Any] = {"disks": disks}
+        secrets = disk_secret_files(cfg)
+        if secrets:
+            extra["disk_secrets"] = secrets
+        spec["extra"] = extra
     return {"op": "create", "spec": spec, "actions": actions}
+
+
+def disk_secret_files(cfg: DomainConfig) -> dict[str, str]:
+    """``disk_secrets = ["xvda=/path/to/passphrase"]``: which file holds the
+    passphrase of each encrypted disk (read by the domain process only)."""
+    out = {}
+    for item in cfg.raw.get_string_list("disk_secrets") or []:
+        vdev, sep, path = item.partition("=")
+        if not sep or not vdev or not path:
+            raise PyxenError(f"disk_secrets: {item!r} is not VDEV=FILE")
+        p = Path(path)
+        if not p.is_absolute() and cfg.source is not None:
+            p = Path(cfg.source).parent / p
+        out[vdev.strip()] = str(p)
+    return out
 
 
 def disk_to_dict(ds: DiskSpec) -> dict[str, Any]:

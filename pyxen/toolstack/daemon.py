@@ -71,7 +71,7 @@ class Daemon:
         self.start_time = time.time()
         self.reserved: dict[int, float] = {}  # domid -> until when (domains to re-adopt)
         self.last_domid = 0
-        self.xsd = Xenstored(rundir / "xenstore.json", flush_delay=0.05)
+        self.xsd = Xenstored(rundir / "xenstore.json", flush_delay=0.5)
         self.xs_server: XenstoreServer | None = None
         self.xs_domains: DomainSocket | None = None
 

@@ -287,8 +287,9 @@ class DomainProcess:
         self.mark("created")
         try:  # a disk that cannot be opened fails the create, with its name
             disks: list[dict[str, Any]] = list(self.spec.extra.get("disks") or [])  # type: ignore[call-overload]
+            secrets: dict[str, str] = dict(self.spec.extra.get("disk_secrets") or {})  # type: ignore[call-overload]
             for disk in disks:
-                self.disks[int(disk["devid"])] = (disk, open_disk(disk))
+                self.disks[int(disk["devid"])] = (disk, open_disk(disk, secrets))
         except (ImageError, OSError, ValueError, ImportError) as e:
             self.event(event="error", error=str(e))
             os._exit(1)
@@ -395,15 +396,24 @@ class DomainProcess:
         self.sel.register(conn.sock, selectors.EVENT_READ, self._command)
 
 
-def open_disk(disk: dict[str, Any]) -> BlockImage:
-    """Open a disk of the config (``api.disk_to_dict``) with the storage formats."""
+def open_disk(disk: dict[str, Any], secret_files: dict[str, str] | None = None) -> BlockImage:
+    """Open a disk of the config (``api.disk_to_dict``) with the storage formats;
+    an encrypted one's passphrase comes from the file ``secret_files[vdev]``."""
     from ..storage.open import open_image  # type: ignore[import-not-found,unused-ignore]
     from ..toolstack.xlcfg import parse_disk_spec
     ds = parse_disk_spec(str(disk["spec"]))
     target = str(disk.get("target") or ds.target or "")
     if ds.nbd is None and target:
         ds = dataclasses.replace(ds, target=target, path=Path(target))
-    return open_image(ds)
+    secrets = None
+    path = (secret_files or {}).get(ds.vdev)
+    if path:
+        try:
+            secrets = {ds.vdev: Path(path).read_bytes()}  # exactly the bytes, as qemu's secret,file=
+        except OSError as e:
+            raise ImageError(f"disk {ds.vdev}: cannot read its passphrase file {path}: "
+                             f"{e.strerror}") from None
+    return open_image(ds, secrets)
 
 
 def domain_main(domid: int, spec: dict[str, Any], rundir: str) -> None:

@@ -1082,6 +1082,7 @@ KNOWN_KEYS = frozenset({
     "on_poweroff", "on_reboot", "on_crash", "on_watchdog", "on_soft_reset",
     "disk", "vif", "cpus", "cpu_weight", "cap", "cpu_cap", "localtime",
     "seclabel",
+    "disk_secrets",  # pyxen: ["VDEV=FILE"], the passphrase of an encrypted qcow2 disk
 })
 
 #: Keys xl knows (xl.cfg(5)) that pyxen does not implement: warned about

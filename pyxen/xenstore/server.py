@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import logging
 import os
 import re
@@ -257,6 +258,7 @@ class Xenstored:
     def __init__(self, state_file: str | os.PathLike[str] | None = None, quotas: Quotas | None = None,
                  flush_delay: float = 0.0) -> None:
         self.lock = threading.RLock()
+        self._save_lock = threading.Lock()
         self.state_file = Path(state_file) if state_file else None
         self.flush_delay = flush_delay
         self.connections: list[Connection] = []
@@ -434,14 +436,18 @@ class Xenstored:
         return max(0.0, self._flush_at - time.monotonic())
 
     def flush(self) -> None:
-        """Save the state file now if anything changed."""
+        """Save the state file now if anything changed.  The tree is serialised
+        under the lock, but written and fsync'd outside it: a slow disk must not
+        stall every xenstore client."""
         with self.lock:
             self._flush_at = None
             if not self.dirty or self.state_file is None:
                 return
-            save_json(self.state_file, self.to_json())
+            text = json.dumps(self.to_json(), separators=(",", ":"))
             self.dirty = False
             self.stats["saves"] += 1
+        with self._save_lock:
+            save_json(self.state_file, text)
 
     def to_json(self) -> dict[str, Any]:
         d = self.store.to_json()
@@ -839,6 +845,7 @@ class XenstoreServer:
         os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._saver: threading.Thread | None = None
         self._listener: socket.socket | None = None
 
     def __enter__(self) -> XenstoreServer:
@@ -894,8 +901,12 @@ class XenstoreServer:
                         self._service(key.data, events)
                 self._collect_events()
                 timeout = self.xsd.flush_timeout()
-                if timeout is not None and timeout <= 0:
-                    self.xsd.flush()
+                if timeout is not None and timeout <= 0 and (
+                        self._saver is None or not self._saver.is_alive()):
+                    # the fsync happens off this thread: clients are served meanwhile
+                    self._saver = threading.Thread(target=self.xsd.flush, name="xenstored-save",
+                                                   daemon=True)
+                    self._saver.start()
         finally:
             self._shutdown()
 

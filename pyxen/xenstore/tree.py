@@ -793,13 +793,17 @@ class Store:
         return store
 
 
-def save_json(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` atomically: temp file, fsync, rename, fsync the directory."""
+def save_json(path: str | os.PathLike[str], data: dict[str, Any] | str) -> None:
+    """Write `data` as JSON (or already serialised) to `path` atomically: temp file,
+    fsync, rename, fsync the directory."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
+            if isinstance(data, str):
+                f.write(data)
+            else:
+                json.dump(data, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
