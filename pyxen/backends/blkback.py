@@ -119,6 +119,13 @@ class BlkBack:
             return B.STATE_UNKNOWN
 
     def _on_frontend(self, path: str, token: str) -> None:
+        try:
+            self._frontend_changed()
+        except Exception as e:  # noqa: BLE001 - report it: a silent watch is a stuck disk
+            self.domain.log(f"blkback {self.vdev or self.devid}: frontend change: {e!r}\n"
+                            f"{traceback.format_exc()}")
+
+    def _frontend_changed(self) -> None:
         with self.lock:
             fe = self._fe_state()
             if fe in (B.STATE_INITIALISED, B.STATE_CONNECTED) and self.state == B.STATE_INITWAIT:
