@@ -161,7 +161,7 @@ class Daemon:
                 write_vbd(self.xsd, domid, disk)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
-        self.request(rec, "start", paused=bool((spec.get("extra") or {}).get("paused")))
+        self.request(rec, "start", timeout=30, paused=bool((spec.get("extra") or {}).get("paused")))
         self.log(f"created domain {domid} ({name}), pid {rec.pid}")
         return rec
 

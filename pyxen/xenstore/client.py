@@ -22,7 +22,7 @@ WatchCallback = Callable[[str, str], None]  # (path, token)
 
 
 class XsClient:
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
