@@ -121,10 +121,12 @@ int app_main(const char *cmdline)
         /* Reap, and refill while the clock runs. */
         for (unsigned long i = 0; i < qd; i++) {
             struct blk_io *io = &ios[i];
+            /* Read once: a completion may land (event upcall) at any time. */
+            int complete = io->complete;
             unsigned long blk;
             int rc;
 
-            if (io->complete && io->submit_ns) {
+            if (complete && io->submit_ns) {
                 if (io->status)
                     fail("%s sector=%lu len=%lu: status %d (blkif %d)",
                          write ? "write" : "read", (unsigned long)io->sector,
@@ -136,7 +138,7 @@ int app_main(const char *cmdline)
                     t_last = io->done_ns;
                 io->submit_ns = 0;
             }
-            if (!io->complete || !submitting)
+            if (!complete || !submitting)
                 continue;
             if (rnd) {
                 rng ^= rng << 13;
@@ -159,9 +161,11 @@ int app_main(const char *cmdline)
         }
         if (!submitting && !inflight)
             break;
-        if (!blkfront_wait_any(dev, &seen, monotonic_ns() + STALL_NS))
+        if (!blkfront_wait_any(dev, &seen, monotonic_ns() + STALL_NS)) {
+            blkfront_dump(dev);
             fail("no completion for %lu s (%lu in flight, connected=%d)",
                  (unsigned long)(STALL_NS / NSEC_PER_SEC), inflight, blkfront_connected(dev));
+        }
     }
     if (want_flush) {
         int rc = blkfront_rw(dev, BLKIF_OP_FLUSH_DISKCACHE, 0, NULL, 0);

@@ -287,6 +287,7 @@ static void wait_progress(const char *what)
     if (!blkfront_wait_any(dev, &seen_completions, monotonic_ns() + STALL_NS)) {
         struct blkfront_stats st;
         blkfront_get_stats(dev, &st);
+        blkfront_dump(dev);
         fail("%s: no completion for %lu s (connected=%d requests=%lu responses=%lu "
              "events=%lu notifies=%lu)", what, (unsigned long)(STALL_NS / NSEC_PER_SEC),
              blkfront_connected(dev), st.ring_requests, st.responses, st.events, st.notifies);

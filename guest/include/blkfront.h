@@ -175,7 +175,8 @@ struct blkfront_info {
 
 /* Open options; zero-initialised means the defaults. */
 struct blkfront_opts {
-    int persistent;                 /* -1 default (on), 0 off, 1 on */
+    int persistent;                 /* -1 default (1), 0 off, 1 if the backend has it,
+                                       2 always (blkif.h allows it) */
     int ring_order;                 /* -1 default (min(backend max, 2)), else wanted order */
     int max_indirect;               /* -1 default (256), 0 = never indirect */
     unsigned int grant_budget;      /* max data grants in flight, 0 = 1024 */
@@ -276,6 +277,8 @@ struct blkfront_stats {
     unsigned long pgrants;          /* persistent grant pages in the pool */
 };
 void blkfront_get_stats(struct blkfront_dev *dev, struct blkfront_stats *st);
+/* One line with the ring's indexes and the connection state (diagnostics). */
+void blkfront_dump(struct blkfront_dev *dev);
 
 /* key=<n>[k|m|g] from a command line, binary suffixes (bs=4k = 4096). */
 unsigned long blk_cmdline_size(const char *cmdline, const char *key, unsigned long dflt);

@@ -522,9 +522,25 @@ static void process_responses(struct blkfront_dev *d)
         uint32_t rp = READ_ONCE(s->rsp_prod);
         rmb();          /* entries up to rp are written before rsp_prod */
         if (rp - d->rsp_cons > d->ring_size) {
-            bad_response(d, "rsp_prod %u runs %u ahead of rsp_cons %u (ring %u); ignoring",
-                         rp, rp - d->rsp_cons, d->rsp_cons, d->ring_size);
-            return;
+            /* Illegal (RING_RESPONSE_PROD_OVERFLOW).  A backend that writes
+             * the index non-atomically shows a passing value: count it,
+             * then look again for a while before giving up on the ring. */
+            const uint32_t *w = (const uint32_t *)s;
+            uint32_t bad = rp;
+            for (unsigned int i = 0; i < 100000 && rp - d->rsp_cons > d->ring_size; i++) {
+                cpu_relax();
+                rp = READ_ONCE(s->rsp_prod);
+            }
+            bad_response(d, "rsp_prod read as %u, %u ahead of rsp_cons %u (ring %u); %s %u",
+                         bad, bad - d->rsp_cons, d->rsp_cons, d->ring_size,
+                         rp - d->rsp_cons > d->ring_size ? "still" : "then", rp);
+            if (rp - d->rsp_cons > d->ring_size) {
+                printk("blkfront: %s: ring header req_prod=%u req_event=%u rsp_prod=%u "
+                       "rsp_event=%u (ours: req_prod_pvt=%u); ring abandoned\n",
+                       d->name, w[0], w[1], w[2], w[3], d->req_prod_pvt);
+                return;
+            }
+            rmb();
         }
         while (d->rsp_cons != rp) {
             struct blkif_response r;
@@ -1269,7 +1285,9 @@ static int connect_backend(struct blkfront_dev *d)
         if (segs < BLKIF_MAX_SEGMENTS_PER_REQUEST)
             segs = BLKIF_MAX_SEGMENTS_PER_REQUEST;
     }
-    persistent = d->opts.persistent && in->feature_persistent;
+    /* persistent=2: reuse a pool of grants even if the backend doesn't map
+     * them persistently (blkif.h allows it; it tests the pool). */
+    persistent = d->opts.persistent == 2 || (d->opts.persistent && in->feature_persistent);
     nind = segs > BLKIF_MAX_SEGMENTS_PER_REQUEST
          ? (segs + BLKIF_SEGS_PER_INDIRECT_FRAME - 1) / BLKIF_SEGS_PER_INDIRECT_FRAME : 0;
 
@@ -1903,6 +1921,25 @@ void blkfront_features(struct blkfront_dev *d, char *buf, size_t size)
     if (!n)
         ADD("none");
 #undef ADD
+}
+
+void blkfront_dump(struct blkfront_dev *d)
+{
+    unsigned long flags = irq_save();
+    const struct blkif_sring *s = d->sring;
+
+    if (s)
+        printk("blkfront: %s: ring req_prod=%u req_event=%u rsp_prod=%u rsp_event=%u "
+               "ours: req_prod_pvt=%u rsp_cons=%u in flight=%u grants=%u gen=%u port=%d "
+               "connected=%d draining=%d fe=%s be=%s\n", d->name,
+               READ_ONCE(s->req_prod), READ_ONCE(s->req_event), READ_ONCE(s->rsp_prod),
+               READ_ONCE(s->rsp_event), d->req_prod_pvt, d->rsp_cons, d->inflight_reqs,
+               d->grants_inflight, d->ring_gen, d->port, d->connected, d->draining,
+               xenbus_state_name(d->fe_state), xenbus_state_name(d->be_state));
+    else
+        printk("blkfront: %s: no ring; fe=%s be=%s gone=%d\n", d->name,
+               xenbus_state_name(d->fe_state), xenbus_state_name(d->be_state), d->gone);
+    irq_restore(flags);
 }
 
 void blkfront_get_stats(struct blkfront_dev *d, struct blkfront_stats *st)
