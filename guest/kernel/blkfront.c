@@ -491,8 +491,11 @@ static void complete_response(struct blkfront_dev *d, const struct blkif_respons
     }
     sh = &d->shadow[(uint32_t)rsp->id];
     io = sh->io;
+    /* For an indirect request the operation is "copied from request"
+     * (BLKIF_OP_INDIRECT) by the letter of blkif.h; Linux's blkback answers
+     * with the inner operation.  Either is fine. */
     want_op = sh->indirect ? BLKIF_OP_INDIRECT : sh->op;
-    if (rsp->operation != want_op)
+    if (rsp->operation != want_op && !(sh->indirect && rsp->operation == sh->op))
         bad_response(d, "response to id 0x%lx has operation %u, request had %u",
                      (unsigned long)rsp->id, rsp->operation, want_op);
     if (status != BLKIF_RSP_OKAY) {
