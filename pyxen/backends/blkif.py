@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..hv import atomic
+
 OP_READ, OP_WRITE, OP_WRITE_BARRIER, OP_FLUSH_DISKCACHE = 0, 1, 2, 3
 OP_DISCARD, OP_INDIRECT = 5, 6
 RSP_OKAY, RSP_ERROR, RSP_EOPNOTSUPP = 0, -1, -2
@@ -134,12 +136,14 @@ class BackRing:
     def __init__(self, buf: memoryview, entries: int) -> None:
         self.buf = buf
         self.n = entries
-        self.req_cons = struct.unpack_from("<I", buf, 0)[0]  # start from what is there
-        self.rsp_prod_pvt = struct.unpack_from("<I", buf, 8)[0]
+        # The indexes are shared with a guest running on another CPU: read and
+        # written with single 32-bit loads and stores, never byte by byte.
+        self.addr = atomic.view_address(buf)
+        self.rsp_prod_pvt = atomic.load32(self.addr + 8)
         self.req_cons = self.rsp_prod_pvt  # nothing outstanding at attach
 
     def pending_requests(self) -> int:
-        req_prod = struct.unpack_from("<I", self.buf, 0)[0]
+        req_prod = atomic.load32(self.addr)
         n = (req_prod - self.req_cons) & 0xFFFFFFFF
         if n > self.n:
             raise ProtocolError(f"request producer {req_prod} ran {n} entries ahead of consumer "
@@ -160,15 +164,15 @@ class BackRing:
 
     def push_responses(self) -> bool:
         """RING_PUSH_RESPONSES_AND_CHECK_NOTIFY."""
-        old = struct.unpack_from("<I", self.buf, 8)[0]
+        old = atomic.load32(self.addr + 8)
         new = self.rsp_prod_pvt
-        struct.pack_into("<I", self.buf, 8, new)
-        rsp_event = struct.unpack_from("<I", self.buf, 12)[0]
+        atomic.store32(self.addr + 8, new)
+        rsp_event = atomic.load32(self.addr + 12)
         return ((new - rsp_event) & 0xFFFFFFFF) < ((new - old) & 0xFFFFFFFF)
 
     def final_check_for_requests(self) -> bool:
         """RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again."""
         if self.pending_requests():
             return True
-        struct.pack_into("<I", self.buf, 4, (self.req_cons + 1) & 0xFFFFFFFF)
+        atomic.store32(self.addr + 4, (self.req_cons + 1) & 0xFFFFFFFF)
         return self.pending_requests() > 0

@@ -20,6 +20,8 @@ import struct
 import threading
 from collections.abc import Callable
 
+from ..hv import atomic
+
 RING = 1024
 OFF_REQ, OFF_RSP = 0, 1024
 OFF_REQ_CONS, OFF_REQ_PROD, OFF_RSP_CONS, OFF_RSP_PROD = 2048, 2052, 2056, 2060
@@ -30,15 +32,25 @@ MAX_BACKLOG = 1 << 20
 THROTTLE = 64 << 10
 
 
+def _idx(page: memoryview, off: int) -> tuple[int, int]:
+    """Two shared indexes, each read with one 32-bit load (the guest writes them)."""
+    a = atomic.view_address(page)
+    return atomic.load32(a + off), atomic.load32(a + off + 4)
+
+
+def _store(page: memoryview, off: int, value: int) -> None:
+    atomic.store32(atomic.view_address(page) + off, value)
+
+
 def take_requests(page: memoryview) -> bytes | None:
     """Consume what the guest produced; None if its indexes are impossible."""
-    cons, prod = struct.unpack_from("<II", page, OFF_REQ_CONS)
+    cons, prod = _idx(page, OFF_REQ_CONS)
     n = (prod - cons) & 0xFFFFFFFF
     if n > RING:
         return None
     out = bytes(page[OFF_REQ + (cons + i) % RING] for i in range(n)) if n < 64 else \
         _ring_read(page, OFF_REQ, cons, n)
-    struct.pack_into("<I", page, OFF_REQ_CONS, prod)
+    _store(page, OFF_REQ_CONS, prod)
     return out
 
 
@@ -53,7 +65,7 @@ def _ring_read(page: memoryview, base: int, cons: int, n: int) -> bytes:
 
 def put_responses(page: memoryview, data: bytes) -> int | None:
     """Copy as much of ``data`` into rsp as fits; None if the indexes are impossible."""
-    cons, prod = struct.unpack_from("<II", page, OFF_RSP_CONS)
+    cons, prod = _idx(page, OFF_RSP_CONS)
     used = (prod - cons) & 0xFFFFFFFF
     if used > RING:
         return None
@@ -63,7 +75,7 @@ def put_responses(page: memoryview, data: bytes) -> int | None:
     page[OFF_RSP + start:OFF_RSP + start + first] = data[:first]
     if first < n:
         page[OFF_RSP:OFF_RSP + n - first] = data[first:n]
-    struct.pack_into("<I", page, OFF_RSP_PROD, (prod + n) & 0xFFFFFFFF)
+    _store(page, OFF_RSP_PROD, (prod + n) & 0xFFFFFFFF)
     return n
 
 

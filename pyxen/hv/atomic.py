@@ -35,6 +35,9 @@ _and2.restype = ctypes.c_uint16
 _xchg8 = _lib.__atomic_exchange_8
 _xchg8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
 _xchg8.restype = ctypes.c_uint64
+_store4 = _lib.__atomic_store_4
+_store4.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+_store4.restype = None
 _load4 = _lib.__atomic_load_4
 _load4.argtypes = [ctypes.c_void_p, ctypes.c_int]
 _load4.restype = ctypes.c_uint32
@@ -63,6 +66,20 @@ def cas32(addr: int, expected: int, new: int) -> tuple[bool, int]:
 
 def load32(addr: int) -> int:
     return int(_load4(addr, SEQ_CST))
+
+
+def store32(addr: int, value: int) -> None:
+    """One 32-bit store.  struct.pack_into writes byte by byte, which another CPU
+    reading a ring index can observe half done; shared indexes use this."""
+    _store4(addr, value & 0xFFFFFFFF, SEQ_CST)
+
+
+def view_address(mv: memoryview) -> int:
+    """Host address of a writable memoryview's first byte."""
+    c = ctypes.c_char.from_buffer(mv)
+    a = ctypes.addressof(c)
+    del c
+    return a
 
 
 def fetch_or64(addr: int, bits: int) -> int:
