@@ -320,30 +320,41 @@ class BlkBack:
         return segs
 
     def _io(self, req: B.Request, op: int, segs: list[B.Segment], sector: int) -> int:
+        """Check every segment's grant, then move the whole request with one
+        vectored call straight between the image and the guest's pages."""
         d = self.domain
         ram = d.machine.ram_view
-        pos = sector * B.SECTOR
-        for s in segs:
+        gt = d.gnttab
+        views: list[memoryview] = []
+        held: list[int] = []
+        try:
+            for s in segs:
+                try:
+                    off = gt.host_acquire(s.gref, BACKEND_DOMID, op == B.OP_READ)
+                except XenError as e:
+                    self.domain.log(f"blkback {self.devid}: request {req.id}: {e.why}")
+                    return B.RSP_ERROR
+                held.append(s.gref)
+                views.append(ram[off + s.first * B.SECTOR:off + (s.last + 1) * B.SECTOR])
+            pos = sector * B.SECTOR
+            nbytes = sum(len(v) for v in views)
             try:
-                off = d.gnttab.host_acquire(s.gref, BACKEND_DOMID, op == B.OP_READ)
-            except XenError as e:
-                self.domain.log(f"blkback {self.devid}: request {req.id}: {e.why}")
-                return B.RSP_ERROR
-            try:
-                view = ram[off + s.first * B.SECTOR:off + (s.last + 1) * B.SECTOR]
                 if op == B.OP_READ:
-                    self.image.readinto(pos, view)
-                    d.mark_dirty(d.pfn_to_mfn(off >> 12))
-                    self.stats["read_bytes"] += s.nbytes
+                    self.image.readinto_vec(pos, views)
+                    for s in segs:  # we wrote into these guest pages: migration must resend them
+                        d.mark_dirty_granted(s.gref)
+                    self.stats["read_bytes"] += nbytes
                 else:
-                    self.image.write(pos, view)
-                    self.stats["write_bytes"] += s.nbytes
+                    self.image.write_vec(pos, views)
+                    self.stats["write_bytes"] += nbytes
             except (ImageError, OSError) as e:
                 self.domain.log(f"blkback {self.devid}: I/O error at {pos}: {e}")
                 return B.RSP_ERROR
-            finally:
-                d.gnttab.host_release(s.gref)
-            pos += s.nbytes
+        finally:
+            for v in views:
+                v.release()
+            for ref in held:
+                gt.host_release(ref)
         self.stats["reads" if op == B.OP_READ else "writes"] += 1
         return B.RSP_OKAY
 

@@ -228,6 +228,13 @@ class Domain:
                 out.add(v.vi_mfn)
         return out
 
+    def mark_dirty_granted(self, ref: int) -> None:
+        """A backend wrote the page our guest granted as ``ref`` (dirty log)."""
+        if not self.dirty_logging:
+            return
+        off = self.machine.xenheap_offset(M.XH_GRANT) + ref * 8 + 4
+        self.mark_dirty(struct.unpack_from("<I", self.machine.ram, off)[0])
+
     def mark_dirty(self, mfn: int) -> None:
         if self.dirty_logging:
             self.host_dirty.add(mfn)

@@ -43,6 +43,19 @@ class BlockImage(ABC):
     def flush(self) -> None:
         """Make every completed write durable (fdatasync or the format's equivalent)."""
 
+    def readinto_vec(self, offset: int, bufs: list[memoryview]) -> None:
+        """Fill ``bufs`` one after the other from ``offset`` (scatter).  Formats
+        that can do it in one system call override this."""
+        for b in bufs:
+            self.readinto(offset, b)
+            offset += len(b)
+
+    def write_vec(self, offset: int, bufs: list[memoryview]) -> None:
+        """Write ``bufs`` one after the other from ``offset`` (gather)."""
+        for b in bufs:
+            self.write(offset, b)
+            offset += len(b)
+
     def discard(self, offset: int, length: int) -> None:  # noqa: B027 - optional, default no-op
         """The guest no longer needs these bytes; formats may free space (default: nothing)."""
 

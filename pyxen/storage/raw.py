@@ -158,6 +158,45 @@ class RawImage(BlockImage):
                 return
             done += got
 
+    def readinto_vec(self, offset: int, bufs: list[memoryview]) -> None:
+        """One ``preadv`` for all of ``bufs`` (a blkif request's segments)."""
+        views = [_bytes_view(b) for b in bufs]
+        n = sum(len(v) for v in views)
+        self._check("read", offset, n)
+        try:
+            got = os.preadv(self._fd, views, offset)
+        except InterruptedError:
+            got = 0
+        except OSError as e:
+            raise ImageError(f"{self.name}: read of {n} bytes at {offset} failed: {_errname(e)}") from e
+        if got < n:  # short: finish buffer by buffer
+            super().readinto_vec(offset, views) if got == 0 else self._finish(offset, views, got, True)
+
+    def write_vec(self, offset: int, bufs: list[memoryview]) -> None:
+        """One ``pwritev`` for all of ``bufs``."""
+        views = [_bytes_view(b) for b in bufs]
+        n = sum(len(v) for v in views)
+        self._check_writable("write")
+        self._check("write", offset, n)
+        try:
+            done = os.pwritev(self._fd, views, offset)
+        except InterruptedError:
+            done = 0
+        except OSError as e:
+            raise ImageError(f"{self.name}: write of {n} bytes at {offset} failed: {_errname(e)}") from e
+        if done < n:
+            self._finish(offset, views, done, False)
+
+    def _finish(self, offset: int, views: list[memoryview], done: int, read: bool) -> None:
+        for v in views:
+            if done >= len(v):
+                done -= len(v)
+                offset += len(v)
+                continue
+            (self.readinto if read else self.write)(offset + done, v[done:])
+            offset += len(v)
+            done = 0
+
     def write(self, offset: int, data: memoryview | bytes) -> None:
         self._check_writable("write")
         view = _bytes_view(data)
