@@ -14,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import mmap
 
-_lib = ctypes.CDLL("libatomic.so.1")
+# PyDLL: these calls take nanoseconds, so keep the GIL (a CDLL call releases and
+# re-acquires it, and winning it back from busy backend threads costs far more).
+_lib = ctypes.PyDLL("libatomic.so.1")
 SEQ_CST = 5
 
 _cas2 = _lib.__atomic_compare_exchange_2
