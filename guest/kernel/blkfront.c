@@ -357,6 +357,71 @@ static void end_or_defer(struct blkfront_dev *d, grant_ref_t ref, int count_busy
     }
 }
 
+/*
+ * The grants of a request that got no answer when its ring went away.  A
+ * backend may still hold that request (taken off the ring but not started:
+ * nothing marks the grant in use yet), so the ref must not come back into
+ * use right away for another page granted to the same domain.  Revoke it,
+ * then take it again at once (the free list is LIFO and events are masked)
+ * and park it, granted read-only to nobody (DOMID_INVALID), for
+ * QUARANTINE_NS; a late access through it fails cleanly.
+ */
+#define QUARANTINE_MAX  2048
+#define QUARANTINE_NS   (30 * NSEC_PER_SEC)
+#define DOMID_INVALID_BLK 0x7FF4U
+static struct { grant_ref_t ref; uint64_t until; } quarantine[QUARANTINE_MAX];
+static unsigned int nquarantine;
+
+/* A page nobody uses, named by parked grants. */
+static char park_page[PAGE_SIZE] __aligned(PAGE_SIZE);
+
+/* ref was just freed (events masked): take it again and park it. */
+static void park_freed(void)
+{
+    int r;
+
+    if (nquarantine >= QUARANTINE_MAX)
+        return;
+    r = gnttab_grant_access(DOMID_INVALID_BLK, virt_to_mfn(park_page), 1);
+    if (r < 0)
+        return;
+    /* r is the ref just freed (LIFO); if not, another one is parked: harmless. */
+    quarantine[nquarantine].ref = (grant_ref_t)r;
+    quarantine[nquarantine].until = monotonic_ns() + QUARANTINE_NS;
+    nquarantine++;
+}
+
+static void quarantine_ref(grant_ref_t ref)
+{
+    unsigned long flags = irq_save();
+
+    if (gnttab_end_access(ref) == -XEN_EBUSY)
+        defer_end(ref, NULL);           /* still in use: it can't be reused anyway */
+    else
+        park_freed();
+    irq_restore(flags);
+}
+
+/* Thread context: release parked refs whose time is up. */
+static void release_quarantine(void)
+{
+    uint64_t now = monotonic_ns();
+    unsigned int i = 0;
+
+    while (i < nquarantine) {
+        unsigned long flags = irq_save();
+        if (quarantine[i].until > now) {
+            irq_restore(flags);
+            i++;
+            continue;
+        }
+        if (gnttab_end_access(quarantine[i].ref) == -XEN_EBUSY)
+            defer_end(quarantine[i].ref, NULL);
+        quarantine[i] = quarantine[--nquarantine];
+        irq_restore(flags);
+    }
+}
+
 /* ---------------------------------------------------------------- */
 /* I/O list and completion (events masked) */
 
@@ -429,7 +494,8 @@ static void pool_put(struct blkfront_dev *d, int32_t pg)
 
 /*
  * Give back what a request held.  copy_out: a successful read whose data
- * sits in persistent pages.  lost: the ring went away (no response).
+ * sits in persistent pages.  lost: 1 = never sent (undo), 2 = the ring
+ * went away without an answer (grants quarantined).
  */
 static void release_shadow(struct blkfront_dev *d, struct shadow *sh, int copy_out, int lost)
 {
@@ -444,7 +510,10 @@ static void release_shadow(struct blkfront_dev *d, struct shadow *sh, int copy_o
             }
             pool_put(d, s->pg);
         } else {
-            end_or_defer(d, s->ref, !lost);
+            if (lost == 2)
+                quarantine_ref(s->ref);
+            else
+                end_or_defer(d, s->ref, !lost);
             d->grants_inflight--;
         }
         user += s->len;
@@ -453,7 +522,10 @@ static void release_shadow(struct blkfront_dev *d, struct shadow *sh, int copy_o
         if (sh->ind_pg[i] >= 0) {
             pool_put(d, sh->ind_pg[i]);
         } else {
-            end_or_defer(d, sh->ind_ref[i], !lost);
+            if (lost == 2)
+                quarantine_ref(sh->ind_ref[i]);
+            else
+                end_or_defer(d, sh->ind_ref[i], !lost);
             d->grants_inflight--;
         }
     }
@@ -943,14 +1015,23 @@ static int alloc_shadows(struct blkfront_dev *d, unsigned int n, unsigned int se
     return 0;
 }
 
-static void free_pool(struct blkfront_dev *d)
+/* park: some requests got no answer, so the backend may still name
+ * these refs; otherwise they are simply ended. */
+static void free_pool(struct blkfront_dev *d, int park)
 {
     if (!d->pool)
         return;
     for (unsigned int i = 0; i < d->pool_n; i++) {
-        if (gnttab_end_access(d->pool[i].ref) == -XEN_EBUSY)
+        /* The backend may still hold requests naming these refs: park
+         * them like the grants of unanswered requests. */
+        unsigned long flags = irq_save();
+        int busy = gnttab_end_access(d->pool[i].ref) == -XEN_EBUSY;
+        if (busy)
             defer_end(d->pool[i].ref, d->pool[i].va);
-        else
+        else if (park)
+            park_freed();
+        irq_restore(flags);
+        if (!busy)
             free_pages(d->pool[i].va, 1);
     }
     free_pages(d->pool, d->pool_pages);
@@ -1102,7 +1183,7 @@ static void teardown(struct blkfront_dev *d)
             io->sent = 0;
         }
         io->outstanding--;
-        release_shadow(d, sh, 0, 1);
+        release_shadow(d, sh, 0, 2);
         put_shadow(d, sh);
         lost++;
     }
@@ -1115,7 +1196,7 @@ static void teardown(struct blkfront_dev *d)
     irq_restore(flags);
     if (d->sring)
         free_ring(d);
-    free_pool(d);
+    free_pool(d, lost > 0);
     d->info.persistent = 0;
     if (lost)
         dlog(d, "blkfront: %s: %u requests in flight will be sent again\n", d->name, lost);
@@ -1323,7 +1404,7 @@ static int connect_backend(struct blkfront_dev *d)
         if (rc < (int)(segs + nind)) {
             printk("blkfront: %s: only %d persistent grant pages; not using persistent grants\n",
                    d->name, rc);
-            free_pool(d);
+            free_pool(d, 0);
             persistent = 0;
             if (nind && !d->shadow[0].ind_page[0]) {
                 rc = alloc_shadows(d, d->ring_size, segs, 1);
@@ -1591,7 +1672,8 @@ static void dev_thread(void *arg)
     struct kick_wait k = { d, 0 };
 
     for (;;) {
-        uint64_t dl = ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0;
+        uint64_t dl = ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC
+                    : nquarantine ? monotonic_ns() + NSEC_PER_SEC : 0;
         blk_wait(kicked, &k, dl);
         if (d->exiting)
             break;
@@ -1601,6 +1683,8 @@ static void dev_thread(void *arg)
         dev_unlock(d);
         if (ndeferred)
             retry_deferred();
+        if (nquarantine)
+            release_quarantine();
     }
     d->thread = NULL;
     blk_wake_all();
@@ -1625,11 +1709,6 @@ void blkfront_opts_from_cmdline(struct blkfront_opts *o, const char *cmdline)
     o->timeout_ns = cmdline_get_ulong(cmdline, "timeout", 0) * NSEC_PER_SEC;
     o->quiet = (int)cmdline_get_ulong(cmdline, "quiet", 0);
 }
-
-struct vbd_wait {
-    struct xenbus_watch *w;
-    unsigned long seen;
-};
 
 unsigned long blk_cmdline_size(const char *cmdline, const char *key, unsigned long dflt)
 {
@@ -1681,12 +1760,10 @@ static int find_vbd(const char *vdev, unsigned int *devid, uint64_t deadline)
                     best = id;
             }
             if (best != ~0UL) {
-                char path[64], buf[8];
-                /* The toolstack writes the directory in one transaction;
-                 * still, wait until "backend" is there. */
+                char path[64];
+                /* Wait until "backend" is there too. */
                 snprintf(path, sizeof(path), "device/vbd/%lu/backend", best);
                 if (xenbus_read(XBT_NIL, path, list, sizeof(list)) > 0) {
-                    (void)buf;
                     *devid = (unsigned int)best;
                     rc = 0;
                     break;
