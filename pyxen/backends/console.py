@@ -23,19 +23,9 @@ OFF_IN, OFF_OUT = 0, 1024
 OFF_IN_CONS, OFF_IN_PROD, OFF_OUT_CONS, OFF_OUT_PROD = 3072, 3076, 3080, 3084
 
 
-def _idx(page: memoryview, off: int) -> tuple[int, int]:
-    """Two shared indexes, each read with one 32-bit load (the guest writes them)."""
-    a = atomic.view_address(page)
-    return atomic.load32(a + off), atomic.load32(a + off + 4)
-
-
-def _store(page: memoryview, off: int, value: int) -> None:
-    atomic.store32(atomic.view_address(page) + off, value)
-
-
 def ring_consume(page: memoryview) -> bytes:
     """Take everything the guest produced in ``out`` and advance out_cons."""
-    cons, prod = _idx(page, OFF_OUT_CONS)
+    cons, prod = atomic.load_pair(page, OFF_OUT_CONS)
     avail = (prod - cons) & 0xFFFFFFFF
     if avail == 0:
         return b""
@@ -47,20 +37,20 @@ def ring_consume(page: memoryview) -> bytes:
     data = bytes(page[OFF_OUT + start:OFF_OUT + start + first])
     if first < avail:
         data += bytes(page[OFF_OUT:OFF_OUT + avail - first])
-    _store(page, OFF_OUT_CONS, prod)
+    atomic.store_index(page, OFF_OUT_CONS, prod)
     return data
 
 
 def ring_produce_input(page: memoryview, data: bytes) -> int:
     """Put as much of ``data`` into ``in`` as fits; return how much was written."""
-    cons, prod = _idx(page, OFF_IN_CONS)
+    cons, prod = atomic.load_pair(page, OFF_IN_CONS)
     used = (prod - cons) & 0xFFFFFFFF
     if used > IN_SIZE:
         return 0
     n = min(len(data), IN_SIZE - used)
     for i in range(n):
         page[OFF_IN + (prod + i) % IN_SIZE] = data[i]
-    _store(page, OFF_IN_PROD, (prod + n) & 0xFFFFFFFF)
+    atomic.store_index(page, OFF_IN_PROD, (prod + n) & 0xFFFFFFFF)
     return n
 
 

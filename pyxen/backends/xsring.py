@@ -32,25 +32,15 @@ MAX_BACKLOG = 1 << 20
 THROTTLE = 64 << 10
 
 
-def _idx(page: memoryview, off: int) -> tuple[int, int]:
-    """Two shared indexes, each read with one 32-bit load (the guest writes them)."""
-    a = atomic.view_address(page)
-    return atomic.load32(a + off), atomic.load32(a + off + 4)
-
-
-def _store(page: memoryview, off: int, value: int) -> None:
-    atomic.store32(atomic.view_address(page) + off, value)
-
-
 def take_requests(page: memoryview) -> bytes | None:
     """Consume what the guest produced; None if its indexes are impossible."""
-    cons, prod = _idx(page, OFF_REQ_CONS)
+    cons, prod = atomic.load_pair(page, OFF_REQ_CONS)
     n = (prod - cons) & 0xFFFFFFFF
     if n > RING:
         return None
     out = bytes(page[OFF_REQ + (cons + i) % RING] for i in range(n)) if n < 64 else \
         _ring_read(page, OFF_REQ, cons, n)
-    _store(page, OFF_REQ_CONS, prod)
+    atomic.store_index(page, OFF_REQ_CONS, prod)
     return out
 
 
@@ -65,7 +55,7 @@ def _ring_read(page: memoryview, base: int, cons: int, n: int) -> bytes:
 
 def put_responses(page: memoryview, data: bytes) -> int | None:
     """Copy as much of ``data`` into rsp as fits; None if the indexes are impossible."""
-    cons, prod = _idx(page, OFF_RSP_CONS)
+    cons, prod = atomic.load_pair(page, OFF_RSP_CONS)
     used = (prod - cons) & 0xFFFFFFFF
     if used > RING:
         return None
@@ -75,7 +65,7 @@ def put_responses(page: memoryview, data: bytes) -> int | None:
     page[OFF_RSP + start:OFF_RSP + start + first] = data[:first]
     if first < n:
         page[OFF_RSP:OFF_RSP + n - first] = data[first:n]
-    _store(page, OFF_RSP_PROD, (prod + n) & 0xFFFFFFFF)
+    atomic.store_index(page, OFF_RSP_PROD, (prod + n) & 0xFFFFFFFF)
     return n
 
 

@@ -84,6 +84,18 @@ def view_address(mv: memoryview) -> int:
     return a
 
 
+def load_pair(page: memoryview, off: int) -> tuple[int, int]:
+    """Two adjacent 32-bit ring indexes (cons, prod) the other side writes,
+    each read with one load."""
+    a = view_address(page)
+    return load32(a + off), load32(a + off + 4)
+
+
+def store_index(page: memoryview, off: int, value: int) -> None:
+    """Publish a ring index with one 32-bit store."""
+    store32(view_address(page) + off, value)
+
+
 def fetch_or64(addr: int, bits: int) -> int:
     return int(_or8(addr, bits, SEQ_CST))
 
