@@ -26,19 +26,24 @@ needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
 def run_verify(host, disk: str, name: str, extra: str = "mib=4", timeout: float = 60) -> str:  # noqa: ANN001
     d = host.create(CFG, [f'name="{name}"', f'extra="{extra}"', f"disk=[\"{disk}\"]"])
     s = host.console_socket(d)
-    s.settimeout(timeout)
-    out = b""
-    end = time.monotonic() + timeout
-    while not re.search(rb"blkverify: (OK|FAIL)", out):
-        assert time.monotonic() < end, out.decode(errors="replace")
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        out += chunk
+    out = wait_verify(s, timeout)
     s.close()
     text = out.decode(errors="replace")
     assert "blkverify: OK" in text, text[-3000:]
     return text
+
+
+def wait_verify(s: socket.socket, timeout: float = 60) -> bytes:
+    """Console output up to blkverify's verdict (OK or FAIL)."""
+    s.settimeout(timeout)
+    out = b""
+    end = time.monotonic() + timeout
+    while not re.search(rb"blkverify: (OK|FAIL)", out) and time.monotonic() < end:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    return out
 
 
 def qemu_check(path: Path) -> None:
@@ -124,13 +129,7 @@ def test_flushed_data_survives_kill_9(host, tmp_path: Path) -> None:  # noqa: AN
     d = host.create(CFG, ['name="blk-dur"', 'extra="mib=2 seed=9"', f'disk=["{disk}"]',
                           'on_poweroff="preserve"'])
     s = host.console_socket(d)
-    s.settimeout(60)
-    out = b""
-    while b"blkverify: OK" not in out and b"FAIL" not in out:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        out += chunk
+    out = wait_verify(s)
     assert b"blkverify: OK" in out, out[-2000:]
     pid = next(x["pid"] for x in host.list() if x["domid"] == d)
     os.kill(pid, signal.SIGKILL)  # no clean shutdown of the backend
@@ -160,16 +159,10 @@ def test_hotplug_attach_while_running_and_detach(host, tmp_path: Path) -> None: 
         f.truncate(16 << 20)
     d = host.create(CFG, ['name="blk-hot"', 'extra="mib=2 timeout=30"', "disk=[]"])
     s = host.console_socket(d)
-    s.settimeout(30)
     time.sleep(0.5)
     r = cli(["block-attach", "blk-hot", f"format=raw,vdev=xvdb,access=rw,target={img}"], host.run_dir)
     assert r.returncode == 0, r.stderr
-    out = b""
-    while b"blkverify: OK" not in out and b"FAIL" not in out:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        out += chunk
+    out = wait_verify(s)
     assert b"blkverify: OK" in out, (out[-2000:], host.dmesg()[-30:])
     s.close()
     # detach from a domain whose frontend never connected (ticker has no blkfront)
@@ -206,13 +199,7 @@ def test_encrypted_qcow2(host, tmp_path: Path) -> None:  # noqa: ANN001
     d = host.create(CFG, ['name="blk-enc"', 'extra="mib=2 seed=5"',
                           f'disk=["format=qcow2,vdev=xvda,target={enc}"]', f'disk_secrets=["xvda={secret}"]'])
     s = host.console_socket(d)
-    s.settimeout(60)
-    out = b""
-    while b"blkverify: OK" not in out and b"FAIL" not in out:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        out += chunk
+    out = wait_verify(s)
     assert b"blkverify: OK" in out, out[-2000:]
     s.close()
     time.sleep(0.5)
