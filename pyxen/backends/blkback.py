@@ -28,7 +28,9 @@ from __future__ import annotations
 import mmap
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..abi import XenError
@@ -67,6 +69,7 @@ class BlkBack:
         self.port = 0
         self.lock = threading.RLock()  # state machine
         self.ring_lock = threading.Lock()  # responses
+        self.proc_lock = threading.RLock()  # held while the service thread reads the ring
         self.wake = threading.Event()
         self.stop = False
         self.detaching = False
@@ -199,10 +202,12 @@ class BlkBack:
     def _disconnect(self) -> None:
         if self.ring is None:
             return
-        self._drain()
-        d = self.domain
-        d.evtchn.remote_closed(self.port, BACKEND_DOMID)
-        self.ring = None
+        with self.proc_lock:  # the service thread is not inside the ring any more
+            self._drain()
+            d = self.domain
+            d.evtchn.remote_closed(self.port, BACKEND_DOMID)
+            with self.ring_lock:
+                self.ring = None
         if self.ring_view is not None:
             self.ring_view.release()
             self.ring_view = None
@@ -234,7 +239,9 @@ class BlkBack:
             if ring is None:
                 continue
             try:
-                self._process(ring)
+                with self.proc_lock:  # _disconnect waits for this before unmapping the ring
+                    if self.ring is ring:
+                        self._process(ring)
             except B.ProtocolError as e:
                 with self.lock:
                     self._fail(f"protocol error: {e}")
@@ -250,6 +257,9 @@ class BlkBack:
                 return
 
     def _dispatch(self, req: B.Request) -> None:
+        """Check a request and take its grants *here*, as it leaves the ring (as
+        Xen's blkback maps them at dispatch): a frontend cannot revoke and reuse
+        a page of a request that is still waiting for a worker."""
         if req.error:
             return self._respond(req, B.RSP_EOPNOTSUPP if req.error.startswith("operation")
                                  else B.RSP_ERROR, req.error)
@@ -258,8 +268,9 @@ class BlkBack:
             status = B.RSP_OKAY
             if req.segments:  # a barrier may carry data: write it first, in order
                 err = B.check_range(req, self.sectors)
-                status = B.RSP_ERROR if err or self.readonly else \
-                    self._io(req, B.OP_WRITE, req.segments, req.sector)
+                grabbed = None if err or self.readonly else self._grab(req, B.OP_WRITE, req.segments)
+                status = B.RSP_ERROR if grabbed is None else \
+                    self._transfer(B.OP_WRITE, grabbed, req.sector)
             try:
                 self.image.flush()
                 self.stats["flushes"] += 1
@@ -267,10 +278,26 @@ class BlkBack:
                 status = B.RSP_ERROR
                 self.domain.log(f"blkback {self.devid}: flush failed: {e}")
             return self._respond(req, status)
-        if req.operation in (B.OP_WRITE, B.OP_DISCARD) or req.indirect_op == B.OP_WRITE:
-            if self.readonly:
-                return self._respond(req, B.RSP_ERROR, "write to a read-only disk")
-        fut = self.pool.submit(self._run, req)
+        op = req.indirect_op if req.operation == B.OP_INDIRECT else req.operation
+        if op in (B.OP_WRITE, B.OP_DISCARD) and self.readonly:
+            return self._respond(req, B.RSP_ERROR, "write to a read-only disk")
+        if req.operation == B.OP_DISCARD:
+            return self._submit(req, self._run_discard, req)
+        try:
+            if req.operation == B.OP_INDIRECT:
+                req.segments = self._indirect_segments(req)
+        except _BadRequest as e:
+            return self._respond(req, B.RSP_ERROR, str(e))
+        err = B.check_range(req, self.sectors)
+        if err:
+            return self._respond(req, B.RSP_ERROR, err)
+        grabbed = self._grab(req, op, req.segments or [])
+        if grabbed is None:
+            return self._respond(req, B.RSP_ERROR)
+        self._submit(req, self._run_io, req, op, grabbed)
+
+    def _submit(self, req: B.Request, fn: Callable[..., None], *args: object) -> None:
+        fut = self.pool.submit(fn, *args)
         self.inflight.add(fut)
         fut.add_done_callback(self.inflight.discard)
 
@@ -278,29 +305,26 @@ class BlkBack:
         for f in list(self.inflight):
             f.result()
 
-    def _run(self, req: B.Request) -> None:
+    def _run_discard(self, req: B.Request) -> None:
         try:
-            if req.operation == B.OP_DISCARD:
-                err = B.check_range(req, self.sectors)
-                if err:
-                    return self._respond(req, B.RSP_ERROR, err)
-                if not self.image.supports_discard:
-                    return self._respond(req, B.RSP_EOPNOTSUPP)
-                self.image.discard(req.sector * B.SECTOR, req.nr_sectors * B.SECTOR)
-                self.stats["discards"] += 1
-                return self._respond(req, B.RSP_OKAY)
-            op = req.operation
-            if op == B.OP_INDIRECT:
-                op = req.indirect_op
-                req.segments = self._indirect_segments(req)
             err = B.check_range(req, self.sectors)
             if err:
                 return self._respond(req, B.RSP_ERROR, err)
-            self._respond(req, self._io(req, op, req.segments or [], req.sector))
-        except _BadRequest as e:
-            self._respond(req, B.RSP_ERROR, str(e))
+            if not self.image.supports_discard:
+                return self._respond(req, B.RSP_EOPNOTSUPP)
+            self.image.discard(req.sector * B.SECTOR, req.nr_sectors * B.SECTOR)
+            self.stats["discards"] += 1
+            self._respond(req, B.RSP_OKAY)
         except Exception as e:  # noqa: BLE001
             self._respond(req, B.RSP_ERROR, f"{e!r}")
+
+    def _run_io(self, req: B.Request, op: int, grabbed: _Grabbed) -> None:
+        try:
+            status = self._transfer(op, grabbed, req.sector)
+        except Exception as e:  # noqa: BLE001
+            self.domain.log(f"blkback {self.devid}: request {req.id}: {e!r}")
+            status = B.RSP_ERROR
+        self._respond(req, status)
 
     def _indirect_segments(self, req: B.Request) -> list[B.Segment]:
         d = self.domain
@@ -319,55 +343,68 @@ class BlkBack:
             raise _BadRequest(err)
         return segs
 
-    def _io(self, req: B.Request, op: int, segs: list[B.Segment], sector: int) -> int:
-        """Check every segment's grant, then move the whole request with one
-        vectored call straight between the image and the guest's pages."""
+    def _grab(self, req: B.Request, op: int, segs: list[B.Segment]) -> _Grabbed | None:
+        """Check and hold every segment's grant; views of the guest's pages."""
         d = self.domain
         ram = d.machine.ram_view
         gt = d.gnttab
-        views: list[memoryview] = []
-        held: list[int] = []
-        try:
-            for s in segs:
-                try:
-                    off = gt.host_acquire(s.gref, BACKEND_DOMID, op == B.OP_READ)
-                except XenError as e:
-                    self.domain.log(f"blkback {self.devid}: request {req.id}: {e.why}")
-                    return B.RSP_ERROR
-                held.append(s.gref)
-                views.append(ram[off + s.first * B.SECTOR:off + (s.last + 1) * B.SECTOR])
-            pos = sector * B.SECTOR
-            nbytes = sum(len(v) for v in views)
+        g = _Grabbed([], [], [])
+        for s in segs:
             try:
-                if op == B.OP_READ:
-                    self.image.readinto_vec(pos, views)
-                    for s in segs:  # we wrote into these guest pages: migration must resend them
-                        d.mark_dirty_granted(s.gref)
-                    self.stats["read_bytes"] += nbytes
-                else:
-                    self.image.write_vec(pos, views)
-                    self.stats["write_bytes"] += nbytes
-            except (ImageError, OSError) as e:
-                self.domain.log(f"blkback {self.devid}: I/O error at {pos}: {e}")
-                return B.RSP_ERROR
+                off = gt.host_acquire(s.gref, BACKEND_DOMID, op == B.OP_READ)
+            except XenError as e:
+                self.domain.log(f"blkback {self.devid}: request {req.id}: {e.why}")
+                self._release(g)
+                return None
+            g.refs.append(s.gref)
+            g.views.append(ram[off + s.first * B.SECTOR:off + (s.last + 1) * B.SECTOR])
+            g.mfns.append(d.pfn_to_mfn(off >> 12))
+        return g
+
+    def _release(self, g: _Grabbed) -> None:
+        for v in g.views:
+            v.release()
+        for ref in g.refs:
+            self.domain.gnttab.host_release(ref)
+        g.views.clear()
+        g.refs.clear()
+
+    def _transfer(self, op: int, g: _Grabbed, sector: int) -> int:
+        """Move the whole request with one vectored call straight between the
+        image and the guest's pages, then let the grants go."""
+        d = self.domain
+        pos = sector * B.SECTOR
+        nbytes = sum(len(v) for v in g.views)
+        try:
+            if op == B.OP_READ:
+                self.image.readinto_vec(pos, g.views)
+                for mfn in g.mfns:  # we wrote these guest pages: migration resends them
+                    d.mark_dirty(mfn)
+                self.stats["read_bytes"] += nbytes
+                self.stats["reads"] += 1
+            else:
+                self.image.write_vec(pos, g.views)
+                self.stats["write_bytes"] += nbytes
+                self.stats["writes"] += 1
+            return B.RSP_OKAY
+        except (ImageError, OSError) as e:
+            self.domain.log(f"blkback {self.devid}: I/O error at {pos}: {e}")
+            return B.RSP_ERROR
         finally:
-            for v in views:
-                v.release()
-            for ref in held:
-                gt.host_release(ref)
-        self.stats["reads" if op == B.OP_READ else "writes"] += 1
-        return B.RSP_OKAY
+            self._release(g)
 
     def _respond(self, req: B.Request, status: int, why: str = "") -> None:
         if status != B.RSP_OKAY:
             self.stats["errors"] += 1
             if why:
                 self.domain.log(f"blkback {self.vdev or self.devid}: request {req.id}: {why}")
+        op = req.indirect_op if req.operation == B.OP_INDIRECT and req.indirect_op >= 0 \
+            else req.operation  # an indirect request is answered with its READ/WRITE (as Linux)
         with self.ring_lock:
             ring = self.ring
             if ring is None:
                 return
-            ring.put_response(req.id, req.operation, status)
+            ring.put_response(req.id, op, status)
             notify = ring.push_responses()
         if notify:
             self.domain.raise_port(self.port, self.domain.evtchn.notify_vcpu(self.port))
@@ -408,3 +445,12 @@ class BlkBack:
 
 class _BadRequest(Exception):
     pass
+
+
+@dataclass
+class _Grabbed:
+    """A request's held grants and the guest memory they give access to."""
+
+    refs: list[int]
+    views: list[memoryview]
+    mfns: list[int]

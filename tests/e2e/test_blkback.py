@@ -255,3 +255,22 @@ def test_frontend_closing_and_reconnecting(setup) -> None:  # noqa: ANN001
     front.grant(2, DATA_PFN)
     front.rw(B.OP_READ, 1, 0, [(2, 0, 7)])
     assert front.responses(1) == [(1, B.OP_READ, 0)]
+
+
+def test_disconnect_while_requests_are_in_flight(setup) -> None:  # noqa: ANN001
+    """The frontend closes with requests queued: the backend finishes or drops
+    them without touching the unmapped ring, and the grants are all released."""
+    d, xs, front, img, bb = setup
+    front.connect()
+    for i in range(8):
+        front.grant(10 + i, DATA_PFN + i)
+    for i in range(24):
+        front.rw(B.OP_READ, i, i * 8, [(10 + i % 8, 0, 7)])
+    xs.write(f"{front.fe}/state", "5")
+    wait(lambda: xs.read(f"{front.be}/state") == "5", "backend Closing")
+    time.sleep(0.2)
+    assert not any("memoryview" in line or "Traceback" in line for line in d.dmesg), d.dmesg
+    base = d.machine.xenheap_offset(M.XH_GRANT)
+    for ref in [1] + list(range(10, 18)):
+        flags = struct.unpack_from("<H", d.machine.ram, base + ref * 8)[0]
+        assert flags == G.GTF_permit_access, (ref, flags)
