@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def test_cli_create_console_hello(guest: Path, tmp_path: Path) -> None:
         assert b"poweroff" in r.stdout
     finally:
         cli(["daemon", "stop"], rd)
+        shutil.rmtree(rd, ignore_errors=True)
 
 
 def test_cli_reports_bad_kernel_and_config(guest: Path, tmp_path: Path) -> None:
@@ -157,6 +159,7 @@ def test_cli_reports_bad_kernel_and_config(guest: Path, tmp_path: Path) -> None:
         assert b"<command line>:3: unknown key 'frobnicate'" in r.stderr
     finally:
         cli(["daemon", "stop"], rd)
+        shutil.rmtree(rd, ignore_errors=True)
 
 
 @pytest.mark.parametrize("order", ["destroy", "crash"])
