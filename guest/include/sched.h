@@ -50,4 +50,21 @@ uint64_t sched_next_deadline(void);      /* earliest sleeper, 0 = none */
  */
 void hv_wait(uint64_t deadline_ns);
 
+/*
+ * A wait queue: threads park in it while their condition is false; whoever
+ * may have made a condition true wakes them all and each re-checks its own.
+ * The idle thread never blocks: it waits in place with hv_wait.  When every
+ * slot is taken, the waiter polls every millisecond if poll_when_full, else
+ * the kernel panics (the queue was sized for the driver's threads).
+ */
+#define WAITQ_SLOTS 32
+struct waitq {
+    const char *name;
+    int poll_when_full;
+    struct thread *w[WAITQ_SLOTS];
+};
+void waitq_wake_all(struct waitq *q);
+/* cond is checked with events masked.  deadline 0 = none.  1 = cond true. */
+int waitq_wait(struct waitq *q, int (*cond)(void *), void *arg, uint64_t deadline);
+
 #endif /* PYXEN_SCHED_H */

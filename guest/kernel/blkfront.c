@@ -9,7 +9,7 @@
  *   - Each device has a thread ("blkfront") that runs the XenBus state
  *     machine: watch callbacks (in the xenbus thread) only kick it.  It
  *     does all xenbus calls, allocations, ring setup and teardown.
- *   - Apps submit I/Os from their own threads and sleep in blk_wait().
+ *   - Apps submit I/Os from their own threads and sleep in waitq_wait(&waiters, ).
  *
  * Requests: an I/O becomes one or more ring requests ("shadows"): up to 11
  * segments directly, or up to max_segs through indirect pages when the
@@ -44,58 +44,9 @@ _Static_assert(MAX_IND_PAGES <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, "indirect 
 #define SECTOR_SHIFT 9
 
 /* ---------------------------------------------------------------- */
-/* Waiting: threads park in waiters[]; anything that may satisfy a
- * condition wakes them all and each re-checks its own. */
+/* Waiting: the kernel's wait queue (sched.h); every state change wakes all. */
 
-#define MAX_WAITERS 16
-static struct thread *waiters[MAX_WAITERS];
-
-static void blk_wake_all(void)
-{
-    unsigned long flags = irq_save();
-    for (int i = 0; i < MAX_WAITERS; i++)
-        if (waiters[i])
-            wake_thread(waiters[i]);
-    irq_restore(flags);
-}
-
-/* cond is checked with events masked.  deadline 0 = none.  1 = cond true. */
-static int blk_wait(int (*cond)(void *), void *arg, uint64_t deadline)
-{
-    int slot = -1, ok;
-
-    for (;;) {
-        irq_disable();
-        if (cond(arg)) {
-            ok = 1;
-            break;
-        }
-        if (deadline && monotonic_ns() >= deadline) {
-            ok = 0;
-            break;
-        }
-        if (slot < 0) {
-            for (int i = 0; i < MAX_WAITERS && slot < 0; i++)
-                if (!waiters[i])
-                    slot = i;
-            if (slot < 0) {
-                /* Everyone's parked: poll instead. */
-                irq_enable();
-                msleep(1);
-                continue;
-            }
-            waiters[slot] = current;
-        }
-        current->wakeup_ns = deadline;
-        current->state = T_BLOCKED;
-        irq_enable();
-        schedule();
-    }
-    if (slot >= 0)
-        waiters[slot] = NULL;
-    irq_enable();
-    return ok;
-}
+static struct waitq waiters = { .name = "blkfront", .poll_when_full = 1 };
 
 /* ---------------------------------------------------------------- */
 /* Device state */
@@ -953,7 +904,7 @@ static void blk_event(evtchn_port_t port, struct pt_regs *regs, void *data)
     d->st.events++;
     process_responses(d);
     kick_queue(d);
-    blk_wake_all();
+    waitq_wake_all(&waiters);
 }
 
 /* ---------------------------------------------------------------- */
@@ -1138,7 +1089,7 @@ static int switch_state(struct blkfront_dev *d, int state)
                xenbus_strerror(rc));
     else
         d->fe_state = state;
-    blk_wake_all();
+    waitq_wake_all(&waiters);
     return rc;
 }
 
@@ -1440,7 +1391,7 @@ static int connect_backend(struct blkfront_dev *d)
              (unsigned long)in->sectors, in->sector_size, in->info,
              in->readonly ? "ro" : "rw", in->max_segs, in->persistent, d->pool_n, feat);
     }
-    blk_wake_all();
+    waitq_wake_all(&waiters);
     return 0;
 }
 
@@ -1457,7 +1408,7 @@ static void drain(struct blkfront_dev *d)
     d->draining = 1;
     irq_restore(flags);
     if (d->sring && d->inflight_reqs)
-        blk_wait(nothing_in_flight, d, monotonic_ns() + DRAIN_TIMEOUT);
+        waitq_wait(&waiters, nothing_in_flight, d, monotonic_ns() + DRAIN_TIMEOUT);
 }
 
 /* ---------------------------------------------------------------- */
@@ -1471,14 +1422,14 @@ static int lock_free(void *arg)
 static void dev_lock(struct blkfront_dev *d)
 {
     while (d->lock)
-        blk_wait(lock_free, d, 0);
+        waitq_wait(&waiters, lock_free, d, 0);
     d->lock = 1;
 }
 
 static void dev_unlock(struct blkfront_dev *d)
 {
     d->lock = 0;
-    blk_wake_all();
+    waitq_wake_all(&waiters);
 }
 
 static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
@@ -1486,7 +1437,7 @@ static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
     struct blkfront_dev *d = data;
     (void)w; (void)path;
     d->kicks++;
-    blk_wake_all();
+    waitq_wake_all(&waiters);
 }
 
 static int watch_backend(struct blkfront_dev *d)
@@ -1548,7 +1499,7 @@ static void device_removed(struct blkfront_dev *d)
     flags = irq_save();
     fail_all(d, -XEN_ENODEV);
     irq_restore(flags);
-    blk_wake_all();
+    waitq_wake_all(&waiters);
 }
 
 static void step(struct blkfront_dev *d)
@@ -1674,7 +1625,7 @@ static void dev_thread(void *arg)
     for (;;) {
         uint64_t dl = ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC
                     : nquarantine ? monotonic_ns() + NSEC_PER_SEC : 0;
-        blk_wait(kicked, &k, dl);
+        waitq_wait(&waiters, kicked, &k, dl);
         if (d->exiting)
             break;
         k.seen = d->kicks;
@@ -1687,7 +1638,7 @@ static void dev_thread(void *arg)
             release_quarantine();
     }
     d->thread = NULL;
-    blk_wake_all();
+    waitq_wake_all(&waiters);
 }
 
 /* ---------------------------------------------------------------- */
@@ -1891,7 +1842,7 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
         rc = -XEN_ENOMEM;
         goto out_unwatch;
     }
-    if (!blk_wait(open_done, d, deadline) || d->fatal) {
+    if (!waitq_wait(&waiters, open_done, d, deadline) || d->fatal) {
         printk("blkfront: %s: not connected after %lu s (frontend %s, backend %s)\n",
                d->name, (unsigned long)(o.timeout_ns / NSEC_PER_SEC),
                xenbus_state_name(d->fe_state), xenbus_state_name(d->be_state));
@@ -1957,9 +1908,9 @@ void blkfront_close(struct blkfront_dev *d)
     }
     d->exiting = 1;
     dev_unlock(d);
-    blk_wake_all();
+    waitq_wake_all(&waiters);
     if (d->thread)
-        blk_wait(thread_gone, d, monotonic_ns() + NSEC_PER_SEC);
+        waitq_wait(&waiters, thread_gone, d, monotonic_ns() + NSEC_PER_SEC);
     if (d->be_watch_on)
         xenbus_unwatch(&d->be_watch);
     if (d->fe_watch_on)
@@ -2110,7 +2061,7 @@ int blkfront_wait_io(struct blkfront_dev *d, struct blk_io *io, uint64_t deadlin
 {
     struct io_wait w = { io };
     (void)d;
-    return blk_wait(io_complete, &w, deadline_ns);
+    return waitq_wait(&waiters, io_complete, &w, deadline_ns);
 }
 
 struct any_wait {
@@ -2128,7 +2079,7 @@ int blkfront_wait_any(struct blkfront_dev *d, unsigned long *seen, uint64_t dead
 {
     struct any_wait a = { d, *seen };
 
-    if (!blk_wait(any_complete, &a, deadline_ns))
+    if (!waitq_wait(&waiters, any_complete, &a, deadline_ns))
         return 0;
     *seen = d->completions;
     return 1;
@@ -2141,7 +2092,7 @@ static int is_connected(void *arg)
 
 int blkfront_wait_connected(struct blkfront_dev *d, uint64_t deadline_ns)
 {
-    return blk_wait(is_connected, d, deadline_ns) && d->connected;
+    return waitq_wait(&waiters, is_connected, d, deadline_ns) && d->connected;
 }
 
 static int is_gone(void *arg)
@@ -2151,7 +2102,7 @@ static int is_gone(void *arg)
 
 int blkfront_wait_gone(struct blkfront_dev *d, uint64_t deadline_ns)
 {
-    return blk_wait(is_gone, d, deadline_ns);
+    return waitq_wait(&waiters, is_gone, d, deadline_ns);
 }
 
 int blkfront_rw(struct blkfront_dev *d, uint8_t op, uint64_t sector, void *buf, size_t len)

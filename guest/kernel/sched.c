@@ -283,3 +283,59 @@ void idle_loop(void)
         irq_enable();
     }
 }
+
+/* ---------------------------------------------------------------- */
+/* Wait queues (see sched.h) */
+
+void waitq_wake_all(struct waitq *q)
+{
+    unsigned long flags = irq_save();
+    for (int i = 0; i < WAITQ_SLOTS; i++)
+        if (q->w[i])
+            wake_thread(q->w[i]);
+    irq_restore(flags);
+}
+
+int waitq_wait(struct waitq *q, int (*cond)(void *), void *arg, uint64_t deadline)
+{
+    int slot = -1, ok;
+
+    for (;;) {
+        irq_disable();
+        if (cond(arg)) {
+            ok = 1;
+            break;
+        }
+        if (deadline && monotonic_ns() >= deadline) {
+            ok = 0;
+            break;
+        }
+        if (current->id == 0) {
+            /* The idle thread must not block: wait in place. */
+            irq_enable();
+            hv_wait(deadline ? deadline : monotonic_ns() + NSEC_PER_MSEC);
+            continue;
+        }
+        if (slot < 0) {
+            for (int i = 0; i < WAITQ_SLOTS && slot < 0; i++)
+                if (!q->w[i])
+                    slot = i;
+            if (slot < 0) {
+                if (!q->poll_when_full)
+                    panic("%s: too many waiters\n", q->name);
+                irq_enable();
+                msleep(1);
+                continue;
+            }
+            q->w[slot] = current;
+        }
+        current->wakeup_ns = deadline;
+        current->state = T_BLOCKED;
+        irq_enable();
+        schedule();
+    }
+    if (slot >= 0)
+        q->w[slot] = NULL;
+    irq_enable();
+    return ok;
+}

@@ -32,61 +32,9 @@ static evtchn_port_t store_port;
 static struct thread *xenbus_thread_ptr;
 
 /* ---------------------------------------------------------------- */
-/* Waiting.  A waiter puts itself in waiters[] while blocked; the event
- * handler (and anyone changing state) wakes them all and each re-checks
- * its own condition. */
+/* Waiting: the kernel's wait queue (sched.h); every state change wakes all. */
 
-#define MAX_WAITERS 32
-static struct thread *waiters[MAX_WAITERS];
-
-static void wake_waiters(void)
-{
-    unsigned long flags = irq_save();
-    for (int i = 0; i < MAX_WAITERS; i++)
-        if (waiters[i])
-            wake_thread(waiters[i]);
-    irq_restore(flags);
-}
-
-/* cond is evaluated with events masked.  deadline 0 = none.  1 = cond true. */
-static int xb_wait(int (*cond)(void *), void *arg, uint64_t deadline)
-{
-    int slot = -1, ok;
-
-    for (;;) {
-        irq_disable();
-        if (cond(arg)) {
-            ok = 1;
-            break;
-        }
-        if (deadline && monotonic_ns() >= deadline) {
-            ok = 0;
-            break;
-        }
-        if (current->id == 0) {
-            /* The idle thread must not block: wait in place. */
-            irq_enable();
-            hv_wait(deadline ? deadline : monotonic_ns() + NSEC_PER_MSEC);
-            continue;
-        }
-        if (slot < 0) {
-            for (int i = 0; i < MAX_WAITERS && slot < 0; i++)
-                if (!waiters[i])
-                    slot = i;
-            if (slot < 0)
-                panic("xenbus: too many waiters\n");
-            waiters[slot] = current;
-        }
-        current->wakeup_ns = deadline;
-        current->state = T_BLOCKED;
-        irq_enable();
-        schedule();
-    }
-    if (slot >= 0)
-        waiters[slot] = NULL;
-    irq_enable();
-    return ok;
-}
+static struct waitq waiters = { .name = "xenbus" };
 
 /* ---------------------------------------------------------------- */
 /* Errors */
@@ -147,7 +95,7 @@ static void xb_broken(const char *why)
     if (xb_state != XB_BROKEN)
         printk("pyxen-guest: xenbus: protocol error (%s), giving up on the store\n", why);
     xb_state = XB_BROKEN;
-    wake_waiters();
+    waitq_wake_all(&waiters);
 }
 
 static void evq_copy_in(const void *src, uint32_t len)
@@ -233,14 +181,14 @@ static void xb_rx(void)
     mb();                               /* done reading before freeing the space */
     WRITE_ONCE(ring->rsp_cons, cons);
     notify_remote_via_evtchn(store_port);
-    wake_waiters();
+    waitq_wake_all(&waiters);
 }
 
 static void xb_event(evtchn_port_t port, struct pt_regs *regs, void *data)
 {
     (void)port; (void)regs; (void)data;
     xb_rx();
-    wake_waiters();                     /* replies, watch events, ring space */
+    waitq_wake_all(&waiters);                     /* replies, watch events, ring space */
 }
 
 /* ---------------------------------------------------------------- */
@@ -262,7 +210,7 @@ static int try_lock(void *arg)
 static void xb_unlock(void)
 {
     req_busy = 0;
-    wake_waiters();
+    waitq_wake_all(&waiters);
 }
 
 static int not_probing(void *arg)
@@ -323,7 +271,7 @@ static int xb_send(const char *p, size_t len, uint64_t deadline)
             notify_remote_via_evtchn(store_port);
         p += n;
         len -= n;
-        if (len && !xb_wait(req_space, NULL, deadline))
+        if (len && !waitq_wait(&waiters, req_space, NULL, deadline))
             return -XEN_ETIMEDOUT;
     }
     return 0;
@@ -348,7 +296,7 @@ static int xb_talk(uint32_t type, xenbus_transaction_t t, const struct xb_iov *i
     int rc;
 
     if (current != xenbus_thread_ptr || xb_state != XB_PROBING)
-        xb_wait(not_probing, NULL, 0);
+        waitq_wait(&waiters, not_probing, NULL, 0);
     if (xb_state == XB_ABSENT)
         return -XEN_ENODEV;
     if (xb_state == XB_BROKEN)
@@ -358,7 +306,7 @@ static int xb_talk(uint32_t type, xenbus_transaction_t t, const struct xb_iov *i
     if (total > XENSTORE_PAYLOAD_MAX)
         return -XEN_E2BIG;
 
-    xb_wait(try_lock, NULL, 0);
+    waitq_wait(&waiters, try_lock, NULL, 0);
     hdr.type = type;
     hdr.req_id = next_req_id++;
     hdr.tx_id = t;
@@ -377,7 +325,7 @@ static int xb_talk(uint32_t type, xenbus_transaction_t t, const struct xb_iov *i
     irq_enable();
 
     rc = xb_send(tx_buf, total, deadline);
-    if (!rc && !xb_wait(reply_done, NULL, deadline))
+    if (!rc && !waitq_wait(&waiters, reply_done, NULL, deadline))
         rc = -XEN_ETIMEDOUT;
 
     irq_disable();
@@ -718,7 +666,7 @@ int xenbus_watch_wait(struct xenbus_watch *w, unsigned long *seen, uint64_t dead
 {
     struct watch_wait_arg a = { w, *seen };
 
-    if (!xb_wait(watch_changed, &a, deadline_ns) || w->events == *seen)
+    if (!waitq_wait(&waiters, watch_changed, &a, deadline_ns) || w->events == *seen)
         return 0;
     *seen = w->events;
     return 1;
@@ -764,7 +712,7 @@ static void run_one_event(void)
     if (!w)
         return;                         /* unwatched meanwhile */
     w->events++;
-    wake_waiters();
+    waitq_wake_all(&waiters);
     if (w->cb)
         w->cb(w, ev_buf, w->data);
 }
@@ -835,12 +783,12 @@ static void xenbus_thread(void *arg)
     if (rc == -XEN_ETIMEDOUT || rc == -XEN_EIO) {
         mask_evtchn(store_port);
         xb_state = XB_ABSENT;
-        wake_waiters();
+        waitq_wake_all(&waiters);
         printk("pyxen-guest: no xenstore\n");
         return;
     }
     xb_state = XB_READY;
-    wake_waiters();
+    waitq_wake_all(&waiters);
     if (rc)
         printk("pyxen-guest: xenbus: %s: %s\n", features[0], xenbus_strerror(rc));
     for (size_t i = 1; i < ARRAY_SIZE(features); i++) {
@@ -855,7 +803,7 @@ static void xenbus_thread(void *arg)
            store_port);
 
     for (;;) {
-        xb_wait(evq_nonempty, NULL, 0);
+        waitq_wait(&waiters, evq_nonempty, NULL, 0);
         run_one_event();
     }
 }
@@ -868,7 +816,7 @@ static int probe_done(void *arg)
 
 int xenbus_available(void)
 {
-    xb_wait(probe_done, NULL, 0);
+    waitq_wait(&waiters, probe_done, NULL, 0);
     return xb_state == XB_READY;
 }
 
