@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -142,6 +143,25 @@ def host(guest: Path, tmp_path: Path) -> Iterator[object]:
                 break
             time.sleep(0.05)
         shutil.rmtree(rd, ignore_errors=True)
+
+
+def read_until(s: socket.socket, pattern: bytes, timeout: float = 10.0, buf: bytes = b"") -> bytes:
+    """Read from a console socket until ``pattern`` (a regex) appears."""
+    rx = re.compile(pattern, re.M)
+    end = time.monotonic() + timeout
+    while not rx.search(buf):
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{pattern!r} not seen in {timeout}s; got {buf!r}")
+        s.settimeout(left)
+        try:
+            b = s.recv(4096)
+        except TimeoutError:
+            continue
+        if not b:
+            raise AssertionError(f"console closed before {pattern!r}; got {buf!r}")
+        buf += b
+    return buf
 
 
 def cli(args: list[str], run_dir: Path, timeout: float = 30, input: bytes | None = None

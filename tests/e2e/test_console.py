@@ -9,36 +9,16 @@ from __future__ import annotations
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_until
 
 ECHO_CFG = ROOT / "examples" / "echo.cfg"
 DETACH = b"\x1d"  # Ctrl-]
-
-
-def read_until(s: socket.socket, pattern: bytes, timeout: float = 10.0, buf: bytes = b"") -> bytes:
-    """Read from a console socket until ``pattern`` (a regex) appears."""
-    rx = re.compile(pattern, re.M)
-    end = time.monotonic() + timeout
-    while not rx.search(buf):
-        left = end - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"{pattern!r} not seen in {timeout}s; got {buf!r}")
-        s.settimeout(left)
-        try:
-            b = s.recv(4096)
-        except TimeoutError:
-            continue
-        if not b:
-            raise AssertionError(f"console closed before {pattern!r}; got {buf!r}")
-        buf += b
-    return buf
 
 
 def wait_listed(host, pred, timeout: float = 10.0) -> list[dict]:

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pyxen.toolstack.api import PyxenError
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, read_until
 
 TICKER = ROOT / "examples" / "ticker.cfg"
 HELLO = ROOT / "examples" / "hello.cfg"
@@ -34,24 +34,10 @@ def by_name(doms: list[dict], name: str) -> list[dict]:
 
 def read_console(host, dom, pattern: bytes, timeout: float = 10.0) -> bytes:
     s = host.console_socket(dom)
-    buf = b""
-    end = time.monotonic() + timeout
     try:
-        while not re.search(pattern, buf, re.M):
-            left = end - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{pattern!r} not on the console of {dom} in {timeout}s: {buf!r}")
-            s.settimeout(left)
-            try:
-                b = s.recv(4096)
-            except TimeoutError:
-                continue
-            if not b:
-                raise AssertionError(f"console of {dom} closed before {pattern!r}: {buf!r}")
-            buf += b
+        return read_until(s, pattern, timeout)
     finally:
         s.close()
-    return buf
 
 
 def _reboot(host, name: str) -> tuple[dict, dict]:
