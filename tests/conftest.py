@@ -142,7 +142,8 @@ def host(guest: Path, tmp_path: Path) -> Iterator[object]:
             if not (rd / "pyxend.sock").exists():
                 break
             time.sleep(0.05)
-        shutil.rmtree(rd, ignore_errors=True)
+        if not os.environ.get("PYXEN_KEEP_RUNDIR"):
+            shutil.rmtree(rd, ignore_errors=True)
 
 
 def read_until(s: socket.socket, pattern: bytes, timeout: float = 10.0, buf: bytes = b"") -> bytes:

@@ -898,7 +898,7 @@ class XenstoreServer:
                             pass
                     else:
                         assert isinstance(key.data, _Client)
-                        self._service(key.data, events)
+                        self._guarded(self._service, key.data, events)
                 self._collect_events()
                 timeout = self.xsd.flush_timeout()
                 if timeout is not None and timeout <= 0 and (
@@ -960,14 +960,27 @@ class XenstoreServer:
         if self._sel.get_key(c.sock).events != want:
             self._sel.modify(c.sock, want, c)
 
+    def _guarded(self, fn: Callable[..., None], c: _Client, *args: int) -> None:
+        """Serve one client; whatever goes wrong with it drops that client only,
+        never the loop that serves everyone (a dead loop would hang every client)."""
+        if c.sock.fileno() < 0 or self._clients.get(c.sock.fileno()) is not c:
+            return  # dropped earlier in this round
+        try:
+            fn(c, *args)
+        except Exception:  # noqa: BLE001
+            log.exception("xenstore: dropping %s after an error", c.conn.name)
+            self._drop(c)
+
     def _collect_events(self) -> None:
         for c in list(self._clients.values()):
             if c.conn.has_output:
                 c.out += c.conn.take_output()
-                self._send(c)
+                self._guarded(self._send, c)
 
     def _drop(self, c: _Client) -> None:
-        self._clients.pop(c.sock.fileno(), None)
+        fd = c.sock.fileno()
+        if fd >= 0 and self._clients.get(fd) is c:
+            self._clients.pop(fd)
         try:
             self._sel.unregister(c.sock)
         except (KeyError, ValueError):
