@@ -175,15 +175,25 @@ class DomainProcess:
 
     # ------------------------------------------------------------ commands
     def _command(self, conn_sock: socket.socket) -> None:
-        try:
-            msg = self.daemon.recv()
-        except (OSError, ProtocolError):
-            msg = None
-        if msg is None:  # the daemon went away: keep running, domains outlive it
-            self.sel.unregister(conn_sock)
-            self.daemon.close()
-            self.daemon_lost = time.monotonic()
-            return
+        """The daemon's socket is readable.  One read may bring several messages
+        (a peer-gone broadcast right before "start", say); all of them are
+        handled now, since the socket will not be readable again for the
+        ones already in the connection's buffer."""
+        while True:
+            try:
+                msg = self.daemon.recv()
+            except (OSError, ProtocolError):
+                msg = None
+            if msg is None:  # the daemon went away: keep running, domains outlive it
+                self.sel.unregister(conn_sock)
+                self.daemon.close()
+                self.daemon_lost = time.monotonic()
+                return
+            self._handle(msg)
+            if b"\n" not in self.daemon.buf:
+                return
+
+    def _handle(self, msg: dict[str, Any]) -> None:
         op = msg.get("op")
         rid = msg.get("id")
         d = self.domain
