@@ -25,7 +25,10 @@ segments) gets BLKIF_RSP_ERROR.  Nothing a frontend does raises out of here.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import os
+import select
 import threading
 import traceback
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import native
 from ..abi import XenError
 from ..hv import gnttab
 from ..storage import BlockImage, ImageError
@@ -45,6 +49,15 @@ if TYPE_CHECKING:
 BACKEND_DOMID = 0
 MAX_RING_PAGE_ORDER = 2
 WORKERS = 8
+#: native data path tuning (pyxen/native/blk.c): worker threads, and how long
+#: the ring's poller spins for the next request before it re-arms req_event
+#: and sleeps until the guest's next event.
+NATIVE_WORKERS = 2
+NATIVE_POLL_NS = 50_000
+# blk.c's pxb_take_up bits and pxb_stats order
+_UP_NOTIFY, _UP_SLOW, _UP_PROTO = 1, 2, 4
+_NATIVE_STATS = ("ring_requests", "reads", "writes", "read_bytes", "write_bytes", "to_python",
+                 "notifies", "kicks", "poll_hits", "sleeps")
 
 
 class BlkBack:
@@ -70,14 +83,41 @@ class BlkBack:
         self.lock = threading.RLock()  # state machine
         self.ring_lock = threading.Lock()  # responses
         self.proc_lock = threading.RLock()  # held while the service thread reads the ring
-        self.wake = threading.Event()
+        # the service thread sleeps on this eventfd: the guest's event (Python
+        # data path) or the native data path's news (notify, requests for us)
+        self.up_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # the native path's wakeup
+        self.dev: int | None = None  # struct pxb *, while connected natively
+        self.native_why = ""  # why this disk runs the Python data path, if it does
         self.stop = False
         self.detaching = False
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix=f"blk{devid}")
         self.inflight: set[Future[None]] = set()
         self.thread: threading.Thread | None = None
-        self.stats = {"reads": 0, "writes": 0, "flushes": 0, "discards": 0, "errors": 0,
-                      "read_bytes": 0, "write_bytes": 0}
+        self._stats = {"reads": 0, "writes": 0, "flushes": 0, "discards": 0, "errors": 0,
+                       "read_bytes": 0, "write_bytes": 0}
+        self._native_totals = dict.fromkeys(_NATIVE_STATS, 0)  # earlier connections
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Requests served (both data paths) and the native path's own counters."""
+        out = dict(self._stats)
+        nat = self._native_stats()
+        for k in ("reads", "writes", "read_bytes", "write_bytes"):
+            out[k] += nat[k]
+        out.update({f"native_{k}": v for k, v in nat.items() if k not in out})
+        out["native"] = int(self.dev is not None)
+        return out
+
+    def _native_stats(self) -> dict[str, int]:
+        tot = dict(self._native_totals)
+        dev, lib = self.dev, native.fast()
+        if dev is not None and lib is not None:
+            arr = (ctypes.c_uint64 * len(_NATIVE_STATS))()
+            lib.pxb_stats(dev, arr, len(_NATIVE_STATS))
+            for k, v in zip(_NATIVE_STATS, arr, strict=True):
+                tot[k] += int(v)
+        return tot
 
     # ------------------------------------------------------------ xenstore
     @property
@@ -194,15 +234,55 @@ class BlkBack:
         self.ring_map, self.ring_refs = m, refs
         self.ring_view = memoryview(m)
         self.ring = B.BackRing(self.ring_view, B.ring_entries(npages))
+        self._start_native(base, B.ring_entries(npages))
         d.evtchn.accept_interdomain(port, BACKEND_DOMID, 0x8000 + self.devid, self._notified)
         self.port = port
         self._switch(B.STATE_CONNECTED)
-        self.wake.set()
+        self._wake()
+
+    def _start_native(self, ring_addr: int, entries: int) -> None:
+        """Serve this ring with the native data path when we can (blk.c): it
+        takes every request off the ring, serves plain reads and writes of
+        the image itself and hands us the rest.  Otherwise the Python path
+        below serves everything."""
+        lib = native.lib()
+        g = self.domain.gnttab.host_grants() if lib is not None else None
+        if lib is None or g is None:
+            self.native_why = native.why_not() or "no native grant table"
+            return
+        target = self.image.native_target()
+        fd, base = target if target is not None else (-1, 0)
+        dev = lib.pxb_new(g, ring_addr, entries, BACKEND_DOMID, fd, base, self.sectors,
+                          int(self.readonly), self.kick_fd, self.up_fd)
+        if not dev:
+            self.native_why = "pxb_new failed"
+            return
+        lib.pxb_set_tuning(dev, NATIVE_WORKERS, NATIVE_POLL_NS)
+        self.dev = dev
+        if lib.pxb_start(dev) != 0:
+            self._stop_native()
+            self.native_why = "cannot start the native workers"
+            return
+        self.native_why = "" if fd >= 0 else f"{type(self.image).__name__} has no native target"
+
+    def _stop_native(self) -> None:
+        """Join the native workers and free the device; requests we were handed
+        have been answered (the caller drained our pool)."""
+        dev, lib = self.dev, native.lib()
+        if dev is None or lib is None:
+            return
+        lib.pxb_stop(dev)
+        self._drain()  # what we were handed is answered through dev: it must live until then
+        self._native_totals = self._native_stats()
+        self.dev = None
+        lib.pxb_free(dev)
 
     def _disconnect(self) -> None:
         if self.ring is None:
             return
         with self.proc_lock:  # the service thread is not inside the ring any more
+            if self.dev is not None:
+                self._stop_native()
             self._drain()
             d = self.domain
             d.evtchn.remote_closed(self.port, BACKEND_DOMID)
@@ -227,26 +307,61 @@ class BlkBack:
 
     def _notified(self) -> None:
         """The guest sent on our event channel (runs in its vCPU thread)."""
-        self.wake.set()
+        fd = self.kick_fd if self.dev is not None else self.up_fd
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError:
+            pass  # closing
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self.up_fd, 1)
+        except OSError:
+            pass
 
     # ------------------------------------------------------------ requests
     def _service(self) -> None:
         while not self.stop:
-            self.wake.wait(1.0)
-            self.wake.clear()
+            try:
+                select.select([self.up_fd], [], [], 1.0)
+                os.eventfd_read(self.up_fd)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return  # closed
             with self.lock:
                 ring = self.ring
             if ring is None:
                 continue
             try:
                 with self.proc_lock:  # _disconnect waits for this before unmapping the ring
-                    if self.ring is ring:
+                    if self.ring is not ring:
+                        continue
+                    if self.dev is not None:
+                        self._native_news(self.dev)
+                    else:
                         self._process(ring)
             except B.ProtocolError as e:
                 with self.lock:
                     self._fail(f"protocol error: {e}")
             except Exception as e:  # noqa: BLE001 - never let a guest kill the backend
                 self.domain.log(f"blkback {self.devid}: {e!r}\n{traceback.format_exc()}")
+
+    def _native_news(self, dev: int) -> None:
+        """What the native data path told us: send the guest its event, take
+        the requests it handed over, or disconnect a frontend that broke the
+        ring protocol."""
+        lib = native.fast()
+        assert lib is not None
+        msg = ctypes.create_string_buffer(200)
+        up = lib.pxb_take_up(dev, msg, len(msg))
+        if up & _UP_NOTIFY:
+            self.domain.raise_port(self.port, self.domain.evtchn.notify_vcpu(self.port))
+        if up & _UP_PROTO:
+            raise B.ProtocolError(msg.value.decode(errors="replace"))
+        raw = ctypes.create_string_buffer(B.REQ_SIZE)
+        while lib.pxb_take_slow(dev, raw):
+            self._dispatch(B.parse_request(raw.raw))
 
     def _process(self, ring: B.BackRing) -> None:
         while True:
@@ -273,7 +388,7 @@ class BlkBack:
                     self._transfer(B.OP_WRITE, grabbed, req.sector)
             try:
                 self.image.flush()
-                self.stats["flushes"] += 1
+                self._stats["flushes"] += 1
             except (ImageError, OSError) as e:
                 status = B.RSP_ERROR
                 self.domain.log(f"blkback {self.devid}: flush failed: {e}")
@@ -313,7 +428,7 @@ class BlkBack:
             if not self.image.supports_discard:
                 return self._respond(req, B.RSP_EOPNOTSUPP)
             self.image.discard(req.sector * B.SECTOR, req.nr_sectors * B.SECTOR)
-            self.stats["discards"] += 1
+            self._stats["discards"] += 1
             self._respond(req, B.RSP_OKAY)
         except Exception as e:  # noqa: BLE001
             self._respond(req, B.RSP_ERROR, f"{e!r}")
@@ -380,12 +495,12 @@ class BlkBack:
                 self.image.readinto_vec(pos, g.views)
                 for mfn in g.mfns:  # we wrote these guest pages: migration resends them
                     d.mark_dirty(mfn)
-                self.stats["read_bytes"] += nbytes
-                self.stats["reads"] += 1
+                self._stats["read_bytes"] += nbytes
+                self._stats["reads"] += 1
             else:
                 self.image.write_vec(pos, g.views)
-                self.stats["write_bytes"] += nbytes
-                self.stats["writes"] += 1
+                self._stats["write_bytes"] += nbytes
+                self._stats["writes"] += 1
             return B.RSP_OKAY
         except (ImageError, OSError) as e:
             self.domain.log(f"blkback {self.devid}: I/O error at {pos}: {e}")
@@ -395,11 +510,15 @@ class BlkBack:
 
     def _respond(self, req: B.Request, status: int, why: str = "") -> None:
         if status != B.RSP_OKAY:
-            self.stats["errors"] += 1
+            self._stats["errors"] += 1
             if why:
                 self.domain.log(f"blkback {self.vdev or self.devid}: request {req.id}: {why}")
         op = req.indirect_op if req.operation == B.OP_INDIRECT and req.indirect_op >= 0 \
             else req.operation  # an indirect request is answered with its READ/WRITE (as Linux)
+        dev = self.dev
+        if dev is not None:  # it came from the native path, which owns the ring's responses
+            native.fast().pxb_respond(dev, req.id, op & 0xFF, status)  # type: ignore[union-attr]
+            return
         with self.ring_lock:
             ring = self.ring
             if ring is None:
@@ -428,7 +547,7 @@ class BlkBack:
 
     def close(self) -> None:
         self.stop = True
-        self.wake.set()
+        self._wake()
         try:
             self.xs.unwatch(f"{self.fe}/state", self.token)
         except XsError:
@@ -436,6 +555,10 @@ class BlkBack:
         with self.lock:
             self._disconnect()
         self.pool.shutdown(wait=True)
+        if self.thread is not None:
+            self.thread.join(5)
+        os.close(self.up_fd)
+        os.close(self.kick_fd)
         try:
             self.image.flush()
         except (ImageError, OSError):

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import abi
+from .. import abi, native
 from ..abi import XenError
 from . import atomic
 from . import machine as M
@@ -187,6 +187,9 @@ class Domain:
         self.machine.vm.set_dirty_logging(M.RAM_SLOT, on)
         self.host_dirty.clear()
         self.dirty_logging = on
+        g = self.gnttab._pxg  # the native block path marks what it writes itself
+        if g is not None:
+            native.fast().pxg_set_logdirty(g, int(on))  # type: ignore[union-attr]
 
     def read_dirty(self) -> set[int]:
         """PFNs written since the last call (guest and host writes), and clear."""

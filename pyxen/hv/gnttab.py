@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .. import abi
+from .. import abi, native
 from ..abi import XenError
 from . import atomic
 from . import machine as M
@@ -69,6 +69,8 @@ COPY = struct.Struct("<QHH4xQHH4xHHh2x")  # source, dest, len, flags, status
 assert SETUP_TABLE.size == 24 and QUERY_SIZE.size == 16 and MAP_GRANT_REF.size == 32
 assert UNMAP_GRANT_REF.size == 24 and COPY.size == 40
 ENTRIES_PER_FRAME = 512
+# pyxen/native/native.h: why pxg_acquire refused
+_PXG_E_RANGE, _PXG_E_PERM, _PXG_E_RDONLY, _PXG_E_FRAME, _PXG_E_BUSY = -1, -2, -3, -4, -5
 DEFAULT_GRANT_FRAMES = 4
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -109,6 +111,7 @@ class GrantTables:
         self.lock = threading.RLock()
         self.peers: dict[int, PeerMemory] = {}
         self.stats = {"maps": 0, "unmaps": 0, "copies": 0, "copy_bytes": 0}
+        self._pxg: int | None = None  # native holds (host_grants)
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -314,11 +317,37 @@ class GrantTables:
         return p.buf, off, (lambda: p.mark_dirty(pfn))
 
     # ------------------------------------------------------------ host backends
+    def host_grants(self) -> int | None:
+        """The native library's view of our grant table (``struct pxg *``), made
+        on first use; None when the native library is not available.  Holds
+        taken here and by the native block data path are counted together."""
+        if self._pxg is None and native.fast() is not None:
+            lib = native.fast()
+            assert lib is not None
+            d = self.domain
+            m = d.machine
+            ram = atomic.address_of(m.ram)
+            with self.lock:
+                if self._pxg is None:
+                    self._pxg = lib.pxg_new(ram + m.xenheap_offset(M.XH_GRANT),
+                                            M.MAX_GRANT_FRAMES * ENTRIES_PER_FRAME, ram, d.nr_pages,
+                                            M.MFN_BASE, ram + m.xenheap_offset(M.XH_DIRTY))
+                    if not self._pxg:
+                        raise MemoryError("native grant table")
+                    lib.pxg_set_logdirty(self._pxg, int(d.dirty_logging))
+        return self._pxg
+
     def host_acquire(self, ref: int, backend_domid: int, write: bool) -> int:
         """A backend in this process (acting as ``backend_domid``, dom0 for ours)
         wants to touch the page our guest granted it: validate and mark the
         entry exactly as a mapping would, and return the page's offset in our
         RAM.  Raises XenError(EPERM) if the grant does not allow it."""
+        g = self.host_grants()
+        if g is not None:
+            off = int(native.fast().pxg_acquire(g, ref, backend_domid, int(write)))  # type: ignore[union-attr]
+            if off >= 0:
+                return off
+            raise XenError(abi.EPERM, self._host_refusal(off, ref, backend_domid))
         p = self._peer(self.domain.domid)
         try:
             frame = self._acquire(p, ref, not write, me=backend_domid)
@@ -332,7 +361,24 @@ class GrantTables:
             raise XenError(abi.EPERM, f"grant {ref} names frame {frame:#x}, not a page of the guest")
         return off
 
+    def _host_refusal(self, code: int, ref: int, me: int) -> str:
+        d = self.domain
+        if code == _PXG_E_RANGE:
+            return f"grant ref {ref} beyond domain {d.domid}'s table"
+        if code == _PXG_E_RDONLY:
+            return f"attempt to write-map read-only grant ref {ref}"
+        if code == _PXG_E_FRAME:
+            off = d.machine.xenheap_offset(M.XH_GRANT) + ref * 8 + 4
+            frame = struct.unpack_from("<I", d.machine.ram, off)[0]
+            return f"grant ref {ref} names frame {frame:#x}, not a page of the guest"
+        if code == _PXG_E_BUSY:
+            return f"grant ref {ref} is held too many times"
+        return f"grant ref {ref} of domain {d.domid} is not granted to domain {me}"
+
     def host_release(self, ref: int) -> None:
+        if self._pxg is not None:
+            native.fast().pxg_release(self._pxg, ref)  # type: ignore[union-attr]
+            return
         key = (-1, ref)
         with self.lock:
             n = self.active.get(key, 0) - 1

@@ -63,6 +63,13 @@ class BlockImage(ABC):
     def supports_discard(self) -> bool:
         return False
 
+    def native_target(self) -> tuple[int, int] | None:
+        """``(fd, byte offset of the disk's byte 0 in that file)`` when plain
+        reads and writes of the whole disk may go straight to ``fd`` (the
+        native block data path does them with preadv/pwritev); None when
+        every request must come through this object (the default)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional, default no-op
         """Flush metadata and release the file."""
 

@@ -249,5 +249,8 @@ class RawImage(BlockImage):
         self._closed = True
         os.close(self._fd)
 
+    def native_target(self) -> tuple[int, int] | None:
+        return None if self._closed else (self._fd, 0)
+
     def fileno(self) -> int:
         return self._fd

@@ -1,0 +1,160 @@
+/*
+ * gnt.c - a backend's holds on its guest's grants (grant_table.h, v1).
+ *
+ * A backend living in the guest's own process touches the guest's pages
+ * directly; before it does, it checks the guest's grant entry exactly as a
+ * grant map would (type GTF_permit_access, granted to the backend's domain,
+ * not GTF_readonly when the backend writes) and sets GTF_reading (and
+ * GTF_writing) with a compare-and-swap, so that a guest revoking the grant
+ * at the same time either sees the bits (and must not reuse the page) or we
+ * see the revocation (and fail).  Holds are counted per ref; the bits drop
+ * with the last hold.  One mutex per table keeps counts and bits together.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "native.h"
+
+struct pxg *pxg_new(uint8_t *gt, uint32_t max_refs, uint8_t *ram, uint64_t nr_pages,
+                    uint64_t mfn_base, uint64_t *dirty)
+{
+    struct pxg *g = calloc(1, sizeof(*g));
+    if (!g)
+        return NULL;
+    g->holds = calloc(max_refs ? max_refs : 1, sizeof(uint16_t));
+    if (!g->holds) {
+        free(g);
+        return NULL;
+    }
+    g->gt = gt;
+    g->max_refs = max_refs;
+    g->ram = ram;
+    g->nr_pages = nr_pages;
+    g->mfn_base = mfn_base;
+    g->dirty = dirty;
+    pthread_mutex_init(&g->lock, NULL);
+    return g;
+}
+
+void pxg_free(struct pxg *g)
+{
+    if (!g)
+        return;
+    pthread_mutex_destroy(&g->lock);
+    free(g->holds);
+    free(g);
+}
+
+void pxg_set_logdirty(struct pxg *g, int on)
+{
+    __atomic_store_n(&g->logdirty, on, __ATOMIC_SEQ_CST);
+}
+
+static void drop_bits(struct pxg *g, uint32_t ref)
+{
+    uint16_t *flags = (uint16_t *)(g->gt + (uint64_t)ref * 8);
+    __atomic_fetch_and(flags, (uint16_t)~(GTF_reading | GTF_writing), __ATOMIC_SEQ_CST);
+}
+
+/* Caller holds g->lock. */
+static int64_t acquire_locked(struct pxg *g, uint32_t ref, uint16_t me, int write)
+{
+    uint32_t *word, w, want, frame;
+    uint64_t pfn;
+
+    if (ref >= g->max_refs)
+        return PXG_E_RANGE;
+    if (g->holds[ref] == UINT16_MAX)
+        return PXG_E_BUSY;
+    word = (uint32_t *)(g->gt + (uint64_t)ref * 8);
+    want = GTF_reading | (write ? GTF_writing : 0);
+    w = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint32_t flags = w & 0xFFFF, dom = w >> 16;
+        if ((flags & GTF_type_mask) != GTF_permit_access || dom != me)
+            return PXG_E_PERM;
+        if (write && (flags & GTF_readonly))
+            return PXG_E_RDONLY;
+        if (__atomic_compare_exchange_n(word, &w, w | want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            break;
+    }
+    frame = __atomic_load_n(word + 1, __ATOMIC_SEQ_CST);
+    pfn = (uint64_t)frame - g->mfn_base;
+    if ((uint64_t)frame < g->mfn_base || pfn >= g->nr_pages) {
+        if (!g->holds[ref])
+            drop_bits(g, ref);
+        return PXG_E_FRAME;
+    }
+    g->holds[ref]++;
+    return (int64_t)(pfn << 12);
+}
+
+static void release_locked(struct pxg *g, uint32_t ref)
+{
+    if (ref >= g->max_refs || !g->holds[ref])
+        return;
+    if (--g->holds[ref] == 0)
+        drop_bits(g, ref);
+}
+
+int64_t pxg_acquire(struct pxg *g, uint32_t ref, uint16_t me, int write)
+{
+    int64_t r;
+    pthread_mutex_lock(&g->lock);
+    r = acquire_locked(g, ref, me, write);
+    pthread_mutex_unlock(&g->lock);
+    return r;
+}
+
+/* All or nothing: the index of the ref that failed (its error in offs[i]) or n. */
+int pxg_acquire_many(struct pxg *g, const uint32_t *refs, int n, uint16_t me, int write,
+                     uint64_t *offs)
+{
+    int i;
+    pthread_mutex_lock(&g->lock);
+    for (i = 0; i < n; i++) {
+        int64_t r = acquire_locked(g, refs[i], me, write);
+        if (r < 0) {
+            for (int k = 0; k < i; k++)
+                release_locked(g, refs[k]);
+            offs[i] = (uint64_t)r;
+            break;
+        }
+        offs[i] = (uint64_t)r;
+    }
+    pthread_mutex_unlock(&g->lock);
+    return i;
+}
+
+void pxg_release(struct pxg *g, uint32_t ref)
+{
+    pthread_mutex_lock(&g->lock);
+    release_locked(g, ref);
+    pthread_mutex_unlock(&g->lock);
+}
+
+void pxg_release_many(struct pxg *g, const uint32_t *refs, int n)
+{
+    pthread_mutex_lock(&g->lock);
+    for (int i = 0; i < n; i++)
+        release_locked(g, refs[i]);
+    pthread_mutex_unlock(&g->lock);
+}
+
+uint32_t pxg_holds(struct pxg *g, uint32_t ref)
+{
+    uint32_t h;
+    if (ref >= g->max_refs)
+        return 0;
+    pthread_mutex_lock(&g->lock);
+    h = g->holds[ref];
+    pthread_mutex_unlock(&g->lock);
+    return h;
+}
+
+void pxg_mark_dirty(struct pxg *g, uint64_t pfn)
+{
+    if (g->dirty && pfn < g->nr_pages)
+        __atomic_fetch_or(&g->dirty[pfn >> 6], 1ull << (pfn & 63), __ATOMIC_SEQ_CST);
+}

@@ -1,0 +1,56 @@
+/*
+ * pyxen's native data path: the few loops that run per request or per page
+ * and would cost Python tens of microseconds each.  Python keeps the control
+ * plane (xenstore, connection, errors, formats' metadata); everything here is
+ * called through ctypes (pyxen/native/__init__.py).
+ *
+ * Facts come from Xen's public headers: grant_table.h (grant_entry_v1,
+ * GTF_*), io/ring.h (shared ring indexes and event suppression),
+ * io/blkif.h (requests, responses, indirect segments).
+ */
+#ifndef PYXEN_NATIVE_H
+#define PYXEN_NATIVE_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+/* grant_table.h, v1 */
+#define GTF_permit_access 1u
+#define GTF_type_mask 3u
+#define GTF_readonly (1u << 2)
+#define GTF_reading (1u << 3)
+#define GTF_writing (1u << 4)
+
+/* pxg_acquire errors (Python turns them into messages that name the ref) */
+#define PXG_E_RANGE (-1)    /* ref beyond the table */
+#define PXG_E_PERM (-2)     /* not a permit_access entry granted to us */
+#define PXG_E_RDONLY (-3)   /* write access to a read-only grant */
+#define PXG_E_FRAME (-4)    /* the frame is not one of the guest's RAM pages */
+#define PXG_E_BUSY (-5)     /* too many holds on one ref */
+
+/* One guest's grant table as a backend in the guest's own process sees it. */
+struct pxg {
+    uint8_t *gt;             /* grant_entry_v1 array (xenheap) */
+    uint32_t max_refs;
+    uint8_t *ram;            /* guest RAM, pfn 0 at offset 0 */
+    uint64_t nr_pages;
+    uint64_t mfn_base;
+    uint64_t *dirty;         /* XH_DIRTY bitmap, one bit per pfn */
+    volatile int logdirty;   /* set while the toolstack logs dirty pages */
+    pthread_mutex_t lock;
+    uint16_t *holds;         /* per ref: how many backend holds */
+};
+
+struct pxg *pxg_new(uint8_t *gt, uint32_t max_refs, uint8_t *ram, uint64_t nr_pages,
+                    uint64_t mfn_base, uint64_t *dirty);
+void pxg_free(struct pxg *g);
+void pxg_set_logdirty(struct pxg *g, int on);
+int64_t pxg_acquire(struct pxg *g, uint32_t ref, uint16_t me, int write);
+int pxg_acquire_many(struct pxg *g, const uint32_t *refs, int n, uint16_t me, int write,
+                     uint64_t *offs);
+void pxg_release(struct pxg *g, uint32_t ref);
+void pxg_release_many(struct pxg *g, const uint32_t *refs, int n);
+uint32_t pxg_holds(struct pxg *g, uint32_t ref);
+void pxg_mark_dirty(struct pxg *g, uint64_t pfn);
+
+#endif
