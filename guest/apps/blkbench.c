@@ -8,6 +8,7 @@
  *   mib=<n>        the region used, from sector start= (default: the whole disk)
  *   flush=1        end with a FLUSH_DISKCACHE, counted in the time (writes)
  *   vdev=, and blkfront's persistent= ring_order= indirect= grants= quiet=
+ *   coalesce= poll= (see blkfront.h; poll=<us> spins for completions)
  *
  * All I/Os share one buffer (the contents don't matter).  Sequential modes
  * walk the region and wrap; random ones pick bs-aligned offsets in it.
@@ -185,9 +186,9 @@ int app_main(const char *cmdline)
     }
     blkfront_get_stats(dev, &st);
     printk("blkbench: stats ring_requests=%lu indirect=%lu events=%lu notifies=%lu copies=%lu "
-           "segs=%u ring=%u persistent=%d pool=%lu\n", st.ring_requests, st.indirect_requests,
-           st.events, st.notifies, st.copies, info->max_segs, info->ring_entries,
-           info->persistent, st.pgrants);
+           "segs=%u ring=%u persistent=%d pool=%lu polled=%lu\n", st.ring_requests,
+           st.indirect_requests, st.events, st.notifies, st.copies, info->max_segs,
+           info->ring_entries, info->persistent, st.pgrants, st.polled);
     if (cmdline_get_ulong(cmdline, "close", 1))
         blkfront_close(dev);
     return 0;

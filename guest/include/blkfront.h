@@ -179,12 +179,18 @@ struct blkfront_opts {
                                        2 always (blkif.h allows it) */
     int ring_order;                 /* -1 default (min(backend max, 2)), else wanted order */
     int max_indirect;               /* -1 default (256), 0 = never indirect */
-    unsigned int grant_budget;      /* max data grants in flight, 0 = 1024 */
+    unsigned int grant_budget;      /* max data grants in flight, 0 = 8448 (at most 3/4
+                                       of the grant table); persistent pool pages, 0 = 1024 */
     uint64_t timeout_ns;            /* connect timeout, 0 = 30 s */
     int quiet;                      /* no state-change lines */
+    int coalesce;                   /* -1 default (1): ask for an event only when half of
+                                       what is on the ring has been answered, not at
+                                       the first response (rsp_event further ahead) */
+    unsigned int poll_us;           /* blkfront_wait_any spins this long for a response
+                                       before it sleeps until an event (0: never spins) */
 };
 /* Fill opts from a command line: persistent= ring_order= indirect= grants=
- * timeout= (seconds) quiet=. */
+ * timeout= (seconds) quiet= coalesce= poll= (microseconds). */
 void blkfront_opts_from_cmdline(struct blkfront_opts *o, const char *cmdline);
 
 struct blkfront_dev;
@@ -275,6 +281,7 @@ struct blkfront_stats {
     unsigned long grant_busy;       /* end_access refused after the response */
     unsigned long protocol_errors;  /* bad response ids/ops/status, ring overruns */
     unsigned long pgrants;          /* persistent grant pages in the pool */
+    unsigned long polled;           /* responses found by polling (no event) */
 };
 void blkfront_get_stats(struct blkfront_dev *dev, struct blkfront_stats *st);
 /* One line with the ring's indexes and the connection state (diagnostics). */

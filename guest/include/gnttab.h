@@ -172,7 +172,7 @@ static inline long HYPERVISOR_grant_table_op(unsigned int cmd, void *uop, unsign
     return _hypercall3(long, __HYPERVISOR_grant_table_op, cmd, uop, count);
 }
 
-#define GNTTAB_MAX_FRAMES 4
+#define GNTTAB_MAX_FRAMES 32    /* 16384 refs: 32 x 1 MiB block requests in flight */
 
 /* query_size + setup_table (up to GNTTAB_MAX_FRAMES frames) + map, once.
  * Done on first use (gnttab_ready() or the first grant), not at boot: a

@@ -34,7 +34,8 @@
 #define MAX_INDIRECT        1024
 #define MAX_IND_PAGES       ((MAX_INDIRECT + BLKIF_SEGS_PER_INDIRECT_FRAME - 1) / \
                              BLKIF_SEGS_PER_INDIRECT_FRAME)
-#define DEFAULT_BUDGET      1024        /* grants for data in flight */
+#define DEFAULT_BUDGET      8448        /* grants for data in flight: 32 x (256 + 8) */
+#define DEFAULT_POOL        1024        /* persistent pages, unless grants= says */
 #define DEFAULT_TIMEOUT     (30 * NSEC_PER_SEC)
 #define DRAIN_TIMEOUT       (5 * NSEC_PER_SEC)
 #define DEFERRED_MAX        4096
@@ -126,6 +127,7 @@ struct blkfront_dev {
 
     struct blk_io *head, *tail, *cursor;
     volatile unsigned long completions;
+    volatile int polling;           /* a thread spins in poll_responses */
 
     struct blkfront_stats st;
     unsigned int bad_printed;
@@ -537,8 +539,11 @@ static void complete_response(struct blkfront_dev *d, const struct blkif_respons
     io_maybe_finish(d, io);
 }
 
-/* RING_FINAL_CHECK_FOR_RESPONSES loop.  Events masked. */
-static void process_responses(struct blkfront_dev *d)
+/* RING_FINAL_CHECK_FOR_RESPONSES loop.  Events masked.  A poller passes
+ * arm=0: it consumes what is there and leaves rsp_event alone, so the
+ * backend sends no event while we are looking anyway (every event is a trip
+ * through the hypervisor); it arms before it sleeps. */
+static void consume_responses(struct blkfront_dev *d, int arm)
 {
     struct blkif_sring *s = d->sring;
 
@@ -578,11 +583,35 @@ static void process_responses(struct blkfront_dev *d)
             d->rsp_cons++;
             complete_response(d, &r);
         }
-        /* Ask for an event on the next response, then look once more. */
-        WRITE_ONCE(s->rsp_event, d->rsp_cons + 1);
+        if (!arm)
+            break;
+        /* Ask for an event on the next response (or, coalescing, when half of
+         * what is on the ring has been answered: every request there gets its
+         * response, so the event always comes), then look once more. */
+        {
+            uint32_t outstanding = d->req_prod_pvt - d->rsp_cons;
+            uint32_t ahead = d->opts.coalesce && outstanding > 2 ? outstanding / 2 : 1;
+            WRITE_ONCE(s->rsp_event, d->rsp_cons + ahead);
+        }
         mb();
         if (READ_ONCE(s->rsp_prod) == d->rsp_cons)
             break;
+    }
+}
+
+static void process_responses(struct blkfront_dev *d)
+{
+    consume_responses(d, 1);
+}
+
+/* Before sleeping for a response: make sure one will send an event (a
+ * poller may have left rsp_event behind).  Thread context. */
+static void arm_events(struct blkfront_dev *d)
+{
+    if (d->opts.poll_us) {
+        unsigned long flags = irq_save();
+        process_responses(d);
+        irq_restore(flags);
     }
 }
 
@@ -662,6 +691,18 @@ static union blkif_sring_entry *next_slot(struct blkfront_dev *d)
     return e;
 }
 
+/* Grants for data in flight: grants=, or DEFAULT_BUDGET leaving a quarter
+ * of our grant table to everything else. */
+static unsigned int data_budget(struct blkfront_dev *d)
+{
+    unsigned int cap;
+
+    if (d->opts.grant_budget)
+        return d->opts.grant_budget;
+    cap = gnttab_nr_frames() * 512 * 3 / 4;
+    return MIN((unsigned int)DEFAULT_BUDGET, cap);
+}
+
 static int build_rw(struct blkfront_dev *d, struct blk_io *io)
 {
     struct shadow *sh;
@@ -695,7 +736,7 @@ static int build_rw(struct blkfront_dev *d, struct blk_io *io)
     if (d->info.persistent) {
         if (d->pool_nfree < nseg + nind)
             return BUILD_WAIT;
-    } else if (d->grants_inflight + nseg + nind > d->opts.grant_budget && d->inflight_reqs) {
+    } else if (d->grants_inflight + nseg + nind > data_budget(d) && d->inflight_reqs) {
         return BUILD_WAIT;
     }
     sh = get_shadow(d);
@@ -902,7 +943,9 @@ static void blk_event(evtchn_port_t port, struct pt_regs *regs, void *data)
     if (!d->sring || (int)port != d->port)
         return;
     d->st.events++;
-    process_responses(d);
+    /* While a thread polls the ring, events stay off: it arms them again
+     * before it sleeps (NAPI's rule). */
+    consume_responses(d, !d->polling);
     kick_queue(d);
     waitq_wake_all(&waiters);
 }
@@ -1343,7 +1386,7 @@ static int connect_backend(struct blkfront_dev *d)
 
     if (persistent) {
         unsigned int want = d->ring_size * (segs + nind);
-        unsigned int cap = d->opts.grant_budget;
+        unsigned int cap = d->opts.grant_budget ? d->opts.grant_budget : DEFAULT_POOL;
         if (want < cap)
             cap = want;
         if (cap < segs + nind)
@@ -1407,8 +1450,10 @@ static void drain(struct blkfront_dev *d)
     unsigned long flags = irq_save();
     d->draining = 1;
     irq_restore(flags);
-    if (d->sring && d->inflight_reqs)
+    if (d->sring && d->inflight_reqs) {
+        arm_events(d);
         waitq_wait(&waiters, nothing_in_flight, d, monotonic_ns() + DRAIN_TIMEOUT);
+    }
 }
 
 /* ---------------------------------------------------------------- */
@@ -1659,6 +1704,10 @@ void blkfront_opts_from_cmdline(struct blkfront_opts *o, const char *cmdline)
     o->grant_budget = (unsigned int)cmdline_get_ulong(cmdline, "grants", 0);
     o->timeout_ns = cmdline_get_ulong(cmdline, "timeout", 0) * NSEC_PER_SEC;
     o->quiet = (int)cmdline_get_ulong(cmdline, "quiet", 0);
+    o->coalesce = -1;
+    if (cmdline_find(cmdline, "coalesce", NULL))
+        o->coalesce = (int)cmdline_get_ulong(cmdline, "coalesce", 1);
+    o->poll_us = (unsigned int)cmdline_get_ulong(cmdline, "poll", 0);
 }
 
 unsigned long blk_cmdline_size(const char *cmdline, const char *key, unsigned long dflt)
@@ -1766,10 +1815,11 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
         o.persistent = 1;
     if (o.max_indirect < 0)
         o.max_indirect = DEFAULT_INDIRECT;
-    if (!o.grant_budget)
-        o.grant_budget = DEFAULT_BUDGET;
+    /* o.grant_budget stays 0 when not given: see data_budget() */
     if (!o.timeout_ns)
         o.timeout_ns = DEFAULT_TIMEOUT;
+    if (o.coalesce < 0)
+        o.coalesce = 1;
     deadline = monotonic_ns() + o.timeout_ns;
 
     if (!xenbus_available()) {
@@ -2060,7 +2110,9 @@ static int io_complete(void *arg)
 int blkfront_wait_io(struct blkfront_dev *d, struct blk_io *io, uint64_t deadline_ns)
 {
     struct io_wait w = { io };
-    (void)d;
+
+    if (!io->complete)
+        arm_events(d);
     return waitq_wait(&waiters, io_complete, &w, deadline_ns);
 }
 
@@ -2075,9 +2127,40 @@ static int any_complete(void *arg)
     return a->d->completions != a->seen;
 }
 
+/* Spin up to poll_us for a response on the ring; consume what came.  Saves
+ * the event's round trip through the hypervisor when I/Os complete quickly. */
+static void poll_responses(struct blkfront_dev *d)
+{
+    uint64_t end = monotonic_ns() + (uint64_t)d->opts.poll_us * 1000;
+
+    unsigned long flags;
+
+    d->polling++;
+    do {
+        struct blkif_sring *s = READ_ONCE(d->sring);
+        if (s && READ_ONCE(s->rsp_prod) != d->rsp_cons) {
+            flags = irq_save();
+            d->st.polled++;
+            consume_responses(d, 0);
+            kick_queue(d);
+            irq_restore(flags);
+            d->polling--;
+            waitq_wake_all(&waiters);
+            return;
+        }
+        cpu_relax();
+    } while (monotonic_ns() < end);
+    d->polling--;
+    /* nothing came: arm rsp_event (and take what raced in) before sleeping */
+    arm_events(d);
+}
+
 int blkfront_wait_any(struct blkfront_dev *d, unsigned long *seen, uint64_t deadline_ns)
 {
     struct any_wait a = { d, *seen };
+
+    if (d->opts.poll_us && d->completions == *seen)
+        poll_responses(d);
 
     if (!waitq_wait(&waiters, any_complete, &a, deadline_ns))
         return 0;

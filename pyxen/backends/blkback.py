@@ -53,7 +53,9 @@ WORKERS = 8
 #: the ring's poller spins for the next request before it re-arms req_event
 #: and sleeps until the guest's next event.
 NATIVE_WORKERS = 2
-NATIVE_POLL_NS = 50_000
+NATIVE_POLL_NS = 200_000
+#: reads copy from a read-only mapping of the image (no system call per request)
+NATIVE_MAP_READS = os.environ.get("PYXEN_BLK_MAP_READS", "1") != "0"
 # blk.c's pxb_take_up bits and pxb_stats order
 _UP_NOTIFY, _UP_SLOW, _UP_PROTO = 1, 2, 4
 _NATIVE_STATS = ("ring_requests", "reads", "writes", "read_bytes", "write_bytes", "to_python",
@@ -258,6 +260,8 @@ class BlkBack:
             self.native_why = "pxb_new failed"
             return
         lib.pxb_set_tuning(dev, NATIVE_WORKERS, NATIVE_POLL_NS)
+        if fd >= 0 and NATIVE_MAP_READS:
+            lib.pxb_map_file(dev, base + self.image.size)  # else reads are preadv
         self.dev = dev
         if lib.pxb_start(dev) != 0:
             self._stop_native()

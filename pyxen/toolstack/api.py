@@ -182,9 +182,15 @@ class Host:
     def dmesg(self, clear: bool = False) -> list[str]:
         return list(self._call(op="dmesg", clear=clear)["lines"])
 
-    def quit(self) -> None:
-        """Stop the daemon (destroys every domain)."""
+    def quit(self, timeout: float = 15.0) -> None:
+        """Stop the daemon (destroys every domain) and wait until it is gone,
+        so that the next command starts a fresh one instead of reaching the
+        old one on its way out."""
         self._call(op="quit")
+        sock = paths.daemon_socket(self.run_dir)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and sock.exists():
+            time.sleep(0.02)
 
     def console_socket(self, dom: int | str, unpause: bool = False) -> socket.socket:
         """A socket attached to the domain's console: reads give output (the
