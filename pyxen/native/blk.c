@@ -601,11 +601,14 @@ static void *worker(void *arg)
             continue;
         }
         d->inflight++;
-        /* a big copy: let another worker start on the next request meanwhile */
+        /* A big read: let another worker start on the next request meanwhile.
+         * Not for writes: buffered writes to one file serialise on its inode
+         * lock, and a second writer only spins on it. */
         if (d->idle && pending(d)) {
             uint16_t nind = 0;
             memcpy(&nind, raw + 2, 2);
-            if ((raw[0] == OP_INDIRECT && (uint64_t)nind * 4096 >= LARGE_BYTES) || d->all_slow)
+            if ((raw[0] == OP_INDIRECT && raw[1] == OP_READ && (uint64_t)nind * 4096 >= LARGE_BYTES)
+                || d->all_slow)
                 pthread_cond_signal(&d->cv);
         }
         pthread_mutex_unlock(&d->m);
