@@ -253,15 +253,23 @@ class BlkBack:
             self.native_why = native.why_not() or "no native grant table"
             return
         target = self.image.native_target()
-        fd, base = target if target is not None else (-1, 0)
+        fmap = self.image.native_fastmap() if target is None else None
+        fd, base = target if target is not None else (fmap[0] if fmap else -1, 0)
         dev = lib.pxb_new(g, ring_addr, entries, BACKEND_DOMID, fd, base, self.sectors,
                           int(self.readonly), self.kick_fd, self.up_fd)
         if not dev:
             self.native_why = "pxb_new failed"
             return
         lib.pxb_set_tuning(dev, NATIVE_WORKERS, NATIVE_POLL_NS)
+        map_len = base + self.image.size
+        if fmap is not None:
+            _, cbits, clusters, addr = fmap
+            lib.pxb_set_fmap(dev, addr, cbits, clusters)
+            # the file grows as clusters are allocated: reserve room (pages past
+            # its end become readable as it grows; a read there is never mapped)
+            map_len = os.fstat(fd).st_size + 2 * self.image.size + (1 << 30)
         if fd >= 0 and NATIVE_MAP_READS:
-            lib.pxb_map_file(dev, base + self.image.size)  # else reads are preadv
+            lib.pxb_map_file(dev, map_len)  # else reads are preadv
         self.dev = dev
         if lib.pxb_start(dev) != 0:
             self._stop_native()

@@ -70,6 +70,13 @@ class BlockImage(ABC):
         every request must come through this object (the default)."""
         return None
 
+    def native_fastmap(self) -> tuple[int, int, int, int] | None:
+        """For formats that map guest clusters to places in one file (qcow2):
+        ``(fd, cluster_bits, clusters, address of the fast map)``, see
+        :meth:`pyxen.storage.qcow2.Qcow2Image.native_fastmap`.  None (the
+        default) when there is no such map."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional, default no-op
         """Flush metadata and release the file."""
 

@@ -37,6 +37,7 @@ finished.
 from __future__ import annotations
 
 import copy
+import mmap
 import os
 import struct
 import threading
@@ -169,6 +170,16 @@ def _bytes_view(b: memoryview | bytes | bytearray) -> memoryview:
     return mv
 
 
+def ctypes_address(buf: mmap.mmap) -> int:
+    """Host address of an anonymous mapping (for the native data path)."""
+    import ctypes
+    c = ctypes.c_char.from_buffer(buf)
+    try:
+        return ctypes.addressof(c)
+    finally:
+        del c
+
+
 def _probe_format(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -199,6 +210,9 @@ class Qcow2Image(BlockImage):
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._inflight = 0
+        self._fm: mmap.mmap | None = None  # native fast map (native_fastmap)
+        self._fmv: memoryview | None = None
+        self._fm_seen: set[int] = set()  # L1 indexes whose range is published
         self._draining = 0
         self.backing: BlockImage | None = None
         self._crypto: luks.SectorCipher | None = None
@@ -638,6 +652,8 @@ class Qcow2Image(BlockImage):
             self._l2_dirty.add(new)
             self._l1[l1i] = new | OFLAG_COPIED
             self._l1_dirty = True
+            if l1i in self._fm_seen:
+                self._fm_fill(l1i)
             return new, tbl
         tbl = self._load_l2(off)
         if e & OFLAG_COPIED:
@@ -645,6 +661,8 @@ class Qcow2Image(BlockImage):
         if self._refcount(off // self.cs) == 1:
             self._l1[l1i] = off | OFLAG_COPIED
             self._l1_dirty = True
+            if l1i in self._fm_seen:
+                self._fm_fill(l1i)
             return off, tbl
         # shared with a snapshot: copy the table; data refcounts count L1 paths, so they stay
         new = self._alloc(1)
@@ -660,7 +678,88 @@ class Qcow2Image(BlockImage):
         self._l1[l1i] = new | OFLAG_COPIED
         self._l1_dirty = True
         self._decref(off // self.cs)
+        if l1i in self._fm_seen:
+            self._fm_fill(l1i)
         return new, nt
+
+    # ------------------------------------------------------------------ native fast map
+
+    def native_fastmap(self) -> tuple[int, int, int, int] | None:
+        """For blkback's native data path: ``(fd, cluster_bits, clusters,
+        address)`` of a table with one 64-bit word per guest cluster: the
+        host offset of its data | 1 (may be read in place) | 2 (may be
+        written in place), or 0 (ask this object).  Filled an L2 table's
+        range at a time as requests reach us (:meth:`_fm_note`), kept exact
+        at every change of an L1 or L2 entry (``_fm_set``, ``_fm_fill``,
+        ``_fm_reset``).  Writable means plain, allocated and not shared:
+        COPIED in both the L1 and the L2 entry.  Clusters are freed only at a
+        flush (``_pending_free``), and blkback drains the native path before
+        a flush, so a request that read an entry just before it changed still
+        lands in a cluster nobody else uses.  None for encrypted images (every
+        byte needs the cipher)."""
+        if self._crypto is not None or self._fd < 0:
+            return None
+        with self._cv:
+            n = -(-self.size // self.cs)
+            if self._fm is None:
+                self._fm = mmap.mmap(-1, max(8, n * 8), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                self._fmv = memoryview(self._fm).cast("Q")
+                self._fm_seen = set()
+            return self._fd, self.cbits, n, ctypes_address(self._fm)
+
+    def _fm_value(self, l1e: int, e: int) -> int:
+        if e & OFLAG_COMPRESSED or (e & OFLAG_ZERO and self.h.version >= 3):
+            return 0
+        off = e & L2E_OFFSET_MASK
+        if not off:
+            return 0
+        v = off | 1
+        if l1e & OFLAG_COPIED and e & OFLAG_COPIED and not self.readonly:
+            v |= 2
+        return v
+
+    def _fm_fill(self, l1i: int) -> None:
+        """Publish the range of L1 entry ``l1i`` (with self._cv held)."""
+        fmv = self._fmv
+        if fmv is None or l1i >= len(self._l1):
+            return
+        first = l1i << self.l2_bits
+        last = min(first + self.l2_entries, len(fmv))
+        l1e = self._l1[l1i]
+        l2off = l1e & L1E_OFFSET_MASK
+        if not l2off:
+            for g in range(first, last):
+                fmv[g] = 0
+        else:
+            tbl = self._load_l2(l2off)
+            for g in range(first, last):
+                fmv[g] = self._fm_value(l1e, tbl[g - first])
+        self._fm_seen.add(l1i)
+
+    def _fm_set(self, gcl: int, e: int) -> None:
+        """Guest cluster ``gcl``'s L2 entry is now ``e`` (with self._cv held)."""
+        fmv = self._fmv
+        if fmv is not None and gcl < len(fmv) and (gcl >> self.l2_bits) in self._fm_seen:
+            fmv[gcl] = self._fm_value(self._l1[gcl >> self.l2_bits], e)
+
+    def _fm_reset(self) -> None:
+        """Forget everything published (tables rewritten wholesale)."""
+        if self._fmv is not None:
+            for l1i in self._fm_seen:
+                first = l1i << self.l2_bits
+                for g in range(first, min(first + self.l2_entries, len(self._fmv))):
+                    self._fmv[g] = 0
+            self._fm_seen = set()
+
+    def _fm_note(self, offset: int, n: int) -> None:
+        """A request for these bytes came to us: publish the ranges it touched."""
+        if self._fmv is None or n <= 0:
+            return
+        with self._cv:
+            for l1i in range(offset >> (self.cbits + self.l2_bits),
+                             ((offset + n - 1) >> (self.cbits + self.l2_bits)) + 1):
+                if l1i not in self._fm_seen:
+                    self._fm_fill(l1i)
 
     # ------------------------------------------------------------------ data I/O
 
@@ -720,6 +819,8 @@ class Qcow2Image(BlockImage):
     def readinto_vec(self, offset: int, bufs: list[memoryview]) -> None:
         """A whole request at once: one cluster walk instead of one per 4 KiB
         segment, at the price of one copy into the segments."""
+        if self._fmv is not None:
+            self._fm_note(offset, sum(len(b) for b in bufs))
         if len(bufs) == 1:
             return self.readinto(offset, bufs[0])
         tmp = bytearray(sum(len(b) for b in bufs))
@@ -730,9 +831,13 @@ class Qcow2Image(BlockImage):
             pos += len(b)
 
     def write_vec(self, offset: int, bufs: list[memoryview]) -> None:
-        if len(bufs) == 1:
-            return self.write(offset, bufs[0])
-        self.write(offset, b"".join(bufs))
+        try:
+            if len(bufs) == 1:
+                return self.write(offset, bufs[0])
+            self.write(offset, b"".join(bufs))
+        finally:
+            if self._fmv is not None:
+                self._fm_note(offset, sum(len(b) for b in bufs))
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         try:
@@ -901,6 +1006,7 @@ class Qcow2Image(BlockImage):
                 tbl[i] = e | OFLAG_COPIED
                 self._l2_dirty.add(self._l1[gcl >> self.l2_bits] & L1E_OFFSET_MASK)
                 e = tbl[i]
+                self._fm_set(gcl, e)
             if e & OFLAG_COPIED:
                 self._write_host(host + a, data)
                 return
@@ -917,6 +1023,7 @@ class Qcow2Image(BlockImage):
             self._write_host(new, buf)
         tbl[i] = new | OFLAG_COPIED
         self._l2_dirty.add(self._l1[gcl >> self.l2_bits] & L1E_OFFSET_MASK)
+        self._fm_set(gcl, tbl[i])
         if k in (NORMAL, ZERO, COMPRESSED):
             self._release(e)
 
@@ -962,6 +1069,7 @@ class Qcow2Image(BlockImage):
             nsec = ((off & 511) + len(comp) + 511) // 512
             tbl[i] = OFLAG_COMPRESSED | ((nsec - 1) << self.csize_shift) | off
             self._l2_dirty.add(self._l1[cluster_index >> self.l2_bits] & L1E_OFFSET_MASK)
+            self._fm_set(cluster_index, tbl[i])
             if old:
                 self._release(old)
 
@@ -1001,6 +1109,7 @@ class Qcow2Image(BlockImage):
                 e = tbl[i]
                 tbl[i] = want
                 self._l2_dirty.add(self._l1[gcl >> self.l2_bits] & L1E_OFFSET_MASK)
+                self._fm_set(gcl, want)
                 self._release(e)
 
     # ------------------------------------------------------------------ flush
@@ -1106,6 +1215,12 @@ class Qcow2Image(BlockImage):
     def close(self) -> None:
         if self._fd < 0:
             return
+        if self._fmv is not None:
+            self._fmv.release()
+            self._fmv = None
+        if self._fm is not None:
+            self._fm.close()
+            self._fm = None
         try:
             self.flush()
         finally:
@@ -1153,6 +1268,7 @@ class Qcow2Image(BlockImage):
 
     def _clear_copied(self) -> None:
         """COPIED flags off in the active L1 and its L2 tables (before a snapshot shares them)."""
+        self._fm_reset()
         for i, e in enumerate(self._l1):
             l2off = e & L1E_OFFSET_MASK
             if not l2off:
@@ -1171,6 +1287,7 @@ class Qcow2Image(BlockImage):
 
     def _fix_copied(self) -> None:
         """Recompute COPIED flags in the active L1 and its L2 tables from the refcounts."""
+        self._fm_reset()
         cs = self.cs
         for i, e in enumerate(self._l1):
             l2off = e & L1E_OFFSET_MASK
@@ -1283,6 +1400,7 @@ class Qcow2Image(BlockImage):
             self._file_size = max(self._file_size, off + n * self.cs)
             for c in self._crange(old_off, old_n * 8):
                 self._decref(c)
+            self._fm_reset()
             self._l1 = sl1
             h.l1_table_offset, h.l1_size, h.size = off, len(sl1), size
             self.size = size
