@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 BACKEND_DOMID = 0
 MAX_RING_PAGE_ORDER = 2
 WORKERS = 8
+#: serve rings with the native data path when the library loads (PYXEN_NATIVE=0: never)
+NATIVE = os.environ.get("PYXEN_NATIVE", "1") != "0"
 #: native data path tuning (pyxen/native/blk.c): worker threads, and how long
 #: the ring's poller spins for the next request before it re-arms req_event
 #: and sleeps until the guest's next event.
@@ -247,10 +249,11 @@ class BlkBack:
         takes every request off the ring, serves plain reads and writes of
         the image itself and hands us the rest.  Otherwise the Python path
         below serves everything."""
-        lib = native.lib()
+        lib = native.lib() if NATIVE else None
         g = self.domain.gnttab.host_grants() if lib is not None else None
         if lib is None or g is None:
-            self.native_why = native.why_not() or "no native grant table"
+            self.native_why = (native.why_not() or "no native grant table") if NATIVE \
+                else "disabled (PYXEN_NATIVE=0)"
             return
         target = self.image.native_target()
         fmap = self.image.native_fastmap() if target is None else None

@@ -355,11 +355,11 @@ class GrantTables:
             raise XenError(abi.EPERM, e.why) from None
         with self.lock:
             self.active[(-1, ref)] = self.active.get((-1, ref), 0) + 1
-        off = p.ram_offset(frame)
-        if off is None:
+        where = p.ram_offset(frame)
+        if where is None:
             self.host_release(ref)
             raise XenError(abi.EPERM, f"grant {ref} names frame {frame:#x}, not a page of the guest")
-        return off
+        return where
 
     def _host_refusal(self, code: int, ref: int, me: int) -> str:
         d = self.domain

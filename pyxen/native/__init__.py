@@ -67,8 +67,9 @@ def build() -> Path:
             errors.append(f"{d}: {e}")
             continue
         try:
-            p = subprocess.run([cc, *CFLAGS, "-o", tmp, *(str(HERE / s) for s in SOURCES if s.endswith(".c"))],
-                               capture_output=True, text=True, timeout=120)
+            srcs = [str(HERE / s) for s in SOURCES if s.endswith(".c")]
+            p = subprocess.run([cc, *CFLAGS, "-o", tmp, *srcs], capture_output=True, text=True,
+                               timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             os.unlink(tmp)
             raise OSError(f"cannot run the C compiler {cc!r}: {e}") from None
