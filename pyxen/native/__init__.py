@@ -91,6 +91,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxg_set_logdirty.restype = None
     lib.pxg_acquire.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_int]
     lib.pxg_acquire.restype = ctypes.c_int64
+    lib.pxg_acquire_many.argtypes = [vp, vp, ctypes.c_int, ctypes.c_uint16, ctypes.c_int, vp]
+    lib.pxg_acquire_many.restype = ctypes.c_int
+    lib.pxg_mark_dirty.argtypes = [vp, ctypes.c_uint64]
+    lib.pxg_mark_dirty.restype = None
     lib.pxg_release.argtypes = [vp, ctypes.c_uint32]
     lib.pxg_release.restype = None
     lib.pxg_holds.argtypes = [vp, ctypes.c_uint32]

@@ -16,6 +16,7 @@ import pytest
 
 from pyxen.backends import blkif as B
 from pyxen.backends.blkback import BlkBack
+from pyxen.hv import atomic
 from pyxen.hv import gnttab as G
 from pyxen.hv import machine as M
 from pyxen.hv.domain import Domain
@@ -96,7 +97,9 @@ class Front:
         off = self.ring_off + B.SRING_HDR.size + (self.req_prod % n) * B.REQ_SIZE
         self.d.machine.ram[off:off + len(raw)] = raw
         self.req_prod += 1
-        struct.pack_into("<I", self.d.machine.ram, self.ring_off, self.req_prod)
+        # one 32-bit store, as a frontend does (struct.pack_into clears the field
+        # first, and the native backend reads it from another thread meanwhile)
+        atomic.store32(atomic.address_of(self.d.machine.ram) + self.ring_off, self.req_prod)
         self.d.evtchn.send(self.port)
 
     def rw(self, op: int, rid: int, sector: int, segs: list[tuple[int, int, int]]) -> None:
