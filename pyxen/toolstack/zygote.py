@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 
-from .. import kvm
+from .. import kvm, native
 from . import domproc  # noqa: F401 - imported to be warm in every child
 
 
@@ -26,6 +26,7 @@ def main() -> None:
         kvm.system().supported_cpuid()
     except OSError:
         pass  # reported by the child that tries to create a domain
+    native.lib()  # the native data path, built (first time) and loaded once for every child
     gc.collect()
     gc.freeze()  # keep the collector from touching (and un-sharing) inherited objects
     out = sys.stdout
