@@ -59,6 +59,7 @@
 #define MAX_INDIRECT_SEGMENTS 256
 #define MAX_WORKERS 8
 #define LARGE_BYTES (64 * 1024)
+#define COPY_CHUNK (64 * 1024)
 
 #define PXB_UP_NOTIFY 1u
 #define PXB_UP_SLOW 2u
@@ -293,7 +294,12 @@ static int copy_from_map(struct iovec *iov, int cnt, const uint8_t *src)
         return -1;
     copy_jmp = &jb;
     for (int i = 0; i < cnt; i++) {
-        memcpy(iov[i].iov_base, src, iov[i].iov_len);
+        /* in pieces: glibc copies a whole MiB with non-temporal stores or
+         * rep movsb, 10-15 % slower here than 64 KiB at a time */
+        for (uint64_t done = 0; done < iov[i].iov_len; done += COPY_CHUNK) {
+            uint64_t l = iov[i].iov_len - done < COPY_CHUNK ? iov[i].iov_len - done : COPY_CHUNK;
+            memcpy((uint8_t *)iov[i].iov_base + done, src + done, l);
+        }
         src += iov[i].iov_len;
     }
     copy_jmp = NULL;

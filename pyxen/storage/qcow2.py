@@ -213,6 +213,8 @@ class Qcow2Image(BlockImage):
         self._fm: mmap.mmap | None = None  # native fast map (native_fastmap)
         self._fmv: memoryview | None = None
         self._fm_seen: set[int] = set()  # L1 indexes whose range is published
+        self._fm_stop = False
+        self._fm_thread: threading.Thread | None = None
         self._draining = 0
         self.backing: BlockImage | None = None
         self._crypto: luks.SectorCipher | None = None
@@ -705,7 +707,24 @@ class Qcow2Image(BlockImage):
                 self._fm = mmap.mmap(-1, max(8, n * 8), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                 self._fmv = memoryview(self._fm).cast("Q")
                 self._fm_seen = set()
+                # publish what is allocated already, one L2 range at a time, in
+                # the background (a big disk has millions of clusters)
+                self._fm_stop = False
+                self._fm_thread = threading.Thread(target=self._fm_prefill, daemon=True,
+                                                   name=f"qcow2-fastmap-{os.path.basename(self.path)}")
+                self._fm_thread.start()
             return self._fd, self.cbits, n, ctypes_address(self._fm)
+
+    def _fm_prefill(self) -> None:
+        for l1i in range(len(self._l1)):
+            with self._cv:
+                if self._fm_stop or self._fmv is None:
+                    return
+                if l1i < len(self._l1) and l1i not in self._fm_seen and self._l1[l1i] & L1E_OFFSET_MASK:
+                    try:
+                        self._fm_fill(l1i)
+                    except ImageError:
+                        return  # a corrupt table: requests there go the Python way and say so
 
     def _fm_value(self, l1e: int, e: int) -> int:
         if e & OFLAG_COMPRESSED or (e & OFLAG_ZERO and self.h.version >= 3):
@@ -1215,6 +1234,11 @@ class Qcow2Image(BlockImage):
     def close(self) -> None:
         if self._fd < 0:
             return
+        if self._fm_thread is not None:
+            with self._cv:
+                self._fm_stop = True
+            self._fm_thread.join()
+            self._fm_thread = None
         if self._fmv is not None:
             self._fmv.release()
             self._fmv = None

@@ -34,6 +34,8 @@ class Native:
         assert fm is not None
         self.img = img
         self.fd, self.cbits, self.n, _ = fm
+        if img._fm_thread is not None:  # the background publication of what exists
+            img._fm_thread.join()
         self.cs = 1 << self.cbits
 
     def _plan(self, off: int, n: int, need: int) -> list[tuple[int, int, int]] | None:
@@ -166,5 +168,21 @@ def test_encrypted_images_have_no_fast_map(tmp_path: Path) -> None:
     img = Qcow2Image(path, key_secret=b"pw")
     try:
         assert img.native_fastmap() is None
+    finally:
+        img.close()
+
+
+def test_existing_clusters_are_published_in_the_background(tmp_path: Path) -> None:
+    path = str(tmp_path / "p.qcow2")
+    create_qcow2(path, 4 << 20, cluster_bits=12)
+    img = Qcow2Image(path)
+    img.write(0, memoryview(b"x" * (3 << 20)))
+    img.close()
+    img = Qcow2Image(path)
+    try:
+        nat = Native(img)
+        assert nat.read(4096, 8192) == b"x" * 8192  # no request reached Python first
+        assert nat.write(4096, b"y" * 4096)
+        assert nat.read(3 << 20, 4096) is None  # never written: Python's
     finally:
         img.close()
