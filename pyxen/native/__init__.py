@@ -15,6 +15,7 @@ returns None and :func:`why_not` says why).  The tests run both.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -77,6 +78,10 @@ def build() -> Path:
             os.unlink(tmp)
             raise OSError(f"{cc} failed to build {HERE}:\n{p.stderr[-2000:]}")
         os.replace(tmp, d / name)  # atomic: concurrent builders agree
+        for old in d.glob("libpyxen-*.so"):  # earlier sources' builds (loaded copies live on)
+            if old.name != name:
+                with contextlib.suppress(OSError):
+                    old.unlink()
         return d / name
     raise OSError("no writable directory for the native library: " + "; ".join(errors))
 

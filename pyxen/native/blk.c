@@ -252,14 +252,16 @@ uint32_t pxb_take_up(struct pxb *d, char *msg, int msglen)
  * safe way (Python, preadv).  SIGBUS anywhere else goes to whoever handled
  * it before us (Python's faulthandler, or the default: the process dies).
  */
-static __thread sigjmp_buf *copy_jmp;
+/* volatile: memcpy is known not to read it, so without it the compiler drops
+ * the store before the copy (it did: the fault then found NULL here) */
+static __thread sigjmp_buf *volatile copy_jmp;
 static struct sigaction old_bus;
 static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
 static int bus_ok;
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
-    sigjmp_buf *j = copy_jmp;
+    sigjmp_buf *volatile j = copy_jmp;
     if (j) {
         copy_jmp = NULL;
         siglongjmp(*j, 1);
@@ -293,6 +295,7 @@ static int copy_from_map(struct iovec *iov, int cnt, const uint8_t *src)
     if (sigsetjmp(jb, 0))
         return -1;
     copy_jmp = &jb;
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     for (int i = 0; i < cnt; i++) {
         /* in pieces: glibc copies a whole MiB with non-temporal stores or
          * rep movsb, 10-15 % slower here than 64 KiB at a time */
@@ -302,6 +305,7 @@ static int copy_from_map(struct iovec *iov, int cnt, const uint8_t *src)
         }
         src += iov[i].iov_len;
     }
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
     copy_jmp = NULL;
     return 0;
 }
