@@ -256,8 +256,7 @@ uint32_t pxb_take_up(struct pxb *d, char *msg, int msglen)
  * the store before the copy (it did: the fault then found NULL here) */
 static __thread sigjmp_buf *volatile copy_jmp;
 static struct sigaction old_bus;
-static pthread_once_t bus_once = PTHREAD_ONCE_INIT;
-static int bus_ok;
+static pthread_mutex_t bus_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void on_sigbus(int sig, siginfo_t *si, void *uc)
 {
@@ -278,22 +277,40 @@ static void on_sigbus(int sig, siginfo_t *si, void *uc)
     raise(SIGBUS);
 }
 
-static void install_bus(void)
+/* Ours, chaining to whatever was there; again if someone replaced it since
+ * (Python's faulthandler enabled later, for instance).  0 when in place. */
+static int install_bus(void)
 {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_sigaction = on_sigbus;
-    sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    bus_ok = sigaction(SIGBUS, &sa, &old_bus) == 0;
+    struct sigaction cur, sa;
+    int ok = 0;
+
+    pthread_mutex_lock(&bus_lock);
+    if (sigaction(SIGBUS, NULL, &cur) == 0) {
+        if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_sigbus) {
+            ok = 1;
+        } else {
+            memset(&sa, 0, sizeof(sa));
+            sa.sa_sigaction = on_sigbus;
+            sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
+            sigemptyset(&sa.sa_mask);
+            old_bus = cur;
+            ok = sigaction(SIGBUS, &sa, NULL) == 0;
+        }
+    }
+    pthread_mutex_unlock(&bus_lock);
+    return ok ? 0 : -1;
 }
 
 /* 0, or -1 if the mapping faulted (nothing to trust in dst). */
-static int copy_from_map(struct iovec *iov, int cnt, const uint8_t *src)
+static int copy_from_map(struct iovec *iov, int cnt, const uint8_t *from)
 {
     sigjmp_buf jb;
+    const uint8_t *volatile vsrc = from;    /* nothing live in registers across sigsetjmp */
+    const uint8_t *src;
+
     if (sigsetjmp(jb, 0))
         return -1;
+    src = vsrc;
     copy_jmp = &jb;
     __atomic_signal_fence(__ATOMIC_SEQ_CST);
     for (int i = 0; i < cnt; i++) {
@@ -690,8 +707,7 @@ void pxb_set_fmap(struct pxb *d, uint64_t *fmap, uint32_t cbits, uint64_t nclust
 int pxb_map_file(struct pxb *d, uint64_t len)
 {
     void *m;
-    pthread_once(&bus_once, install_bus);
-    if (!bus_ok || d->fd < 0 || !len)
+    if (d->fd < 0 || !len || install_bus())
         return -1;
     m = mmap(NULL, len, PROT_READ, MAP_SHARED | MAP_NORESERVE, d->fd, 0);
     if (m == MAP_FAILED)
