@@ -175,7 +175,7 @@ struct blkfront_info {
 
 /* Open options; zero-initialised means the defaults. */
 struct blkfront_opts {
-    int persistent;                 /* -1 default (1), 0 off, 1 if the backend has it,
+    int persistent;                 /* -1 default (0), 0 off, 1 if the backend has it,
                                        2 always (blkif.h allows it) */
     int ring_order;                 /* -1 default (min(backend max, 2)), else wanted order */
     int max_indirect;               /* -1 default (256), 0 = never indirect */

@@ -1811,8 +1811,12 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
         o = *opts;
     else
         blkfront_opts_from_cmdline(&o, NULL);
+    /* Persistent grants by default off: on pyxen a backend's per-request
+     * grant hold costs a compare-and-swap, while persistent grants cost us a
+     * copy of every byte (and cap what is in flight at the pool).  On Xen,
+     * where they save the backend a map and unmap per page, persistent=1. */
     if (o.persistent < 0)
-        o.persistent = 1;
+        o.persistent = 0;
     if (o.max_indirect < 0)
         o.max_indirect = DEFAULT_INDIRECT;
     /* o.grant_budget stays 0 when not given: see data_budget() */

@@ -110,6 +110,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     f.restype = vp
     lib.pxb_set_fmap.argtypes = [vp, vp, ctypes.c_uint32, ctypes.c_uint64]
     lib.pxb_set_fmap.restype = None
+    lib.pxb_set_persistent.argtypes = [vp, ctypes.c_uint32]
+    lib.pxb_set_persistent.restype = ctypes.c_int
+    lib.pxb_persistent_count.argtypes = [vp]
+    lib.pxb_persistent_count.restype = ctypes.c_uint32
     lib.pxb_map_file.argtypes = [vp, ctypes.c_uint64]
     lib.pxb_map_file.restype = ctypes.c_int
     lib.pxb_set_tuning.argtypes = [vp, ctypes.c_int, ctypes.c_uint64]

@@ -102,6 +102,10 @@ struct pxb {
     int broken;                 /* protocol error: stop taking requests */
     uint32_t up_flags;
 
+    pthread_mutex_t pm;         /* persistent grants */
+    uint64_t *pcache;           /* per ref, NULL unless persistent */
+    uint32_t pcount, pmax;
+
     pthread_mutex_t rm;         /* responses */
     uint32_t rsp_prod_pvt;
 
@@ -344,6 +348,7 @@ struct seg {
 
 struct fast {
     int nseg;
+    int nrel;                   /* refs[0..nrel) to release after the I/O */
     struct seg seg[MAX_INDIRECT_SEGMENTS];
     uint32_t refs[MAX_INDIRECT_SEGMENTS];
     uint64_t offs[MAX_INDIRECT_SEGMENTS];
@@ -483,6 +488,48 @@ static int io_mapped(struct pxb *d, int write, struct iovec *iov, int cnt, uint6
     return 0;
 }
 
+/*
+ * Persistent grants (feature-persistent, negotiated by both ends): a grant
+ * the frontend keeps granted is held across requests, up to pmax of them,
+ * and released when the ring goes (pxb_free), as Linux's blkback keeps them
+ * mapped.  pcache[ref] = offset | 1 (held) | 2 (held writable).  A request
+ * uses a cached hold when it allows the access it needs, and otherwise
+ * takes (and afterwards drops) a hold of its own.  Fills f->offs; the refs
+ * to release after the I/O are f->refs[0..nrel).  0, or -1 (nothing held).
+ */
+static int hold_persistent(struct pxb *d, struct fast *f, int need_write)
+{
+    int nrel = 0;
+
+    pthread_mutex_lock(&d->pm);
+    for (int i = 0; i < f->nseg; i++) {
+        uint32_t ref = f->seg[i].gref;
+        uint64_t e = ref < d->g->max_refs ? d->pcache[ref] : 0;
+        int64_t off;
+
+        if ((e & 1) && (!need_write || (e & 2))) {
+            f->offs[i] = e & ~0xFFFull;
+            continue;
+        }
+        off = pxg_acquire(d->g, ref, d->me, need_write);
+        if (off < 0) {
+            pthread_mutex_unlock(&d->pm);
+            pxg_release_many(d->g, f->refs, nrel);
+            return -1;
+        }
+        f->offs[i] = (uint64_t)off;
+        if (!(e & 1) && d->pcount < d->pmax) {
+            d->pcache[ref] = (uint64_t)off | 1 | (need_write ? 2 : 0);
+            d->pcount++;
+        } else {
+            f->refs[nrel++] = ref;
+        }
+    }
+    pthread_mutex_unlock(&d->pm);
+    f->nrel = nrel;
+    return 0;
+}
+
 /* 1: served and answered; 0: Python must take it (nothing was changed). */
 static int serve_fast(struct pxb *d, const uint8_t *raw, struct fast *f)
 {
@@ -506,9 +553,15 @@ static int serve_fast(struct pxb *d, const uint8_t *raw, struct fast *f)
     if (sector >= (1ull << 63) || sector + nsec > d->sectors)
         return 0;
     /* a read writes into the guest's pages: the grant must allow writing */
-    got = pxg_acquire_many(d->g, f->refs, f->nseg, d->me, !write, f->offs);
-    if (got != f->nseg)
-        return 0;
+    if (d->pcache) {
+        if (hold_persistent(d, f, !write))
+            return 0;
+    } else {
+        got = pxg_acquire_many(d->g, f->refs, f->nseg, d->me, !write, f->offs);
+        if (got != f->nseg)
+            return 0;
+        f->nrel = f->nseg;
+    }
     for (int i = 0; i < f->nseg; i++) {
         f->iov[i].iov_base = d->g->ram + f->offs[i] + (uint64_t)f->seg[i].first * SECTOR;
         f->iov[i].iov_len = (uint64_t)(f->seg[i].last - f->seg[i].first + 1) * SECTOR;
@@ -522,7 +575,7 @@ static int serve_fast(struct pxb *d, const uint8_t *raw, struct fast *f)
     if (rc == 0 && !write && __atomic_load_n(&d->g->logdirty, __ATOMIC_RELAXED))
         for (int i = 0; i < f->nseg; i++)
             pxg_mark_dirty(d->g, f->offs[i] >> 12);
-    pxg_release_many(d->g, f->refs, f->nseg);
+    pxg_release_many(d->g, f->refs, f->nrel);
     if (rc)
         return 0;   /* not in the fast map, or an I/O error: Python redoes it and reports */
     if (write) {
@@ -692,6 +745,7 @@ struct pxb *pxb_new(struct pxg *g, uint8_t *sring, uint32_t n, uint16_t me, int 
     pthread_mutex_init(&d->m, NULL);
     pthread_cond_init(&d->cv, NULL);
     pthread_mutex_init(&d->rm, NULL);
+    pthread_mutex_init(&d->pm, NULL);
     return d;
 }
 
@@ -715,6 +769,25 @@ int pxb_map_file(struct pxb *d, uint64_t len)
     d->map = m;
     d->map_len = len;
     return 0;
+}
+
+/* Persistent grants negotiated: keep up to max holds across requests. 0 ok. */
+int pxb_set_persistent(struct pxb *d, uint32_t max)
+{
+    d->pcache = calloc(d->g->max_refs ? d->g->max_refs : 1, sizeof(uint64_t));
+    if (!d->pcache)
+        return -1;
+    d->pmax = max;
+    return 0;
+}
+
+uint32_t pxb_persistent_count(struct pxb *d)
+{
+    uint32_t n;
+    pthread_mutex_lock(&d->pm);
+    n = d->pcount;
+    pthread_mutex_unlock(&d->pm);
+    return n;
 }
 
 void pxb_set_tuning(struct pxb *d, int nworkers, uint64_t poll_ns)
@@ -757,6 +830,13 @@ void pxb_free(struct pxb *d)
     pthread_mutex_destroy(&d->m);
     pthread_cond_destroy(&d->cv);
     pthread_mutex_destroy(&d->rm);
+    if (d->pcache) {    /* the ring is gone: drop the persistent holds */
+        for (uint32_t r = 0; r < d->g->max_refs; r++)
+            if (d->pcache[r] & 1)
+                pxg_release(d->g, r);
+        free(d->pcache);
+    }
+    pthread_mutex_destroy(&d->pm);
     if (d->map)
         munmap(d->map, d->map_len);
     free(d->slowq);

@@ -425,3 +425,35 @@ def test_raw_image_truncated_under_a_mapped_read(guest: Path, tmp_path: Path) ->
         d.close()
         xs.close()
         server.stop()
+
+
+def test_persistent_grants_are_kept_until_the_ring_goes(setup) -> None:  # noqa: ANN001
+    """Both ends say feature-persistent: a grant stays held (status bits set)
+    between requests and is reused; disconnecting drops every hold."""
+    d, xs, front, img, bb = setup
+    assert xs.read(f"{front.be}/feature-persistent") == "1"
+    xs.write(f"{front.fe}/feature-persistent", "1")
+    front.connect()
+    ram = d.machine.ram
+    base = d.machine.xenheap_offset(M.XH_GRANT)
+    for i in range(4):
+        front.grant(20 + i, DATA_PFN + i)
+    os.pwrite(img.fd, b"\x11" * 4096 * 4, 0)
+    for rnd in range(3):
+        for i in range(4):
+            front.rw(B.OP_READ, rnd * 10 + i, i * 8, [(20 + i, 0, 7)])
+        assert all(r[2] == 0 for r in front.responses(4))
+    assert bytes(ram[DATA_PFN * 4096:(DATA_PFN + 4) * 4096]) == b"\x11" * 4096 * 4
+    assert bb.stats["persistent"] == 1 and bb.stats["persistent_grants"] == 4
+    for i in range(4):  # still held after the responses
+        assert struct.unpack_from("<H", ram, base + (20 + i) * 8)[0] & G.GTF_reading
+    # a read-only grant is held read-only; a READ into it is refused, not written
+    front.grant(30, DATA_PFN + 8, readonly=True)
+    front.rw(B.OP_WRITE, 50, 64, [(30, 0, 7)])
+    front.rw(B.OP_READ, 51, 64, [(30, 0, 7)])
+    assert {r[0]: r[2] for r in front.responses(2)} == {50: 0, 51: -1}
+    xs.write(f"{front.fe}/state", "5")
+    wait(lambda: xs.read(f"{front.be}/state") == "5", "backend Closing")
+    for ref in (20, 21, 22, 23, 30):
+        flags = struct.unpack_from("<H", ram, base + ref * 8)[0]
+        assert flags & (G.GTF_reading | G.GTF_writing) == 0, (ref, flags)

@@ -65,6 +65,20 @@ def test_raw_disk(host, tmp_path: Path) -> None:  # noqa: ANN001
 
 
 @needs_qemu_img
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_persistent_grants(host, tmp_path: Path, fmt: str) -> None:  # noqa: ANN001
+    """blkfront with persistent=1 against our backend, which offers them: the
+    data goes through a pool of pages granted once and held across requests."""
+    img = tmp_path / f"p.{fmt}"
+    subprocess.run(["qemu-img", "create", "-f", fmt, str(img), "16M"], check=True, capture_output=True)
+    out = run_verify(host, f"format={fmt},vdev=xvda,access=rw,target={img}", f"blk-pers-{fmt}",
+                     extra="mib=4 persistent=1")
+    assert re.search(r"persistent=1", out), out[-2000:]
+    if fmt == "qcow2":
+        qemu_check(img)
+
+
+@needs_qemu_img
 def test_qcow2_with_backing_and_compressed_match_raw(host, tmp_path: Path) -> None:  # noqa: ANN001
     raw = tmp_path / "ref.img"
     with open(raw, "wb") as f:
