@@ -187,15 +187,19 @@ def _side_by_side(ctx: Context, mode: str, key: str) -> Result:
             direct = f"unavailable: {e}"
     best_g = max(guest, key=lambda r: r[key])
     best_h = max(host, key=lambda r: r[key])
+    # context for a machine whose bandwidth drifts between runs: each guest run
+    # against the mean of the host runs just before and after it
+    paired = [round(g[key] / ((host[i][key] + host[i + 1][key]) / 2), 3) for i, g in enumerate(guest)]
     unit = "MB/s" if key == "MBps" else "IOPS"
     ctx.log(f"{mode}: guest {best_g[key]:g} {unit}, host {best_h[key]:g} {unit} "
-            f"({best_g[key] / best_h[key]:.3f}); host O_DIRECT "
+            f"({best_g[key] / best_h[key]:.3f}; paired runs {paired}); host O_DIRECT "
             f"{direct[key] if isinstance(direct, dict) else direct}")
     return compare(float(best_g[key]), float(best_h[key]), stat="best", mode=mode, qd=QD,
                    bs=best_g["bs"], image_mib=mib, secs=secs, fill=fill,
                    page_cache_resident_before=resident_before,
                    page_cache_resident_after=resident_after,
                    pyxen_runs=guest, baseline_runs=host, host_o_direct=direct,
+                   paired_ratios=paired,
                    guest_failures=g.failures,
                    pyxen_desc=f"guest blkbench mode={mode} qd={QD} on a raw image through "
                               "blkback (buffered I/O: host page cache, warm), guest clock",

@@ -183,7 +183,7 @@ struct blkfront_opts {
                                        of the grant table); persistent pool pages, 0 = 1024 */
     uint64_t timeout_ns;            /* connect timeout, 0 = 30 s */
     int quiet;                      /* no state-change lines */
-    int coalesce;                   /* -1 default (1): ask for an event only when half of
+    int coalesce;                   /* -1 default (1): ask for an event only when 3/4 of
                                        what is on the ring has been answered, not at
                                        the first response (rsp_event further ahead) */
     unsigned int poll_us;           /* blkfront_wait_any spins this long for a response

@@ -585,12 +585,12 @@ static void consume_responses(struct blkfront_dev *d, int arm)
         }
         if (!arm)
             break;
-        /* Ask for an event on the next response (or, coalescing, when half of
+        /* Ask for an event on the next response (or, coalescing, when three quarters of
          * what is on the ring has been answered: every request there gets its
          * response, so the event always comes), then look once more. */
         {
             uint32_t outstanding = d->req_prod_pvt - d->rsp_cons;
-            uint32_t ahead = d->opts.coalesce && outstanding > 2 ? outstanding / 2 : 1;
+            uint32_t ahead = d->opts.coalesce && outstanding > 2 ? outstanding * 3 / 4 : 1;
             WRITE_ONCE(s->rsp_event, d->rsp_cons + ahead);
         }
         mb();

@@ -151,7 +151,13 @@ int gnttab_end_access(grant_ref_t ref)
     if (ref < GNTTAB_NR_RESERVED_ENTRIES || ref >= nr_entries)
         return -XEN_EINVAL;
     fp = &table[ref].flags;
-    flags = READ_ONCE(*fp);
+    /* Guess the common value rather than load it first (the backend's CPU
+     * just had the line): a wrong guess loads the real value for the loop. */
+    flags = GTF_permit_access;
+    if (__atomic_compare_exchange_n(fp, &flags, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        put_free_ref(ref);
+        return 0;
+    }
     do {
         /* In use by the grantee (mapped or mid-copy): can't revoke yet. */
         if (flags & (GTF_reading | GTF_writing))

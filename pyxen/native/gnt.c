@@ -69,7 +69,13 @@ static int64_t acquire_locked(struct pxg *g, uint32_t ref, uint16_t me, int writ
         return PXG_E_BUSY;
     word = (uint32_t *)(g->gt + (uint64_t)ref * 8);
     want = GTF_reading | (write ? GTF_writing : 0);
-    w = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+    /* Guess the common entry (permit_access, granted to us, no status bits)
+     * instead of loading it first: the line was just written by the guest's
+     * CPU, and a load then a CAS would fetch it twice.  A wrong guess only
+     * returns the real value into w. */
+    w = GTF_permit_access | ((uint32_t)me << 16);
+    if (__atomic_compare_exchange_n(word, &w, w | want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        goto held;
     for (;;) {
         uint32_t flags = w & 0xFFFF, dom = w >> 16;
         if ((flags & GTF_type_mask) != GTF_permit_access || dom != me)
@@ -79,6 +85,7 @@ static int64_t acquire_locked(struct pxg *g, uint32_t ref, uint16_t me, int writ
         if (__atomic_compare_exchange_n(word, &w, w | want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             break;
     }
+held:
     frame = __atomic_load_n(word + 1, __ATOMIC_SEQ_CST);
     pfn = (uint64_t)frame - g->mfn_base;
     if ((uint64_t)frame < g->mfn_base || pfn >= g->nr_pages) {
