@@ -6,6 +6,7 @@ a malicious frontend could send."""
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import struct
@@ -146,29 +147,40 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-@pytest.fixture
-def setup(guest: Path, tmp_path: Path, path: str) -> Iterator[tuple[Domain, XsClient, Front, FileImage,
-                                                                      BlkBack]]:
+@contextlib.contextmanager
+def backend(guest: Path, img: BlockImage, domid: int, **kw: object) -> Iterator[tuple[Domain, XsClient, Front,
+                                                                                    BlkBack]]:
+    """A domain (not running: the test is its frontend), a xenstored, and a
+    started BlkBack for ``img``; everything is torn down afterwards."""
     from pyxen.domctl import create_domain
     from pyxen.hv.domain import DomainSpec
     sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
     server = XenstoreServer(sock).start()
     xs = XsClient(str(sock))
-    d = create_domain(DomainSpec(name="blk", memory_mib=16, kernel=str(guest / "hello"), domid=21),
-                      start=False)
-    img = (NativeFileImage if path == "native-io" else FileImage)(tmp_path / "disk.img", 8 << 20)
+    d = create_domain(DomainSpec(name=f"blk{domid}", memory_mib=16, kernel=str(guest / "hello"),
+                                 domid=domid), start=False)
     front = Front(d, xs)
-    for path, val in ((front.fe + "/state", "1"), (front.be + "/state", "1")):
-        xs.write(path, val)
-    bb = BlkBack(d, xs, front.devid, img, vdev="xvda")
-    bb.start()
-    wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait")
-    yield d, xs, front, img, bb
-    bb.close()
-    d.destroy()
-    d.close()
-    xs.close()
-    server.stop()
+    for node in (front.fe + "/state", front.be + "/state"):
+        xs.write(node, "1")
+    bb = BlkBack(d, xs, front.devid, img, vdev="xvda", **kw)  # type: ignore[arg-type]
+    try:
+        bb.start()
+        wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait")
+        yield d, xs, front, bb
+    finally:
+        bb.close()
+        d.destroy()
+        d.close()
+        xs.close()
+        server.stop()
+
+
+@pytest.fixture
+def setup(guest: Path, tmp_path: Path, path: str) -> Iterator[tuple[Domain, XsClient, Front, FileImage,
+                                                                      BlkBack]]:
+    img = (NativeFileImage if path == "native-io" else FileImage)(tmp_path / "disk.img", 8 << 20)
+    with backend(guest, img, 21) as (d, xs, front, bb):
+        yield d, xs, front, img, bb
 
 
 def test_handshake_features(setup) -> None:  # noqa: ANN001
@@ -238,30 +250,13 @@ def test_ring_index_running_ahead_disconnects(setup) -> None:  # noqa: ANN001
 
 
 def test_read_only_disk_refuses_writes(guest: Path, tmp_path: Path, path: str) -> None:
-    from pyxen.domctl import create_domain
-    from pyxen.hv.domain import DomainSpec
-    sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
-    server = XenstoreServer(sock).start()
-    xs = XsClient(str(sock))
-    d = create_domain(DomainSpec(name="ro", memory_mib=16, kernel=str(guest / "hello"), domid=22),
-                      start=False)
     img = (NativeFileImage if path == "native-io" else FileImage)(tmp_path / "ro.img", 1 << 20)
-    front = Front(d, xs)
-    xs.write(front.fe + "/state", "1")
-    bb = BlkBack(d, xs, front.devid, img, readonly=True)
-    try:
-        bb.start()
+    with backend(guest, img, 22, readonly=True) as (d, xs, front, bb):
         assert xs.read(f"{front.be}/info") == str(B.VDISK_READONLY)
         front.connect()
         front.grant(2, DATA_PFN, readonly=True)
         front.rw(B.OP_WRITE, 1, 0, [(2, 0, 7)])
         assert front.responses(1) == [(1, B.OP_WRITE, -1)]
-    finally:
-        bb.close()
-        d.destroy()
-        d.close()
-        xs.close()
-        server.stop()
 
 
 def test_frontend_closing_and_reconnecting(setup) -> None:  # noqa: ANN001
@@ -390,24 +385,13 @@ def test_raw_image_truncated_under_a_mapped_read(guest: Path, tmp_path: Path) ->
     past the end of a file someone truncated faults (SIGBUS), which must come
     back as the raw format's answer (zeros), never kill the process."""
     from pyxen import native
-    from pyxen.domctl import create_domain
-    from pyxen.hv.domain import DomainSpec
     from pyxen.storage.raw import RawImage
     if native.lib() is None:
         pytest.skip(f"native library unavailable: {native.why_not()}")
     p = tmp_path / "raw.img"
     p.write_bytes(b"\x5a" * (4 << 20))
-    sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
-    server = XenstoreServer(sock).start()
-    xs = XsClient(str(sock))
-    d = create_domain(DomainSpec(name="tr", memory_mib=16, kernel=str(guest / "hello"), domid=23),
-                      start=False)
-    front = Front(d, xs)
-    xs.write(front.fe + "/state", "1")
-    bb = BlkBack(d, xs, front.devid, RawImage(p))
     faulthandler.enable()  # takes SIGBUS over; connecting puts ours back in front of it
-    try:
-        bb.start()
+    with backend(guest, RawImage(p), 23) as (d, xs, front, bb):
         front.connect()
         assert bb.stats["native"] == 1
         front.grant(2, DATA_PFN)
@@ -419,12 +403,6 @@ def test_raw_image_truncated_under_a_mapped_read(guest: Path, tmp_path: Path) ->
         assert front.responses(1) == [(2, B.OP_READ, 0)]
         assert bytes(d.machine.ram[DATA_PFN * 4096:(DATA_PFN + 1) * 4096]) == bytes(4096)
         assert bb.stats["native_to_python"] >= 1
-    finally:
-        bb.close()
-        d.destroy()
-        d.close()
-        xs.close()
-        server.stop()
 
 
 def test_persistent_grants_are_kept_until_the_ring_goes(setup) -> None:  # noqa: ANN001
