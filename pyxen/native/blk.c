@@ -2,7 +2,9 @@
  * blk.c - blkback's data path: the shared ring (io/ring.h) and the plain
  * READ/WRITE/INDIRECT requests (io/blkif.h) of a raw image or of a qcow2
  * image's already-allocated clusters, straight between the image file and
- * the guest's granted pages (preadv/pwritev, no bounce buffer).
+ * the guest's granted pages (reads copy from a read-only mapping of the
+ * file, writes are pwritev; no bounce buffer), with grants held per request
+ * or, when both ends negotiated feature-persistent, across requests.
  *
  * Python (pyxen/backends/blkback.py) owns everything else and is handed
  * the request, unchanged, whenever this code is not sure: unknown or
@@ -22,8 +24,9 @@
  * poller (there is at most one): it spins for poll_ns, then re-arms
  * req_event (RING_FINAL_CHECK_FOR_REQUESTS) and sleeps on kick_fd, which
  * Python writes when the guest sends on the event channel.  A worker that
- * takes a large request while more are waiting wakes another worker, so
- * big copies run in parallel while small ones stay on one warm thread.
+ * takes a large read while more requests are waiting wakes another worker,
+ * so big copies run in parallel while small requests stay on one warm thread
+ * (and writes on one: buffered writes to a file serialise on its inode).
  *
  * Responses are pushed one by one (a polling guest sees each at once);
  * the ring's event suppression (rsp_event) decides when the guest needs an
