@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from .. import abi
 from ..abi import EEXIST, EINVAL, ENOSPC, ENOSYS, EPERM, ESRCH, XenError
+from . import atomic
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -238,49 +239,54 @@ class EventChannels:
 ENOENT_ = abi.ENOENT
 
 
-def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int) -> bool:
+def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int,
+                     si_addr: int | None = None, vi_addr: int | None = None) -> bool:
     """Xen's evtchn_2l_set_pending: pending/mask bits in shared_info ``si``, the
     selector and upcall flag in the vCPU's vcpu_info at ``vi[vo:]`` (which may
     have moved out of shared_info with VCPUOP_register_vcpu_info).  Returns
-    True if the vCPU must be notified (upcall_pending went 0 -> 1)."""
+    True if the vCPU must be notified (upcall_pending went 0 -> 1).
+
+    Bits are set with locked read-modify-writes (``hv/atomic``), as Xen's
+    ``guest_test_and_set_bit``: the guest clears them with locked
+    instructions on its own CPU, and other host threads may set them too.
+    ``si_addr``/``vi_addr`` are the views' host addresses, if the caller has
+    them at hand."""
     word, bit = divmod(port, 64)
-    poff = abi.SI_EVTCHN_PENDING + word * 8
-    pend = int.from_bytes(si[poff:poff + 8], "little")
-    if pend >> bit & 1:
+    si_addr = atomic.view_address(si) if si_addr is None else si_addr
+    old = atomic.fetch_or64(si_addr + abi.SI_EVTCHN_PENDING + word * 8, 1 << bit)
+    if old >> bit & 1:
         return False
-    struct.pack_into("<Q", si, poff, pend | (1 << bit))
     moff = abi.SI_EVTCHN_MASK + word * 8
     if int.from_bytes(si[moff:moff + 8], "little") >> bit & 1:
         return False
-    return _mark_selector(vi, vo, word)
+    return _mark_selector(vi, vo, word, vi_addr)
 
 
-def _mark_selector(vi: memoryview, vo: int, word: int) -> bool:
-    soff = vo + abi.VI_PENDING_SEL
-    sel = int.from_bytes(vi[soff:soff + 8], "little")
-    if sel >> word & 1:
+def _mark_selector(vi: memoryview, vo: int, word: int, vi_addr: int | None) -> bool:
+    vi_addr = atomic.view_address(vi) if vi_addr is None else vi_addr
+    old = atomic.fetch_or64(vi_addr + vo + abi.VI_PENDING_SEL, 1 << word)
+    if old >> word & 1:
         return False
-    struct.pack_into("<Q", vi, soff, sel | (1 << word))
     if vi[vo + abi.VI_UPCALL_PENDING]:
         return False
-    vi[vo + abi.VI_UPCALL_PENDING] = 1
+    vi[vo + abi.VI_UPCALL_PENDING] = 1  # one byte store
     return True
 
 
-def unmask_bits(si: memoryview, vi: memoryview, vo: int, port: int) -> bool:
+def unmask_bits(si: memoryview, vi: memoryview, vo: int, port: int,
+                si_addr: int | None = None, vi_addr: int | None = None) -> bool:
     """Xen's evtchn_2l_unmask: clear the mask bit and, only if this call cleared
     it and the port is pending, re-raise it on its vCPU (a guest that cleared
     the bit itself gets nothing re-raised, exactly as on Xen).  Returns True
     if an upcall became pending."""
     word, bit = divmod(port, 64)
-    moff = abi.SI_EVTCHN_MASK + word * 8
-    mask = int.from_bytes(si[moff:moff + 8], "little")
-    if not mask >> bit & 1:
+    si_addr = atomic.view_address(si) if si_addr is None else si_addr
+    old = atomic.fetch_and64(si_addr + abi.SI_EVTCHN_MASK + word * 8, ~(1 << bit) & (2**64 - 1))
+    if not old >> bit & 1:
         return False
-    struct.pack_into("<Q", si, moff, mask & ~(1 << bit))
     poff = abi.SI_EVTCHN_PENDING + word * 8
     if int.from_bytes(si[poff:poff + 8], "little") >> bit & 1:
-        return _mark_selector(vi, vo, word)
+        return _mark_selector(vi, vo, word, vi_addr)
     return False
 
 

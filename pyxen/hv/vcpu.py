@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
 from ..abi import ENOSYS, XenError
+from . import atomic
 from . import machine as M
 from .evtchn import set_pending_bits, unmask_bits
 from .time import scale_delta, tsc_scale, write_vcpu_time
@@ -99,6 +100,7 @@ class VCPU:
         # vcpu_info location: (buffer, offset); shared_info slot by default
         self.vi_buf: memoryview = domain.shared_info
         self.vi_off = vcpu_id * abi.VCPU_INFO_SIZE
+        self._addr_cache: tuple[memoryview, memoryview, int, int] | None = None
         self.vi_mfn = 0  # guest frame holding vcpu_info after register_vcpu_info
         # timers
         self.timer_deadline = 0  # system time ns, 0 = off
@@ -213,12 +215,24 @@ class VCPU:
             elif kind == self.POST_UNMASK:
                 self.unmask(arg)
 
+    def _event_addrs(self) -> tuple[int, int]:
+        """Host addresses of shared_info and of the page holding our vcpu_info
+        (recomputed when VCPUOP_register_vcpu_info moved it)."""
+        c = self._addr_cache
+        si, vi = self.domain.shared_info, self.vi_buf
+        if c is None or c[0] is not si or c[1] is not vi:
+            c = (si, vi, atomic.view_address(si), atomic.view_address(vi))
+            self._addr_cache = c
+        return c[2], c[3]
+
     def set_pending(self, port: int) -> None:
         """Mark ``port`` pending (vCPU thread only)."""
-        set_pending_bits(self.domain.shared_info, self.vi_buf, self.vi_off, port)
+        si_addr, vi_addr = self._event_addrs()
+        set_pending_bits(self.domain.shared_info, self.vi_buf, self.vi_off, port, si_addr, vi_addr)
 
     def unmask(self, port: int) -> None:
-        unmask_bits(self.domain.shared_info, self.vi_buf, self.vi_off, port)
+        si_addr, vi_addr = self._event_addrs()
+        unmask_bits(self.domain.shared_info, self.vi_buf, self.vi_off, port, si_addr, vi_addr)
 
     # ------------------------------------------------------------ timers
     def check_timers(self, now: int) -> int:
