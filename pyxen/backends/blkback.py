@@ -160,6 +160,14 @@ class BlkBack:
         self.thread = threading.Thread(target=self._service, name=f"blkback-{self.devid}", daemon=True)
         self.thread.start()
 
+    def reconnect_xenstore(self, xs: XsClient) -> None:
+        """Use a new xenstore connection (the daemon, and xenstored with it, was
+        restarted): watch the frontend again; the watch fires at once and the
+        state machine picks up from whatever the nodes say now."""
+        with self.lock:
+            self.xs = xs
+        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+
     def _switch(self, state: int) -> None:
         self.state = state
         try:

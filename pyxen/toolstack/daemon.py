@@ -260,6 +260,8 @@ class Daemon:
         rec.conn = conn
         rec.pid = int(first.get("pid", rec.pid))
         rec.sock = str(first.get("sock", ""))
+        if first.get("adopt"):  # its xenstore connections died with the previous daemon
+            threading.Thread(target=self._reconnect, args=(rec,), daemon=True).start()
         while True:
             try:
                 msg = conn.recv()
@@ -326,13 +328,24 @@ class Daemon:
             self.domains[domid] = rec
             self.reserved.pop(domid, None)
         self.log(f"adopted domain {domid} ({rec.name}), pid {msg.get('pid')}")
-        try:
-            self.xsd.introduce(domid)
-        except XsError:
-            pass
+        if domid not in self.xsd.domains:  # else restored from xenstored's state file,
+            try:                           # watches and all: introducing it again would reset it
+                self.xsd.introduce(domid)
+            except XsError:
+                pass
         if rec.state in ("shutdown", "crashed"):
             threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
         return rec
+
+    def _reconnect(self, rec: Record) -> None:
+        """Tell an adopted domain process to connect its guest's xenstore ring and
+        its backends again (xenstored restored the tree and the guest's watches
+        from its state file)."""
+        try:
+            self.request(rec, "reconnect")
+            self.log(f"domain {rec.domid}: xenstore reconnected after adoption")
+        except (RuntimeError, TimeoutError, OSError) as e:
+            self.log(f"domain {rec.domid}: reconnecting after adoption failed: {e}")
 
     def _reserve_survivors(self) -> None:
         """Domain processes of a previous daemon keep their sockets; keep their

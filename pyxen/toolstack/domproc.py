@@ -11,6 +11,7 @@ streamed to every attached client; client bytes go to the console ring.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -214,6 +215,8 @@ class DomainProcess:
                     self._start_blkback(devid)
                 if not msg.get("paused"):
                     d.unpause()
+            elif op == "reconnect":  # a new daemon adopted us
+                self._reconnect()
             elif op == "block-attach":
                 disk = dict(msg["disk"])
                 devid = int(disk["devid"])
@@ -227,7 +230,17 @@ class DomainProcess:
                 if bb is None:
                     raise ValueError(f"no block device {devid}")
                 self.disks.pop(devid, None)
-                threading.Thread(target=bb.detach, daemon=True).start()
+
+                def detach(bb: BlkBack = bb, answer: dict[str, Any] = reply) -> None:
+                    # answered once the frontend closed and the nodes are gone (up to
+                    # 10 s), so that attaching the same device again can follow at once
+                    try:
+                        bb.detach()
+                    except Exception as e:  # noqa: BLE001
+                        answer = {"reply": rid, "ok": False, "error": f"detach: {e}"}
+                    self.event(**answer)
+                threading.Thread(target=detach, daemon=True).start()
+                return  # the thread answers
             elif op == "block-list":
                 reply["disks"] = [dict(disk, state=self.blkbacks[devid].state if devid in self.blkbacks
                                        else 0, stats=self.blkbacks[devid].stats
@@ -324,6 +337,24 @@ class DomainProcess:
                         self._drop_client(c)
             if self.daemon_lost and time.monotonic() - self.daemon_lost > 0.2:
                 self._readopt()
+
+    def _reconnect(self) -> None:
+        """After a daemon restart: relay the guest's xenstore ring to the new
+        xenstored, and give the backends a new xenstore connection (their
+        watches died with the old one)."""
+        self._connect_xenstore()
+        d = self.domain
+        if d is not None:
+            d.log("xenstore: " + ("relaying the guest's ring to the new xenstored" if d.xs_ring is not None
+                                  else "the new xenstored did not take the guest's ring"))
+        old, self.xs = self.xs, None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.close()
+        if self.blkbacks:
+            xs = self._xs()
+            for bb in self.blkbacks.values():
+                bb.reconnect_xenstore(xs)
 
     def _xs(self) -> XsClient:
         """Our xenstore connection as the backend domain (dom0 on the host socket)."""

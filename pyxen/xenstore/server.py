@@ -266,6 +266,7 @@ class Xenstored:
         self.stats: collections.Counter[str] = collections.Counter()
         self.on_introduce: Callable[[Domain], None] | None = None
         self.on_release: Callable[[Domain], None] | None = None
+        self.on_flush_scheduled: Callable[[], None] | None = None  # the server loop's wake-up
         self.dirty = False
         self._flush_at: float | None = None
         self.store = Store(quotas)
@@ -428,6 +429,10 @@ class Xenstored:
             self.flush()
         elif self._flush_at is None:
             self._flush_at = time.monotonic() + self.flush_delay
+            if self.on_flush_scheduled is not None:
+                # the socket loop may be asleep with no timeout (this request came
+                # from a guest ring, on another thread): it must look again
+                self.on_flush_scheduled()
 
     def flush_timeout(self) -> float | None:
         """Seconds until a delayed save is due (for a server loop's select), or None."""
@@ -843,6 +848,7 @@ class XenstoreServer:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self.xsd.on_flush_scheduled = self.wake
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._saver: threading.Thread | None = None

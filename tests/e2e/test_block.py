@@ -190,6 +190,56 @@ def test_hotplug_attach_while_running_and_detach(host, tmp_path: Path) -> None: 
     assert host.block_list(t) == []
 
 
+def test_disk_detach_and_reattach_after_a_daemon_crash(host, tmp_path: Path) -> None:  # noqa: ANN001
+    """kill -9 of pyxend while a guest has a disk: the new daemon adopts the
+    domain, whose blkback and guest get their xenstore back (tree and watches
+    restored from xenstored's state file), so detach and re-attach still work."""
+    import os
+    import signal
+
+    from pyxen.toolstack.api import Host
+    img = tmp_path / "adopt.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    spec = f"format=raw,vdev=xvdb,access=rw,target={img}"
+    d = host.create(CFG, ['name="blk-adopt"', 'extra="mode=reattach mib=2 timeout=60"', f'disk=["{spec}"]'])
+    s = host.console_socket(d)
+    s.settimeout(30)
+    out = b""
+    while b"waiting for detach" not in out:
+        chunk = s.recv(65536)
+        assert chunk, out[-2000:]
+        out += chunk
+    time.sleep(1.0)  # xenstored saves its state (0.5 s after the last change)
+    os.kill(host.info()["daemon_pid"], signal.SIGKILL)
+    s.close()
+    time.sleep(0.3)
+    h2 = Host(run_dir=host.run_dir)
+    try:
+        end = time.monotonic() + 10
+        while not any(x["name"] == "blk-adopt" for x in h2.list()):
+            assert time.monotonic() < end, h2.dmesg()
+            time.sleep(0.1)
+        time.sleep(0.5)
+        s = h2.console_socket(d)
+        h2.block_detach(d, 51728)  # xvdb
+        s.settimeout(30)
+        out = b""
+        while b"detached" not in out:
+            chunk = s.recv(65536)
+            assert chunk, (out[-2000:], h2.dmesg()[-20:])
+            out += chunk
+        from pyxen.toolstack.api import disk_to_dict
+        from pyxen.toolstack.xlcfg import parse_disk_spec
+        h2.block_attach(d, disk_to_dict(parse_disk_spec(spec)))
+        out += wait_verify(s)
+        s.close()
+        assert b"blkverify: OK" in out, (out[-3000:], h2.dmesg()[-20:])
+    finally:
+        h2.quit()
+        h2.close()
+
+
 @needs_qemu_img
 def test_encrypted_qcow2(host, tmp_path: Path) -> None:  # noqa: ANN001
     """A LUKS-encrypted qcow2 made by qemu-img, its passphrase in a file named by

@@ -191,6 +191,36 @@ def test_two_domains_one_goes_away(host, order: str) -> None:
     s.close()
 
 
+def test_adopted_domain_keeps_its_xenstore(host) -> None:
+    """After kill -9 of pyxend, the new daemon's xenstored restores the tree and
+    the guest's watches from its state file, and the adopted domain process
+    relays the guest's xenstore ring again: a shutdown through xenstore works."""
+    import os
+    import signal
+
+    from pyxen.toolstack.api import Host
+    a = host.create(ROOT / "examples/ticker.cfg", ['name="xs-survivor"'])
+    time.sleep(1.5)  # the guest's control/shutdown watch is registered and saved
+    os.kill(host.info()["daemon_pid"], signal.SIGKILL)
+    time.sleep(0.3)
+    h2 = Host(run_dir=host.run_dir)
+    try:
+        deadline = time.monotonic() + 10
+        while not any(d["name"] == "xs-survivor" for d in h2.list()):
+            assert time.monotonic() < deadline, h2.dmesg()
+            time.sleep(0.1)
+        time.sleep(0.5)  # the reconnect request reaches the domain process
+        assert h2.shutdown(a, timeout=20) == "xenstore", h2.dmesg()
+        deadline = time.monotonic() + 20
+        while any(d["name"] == "xs-survivor" for d in h2.list()):
+            assert time.monotonic() < deadline, h2.dmesg()
+            time.sleep(0.1)
+        assert "forcing" not in "\n".join(h2.dmesg())
+    finally:
+        h2.quit()
+        h2.close()
+
+
 def test_domains_survive_a_daemon_crash(host) -> None:
     """kill -9 of pyxend: the domain keeps running and a new daemon adopts it."""
     import os
