@@ -34,19 +34,6 @@ const char app_name[] = "blkbench";
 
 static struct blk_io ios[MAX_QD];
 
-static void __noreturn fail(const char *fmt, ...) __printf(1, 2);
-static void fail(const char *fmt, ...)
-{
-    char buf[256];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    printk("blkbench: FAIL %s\n", buf);
-    xen_shutdown(SHUTDOWN_crash);
-}
-
 int app_main(const char *cmdline)
 {
     struct blkfront_opts opts;
@@ -69,7 +56,7 @@ int app_main(const char *cmdline)
     } else if (!strcmp(mode, "randwrite")) {
         rnd = 1; write = 1;
     } else {
-        fail("mode=seqread|seqwrite|randread|randwrite, please (got '%s')", mode);
+        app_fail("mode=seqread|seqwrite|randread|randwrite, please (got '%s')", mode);
     }
     bs = blk_cmdline_size(cmdline, "bs", rnd ? 4096 : 1024 * 1024);
     qd = cmdline_get_ulong(cmdline, "qd", 32);
@@ -88,30 +75,30 @@ int app_main(const char *cmdline)
 
     dev = blkfront_open(vdev, &opts, &err);
     if (!dev)
-        fail("no disk%s%s: %d", vdev[0] ? " " : "", vdev, err);
+        app_fail("no disk%s%s: %d", vdev[0] ? " " : "", vdev, err);
     info = blkfront_get_info(dev);
     blkfront_features(dev, feat, sizeof(feat));
     printk("blkbench: info sectors=%lu sector-size=%u features=%s\n",
            (unsigned long)info->sectors, info->sector_size, feat);
 
     if (!bs || bs % info->sector_size || bs % 512)
-        fail("bs=%lu is not a multiple of the sector size %u", bs, info->sector_size);
+        app_fail("bs=%lu is not a multiple of the sector size %u", bs, info->sector_size);
     if (start % (info->sector_size / 512) || start >= info->sectors)
-        fail("bad start=%lu", (unsigned long)start);
+        app_fail("bad start=%lu", (unsigned long)start);
     rsecs = info->sectors - start;
     if (mib && (uint64_t)mib * 2048 < rsecs)
         rsecs = (uint64_t)mib * 2048;
     nblocks = (unsigned long)(rsecs * 512 / bs);
     if (!nblocks)
-        fail("the region (%lu sectors) is smaller than bs=%lu", (unsigned long)rsecs, bs);
+        app_fail("the region (%lu sectors) is smaller than bs=%lu", (unsigned long)rsecs, bs);
     if (write && info->readonly)
-        fail("%s is read-only", blkfront_name(dev));
+        app_fail("%s is read-only", blkfront_name(dev));
     if (want_flush && !info->feature_flush)
-        fail("flush=1 but the backend has no feature-flush-cache");
+        app_fail("flush=1 but the backend has no feature-flush-cache");
 
     buf = alloc_pages((bs + PAGE_SIZE - 1) / PAGE_SIZE);
     if (!buf)
-        fail("no memory for a %lu-byte buffer", bs);
+        app_fail("no memory for a %lu-byte buffer", bs);
     for (unsigned long i = 0; i < bs; i += 8)
         *(uint64_t *)(void *)((char *)buf + i) = i * 0x9e3779b97f4a7c15ULL;
 
@@ -137,7 +124,7 @@ int app_main(const char *cmdline)
 
             if (complete && io->submit_ns) {
                 if (io->status)
-                    fail("%s sector=%lu len=%lu: status %d (blkif %d)",
+                    app_fail("%s sector=%lu len=%lu: status %d (blkif %d)",
                          write ? "write" : "read", (unsigned long)io->sector,
                          (unsigned long)io->len, io->status, io->rsp_status);
                 bytes += io->len;
@@ -165,21 +152,21 @@ int app_main(const char *cmdline)
             io->len = bs;
             rc = blkfront_submit(dev, io);
             if (rc)
-                fail("submit sector=%lu len=%lu: %d", (unsigned long)io->sector, bs, rc);
+                app_fail("submit sector=%lu len=%lu: %d", (unsigned long)io->sector, bs, rc);
             inflight++;
         }
         if (!submitting && !inflight)
             break;
         if (!blkfront_wait_any(dev, &seen, monotonic_ns() + STALL_NS)) {
             blkfront_dump(dev);
-            fail("no completion for %lu s (%lu in flight, connected=%d)",
+            app_fail("no completion for %lu s (%lu in flight, connected=%d)",
                  (unsigned long)(STALL_NS / NSEC_PER_SEC), inflight, blkfront_connected(dev));
         }
     }
     if (want_flush) {
         int rc = blkfront_rw(dev, BLKIF_OP_FLUSH_DISKCACHE, 0, NULL, 0);
         if (rc)
-            fail("flush: %d", rc);
+            app_fail("flush: %d", rc);
         t_last = monotonic_ns();
     }
     ns = t_last - t0;

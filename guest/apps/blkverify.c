@@ -70,19 +70,6 @@ static unsigned long mismatches;
 static unsigned int qd;
 static int use_barrier = 1;
 
-static void __noreturn fail(const char *fmt, ...) __printf(1, 2);
-static void fail(const char *fmt, ...)
-{
-    char buf[256];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    printk("blkverify: FAIL %s\n", buf);
-    xen_shutdown(SHUTDOWN_crash);
-}
-
 /* ---- patterns ---- */
 
 static uint64_t mix(uint64_t x)
@@ -258,7 +245,7 @@ static void reap_slot(struct slot *s)
     struct blk_io *io = &s->io;
 
     if (io->status)
-        fail("%s %s sector=%lu len=%lu: status %d (blkif %d)", s->what,
+        app_fail("%s %s sector=%lu len=%lu: status %d (blkif %d)", s->what,
              io->op == BLKIF_OP_READ ? "read" : "write", (unsigned long)io->sector,
              (unsigned long)io->len, io->status, io->rsp_status);
     if (io->op == BLKIF_OP_READ)
@@ -288,7 +275,7 @@ static void wait_progress(const char *what)
         struct blkfront_stats st;
         blkfront_get_stats(dev, &st);
         blkfront_dump(dev);
-        fail("%s: no completion for %lu s (connected=%d requests=%lu responses=%lu "
+        app_fail("%s: no completion for %lu s (connected=%d requests=%lu responses=%lu "
              "events=%lu notifies=%lu)", what, (unsigned long)(STALL_NS / NSEC_PER_SEC),
              blkfront_connected(dev), st.ring_requests, st.responses, st.events, st.notifies);
     }
@@ -336,7 +323,7 @@ static void submit(struct slot *s, const char *what, uint8_t op, uint64_t sector
     s->busy = 1;
     rc = blkfront_submit(dev, &s->io);
     if (rc)
-        fail("%s: submit op=%u sector=%lu len=%lu: %d", what, op, (unsigned long)sector,
+        app_fail("%s: submit op=%u sector=%lu len=%lu: %d", what, op, (unsigned long)sector,
              (unsigned long)len, rc);
 }
 
@@ -397,7 +384,7 @@ static void verify_pass(const char *what, uint64_t phase)
     }
     drain_all(what);
     if (mismatches)
-        fail("%s: %lu mismatched sectors of %lu", what, mismatches, (unsigned long)(bytes / 512));
+        app_fail("%s: %lu mismatched sectors of %lu", what, mismatches, (unsigned long)(bytes / 512));
     printk("blkverify: %s bytes=%lu ios=%lu ns=%lu OK\n", what, (unsigned long)bytes,
            ios_done - ios0, (unsigned long)(monotonic_ns() - t0));
 }
@@ -410,12 +397,12 @@ static void flush(const char *what)
     if (info->feature_flush) {
         rc = blkfront_rw(dev, BLKIF_OP_FLUSH_DISKCACHE, 0, NULL, 0);
         if (rc)
-            fail("%s: flush: %d", what, rc);
+            app_fail("%s: flush: %d", what, rc);
         printk("blkverify: %s flush OK ns=%lu\n", what, (unsigned long)(monotonic_ns() - t0));
     } else if (info->feature_barrier) {
         rc = blkfront_rw(dev, BLKIF_OP_WRITE_BARRIER, rstart, NULL, 0);
         if (rc)
-            fail("%s: barrier (as flush): %d", what, rc);
+            app_fail("%s: barrier (as flush): %d", what, rc);
         printk("blkverify: %s flush (barrier) OK ns=%lu\n", what,
                (unsigned long)(monotonic_ns() - t0));
     } else {
@@ -431,7 +418,7 @@ static void read_check(const char *what, uint64_t sector, uint64_t n, size_t off
     mismatches = 0;
     rc = blkfront_rw(dev, BLKIF_OP_READ, sector, buf, n * 512);
     if (rc)
-        fail("%s: read back sector=%lu: %d", what, (unsigned long)sector, rc);
+        app_fail("%s: read back sector=%lu: %d", what, (unsigned long)sector, rc);
     check_read(what, sector, buf, n * 512);
 }
 
@@ -465,7 +452,7 @@ static void barrier_test(void)
     submit(c, "barrier", BLKIF_OP_WRITE, rstart, n * 512, 0, 5);
     while (!(a->io.complete && b->io.complete && c->io.complete))
         if (!blkfront_wait_any(dev, &seen_completions, monotonic_ns() + STALL_NS))
-            fail("barrier: no completion");
+            app_fail("barrier: no completion");
     if (b->io.status == -XEN_EOPNOTSUPP) {
         printk("blkverify: barrier EOPNOTSUPP; writing plainly\n");
         a->busy = b->busy = c->busy = 0;
@@ -478,7 +465,7 @@ static void barrier_test(void)
     set_expected(rstart, n, 5);
     read_check("barrier", rstart, n, 0);
     if (mismatches)
-        fail("barrier: write, barrier write, write to the same %lu sectors: the last did "
+        app_fail("barrier: write, barrier write, write to the same %lu sectors: the last did "
              "not win", (unsigned long)n);
 
     set_expected(rstart, n, 7);
@@ -486,7 +473,7 @@ static void barrier_test(void)
     drain_all("barrier");
     read_check("barrier data", rstart, n, 0);
     if (mismatches)
-        fail("barrier: a barrier write of %lu sectors (%u segments) did not read back",
+        app_fail("barrier: a barrier write of %lu sectors (%u segments) did not read back",
              (unsigned long)n, (unsigned int)((uoff + n * 512 + PAGE_SIZE - 1) / PAGE_SIZE));
     printk("blkverify: barrier OK sectors=%lu+%lu\n", (unsigned long)rstart, (unsigned long)n);
 }
@@ -524,13 +511,13 @@ static void discard_test(void)
             if (rc == -XEN_EOPNOTSUPP) {
                 printk("blkverify: discard EOPNOTSUPP\n");
             } else if (rc) {
-                fail("discard sectors=%lu+%lu: %d", (unsigned long)d0, (unsigned long)dn, rc);
+                app_fail("discard sectors=%lu+%lu: %d", (unsigned long)d0, (unsigned long)dn, rc);
             } else {
                 for (uint64_t s = d0; s < d0 + dn; ) {
                     uint64_t k = MIN((uint64_t)(SLOT_BYTES - PAGE_SIZE) / 512, d0 + dn - s);
                     rc = blkfront_rw(dev, BLKIF_OP_READ, s, buf, k * 512);
                     if (rc)
-                        fail("read after discard sector=%lu: %d", (unsigned long)s, rc);
+                        app_fail("read after discard sector=%lu: %d", (unsigned long)s, rc);
                     for (uint64_t i = 0; i < k; i++) {
                         const char *p = buf + i * 512;
                         if (zero512(p)) {
@@ -540,7 +527,7 @@ static void discard_test(void)
                         } else {
                             char dsc[96];
                             describe512(p, dsc, sizeof(dsc));
-                            fail("after discard, sector %lu holds %s (neither zeros nor pass %u)",
+                            app_fail("after discard, sector %lu holds %s (neither zeros nor pass %u)",
                                  (unsigned long)(s + i), dsc, expected(s + i));
                         }
                     }
@@ -587,11 +574,11 @@ static void range_test(void)
     io.len = ss;
     rc = blkfront_submit(dev, &io);
     if (rc)
-        fail("past-end read: submit %d", rc);
+        app_fail("past-end read: submit %d", rc);
     if (!blkfront_wait_io(dev, &io, monotonic_ns() + STALL_NS))
-        fail("past-end read: no response");
+        app_fail("past-end read: no response");
     if (io.status == 0)
-        fail("a read of sector %lu (past the end, sectors=%lu) succeeded",
+        app_fail("a read of sector %lu (past the end, sectors=%lu) succeeded",
              (unsigned long)io.sector, (unsigned long)info->sectors);
     printk("blkverify: past-end read refused status=%d OK\n", io.rsp_status);
     if (info->readonly) {
@@ -607,9 +594,9 @@ static void range_test(void)
             memset(buf, 0xa5, ss);
             rc = blkfront_submit(dev, &io);
             if (rc || !blkfront_wait_io(dev, &io, monotonic_ns() + STALL_NS))
-                fail("%s to a read-only disk: submit %d / no response", names[i], rc);
+                app_fail("%s to a read-only disk: submit %d / no response", names[i], rc);
             if (io.status == 0)
-                fail("a %s to a read-only disk succeeded", names[i]);
+                app_fail("a %s to a read-only disk succeeded", names[i]);
             printk("blkverify: read-only %s refused status=%d OK\n", names[i], io.rsp_status);
         }
     }
@@ -626,7 +613,7 @@ static void reattach(void)
 
     printk("blkverify: waiting for detach\n");
     if (!blkfront_wait_gone(dev, dl))
-        fail("not detached in 600 s");
+        app_fail("not detached in 600 s");
     memset(&io, 0, sizeof(io));
     io.op = BLKIF_OP_READ;
     io.sector = rstart;
@@ -634,17 +621,17 @@ static void reattach(void)
     io.len = ss;
     rc = blkfront_submit(dev, &io);
     if (rc != -XEN_ENODEV)
-        fail("a read while detached: %d, want %d (ENODEV)", rc, -XEN_ENODEV);
+        app_fail("a read while detached: %d, want %d (ENODEV)", rc, -XEN_ENODEV);
     printk("blkverify: detached (I/O refused with ENODEV)\n");
     if (!blkfront_wait_connected(dev, dl))
-        fail("not re-attached in 600 s");
+        app_fail("not re-attached in 600 s");
     if (blkfront_generation(dev) == gen)
-        fail("re-attached without a new ring");
+        app_fail("re-attached without a new ring");
     info = blkfront_get_info(dev);
     printk("blkverify: re-attached sectors=%lu generation=%u\n", (unsigned long)info->sectors,
            blkfront_generation(dev));
     if (info->sectors < rstart + rsecs)
-        fail("the re-attached disk is smaller (%lu sectors)", (unsigned long)info->sectors);
+        app_fail("the re-attached disk is smaller (%lu sectors)", (unsigned long)info->sectors);
     verify_pass("reattach verify", 4);
 }
 
@@ -664,13 +651,13 @@ int app_main(const char *cmdline)
     cmdline_get_str(cmdline, "vdev", vdev, sizeof(vdev));
     cmdline_get_str(cmdline, "mode", mode, sizeof(mode));
     if (strcmp(mode, "verify") && strcmp(mode, "readback") && strcmp(mode, "reattach"))
-        fail("mode=verify|readback|reattach, please (got '%s')", mode);
+        app_fail("mode=verify|readback|reattach, please (got '%s')", mode);
     readback = !strcmp(mode, "readback");
     blkfront_opts_from_cmdline(&opts, cmdline);
 
     dev = blkfront_open(vdev, &opts, &err);
     if (!dev)
-        fail("no disk%s%s: %d", vdev[0] ? " " : "", vdev, err);
+        app_fail("no disk%s%s: %d", vdev[0] ? " " : "", vdev, err);
     info = blkfront_get_info(dev);
     ss = info->sector_size;
     spb = ss / 512;
@@ -679,10 +666,10 @@ int app_main(const char *cmdline)
            (unsigned long)info->sectors, ss, feat);
 
     if (rstart % spb)
-        fail("start=%lu is not a multiple of the sector size", (unsigned long)rstart);
+        app_fail("start=%lu is not a multiple of the sector size", (unsigned long)rstart);
     rsecs = (uint64_t)mib * 2048;
     if (rstart >= info->sectors)
-        fail("start=%lu is past the end (sectors=%lu)", (unsigned long)rstart,
+        app_fail("start=%lu is past the end (sectors=%lu)", (unsigned long)rstart,
              (unsigned long)info->sectors);
     if (rsecs > info->sectors - rstart) {
         rsecs = info->sectors - rstart;
@@ -691,18 +678,18 @@ int app_main(const char *cmdline)
     }
     rsecs = rsecs / spb * spb;
     if (!rsecs)
-        fail("nothing to test");
+        app_fail("nothing to test");
     if (info->readonly && !readback)
-        fail("%s is read-only: only mode=readback can run", blkfront_name(dev));
+        app_fail("%s is read-only: only mode=readback can run", blkfront_name(dev));
 
     blocks = (unsigned long)(rsecs / spb);
     map = alloc_pages((blocks + PAGE_SIZE - 1) / PAGE_SIZE);
     if (!map)
-        fail("no memory for a %lu-block map", blocks);
+        app_fail("no memory for a %lu-block map", blocks);
     for (unsigned int i = 0; i < qd; i++) {
         slots[i].mem = alloc_pages(SLOT_BYTES / PAGE_SIZE);
         if (!slots[i].mem)
-            fail("no memory for %u buffers of %lu KiB", qd, (unsigned long)(SLOT_BYTES >> 10));
+            app_fail("no memory for %u buffers of %lu KiB", qd, (unsigned long)(SLOT_BYTES >> 10));
     }
     printk("blkverify: mode=%s region sectors=%lu+%lu seed=%lu qd=%u ring=%u segs=%u "
            "persistent=%d\n", mode, (unsigned long)rstart, (unsigned long)rsecs,
@@ -739,7 +726,7 @@ int app_main(const char *cmdline)
                st.responses, st.events, st.notifies, st.copies, st.redone, st.grant_busy,
                st.protocol_errors);
         if (st.protocol_errors)
-            fail("%lu backend protocol errors", st.protocol_errors);
+            app_fail("%lu backend protocol errors", st.protocol_errors);
     }
     printk("blkverify: OK bytes=%lu\n", (unsigned long)(rsecs * 512));
     if (cmdline_get_ulong(cmdline, "close", 1))

@@ -34,19 +34,6 @@ const char app_name[] = "gntbench";
 
 static struct gnttab_copy ops[MAX_BATCH];
 
-static void __noreturn fail(const char *fmt, ...) __printf(1, 2);
-static void fail(const char *fmt, ...)
-{
-    char buf[256];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    printk("gntbench: FAIL %s\n", buf);
-    xen_shutdown(SHUTDOWN_crash);
-}
-
 static inline uint8_t pattern(unsigned long page, unsigned long j)
 {
     return (uint8_t)(page * 131 + j * 7 + 3);
@@ -60,14 +47,14 @@ static int role_src(unsigned long peer, unsigned long pages, unsigned long hold_
     int first = -1;
 
     if (!peer || peer >= DOMID_SELF)
-        fail("role=src needs peer=<domid of the copier>");
+        app_fail("role=src needs peer=<domid of the copier>");
     if (!pages || pages > MAX_PAGES)
-        fail("pages=%lu (1..%d)", pages, MAX_PAGES);
+        app_fail("pages=%lu (1..%d)", pages, MAX_PAGES);
     if (!gnttab_ready())
-        fail("no grant table");
+        app_fail("no grant table");
     buf = alloc_pages(pages);
     if (!buf)
-        fail("no memory for %lu pages", pages);
+        app_fail("no memory for %lu pages", pages);
     for (unsigned long p = 0; p < pages; p++)
         for (unsigned long j = 0; j < PAGE_SIZE; j++)
             buf[p * PAGE_SIZE + j] = pattern(p, j);
@@ -75,11 +62,11 @@ static int role_src(unsigned long peer, unsigned long pages, unsigned long hold_
     for (unsigned long p = 0; p < pages; p++) {
         int ref = gnttab_grant_page((domid_t)peer, buf + p * PAGE_SIZE, 1);
         if (ref < 0)
-            fail("grant page %lu: %d", p, ref);
+            app_fail("grant page %lu: %d", p, ref);
         if (p == 0)
             first = ref;
         else if (ref != first + (int)p)
-            fail("grant refs not consecutive (%d after %d)", ref, first);
+            app_fail("grant refs not consecutive (%d after %d)", ref, first);
     }
     printk("gntbench: offer peer=%lu gref=%d pages=%lu\n", peer, first, pages);
 
@@ -114,10 +101,10 @@ static void do_batch(unsigned int n, unsigned long k0)
     long rc = gnttab_copy(ops, n);
 
     if (rc)
-        fail("GNTTABOP_copy(%u ops) at chunk %lu: rc=%ld", n, k0, rc);
+        app_fail("GNTTABOP_copy(%u ops) at chunk %lu: rc=%ld", n, k0, rc);
     for (unsigned int i = 0; i < n; i++)
         if (ops[i].status != GNTST_okay)
-            fail("copy op %u at chunk %lu: status %d (%s)", i, k0, ops[i].status,
+            app_fail("copy op %u at chunk %lu: status %d (%s)", i, k0, ops[i].status,
                  gnttab_strerror(ops[i].status));
 }
 
@@ -126,7 +113,7 @@ static void check_pages(const uint8_t *dst, unsigned long from, unsigned long n,
     for (unsigned long p = from; p < from + n; p++)
         for (unsigned long j = 0; j < PAGE_SIZE; j++)
             if (dst[p * PAGE_SIZE + j] != pattern(p, j))
-                fail("%s: page %lu byte %lu = 0x%x, want 0x%x", when, p, j,
+                app_fail("%s: page %lu byte %lu = 0x%x, want 0x%x", when, p, j,
                      dst[p * PAGE_SIZE + j], pattern(p, j));
 }
 
@@ -140,14 +127,14 @@ static int role_copy(unsigned long mib, unsigned long batch)
     int rc;
 
     if (!batch || batch > MAX_BATCH)
-        fail("batch=%lu (1..%d)", batch, MAX_BATCH);
+        app_fail("batch=%lu (1..%d)", batch, MAX_BATCH);
     if (!xenbus_available())
-        fail("no xenstore (the offer comes through data/gntbench/offer)");
+        app_fail("no xenstore (the offer comes through data/gntbench/offer)");
     deadline = monotonic_ns() + OFFER_TIMEOUT;
     printk("gntbench: role=copy waiting for data/gntbench/offer\n");
     while ((rc = xenbus_read(XBT_NIL, "data/gntbench/offer", offer, sizeof(offer))) <= 0) {
         if ((rc < 0 && rc != -XEN_ENOENT) || monotonic_ns() >= deadline)
-            fail("read data/gntbench/offer: %s (%d)", rc ? xenbus_strerror(rc) : "empty", rc);
+            app_fail("read data/gntbench/offer: %s (%d)", rc ? xenbus_strerror(rc) : "empty", rc);
         msleep(5);
     }
     peer = simple_strtoul(offer, &s, 10);
@@ -159,7 +146,7 @@ static int role_copy(unsigned long mib, unsigned long batch)
     pages = simple_strtoul(s, &s, 10);
     if (!peer || peer >= DOMID_SELF || gref < GNTTAB_NR_RESERVED_ENTRIES || !pages ||
         pages > MAX_PAGES)
-        fail("bad offer '%s'", offer);
+        app_fail("bad offer '%s'", offer);
     chunks = mib * (1024 * 1024 / CHUNK);
     if (chunks < pages)
         chunks = pages;
@@ -169,7 +156,7 @@ static int role_copy(unsigned long mib, unsigned long batch)
 
     dst = alloc_pages(pages);
     if (!dst)
-        fail("no memory for %lu pages", pages);
+        app_fail("no memory for %lu pages", pages);
 
     /* Warm-up: one batch, checked. */
     memset(dst, 0, pages * PAGE_SIZE);
@@ -218,5 +205,5 @@ int app_main(const char *cmdline)
     if (!strcmp(role, "copy"))
         return role_copy(cmdline_get_ulong(cmdline, "mib", 64),
                          cmdline_get_ulong(cmdline, "batch", 16));
-    fail("role=src or role=copy, please (got '%s')", role);
+    app_fail("role=src or role=copy, please (got '%s')", role);
 }

@@ -64,19 +64,6 @@ static struct thread *waiter;
 static evtchn_port_t port;
 static uint64_t samples[MAX_SAMPLES];
 
-static void __noreturn fail(const char *fmt, ...) __printf(1, 2);
-static void fail(const char *fmt, ...)
-{
-    char buf[256];
-    va_list ap;
-
-    va_start(ap, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, ap);
-    va_end(ap);
-    printk("pingpong: FAIL %s\n", buf);
-    xen_shutdown(SHUTDOWN_crash);
-}
-
 static void pp_event(evtchn_port_t p, struct pt_regs *regs, void *data)
 {
     (void)p; (void)regs; (void)data;
@@ -154,7 +141,7 @@ static void report(unsigned long rounds, unsigned long nsamples, uint64_t total_
 static void must(int rc, const char *what)
 {
     if (rc < 0)
-        fail("%s: %s (%d)", what, xenbus_strerror(rc), rc);
+        app_fail("%s: %s (%d)", what, xenbus_strerror(rc), rc);
 }
 
 /* ---- role A ---- */
@@ -171,7 +158,7 @@ static int role_a(unsigned long rounds, unsigned long want_peer, int use_xs)
 
     if (!use_xs) {
         if (!want_peer || want_peer >= DOMID_SELF)
-            fail("xs=0 needs peer=<domid of B>");
+            app_fail("xs=0 needs peer=<domid of B>");
         peer = want_peer;
         goto offer;
     }
@@ -199,24 +186,24 @@ static int role_a(unsigned long rounds, unsigned long want_peer, int use_xs)
     deadline = monotonic_ns() + CONNECT_TIMEOUT;
     for (;;) {
         if (!xenbus_watch_wait(&join_watch, &seen, deadline) && monotonic_ns() >= deadline)
-            fail("no peer joined in %lu s", (unsigned long)(CONNECT_TIMEOUT / NSEC_PER_SEC));
+            app_fail("no peer joined in %lu s", (unsigned long)(CONNECT_TIMEOUT / NSEC_PER_SEC));
         rc = xenbus_read(XBT_NIL, "data/pingpong/join", buf, sizeof(buf));
         if (rc > 0) {
             const char *end;
             peer = simple_strtoul(buf, &end, 10);
             if (*end || peer >= DOMID_SELF || peer == self)
-                fail("bad join value '%s'", buf);
+                app_fail("bad join value '%s'", buf);
             break;
         }
     }
     xenbus_unwatch(&join_watch);
     if (want_peer && peer != want_peer)
-        fail("domain %lu joined, expected peer=%lu", peer, want_peer);
+        app_fail("domain %lu joined, expected peer=%lu", peer, want_peer);
 
 offer:
     page = alloc_page();
     if (!page)
-        fail("no memory");
+        app_fail("no memory");
     memset((void *)page, 0, PAGE_SIZE);
     page->magic = PP_MAGIC;
     page->rounds = (uint32_t)rounds;
@@ -226,10 +213,10 @@ offer:
 
     gref = gnttab_grant_page((domid_t)peer, (const void *)page, 0);
     if (gref < 0)
-        fail("grant_access: %d", gref);
+        app_fail("grant_access: %d", gref);
     rc = evtchn_alloc_unbound((domid_t)peer, pp_event, NULL);
     if (rc < 0)
-        fail("alloc_unbound(%lu): %d", peer, rc);
+        app_fail("alloc_unbound(%lu): %d", peer, rc);
     port = (evtchn_port_t)rc;
     if (!use_xs) {
         printk("pingpong: role=a offer port=%u gref=%d\n", port, gref);
@@ -258,12 +245,12 @@ offer:
 
 wait_peer:
     if (!wait_until(b_state_is, 1, monotonic_ns() + CONNECT_TIMEOUT))
-        fail("peer %lu did not connect (b_state=%u)", peer, page->b_state);
+        app_fail("peer %lu did not connect (b_state=%u)", peer, page->b_state);
     printk("pingpong: role=a peer=%lu connected port=%u gref=%d\n", peer, port, gref);
     /* B has it mapped, so the hypervisor holds GTF_reading|GTF_writing. */
     rc = gnttab_end_access((grant_ref_t)gref);
     if (rc != -XEN_EBUSY)
-        fail("end_access(%d) while the peer has it mapped: %d, want %d (EBUSY)", gref, rc,
+        app_fail("end_access(%d) while the peer has it mapped: %d, want %d (EBUSY)", gref, rc,
              -XEN_EBUSY);
 
     for (unsigned long i = 0; i < rounds; i++) {
@@ -275,7 +262,7 @@ wait_peer:
         WRITE_ONCE(page->ping, seq);
         notify_remote_via_evtchn(port);
         if (!wait_until(pong_is, seq + 1, t0 + ROUND_TIMEOUT))
-            fail("round %lu: pong=%lu, want %lu", i + 1, (unsigned long)page->pong,
+            app_fail("round %lu: pong=%lu, want %lu", i + 1, (unsigned long)page->pong,
                  (unsigned long)(seq + 1));
         dt = monotonic_ns() - t0;
         total += dt;
@@ -286,15 +273,15 @@ wait_peer:
 
     /* B unmaps first; then the grant can be revoked. */
     if (!wait_until(b_state_is, 2, monotonic_ns() + ROUND_TIMEOUT))
-        fail("peer did not finish (b_state=%u)", page->b_state);
+        app_fail("peer did not finish (b_state=%u)", page->b_state);
     deadline = monotonic_ns() + ROUND_TIMEOUT;
     while ((rc = gnttab_end_access((grant_ref_t)gref)) == -XEN_EBUSY) {
         if (monotonic_ns() >= deadline)
-            fail("end_access(%d): still mapped by the peer", gref);
+            app_fail("end_access(%d): still mapped by the peer", gref);
         msleep(1);
     }
     if (rc)
-        fail("end_access(%d): %d", gref, rc);
+        app_fail("end_access(%d): %d", gref, rc);
     close_evtchn(port);
     report(rounds, nsamples, total);
     if (use_xs)
@@ -318,12 +305,12 @@ static int role_b(unsigned long peer, int use_xs, const char *cmdline)
     int rc;
 
     if (!peer || peer >= DOMID_SELF)
-        fail("role=b needs peer=<domid of A>");
+        app_fail("role=b needs peer=<domid of A>");
     if (!use_xs) {
         rport = cmdline_get_ulong(cmdline, "port", 0);
         gref = cmdline_get_ulong(cmdline, "gref", 0);
         if (!rport || !gref)
-            fail("xs=0 needs port=<A's port> gref=<A's gref>");
+            app_fail("xs=0 needs port=<A's port> gref=<A's gref>");
         goto connect;
     }
     must(xenbus_self_domid(&self), "read domid");
@@ -335,7 +322,7 @@ static int role_b(unsigned long peer, int use_xs, const char *cmdline)
     deadline = monotonic_ns() + CONNECT_TIMEOUT;
     while ((rc = xenbus_printf(XBT_NIL, path, "%u", self)) != 0) {
         if ((rc != -XEN_EACCES && rc != -XEN_ENOENT) || monotonic_ns() >= deadline)
-            fail("write %s: %s (%d)", path, xenbus_strerror(rc), rc);
+            app_fail("write %s: %s (%d)", path, xenbus_strerror(rc), rc);
         msleep(100);
     }
     printk("pingpong: role=b self=%u joined %s\n", self, path);
@@ -353,9 +340,9 @@ static int role_b(unsigned long peer, int use_xs, const char *cmdline)
                 break;
         }
         if (rc != -XEN_ENOENT && rc != -XEN_EACCES)
-            fail("read %s: %s (%d)", path, xenbus_strerror(rc), rc);
+            app_fail("read %s: %s (%d)", path, xenbus_strerror(rc), rc);
         if (monotonic_ns() >= deadline)
-            fail("A published no port/gref");
+            app_fail("A published no port/gref");
         /* Re-poll now and then too, in case an event was filtered. */
         xenbus_watch_wait(&port_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
     }
@@ -364,23 +351,23 @@ static int role_b(unsigned long peer, int use_xs, const char *cmdline)
 connect:
     rc = evtchn_bind_interdomain((domid_t)peer, (evtchn_port_t)rport, pp_event, NULL);
     if (rc < 0)
-        fail("bind_interdomain(%lu, %lu): %d", peer, rport, rc);
+        app_fail("bind_interdomain(%lu, %lu): %d", peer, rport, rc);
     port = (evtchn_port_t)rc;
 
     area = gnttab_alloc_map_area(1);
     if (!area)
-        fail("no map area");
+        app_fail("no map area");
     hrc = gnttab_map((domid_t)peer, (grant_ref_t)gref, 0, (unsigned long)area, &handle,
                      &status);
     if (hrc || status != GNTST_okay)
-        fail("map_grant_ref(dom %lu, ref %lu): rc=%ld status=%d (%s)", peer, gref, hrc,
+        app_fail("map_grant_ref(dom %lu, ref %lu): rc=%ld status=%d (%s)", peer, gref, hrc,
              status, gnttab_strerror(status));
     page = area;
     if (page->magic != PP_MAGIC)
-        fail("granted page has magic 0x%x", page->magic);
+        app_fail("granted page has magic 0x%x", page->magic);
     for (unsigned int i = 0; i < DATA_BYTES; i++)
         if (page->data[i] != (uint8_t)(i * 7 + 3))
-            fail("granted page data[%u]=0x%x, want 0x%x", i, page->data[i],
+            app_fail("granted page data[%u]=0x%x, want 0x%x", i, page->data[i],
                  (uint8_t)(i * 7 + 3));
     rounds = page->rounds;
     WRITE_ONCE(page->b_state, 1);
@@ -391,15 +378,15 @@ connect:
         uint64_t seq = 2 * i + 1, ping, now;
 
         if (!wait_until(ping_is, seq, monotonic_ns() + ROUND_TIMEOUT))
-            fail("round %lu: no ping (ping=%lu)", i + 1, (unsigned long)page->ping);
+            app_fail("round %lu: no ping (ping=%lu)", i + 1, (unsigned long)page->ping);
         now = monotonic_ns();
         rmb();
         ping = READ_ONCE(page->ping);
         if (ping != seq)
-            fail("round %lu: ping=%lu, want %lu", i + 1, (unsigned long)ping,
+            app_fail("round %lu: ping=%lu, want %lu", i + 1, (unsigned long)ping,
                  (unsigned long)seq);
         if (page->data[i % DATA_BYTES] != (uint8_t)seq)
-            fail("round %lu: data[%lu]=0x%x, want 0x%x", i + 1, i % DATA_BYTES,
+            app_fail("round %lu: data[%lu]=0x%x, want 0x%x", i + 1, i % DATA_BYTES,
                  page->data[i % DATA_BYTES], (uint8_t)seq);
         if (i) {
             total += now - last;
@@ -418,7 +405,7 @@ connect:
     page = NULL;
     hrc = gnttab_unmap((unsigned long)area, handle, &status);
     if (hrc || status != GNTST_okay)
-        fail("unmap_grant_ref: rc=%ld status=%d (%s)", hrc, status, gnttab_strerror(status));
+        app_fail("unmap_grant_ref: rc=%ld status=%d (%s)", hrc, status, gnttab_strerror(status));
     notify_remote_via_evtchn(port);
     gnttab_free_map_area(area, 1);
     close_evtchn(port);
@@ -435,12 +422,12 @@ int app_main(const char *cmdline)
 
     cmdline_get_str(cmdline, "role", role, sizeof(role));
     if (use_xs && !xenbus_available())
-        fail("no xenstore");
+        app_fail("no xenstore");
     if (!gnttab_ready())
-        fail("no grant table");
+        app_fail("no grant table");
     if (!strcmp(role, "a"))
         return role_a(rounds, peer, use_xs);
     if (!strcmp(role, "b"))
         return role_b(peer, use_xs, cmdline);
-    fail("role=a or role=b, please (got '%s')", role);
+    app_fail("role=a or role=b, please (got '%s')", role);
 }

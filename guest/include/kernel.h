@@ -93,6 +93,8 @@ void __noreturn poweroff(void);
 /* Each app provides these (in apps/); exactly one app is linked in. */
 extern const char app_name[];
 int app_main(const char *cmdline);
+/* "<app_name>: FAIL <message>" on the console, then SHUTDOWN_crash. */
+void __noreturn app_fail(const char *fmt, ...) __printf(1, 2);
 
 /* Linker-script symbols */
 extern char _text[], _etext[], _end[], __bss_start[], __bss_end[];

@@ -67,6 +67,18 @@ static void register_callbacks(void)
         early_printk("pyxen-guest: callback_op(failsafe) failed rc=%ld\n", rc);
 }
 
+void app_fail(const char *fmt, ...)
+{
+    char buf[256];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    printk("%s: FAIL %s\n", app_name, buf);
+    xen_shutdown(SHUTDOWN_crash);
+}
+
 static void main_thread(void *arg)
 {
     int rc;
