@@ -182,15 +182,17 @@ class GrantTables:
         return frame
 
     def _release(self, p: PeerMemory, ref: int, readonly: bool) -> None:
-        key = (p.domid, ref)
+        self._unhold((p.domid, ref), p.addr + p.grant_entry_offset(ref))
+
+    def _unhold(self, key: tuple[int, int], entry_addr: int) -> None:
+        """One use of a grant ends; the status bits drop with the last one."""
         with self.lock:
             n = self.active.get(key, 0) - 1
             if n > 0:
                 self.active[key] = n
                 return
             self.active.pop(key, None)
-        addr = p.addr + p.grant_entry_offset(ref)
-        atomic.fetch_and16(addr, ~(GTF_reading | GTF_writing) & 0xFFFF)
+        atomic.fetch_and16(entry_addr, ~(GTF_reading | GTF_writing) & 0xFFFF)
 
     def map(self, v: VCPU, host_addr: int, flags: int, ref: int, dom: int) -> tuple[int, int, int]:
         """GNTTABOP_map_grant_ref: (status, handle, dev_bus_addr)."""
@@ -379,15 +381,8 @@ class GrantTables:
         if self._pxg is not None:
             native.fast().pxg_release(self._pxg, ref)  # type: ignore[union-attr]
             return
-        key = (-1, ref)
-        with self.lock:
-            n = self.active.get(key, 0) - 1
-            if n > 0:
-                self.active[key] = n
-                return
-            self.active.pop(key, None)
         p = self._peer(self.domain.domid)
-        atomic.fetch_and16(p.addr + p.grant_entry_offset(ref), ~(GTF_reading | GTF_writing) & 0xFFFF)
+        self._unhold((-1, ref), p.addr + p.grant_entry_offset(ref))  # -1: the in-process backend
 
     def release_all(self) -> None:
         """The domain is going away: drop every mapping it holds."""
