@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -144,6 +145,19 @@ def host(guest: Path, tmp_path: Path) -> Iterator[object]:
             time.sleep(0.05)
         if not os.environ.get("PYXEN_KEEP_RUNDIR"):
             shutil.rmtree(rd, ignore_errors=True)
+
+
+def wait_listed(host: Any, pred: Any, timeout: float = 10.0, what: str = "condition") -> list[dict]:
+    """Poll ``host.list()`` until ``pred(domains)`` holds; the domains then."""
+    end = time.monotonic() + timeout
+    while True:
+        doms = host.list()
+        if pred(doms):
+            return list(doms)
+        if time.monotonic() > end:
+            raise AssertionError(f"{what} not reached in {timeout}s; domains: {doms}; "
+                                 f"log: {host.dmesg()[-10:]}")
+        time.sleep(0.05)
 
 
 def read_until(s: socket.socket, pattern: bytes, timeout: float = 10.0, buf: bytes = b"") -> bytes:

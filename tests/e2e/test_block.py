@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_listed
 
 CFG = ROOT / "examples" / "blkverify.cfg"
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None,
@@ -147,10 +147,7 @@ def test_flushed_data_survives_kill_9(host, tmp_path: Path) -> None:  # noqa: AN
     assert b"blkverify: OK" in out, out[-2000:]
     pid = next(x["pid"] for x in host.list() if x["domid"] == d)
     os.kill(pid, signal.SIGKILL)  # no clean shutdown of the backend
-    end = time.monotonic() + 10
-    while any(x["domid"] == d for x in host.list()):
-        assert time.monotonic() < end
-        time.sleep(0.05)
+    wait_listed(host, lambda ds: not any(x["domid"] == d for x in ds), what="domain gone")
     run_verify(host, disk, "blk-dur2", extra="mib=2 seed=9 mode=readback")
 
 
@@ -216,10 +213,7 @@ def test_disk_detach_and_reattach_after_a_daemon_crash(host, tmp_path: Path) -> 
     time.sleep(0.3)
     h2 = Host(run_dir=host.run_dir)
     try:
-        end = time.monotonic() + 10
-        while not any(x["name"] == "blk-adopt" for x in h2.list()):
-            assert time.monotonic() < end, h2.dmesg()
-            time.sleep(0.1)
+        wait_listed(h2, lambda ds: any(x["name"] == "blk-adopt" for x in ds), what="adoption")
         time.sleep(0.5)
         s = h2.console_socket(d)
         h2.block_detach(d, 51728)  # xvdb

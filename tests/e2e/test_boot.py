@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, cli
+from tests.conftest import ROOT, cli, wait_listed
 
 
 def test_hello_prints_and_powers_off(run_guest) -> None:
@@ -205,16 +205,10 @@ def test_adopted_domain_keeps_its_xenstore(host) -> None:
     time.sleep(0.3)
     h2 = Host(run_dir=host.run_dir)
     try:
-        deadline = time.monotonic() + 10
-        while not any(d["name"] == "xs-survivor" for d in h2.list()):
-            assert time.monotonic() < deadline, h2.dmesg()
-            time.sleep(0.1)
+        wait_listed(h2, lambda ds: any(d["name"] == "xs-survivor" for d in ds), what="adoption")
         time.sleep(0.5)  # the reconnect request reaches the domain process
         assert h2.shutdown(a, timeout=20) == "xenstore", h2.dmesg()
-        deadline = time.monotonic() + 20
-        while any(d["name"] == "xs-survivor" for d in h2.list()):
-            assert time.monotonic() < deadline, h2.dmesg()
-            time.sleep(0.1)
+        wait_listed(h2, lambda ds: not any(d["name"] == "xs-survivor" for d in ds), 20, "power-off")
         assert "forcing" not in "\n".join(h2.dmesg())
     finally:
         h2.quit()
@@ -232,10 +226,7 @@ def test_domains_survive_a_daemon_crash(host) -> None:
     time.sleep(0.3)
     h2 = Host(run_dir=host.run_dir)
     try:
-        deadline = time.monotonic() + 10
-        while not any(d["name"] == "survivor" for d in h2.list()):
-            assert time.monotonic() < deadline, h2.dmesg()
-            time.sleep(0.1)
+        wait_listed(h2, lambda ds: any(d["name"] == "survivor" for d in ds), what="adoption")
         (d,) = h2.list()
         assert d["domid"] == a
         assert any("adopted domain" in line for line in h2.dmesg())

@@ -15,21 +15,10 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, read_until
+from tests.conftest import ROOT, read_until, wait_listed
 
 ECHO_CFG = ROOT / "examples" / "echo.cfg"
 DETACH = b"\x1d"  # Ctrl-]
-
-
-def wait_listed(host, pred, timeout: float = 10.0) -> list[dict]:
-    end = time.monotonic() + timeout
-    while True:
-        doms = host.list()
-        if pred(doms):
-            return doms
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not reached in {timeout}s; domains: {doms}")
-        time.sleep(0.05)
 
 
 class PtyCli:

@@ -9,23 +9,12 @@ import time
 import pytest
 
 from pyxen.toolstack.api import PyxenError
-from tests.conftest import ROOT, cli, read_until
+from tests.conftest import ROOT, cli, read_until, wait_listed
 
 TICKER = ROOT / "examples" / "ticker.cfg"
 HELLO = ROOT / "examples" / "hello.cfg"
 CRASH = ROOT / "examples" / "crash.cfg"
 XL_HEADER = "Name" + " " * 40 + "ID   Mem VCPUs\tState\tTime(s)"  # xl_list.c, verbatim
-
-
-def wait_for(host, pred, timeout: float = 10.0, what: str = "condition") -> list[dict]:
-    end = time.monotonic() + timeout
-    while True:
-        doms = host.list()
-        if pred(doms):
-            return doms
-        if time.monotonic() > end:
-            raise AssertionError(f"{what} not reached in {timeout}s; domains: {doms}")
-        time.sleep(0.05)
 
 
 def by_name(doms: list[dict], name: str) -> list[dict]:
@@ -47,7 +36,7 @@ def _reboot(host, name: str) -> tuple[dict, dict]:
     [old] = by_name(host.list(), name)
     host.reboot(d)
     # a restarted domain is a new domain process (new pid), with the same name
-    doms = wait_for(host, lambda ds: any(x["pid"] != old["pid"] and x["state"] != "creating"
+    doms = wait_listed(host, lambda ds: any(x["pid"] != old["pid"] and x["state"] != "creating"
                                          for x in by_name(ds, name)),
                     timeout=15, what=f"a restarted {name}")
     [new] = by_name(doms, name)
@@ -72,13 +61,13 @@ def test_shutdown_destroys_ticker(host) -> None:
     d = host.create(TICKER, ['name="tick-s"'])
     read_console(host, d, rb"^tick 1 ")
     host.shutdown(d)
-    wait_for(host, lambda ds: not by_name(ds, "tick-s"), what="tick-s gone")
+    wait_listed(host, lambda ds: not by_name(ds, "tick-s"), what="tick-s gone")
     assert any("tick-s" in line and "on_poweroff=destroy" in line for line in host.dmesg())
 
 
 def test_crash_preserved_until_destroyed(host) -> None:
     d = host.create(CRASH)  # on_crash="preserve"
-    wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "crash")] == ["crashed"],
+    wait_listed(host, lambda ds: [x["state"] for x in by_name(ds, "crash")] == ["crashed"],
              what="crash in state crashed")
     time.sleep(0.5)
     assert [x["state"] for x in by_name(host.list(), "crash")] == ["crashed"]
@@ -97,7 +86,7 @@ def test_crash_preserved_until_destroyed(host) -> None:
 
 def test_guest_console_io_dump_in_dmesg(host) -> None:
     d = host.create(CRASH)
-    wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "crash")] == ["crashed"],
+    wait_listed(host, lambda ds: [x["state"] for x in by_name(ds, "crash")] == ["crashed"],
              what="crash in state crashed")
     log = "\n".join(host.dmesg())
     assert re.search(rf"\(d{d}\).*FATAL: page fault", log), log
@@ -105,7 +94,7 @@ def test_guest_console_io_dump_in_dmesg(host) -> None:
 
 def test_on_poweroff_preserve_keeps_shutdown_domain(host) -> None:
     d = host.create(HELLO, ['name="hello-keep"', 'on_poweroff="preserve"'])
-    wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "hello-keep")] == ["shutdown"],
+    wait_listed(host, lambda ds: [x["state"] for x in by_name(ds, "hello-keep")] == ["shutdown"],
              what="hello-keep in state shutdown")
     time.sleep(0.5)
     [rec] = by_name(host.list(), "hello-keep")
@@ -135,12 +124,12 @@ def test_destroy_unknown_domain(host) -> None:
 def test_pause_unpause_in_list(host) -> None:
     d = host.create(TICKER, ['name="tick-p"'])
     host.pause(d)
-    wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "tick-p")] == ["paused"],
+    wait_listed(host, lambda ds: [x["state"] for x in by_name(ds, "tick-p")] == ["paused"],
              what="tick-p paused")
     r = cli(["list"], host.run_dir, timeout=30)
     assert re.search(rb"^tick-p .*--p---", r.stdout, re.M), r.stdout
     host.unpause(d)
-    wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "tick-p")] in (["running"], ["blocked"]),
+    wait_listed(host, lambda ds: [x["state"] for x in by_name(ds, "tick-p")] in (["running"], ["blocked"]),
              what="tick-p unpaused")
     read_console(host, d, rb"^tick 3 ")
 
@@ -148,7 +137,7 @@ def test_pause_unpause_in_list(host) -> None:
 def test_cli_list_rows(host) -> None:
     a = host.create(TICKER, ['name="tick-l"'])
     b = host.create(HELLO, ['name="hello-l"', 'on_poweroff="preserve"'])
-    wait_for(host, lambda ds: [x["state"] for x in by_name(ds, "hello-l")] == ["shutdown"],
+    wait_listed(host, lambda ds: [x["state"] for x in by_name(ds, "hello-l")] == ["shutdown"],
              what="hello-l shut down")
     r = cli(["list"], host.run_dir, timeout=30)
     assert r.returncode == 0, r.stderr
