@@ -96,6 +96,8 @@ class BlkBack:
         self.kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # the native path's wakeup
         self.dev: int | None = None  # struct pxb *, while connected natively
         self.native_why = ""  # why this disk runs the Python data path, if it does
+        self._msg_buf = ctypes.create_string_buffer(200)  # the service thread's, for pxb_take_up
+        self._req_buf = ctypes.create_string_buffer(B.REQ_SIZE)  # and for pxb_take_slow
         self.persistent = False  # feature-persistent negotiated for the current ring
         self._pgrants: dict[int, tuple[int, bool]] = {}  # Python path: ref -> (offset, writable)
         self.stop = False
@@ -288,8 +290,8 @@ class BlkBack:
             return
         map_len = base + self.image.size
         if fmap is not None:
-            _, cbits, clusters, addr = fmap
-            lib.pxb_set_fmap(dev, addr, cbits, clusters)
+            _, cbits, clusters, table = fmap
+            lib.pxb_set_fmap(dev, gnttab.atomic.address_of(table), cbits, clusters)
             # the file grows as clusters are allocated: reserve room (pages past
             # its end become readable as it grows; a read there is never mapped)
             map_len = os.fstat(fd).st_size + 2 * self.image.size + (1 << 30)
@@ -394,13 +396,12 @@ class BlkBack:
         ring protocol."""
         lib = native.fast()
         assert lib is not None
-        msg = ctypes.create_string_buffer(200)
+        msg, raw = self._msg_buf, self._req_buf  # this thread's only
         up = lib.pxb_take_up(dev, msg, len(msg))
         if up & _UP_NOTIFY:
             self.domain.raise_port(self.port, self.domain.evtchn.notify_vcpu(self.port))
         if up & _UP_PROTO:
             raise B.ProtocolError(msg.value.decode(errors="replace"))
-        raw = ctypes.create_string_buffer(B.REQ_SIZE)
         while lib.pxb_take_slow(dev, raw):
             self._dispatch(B.parse_request(raw.raw))
 

@@ -16,6 +16,7 @@ disk specification.
 
 from __future__ import annotations
 
+import mmap
 from abc import ABC, abstractmethod
 
 
@@ -70,9 +71,9 @@ class BlockImage(ABC):
         every request must come through this object (the default)."""
         return None
 
-    def native_fastmap(self) -> tuple[int, int, int, int] | None:
+    def native_fastmap(self) -> tuple[int, int, int, mmap.mmap] | None:
         """For formats that map guest clusters to places in one file (qcow2):
-        ``(fd, cluster_bits, clusters, address of the fast map)``, see
+        ``(fd, cluster_bits, clusters, the fast map)``, see
         :meth:`pyxen.storage.qcow2.Qcow2Image.native_fastmap`.  None (the
         default) when there is no such map."""
         return None

@@ -170,16 +170,6 @@ def _bytes_view(b: memoryview | bytes | bytearray) -> memoryview:
     return mv
 
 
-def ctypes_address(buf: mmap.mmap) -> int:
-    """Host address of an anonymous mapping (for the native data path)."""
-    import ctypes
-    c = ctypes.c_char.from_buffer(buf)
-    try:
-        return ctypes.addressof(c)
-    finally:
-        del c
-
-
 def _probe_format(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -686,9 +676,9 @@ class Qcow2Image(BlockImage):
 
     # ------------------------------------------------------------------ native fast map
 
-    def native_fastmap(self) -> tuple[int, int, int, int] | None:
+    def native_fastmap(self) -> tuple[int, int, int, mmap.mmap] | None:
         """For blkback's native data path: ``(fd, cluster_bits, clusters,
-        address)`` of a table with one 64-bit word per guest cluster: the
+        table)``, the table (an anonymous mapping) with one 64-bit word per guest cluster: the
         host offset of its data | 1 (may be read in place) | 2 (may be
         written in place), or 0 (ask this object).  Filled an L2 table's
         range at a time as requests reach us (:meth:`_fm_note`), kept exact
@@ -713,7 +703,7 @@ class Qcow2Image(BlockImage):
                 self._fm_thread = threading.Thread(target=self._fm_prefill, daemon=True,
                                                    name=f"qcow2-fastmap-{os.path.basename(self.path)}")
                 self._fm_thread.start()
-            return self._fd, self.cbits, n, ctypes_address(self._fm)
+            return self._fd, self.cbits, n, self._fm
 
     def _fm_prefill(self) -> None:
         for l1i in range(len(self._l1)):
