@@ -239,8 +239,8 @@ class EventChannels:
 ENOENT_ = abi.ENOENT
 
 
-def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int,
-                     si_addr: int | None = None, vi_addr: int | None = None) -> bool:
+def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int, si_addr: int,
+                     vi_addr: int) -> bool:
     """Xen's evtchn_2l_set_pending: pending/mask bits in shared_info ``si``, the
     selector and upcall flag in the vCPU's vcpu_info at ``vi[vo:]`` (which may
     have moved out of shared_info with VCPUOP_register_vcpu_info).  Returns
@@ -249,10 +249,9 @@ def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int,
     Bits are set with locked read-modify-writes (``hv/atomic``), as Xen's
     ``guest_test_and_set_bit``: the guest clears them with locked
     instructions on its own CPU, and other host threads may set them too.
-    ``si_addr``/``vi_addr`` are the views' host addresses, if the caller has
-    them at hand."""
+    ``si_addr``/``vi_addr`` are the views' host addresses (the locked
+    operations need them; ``atomic.view_address``)."""
     word, bit = divmod(port, 64)
-    si_addr = atomic.view_address(si) if si_addr is None else si_addr
     old = atomic.fetch_or64(si_addr + abi.SI_EVTCHN_PENDING + word * 8, 1 << bit)
     if old >> bit & 1:
         return False
@@ -262,8 +261,7 @@ def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int,
     return _mark_selector(vi, vo, word, vi_addr)
 
 
-def _mark_selector(vi: memoryview, vo: int, word: int, vi_addr: int | None) -> bool:
-    vi_addr = atomic.view_address(vi) if vi_addr is None else vi_addr
+def _mark_selector(vi: memoryview, vo: int, word: int, vi_addr: int) -> bool:
     old = atomic.fetch_or64(vi_addr + vo + abi.VI_PENDING_SEL, 1 << word)
     if old >> word & 1:
         return False
@@ -273,14 +271,13 @@ def _mark_selector(vi: memoryview, vo: int, word: int, vi_addr: int | None) -> b
     return True
 
 
-def unmask_bits(si: memoryview, vi: memoryview, vo: int, port: int,
-                si_addr: int | None = None, vi_addr: int | None = None) -> bool:
+def unmask_bits(si: memoryview, vi: memoryview, vo: int, port: int, si_addr: int,
+                vi_addr: int) -> bool:
     """Xen's evtchn_2l_unmask: clear the mask bit and, only if this call cleared
     it and the port is pending, re-raise it on its vCPU (a guest that cleared
     the bit itself gets nothing re-raised, exactly as on Xen).  Returns True
     if an upcall became pending."""
     word, bit = divmod(port, 64)
-    si_addr = atomic.view_address(si) if si_addr is None else si_addr
     old = atomic.fetch_and64(si_addr + abi.SI_EVTCHN_MASK + word * 8, ~(1 << bit) & (2**64 - 1))
     if not old >> bit & 1:
         return False
