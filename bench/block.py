@@ -129,17 +129,8 @@ class _Guests:
         except ConfigError as e:
             raise Failed(f"{CFG.name} with {overrides}: {e}") from None
         t0 = time.monotonic()
+        domid, sock = d.create_cfg(cfg, name)
         try:
-            domid, sock = d.host.create_attached(cfg)
-        except d.error as e:
-            raise Failed(f"create {name}: {e}") from None
-        d.domids.append(domid)
-        d.sockets.append(sock)
-        try:
-            with contextlib.suppress(d.error):
-                for dom in d.host.list():
-                    if dom.get("domid") == domid and dom.get("pid"):
-                        d.pids.add(int(dom["pid"]))
             con = Console(f"blkbench {mode} {fmt}", sock)
             # boot takes well under a second; blkbench itself waits 60 s for a lost completion
             deadline = time.monotonic() + secs + GUEST_SLACK_S

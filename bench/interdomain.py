@@ -58,6 +58,11 @@ class _Daemon:
         cfg_file.write_text(f'name = "{name}"\nkernel = "{kernel}"\nmemory = {memory_mib}\n'
                             f'extra = "{extra}"\non_poweroff = "destroy"\n')
         cfg, _ = load_domain_config(cfg_file, [])
+        return self.create_cfg(cfg, name)
+
+    def create_cfg(self, cfg: Any, name: str) -> tuple[int, socket.socket]:
+        """Create a domain from a parsed config, console attached from the first
+        byte; it and its process are destroyed on close."""
         try:
             domid, s = self.host.create_attached(cfg)
         except self.error as e:
