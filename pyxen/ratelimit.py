@@ -153,7 +153,7 @@ class PrintkRatelimit:
         self.interval_ms = interval_ms
         self.burst = burst
         rate = 1000.0 / interval_ms if interval_ms > 0 else 0.0
-        self.bucket = TokenBucket(rate, burst, clock)
+        self.bucket = TokenBucket(rate, max(burst, 1), clock)  # 0 would silence even the first
         self.lock = threading.Lock()
         self.missed = 0
         self.suppressed_total = 0

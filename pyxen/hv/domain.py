@@ -434,9 +434,9 @@ class Domain:
         self.console_output(data)
         buf = self.console_io_partial + data
         *lines, self.console_io_partial = buf.split(b"\n")
-        if len(self.console_io_partial) > CONSOLE_IO_LINE_MAX:  # a line that never ends
-            lines.append(self.console_io_partial)
-            self.console_io_partial = b""
+        while len(self.console_io_partial) > CONSOLE_IO_LINE_MAX:  # a line that never ends
+            lines.append(self.console_io_partial[:CONSOLE_IO_LINE_MAX])
+            self.console_io_partial = self.console_io_partial[CONSOLE_IO_LINE_MAX:]
         for line in lines:
             self.log(line.decode(errors="replace").rstrip("\r"))
 

@@ -182,3 +182,17 @@ def test_console_log_keep_zero_starts_afresh(tmp_path: Path) -> None:
     log.write(b"0123456789abcdef")
     log.close()
     assert p.read_bytes() == b"abcdef" and [f.name for f in tmp_path.iterdir()] == ["guest-k.log"]
+
+
+def test_console_io_lines_are_cut_and_limited() -> None:
+    """A console_io write of 64 KiB without a newline is 1 KiB log lines,
+    which pass the same per-domain limit (no 64 KiB line in dmesg)."""
+    from pyxen.hv.domain import CONSOLE_IO_LINE_MAX, Domain
+    d = Domain.__new__(Domain)
+    d.domid, d.dmesg, d.log_sink, d.console_sinks = 2, [], None, []
+    d.console_io_partial = b""
+    d.log_ratelimit = PrintkRatelimit(5000, 4, FakeClock())
+    d.console_io_write(b"y" * 65536)
+    assert [len(x) for x in d.dmesg] == [len("(d2) ") + CONSOLE_IO_LINE_MAX] * 4
+    assert d.log_ratelimit.suppressed_total == 65536 // CONSOLE_IO_LINE_MAX - 1 - 4
+    assert len(d.console_io_partial) == CONSOLE_IO_LINE_MAX
