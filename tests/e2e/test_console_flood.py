@@ -168,7 +168,8 @@ def test_log_flood_keeps_other_domains_crash_report(flood_env, host, tmp_path: P
     """Attack: 20000 failing mmu_updates, each "mmu_update #0 failed" in the
     hypervisor log.  Before: 20000 dmesg lines, the crash report of a domain
     that crashed before is gone from the 5000-line buffer.  After: a burst of
-    them, then "printk: N messages suppressed.", the crash report intact."""
+    them, then "printk: N messages suppressed.", the crash report intact, a
+    bystander domain's console still answering."""
     crash = host.create(CRASH)
     wait_listed(host, lambda ds: [x["state"] for x in ds if x["name"] == "crash"] == ["crashed"],
                 what="crash in state crashed")
@@ -181,7 +182,9 @@ def test_log_flood_keeps_other_domains_crash_report(flood_env, host, tmp_path: P
     failed = [line for line in mine if "mmu_update #0 failed" in line]
     assert 0 < len(failed) < 100, (len(failed), mine[:40])
     m = [re.search(r"printk: (\d+) messages suppressed\.", line) for line in mine]
-    assert sum(int(x.group(1)) for x in m if x) + len(failed) == 20000, mine
+    # every failure is either in dmesg or counted (a few other lines may be counted too)
+    counted = sum(int(x.group(1)) for x in m if x) + len(failed)
+    assert 20000 <= counted <= 20000 + 20, (counted, mine)
     # the lifecycle line is never suppressed, and comes after the count
     assert any("shutdown: poweroff" in line for line in mine), mine[-10:]
     assert_bystander_echoes(host, echo)
