@@ -9,12 +9,18 @@ attached terminals) and notifies back so a guest waiting for space wakes.
 Input goes the other way through ``in``.  Ring indexes are free-running
 32-bit counters; a guest that writes nonsense indexes gets its output
 clamped to the ring size, never a crash.
+
+:class:`ConsoleLog` is the domain's log file, ``guest-NAME.log``, rotated at
+a size limit so a guest cannot fill the disk however much it prints (the
+rate limit, :class:`pyxen.ratelimit.ConsoleLimiter`, bounds how fast).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from ..hv import atomic
 
@@ -97,3 +103,89 @@ class ConsoleBackend:
             self.page.release()
         except (ValueError, BufferError):
             pass
+
+
+class ConsoleLog:
+    """An append-only log file rotated at ``max_bytes``: ``NAME`` becomes
+    ``NAME.1``, ``NAME.1`` becomes ``NAME.2`` ... and ``NAME.<keep>`` is
+    deleted, so at most ``max_bytes * (keep + 1)`` bytes are ever on disk.
+
+    No file ever exceeds ``max_bytes``: a write that does not fit is split
+    across the rotation.  ``max_bytes == 0`` never rotates; ``keep == 0``
+    starts the file afresh instead.  Files are created 0600 (a guest's
+    console may carry passwords), an existing one is set 0600, and a
+    symlink in the file's place is refused (``O_NOFOLLOW``).  Write errors
+    (a full disk, say) are counted and reported once through ``on_error``,
+    never raised into the vCPU thread that produced the output.
+    """
+
+    def __init__(self, path: Path, max_bytes: int = 0, keep: int = 3,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.max_bytes = max(0, max_bytes)
+        self.keep = max(0, keep)
+        self.on_error = on_error
+        self.fd = -1
+        self.size = 0
+        self.rotations = 0
+        self.errors = 0
+        self.failing = False
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            self.size = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def rotated(self, i: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.{i}")
+
+    def _rotate(self) -> None:
+        os.close(self.fd)
+        self.fd = -1
+        if self.keep:
+            for i in range(self.keep - 1, 0, -1):
+                try:
+                    os.replace(self.rotated(i), self.rotated(i + 1))
+                except FileNotFoundError:
+                    pass
+            os.replace(self.path, self.rotated(1))
+        else:
+            os.unlink(self.path)
+        self.rotations += 1
+        self._open()
+
+    def write(self, data: bytes) -> None:
+        if self.fd < 0:
+            return
+        try:
+            while data:
+                if self.max_bytes and self.size >= self.max_bytes:
+                    self._rotate()
+                chunk = data[:self.max_bytes - self.size] if self.max_bytes else data
+                n = os.write(self.fd, chunk)
+                self.size += n
+                data = data[n:]
+            self.failing = False
+        except OSError as e:
+            self.errors += 1
+            if not self.failing and self.on_error is not None:
+                self.on_error(f"console log {self.path}: {e.strerror or e}; "
+                              "output not logged until writing works again")
+            self.failing = True
+            if self.fd < 0:  # failed while rotating: try to carry on with a fresh file
+                try:
+                    self._open()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import abi, native
 from ..abi import XenError
+from ..ratelimit import Limits, PrintkRatelimit, suppressed_line
 from . import atomic
 from . import machine as M
 from .evtchn import EventChannels
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from ..backends.xsring import XenstoreRing
 
 ConsoleSink = Callable[[bytes], None]
-CONSOLE_IO_LOG_LIMIT = 10000  # lines of a domain's console_io kept in the hypervisor log
+CONSOLE_IO_LINE_MAX = 1024  # a console_io line that never ends is logged in pieces this long
 
 
 @dataclass
@@ -121,8 +122,8 @@ class Domain:
         self.log_sink = log_sink
         self.on_state = on_state
         self.dmesg: list[str] = []
+        self.log_ratelimit = PrintkRatelimit(Limits.printk_ms, Limits.printk_burst)
         self.console_io_partial = b""
-        self.console_io_lines = 0
         self.state_lock = threading.RLock()
         self.shutdown_reason: int | None = None
         self.shutdown_code: int | None = None
@@ -259,10 +260,32 @@ class Domain:
             try:
                 sink(data)
             except Exception as e:  # noqa: BLE001 - a broken client must not stop the guest
-                self.log(f"console sink failed: {e!r}")
+                self.log(f"console sink failed: {e!r}", always=True)
                 self.console_sinks.remove(sink)
 
-    def log(self, msg: str) -> None:
+    def log(self, msg: str, *, always: bool = False) -> None:
+        """A line for the hypervisor log (``pyxen dmesg``), as ``(dN) msg``.
+
+        By default a line counts as guest-triggerable chatter (a failing
+        hypercall, a blkback request error, the guest's console_io output)
+        and goes through the domain's :class:`PrintkRatelimit`, Xen's
+        ``printk_ratelimit`` per domain: what is over the limit is dropped
+        and counted, and the count is reported as ``printk: N messages
+        suppressed.`` before the next line that passes.  ``always`` is for
+        the hypervisor's own lifecycle lines and crash reports, which one
+        guest's flood must never hide; they report the pending count first
+        too, so a suppression is never left unsaid at shutdown."""
+        if always:
+            lost = self.log_ratelimit.flush()
+        else:
+            ok, lost = self.log_ratelimit.check()
+            if not ok:
+                return
+        if lost:
+            self._log_line(suppressed_line(lost))
+        self._log_line(msg)
+
+    def _log_line(self, msg: str) -> None:
         line = f"(d{self.domid}) {msg}"
         self.dmesg.append(line)
         del self.dmesg[:-2000]
@@ -311,7 +334,7 @@ class Domain:
             if self.shutdown_reason is not None or self.crashed:
                 return
             self.shutdown_reason = reason
-        self.log(f"shutdown: {abi.SHUTDOWN_NAMES.get(reason, reason)}")
+        self.log(f"shutdown: {abi.SHUTDOWN_NAMES.get(reason, reason)}", always=True)
         self._stop_vcpus()
         if self.on_state:
             self.on_state(self)
@@ -323,9 +346,9 @@ class Domain:
             self.crashed = True
             self.shutdown_reason = abi.SHUTDOWN_crash
             self.crash_info = why + ("\n" + regs if regs else "")
-        self.log(f"domain crashed: {why}")
+        self.log(f"domain crashed: {why}", always=True)
         for line in regs.splitlines():
-            self.log(line)
+            self.log(line, always=True)
         self._stop_vcpus()
         if self.on_state:
             self.on_state(self)
@@ -404,21 +427,17 @@ class Domain:
     def console_io_write(self, data: bytes) -> None:
         """HYPERVISOR_console_io output: the guest's early console.  As Xen, it
         goes to the hypervisor log (``pyxen dmesg``), one line at a time with
-        the domain's prefix; pyxen also shows it on the domain's console, so
-        early boot messages reach the user."""
+        the domain's prefix, rate-limited with the domain's other chatter
+        (Xen prints a domU's console_io as guest_printk, which is); pyxen
+        also shows it on the domain's console, so early boot messages reach
+        the user, where it counts against the console's byte rate limit."""
         self.console_output(data)
         buf = self.console_io_partial + data
         *lines, self.console_io_partial = buf.split(b"\n")
-        if len(self.console_io_partial) > 1024:  # a line that never ends
-            lines.append(self.console_io_partial)
-            self.console_io_partial = b""
+        while len(self.console_io_partial) > CONSOLE_IO_LINE_MAX:  # a line that never ends
+            lines.append(self.console_io_partial[:CONSOLE_IO_LINE_MAX])
+            self.console_io_partial = self.console_io_partial[CONSOLE_IO_LINE_MAX:]
         for line in lines:
-            if self.console_io_lines >= CONSOLE_IO_LOG_LIMIT:
-                if self.console_io_lines == CONSOLE_IO_LOG_LIMIT:
-                    self.log("console_io: further output not logged (limit reached)")
-                    self.console_io_lines += 1
-                break
-            self.console_io_lines += 1
             self.log(line.decode(errors="replace").rstrip("\r"))
 
     def flush_all_tlbs(self, v: VCPU) -> None:

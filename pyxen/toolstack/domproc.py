@@ -27,9 +27,11 @@ from typing import Any
 from .. import kvm
 from ..abi import XenError
 from ..backends.blkback import BlkBack
+from ..backends.console import ConsoleLog
 from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
+from ..ratelimit import ConsoleLimiter, Limits, PrintkRatelimit
 from ..storage import BlockImage, ImageError
 from ..xenstore.client import XsClient
 from . import paths
@@ -51,9 +53,12 @@ class DomainProcess:
         self.clients: list[socket.socket] = []
         self.greeting: dict[socket.socket, bytes] = {}  # clients yet to send their first line
         self.backlog: dict[socket.socket, bytes] = {}  # output a slow client has not taken yet
+        self.limits, self.limit_warnings = Limits.from_env()
+        self.limiter = ConsoleLimiter(self.limits.console_rate, self.limits.console_burst, domid)
         logp = paths.console_log(rundir, self.spec.name)
-        logp.parent.mkdir(parents=True, exist_ok=True)
-        self.logf = open(logp, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+        logp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.logf = ConsoleLog(logp, self.limits.log_size, self.limits.log_keep,
+                               on_error=self._log_line)
         self.daemon = Conn.connect(str(paths.daemon_socket(rundir)), timeout=5)
         self.send_lock = threading.Lock()
         self.domain: Domain | None = None
@@ -73,14 +78,35 @@ class DomainProcess:
                 pass
 
     def on_console(self, data: bytes) -> None:
+        """Guest console output, from the ring and from console_io alike (in
+        the vCPU thread): rate-limited (what is above the rate is dropped
+        here, before it costs memory or disk), then to the rotating log, the
+        scrollback and every attached client."""
         with self.lock:
-            self.logf.write(data)
-            self.history += data
-            if len(self.history) > SCROLLBACK:
-                del self.history[:-SCROLLBACK]
-            dead = [c for c in self.clients if not self._send(c, data)]
-            for c in dead:
-                self._drop_client(c)
+            data, notes = self.limiter.filter(data)
+            if data:
+                self._output(data)
+        for note in notes:  # outside self.lock: the log line goes to the daemon
+            self._log_line(note.strip("[]"))
+
+    def _log_line(self, line: str) -> None:
+        """A console line for the hypervisor log (rate-limited like the
+        guest's other chatter)."""
+        if self.domain is not None:
+            self.domain.log(line)
+        else:
+            self.on_log(f"(d{self.domid}) {line}")
+
+    def _output(self, data: bytes) -> None:
+        """Under self.lock.  The log file rotates underneath; the scrollback
+        and the clients' sockets do not depend on it."""
+        self.logf.write(data)
+        self.history += data
+        if len(self.history) > SCROLLBACK:
+            del self.history[:-SCROLLBACK]
+        dead = [c for c in self.clients if not self._send(c, data)]
+        for c in dead:
+            self._drop_client(c)
 
     def _send(self, c: socket.socket, data: bytes) -> bool:
         """Send without ever blocking the vCPU: what a slow client cannot take
@@ -308,6 +334,9 @@ class DomainProcess:
             self.event(event="error", error=str(e))
             os._exit(1)
         self.mark("created")
+        self.domain.log_ratelimit = PrintkRatelimit(self.limits.printk_ms, self.limits.printk_burst)
+        for w in self.limit_warnings:
+            self.domain.log(f"limits: {w}", always=True)
         try:  # a disk that cannot be opened fails the create, with its name
             disks: list[dict[str, Any]] = list(self.spec.extra.get("disks") or [])  # type: ignore[call-overload]
             secrets: dict[str, str] = dict(self.spec.extra.get("disk_secrets") or {})  # type: ignore[call-overload]
@@ -346,7 +375,7 @@ class DomainProcess:
         d = self.domain
         if d is not None:
             d.log("xenstore: " + ("relaying the guest's ring to the new xenstored" if d.xs_ring is not None
-                                  else "the new xenstored did not take the guest's ring"))
+                                  else "the new xenstored did not take the guest's ring"), always=True)
         old, self.xs = self.xs, None
         if old is not None:
             with contextlib.suppress(Exception):

@@ -27,8 +27,19 @@ def domain_socket(rd: Path, domid: int) -> Path:
 
 
 def console_log(rd: Path, name: str) -> Path:
-    """Like xl's /var/log/xen/console/guest-NAME.log."""
-    return rd / "console" / f"guest-{name}.log"
+    """Like xl's /var/log/xen/console/guest-NAME.log.  The name is the
+    domain's, which a user chose: ``/``, ``%``, NUL and other control
+    characters are %-escaped, so the file is always one entry of the console
+    directory whatever the name (``x/../../y`` is ``guest-x%2F..%2F..%2Fy.log``)."""
+    return rd / "console" / f"guest-{safe_file_part(name)}.log"
+
+
+def safe_file_part(name: str) -> str:
+    """``name`` as one path component: reversible %-escaping of ``%``, ``/``
+    and characters below 0x20 or 0x7f (a name the daemon refuses is still
+    never a way out of the directory)."""
+    return "".join(f"%{ord(c):02X}" if c in "%/" or ord(c) < 0x20 or ord(c) == 0x7F else c
+                   for c in name) or "%00"
 
 
 def daemon_log(rd: Path) -> Path:
