@@ -35,8 +35,10 @@ def _reboot(host, name: str) -> tuple[dict, dict]:
     read_console(host, d, rb"^tick 2 ")
     [old] = by_name(host.list(), name)
     host.reboot(d)
-    # a restarted domain is a new domain process (new pid), with the same name
-    doms = wait_listed(host, lambda ds: any(x["pid"] != old["pid"] and x["state"] != "creating"
+    # a restarted domain is a new domain process (new pid), with the same name; it is built
+    # paused ("creating", then "paused" until the daemon starts it): wait until it runs
+    doms = wait_listed(host, lambda ds: any(x["pid"] != old["pid"]
+                                         and x["state"] in ("running", "blocked")
                                          for x in by_name(ds, name)),
                     timeout=15, what=f"a restarted {name}")
     [new] = by_name(doms, name)
