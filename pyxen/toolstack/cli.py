@@ -259,6 +259,8 @@ def parse(argv: list[str]) -> argparse.Namespace | int:
     if cmd is None:
         return _err(f"unknown command {argv[0]!r} (pyxen -h lists them)")
     try:
+        if "--" in argv:  # everything after it is positional (a name starting with '-');
+            return cmd.parse_args(argv[1:])  # parse_intermixed_args mishandles it
         return cmd.parse_intermixed_args(argv[1:])
     except SystemExit as e:  # -h, or a usage error argparse has reported in one line
         return int(e.code or 0)
