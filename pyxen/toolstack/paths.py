@@ -151,7 +151,7 @@ def domain_name_problem(name: object) -> str | None:
     if name.isdigit():
         return "an all-digit domain name would be taken for a domain id"
     if name == "Domain-0":
-        return "'Domain-0' is the control domain"
+        return "'Domain-0' is reserved for the control domain"
     return None
 
 
