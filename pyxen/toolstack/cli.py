@@ -89,7 +89,7 @@ def cmd_create(h: Host, a: argparse.Namespace) -> int:
 
 
 def _dom(a: argparse.Namespace) -> int | str:
-    return int(a.domain) if a.domain.isdigit() else a.domain
+    return int(a.domain) if a.domain.isascii() and a.domain.isdigit() else a.domain
 
 
 def cmd_list(h: Host, a: argparse.Namespace) -> int:
@@ -155,7 +155,10 @@ def cmd_block_attach(h: Host, a: argparse.Namespace) -> int:
 
 def cmd_block_detach(h: Host, a: argparse.Namespace) -> int:
     dev = a.device
-    devid = int(dev) if dev.isdigit() else vdev_to_devid(dev)
+    try:
+        devid = int(dev) if dev.isascii() and dev.isdigit() else vdev_to_devid(dev)
+    except ValueError as e:
+        return _err(f"device {dev!r}: {e}")
     h.block_detach(_dom(a), devid)
     return 0
 
