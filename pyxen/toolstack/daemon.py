@@ -383,6 +383,10 @@ class Daemon:
         except RequestError as e:
             self.log(f"refused adoption of domain {domid} from pid {cred.pid}: {e}")
             return None
+        if self.domain_caller(cred) is not None or self._listener_pid(domid) != cred.pid:
+            self.log(f"refused adoption of domain {domid} from pid {cred.pid}: it is not the "
+                     f"process serving {paths.domain_socket(self.rundir, domid).name}")
+            return None
         spec["domid"] = domid
         actions = dict(spec["extra"]["actions"])
         with self.lock:
@@ -405,6 +409,20 @@ class Daemon:
         if rec.state in ("shutdown", "crashed"):
             threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
         return rec
+
+    def _listener_pid(self, domid: int) -> int | None:
+        """The pid of the process listening on domain-N.sock (SO_PEERCRED of a
+        client socket names the process that called listen()): a surviving
+        domain process is the one that still serves its console."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(2)
+            s.connect(str(paths.domain_socket(self.rundir, domid)))
+            return peer_cred(s).pid
+        except OSError:
+            return None
+        finally:
+            s.close()
 
     def _reconnect(self, rec: Record) -> None:
         """Tell an adopted domain process to connect its guest's xenstore ring and

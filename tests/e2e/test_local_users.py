@@ -327,6 +327,24 @@ def test_register_takeover_by_another_process_is_refused(root_daemon: RootDaemon
     assert "refused register" in "\n".join(root_daemon.host.dmesg())
 
 
+def test_forged_adoption_is_refused(root_daemon: RootDaemon) -> None:
+    """Attacks the daemon-restart path: a process that is no surviving domain
+    process registers with "adopt" for a free domid, to plant a domain record
+    (and then speak as that domain).  Only the process that serves that
+    domid's domain-N.sock may be adopted; this one is closed, nothing appears."""
+    spec = {"name": "ghost", "memory_mib": 16, "kernel": str(ROOT / "guest/build/ticker"),
+            "extra": {"actions": {}}}
+    ghost = root_daemon.domid + 100
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(str(root_daemon.sockets["pyxend"]))
+    s.sendall(jline({"event": "register", "adopt": True, "domid": ghost, "pid": os.getpid(),
+                     "spec": spec, "state": "running"}))
+    assert _closed_unanswered(s)
+    _still_fine(root_daemon)
+    assert "refused adoption" in "\n".join(root_daemon.host.dmesg())
+
+
 def test_domain_process_ops_only_from_domain_processes(root_daemon: RootDaemon) -> None:
     """Attacks the brokering ops: a client that is not a domain process asks for
     a domain's memory ("peer") or binds an event channel in its name; both are
