@@ -28,6 +28,10 @@ class PyxenError(Exception):
     """An operation failed; the message is for the user."""
 
 
+class NotRunning(PyxenError):
+    """No daemon answers in the run dir (and ``autostart`` was off)."""
+
+
 def config_to_request(cfg: DomainConfig) -> dict[str, Any]:
     """The daemon's create request for a parsed xl.cfg."""
     spec = {"name": cfg.name, "memory_mib": cfg.memory, "maxmem_mib": cfg.maxmem,
@@ -73,17 +77,38 @@ class Host:
 
     def __init__(self, run_dir: str | Path | None = None, autostart: bool = True) -> None:
         self.run_dir = Path(run_dir) if run_dir else paths.run_dir()
+        self.answered = False  # has the daemon answered a request on this connection yet?
         self.conn = self._connect(autostart)
 
     def _connect(self, autostart: bool) -> Conn:
+        """Connect to the daemon of the run dir, starting it if ``autostart``.
+        The run dir is checked first (ours, 0700, no symlink: paths.py), so that
+        no other user's directory or socket ever gets our requests."""
+        try:
+            if autostart:
+                paths.ensure_run_dir(self.run_dir)
+            else:
+                paths.check_run_dir(self.run_dir)
+        except FileNotFoundError:
+            raise NotRunning(f"pyxend is not running (no run dir {self.run_dir})") from None
+        except OSError as e:
+            raise PyxenError(str(e) if isinstance(e, paths.RunDirError)
+                             else f"run dir {self.run_dir}: {e.strerror}") from None
         sock = str(paths.daemon_socket(self.run_dir))
         try:
             return Conn.connect(sock, timeout=5)
         except (FileNotFoundError, ConnectionRefusedError):
             if not autostart:
-                raise PyxenError(f"pyxend is not running (no socket at {sock})") from None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(paths.daemon_log(self.run_dir), "ab")  # noqa: SIM115
+                raise NotRunning(f"pyxend is not running (no daemon on {sock})") from None
+        except OSError as e:
+            raise PyxenError(f"cannot connect to pyxend at {sock}: {e.strerror}") from None
+        try:
+            logfd = os.open(paths.daemon_log(self.run_dir),
+                            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            os.fchmod(logfd, 0o600)
+        except OSError as e:
+            raise PyxenError(f"cannot open {paths.daemon_log(self.run_dir)}: {e.strerror}") from None
+        log = os.fdopen(logfd, "ab")
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -95,7 +120,7 @@ class Host:
         while True:
             try:
                 return Conn.connect(sock, timeout=5)
-            except (FileNotFoundError, ConnectionRefusedError):
+            except OSError:
                 if time.monotonic() > deadline:
                     raise PyxenError(f"pyxend did not start; see {paths.daemon_log(self.run_dir)}") from None
                 time.sleep(0.005)
@@ -104,7 +129,11 @@ class Host:
         try:
             r = self.conn.call(req)
         except (OSError, ProtocolError) as e:
+            if not self.answered:  # what SO_PEERCRED refusal looks like from here
+                raise PyxenError(f"pyxend in {self.run_dir} closed the connection without an answer "
+                                 "(it serves only its owner and root)") from None
             raise PyxenError(f"lost the connection to pyxend: {e}") from None
+        self.answered = True
         if not r.get("ok"):
             raise PyxenError(str(r.get("error", "failed")))
         return r

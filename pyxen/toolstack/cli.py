@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .api import Host, PyxenError, config_to_request, disk_to_dict
+from .api import Host, NotRunning, PyxenError, config_to_request, disk_to_dict
 from .xlcfg import ConfigError, load_domain_config, parse_disk_spec, vdev_to_devid
 
 DETACH = 0x1D  # Ctrl-]
@@ -89,7 +89,7 @@ def cmd_create(h: Host, a: argparse.Namespace) -> int:
 
 
 def _dom(a: argparse.Namespace) -> int | str:
-    return int(a.domain) if a.domain.isdigit() else a.domain
+    return int(a.domain) if a.domain.isascii() and a.domain.isdigit() else a.domain
 
 
 def cmd_list(h: Host, a: argparse.Namespace) -> int:
@@ -155,7 +155,10 @@ def cmd_block_attach(h: Host, a: argparse.Namespace) -> int:
 
 def cmd_block_detach(h: Host, a: argparse.Namespace) -> int:
     dev = a.device
-    devid = int(dev) if dev.isdigit() else vdev_to_devid(dev)
+    try:
+        devid = int(dev) if dev.isascii() and dev.isdigit() else vdev_to_devid(dev)
+    except ValueError as e:
+        return _err(f"device {dev!r}: {e}")
     h.block_detach(_dom(a), devid)
     return 0
 
@@ -184,69 +187,109 @@ def cmd_daemon(h: Host, a: argparse.Namespace) -> int:
     if a.action == "stop":
         h.quit()
     else:
-        print(f"pyxend running, run dir {h.run_dir}")
+        print(f"pyxend running, pid {h.info().get('daemon_pid')}, run dir {h.run_dir}")
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyxen", description="pyxen: Xen (x86_64 PV) on KVM, xl-style")
-    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    c = sub.add_parser("create", help="create a domain from an xl.cfg file")
+# (name, help, how to add its arguments, function); each command has a parser of its own,
+# parsed with parse_intermixed_args: options and KEY=VALUE in any order, as xl's getopt
+_DOMAIN_CMDS = (("console", "attach to a domain's console (Ctrl-] detaches)"),
+                ("destroy", "destroy a domain now"),
+                ("shutdown", "ask a domain to power off"),
+                ("reboot", "ask a domain to reboot"),
+                ("pause", "pause a domain"), ("unpause", "unpause a domain"))
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    """One parser per command, so each can be parsed with argparse's
+    parse_intermixed_args (which does not support subparsers): options may
+    come before, between or after the positional arguments, as with xl
+    (``xl create cfg -c key=value``)."""
+    cmds: dict[str, argparse.ArgumentParser] = {}
+
+    def new(name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"pyxen {name}", description=helptext)
+        p.set_defaults(fn=fn, cmd=name)
+        cmds[name] = p
+        return p
+
+    c = new("create", "create a domain from an xl.cfg file", cmd_create)
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     c.add_argument("-c", dest="console", action="store_true", help="attach to the console")
     c.add_argument("-p", dest="paused", action="store_true", help="leave the domain paused")
     c.add_argument("-q", dest="quiet", action="store_true")
-    c.set_defaults(fn=cmd_create)
-    sub.add_parser("list", help="list domains").set_defaults(fn=cmd_list)
-    for name, helptext in (("console", "attach to a domain's console (Ctrl-] detaches)"),
-                           ("destroy", "destroy a domain now"),
-                           ("shutdown", "ask a domain to power off"),
-                           ("reboot", "ask a domain to reboot"),
-                           ("pause", "pause a domain"), ("unpause", "unpause a domain")):
-        s = sub.add_parser(name, help=helptext)
+    new("list", "list domains", cmd_list)
+    for name, helptext in _DOMAIN_CMDS:
+        s = new(name, helptext, cmd_console if name == "console" else cmd_simple(name))
         s.add_argument("domain")
         if name in ("shutdown", "reboot", "destroy"):
             s.add_argument("-w", dest="wait", action="store_true", help="wait for it to go away")
-        s.set_defaults(fn=cmd_console if name == "console" else cmd_simple(name))
-    sub.add_parser("info", help="host and hypervisor information").set_defaults(fn=cmd_info)
-    ba = sub.add_parser("block-attach", help="attach a disk to a running domain (xl disk syntax)")
+    new("info", "host and hypervisor information", cmd_info)
+    ba = new("block-attach", "attach a disk to a running domain (xl disk syntax)", cmd_block_attach)
     ba.add_argument("domain")
     ba.add_argument("disk", nargs="+", help="e.g. format=raw,vdev=xvdb,target=/tmp/d.img")
-    ba.set_defaults(fn=cmd_block_attach)
-    bd = sub.add_parser("block-detach", help="detach a disk (by vdev or device id)")
+    bd = new("block-detach", "detach a disk (by vdev or device id)", cmd_block_detach)
     bd.add_argument("domain")
     bd.add_argument("device")
-    bd.set_defaults(fn=cmd_block_detach)
-    bl = sub.add_parser("block-list", help="list a domain's disks")
+    bl = new("block-list", "list a domain's disks", cmd_block_list)
     bl.add_argument("domain")
-    bl.set_defaults(fn=cmd_block_list)
-    di = sub.add_parser("domid", help="the ID of the domain with this name")
+    di = new("domid", "the ID of the domain with this name", cmd_domid)
     di.add_argument("name")
-    di.set_defaults(fn=cmd_domid)
-    dn = sub.add_parser("domname", help="the name of the domain with this ID")
+    dn = new("domname", "the name of the domain with this ID", cmd_domname)
     dn.add_argument("domid")
-    dn.set_defaults(fn=cmd_domname)
-    d = sub.add_parser("dmesg", help="the hypervisor log")
+    d = new("dmesg", "the hypervisor log", cmd_dmesg)
     d.add_argument("-c", dest="clear", action="store_true", help="clear after printing")
-    d.set_defaults(fn=cmd_dmesg)
-    dm = sub.add_parser("daemon", help="daemon control (status, stop)")
+    dm = new("daemon", "daemon control: status (does not start one), stop", cmd_daemon)
     dm.add_argument("action", choices=["status", "stop"])
-    dm.set_defaults(fn=cmd_daemon)
-    return p
+    return cmds
+
+
+def usage(cmds: dict[str, argparse.ArgumentParser]) -> str:
+    lines = ["usage: pyxen [-h] COMMAND [ARGS...]   (pyxen COMMAND -h for a command's options)",
+             "", "pyxen: Xen (x86_64 PV) on KVM, xl-style", "", "commands:"]
+    lines += [f"  {n:<14}{p.description}" for n, p in cmds.items()]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> argparse.Namespace | int:
+    """The command line, or an exit status (help printed, or a usage error)."""
+    cmds = commands()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(cmds), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 1
+    cmd = cmds.get(argv[0])
+    if cmd is None:
+        return _err(f"unknown command {argv[0]!r} (pyxen -h lists them)")
+    try:
+        if "--" in argv:  # everything after it is positional (a name starting with '-');
+            return cmd.parse_args(argv[1:])  # parse_intermixed_args mishandles it
+        return cmd.parse_intermixed_args(argv[1:])
+    except SystemExit as e:  # -h, or a usage error argparse has reported in one line
+        return int(e.code or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    a = p.parse_args(argv)
-    if not getattr(a, "fn", None):
-        p.print_help()
-        return 1
+    a = parse(sys.argv[1:] if argv is None else list(argv))
+    if isinstance(a, int):
+        return a
     try:
-        with Host(autostart=a.cmd != "daemon" or a.action != "stop") as h:
+        if a.cmd == "daemon":  # neither status nor stop starts a daemon
+            try:
+                h = Host(autostart=False)
+            except NotRunning as e:
+                if a.action == "status":
+                    print(e)
+                    return 1
+                raise
+            with h:
+                return int(a.fn(h, a))
+        with Host() as h:
             return int(a.fn(h, a))
     except PyxenError as e:
         return _err(str(e))
+    except PermissionError as e:  # a file or socket of another user: one line, never a traceback
+        return _err(f"permission denied: {e.filename or ''} {e.strerror or e}".replace("  ", " "))
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

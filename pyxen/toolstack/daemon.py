@@ -6,6 +6,15 @@ events that process sends, applies the config's on_poweroff/on_reboot/
 on_crash actions, keeps the hypervisor log (``pyxen dmesg``) and answers the
 control socket.  It never runs guest code itself, so a misbehaving domain
 cannot take it down.
+
+Who may talk to it (docs/security-notes/local-users.md): the run dir is 0700
+and ours (paths.ensure_run_dir), every file and socket in it is created under
+umask 077, and every connection to every socket it serves (pyxend.sock,
+xenstored.sock, xenstored-domain.sock) is checked with SO_PEERCRED: only the
+daemon's owner and root are served.  A domain process is recognised by its
+pid, which the zygote reported when it forked it: "register", the domain's
+events and the domain-process ops (peer, evtchn-*) are accepted from that
+process only.  Every field of every request is checked by validate.py.
 """
 
 from __future__ import annotations
@@ -29,11 +38,14 @@ from typing import Any
 from .. import __version__
 from ..xenstore.server import Xenstored, XenstoreServer
 from ..xenstore.tree import XsError
-from . import paths
-from .proto import Conn, ProtocolError
+from . import paths, validate
+from .proto import Conn, PeerCred, ProtocolError, peer_allowed, peer_cred
+from .validate import MAX_DOMID, RequestError
 from .xsdomain import DomainSocket, write_domain_layout, write_vbd
 
-MAX_DOMID = 0x7FEF
+# ops only a domain process (the one the zygote forked for a domain) may send,
+# on a connection of its own; it may send nothing else
+DOMAIN_OPS = frozenset({"peer", "evtchn-bind", "evtchn-unbind"})
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Record:
     memfd: int = -1
     max_pages: int = 0
     start_info: dict[str, int] = field(default_factory=dict)
+    spawned: threading.Event = field(default_factory=threading.Event)  # pid is known
 
 
 class Daemon:
@@ -74,6 +87,8 @@ class Daemon:
         self.xsd = Xenstored(rundir / "xenstore.json", flush_delay=0.5)
         self.xs_server: XenstoreServer | None = None
         self.xs_domains: DomainSocket | None = None
+        self.refused_at = 0.0  # rate limit of "refused connection" log lines
+        self.refused_quiet = 0
 
     @property
     def xenstore_socket(self) -> Path:
@@ -145,7 +160,9 @@ class Daemon:
         except Exception:
             with self.lock:
                 self.domains.pop(domid, None)
+            rec.spawned.set()
             raise
+        rec.spawned.set()  # its "register" is believed from this pid only
         if not rec.ready.wait(30):
             rec.error = rec.error or "domain process did not start in 30 s"
         if rec.error:
@@ -248,18 +265,41 @@ class Daemon:
             except OSError:
                 pass
 
-    def _domain_events(self, conn: Conn, first: dict[str, Any]) -> None:
-        """Serve one domain process's connection (runs in its own thread)."""
-        domid = int(first.get("domid", -1))
+    def _registrant(self, first: dict[str, Any], cred: PeerCred) -> Record | None:
+        """The record a "register" may take, or None (logged): a domain being
+        created registers from the very process the zygote forked for it
+        (SO_PEERCRED pid, not the pid it claims); a domain process of a previous
+        daemon ("adopt") registers for a domid no one has."""
+        try:
+            domid = validate.domid(first.get("domid"))
+            sock = validate.path_of_domain_socket(self.rundir, domid, first.get("sock"))
+        except RequestError as e:
+            self.log(f"refused register from pid {cred.pid}: {e}")
+            return None
         rec = self.domains.get(domid)
-        if rec is None and first.get("adopt") and isinstance(first.get("spec"), dict):
-            rec = self._adopt(domid, first)
+        if rec is None and first.get("adopt") is True:
+            rec = self._adopt(domid, first, cred)
+            if rec is None:
+                return None
+        elif rec is None:
+            self.log(f"refused register for domain {domid} from pid {cred.pid}: no such domain")
+            return None
+        else:
+            rec.spawned.wait(30)  # the zygote's reply may come after the child's first words
+            if rec.pid != cred.pid or rec.conn is not None:
+                self.log(f"refused register for domain {domid} from pid {cred.pid}: "
+                         f"not its domain process (pid {rec.pid})")
+                return None
+        rec.sock = sock
+        return rec
+
+    def _domain_events(self, conn: Conn, first: dict[str, Any], cred: PeerCred) -> None:
+        """Serve one domain process's connection (runs in its own thread)."""
+        rec = self._registrant(first, cred)
         if rec is None:
             conn.close()
             return
         rec.conn = conn
-        rec.pid = int(first.get("pid", rec.pid))
-        rec.sock = str(first.get("sock", ""))
         if first.get("adopt"):  # its xenstore connections died with the previous daemon
             threading.Thread(target=self._reconnect, args=(rec,), daemon=True).start()
         while True:
@@ -270,33 +310,49 @@ class Daemon:
             if msg is None:
                 break
             if "reply" in msg:
-                ev = rec.pending.get(msg["reply"])
-                if ev is not None:
+                ev = rec.pending.get(msg["reply"]) if isinstance(msg["reply"], int) else None
+                if isinstance(ev, threading.Event):
                     rec.pending[msg["reply"]] = msg
                     ev.set()
                 continue
             kind = msg.get("event")
-            if kind == "ready":
-                rec.state = "running"
-                rec.start_info = dict(msg.get("start_info") or {})
-                rec.memfd = int(msg.get("memfd", -1))
-                rec.max_pages = int(msg.get("max_pages", 0))
-                rec.ready.set()
-            elif kind == "error":
-                rec.error = str(msg.get("error"))
-                rec.ready.set()
-            elif kind == "log":
-                self.log(str(msg.get("line")))
-            elif kind == "state":
-                rec.state = str(msg.get("state"))
-                rec.reason = msg.get("reason")
-                rec.crash = str(msg.get("crash") or "")
-                if rec.state in ("shutdown", "crashed"):
-                    try:
-                        self.xsd.domain_shutdown(rec.domid)
-                    except XsError:
-                        pass
-                    threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
+            try:
+                self._domain_event(rec, kind, msg)
+            except (RequestError, TypeError, ValueError) as e:
+                self.log(f"domain {rec.domid}: bad {kind!r} event: {e}")
+        self._domain_gone(rec)
+
+    def _domain_event(self, rec: Record, kind: object, msg: dict[str, Any]) -> None:
+        """One event from a registered domain process, its fields checked."""
+        if kind == "ready":
+            info = msg.get("start_info") or {}
+            if not isinstance(info, dict):
+                raise RequestError("start_info must be an object")
+            rec.start_info = {str(k): validate.integer(f"start_info {k}", v, 0, (1 << 63) - 1)
+                              for k, v in info.items()}
+            rec.memfd = validate.integer("memfd", msg.get("memfd", -1), -1, 1 << 20)
+            rec.max_pages = validate.integer("max_pages", msg.get("max_pages", 0), 0, 1 << 40)
+            rec.state = "running"
+            rec.ready.set()
+        elif kind == "error":
+            rec.error = str(msg.get("error"))[:4000]
+            rec.ready.set()
+        elif kind == "log":
+            self.log(str(msg.get("line"))[:4000])
+        elif kind == "state":
+            rec.state = validate.string("state", msg.get("state"), 32)
+            reason = msg.get("reason")
+            rec.reason = None if reason is None else validate.string("reason", reason, 32)
+            rec.crash = str(msg.get("crash") or "")[:8000]
+            if rec.state in ("shutdown", "crashed"):
+                try:
+                    self.xsd.domain_shutdown(rec.domid)
+                except XsError:
+                    pass
+                threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
+
+    def _domain_gone(self, rec: Record) -> None:
+        """The domain process's connection closed."""
         # the domain process is gone
         for k, v in list(rec.pending.items()):
             if isinstance(v, threading.Event):
@@ -314,20 +370,37 @@ class Daemon:
             rec.error = rec.error or "domain process exited during creation"
             rec.ready.set()
 
-    def _adopt(self, domid: int, msg: dict[str, Any]) -> Record | None:
-        """A domain process that outlived a previous daemon registers again."""
-        spec = dict(msg["spec"])
-        actions = dict((spec.get("extra") or {}).get("actions") or {})
+    def _adopt(self, domid: int, msg: dict[str, Any], cred: PeerCred) -> Record | None:
+        """A domain process that outlived a previous daemon registers again.
+        Its spec is checked like a create's; its pid is the connection's."""
+        try:
+            spec = validate.adopted_spec(msg.get("spec"))
+            state = validate.string("state", msg.get("state", "running"), 32)
+            reason = msg.get("reason")
+            reason = None if reason is None else validate.string("reason", reason, 32)
+            memfd = validate.integer("memfd", msg.get("memfd", -1), -1, 1 << 20)
+            max_pages = validate.integer("max_pages", msg.get("max_pages", 0), 0, 1 << 40)
+        except RequestError as e:
+            self.log(f"refused adoption of domain {domid} from pid {cred.pid}: {e}")
+            return None
+        if self.domain_caller(cred) is not None or self._listener_pid(domid) != cred.pid:
+            self.log(f"refused adoption of domain {domid} from pid {cred.pid}: it is not the "
+                     f"process serving {paths.domain_socket(self.rundir, domid).name}")
+            return None
+        spec["domid"] = domid
+        actions = dict(spec["extra"]["actions"])
         with self.lock:
-            if domid in self.domains or not 0 < domid < MAX_DOMID:
+            if domid in self.domains or any(r.name == spec["name"] for r in self.domains.values()):
+                self.log(f"refused adoption of domain {domid} ({spec['name']}) from pid {cred.pid}: "
+                         "its domid or name is taken")
                 return None
-            rec = Record(domid, str(spec.get("name")), spec, actions,
-                         state=str(msg.get("state", "running")), reason=msg.get("reason"),
-                         memfd=int(msg.get("memfd", -1)), max_pages=int(msg.get("max_pages", 0)))
+            rec = Record(domid, spec["name"], spec, actions, state=state, reason=reason,
+                         pid=cred.pid, memfd=memfd, max_pages=max_pages)
             rec.ready.set()
+            rec.spawned.set()
             self.domains[domid] = rec
             self.reserved.pop(domid, None)
-        self.log(f"adopted domain {domid} ({rec.name}), pid {msg.get('pid')}")
+        self.log(f"adopted domain {domid} ({rec.name}), pid {cred.pid}")
         if domid not in self.xsd.domains:  # else restored from xenstored's state file,
             try:                           # watches and all: introducing it again would reset it
                 self.xsd.introduce(domid)
@@ -336,6 +409,20 @@ class Daemon:
         if rec.state in ("shutdown", "crashed"):
             threading.Thread(target=self._on_shutdown, args=(rec,), daemon=True).start()
         return rec
+
+    def _listener_pid(self, domid: int) -> int | None:
+        """The pid of the process listening on domain-N.sock (SO_PEERCRED of a
+        client socket names the process that called listen()): a surviving
+        domain process is the one that still serves its console."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(2)
+            s.connect(str(paths.domain_socket(self.rundir, domid)))
+            return peer_cred(s).pid
+        except OSError:
+            return None
+        finally:
+            s.close()
 
     def _reconnect(self, rec: Record) -> None:
         """Tell an adopted domain process to connect its guest's xenstore ring and
@@ -378,22 +465,46 @@ class Daemon:
                 self.log(f"restart of {rec.name} failed: {e}")
 
     # ------------------------------------------------------------ client requests
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def domain_caller(self, cred: PeerCred) -> Record | None:
+        """The domain whose domain process is at the other end of a connection
+        (by its SO_PEERCRED pid, which the zygote reported when it forked it, or
+        which an adopted process registered from), or None for any other client.
+        This is how an op tells "domain N's process asks" from "a client asks"."""
+        with self.lock:
+            for r in self.domains.values():
+                if r.pid and r.pid == cred.pid:
+                    return r
+        return None
+
+    def handle(self, req: dict[str, Any], cred: PeerCred) -> dict[str, Any]:
+        """One client request.  ``cred`` is the connection's SO_PEERCRED: the
+        domain-process ops (DOMAIN_OPS) come from a domain process, never from
+        anyone else, and a domain process may send nothing else (a compromised
+        one must not create, destroy or reconfigure domains)."""
         op = req.get("op")
+        if not isinstance(op, str):
+            raise RequestError("op must be a string")
+        caller = self.domain_caller(cred)
+        if op in DOMAIN_OPS and caller is None:
+            raise PermissionError(f"operation {op!r} is for domain processes only")
+        if caller is not None and op not in DOMAIN_OPS:
+            raise PermissionError(f"a domain process (domain {caller.domid}) may not ask for {op!r}")
         if op == "ping":
             return {"ok": True, "pid": os.getpid(), "version": __version__}
         if op == "create":
-            rec = self.create(dict(req["spec"]), dict(req.get("actions", {})))
+            spec, actions = validate.spec(req.get("spec"), req.get("actions"))
+            rec = self.create(spec, actions)
             return {"ok": True, "domid": rec.domid, "sock": rec.sock}
         if op == "list":
             with self.lock:
                 recs = sorted(self.domains.values(), key=lambda r: r.domid)
+            long = validate.boolean("long", req.get("long", False))
             out = []
             for r in recs:
                 ent: dict[str, Any] = {"domid": r.domid, "name": r.name, "state": r.state,
                                        "memory": r.spec.get("memory_mib"), "vcpus": r.spec.get("vcpus"),
                                        "reason": r.reason, "pid": r.pid}
-                if req.get("long") and r.conn is not None and r.state not in ("creating",):
+                if long and r.conn is not None and r.state not in ("creating",):
                     try:
                         ent["info"] = self.request(r, "info", timeout=2)["info"]
                     except (RuntimeError, TimeoutError, OSError):
@@ -403,7 +514,7 @@ class Daemon:
         if op == "dmesg":
             with self.lock:
                 lines = list(self.dmesg)
-            if req.get("clear"):
+            if validate.boolean("clear", req.get("clear", False)):
                 with self.lock:
                     self.dmesg.clear()
             return {"ok": True, "lines": lines}
@@ -413,7 +524,7 @@ class Daemon:
             self.quit.set()
             return {"ok": True}
         try:
-            rec = self._find(req.get("domain"))
+            rec = self._find(validate.domain_ref(req.get("domain")))
         except LookupError as e:
             return {"ok": False, "error": str(e), "errno": 3}  # ESRCH
         if op == "destroy":
@@ -425,11 +536,14 @@ class Daemon:
             self.request(rec, op)
             return {"ok": True}
         if op in ("shutdown", "reboot"):
-            return self.shutdown(rec, op, float(req.get("timeout", 10.0)))
+            timeout = req.get("timeout", 10.0)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 3600:
+                raise RequestError("timeout must be a number of seconds from 0 to 3600")
+            return self.shutdown(rec, op, float(timeout))
         if op == "domain-info":
             return {"ok": True, "info": self.request(rec, "info")["info"], "pid": rec.pid}
         if op == "block-attach":
-            disk = dict(req["disk"])
+            disk = validate.disk(req.get("disk"))
             write_vbd(self.xsd, rec.domid, disk)
             try:
                 self.request(rec, "block-attach", disk=disk, timeout=30)
@@ -439,9 +553,10 @@ class Daemon:
             (rec.spec.setdefault("extra", {}).setdefault("disks", [])).append(disk)
             return {"ok": True}
         if op == "block-detach":
-            self.request(rec, "block-detach", devid=int(req["devid"]), timeout=30)
+            devid = validate.integer("devid", req.get("devid"), 0, (1 << 31) - 1)
+            self.request(rec, "block-detach", devid=devid, timeout=30)
             disks = (rec.spec.get("extra") or {}).get("disks", [])
-            disks[:] = [x for x in disks if int(x["devid"]) != int(req["devid"])]
+            disks[:] = [x for x in disks if int(x["devid"]) != devid]
             return {"ok": True}
         if op == "block-list":
             return {"ok": True, "disks": self.request(rec, "block-list")["disks"]}
@@ -450,6 +565,13 @@ class Daemon:
                 return {"ok": False, "error": f"domain {rec.domid} has no memory yet", "errno": 3}
             return {"ok": True, "pid": rec.pid, "memfd": rec.memfd, "max_pages": rec.max_pages}
         if op in ("evtchn-bind", "evtchn-unbind"):
+            assert caller is not None
+            validate.port(req.get("port"))
+            if req.get("from_dom") != caller.domid:  # a domain binds on its own behalf only
+                raise PermissionError(f"domain {caller.domid} may not bind for domain "
+                                      f"{req.get('from_dom')!r}")
+            if op == "evtchn-bind":
+                validate.port(req.get("from_port"), "from_port")
             fwd = "evtchn-accept" if op == "evtchn-bind" else "evtchn-remote-closed"
             return self.forward(rec, fwd, port=req.get("port"), from_dom=req.get("from_dom"),
                                 from_port=req.get("from_port"))
@@ -507,7 +629,50 @@ class Daemon:
                 "daemon_pid": os.getpid(), "daemon_uptime_s": round(time.time() - self.start_time, 1),
                 "nr_domains": len(self.domains), "xenstore_socket": str(self.xenstore_socket)}
 
+    # ------------------------------------------------------------ who may connect
+    def admit(self, sock: socket.socket, where: str) -> PeerCred | None:
+        """SO_PEERCRED of a connection just accepted on ``where``; None (and a
+        line in dmesg, at most one a second with a count of the rest) when it
+        is neither the daemon's owner nor root, whose connection the caller
+        then closes unanswered."""
+        try:
+            cred = peer_cred(sock)
+        except OSError:
+            return None
+        if peer_allowed(cred):
+            return cred
+        now = time.monotonic()
+        with self.lock:
+            if now - self.refused_at < 1.0:
+                self.refused_quiet += 1
+                return None
+            quiet, self.refused_quiet, self.refused_at = self.refused_quiet, 0, now
+        more = f" ({quiet} more refused before)" if quiet else ""
+        self.log(f"refused a connection to {where} from uid {cred.uid} pid {cred.pid}: only uid "
+                 f"{os.geteuid()} (the daemon's owner) and root may use pyxen{more}")
+        return None
+
+    def _admit_xenstore(self, sock: socket.socket) -> bool:
+        return self.admit(sock, "xenstored.sock") is not None
+
+    def _admit_xs_domain(self, sock: socket.socket, domid: int) -> bool:
+        """xenstored-domain.sock: a guest's ring relay speaks for domain
+        ``domid`` only if it is that domain's process."""
+        cred = self.admit(sock, "xenstored-domain.sock")
+        if cred is None:
+            return False
+        rec = self.domains.get(domid)
+        if rec is None or not rec.pid or rec.pid != cred.pid:
+            self.log(f"refused a xenstore ring relay for domain {domid} from pid {cred.pid}: "
+                     "not its domain process")
+            return False
+        return True
+
     def _client(self, sock: socket.socket) -> None:
+        cred = self.admit(sock, "pyxend.sock")
+        if cred is None:
+            sock.close()
+            return
         conn = Conn(sock)
         try:
             first = conn.recv()
@@ -517,14 +682,20 @@ class Daemon:
             conn.close()
             return
         if first.get("event") == "register":
-            self._domain_events(conn, first)
+            self._domain_events(conn, first, cred)
             return
         req: dict[str, Any] | None = first
         while req is not None:
             try:
-                reply = self.handle(req)
+                reply = self.handle(req, cred)
+            except PermissionError as e:
+                self.log(f"refused {req.get('op')!r} from pid {cred.pid}: {e}")
+                reply = {"ok": False, "error": str(e), "errno": 1}  # EPERM
             except (ValueError, LookupError, RuntimeError, TimeoutError, KeyError, OSError) as e:
                 reply = {"ok": False, "error": str(e)}
+            except Exception as e:  # noqa: BLE001 - a request must never kill the daemon's thread
+                self.log(f"request {str(req)[:200]} failed: {e!r}")
+                reply = {"ok": False, "error": f"internal error: {e!r}"}
             try:
                 conn.send(reply)
                 req = conn.recv()
@@ -540,12 +711,19 @@ class Daemon:
         except OSError:
             pass
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lsock.bind(str(path))
+        old = os.umask(0o177)  # the socket is born 0600, whatever umask we were given
+        try:
+            lsock.bind(str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
         lsock.listen(128)
         lsock.settimeout(0.5)
         self._reserve_survivors()
-        self.xs_server = XenstoreServer(self.xenstore_socket, xenstored=self.xsd).start()
-        self.xs_domains = DomainSocket(self.rundir / "xenstored-domain.sock", self.xsd)
+        self.xs_server = XenstoreServer(self.xenstore_socket, xenstored=self.xsd,
+                                        accept_filter=self._admit_xenstore).start()
+        self.xs_domains = DomainSocket(self.rundir / "xenstored-domain.sock", self.xsd,
+                                       authorize=self._admit_xs_domain)
         self._zygote()
         self.log(f"pyxend {__version__} started, pid {os.getpid()}, run dir {self.rundir}")
         while not self.quit.is_set():
@@ -578,16 +756,25 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pyxend", description="pyxen host daemon")
     ap.add_argument("--run-dir", default=None)
     args = ap.parse_args(argv)
-    rundir = Path(args.run_dir) if args.run_dir else paths.run_dir()
-    rundir.mkdir(parents=True, exist_ok=True)
-    lockf = open(rundir / "pyxend.lock", "w")  # noqa: SIM115 - held for the process's life
+    # everything we, the zygote and the domain processes create (sockets, logs,
+    # xenstore.json, console logs) is for the owner only, whatever the umask
+    # of the command that started us
+    os.umask(0o077)
     try:
-        fcntl.flock(lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        rundir = paths.ensure_run_dir(Path(args.run_dir) if args.run_dir else paths.run_dir())
+    except OSError as e:
+        print(f"pyxend: {e}", file=sys.stderr)
+        sys.exit(1)
+    lockfd = os.open(rundir / "pyxend.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    try:
+        fcntl.flock(lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         print("pyxend: another daemon is running in", rundir, file=sys.stderr)
         sys.exit(0)
-    lockf.write(str(os.getpid()))
-    lockf.flush()
+    os.fchmod(lockfd, 0o600)
+    os.ftruncate(lockfd, 0)
+    os.write(lockfd, str(os.getpid()).encode())
     signal.signal(signal.SIGTERM, lambda *_: d.quit.set())
     d = Daemon(rundir)
     d.serve()

@@ -36,7 +36,7 @@ from ..storage import BlockImage, ImageError
 from ..xenstore.client import XsClient
 from . import paths
 from .directory import ProcessDirectory
-from .proto import Conn, ProtocolError
+from .proto import Conn, ProtocolError, peer_allowed, peer_cred
 from .xsdomain import HELLO, MAGIC
 
 SCROLLBACK = 64 << 10
@@ -148,6 +148,16 @@ class DomainProcess:
 
     def _accept(self, lsock: socket.socket) -> None:
         c, _ = lsock.accept()
+        try:  # as the daemon's sockets: its owner and root only (the run dir is 0700 too)
+            cred = peer_cred(c)
+        except OSError:
+            c.close()
+            return
+        if not peer_allowed(cred):
+            self.on_log(f"domain {self.domid}: refused a console connection from uid {cred.uid} "
+                        f"pid {cred.pid}")
+            c.close()
+            return
         c.setblocking(True)
         self.greeting[c] = b""
         self.sel.register(c, selectors.EVENT_READ, self._client_input)
@@ -322,7 +332,8 @@ class DomainProcess:
         except OSError:
             pass
         lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        lsock.bind(str(sock_path))
+        lsock.bind(str(sock_path))  # under the daemon's umask 077
+        os.chmod(sock_path, 0o600)
         lsock.listen(8)
         self.event(event="register", domid=self.domid, pid=os.getpid(), sock=str(sock_path))
         self.mark("registered")

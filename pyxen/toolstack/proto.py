@@ -10,10 +10,34 @@ own ``domain-N.sock``, sends one JSON line of options, then raw bytes flow.
 from __future__ import annotations
 
 import json
+import os
 import socket
-from typing import Any
+import struct
+from typing import Any, NamedTuple
 
 MAX_LINE = 1 << 20
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class PeerCred(NamedTuple):
+    """Who is at the other end of a unix socket, as the kernel recorded it at
+    connect() time (SO_PEERCRED): it cannot be forged by what the peer sends."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_cred(sock: socket.socket) -> PeerCred:
+    return PeerCred(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                   _UCRED.size)))
+
+
+def peer_allowed(cred: PeerCred) -> bool:
+    """The toolstack's rule, as Xen's "only root may use xl and xenstored": a
+    connection is served only if it comes from the user this process runs as
+    (the daemon's owner) or from root."""
+    return cred.uid in (0, os.geteuid())
 
 
 class ProtocolError(Exception):

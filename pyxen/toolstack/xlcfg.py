@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Union
 from urllib.parse import unquote
 
+from .paths import domain_name_problem
+
 __all__ = [
     "COMMAND_LINE",
     "DEFAULT_MEMORY_MIB",
@@ -1070,7 +1072,6 @@ def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
 
 # --- domain config ---------------------------------------------------------------
 
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                       r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _CPU_ITEM_RE = re.compile(r"\^?(all|(?:nodes?:)?[0-9]+(?:-[0-9]+)?)")
@@ -1269,15 +1270,9 @@ class _Loader:
         if s is None or name is None:
             raise self.missing("name", "required: every domain needs a name "
                                "(name = \"...\")")
-        if not _NAME_RE.fullmatch(name):
-            raise s.error(f"bad domain name '{name}': use 1-64 letters, "
-                          "digits, '_', '.', '-' (not starting with '.' or "
-                          "'-')")
-        if name.isdigit():
-            raise s.error(f"bad domain name '{name}': an all-digit name "
-                          "would be confused with a domain id")
-        if name == "Domain-0":
-            raise s.error("'Domain-0' is reserved for the control domain")
+        why = domain_name_problem(name)  # the daemon's rule (paths.py): what xl takes
+        if why:
+            raise s.error(f"bad domain name {name!r}: {why}")
         return name
 
     def uuid(self) -> uuidlib.UUID | None:

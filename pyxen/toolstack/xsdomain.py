@@ -15,6 +15,7 @@ import select
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,11 @@ def write_vbd(xsd: Xenstored, domid: int, disk: dict[str, Any]) -> None:
 class DomainSocket:
     """Serves the domain processes' ring relays."""
 
-    def __init__(self, path: Path, xsd: Xenstored) -> None:
+    def __init__(self, path: Path, xsd: Xenstored,
+                 authorize: Callable[[socket.socket, int], bool] | None = None) -> None:
         self.path = path
         self.xsd = xsd
+        self.authorize = authorize  # may this connection speak for this domid? (pyxend: SO_PEERCRED pid)
         try:
             path.unlink()
         except FileNotFoundError:
@@ -126,6 +129,8 @@ class DomainSocket:
             magic, domid = HELLO.unpack(hello)
             dom = self.xsd.domains.get(domid)
             if magic != MAGIC or dom is None or dom.conn is None or domid == 0:
+                return
+            if self.authorize is not None and not self.authorize(s, domid):
                 return
             conn = dom.conn
             s.settimeout(None)

@@ -21,6 +21,7 @@ from . import domproc  # noqa: F401 - imported to be warm in every child
 
 
 def main() -> None:
+    os.umask(0o077)  # as the daemon's: console logs and sockets are the owner's only
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     try:  # /dev/kvm and its CPUID table, opened once and inherited by every child
         kvm.system().supported_cpuid()

@@ -840,8 +840,10 @@ class XenstoreServer:
     the caller's.  `stop()` ends it, saves the state and removes the socket."""
 
     def __init__(self, path: str | os.PathLike[str], state_file: str | os.PathLike[str] | None = None,
-                 *, xenstored: Xenstored | None = None, flush_delay: float = 0.05) -> None:
+                 *, xenstored: Xenstored | None = None, flush_delay: float = 0.05,
+                 accept_filter: Callable[[socket.socket], bool] | None = None) -> None:
         self.path = Path(path)
+        self.accept_filter = accept_filter  # False: close it unserved (pyxend's SO_PEERCRED check)
         self.xsd = xenstored or Xenstored(state_file, flush_delay=flush_delay)
         self._sel = selectors.DefaultSelector()
         self._clients: dict[int, _Client] = {}
@@ -927,6 +929,9 @@ class XenstoreServer:
         try:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
+            return
+        if self.accept_filter is not None and not self.accept_filter(sock):
+            sock.close()
             return
         sock.setblocking(False)
         conn = self.xsd.connect(DOM0, on_output=self.wake, name=f"socket{sock.fileno()}")
