@@ -286,6 +286,13 @@ static int role_offer(domid_t peer)
     }
 }
 
+static unsigned long next_ulong(const char **s)
+{
+    while (**s == ' ')
+        (*s)++;
+    return simple_strtoul(*s, s, 10);
+}
+
 static int role_map(void)
 {
     char offer[64];
@@ -305,10 +312,11 @@ static int role_map(void)
             app_fail("read data/hostile/offer: %d", rc);
         msleep(5);
     }
-    dom = simple_strtoul(offer, &s, 10);
-    l1 = simple_strtoul(s, &s, 10);
-    pg = simple_strtoul(s, &s, 10);
-    far = simple_strtoul(s, &s, 10);
+    s = offer;
+    dom = next_ulong(&s);
+    l1 = next_ulong(&s);
+    pg = next_ulong(&s);
+    far = next_ulong(&s);
     l1_rw = try_map((domid_t)dom, (grant_ref_t)l1, 0, area, NULL, 0);
     l1_ro = try_map((domid_t)dom, (grant_ref_t)l1, 1, area, NULL, 0);
     page_rw = try_map((domid_t)dom, (grant_ref_t)pg, 0, area, &h, 1);
