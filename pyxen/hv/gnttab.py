@@ -41,6 +41,7 @@ import ctypes
 import mmap
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -81,6 +82,9 @@ ENTRIES_PER_FRAME = 512
 # pyxen/native/native.h: why pxg_acquire refused
 _PXG_E_RANGE, _PXG_E_PERM, _PXG_E_RDONLY, _PXG_E_FRAME, _PXG_E_BUSY, _PXG_E_TYPE = -1, -2, -3, -4, -5, -6
 DEFAULT_GRANT_FRAMES = 4
+# after another domain refused us its memory (it granted us nothing), ops on
+# it fail without asking its process again for this long
+REFUSAL_HOLD_S = 0.5
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -123,6 +127,7 @@ class GrantTables:
         self.stats = {"maps": 0, "unmaps": 0, "copies": 0, "copy_bytes": 0}
         self._pxg: int | None = None  # native holds (host_grants)
         self._host_wheld: set[int] = set()  # refs the Python host path holds writable
+        self._refused: dict[int, float] = {}  # peer domid -> until when it refused us
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -170,10 +175,40 @@ class GrantTables:
                 self.peers[domid] = PeerMemory(domid, d.machine.ram, d.machine.memfd,
                                                d.machine.max_pages, nr_pages=d.nr_pages)
             p = self.peers.get(domid)
-            if p is None:
-                p = d.directory.peer(domid)
-                self.peers[domid] = p
-            return p
+            if p is not None:
+                return p
+            if time.monotonic() < self._refused.get(domid, 0.0):
+                raise XenError(abi.EPERM, f"domain {domid} granted us nothing (asked just now)")
+        try:
+            p = d.directory.peer(domid, d.domid)
+        except XenError as e:
+            if e.errno == abi.EPERM:  # ask again later, not on every op a guest sends
+                with self.lock:
+                    self._refused[domid] = time.monotonic() + REFUSAL_HOLD_S
+            raise
+        with self.lock:
+            q = self.peers.setdefault(domid, p)
+        if q is not p:
+            p.close()
+        return q
+
+    def _peer_status(self, e: XenError) -> int:
+        """A peer we cannot reach: gone (GNTST_bad_domain) or it granted us
+        nothing (GNTST_general_error, what its grant entries would say)."""
+        return GNTST_general_error if e.errno == abi.EPERM else GNTST_bad_domain
+
+    def grants_to(self, domid: int) -> bool:
+        """Has our guest a live grant (GTF_permit_access) for ``domid``?  What a
+        domain process asks before letting another one map our memory."""
+        m = self.domain.machine
+        off = m.xenheap_offset(M.XH_GRANT)
+        n = min(self.nr_frames, M.MAX_GRANT_FRAMES) * ENTRIES_PER_FRAME
+        words = m.ram_view[off:off + n * 8].cast("I")
+        try:
+            want = (domid << 16) | GTF_permit_access
+            return any(words[2 * i] & ((0xFFFF << 16) | GTF_type_mask) == want for i in range(n))
+        finally:
+            words.release()
 
     def _acquire(self, p: PeerMemory, ref: int, readonly: bool, me: int | None = None) -> int:
         """Set GTF_reading/GTF_writing on the granter's entry; return its frame."""
@@ -243,8 +278,9 @@ class GrantTables:
                 return GNTST_bad_virt_addr, 0, 0
         try:
             p = self._peer(dom)
-        except XenError:
-            return GNTST_bad_domain, 0, 0
+        except XenError as e:
+            d.log(f"grant map of d{dom} ref {ref}: {e.why}")
+            return self._peer_status(e), 0, 0
         try:
             frame = self._acquire(p, ref, readonly)
         except _Gnt as e:
@@ -370,8 +406,8 @@ class GrantTables:
             return d.machine.ram, d.machine.ram_offset(u), (lambda: d.mark_dirty(u))
         try:
             p = self._peer(dom)
-        except XenError:
-            raise _Gnt(GNTST_bad_domain, f"no domain {dom}") from None
+        except XenError as e:
+            raise _Gnt(self._peer_status(e), e.why) from None
         frame = self._acquire(p, u, reading)
         with self.lock:
             self.active[(p.domid, u)] = self.active.get((p.domid, u), 0) + 1

@@ -268,8 +268,10 @@ class Directory(ABC):
     """The other domains, as far as this domain's hypervisor needs them."""
 
     @abstractmethod
-    def peer(self, domid: int) -> PeerMemory:
-        """The memory of domain ``domid`` (XenError(ESRCH) if there is none)."""
+    def peer(self, domid: int, requester: int = -1) -> PeerMemory:
+        """The memory of domain ``domid`` for domain ``requester``: XenError(ESRCH)
+        if there is none, XenError(EPERM) if ``domid`` granted ``requester``
+        nothing (the multi-process directory asks the granter's process)."""
 
     @abstractmethod
     def bind(self, local: Domain, lport: int, remote_dom: int, remote_port: int) -> Callable[[], None]:
@@ -307,8 +309,8 @@ class LocalDirectory(Directory):
             raise XenError(abi.ESRCH, f"no domain {domid}")
         return d
 
-    def peer(self, domid: int) -> PeerMemory:
-        d = self._get(domid)
+    def peer(self, domid: int, requester: int = -1) -> PeerMemory:
+        d = self._get(domid)  # one process: no boundary to check
         return PeerMemory(domid, d.machine.ram, d.machine.memfd, d.machine.max_pages,
                           nr_pages=d.nr_pages)
 

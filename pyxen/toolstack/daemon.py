@@ -18,6 +18,7 @@ import os
 import platform
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from .proto import Conn, ProtocolError
 from .xsdomain import DomainSocket, write_domain_layout, write_vbd
 
 MAX_DOMID = 0x7FEF
+EPERM, ESRCH = 1, 3
 
 
 @dataclass
@@ -445,15 +447,49 @@ class Daemon:
             return {"ok": True}
         if op == "block-list":
             return {"ok": True, "disks": self.request(rec, "block-list")["disks"]}
-        if op == "peer":
-            if rec.memfd < 0:
-                return {"ok": False, "error": f"domain {rec.domid} has no memory yet", "errno": 3}
-            return {"ok": True, "pid": rec.pid, "memfd": rec.memfd, "max_pages": rec.max_pages}
+        if op == "peer":  # only through _client, which knows who asks (_peer_op)
+            return {"ok": False, "error": "peer: not authenticated", "errno": EPERM}
         if op in ("evtchn-bind", "evtchn-unbind"):
             fwd = "evtchn-accept" if op == "evtchn-bind" else "evtchn-remote-closed"
             return self.forward(rec, fwd, port=req.get("port"), from_dom=req.get("from_dom"),
                                 from_port=req.get("from_port"))
         raise ValueError(f"unknown operation {op!r}")
+
+    def _peer_op(self, req: dict[str, Any], sock: socket.socket) -> dict[str, Any]:
+        """Where domain ``domain``'s RAM memfd is, for the process of domain
+        ``from_dom`` only: the connection must come from the pid we recorded
+        for that domain (SO_PEERCRED), and the target's process must consent,
+        which it does only if its guest granted ``from_dom`` something
+        (directory.ProcessDirectory.consent).  Sizes are the daemon's own
+        record of the target (its config), never what any process says."""
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  struct.calcsize("3i")))[0]
+        try:
+            from_dom = int(req.get("from_dom", -1))
+            target = self._find(req.get("domain"))
+        except (LookupError, ValueError, TypeError) as e:
+            return {"ok": False, "error": f"peer: {e}", "errno": ESRCH}
+        asker = self.domains.get(from_dom)
+        if asker is None or not asker.pid or asker.pid != pid:
+            self.log(f"peer: refused domain {target.domid}'s memory to pid {pid} "
+                     f"(not the process of domain {from_dom})")
+            return {"ok": False, "error": f"peer: the caller is not domain {from_dom}'s process",
+                    "errno": EPERM}
+        if target.memfd < 0 or target.conn is None:
+            return {"ok": False, "error": f"domain {target.domid} has no memory yet", "errno": ESRCH}
+        try:
+            consent = self.forward(target, "peer-consent", from_dom=from_dom)
+        except (TimeoutError, OSError) as e:
+            return {"ok": False, "error": f"peer: domain {target.domid}: {e}", "errno": ESRCH}
+        if not consent.get("ok"):
+            return {"ok": False, "error": str(consent.get("error", "refused")), "errno": EPERM}
+        spec = target.spec
+        nr_pages = int(spec.get("memory_mib") or 0) * 256
+        max_pages = max(int(spec.get("maxmem_mib") or 0) * 256, nr_pages)
+        if max_pages != target.max_pages:  # the process was built for another size: trust neither
+            return {"ok": False, "error": f"domain {target.domid}: size mismatch", "errno": ESRCH}
+        return {"ok": True, "pid": target.pid, "memfd": target.memfd, "max_pages": max_pages,
+                "nr_pages": nr_pages}
 
     def shutdown(self, rec: Record, how: str, timeout: float) -> dict[str, Any]:
         """As xl: ask the guest through control/shutdown if it advertises support
@@ -522,7 +558,7 @@ class Daemon:
         req: dict[str, Any] | None = first
         while req is not None:
             try:
-                reply = self.handle(req)
+                reply = self._peer_op(req, sock) if req.get("op") == "peer" else self.handle(req)
             except (ValueError, LookupError, RuntimeError, TimeoutError, KeyError, OSError) as e:
                 reply = {"ok": False, "error": str(e)}
             try:
