@@ -159,7 +159,8 @@ def test_other_domain_cannot_write_a_page_table_and_forged_sizes_stay_harmless(h
     -> GNTST_general_error, read-only map -> okay, the plain page -> okay and
     written, the far frame -> GNTST_bad_page, a ref beyond any table ->
     GNTST_bad_gntref, a copy into the far frame -> GNTST_bad_page; and both
-    processes and their vCPUs keep running."""
+    processes and their vCPUs keep running.  A third domain, granted nothing,
+    never gets the offerer's memory: GNTST_general_error for everything."""
     kernel = f'kernel="{ROOT}/guest/build/hostile"'
     mapper = host.create(ROOT / "examples/ticker.cfg", ['name="hostile-map"', kernel, 'extra="role=map"'])
     sm = host.console_socket(mapper)
@@ -185,9 +186,24 @@ def test_other_domain_cannot_write_a_page_table_and_forged_sizes_stay_harmless(h
     assert [int(x) for x in got.groups()] == [G.GNTST_general_error, G.GNTST_okay, G.GNTST_okay,
                                               G.GNTST_bad_page, G.GNTST_bad_gntref, G.GNTST_bad_page], out
     read_until(so, rb"hostile: page written by the peer", timeout=20)
+    # a third domain the offerer granted nothing: its process never gets the
+    # offerer's memory (the offerer's process refuses), every op is general_error
+    stranger = host.create(ROOT / "examples/ticker.cfg", ['name="hostile-stranger"', kernel,
+                                                          'extra="role=map"'])
+    ss = host.console_socket(stranger)
+    read_until(ss, rb"hostile: role=map waiting", timeout=20)
+    xs = _xs(host)
+    try:
+        xs.write(f"/local/domain/{stranger}/data/hostile/offer",
+                 f"{offer} {int(m[1])} {int(m[2])} {int(m[3])}")
+    finally:
+        xs.close()
+    out = read_until(ss, rb"hostile: tick 1\b", timeout=30)
+    assert b"mapped l1_rw=-1 l1_ro=-1 page_rw=-1 far=-1 beyond=-1 copy_far=-1" in out, out
+    assert any(f"granted domain {stranger} nothing" in line for line in host.dmesg()), host.dmesg()
     states = {d["domid"]: d["state"] for d in host.list()}
-    assert states.get(mapper) == "running" and states.get(offer) == "running", states
-    for s in (sm, so):
+    assert all(states.get(x) == "running" for x in (mapper, offer, stranger)), states
+    for s in (sm, so, ss):
         s.close()
 
 
