@@ -101,6 +101,7 @@ class FrameTable:
         self._owned = owned
         self.xen_l4_slots = xen_l4_slots or {}
         self.types = types
+        self.held: dict[int, int] = {}  # frame index -> writable types kept by the hypervisor
         self.stats = {"validated": 0, "devalidated": 0, "updates": 0, "rejected": 0}
 
     # ------------------------------------------------------------ memory
@@ -266,6 +267,14 @@ class FrameTable:
         self.write_entry(maddr, new, old)
         self._put_entry_ref(old, 1)
 
+    def hold_writable(self, mfn: int) -> None:
+        """A writable type the hypervisor keeps for the domain's life on a frame
+        host backends write (the console and xenstore rings): the guest can
+        never make it a page table or descriptor page.  Counted by audit."""
+        self.get_type(mfn, PGT_WRITABLE)
+        i = mfn - self.mfn_base
+        self.held[i] = self.held.get(i, 0) + 1
+
     def pin(self, mfn: int, level: int) -> None:
         if not self.owns(mfn):
             raise XenError(EINVAL, f"pin of frame {mfn:#x} the domain does not own")
@@ -352,6 +361,9 @@ class FrameTable:
                 expect[i] += 1
                 expect_type[i] = self.type[i]
                 walk(i + self.mfn_base, self.type[i])
+        for i, n in self.held.items():
+            expect[i] += n
+            expect_type[i] = PGT_WRITABLE
         for r in roots:
             j = r - self.mfn_base
             expect[j] += 1

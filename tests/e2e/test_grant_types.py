@@ -248,3 +248,31 @@ def test_forged_header_in_process_gives_gntst_errors(run_guest: Any) -> None:
         p.grant_entry_offset(M.MAX_GRANT_REFS)
     with pytest.raises(Exception, match="smaller"):
         PeerMemory(d.domid, m.ram, m.memfd, m.max_pages * 4)
+
+
+def test_guest_cannot_turn_its_xenstore_or_console_ring_into_a_page_table(run_guest: Any) -> None:
+    """The same class of bug beside grants: the console and xenstore backends
+    write the guest's ring pages for its whole life (xenstored copies bytes the
+    guest chose into the xenstore ring), so a ring pinned as an L1 would take
+    forged PTEs.  The guest's attack is: map the ring read-only, fill it with
+    a valid L1, MMUEXT_PIN_L1_TABLE.  The test takes those steps through the
+    domain's own FrameTable (the guest's own mapping dropped with the
+    hypervisor's L1 write, the page zeroed) on a built domain: the pin is
+    -EINVAL, because the toolstack holds a writable type on both rings."""
+    from pyxen.abi import XenError
+    r = run_guest("hello", start=False)
+    d = r.domain
+    l4 = d.vcpus[0].kernel_l4
+    for key in ("store_mfn", "console_mfn"):
+        mfn = d.start_info[key]
+        pfn = mfn - M.MFN_BASE
+        va = 0xFFFFFFFF80000000 + (pfn << 12)  # the builder's mapping of every boot page
+        pte = d.ft.l1_entry_for(l4, va)
+        old = d.ft.read_entry(pte)
+        assert (old & 0x000FFFFFFFFFF000) >> 12 == mfn and old & 2
+        d.ft.replace_raw(pte, 0, old)
+        d.machine.ram[pfn * 4096:(pfn + 1) * 4096] = bytes(4096)
+        with pytest.raises(XenError) as e:
+            d.ft.pin(mfn, PGT_L1)
+        assert e.value.errno == 22, key
+    assert d.ft.audit([l4]) == []
