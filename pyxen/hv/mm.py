@@ -29,6 +29,12 @@ runs again (PLATFORM.md fact 1).  A not-present entry made present needs no
 such step: the shadow MMU has nothing cached for it and walks the table on
 the first access.
 
+Grant maps, grant copies and backends in other processes and threads write
+frames too: the types that forbid writes (L1-L4, segment descriptors) are
+published on their 0 <-> 1 transitions through an injected ``types``
+accessor (``interdomain.TypeWords``, shared memory), which is also where a
+writable hold taken by one of those writers makes the transition fail.
+
 Errors are Xen's: ``-EPERM`` for an L1 entry mapping a frame the domain does
 not own, ``-EINVAL`` for everything else the rules forbid (frames not owned
 as page tables or update targets, bad flags, type conflicts: "bad type").
