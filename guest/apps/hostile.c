@@ -293,7 +293,7 @@ static unsigned long next_ulong(const char **s)
     return simple_strtoul(*s, s, 10);
 }
 
-static int role_map(void)
+static int role_map(int hold)
 {
     char offer[64];
     const char *s;
@@ -329,6 +329,19 @@ static int role_map(void)
     copy_far = copy8(virt_to_mfn(src), (unsigned int)far, (domid_t)dom, 0, 1);
     printk("hostile: mapped l1_rw=%d l1_ro=%d page_rw=%d far=%d beyond=%d copy_far=%d\n",
            l1_rw, l1_ro, page_rw, st_far, beyond, copy_far);
+    if (hold) {
+        /* keep a writable mapping until data/hostile/unmap appears (the test
+         * destroys the granter meanwhile), then unmap it */
+        int16_t st = try_map((domid_t)dom, (grant_ref_t)pg, 0, area, &h, 1);
+        printk("hostile: holding page status=%d\n", st);
+        while ((rc = xenbus_read(XBT_NIL, "data/hostile/unmap", offer, sizeof(offer))) <= 0)
+            msleep(5);
+        *(volatile uint64_t *)area = 1;     /* the granter's page, still ours to use */
+        ust = -100;
+        if (st == GNTST_okay)
+            gnttab_unmap((unsigned long)area, h, &ust);
+        printk("hostile: unmapped status=%d\n", ust);
+    }
     for (unsigned long n = 1;; n++) {
         msleep(200);
         printk("hostile: tick %lu\n", n);
@@ -344,7 +357,7 @@ int app_main(const char *cmdline)
     if (!strcmp(role, "offer"))
         return role_offer((domid_t)cmdline_get_ulong(cmdline, "peer", 0));
     if (!strcmp(role, "map"))
-        return role_map();
+        return role_map((int)cmdline_get_ulong(cmdline, "hold", 0));
     if (!strcmp(role, "local")) {
         if (cmdline_find(cmdline, "me", NULL))
             me = (domid_t)cmdline_get_ulong(cmdline, "me", 1);

@@ -156,17 +156,32 @@ class GrantTables:
                 atomic.fetch_and16(base + ref * 8, ~(GTF_reading | GTF_writing) & 0xFFFF)
         # and so did its writable holds on our frames (Xen relinquishes its maps)
         if domid != self.domain.domid:
-            own = self._peer(self.domain.domid)
+            own = self._find_peer(self.domain.domid)
             n = own.active.drop_domain(domid, self.nr_frames * ENTRIES_PER_FRAME)
             if n:
                 self.domain.log(f"domain {domid} went away holding {n} writable grants: released")
         with self.lock:
             p = self.peers.pop(domid, None)
+            kept = sum(1 for mp in self.maptrack.values() if mp.peer is p) if p else 0
         if p is not None:
+            if kept:  # its memory stays mapped here until they are unmapped
+                self.domain.log(f"domain {domid} went away: {kept} mappings of its pages "
+                                "stay until unmapped")
             p.close()
 
     # ------------------------------------------------------------ mapper side
     def _peer(self, domid: int) -> PeerMemory:
+        """Domain ``domid``'s memory (ours for DOMID_SELF).  The caller owns one
+        use of it (PeerMemory.use) and must give it back with ``unuse``."""
+        while True:
+            p = self._find_peer(domid)
+            if p.use():
+                return p
+            with self.lock:  # closed under us (the peer died): forget it, ask again
+                if self.peers.get(p.domid) is p:
+                    del self.peers[p.domid]
+
+    def _find_peer(self, domid: int) -> PeerMemory:
         d = self.domain
         if domid in (abi.DOMID_SELF, d.domid):
             domid = d.domid
@@ -285,12 +300,14 @@ class GrantTables:
             frame = self._acquire(p, ref, readonly)
         except _Gnt as e:
             d.log(f"grant map of d{dom} ref {ref}: {e.why}")
+            p.unuse()
             return e.status, 0, 0
         with self.lock:
             self.active[(p.domid, ref)] = self.active.get((p.domid, ref), 0) + 1
         off = p.ram_offset(frame)
         if off is None:
             self._release(p, ref, readonly)
+            p.unuse()
             return GNTST_bad_page, 0, 0
         pfn = frame - M.MFN_BASE
         if not readonly:
@@ -299,6 +316,7 @@ class GrantTables:
             except _Gnt as e:
                 d.log(f"grant map of d{dom} ref {ref}: {e.why}")
                 self._release(p, ref, readonly)
+                p.unuse()
                 return e.status, 0, 0
             off = pfn << 12
         with self.lock:
@@ -319,6 +337,7 @@ class GrantTables:
             if not readonly:
                 p.active.unhold(ref)
             self._release(p, ref, readonly)
+            p.unuse()
             return (GNTST_no_space if slot < 0 else GNTST_general_error), 0, 0
         alias = (M.GRANT_GPA >> 12) + slot
         if pte:
@@ -355,11 +374,12 @@ class GrantTables:
 
     def _drop(self, mp: Mapping) -> None:
         """A mapping is gone from the window: the granter's page is dirty (if it
-        was writable) and no longer held."""
+        was writable) and no longer held; the mapping's use of the peer ends."""
         if not mp.readonly:
             mp.peer.mark_dirty(mp.pfn)
             mp.peer.active.unhold(mp.ref)
         self._release(mp.peer, mp.ref, mp.readonly)
+        mp.peer.unuse()
 
     def copy_one(self, raw: bytes) -> int:
         """One gnttab_copy; returns its status."""
@@ -398,7 +418,7 @@ class GrantTables:
             if not reading:
                 # Xen's __acquire_grant_for_copy: a copy destination, even our
                 # own frame, takes a writable type for the copy
-                types = self._peer(d.domid).types
+                types = self._find_peer(d.domid).types
                 if not types.hold(pfn):
                     raise _Gnt(GNTST_general_error,
                                f"copy into frame {u:#x}: a page table or descriptor page")
@@ -408,6 +428,7 @@ class GrantTables:
             p = self._peer(dom)
         except XenError as e:
             raise _Gnt(self._peer_status(e), e.why) from None
+        undo.append(p.unuse)
         frame = self._acquire(p, u, reading)
         with self.lock:
             self.active[(p.domid, u)] = self.active.get((p.domid, u), 0) + 1
@@ -456,7 +477,7 @@ class GrantTables:
             if off >= 0:
                 return off
             raise XenError(abi.EPERM, self._host_refusal(off, ref, backend_domid))
-        p = self._peer(self.domain.domid)
+        p = self._find_peer(self.domain.domid)
         try:
             frame = self._acquire(p, ref, not write, me=backend_domid)
         except _Gnt as e:
@@ -505,7 +526,7 @@ class GrantTables:
         if self._pxg is not None:
             native.fast().pxg_release(self._pxg, ref)  # type: ignore[union-attr]
             return
-        p = self._peer(self.domain.domid)
+        p = self._find_peer(self.domain.domid)
         with self.lock:  # the last hold and the writable use go together (host_acquire)
             if self._unhold((-1, ref), p.addr + p.grant_entry_offset(ref)) \
                     and ref in self._host_wheld:  # -1: the in-process backend

@@ -218,6 +218,12 @@ class PeerMemory:
         self.types = TypeWords(self.addr + self.xh(self.layout.types), max_pages)
         self.active = ActiveGrants(self.addr + self.xh(self.layout.active), M.MAX_GRANT_REFS,
                                    self.types)
+        # Every access goes through raw addresses (atomics), so the mapping must
+        # outlive its users: grant ops and mappings hold a use; close() after
+        # the peer died only unmaps once the last use is gone.
+        self._lock = threading.Lock()
+        self._users = 0
+        self._dead = False
 
     def xh(self, index: int) -> int:
         return (self.max_pages + index) << 12
@@ -246,7 +252,30 @@ class PeerMemory:
         if 0 <= pfn < self.max_pages:
             atomic.fetch_or64(self.addr + self.xh(M.XH_DIRTY) + (pfn >> 6) * 8, 1 << (pfn & 63))
 
+    def use(self) -> bool:
+        """Take a use (False once the peer is closed): while held, the memory
+        stays mapped, even if the peer dies meanwhile."""
+        with self._lock:
+            if self._dead:
+                return False
+            self._users += 1
+            return True
+
+    def unuse(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._dead and self._users == 0
+        if last:
+            self._unmap()
+
     def close(self) -> None:
+        with self._lock:
+            self._dead = True
+            idle = self._users == 0
+        if idle:
+            self._unmap()
+
+    def _unmap(self) -> None:
         if self._owned:
             self.buf.close()
             os.close(self.fd)

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from pyxen.backends import blkif as B
 from pyxen.hv import gnttab as G
 from pyxen.hv import machine as M
 from pyxen.hv.mm import PGT_L1
-from tests.conftest import ROOT, read_until
+from tests.conftest import ROOT, read_until, wait_listed
 from tests.e2e.test_blkback import FileImage, NativeFileImage, backend
 
 CHECKS = ["copy_pte_into_own_l1", "copy_into_own_l1_gmfn", "map_rw_l1", "map_rw_l2", "map_rw_l3",
@@ -276,3 +277,40 @@ def test_guest_cannot_turn_its_xenstore_or_console_ring_into_a_page_table(run_gu
             d.ft.pin(mfn, PGT_L1)
         assert e.value.errno == 22, key
     assert d.ft.audit([l4]) == []
+
+
+def test_mapper_outlives_the_granter_it_maps(host: Any) -> None:
+    """The mapper holds a writable mapping of a page of another domain, which
+    is destroyed; then the mapper writes the page and unmaps it.  The peer's
+    memory must stay mapped in the mapper's process until its last mapping is
+    gone (the unmap writes the granter's dirty bitmap and grant entry through
+    raw addresses): GNTST_okay, and the mapper keeps running."""
+    kernel = f'kernel="{ROOT}/guest/build/hostile"'
+    mapper = host.create(ROOT / "examples/ticker.cfg", ['name="hostile-hold"', kernel,
+                                                        'extra="role=map hold=1"'])
+    sm = host.console_socket(mapper)
+    read_until(sm, rb"hostile: role=map waiting", timeout=20)
+    offer = host.create(ROOT / "examples/ticker.cfg", ['name="hostile-gone"', kernel,
+                                                       f'extra="role=offer peer={mapper}"'])
+    so = host.console_socket(offer)
+    m = re.search(rb"hostile: offer l1=(\d+) page=(\d+) far=(\d+)",
+                  read_until(so, rb"hostile: offer l1=\d+ page=\d+ far=\d+", timeout=20))
+    assert m
+    so.close()
+    xs = _xs(host)
+    try:
+        xs.write(f"/local/domain/{mapper}/data/hostile/offer", f"{offer} {int(m[1])} {int(m[2])} {int(m[3])}")
+        read_until(sm, rb"hostile: holding page status=0\b", timeout=30)
+        host.destroy(offer)
+        wait_listed(host, lambda ds: all(d["domid"] != offer for d in ds), what="granter gone")
+        end = time.monotonic() + 30
+        while not any(f"domain {offer} went away: 1 mappings" in x for x in host.dmesg()):
+            assert time.monotonic() < end, "the mapper never heard that the granter went away"
+            time.sleep(0.05)
+        xs.write(f"/local/domain/{mapper}/data/hostile/unmap", "1")
+    finally:
+        xs.close()
+    out = read_until(sm, rb"hostile: unmapped status=-?\d+[\s\S]*hostile: tick 2\b", timeout=30)
+    assert b"hostile: unmapped status=0" in out, out
+    assert any(d["domid"] == mapper and d["state"] == "running" for d in host.list())
+    sm.close()
