@@ -5,7 +5,9 @@ number, size) and brokers the *setup* of a connection; the data path never
 touches it:
 
 * memory: the peer's memfd is duplicated into this process with
-  ``pidfd_getfd(2)`` and mapped;
+  ``pidfd_getfd(2)`` and mapped, once the daemon has checked that we are the
+  asking domain's process and the peer's process has consented (its guest
+  granted us something, :meth:`ProcessDirectory.consent`);
 * event channels: the accepting side creates two eventfds (one per
   direction) and registers its inbound one in its own selector; the binding
   side duplicates both with ``pidfd_getfd`` and does the same.  A send is an
