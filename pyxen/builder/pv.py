@@ -211,4 +211,10 @@ def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes |
                     lay.console_pfn + off, console_port, lay.xenstore_pfn + off, store_port)
     domain.start_info = {"console_mfn": info.console_mfn, "console_evtchn": console_port,
                          "store_mfn": info.store_mfn, "store_evtchn": store_port}
+    # The console and xenstore rings are written by backends in the host for
+    # the domain's whole life (what xenconsoled's and xenstored's writable
+    # mappings do on Xen): a writable type held for good, so the guest can
+    # never turn a ring into a page table the backends would then write.
+    for mfn in (info.console_mfn, info.store_mfn):
+        domain.ft.hold_writable(mfn)
     return info

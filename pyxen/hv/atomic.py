@@ -25,6 +25,12 @@ _cas2.restype = ctypes.c_bool
 _cas4 = _lib.__atomic_compare_exchange_4
 _cas4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
 _cas4.restype = ctypes.c_bool
+_cas8 = _lib.__atomic_compare_exchange_8
+_cas8.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int]
+_cas8.restype = ctypes.c_bool
+_load8 = _lib.__atomic_load_8
+_load8.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_load8.restype = ctypes.c_uint64
 _or8 = _lib.__atomic_fetch_or_8
 _or8.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
 _or8.restype = ctypes.c_uint64
@@ -64,6 +70,16 @@ def cas32(addr: int, expected: int, new: int) -> tuple[bool, int]:
     e = ctypes.c_uint32(expected)
     ok = _cas4(addr, ctypes.byref(e), new, SEQ_CST, SEQ_CST)
     return bool(ok), int(e.value)
+
+
+def cas64(addr: int, expected: int, new: int) -> tuple[bool, int]:
+    e = ctypes.c_uint64(expected)
+    ok = _cas8(addr, ctypes.byref(e), new, SEQ_CST, SEQ_CST)
+    return bool(ok), int(e.value)
+
+
+def load64(addr: int) -> int:
+    return int(_load8(addr, SEQ_CST))
 
 
 def load32(addr: int) -> int:

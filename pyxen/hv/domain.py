@@ -23,7 +23,7 @@ from . import machine as M
 from .evtchn import EventChannels
 from .gnttab import GrantTables
 from .hypercalls import Hypercalls
-from .interdomain import Directory, LocalDirectory, default_directory, write_peer_header
+from .interdomain import Directory, LocalDirectory, default_directory, domain_types, write_peer_header
 from .mm import PGT_SEG, PGT_WRITABLE, FrameTable
 from .time import DomainClock
 from .vcpu import VCPU
@@ -144,7 +144,7 @@ class Domain:
         self.mmu_pending: list[int] = []
         self.mmu_lock = threading.Lock()
         self.ft = FrameTable(ram, M.MFN_BASE, self.machine.nr_frames, self._write_entry,
-                             self._owned, self.machine.l4_hv_slots())
+                             self._owned, self.machine.l4_hv_slots(), domain_types(self))
         self.clock = DomainClock()
         self.directory: Directory = directory or default_directory
         self.gnttab = GrantTables(self)
@@ -514,10 +514,12 @@ class Domain:
                 if not self.ft.owns(mfn):
                     raise XenError(abi.EINVAL, f"GDT frame {mfn:#x} not owned")
                 off = self.machine.ram_offset(mfn)
-                descs = struct.unpack_from("<512Q", self.machine.ram, off)
-                fixed = [self.check_descriptor(dsc) for dsc in descs]
+                # the type first: once it is held no grant or backend can write
+                # the frame between the check and its use
                 self.ft.get_type(mfn, PGT_SEG)
                 taken.append(mfn)
+                descs = struct.unpack_from("<512Q", self.machine.ram, off)
+                fixed = [self.check_descriptor(dsc) for dsc in descs]
                 if fixed != list(descs):
                     struct.pack_into("<512Q", self.machine.ram, off, *fixed)
                     self.mark_dirty(mfn)

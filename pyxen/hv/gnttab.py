@@ -20,6 +20,16 @@ after shared_info).  The hypervisor acts for the *mapping* domain:
 * ``copy`` copies between our frames and granted frames (either side a
   grant), checking each grant for the duration of the copy.
 
+Page types (Xen's get_page_type(PGT_writable_page)): every write into a
+granter's frame (a writable map for as long as it lasts, a copy destination
+for the copy, a host backend's write hold) first takes a writable hold on
+the frame in the granter's page-type words (``interdomain.TypeWords``),
+through the granter's active entry for that ref (``ActiveGrants``).  The hold
+fails, with Xen's ``GNTST_general_error``, while the granter uses the frame
+as a page table or descriptor page, and while it is held the granter cannot
+give the frame such a type (``FrameTable.get_type`` answers ``-EINVAL``).
+A read-only map or a copy source takes no type, as in Xen.
+
 When a mapping domain goes away, the granter clears the status bits of
 every entry it had granted to that domain (``peer_gone``): its mappings died
 with its process.  Status codes are Xen's ``GNTST_*``.
@@ -31,6 +41,7 @@ import ctypes
 import mmap
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,7 +51,6 @@ from ..abi import XenError
 from . import atomic
 from . import machine as M
 from .interdomain import PeerMemory, write_peer_header
-from .mm import PGT_WRITABLE
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -70,8 +80,11 @@ assert SETUP_TABLE.size == 24 and QUERY_SIZE.size == 16 and MAP_GRANT_REF.size =
 assert UNMAP_GRANT_REF.size == 24 and COPY.size == 40
 ENTRIES_PER_FRAME = 512
 # pyxen/native/native.h: why pxg_acquire refused
-_PXG_E_RANGE, _PXG_E_PERM, _PXG_E_RDONLY, _PXG_E_FRAME, _PXG_E_BUSY = -1, -2, -3, -4, -5
+_PXG_E_RANGE, _PXG_E_PERM, _PXG_E_RDONLY, _PXG_E_FRAME, _PXG_E_BUSY, _PXG_E_TYPE = -1, -2, -3, -4, -5, -6
 DEFAULT_GRANT_FRAMES = 4
+# after another domain refused us its memory (it granted us nothing), ops on
+# it fail without asking its process again for this long
+REFUSAL_HOLD_S = 0.5
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mmap = _libc.mmap
@@ -95,6 +108,7 @@ class Mapping:
     slot: int  # page index in our grant window
     host_addr: int  # VA whose PTE we wrote (0: none)
     pte_maddr: int  # machine address of that PTE
+    pfn: int  # the granter's page mapped (for a writable map: held writable)
 
 
 class GrantTables:
@@ -112,6 +126,8 @@ class GrantTables:
         self.peers: dict[int, PeerMemory] = {}
         self.stats = {"maps": 0, "unmaps": 0, "copies": 0, "copy_bytes": 0}
         self._pxg: int | None = None  # native holds (host_grants)
+        self._host_wheld: set[int] = set()  # refs the Python host path holds writable
+        self._refused: dict[int, float] = {}  # peer domid -> until when it refused us
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -138,29 +154,80 @@ class GrantTables:
             flags, dom = struct.unpack_from("<HH", m.ram, m.xenheap_offset(M.XH_GRANT) + ref * 8)
             if dom == domid and flags & (GTF_reading | GTF_writing):
                 atomic.fetch_and16(base + ref * 8, ~(GTF_reading | GTF_writing) & 0xFFFF)
+        # and so did its writable holds on our frames (Xen relinquishes its maps)
+        if domid != self.domain.domid:
+            own = self._find_peer(self.domain.domid)
+            n = own.active.drop_domain(domid, self.nr_frames * ENTRIES_PER_FRAME)
+            if n:
+                self.domain.log(f"domain {domid} went away holding {n} writable grants: released")
         with self.lock:
             p = self.peers.pop(domid, None)
+            kept = sum(1 for mp in self.maptrack.values() if mp.peer is p) if p else 0
         if p is not None:
+            if kept:  # its memory stays mapped here until they are unmapped
+                self.domain.log(f"domain {domid} went away: {kept} mappings of its pages "
+                                "stay until unmapped")
             p.close()
 
     # ------------------------------------------------------------ mapper side
     def _peer(self, domid: int) -> PeerMemory:
+        """Domain ``domid``'s memory (ours for DOMID_SELF).  The caller owns one
+        use of it (PeerMemory.use) and must give it back with ``unuse``."""
+        while True:
+            p = self._find_peer(domid)
+            if p.use():
+                return p
+            with self.lock:  # closed under us (the peer died): forget it, ask again
+                if self.peers.get(p.domid) is p:
+                    del self.peers[p.domid]
+
+    def _find_peer(self, domid: int) -> PeerMemory:
         d = self.domain
         if domid in (abi.DOMID_SELF, d.domid):
             domid = d.domid
         with self.lock:
             if domid == d.domid and domid not in self.peers:
                 self.peers[domid] = PeerMemory(domid, d.machine.ram, d.machine.memfd,
-                                               d.machine.max_pages)
+                                               d.machine.max_pages, nr_pages=d.nr_pages)
             p = self.peers.get(domid)
-            if p is None:
-                p = d.directory.peer(domid)
-                self.peers[domid] = p
-            return p
+            if p is not None:
+                return p
+            if time.monotonic() < self._refused.get(domid, 0.0):
+                raise XenError(abi.EPERM, f"domain {domid} granted us nothing (asked just now)")
+        try:
+            p = d.directory.peer(domid, d.domid)
+        except XenError as e:
+            if e.errno == abi.EPERM:  # ask again later, not on every op a guest sends
+                with self.lock:
+                    self._refused[domid] = time.monotonic() + REFUSAL_HOLD_S
+            raise
+        with self.lock:
+            q = self.peers.setdefault(domid, p)
+        if q is not p:
+            p.close()
+        return q
+
+    def _peer_status(self, e: XenError) -> int:
+        """A peer we cannot reach: gone (GNTST_bad_domain) or it granted us
+        nothing (GNTST_general_error, what its grant entries would say)."""
+        return GNTST_general_error if e.errno == abi.EPERM else GNTST_bad_domain
+
+    def grants_to(self, domid: int) -> bool:
+        """Has our guest a live grant (GTF_permit_access) for ``domid``?  What a
+        domain process asks before letting another one map our memory."""
+        m = self.domain.machine
+        off = m.xenheap_offset(M.XH_GRANT)
+        n = min(self.nr_frames, M.MAX_GRANT_FRAMES) * ENTRIES_PER_FRAME
+        words = m.ram_view[off:off + n * 8].cast("I")
+        try:
+            want = (domid << 16) | GTF_permit_access
+            return any(words[2 * i] & ((0xFFFF << 16) | GTF_type_mask) == want for i in range(n))
+        finally:
+            words.release()
 
     def _acquire(self, p: PeerMemory, ref: int, readonly: bool, me: int | None = None) -> int:
         """Set GTF_reading/GTF_writing on the granter's entry; return its frame."""
-        if ref >= p.grant_frames * ENTRIES_PER_FRAME:
+        if not 0 <= ref < p.grant_frames * ENTRIES_PER_FRAME:
             raise _Gnt(GNTST_bad_gntref, f"grant ref {ref} beyond domain {p.domid}'s table")
         off = p.grant_entry_offset(ref)
         addr = p.addr + off
@@ -181,18 +248,33 @@ class GrantTables:
         frame = int(struct.unpack_from("<I", p.buf, off + 4)[0])
         return frame
 
+    def _hold_writable(self, p: PeerMemory, ref: int, frame: int, me: int | None = None) -> int:
+        """A writable use of granted ``frame`` (Xen: get_page_type(PGT_writable_page)):
+        the pfn to write (the one the ref's first writable use latched).  Refused
+        with GNTST_general_error while the granter uses the frame as a page table
+        or descriptor page; GNTST_bad_page if it is not one of its RAM pages."""
+        if p.ram_offset(frame) is None:
+            raise _Gnt(GNTST_bad_page, f"grant {ref} of domain {p.domid} names frame {frame:#x}")
+        pfn = p.active.hold(ref, self.domain.domid if me is None else me, frame - M.MFN_BASE)
+        if pfn is None:
+            raise _Gnt(GNTST_general_error,
+                       f"grant {ref} of domain {p.domid}: frame {frame:#x} is a page table or "
+                       "descriptor page (or held writable by another domain): not writable")
+        return pfn
+
     def _release(self, p: PeerMemory, ref: int, readonly: bool) -> None:
         self._unhold((p.domid, ref), p.addr + p.grant_entry_offset(ref))
 
-    def _unhold(self, key: tuple[int, int], entry_addr: int) -> None:
-        """One use of a grant ends; the status bits drop with the last one."""
+    def _unhold(self, key: tuple[int, int], entry_addr: int) -> bool:
+        """One use of a grant ends; the status bits drop with the last one (True)."""
         with self.lock:
             n = self.active.get(key, 0) - 1
             if n > 0:
                 self.active[key] = n
-                return
+                return False
             self.active.pop(key, None)
         atomic.fetch_and16(entry_addr, ~(GTF_reading | GTF_writing) & 0xFFFF)
+        return True
 
     def map(self, v: VCPU, host_addr: int, flags: int, ref: int, dom: int) -> tuple[int, int, int]:
         """GNTTABOP_map_grant_ref: (status, handle, dev_bus_addr)."""
@@ -211,33 +293,59 @@ class GrantTables:
                 return GNTST_bad_virt_addr, 0, 0
         try:
             p = self._peer(dom)
-        except XenError:
-            return GNTST_bad_domain, 0, 0
+        except XenError as e:
+            d.log(f"grant map of d{dom} ref {ref}: {e.why}")
+            return self._peer_status(e), 0, 0
         try:
             frame = self._acquire(p, ref, readonly)
         except _Gnt as e:
             d.log(f"grant map of d{dom} ref {ref}: {e.why}")
+            p.unuse()
             return e.status, 0, 0
         with self.lock:
             self.active[(p.domid, ref)] = self.active.get((p.domid, ref), 0) + 1
         off = p.ram_offset(frame)
-        if off is None or not self.free_slots:
+        if off is None:
             self._release(p, ref, readonly)
-            return (GNTST_bad_page if off is None else GNTST_no_space), 0, 0
+            p.unuse()
+            return GNTST_bad_page, 0, 0
+        pfn = frame - M.MFN_BASE
+        if not readonly:
+            try:
+                pfn = self._hold_writable(p, ref, frame)
+            except _Gnt as e:
+                d.log(f"grant map of d{dom} ref {ref}: {e.why}")
+                self._release(p, ref, readonly)
+                p.unuse()
+                return e.status, 0, 0
+            off = pfn << 12
         with self.lock:
-            slot = self.free_slots.pop()
+            slot = self.free_slots.pop() if self.free_slots else -1
             handle = self.next_handle
             self.next_handle += 1
         m = d.machine
         prot = mmap.PROT_READ | (0 if readonly else mmap.PROT_WRITE)
-        _map_fixed(m.grant_window_addr + slot * 4096, prot, mmap.MAP_SHARED, p.fd, off)
+        try:
+            if slot < 0:
+                raise OSError("grant window full")
+            _map_fixed(m.grant_window_addr + slot * 4096, prot, mmap.MAP_SHARED, p.fd, off)
+        except OSError as e:
+            d.log(f"grant map of d{dom} ref {ref}: {e}")
+            if slot >= 0:
+                with self.lock:
+                    self.free_slots.append(slot)
+            if not readonly:
+                p.active.unhold(ref)
+            self._release(p, ref, readonly)
+            p.unuse()
+            return (GNTST_no_space if slot < 0 else GNTST_general_error), 0, 0
         alias = (M.GRANT_GPA >> 12) + slot
         if pte:
             old = d.ft.read_entry(pte)
             new = (alias << 12) | 0x1 | 0x4 | 0x20 | 0x40 | (0 if readonly else 0x2) | abi._PAGE_NX
             d.ft.replace_raw(pte, new, old)
         with self.lock:
-            self.maptrack[handle] = Mapping(p, ref, readonly, slot, host_addr if pte else 0, pte)
+            self.maptrack[handle] = Mapping(p, ref, readonly, slot, host_addr if pte else 0, pte, pfn)
         self.stats["maps"] += 1
         return GNTST_okay, handle, alias << 12
 
@@ -260,62 +368,79 @@ class GrantTables:
                    mmap.MAP_SHARED | mmap.MAP_ANONYMOUS, -1, 0)
         with self.lock:
             self.free_slots.append(mp.slot)
-        if not mp.readonly:
-            frame = int(struct.unpack_from("<I", mp.peer.buf, mp.peer.grant_entry_offset(mp.ref) + 4)[0])
-            if mp.peer.ram_offset(frame) is not None:
-                mp.peer.mark_dirty(frame - M.MFN_BASE)
-        self._release(mp.peer, mp.ref, mp.readonly)
+        self._drop(mp)
         self.stats["unmaps"] += 1
         return GNTST_okay
+
+    def _drop(self, mp: Mapping) -> None:
+        """A mapping is gone from the window: the granter's page is dirty (if it
+        was writable) and no longer held; the mapping's use of the peer ends."""
+        if not mp.readonly:
+            mp.peer.mark_dirty(mp.pfn)
+            mp.peer.active.unhold(mp.ref)
+        self._release(mp.peer, mp.ref, mp.readonly)
+        mp.peer.unuse()
 
     def copy_one(self, raw: bytes) -> int:
         """One gnttab_copy; returns its status."""
         s_u, s_dom, s_off, d_u, d_dom, d_off, length, flags, _ = COPY.unpack(raw)
         if s_off + length > 4096 or d_off + length > 4096:
             return GNTST_bad_copy_arg
-        held: list[tuple[PeerMemory, int, bool]] = []
+        undo: list[Callable[[], None]] = []
         try:
-            src = self._copy_side(s_u, s_dom, bool(flags & GNTCOPY_source_gref), True, held)
-            dst = self._copy_side(d_u, d_dom, bool(flags & GNTCOPY_dest_gref), False, held)
-        except _Gnt as e:
-            for p, ref, ro in held:
-                self._release(p, ref, ro)
-            return e.status
-        sbuf, soff, _ = src
-        dbuf, doff, dmark = dst
-        dbuf[doff + d_off:doff + d_off + length] = sbuf[soff + s_off:soff + s_off + length]
-        dmark()
-        for p, ref, ro in held:
-            self._release(p, ref, ro)
+            try:
+                src = self._copy_side(s_u, s_dom, bool(flags & GNTCOPY_source_gref), True, undo)
+                dst = self._copy_side(d_u, d_dom, bool(flags & GNTCOPY_dest_gref), False, undo)
+            except _Gnt as e:
+                if e.status == GNTST_general_error:
+                    self.domain.log(f"grant copy: {e.why}")
+                return e.status
+            sbuf, soff, _ = src
+            dbuf, doff, dmark = dst
+            dbuf[doff + d_off:doff + d_off + length] = sbuf[soff + s_off:soff + s_off + length]
+            dmark()
+        finally:
+            for f in reversed(undo):
+                f()
         self.stats["copies"] += 1
         self.stats["copy_bytes"] += length
         return GNTST_okay
 
     def _copy_side(self, u: int, dom: int, is_ref: bool, reading: bool,
-                   held: list[tuple[PeerMemory, int, bool]]) -> tuple[mmap.mmap, int, Callable[[], None]]:
+                   undo: list[Callable[[], None]]) -> tuple[mmap.mmap, int, Callable[[], None]]:
         d = self.domain
         if not is_ref:
             if dom not in (abi.DOMID_SELF, d.domid):
                 raise _Gnt(GNTST_permission_denied, "copy from another domain's frame needs a grant")
-            if not d.ft.owns(u) or u - M.MFN_BASE >= d.nr_pages:
+            if not d.ft.owns(u) or not 0 <= u - M.MFN_BASE < d.nr_pages:
                 raise _Gnt(GNTST_bad_page, f"frame {u:#x} is not ours")
+            pfn = u - M.MFN_BASE
             if not reading:
-                t, c = d.ft.type_of(u)
-                if c and t != PGT_WRITABLE:
-                    raise _Gnt(GNTST_general_error, f"frame {u:#x} is a page table")
+                # Xen's __acquire_grant_for_copy: a copy destination, even our
+                # own frame, takes a writable type for the copy
+                types = self._find_peer(d.domid).types
+                if not types.hold(pfn):
+                    raise _Gnt(GNTST_general_error,
+                               f"copy into frame {u:#x}: a page table or descriptor page")
+                undo.append(lambda: types.unhold(pfn))
             return d.machine.ram, d.machine.ram_offset(u), (lambda: d.mark_dirty(u))
         try:
             p = self._peer(dom)
-        except XenError:
-            raise _Gnt(GNTST_bad_domain, f"no domain {dom}") from None
+        except XenError as e:
+            raise _Gnt(self._peer_status(e), e.why) from None
+        undo.append(p.unuse)
         frame = self._acquire(p, u, reading)
         with self.lock:
             self.active[(p.domid, u)] = self.active.get((p.domid, u), 0) + 1
-        held.append((p, u, reading))
+        undo.append(lambda: self._release(p, u, reading))
         off = p.ram_offset(frame)
         if off is None:
             raise _Gnt(GNTST_bad_page, f"grant {u} names frame {frame:#x}")
         pfn = frame - M.MFN_BASE
+        if not reading:
+            pfn = self._hold_writable(p, u, frame)
+            undo.append(lambda: p.active.unhold(u))
+            off = pfn << 12
         return p.buf, off, (lambda: p.mark_dirty(pfn))
 
     # ------------------------------------------------------------ host backends
@@ -333,7 +458,9 @@ class GrantTables:
                 if self._pxg is None:
                     self._pxg = lib.pxg_new(ram + m.xenheap_offset(M.XH_GRANT),
                                             M.MAX_GRANT_FRAMES * ENTRIES_PER_FRAME, ram, d.nr_pages,
-                                            M.MFN_BASE, ram + m.xenheap_offset(M.XH_DIRTY))
+                                            M.MFN_BASE, ram + m.xenheap_offset(M.XH_DIRTY),
+                                            ram + m.xenheap_offset(m.xh.types), m.max_pages,
+                                            ram + m.xenheap_offset(m.xh.active))
                     if not self._pxg:
                         raise MemoryError("native grant table")
                     lib.pxg_set_logdirty(self._pxg, int(d.dirty_logging))
@@ -350,7 +477,7 @@ class GrantTables:
             if off >= 0:
                 return off
             raise XenError(abi.EPERM, self._host_refusal(off, ref, backend_domid))
-        p = self._peer(self.domain.domid)
+        p = self._find_peer(self.domain.domid)
         try:
             frame = self._acquire(p, ref, not write, me=backend_domid)
         except _Gnt as e:
@@ -361,6 +488,21 @@ class GrantTables:
         if where is None:
             self.host_release(ref)
             raise XenError(abi.EPERM, f"grant {ref} names frame {frame:#x}, not a page of the guest")
+        if write:
+            # one writable use per ref while the backend holds it (as gnt.c):
+            # released with the ref's last hold
+            with self.lock:
+                if ref in self._host_wheld:
+                    return p.active.holder(ref)[0] << 12
+                try:
+                    pfn = self._hold_writable(p, ref, frame, me=backend_domid)
+                except _Gnt as e:
+                    why = e.why
+                else:
+                    self._host_wheld.add(ref)
+                    return pfn << 12
+            self.host_release(ref)
+            raise XenError(abi.EPERM, why)
         return where
 
     def _host_refusal(self, code: int, ref: int, me: int) -> str:
@@ -375,14 +517,21 @@ class GrantTables:
             return f"grant ref {ref} names frame {frame:#x}, not a page of the guest"
         if code == _PXG_E_BUSY:
             return f"grant ref {ref} is held too many times"
+        if code == _PXG_E_TYPE:
+            return (f"grant ref {ref}: the frame is a page table or descriptor page (or held "
+                    "writable by another domain): not writable")
         return f"grant ref {ref} of domain {d.domid} is not granted to domain {me}"
 
     def host_release(self, ref: int) -> None:
         if self._pxg is not None:
             native.fast().pxg_release(self._pxg, ref)  # type: ignore[union-attr]
             return
-        p = self._peer(self.domain.domid)
-        self._unhold((-1, ref), p.addr + p.grant_entry_offset(ref))  # -1: the in-process backend
+        p = self._find_peer(self.domain.domid)
+        with self.lock:  # the last hold and the writable use go together (host_acquire)
+            if self._unhold((-1, ref), p.addr + p.grant_entry_offset(ref)) \
+                    and ref in self._host_wheld:  # -1: the in-process backend
+                self._host_wheld.discard(ref)
+                p.active.unhold(ref)
 
     def release_all(self) -> None:
         """The domain is going away: drop every mapping it holds."""
@@ -391,7 +540,7 @@ class GrantTables:
         for handle, mp in maps:
             with self.lock:
                 self.maptrack.pop(handle, None)
-            self._release(mp.peer, mp.ref, mp.readonly)
+            self._drop(mp)
         with self.lock:
             peers, self.peers = self.peers, {}
         for p in peers.values():

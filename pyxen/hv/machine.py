@@ -28,6 +28,7 @@ guest L4 that is validated:
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import struct
@@ -38,14 +39,47 @@ from ..kvm import VM
 
 MFN_BASE = 0x100000  # RAM starts at GPA 4 GiB
 # Xen-heap frames after RAM: shared_info, the grant table, a header other
-# processes read (peer page: grant-table size, RAM size) and a bitmap in which
-# other domains' processes mark pages of this domain they wrote (dirty log).
+# processes read (peer page: grant-table size, RAM size), a bitmap in which
+# other domains' processes mark pages of this domain they wrote (dirty log),
+# then the page-type words and the active grant entries (see XenHeap).  Only
+# shared_info and the grant frames are ever the guest's (Domain._owned); the
+# rest is the hypervisor's and no guest, grant or copy path can reach it.
 XH_SHARED_INFO = 0
 XH_GRANT = 1
 MAX_GRANT_FRAMES = 32
 XH_PEER = XH_GRANT + MAX_GRANT_FRAMES
 XH_DIRTY = XH_PEER + 1
+MAX_GRANT_REFS = MAX_GRANT_FRAMES * 512
+ACTIVE_ENTRY_BYTES = 8
+
+
+class XenHeap:
+    """Where the Xen-heap regions of a domain with ``max_pages`` RAM frames are.
+
+    Computed from ``max_pages`` alone, so that another domain's process that
+    knows it (from the daemon, never from the domain's own memory) finds the
+    same places:
+
+    * ``dirty``: XH_DIRTY, one bit per RAM page (pages other processes wrote);
+    * ``types``: one 32-bit page-type word per RAM page (``interdomain.TypeWords``);
+    * ``active``: one 64-bit active entry per grant ref (``interdomain.ActiveGrants``).
+    """
+
+    def __init__(self, max_pages: int) -> None:
+        self.max_pages = max_pages
+        self.dirty_pages = (max_pages + 32767) // 32768  # 1 bit per RAM page
+        self.types = XH_DIRTY + self.dirty_pages
+        self.type_pages = (max_pages * 4 + 4095) // 4096
+        self.active = self.types + self.type_pages
+        self.active_pages = MAX_GRANT_REFS * ACTIVE_ENTRY_BYTES // 4096
+        self.nr_frames = max_pages + self.active + self.active_pages
+        self.ram_bytes = _round_up(self.nr_frames * 4096, 2 << 20)
+
+    def offset(self, index: int) -> int:
+        """Offset in the RAM memfd of Xen-heap frame ``index``."""
+        return (self.max_pages + index) << 12
 HV_GPA = 0x10000000
+RAM_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 HV_SLOT, RAM_SLOT, GRANT_SLOT = 1, 0, 2
 # Grant mappings of other domains' pages appear in this window of the mapper's
 # guest-physical space, one page per mapping (their "machine frames" here).
@@ -130,12 +164,17 @@ class Machine:
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}")
         self.max_pages = max_pages
-        self.dirty_pages = (max_pages + 32767) // 32768  # 1 bit per RAM page
-        self.nr_frames = max_pages + XH_DIRTY + self.dirty_pages
-        ram_bytes = _round_up(self.nr_frames * abi.PAGE_SIZE, 2 << 20)
+        self.xh = XenHeap(max_pages)
+        self.dirty_pages = self.xh.dirty_pages
+        self.nr_frames = self.xh.nr_frames
+        ram_bytes = self.xh.ram_bytes
         self.ram_bytes = ram_bytes
-        self.memfd = os.memfd_create("pyxen-ram", os.MFD_CLOEXEC)
+        self.memfd = os.memfd_create("pyxen-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.memfd, ram_bytes)
+        # Other domain processes map this memfd: its size is fixed for good so
+        # that none of them can truncate it under another (SIGBUS), and no
+        # further seal (F_SEAL_FUTURE_WRITE would break grant maps) can be added.
+        fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, RAM_SEALS)
         self.ram = mmap.mmap(self.memfd, ram_bytes, mmap.MAP_SHARED,
                              mmap.PROT_READ | mmap.PROT_WRITE)
         self.ram_view = memoryview(self.ram)

@@ -29,6 +29,12 @@ runs again (PLATFORM.md fact 1).  A not-present entry made present needs no
 such step: the shadow MMU has nothing cached for it and walks the table on
 the first access.
 
+Grant maps, grant copies and backends in other processes and threads write
+frames too: the types that forbid writes (L1-L4, segment descriptors) are
+published on their 0 <-> 1 transitions through an injected ``types``
+accessor (``interdomain.TypeWords``, shared memory), which is also where a
+writable hold taken by one of those writers makes the transition fail.
+
 Errors are Xen's: ``-EPERM`` for an L1 entry mapping a frame the domain does
 not own, ``-EINVAL`` for everything else the rules forbid (frames not owned
 as page tables or update targets, bad flags, type conflicts: "bad type").
@@ -62,13 +68,35 @@ class Memory(Protocol):
     def __getitem__(self, i: slice) -> bytes: ...
 
 
+class TypePublisher(Protocol):
+    """Where the owner's page types meet other writers (``interdomain.TypeWords``).
+
+    Frames are indexes from ``mfn_base``.  ``claim`` is called when a frame's
+    type count goes 0 -> 1 with a type that forbids writes (L1-L4, segment
+    descriptors) and must fail while anyone outside the FrameTable (a grant
+    map or copy, a host backend) holds the frame writable; ``unclaim`` when
+    that count drops back to 0."""
+
+    def claim(self, pfn: int, t: int) -> bool: ...
+
+    def unclaim(self, pfn: int) -> None: ...
+
+
 class FrameTable:
-    """Type and pin state of one domain's machine frames."""
+    """Type and pin state of one domain's machine frames.
+
+    The per-frame counts live here, in Python, for speed; only the
+    transitions of the types that forbid writes are published through
+    ``types`` (injected, so this module stays free of shared memory), which
+    is how grant maps, grant copies and backends in any process learn that a
+    frame is a page table and how a frame they hold writable is kept from
+    becoming one."""
 
     def __init__(self, mem: object, mfn_base: int, nr_frames: int,
                  write_entry: Callable[[int, int, int | None], None],
                  owned: Callable[[int], bool] | None = None,
-                 xen_l4_slots: dict[int, int] | None = None) -> None:
+                 xen_l4_slots: dict[int, int] | None = None,
+                 types: TypePublisher | None = None) -> None:
         self.mem = mem  # buffer holding frame mfn_base at offset 0
         self.mfn_base = mfn_base
         self.nr_frames = nr_frames
@@ -78,6 +106,8 @@ class FrameTable:
         self.write_entry = write_entry
         self._owned = owned
         self.xen_l4_slots = xen_l4_slots or {}
+        self.types = types
+        self.held: dict[int, int] = {}  # frame index -> writable types kept by the hypervisor
         self.stats = {"validated": 0, "devalidated": 0, "updates": 0, "rejected": 0}
 
     # ------------------------------------------------------------ memory
@@ -104,6 +134,12 @@ class FrameTable:
         i = mfn - self.mfn_base
         c = self.count[i]
         if c == 0:
+            published = t != PGT_WRITABLE and self.types is not None
+            # Published before validation reads the entries: from here on no
+            # grant or backend can start writing the frame.
+            if published and not self.types.claim(i, t):  # type: ignore[union-attr]
+                raise XenError(EINVAL, f"frame {mfn:#x} is writable through a grant or by "
+                               f"a backend (or not RAM), cannot become {TYPE_NAMES[t]}")
             self.type[i] = t
             self.count[i] = 1
             if PGT_L1 <= t <= PGT_L4:
@@ -112,6 +148,8 @@ class FrameTable:
                 except XenError:
                     self.type[i] = PGT_NONE
                     self.count[i] = 0
+                    if published:
+                        self.types.unclaim(i)  # type: ignore[union-attr]
                     raise
         elif self.type[i] == t:
             self.count[i] = c + 1
@@ -128,6 +166,10 @@ class FrameTable:
             if PGT_L1 <= t <= PGT_L4:
                 self._devalidate(mfn, t)
             self.type[i] = PGT_NONE
+            self.count[i] = 0
+            if t != PGT_WRITABLE and self.types is not None:
+                self.types.unclaim(i)
+            return
         self.count[i] = c - 1
 
     # ------------------------------------------------------------ entries
@@ -231,6 +273,14 @@ class FrameTable:
         self.write_entry(maddr, new, old)
         self._put_entry_ref(old, 1)
 
+    def hold_writable(self, mfn: int) -> None:
+        """A writable type the hypervisor keeps for the domain's life on a frame
+        host backends write (the console and xenstore rings): the guest can
+        never make it a page table or descriptor page.  Counted by audit."""
+        self.get_type(mfn, PGT_WRITABLE)
+        i = mfn - self.mfn_base
+        self.held[i] = self.held.get(i, 0) + 1
+
     def pin(self, mfn: int, level: int) -> None:
         if not self.owns(mfn):
             raise XenError(EINVAL, f"pin of frame {mfn:#x} the domain does not own")
@@ -317,6 +367,9 @@ class FrameTable:
                 expect[i] += 1
                 expect_type[i] = self.type[i]
                 walk(i + self.mfn_base, self.type[i])
+        for i, n in self.held.items():
+            expect[i] += n
+            expect_type[i] = PGT_WRITABLE
         for r in roots:
             j = r - self.mfn_base
             expect[j] += 1

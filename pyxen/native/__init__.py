@@ -88,7 +88,8 @@ def build() -> Path:
 
 def _declare(lib: ctypes.CDLL) -> None:
     f = lib.pxg_new
-    f.argtypes = [vp, ctypes.c_uint32, vp, ctypes.c_uint64, ctypes.c_uint64, vp]
+    f.argtypes = [vp, ctypes.c_uint32, vp, ctypes.c_uint64, ctypes.c_uint64, vp, vp,
+                  ctypes.c_uint64, vp]
     f.restype = vp
     lib.pxg_free.argtypes = [vp]
     lib.pxg_free.restype = None

@@ -9,6 +9,14 @@
  * at the same time either sees the bits (and must not reuse the page) or we
  * see the revocation (and fail).  Holds are counted per ref; the bits drop
  * with the last hold.  One mutex per table keeps counts and bits together.
+ *
+ * A hold for writing also takes a writable use of the ref's active entry,
+ * which takes a writable hold on the page's type word (Xen's
+ * get_page_type(PGT_writable_page)): refused while the guest uses the page
+ * as a page table or descriptor page, and while held the guest cannot give
+ * the page such a type.  The protocol is the one of pyxen/hv/interdomain.py
+ * (TypeWords, ActiveGrants), with the same compare-and-swaps, since the
+ * guest's vCPU thread, other domains' processes and these threads share it.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -17,16 +25,26 @@
 #include "native.h"
 
 struct pxg *pxg_new(uint8_t *gt, uint32_t max_refs, uint8_t *ram, uint64_t nr_pages,
-                    uint64_t mfn_base, uint64_t *dirty)
+                    uint64_t mfn_base, uint64_t *dirty, uint32_t *types, uint64_t nr_types,
+                    uint64_t *active)
 {
-    struct pxg *g = calloc(1, sizeof(*g));
+    struct pxg *g;
+    if (!types || !active)
+        return NULL;
+    g = calloc(1, sizeof(*g));
     if (!g)
         return NULL;
     g->holds = calloc(max_refs ? max_refs : 1, sizeof(uint16_t));
-    if (!g->holds) {
+    g->wheld = calloc(max_refs ? max_refs : 1, 1);
+    if (!g->holds || !g->wheld) {
+        free(g->holds);
+        free(g->wheld);
         free(g);
         return NULL;
     }
+    g->types = types;
+    g->nr_types = nr_types;
+    g->active = active;
     g->gt = gt;
     g->max_refs = max_refs;
     g->ram = ram;
@@ -43,6 +61,7 @@ void pxg_free(struct pxg *g)
         return;
     pthread_mutex_destroy(&g->lock);
     free(g->holds);
+    free(g->wheld);
     free(g);
 }
 
@@ -55,6 +74,70 @@ static void drop_bits(struct pxg *g, uint32_t ref)
 {
     uint16_t *flags = (uint16_t *)(g->gt + (uint64_t)ref * 8);
     __atomic_fetch_and(flags, (uint16_t)~(GTF_reading | GTF_writing), __ATOMIC_SEQ_CST);
+}
+
+static int type_hold(struct pxg *g, uint64_t pfn)
+{
+    uint32_t *a, w;
+    if (pfn >= g->nr_types)
+        return 0;
+    a = &g->types[pfn];
+    w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    for (;;) {
+        if ((w & TW_TYPE_MASK) || w > TW_MAX)
+            return 0;
+        if (__atomic_compare_exchange_n(a, &w, w + TW_HOLD, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return 1;
+    }
+}
+
+static void type_unhold(struct pxg *g, uint64_t pfn)
+{
+    uint32_t *a, w;
+    if (pfn >= g->nr_types)
+        return;
+    a = &g->types[pfn];
+    w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    while (w >= TW_HOLD)
+        if (__atomic_compare_exchange_n(a, &w, w - TW_HOLD, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return;
+}
+
+/* One more writable use of ref by domain me: the pfn to write (pfn on the
+ * first use, the latched one after), or -1 if the type rules refuse it. */
+static int64_t active_hold(struct pxg *g, uint32_t ref, uint16_t me, uint64_t pfn)
+{
+    uint64_t *a = &g->active[ref], w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    for (;;) {
+        if (w == 0) {
+            if (!type_hold(g, pfn))
+                return -1;
+            if (__atomic_compare_exchange_n(a, &w, pfn | AE_COUNT | ((uint64_t)me << 48), 0,
+                                            __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+                return (int64_t)pfn;
+            type_unhold(g, pfn);
+            continue;
+        }
+        if ((w >> 48) != me || ((w >> 32) & 0xFFFF) >= AE_COUNT_MAX)
+            return -1;
+        if (__atomic_compare_exchange_n(a, &w, w + AE_COUNT, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            return (int64_t)(w & 0xFFFFFFFFu);
+    }
+}
+
+static void active_unhold(struct pxg *g, uint32_t ref)
+{
+    uint64_t *a = &g->active[ref], w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    while ((w >> 32) & 0xFFFF) {
+        int last = ((w >> 32) & 0xFFFF) == 1;
+        uint64_t seen = w;
+        if (__atomic_compare_exchange_n(a, &w, last ? 0 : w - AE_COUNT, 0, __ATOMIC_SEQ_CST,
+                                        __ATOMIC_SEQ_CST)) {
+            if (last)
+                type_unhold(g, seen & 0xFFFFFFFFu);
+            return;
+        }
+    }
 }
 
 /* Caller holds g->lock. */
@@ -93,6 +176,19 @@ held:
             drop_bits(g, ref);
         return PXG_E_FRAME;
     }
+    if (write && !g->wheld[ref]) {
+        int64_t p = active_hold(g, ref, me, pfn);
+        if (p < 0) {
+            if (!g->holds[ref])
+                drop_bits(g, ref);
+            return PXG_E_TYPE;
+        }
+        g->wheld[ref] = 1;
+        pfn = (uint64_t)p;
+    } else if (write) {
+        /* our writable use latched the frame: write that one */
+        pfn = __atomic_load_n(&g->active[ref], __ATOMIC_SEQ_CST) & 0xFFFFFFFFu;
+    }
     g->holds[ref]++;
     return (int64_t)(pfn << 12);
 }
@@ -101,8 +197,13 @@ static void release_locked(struct pxg *g, uint32_t ref)
 {
     if (ref >= g->max_refs || !g->holds[ref])
         return;
-    if (--g->holds[ref] == 0)
+    if (--g->holds[ref] == 0) {
+        if (g->wheld[ref]) {
+            g->wheld[ref] = 0;
+            active_unhold(g, ref);
+        }
         drop_bits(g, ref);
+    }
 }
 
 int64_t pxg_acquire(struct pxg *g, uint32_t ref, uint16_t me, int write)

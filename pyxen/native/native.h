@@ -27,6 +27,17 @@
 #define PXG_E_RDONLY (-3)   /* write access to a read-only grant */
 #define PXG_E_FRAME (-4)    /* the frame is not one of the guest's RAM pages */
 #define PXG_E_BUSY (-5)     /* too many holds on one ref */
+#define PXG_E_TYPE (-6)     /* write to a page table / descriptor page (Xen: bad type) */
+
+/* Page-type words (pyxen/hv/interdomain.py TypeWords), one u32 per RAM page:
+ * the owner's write-forbidding type in the low bits, writable holds above. */
+#define TW_TYPE_MASK 0x7u
+#define TW_HOLD 0x8u
+#define TW_MAX (0xFFFFFFFFu - TW_HOLD)
+/* Active grant entries (interdomain.py ActiveGrants), one u64 per ref:
+ * pfn (bits 0-31) | writable uses (32-47) | holder domid (48-63). */
+#define AE_COUNT (1ull << 32)
+#define AE_COUNT_MAX 0xFFFFu
 
 /* One guest's grant table as a backend in the guest's own process sees it. */
 struct pxg {
@@ -37,12 +48,17 @@ struct pxg {
     uint64_t mfn_base;
     uint64_t *dirty;         /* XH_DIRTY bitmap, one bit per pfn */
     volatile int logdirty;   /* set while the toolstack logs dirty pages */
+    uint32_t *types;         /* page-type words, one per RAM page */
+    uint64_t nr_types;       /* the domain's max_pages */
+    uint64_t *active;        /* active grant entries, one per ref */
     pthread_mutex_t lock;
     uint16_t *holds;         /* per ref: how many backend holds */
+    uint8_t *wheld;          /* per ref: we hold one writable use (active entry) */
 };
 
 struct pxg *pxg_new(uint8_t *gt, uint32_t max_refs, uint8_t *ram, uint64_t nr_pages,
-                    uint64_t mfn_base, uint64_t *dirty);
+                    uint64_t mfn_base, uint64_t *dirty, uint32_t *types, uint64_t nr_types,
+                    uint64_t *active);
 void pxg_free(struct pxg *g);
 void pxg_set_logdirty(struct pxg *g, int on);
 int64_t pxg_acquire(struct pxg *g, uint32_t ref, uint16_t me, int write);

@@ -46,6 +46,7 @@ from .xsdomain import DomainSocket, write_domain_layout, write_vbd
 # ops only a domain process (the one the zygote forked for a domain) may send,
 # on a connection of its own; it may send nothing else
 DOMAIN_OPS = frozenset({"peer", "evtchn-bind", "evtchn-unbind"})
+EPERM, ESRCH = 1, 3
 
 
 @dataclass
@@ -561,9 +562,8 @@ class Daemon:
         if op == "block-list":
             return {"ok": True, "disks": self.request(rec, "block-list")["disks"]}
         if op == "peer":
-            if rec.memfd < 0:
-                return {"ok": False, "error": f"domain {rec.domid} has no memory yet", "errno": 3}
-            return {"ok": True, "pid": rec.pid, "memfd": rec.memfd, "max_pages": rec.max_pages}
+            assert caller is not None
+            return self._peer_op(req, caller)
         if op in ("evtchn-bind", "evtchn-unbind"):
             assert caller is not None
             validate.port(req.get("port"))
@@ -576,6 +576,39 @@ class Daemon:
             return self.forward(rec, fwd, port=req.get("port"), from_dom=req.get("from_dom"),
                                 from_port=req.get("from_port"))
         raise ValueError(f"unknown operation {op!r}")
+
+    def _peer_op(self, req: dict[str, Any], asker: Record) -> dict[str, Any]:
+        """Where domain ``domain``'s RAM memfd is, for the process of domain
+        ``from_dom`` only: the connection must come from the pid we recorded
+        for that domain (SO_PEERCRED: ``asker``, found by handle()), and the target's process must consent,
+        which it does only if its guest granted ``from_dom`` something
+        (directory.ProcessDirectory.consent).  Sizes are the daemon's own
+        record of the target (its config), never what any process says."""
+        try:
+            from_dom = int(req.get("from_dom", -1))
+            target = self._find(req.get("domain"))
+        except (LookupError, ValueError, TypeError) as e:
+            return {"ok": False, "error": f"peer: {e}", "errno": ESRCH}
+        if from_dom != asker.domid:
+            self.log(f"peer: refused domain {target.domid}'s memory to pid {asker.pid} "
+                     f"(domain {asker.domid}'s process, asking as domain {from_dom})")
+            return {"ok": False, "error": f"peer: the caller is not domain {from_dom}'s process",
+                    "errno": EPERM}
+        if target.memfd < 0 or target.conn is None:
+            return {"ok": False, "error": f"domain {target.domid} has no memory yet", "errno": ESRCH}
+        try:
+            consent = self.forward(target, "peer-consent", from_dom=from_dom)
+        except (TimeoutError, OSError) as e:
+            return {"ok": False, "error": f"peer: domain {target.domid}: {e}", "errno": ESRCH}
+        if not consent.get("ok"):
+            return {"ok": False, "error": str(consent.get("error", "refused")), "errno": EPERM}
+        spec = target.spec
+        nr_pages = int(spec.get("memory_mib") or 0) * 256
+        max_pages = max(int(spec.get("maxmem_mib") or 0) * 256, nr_pages)
+        if max_pages != target.max_pages:  # the process was built for another size: trust neither
+            return {"ok": False, "error": f"domain {target.domid}: size mismatch", "errno": ESRCH}
+        return {"ok": True, "pid": target.pid, "memfd": target.memfd, "max_pages": max_pages,
+                "nr_pages": nr_pages}
 
     def shutdown(self, rec: Record, how: str, timeout: float) -> dict[str, Any]:
         """As xl: ask the guest through control/shutdown if it advertises support

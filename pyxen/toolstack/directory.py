@@ -5,7 +5,9 @@ number, size) and brokers the *setup* of a connection; the data path never
 touches it:
 
 * memory: the peer's memfd is duplicated into this process with
-  ``pidfd_getfd(2)`` and mapped;
+  ``pidfd_getfd(2)`` and mapped, once the daemon has checked that we are the
+  asking domain's process and the peer's process has consented (its guest
+  granted us something, :meth:`ProcessDirectory.consent`);
 * event channels: the accepting side creates two eventfds (one per
   direction) and registers its inbound one in its own selector; the binding
   side duplicates both with ``pidfd_getfd`` and does the same.  A send is an
@@ -16,6 +18,7 @@ touches it:
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import threading
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi
 from ..abi import XenError
+from ..hv import machine as M
 from ..hv.interdomain import Directory, PeerMemory
 from . import paths
 from .proto import Conn, ProtocolError
@@ -77,12 +81,43 @@ class ProcessDirectory(Directory):
         return r
 
     # ------------------------------------------------------------ memory
-    def peer(self, domid: int) -> PeerMemory:
-        r = self._ask(op="peer", domain=domid)
-        fd = pidfd_getfd(int(r["pid"]), int(r["memfd"]))
-        size = os.fstat(fd).st_size
-        buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        return PeerMemory(domid, buf, fd, int(r["max_pages"]), owned=True)
+    def peer(self, domid: int, requester: int = -1) -> PeerMemory:
+        """Domain ``domid``'s memory, through the daemon, which checks that this
+        connection is ``requester``'s process (SO_PEERCRED) and asks the
+        granter's process, which consents only if it granted ``requester``
+        something (:meth:`consent`).  Sizes come from the daemon's record and
+        the memfd itself, never from the peer's memory."""
+        r = self._ask(op="peer", domain=domid, from_dom=requester)
+        try:
+            fd = pidfd_getfd(int(r["pid"]), int(r["memfd"]))
+        except OSError as e:
+            raise XenError(abi.ESRCH, f"domain {domid}'s memory: {e.strerror}") from None
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & M.RAM_SEALS != M.RAM_SEALS:
+                raise XenError(abi.ESRCH, f"domain {domid}'s memory can change size: not mapped")
+            size = os.fstat(fd).st_size
+            buf = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, XenError) as e:
+            os.close(fd)
+            if isinstance(e, XenError):
+                raise
+            raise XenError(abi.ESRCH, f"domain {domid}'s memory: {e}") from None
+        try:
+            return PeerMemory(domid, buf, fd, int(r["max_pages"]), owned=True,
+                              nr_pages=int(r.get("nr_pages", r["max_pages"])))
+        except XenError:
+            buf.close()
+            os.close(fd)
+            raise
+
+    @staticmethod
+    def consent(local: Domain, from_dom: int) -> dict[str, int]:
+        """The granter's half of :meth:`peer`, run in its process: its memory
+        goes only to a domain it has granted something to."""
+        if from_dom == local.domid or not local.gnttab.grants_to(from_dom):
+            raise XenError(abi.EPERM, f"domain {local.domid} granted domain {from_dom} nothing")
+        return {"domid": local.domid}
 
     # ------------------------------------------------------------ event channels
     def bind(self, local: Domain, lport: int, remote_dom: int, remote_port: int) -> Callable[[], None]:

@@ -285,6 +285,8 @@ class DomainProcess:
             elif op == "evtchn-accept":
                 reply.update(self.directory.accept(d, int(msg["port"]), int(msg["from_dom"]),
                                                    int(msg["from_port"])))
+            elif op == "peer-consent":
+                reply.update(self.directory.consent(d, int(msg["from_dom"])))
             elif op == "evtchn-remote-closed":
                 self.directory.drop(int(msg["port"]))
                 d.evtchn.remote_closed(int(msg["port"]), int(msg["from_dom"]))

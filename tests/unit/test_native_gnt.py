@@ -26,8 +26,11 @@ class Table:
         self.gt = (ctypes.c_uint8 * (REFS * 8))()
         self.ram = (ctypes.c_uint8 * (PAGES * 4096))()
         self.dirty = (ctypes.c_uint64 * 1)()
+        self.types = (ctypes.c_uint32 * PAGES)()
+        self.active = (ctypes.c_uint64 * REFS)()
         self.g = lib.pxg_new(ctypes.addressof(self.gt), REFS, ctypes.addressof(self.ram), PAGES,
-                             MFN_BASE, ctypes.addressof(self.dirty))
+                             MFN_BASE, ctypes.addressof(self.dirty), ctypes.addressof(self.types),
+                             PAGES, ctypes.addressof(self.active))
 
     def grant(self, ref: int, pfn: int, domid: int = 0, readonly: bool = False) -> None:
         flags = G.GTF_permit_access | (G.GTF_readonly if readonly else 0)
