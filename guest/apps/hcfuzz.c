@@ -2112,15 +2112,30 @@ static void gf_do_misc(void)
         /* struct gnttab_transfer { xen_pfn_t mfn; domid_t domid; grant_ref_t ref;
          * int16_t status; }: never a frame of ours (a Xen would take it away) */
         uint64_t *t = (uint64_t *)(fuzzbuf + PAGE_SIZE - 24);
+        int kind = FK_FOREIGN, k = -1;
         op = OP_TRANSFER;
         ptr = rnd() % 8 ? (unsigned long)t : bad_ptr();
-        t[0] = rnd() % 2 ? foreign_mfn() : rnd();
+        switch (rnd() % 6) {
+        case 0: t[0] = foreign_mfn(); break;
+        case 1: kind = FK_GARBAGE; t[0] = rnd(); break;
+        case 2: case 3:         /* our own page tables and GDT: never transferable */
+            k = rnd() % nsens; kind = sens[k].kind; t[0] = sens[k].mfn; break;
+        case 4:
+            kind = rnd() % 2 ? FK_SHINFO : FK_GNTTAB;
+            t[0] = kind == FK_SHINFO ? si_mfn : gt_mfn[rnd() % gt_nframes];
+            break;
+        default:                /* a pool page we could lose (not the first or last) */
+            kind = FK_POOL; t[0] = pool_mfn[1 + rnd() % (GF_POOL - 2)]; break;
+        }
         t[1] = (rnd() % 2 && have_peer ? peer_id : gf_dom_garbage()) |
-               ((uint64_t)(uint32_t)rnd() << 32);
+               ((uint64_t)(uint32_t)(rnd() % 2 ? GP_RND + rnd() % GP_RND_N : rnd()) << 32);
         t[2] = 0x7777;
         rc = HYPERVISOR_grant_table_op(GNTTABOP_transfer_, (void *)ptr, 1);
-        if (rc == 0 && ptr == (unsigned long)t && (int16_t)t[2] != 0x7777)
+        if (rc == 0 && ptr == (unsigned long)t && (int16_t)t[2] != 0x7777) {
             gf_status(op, (int16_t)t[2]);
+            if ((int16_t)t[2] == GNTST_okay && kind != FK_POOL)
+                gf_violation("transfer", 0, kind, (unsigned long)t[0], 0);
+        }
         break;
     }
     default:
