@@ -1653,6 +1653,8 @@ static void gf_regrant(unsigned int base, unsigned int n, domid_t primary, int p
         kind = FK_MIRROR; idx = rnd() % nsens; frame = sens[idx].mirror_mfn; break;
     default:
         kind = FK_GARBAGE; frame = rnd() % 3 ? (uint32_t)rnd() : PICK(0, 1, 0xffffffff, 0x100000);
+        if (own_ram(frame))     /* a frame we run on would be ours to wreck: one past our RAM */
+            frame = max_mfn + 1 + rnd() % 16;
         break;
     }
     /* never hand out something we could not bear to have written */
