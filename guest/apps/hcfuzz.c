@@ -6,7 +6,9 @@
  * neither crash nor hang, and must not let us touch anything we don't own.
  *
  * cmdline: seed=S (xorshift seed, default 1), n=K (calls per hypercall,
- * default 48).
+ * default 48).  grants=1 [ops=N peer=P bystander=B] fuzzes grant_table_op
+ * instead, and role=partner is the domain that grants it frames (see
+ * "grant-table fuzzing" below and docs/guest.md).
  *
  * Output (exact formats):
  *   hcfuzz: seed=S n=K
