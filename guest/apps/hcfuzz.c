@@ -1623,8 +1623,8 @@ static void gf_regrant(unsigned int base, unsigned int n, domid_t primary, int p
     int kind, rw;
 
     switch (rnd() % 10) {
-    case 0: case 1: case 2: case 3: case 4: case 5: dom = primary; break;
-    case 6: dom = have_peer && !partner_role ? peer_id : self_id; break;
+    case 0: case 1: case 2: case 3: case 4: dom = primary; break;
+    case 5: case 6: dom = have_peer && !partner_role ? peer_id : primary; break;
     case 7: dom = self_id; break;
     default: dom = gf_dom_garbage(); break;
     }
@@ -2173,7 +2173,8 @@ static int gf_busy_entries(void)
 {
     int busy = 0;
     for (unsigned int r = GF_OWN_SENS; r < GF_OWN_END; r++)
-        if (READ_ONCE(gt[r].flags) & (GTF_reading | GTF_writing))
+        if ((READ_ONCE(gt[r].flags) & (GTF_reading | GTF_writing)) &&
+            !(have_peer && READ_ONCE(gt[r].domid) == peer_id))  /* the partner may hold those */
             busy++;
     return busy;
 }
@@ -2423,6 +2424,30 @@ static int gf_join_peer(void)
     return 0;
 }
 
+/* Tell the partner we are about to go (join = "done") and wait until it has
+ * stopped touching our grants (its data/gfuzz/stopped), so what it does once
+ * we are gone is decided by it, not by a race with our power-off. */
+static void gf_leave_peer(void)
+{
+    char path[64], buf[8];
+    uint64_t deadline = monotonic_ns() + 30 * NSEC_PER_SEC;
+
+    snprintf(path, sizeof(path), "/local/domain/%u/data/gfuzz/join", peer_id);
+    if (xenbus_write(XBT_NIL, path, "done")) {
+        printk("hcfuzz: grants FAIL cannot tell the partner we are done\n");
+        return;
+    }
+    snprintf(path, sizeof(path), "/local/domain/%u/data/gfuzz/stopped", peer_id);
+    while (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) <= 0) {
+        if (monotonic_ns() >= deadline) {
+            printk("hcfuzz: grants FAIL the partner never stopped\n");
+            return;
+        }
+        msleep(20);
+    }
+    printk("hcfuzz: grants partner stopped, leaving\n");
+}
+
 static void gf_summary(unsigned long total)
 {
     printk("hcfuzz: grants done ops=%lu batches=%lu entries=%lu violations=%lu\n",
@@ -2503,6 +2528,8 @@ static int gf_main(const char *cmdline)
         if (g >= 0 && _hypercall2(long, HC_set_gdt, &sens[g].mfn, 0))
             printk("hcfuzz: grants FAIL cannot unload our GDT\n");
     }
+    if (have_peer)
+        gf_leave_peer();
     /* still alive and working */
     msleep(20);
     *(volatile uint64_t *)pool[0] = 0x600dcafe;
@@ -2512,14 +2539,80 @@ static int gf_main(const char *cmdline)
     poweroff();
 }
 
+/* The partner's own pokes at the fuzzer's grants: read-only or writable maps
+ * (never written through), unmaps, and copies *out of* them into its pool. */
+static struct gf_map plive[32];
+static int npl;
+static unsigned long p_maps, p_map_ok, p_unmaps, p_unmap_ok, p_copies, p_copy_ok;
+
+static void gp_poke(domid_t fz)
+{
+    uint32_t ref, h;
+    long st;
+
+    ref = rnd() % 4 ? GF_OWN_RND + rnd() % GF_OWN_RND_N
+                    : GF_OWN_SENS + rnd() % (GF_OWN_END - GF_OWN_SENS);
+    switch (rnd() % 4) {
+    case 0: {
+        uint32_t flags = (rnd() % 3 ? GNTMAP_host_map : GNTMAP_device_map) |
+                         (rnd() % 2 ? GNTMAP_readonly : 0);
+        unsigned long va = flags & GNTMAP_host_map ? maparea + (rnd() % GF_MAPAREA) * PAGE_SIZE : 0;
+        if (npl >= (int)ARRAY_SIZE(plive))
+            break;
+        p_maps++;
+        if (gmap1(fz, ref, flags, va, &h) == GNTST_okay) {
+            p_map_ok++;
+            plive[npl].handle = h;
+            plive[npl].host_addr = va;
+            npl++;
+        }
+        break;
+    }
+    case 1: {
+        struct gnttab_unmap_grant_ref u;
+        int j;
+        long rc;
+        if (!npl || (npl < 4 && rnd() % 32))  /* keep a few across the fuzzer's end */
+            break;
+        j = rnd() % npl;
+        memset(&u, 0, sizeof(u));
+        u.host_addr = plive[j].host_addr;
+        u.handle = plive[j].handle;
+        rc = HYPERVISOR_grant_table_op(GNTTABOP_unmap_grant_ref, &u, 1);
+        p_unmaps++;
+        if (rc == 0 && u.status == GNTST_okay)
+            p_unmap_ok++;
+        else if (p_unmaps - p_unmap_ok <= 4)
+            printk("hcfuzz: partner unmap of handle %u: rc=%ld status=%d\n", u.handle, rc,
+                   u.status);
+        plive[j] = plive[--npl];
+        break;
+    }
+    default: {
+        unsigned int off = rnd() % PAGE_SIZE, len = 1 + rnd() % (PAGE_SIZE - off);
+        st = gcopy1(1, fz, ref, off, 0, DOMID_SELF, pool_mfn[rnd() % (GF_POOL - 1)], off, len);
+        p_copies++;
+        if (st == GNTST_okay)
+            p_copy_ok++;
+        break;
+    }
+    }
+}
+
 /*
  * role=partner: grants the fuzzer (which joins through data/gfuzz/join) its
  * own page tables, GDT, shared_info, grant-table and ordinary frames, keeps
  * rewriting the random ones, and checks once a beat (beat_ms=, default 500)
- * that its page tables, GDT and canaries are exactly what they were:
+ * that its page tables, GDT and canaries are exactly what they were.  It
+ * also maps (never writing through) and copies out of the fuzzer's grants,
+ * and keeps some of those mappings while the fuzzer powers off:
  *   hcfuzz: partner self=<d> waiting ...
  *   hcfuzz: partner fuzzer=<d> granted <n> sensitive frames
- *   hcfuzz: partner beat=<n> regrants=<k> frames=OK|BAD
+ *   hcfuzz: partner beat=<n> regrants=<k> frames=OK|BAD maps=<ok>/<tried>
+ *           unmaps=<ok>/<tried> copies=<ok>/<tried>
+ *   hcfuzz: partner stopped, holding <n> mappings ...   (the fuzzer said "done")
+ *   hcfuzz: partner fuzzer gone, keeping <n> held mappings
+ *       or, with unmap_after=1: ... unmapped <k> of <n> held mappings
  * It runs until destroyed (or beats=N).
  */
 static int gp_main(const char *cmdline)
@@ -2527,13 +2620,15 @@ static int gp_main(const char *cmdline)
     static struct xenbus_watch w;
     unsigned long beat_ms = cmdline_get_ulong(cmdline, "beat_ms", 500);
     unsigned long beats = cmdline_get_ulong(cmdline, "beats", 0), seen = 0, fuzzer;
+    unsigned long unmap_after = cmdline_get_ulong(cmdline, "unmap_after", 0);
     struct gp_desc *d;
     char buf[32];
     uint64_t next;
+    unsigned long pokes = 0;
     const char *end;
-    int rc;
+    int rc, gone = 0, stopped = 0;
 
-    if ((rc = gf_setup(0))) {
+    if ((rc = gf_setup(1))) {
         printk("hcfuzz: partner setup FAIL (%d)\n", rc);
         return 1;
     }
@@ -2582,13 +2677,61 @@ static int gp_main(const char *cmdline)
     next = monotonic_ns() + beat_ms * NSEC_PER_MSEC;
     for (unsigned long beat = 1; !beats || beat <= beats; ) {
         gf_regrant(GP_RND, GP_RND_N, (domid_t)fuzzer, 1);
+        if (!stopped)
+            gp_poke((domid_t)fuzzer);
         msleep(5);
+        if (!stopped && !(++pokes % 16) &&
+            xenbus_read(XBT_NIL, "data/gfuzz/join", buf, sizeof(buf)) > 0 && !strcmp(buf, "done")) {
+            stopped = 1;
+            /* hold at least one mapping across the fuzzer's end if we can */
+            for (uint32_t r = GF_OWN_RND; !npl && r < GF_OWN_END; r++) {
+                uint32_t h;
+                if (gmap1((domid_t)fuzzer, r, GNTMAP_device_map | GNTMAP_readonly, 0, &h) ==
+                    GNTST_okay) {
+                    plive[npl].handle = h;
+                    plive[npl].host_addr = 0;
+                    npl++;
+                }
+            }
+            if ((rc = xenbus_write(XBT_NIL, "data/gfuzz/stopped", "1")) ||
+                (rc = xenbus_set_perms_owner(XBT_NIL, "data/gfuzz/stopped", self_id, 'r')))
+                printk("hcfuzz: partner FAIL cannot write data/gfuzz/stopped: %d\n", rc);
+            printk("hcfuzz: partner stopped, holding %d mappings of the fuzzer's grants\n", npl);
+        }
         if (monotonic_ns() < next)
             continue;
         next += beat_ms * NSEC_PER_MSEC;
         rc = gf_check_frames("partner");
-        printk("hcfuzz: partner beat=%lu regrants=%lu frames=%s\n", beat, entry_writes,
-               rc ? "BAD" : "OK");
+        if (stopped && !gone && gcopy1(1, (domid_t)fuzzer, GF_OWN_RND, 0, 0, DOMID_SELF, pool_mfn[0], 0, 0)
+                     == GNTST_bad_domain) {
+            /* the fuzzer is gone: what we still map of it must unmap cleanly */
+            int held = npl, ok = 0;
+            gone = 1;
+            if (!unmap_after) {
+                printk("hcfuzz: partner fuzzer gone, keeping %d held mappings\n", npl);
+                held = 0;
+            }
+            while (held && npl) {
+                struct gnttab_unmap_grant_ref u;
+                long urc;
+                memset(&u, 0, sizeof(u));
+                u.host_addr = plive[npl - 1].host_addr;
+                u.handle = plive[npl - 1].handle;
+                urc = HYPERVISOR_grant_table_op(GNTTABOP_unmap_grant_ref, &u, 1);
+                if (urc == 0 && u.status == GNTST_okay)
+                    ok++;
+                else
+                    printk("hcfuzz: partner FAIL unmap of the gone fuzzer's handle %u: rc=%ld "
+                           "status=%d\n", u.handle, urc, u.status);
+                npl--;
+            }
+            if (held)
+                printk("hcfuzz: partner fuzzer gone, unmapped %d of %d held mappings\n", ok,
+                       held);
+        }
+        printk("hcfuzz: partner beat=%lu regrants=%lu frames=%s maps=%lu/%lu unmaps=%lu/%lu "
+               "copies=%lu/%lu\n", beat, entry_writes, rc ? "BAD" : "OK", p_map_ok, p_maps,
+               p_unmap_ok, p_unmaps, p_copy_ok, p_copies);
         beat++;
     }
     printk("hcfuzz: partner done violations=%lu\n", violations);

@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from pyxen.toolstack import paths
-from tests.conftest import ROOT, GuestRun
+from tests.conftest import ROOT, GuestRun, wait_listed
 
 SEEDS = [1, 2, 3]
 OPS = 100_000
@@ -85,6 +85,7 @@ class Result:
         self.partner = partner
         self.ticker = ticker
         self.others = others or {}
+        self.destroy_log: list[str] = []
         self.checks = {m.group(1): (int(m.group(2)), m.group(3)) for m in CHECK.finditer(output)}
         m = DONE.search(output)
         self.ops = int(m.group(1)) if m else 0
@@ -93,7 +94,8 @@ class Result:
     def ctx(self) -> str:
         return (f"fuzzer ({self.state}):\n{self.output[-5000:]}\ncrash: {self.crash[:2000]}\n"
                 f"partner:\n{self.partner[-1500:]}\nticker:\n{self.ticker[-500:]}\n"
-                "log:\n" + "\n".join(self.log[-40:]))
+                "log:\n" + "\n".join(self.log[-40:]) + "\nerrors:\n" +
+                "\n".join(_hypervisor_errors(self.log + self.destroy_log)[:20]))
 
     def fail_lines(self) -> list[str]:
         """Lines where the fuzzer saw something go wrong, other than a check."""
@@ -104,7 +106,7 @@ class Result:
 
 def _hypervisor_errors(lines: list[str]) -> list[str]:
     return [line for line in lines if "hypervisor error" in line or "Traceback" in line
-            or "Exception in thread" in line]
+            or "Exception in thread" in line or "Fatal Python error" in line]
 
 
 def _common_asserts(res: Result) -> None:
@@ -255,17 +257,29 @@ def _ticks(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"^tick (\d+) ", text, re.M)]
 
 
-_across: dict[int, Result] = {}
+@pytest.fixture
+def fhost(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Any:
+    """conftest's ``host``, with Python's fault handler on in every domain
+    process, so a process that dies of a signal says where in the daemon's log."""
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
+    return request.getfixturevalue("host")
 
 
-def _run_across(host: Any, seed: int) -> Result:
-    if seed in _across:
-        return _across[seed]
+_across: dict[tuple[int, int], Result] = {}
+
+
+def _run_across(host: Any, seed: int, ops: int = OPS, unmap_after: int = 0) -> Result:
+    """Partner, ticker, then the fuzzer; the partner holds some mappings of
+    the fuzzer's grants when the fuzzer goes (and unmaps them then with
+    ``unmap_after``).  The logs are read after the partner was destroyed."""
+    if (seed, unmap_after) in _across:
+        return _across[(seed, unmap_after)]
     cfg = ROOT / "examples"
     consoles: list[_Console] = []
     try:
         p = host.create(cfg / "grantfuzz-partner.cfg",
-                        [f'name="gfp{seed}"', f'extra="role=partner seed={seed}"'])
+                        [f'name="gfp{seed}"',
+                         f'extra="role=partner seed={seed} unmap_after={unmap_after}"'])
         pc = _Console(host.console_socket(p))
         consoles.append(pc)
         b = host.create(cfg / "ticker.cfg", [f'name="gfbystander{seed}"'])
@@ -275,7 +289,7 @@ def _run_across(host: Any, seed: int) -> Result:
         assert bc.wait_for(r"^tick 3 ", 60), bc.text
         f = host.create(cfg / "grantfuzz.cfg",
                         [f'name="gf{seed}"',
-                         f'extra="grants=1 seed={seed} ops={OPS} peer={p} bystander={b}"'])
+                         f'extra="grants=1 seed={seed} ops={ops} peer={p} bystander={b}"'])
         fc = _Console(host.console_socket(f))
         consoles.append(fc)
         fc.wait_for(r"^hcfuzz: survived", 180)
@@ -287,6 +301,8 @@ def _run_across(host: Any, seed: int) -> Result:
         state = doms[f]["state"] if f in doms else "gone"
         # the others go on: two more beats and ten more ticks after the fuzzer
         nbeats, nticks = len(_beats(pc.text)), len(_ticks(bc.text))
+        pc.wait_for(r"^hcfuzz: partner fuzzer gone", 30)
+        nbeats = len(_beats(pc.text))
         pc.wait_for(rf"^hcfuzz: partner beat={nbeats + 2} ", 30)
         bc.wait_for(rf"^tick {(_ticks(bc.text) or [0])[-1] + 10} ", 30)
         doms = {d["domid"]: d for d in host.list()}
@@ -294,25 +310,33 @@ def _run_across(host: Any, seed: int) -> Result:
                   "bystander": doms.get(b, {}).get("state", "gone"),
                   "partner_beats_before": str(nbeats), "ticks_before": str(nticks)}
         log = list(host.dmesg())
-        log += paths.daemon_log(host.run_dir).read_text(errors="replace").splitlines()
+        daemon_log = paths.daemon_log(host.run_dir)
+        log += daemon_log.read_text(errors="replace").splitlines()
         res = Result(fc.text, state, "", log, [], [], pc.text, bc.text, others)
+        # then the partner goes, still holding mappings of the dead fuzzer's grants
+        seen = len(daemon_log.read_text(errors="replace"))
         for d in (p, b):
-            host.destroy(d)
+            if d in doms:
+                host.destroy(d)
+        wait_listed(host, lambda ds: not any(x["domid"] in (p, b) for x in ds), 10,
+                    "partner and bystander destroyed")
+        time.sleep(0.5)  # the processes' last words reach the log
+        res.destroy_log = daemon_log.read_text(errors="replace")[seen:].splitlines()
     finally:
         for c in consoles:
             c.close()
-    _across[seed] = res
+    _across[(seed, unmap_after)] = res
     return res
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_grant_fuzz_across_domains(host: Any, seed: int) -> None:
+def test_grant_fuzz_across_domains(fhost: Any, seed: int) -> None:
     """The fuzzer maps and copies a partner's grants (its page tables, GDT,
     shared_info, random frames) while a ticker runs beside them: >= 10^5 ops,
     no hypervisor exception in any process, the fuzzer powers off cleanly,
     the partner keeps beating with its frames intact and the ticker keeps
     ticking without losing a tick."""
-    res = _run_across(host, seed)
+    res = _run_across(fhost, seed)
     assert res.state == "gone", res.ctx()
     assert re.search(r"^hcfuzz: joined partner \d+", res.output, re.M), res.ctx()
     assert "grant_map_rw_partner_l1" in res.checks, res.ctx()
@@ -331,10 +355,33 @@ def test_grant_fuzz_across_domains(host: Any, seed: int) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 @xfail_page_types
-def test_grant_fuzz_across_domains_page_types(host: Any, seed: int) -> None:
+def test_grant_fuzz_across_domains_page_types(fhost: Any, seed: int) -> None:
     """No writable map of and no copy into our own or the partner's page
     tables or GDT succeeds."""
-    _page_type_asserts(_run_across(host, seed))
+    _page_type_asserts(_run_across(fhost, seed))
+
+
+GRANTER_GONE_BUG = ("pyxen/hv/gnttab.py: peer_gone() closes the dead granter's PeerMemory while "
+                    "the mapper's maptrack entries still point into it; the mapper's later "
+                    "unmap_grant_ref (or release_all when it is destroyed) does "
+                    "atomic.fetch_and16 on the unmapped memory and SIGSEGVs the mapper's process")
+
+
+@pytest.mark.xfail(strict=True, reason=GRANTER_GONE_BUG)
+def test_mapper_unmaps_after_granter_died(fhost: Any) -> None:
+    """The attack: domain A maps domain B's grants and keeps them while B
+    powers off (here: the partner holds mappings of the fuzzer's grants);
+    then A unmaps them, and later A is destroyed.  Xen: the unmaps succeed
+    (the mapper's references keep the frames) and nothing else happens; the
+    mapper's process must neither die nor raise, and its domain keeps running."""
+    res = _run_across(fhost, SEEDS[0], ops=20_000, unmap_after=1)
+    m = re.search(r"^hcfuzz: partner fuzzer gone, unmapped (\d+) of (\d+) held", res.partner,
+                  re.M)
+    assert m, res.ctx()
+    assert int(m.group(2)) >= 1 and m.group(1) == m.group(2), m.group(0)
+    assert res.others["partner"] not in ("gone", "crashed", "shutdown", "dying"), res.ctx()
+    assert not _hypervisor_errors(res.log + res.destroy_log), \
+        _hypervisor_errors(res.log + res.destroy_log)
 
 
 if KNOWN_BUGS:
@@ -343,7 +390,7 @@ if KNOWN_BUGS:
         """Each check pyxen fails today, one by one: XPASS once it is fixed."""
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name]))
         if "partner" in name:
-            res = _run_across(request.getfixturevalue("host"), SEEDS[0])
+            res = _run_across(request.getfixturevalue("fhost"), SEEDS[0])
         else:
             res = _run_local(guest, SEEDS[0])
         assert name in res.checks, f"check {name} missing"
