@@ -1296,6 +1296,7 @@ static void ptf_cleanup(void)
 
 #define GF_MAX_SENS     40
 #define GF_POOL         24
+#define GF_POOL_OVER     2      /* pool[2..22]: a grant may be host-mapped over their PTEs */
 #define GF_CANARY        4
 #define GF_MAPAREA      64
 #define GF_MAXLIVE     256
@@ -1466,10 +1467,18 @@ static int gf_mirrors(void)
         sens[i].mirror_mfn = virt_to_mfn(sens[i].mirror);
     }
     if (maparea) {
-        for (int k = 0; k < GF_MAPAREA; k++) {
+        /* the map area's PTEs, and those of the pool pages a grant may be
+         * mapped over (GF_POOL_OVER..): the hypervisor writes both */
+        for (int k = 0; k < GF_MAPAREA + GF_POOL; k++) {
             uint64_t ma;
-            unsigned long off;
-            if (!mm_lookup_pte(maparea + (unsigned long)k * PAGE_SIZE, &ma))
+            unsigned long off, va;
+            if (k < GF_MAPAREA)
+                va = maparea + (unsigned long)k * PAGE_SIZE;
+            else if (k - GF_MAPAREA >= GF_POOL_OVER && k - GF_MAPAREA < GF_POOL - 1)
+                va = (unsigned long)pool[k - GF_MAPAREA];
+            else
+                continue;
+            if (!mm_lookup_pte(va, &ma))
                 continue;
             off = ma & (PAGE_SIZE - 1);
             for (int i = 0; i < nsens; i++) {
@@ -1747,11 +1756,13 @@ static void gf_pick_ref(domid_t *dom, uint32_t *ref)
 
 static unsigned long gf_host_addr(void)
 {
-    switch (rnd() % 10) {
+    switch (rnd() % 11) {
     case 0: case 1: case 2: case 3: case 4: case 5:
         return maparea + (rnd() % GF_MAPAREA) * PAGE_SIZE;
     case 6: return maparea + (rnd() % GF_MAPAREA) * PAGE_SIZE + (rnd() & 0xFFF);
     case 7: return 0;
+    case 8:     /* over a live PTE of ours (a pool page we only use by frame number) */
+        return (unsigned long)pool[GF_POOL_OVER + rnd() % (GF_POOL - 1 - GF_POOL_OVER)];
     default: {
         unsigned long p = bad_ptr();
         /* never a page we run on: the hypervisor would replace its PTE */
