@@ -17,10 +17,8 @@ What must hold, whatever the fuzzer sends:
 * the partner keeps its heartbeat with its page tables, GDT and canaries
   intact, and a bystander ``ticker`` keeps ticking, without a lost tick;
 * Xen's page-type rule: a writable map of, or a copy into, a page-table or
-  GDT frame is refused (issue 8, finding 1).  That rule is broken on today's
-  code, so those assertions are strict xfails (``PAGE_TYPE_BUG``): they turn
-  into XPASS once grant operations take type references; then set
-  ``PAGE_TYPES_ENFORCED = True``.
+  GDT frame is refused (issue 8, finding 1; before the fix these checks
+  returned GNTST_okay).
 
 The fuzzer never writes anything harmful even where the hypervisor wrongly
 lets it: a copy into a page table carries the table's own contents (from a
@@ -44,26 +42,9 @@ from tests.conftest import ROOT, GuestRun, wait_listed
 SEEDS = [1, 2, 3]
 OPS = 100_000
 
-# Flip to True once grant operations take page types (issue 8, finding 1): the
-# strict xfails below then become ordinary assertions.
-PAGE_TYPES_ENFORCED = False
-PAGE_TYPE_BUG = ("issue 8 finding 1: grant map/copy ignore page types (pyxen/hv/gnttab.py: "
-                 "map() and _copy_side() take no writable type reference, so a writable map "
-                 "of or a copy into an L1..L4 or GDT frame succeeds)")
-
-# check name -> why pyxen differs from Xen today (strict xfail each, as test_hostile.py)
-KNOWN_BUGS: dict[str, str] = {} if PAGE_TYPES_ENFORCED else {
-    "grant_map_rw_own_l1": PAGE_TYPE_BUG,
-    "grant_map_rw_own_l4": PAGE_TYPE_BUG,
-    "grant_map_rw_own_gdt": PAGE_TYPE_BUG,
-    "grant_copy_into_own_gdt": PAGE_TYPE_BUG,
-    "grant_copy_into_own_l1_by_gref": PAGE_TYPE_BUG,
-    "grant_copy_into_own_l4_by_gref": PAGE_TYPE_BUG,
-    "grant_map_rw_partner_l1": PAGE_TYPE_BUG,
-    "grant_copy_into_partner_l1": PAGE_TYPE_BUG,
-}
-
-xfail_page_types = pytest.mark.xfail(not PAGE_TYPES_ENFORCED, strict=True, reason=PAGE_TYPE_BUG)
+# check name -> why pyxen differs from Xen today (strict xfail each, as test_hostile.py).
+# Empty: the 8 page-type checks the fuzzer found failing (issue 8 finding 1) pass now.
+KNOWN_BUGS: dict[str, str] = {}
 
 CHECK = re.compile(r"^hcfuzz: check (\S+) rc=(-?\d+) (OK|FAIL)", re.M)
 DONE = re.compile(r"^hcfuzz: grants done ops=(\d+) batches=(\d+) entries=(\d+) violations=(\d+)",
@@ -129,7 +110,7 @@ def _common_asserts(res: Result) -> None:
 
 
 def _page_type_asserts(res: Result) -> None:
-    """Xen's rule, checked from every angle the run has (strict xfail today)."""
+    """Xen's rule, checked from every angle the run has."""
     for name in KNOWN_BUGS:
         if name in res.checks:
             assert res.checks[name][1] == "OK", f"{name} rc={res.checks[name][0]}"
@@ -190,7 +171,6 @@ def test_grant_fuzz_own_frames(guest: Path, seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS[:2])
-@xfail_page_types
 def test_grant_fuzz_own_frames_page_types(guest: Path, seed: int) -> None:
     """No writable map of and no copy into our own page tables or GDT succeeds."""
     _page_type_asserts(_run_local(guest, seed))
@@ -354,20 +334,12 @@ def test_grant_fuzz_across_domains(fhost: Any, seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@xfail_page_types
 def test_grant_fuzz_across_domains_page_types(fhost: Any, seed: int) -> None:
     """No writable map of and no copy into our own or the partner's page
     tables or GDT succeeds."""
     _page_type_asserts(_run_across(fhost, seed))
 
 
-GRANTER_GONE_BUG = ("pyxen/hv/gnttab.py: peer_gone() closes the dead granter's PeerMemory while "
-                    "the mapper's maptrack entries still point into it; the mapper's later "
-                    "unmap_grant_ref (or release_all when it is destroyed) does "
-                    "atomic.fetch_and16 on the unmapped memory and SIGSEGVs the mapper's process")
-
-
-@pytest.mark.xfail(strict=True, reason=GRANTER_GONE_BUG)
 def test_mapper_unmaps_after_granter_died(fhost: Any) -> None:
     """The attack: domain A maps domain B's grants and keeps them while B
     powers off (here: the partner holds mappings of the fuzzer's grants);
