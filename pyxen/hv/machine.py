@@ -68,6 +68,13 @@ HC_PORT, TRAP_PORT, HELPER_PORT, SYSCALL_PORT = 0xF0, 0xF1, 0xF2, 0xF3
 SYSCALL_STUB_VA = 0xFFFF808000000000 + (511 << 30) + (511 << 21) + (511 << 12)
 
 MAX_VCPUS = 16
+# The largest domain the address map holds.  The hypervisor area grows with RAM
+# (the M2P takes one page per 2 MiB, plus its L1s and one direct-map L2 per GiB)
+# and must end below GRANT_GPA, which leaves it 768 MiB: room for ~380 GiB of
+# RAM.  256 GiB keeps a margin for more Xen-heap frames; RAM then also ends well
+# inside the direct map's 512 GiB L4 slot.  Above this, KVM would refuse the
+# overlapping memory slots with a bare EEXIST, so the constructor checks first.
+MAX_RAM_MIB = 256 << 10
 # hypervisor area: fixed pages
 PG_HV_L3, PG_HV_L2, PG_HV_L1, PG_PERCPU_L1 = 0, 1, 2, 3
 PG_M2P_L3, PG_M2P_L2, PG_DM_L3, PG_CODE, PG_IDT, PG_ZERO = 4, 5, 6, 7, 8, 9
@@ -129,6 +136,8 @@ class Machine:
     def __init__(self, max_pages: int, nr_vcpus: int) -> None:
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}")
+        if not 1 <= max_pages <= MAX_RAM_MIB * 256:
+            raise ValueError(f"memory must be 1 page..{MAX_RAM_MIB} MiB, got {max_pages} pages")
         self.max_pages = max_pages
         self.dirty_pages = (max_pages + 32767) // 32768  # 1 bit per RAM page
         self.nr_frames = max_pages + XH_DIRTY + self.dirty_pages
