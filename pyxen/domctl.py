@@ -11,9 +11,9 @@ from . import hostmem
 from .backends.console import ConsoleBackend
 from .builder import pv
 from .builder.elf import ElfError, XenKernel, load_elf
+from .hostmem import MAX_RAM_MIB
 from .hv.domain import Domain, DomainSpec
 from .hv.interdomain import Directory
-from .hv.machine import MAX_RAM_MIB
 
 
 class CreateError(ValueError):

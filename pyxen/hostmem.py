@@ -15,6 +15,17 @@ from __future__ import annotations
 
 MEMINFO = "/proc/meminfo"
 
+#: The largest domain (memory or maxmem, MiB) that ``hv/machine.py``'s address
+#: map holds.  The hypervisor area grows with RAM (the M2P takes one page per
+#: 2 MiB, plus its L1s and one direct-map L2 per GiB) and must end below
+#: ``GRANT_GPA``, which leaves it 768 MiB: room for ~380 GiB of RAM.  256 GiB
+#: keeps a margin for more Xen-heap frames, and RAM then also ends well inside
+#: the direct map's 512 GiB L4 slot.  Above this KVM would refuse the
+#: overlapping memory slots with a bare EEXIST, so the config loader, the
+#: builder (``domctl.check_spec``) and ``Machine`` check first.  (It lives here,
+#: not in machine.py, so that the CLI can check it without importing KVM code.)
+MAX_RAM_MIB = 256 << 10
+
 
 def available_mib(meminfo: str | None = None) -> int | None:
     """``MemAvailable`` in MiB, or None when the kernel does not say."""

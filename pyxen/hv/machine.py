@@ -23,7 +23,7 @@ guest L4 that is validated:
   ``XENMEM_machphys_mapping``, which is how PV guests (Linux included) find it.
 * slot 260 ``0xffff820000000000``: the hypervisor area (supervisor only)
 * slot 262 ``0xffff830000000000``: direct map of RAM (supervisor only); the
-  CPL0 MMU helper writes page-table entries through it (PLATFORM.md fact 1).
+  CPL0 MMU helper writes page-table entries through it (platform-notes.md fact 1).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import struct
 from collections.abc import Callable
 
 from .. import abi
+from ..hostmem import MAX_RAM_MIB  # the largest RAM this address map holds (why: there)
 from ..kvm import VM
 
 MFN_BASE = 0x100000  # RAM starts at GPA 4 GiB
@@ -61,20 +62,13 @@ DM_VA = 0xFFFF830000000000
 # I/O ports: the hypercall page uses HC_PORT (allowed at CPL3 by the TSS bitmap);
 # the CPL0 exception stubs and the MMU helper use ports CPL3 cannot reach.
 # SYSCALL_PORT is the `syscall` entry stub's: on PVM `syscall` stays at CPL3
-# (PLATFORM.md fact 5), so the stub runs at CPL3 too and the bitmap opens it.
+# (platform-notes.md fact 5), so the stub runs at CPL3 too and the bitmap opens it.
 HC_PORT, TRAP_PORT, HELPER_PORT, SYSCALL_PORT = 0xF0, 0xF1, 0xF2, 0xF3
 # The syscall entry stub lives in a user-readable page at the top of the M2P's
 # L4 slot (257), so it can run at CPL3 (PVM) or CPL0 (VT-x/AMD-V) alike.
 SYSCALL_STUB_VA = 0xFFFF808000000000 + (511 << 30) + (511 << 21) + (511 << 12)
 
 MAX_VCPUS = 16
-# The largest domain the address map holds.  The hypervisor area grows with RAM
-# (the M2P takes one page per 2 MiB, plus its L1s and one direct-map L2 per GiB)
-# and must end below GRANT_GPA, which leaves it 768 MiB: room for ~380 GiB of
-# RAM.  256 GiB keeps a margin for more Xen-heap frames; RAM then also ends well
-# inside the direct map's 512 GiB L4 slot.  Above this, KVM would refuse the
-# overlapping memory slots with a bare EEXIST, so the constructor checks first.
-MAX_RAM_MIB = 256 << 10
 # hypervisor area: fixed pages
 PG_HV_L3, PG_HV_L2, PG_HV_L1, PG_PERCPU_L1 = 0, 1, 2, 3
 PG_M2P_L3, PG_M2P_L2, PG_DM_L3, PG_CODE, PG_IDT, PG_ZERO = 4, 5, 6, 7, 8, 9
@@ -324,7 +318,7 @@ class Machine:
     def map_gdt_frames(self, cpu: int, mfns: list[int], touch: Callable[[int], None]) -> None:
         """Point the first GDT pages of ``cpu`` at the guest's frames (set_gdt),
         the rest at the zero page; ``touch(va)`` queues each changed hv PTE for
-        the vCPU to re-write (PLATFORM.md fact 1)."""
+        the vCPU to re-write (platform-notes.md fact 1)."""
         va_page0 = 512 + cpu * PERCPU_VA_PAGES
         for p in range(abi.FIRST_RESERVED_GDT_PAGE):
             if p < len(mfns):

@@ -31,7 +31,7 @@ from typing import Union
 from urllib.parse import unquote
 
 from .. import hostmem
-from ..hv.machine import MAX_RAM_MIB
+from ..hostmem import MAX_RAM_MIB
 
 __all__ = [
     "COMMAND_LINE",
@@ -73,7 +73,7 @@ MAX_VCPUS = 512
 
 #: Upper bound on memory/maxmem in MiB (16 TiB), again against typos.
 #: What a domain can really have is checked after parsing: at most
-#: ``hv.machine.MAX_RAM_MIB``, and memory no more than the host's
+#: ``hostmem.MAX_RAM_MIB``, and memory no more than the host's
 #: MemAvailable (:mod:`pyxen.hostmem`).
 MAX_MEMORY_MIB = 1 << 24
 

@@ -19,8 +19,9 @@ import pytest
 
 from pyxen import hostmem
 from pyxen.domctl import CreateError, create_domain
+from pyxen.hostmem import MAX_RAM_MIB
 from pyxen.hv.domain import DomainSpec
-from pyxen.hv.machine import MAX_RAM_MIB, Machine
+from pyxen.hv.machine import Machine
 from tests.conftest import cli
 
 

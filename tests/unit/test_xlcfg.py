@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyxen import hostmem
-from pyxen.hv.machine import MAX_RAM_MIB
+from pyxen.hostmem import MAX_RAM_MIB
 from pyxen.toolstack import xlcfg
 from pyxen.toolstack.xlcfg import (
     COMMAND_LINE,
@@ -571,6 +572,18 @@ def test_fuzz_whole_loader_only_raises_config_error(
 
 
 # --- sizes a domain can really have ---------------------------------------------
+
+
+def test_loader_imports_no_kvm_code() -> None:
+    """The CLI parses configs and must start fast: xlcfg (and the size
+    limits it checks) must not pull in the KVM bindings or the hypervisor."""
+    code = ("import sys, pyxen.toolstack.xlcfg; "
+            "print(sorted(m for m in sys.modules if m.startswith('pyxen.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True).stdout
+    assert "pyxen.kvm" not in out and "pyxen.hv" not in out, out
+
+
 
 
 @pytest.fixture
