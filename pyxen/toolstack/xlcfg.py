@@ -230,7 +230,8 @@ class Setting:
         return (self.key, self.value, self.op, self.source, self.line) == (
             other.key, other.value, other.op, other.source, other.line)
 
-    __hash__ = None  # type: ignore[assignment]
+    def __hash__(self) -> int:
+        return hash((self.key, self.op, self.source, self.line))
 
     def __repr__(self) -> str:
         return (f"Setting(key={self.key!r}, value={self.value!r}, "
