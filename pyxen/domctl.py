@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from . import hostmem
 from .backends.console import ConsoleBackend
 from .builder import pv
 from .builder.elf import ElfError, XenKernel, load_elf
+from .hostmem import MAX_RAM_MIB
 from .hv.domain import Domain, DomainSpec
 from .hv.interdomain import Directory
 
@@ -25,14 +27,44 @@ def load_kernel(path: str) -> XenKernel:
         raise CreateError(str(e)) from None
 
 
+#: Secondary vCPUs (``VCPUOP_up``) are not implemented yet.
+SUPPORTED_VCPUS = 1
+
+
+def check_spec(spec: DomainSpec) -> None:
+    """Refuse sizes the hypervisor cannot give, each with the setting's name.
+
+    The xl.cfg loader makes the same checks with file and line; this is the
+    builder's own guard for callers that pass a spec without a config file
+    (the API's raw create request, tests), so that they get a sentence and
+    not KVM's errno from deep inside the machine setup."""
+    sizes = (("memory", spec.memory_mib, 1), ("maxmem", spec.maxmem_mib, 0),
+             ("vcpus", spec.vcpus, 1), ("maxvcpus", spec.maxvcpus, 0))
+    for key, v, least in sizes:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise CreateError(f"{key}: expected a whole number, got {v!r}")
+        if v < least:
+            raise CreateError(f"{key}: must be at least {least}, got {v}")
+    why = hostmem.too_much(spec.memory_mib)
+    if why:
+        raise CreateError(f"memory: {why}")
+    for key, mib in (("memory", spec.memory_mib), ("maxmem", spec.maxmem_mib)):
+        if mib > MAX_RAM_MIB:
+            raise CreateError(f"{key}: {mib} MiB is more than a pyxen domain can have "
+                              f"(at most {MAX_RAM_MIB} MiB)")
+    for key, n in (("vcpus", spec.vcpus), ("maxvcpus", spec.maxvcpus)):
+        if n > SUPPORTED_VCPUS:
+            raise CreateError(f"{key}: only {SUPPORTED_VCPUS} vCPU is supported so far "
+                              f"(secondary vCPUs are not implemented), got {n}")
+
+
 def create_domain(spec: DomainSpec, console_sink: Callable[[bytes], None] | None = None,
                   log_sink: Callable[[str], None] | None = None,
                   on_state: Callable[[Domain], None] | None = None,
                   start: bool = True, kernel: XenKernel | None = None,
                   directory: Directory | None = None) -> Domain:
     """Build and (by default) start a PV domain from ``spec``."""
-    if spec.memory_mib < 1:
-        raise CreateError("memory must be at least 1 MiB")
+    check_spec(spec)
     k = kernel or load_kernel(spec.kernel)
     ramdisk = None
     if spec.ramdisk:

@@ -312,9 +312,24 @@ class VM:
 
     def set_memory(self, slot: int, gpa: int, size: int, host_addr: int,
                    log_dirty: bool = False) -> None:
+        """Map ``size`` bytes at ``host_addr`` into the guest at ``gpa`` (slot ``slot``).
+
+        KVM refuses a slot that overlaps another with a bare EEXIST (and a bad
+        range with EINVAL); the caller's layout is wrong then, so the error
+        says which slots and ranges are involved."""
+        for other, o in self.slots.items():
+            if other != slot and gpa < o.guest_phys_addr + o.memory_size \
+                    and o.guest_phys_addr < gpa + size:
+                raise KvmError(errno.EEXIST, f"memory slot {slot} at GPA {gpa:#x}+{size:#x} "
+                               f"overlaps slot {other} at GPA {o.guest_phys_addr:#x}"
+                               f"+{o.memory_size:#x}")
         r = UserspaceMemoryRegion(slot=slot, flags=KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0,
                                   guest_phys_addr=gpa, memory_size=size, userspace_addr=host_addr)
-        ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, r)
+        try:
+            ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, r)
+        except KvmError as e:
+            raise KvmError(e.errno, f"KVM_SET_USER_MEMORY_REGION slot {slot} at GPA {gpa:#x}"
+                           f"+{size:#x}: {os.strerror(e.errno or 0)}") from None
         self.slots[slot] = r
 
     def set_dirty_logging(self, slot: int, on: bool) -> None:

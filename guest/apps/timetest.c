@@ -5,7 +5,10 @@
  * hypervisor timestamps on arrival - that lets a host-side test compare
  * our clock against its own precisely.  cmdline out=both|ring|io selects
  * the paths (default both; pyxen echoes console_io onto the console, so
- * with "both" each sample line appears there twice).
+ * with "both" each sample line appears there twice).  With mark=1 (and
+ * console_io in use) each sample is preceded by "timetest: mark" through
+ * console_io, so the host's arrival timestamps of the mark and of the
+ * sample line bracket the instant the sample was taken.
  */
 #include "app.h"
 
@@ -15,6 +18,7 @@ int app_main(const char *cmdline)
 {
     unsigned long secs = cmdline_get_ulong(cmdline, "secs", 2);
     unsigned long samples = secs * 10;
+    int mark = cmdline_get_ulong(cmdline, "mark", 0) != 0;
     uint64_t start = monotonic_ns();
     uint64_t prev_sys = 0, prev_wall = 0;
     int bad = 0;
@@ -32,6 +36,8 @@ int app_main(const char *cmdline)
         int n;
 
         sleep_until(start + k * 100 * NSEC_PER_MSEC);
+        if (mark && to_io)
+            console_io_write("timetest: mark\n", 15);
         sys = monotonic_ns();
         wallclock(&wsec, &wnsec);
         wall = wsec * NSEC_PER_SEC + wnsec;

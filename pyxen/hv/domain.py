@@ -184,7 +184,7 @@ class Domain:
     def set_dirty_logging(self, on: bool) -> None:
         """Log-dirty mode (for live migration): KVM logs guest writes to RAM;
         writes the hypervisor and backends make are recorded by mark_dirty
-        (KVM does not see them, PLATFORM.md fact 8)."""
+        (KVM does not see them, platform-notes.md fact 8)."""
         self.machine.vm.set_dirty_logging(M.RAM_SLOT, on)
         self.host_dirty.clear()
         self.dirty_logging = on

@@ -23,7 +23,7 @@ guest L4 that is validated:
   ``XENMEM_machphys_mapping``, which is how PV guests (Linux included) find it.
 * slot 260 ``0xffff820000000000``: the hypervisor area (supervisor only)
 * slot 262 ``0xffff830000000000``: direct map of RAM (supervisor only); the
-  CPL0 MMU helper writes page-table entries through it (PLATFORM.md fact 1).
+  CPL0 MMU helper writes page-table entries through it (platform-notes.md fact 1).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import struct
 from collections.abc import Callable
 
 from .. import abi
+from ..hostmem import MAX_RAM_MIB  # the largest RAM this address map holds (why: there)
 from ..kvm import VM
 
 MFN_BASE = 0x100000  # RAM starts at GPA 4 GiB
@@ -95,7 +96,7 @@ DM_VA = 0xFFFF830000000000
 # I/O ports: the hypercall page uses HC_PORT (allowed at CPL3 by the TSS bitmap);
 # the CPL0 exception stubs and the MMU helper use ports CPL3 cannot reach.
 # SYSCALL_PORT is the `syscall` entry stub's: on PVM `syscall` stays at CPL3
-# (PLATFORM.md fact 5), so the stub runs at CPL3 too and the bitmap opens it.
+# (platform-notes.md fact 5), so the stub runs at CPL3 too and the bitmap opens it.
 HC_PORT, TRAP_PORT, HELPER_PORT, SYSCALL_PORT = 0xF0, 0xF1, 0xF2, 0xF3
 # The syscall entry stub lives in a user-readable page at the top of the M2P's
 # L4 slot (257), so it can run at CPL3 (PVM) or CPL0 (VT-x/AMD-V) alike.
@@ -163,6 +164,8 @@ class Machine:
     def __init__(self, max_pages: int, nr_vcpus: int) -> None:
         if not 1 <= nr_vcpus <= MAX_VCPUS:
             raise ValueError(f"vcpus must be 1..{MAX_VCPUS}")
+        if not 1 <= max_pages <= MAX_RAM_MIB * 256:
+            raise ValueError(f"memory must be 1 page..{MAX_RAM_MIB} MiB, got {max_pages} pages")
         self.max_pages = max_pages
         self.xh = XenHeap(max_pages)
         self.dirty_pages = self.xh.dirty_pages
@@ -354,7 +357,7 @@ class Machine:
     def map_gdt_frames(self, cpu: int, mfns: list[int], touch: Callable[[int], None]) -> None:
         """Point the first GDT pages of ``cpu`` at the guest's frames (set_gdt),
         the rest at the zero page; ``touch(va)`` queues each changed hv PTE for
-        the vCPU to re-write (PLATFORM.md fact 1)."""
+        the vCPU to re-write (platform-notes.md fact 1)."""
         va_page0 = 512 + cpu * PERCPU_VA_PAGES
         for p in range(abi.FIRST_RESERVED_GDT_PAGE):
             if p < len(mfns):

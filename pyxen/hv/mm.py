@@ -25,7 +25,7 @@ Writes never happen here: the caller supplies ``write_entry(maddr, value,
 old)``, which stores the value and, when the entry it replaces was present
 (``old`` has _PAGE_PRESENT, or ``old`` is None for a plain write), records
 it so that the vCPU itself re-applies it and reloads CR3 before the guest
-runs again (PLATFORM.md fact 1).  A not-present entry made present needs no
+runs again (platform-notes.md fact 1).  A not-present entry made present needs no
 such step: the shadow MMU has nothing cached for it and walks the table on
 the first access.
 

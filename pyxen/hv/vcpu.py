@@ -17,7 +17,7 @@ kinds of exit reach Python:
 Page-table changes are applied by the vCPU itself: validated entries are
 written to RAM and their addresses queued; before the guest runs again the
 CPL0 MMU helper re-writes each queued entry and reloads CR3
-(PLATFORM.md fact 1).
+(platform-notes.md fact 1).
 """
 
 from __future__ import annotations
@@ -603,7 +603,7 @@ class VCPU:
         self.bounce(self.syscall_callback, None, self.syscall_mask_events)
 
     def _emulate_int(self, rip: int, err: int | None) -> bool:
-        """``int $n`` at CPL3 raises #UD here (PLATFORM.md fact 4) or #GP: deliver
+        """``int $n`` at CPL3 raises #UD here (platform-notes.md fact 4) or #GP: deliver
         it as the software interrupt the guest registered with DPL 3."""
         try:
             code = self.copy_from_guest(rip, 2)

@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Union
 from urllib.parse import unquote
 
+from .. import hostmem
+from ..hostmem import MAX_RAM_MIB
 from .paths import domain_name_problem
 
 __all__ = [
     "COMMAND_LINE",
     "DEFAULT_MEMORY_MIB",
+    "MAX_LIST_DEPTH",
     "MAX_VCPUS",
     "Atom",
     "ConfigError",
@@ -70,7 +73,18 @@ DEFAULT_MEMORY_MIB = 128
 MAX_VCPUS = 512
 
 #: Upper bound on memory/maxmem in MiB (16 TiB), again against typos.
+#: What a domain can really have is checked after parsing: at most
+#: ``hostmem.MAX_RAM_MIB``, and memory no more than the host's
+#: MemAvailable (:mod:`pyxen.hostmem`).
 MAX_MEMORY_MIB = 1 << 24
+
+#: vCPUs a domain may have until secondary vCPUs (``VCPUOP_up``) exist.
+SUPPORTED_VCPUS = 1
+
+#: How deep ``[ ... ]`` lists may nest.  xl's own configs nest at most
+#: two deep; the bound keeps the recursive-descent parser (and every
+#: recursive walk over a value) far from Python's recursion limit.
+MAX_LIST_DEPTH = 64
 
 _LONG_MIN = -(1 << 63)
 _LONG_MAX = (1 << 63) - 1
@@ -134,20 +148,95 @@ class Op(Enum):
     APPEND = "+="
 
 
-@dataclass(frozen=True)
+class _Chain:
+    """The running concatenation of one key's ``+=`` statements.
+
+    Concatenating at every statement would copy the whole value each time,
+    so N appends would cost O(N²).  Instead the pieces are collected here
+    (amortised O(1) per statement) and each :class:`Setting` of the chain
+    remembers how many pieces were in the value when it was written; the
+    joined value is built only when someone reads it.
+    """
+
+    __slots__ = ("is_list", "pieces")
+
+    def __init__(self, first: Value) -> None:
+        self.is_list = isinstance(first, ValueList)
+        self.pieces: list[Value] = list(first.items) if isinstance(
+            first, ValueList) else [first]
+
+    def add(self, v: Value) -> int:
+        """Append ``v``'s pieces; returns the chain length after it."""
+        if isinstance(v, ValueList):
+            self.pieces.extend(v.items)
+        else:
+            self.pieces.append(v)
+        return len(self.pieces)
+
+
 class Setting:
     """One statement, with its value after ``+=`` concatenation.
 
     ``source`` is the config file name or :data:`COMMAND_LINE`; ``line``
     is the line there (for command-line overrides: the argument's
-    1-based position).
+    1-based position).  The value of a ``+=`` statement is the key's
+    earlier value plus this statement's, joined when first read (see
+    :class:`_Chain`).  Treat settings as read-only.
     """
 
-    key: str
-    value: Value
-    op: Op
-    source: str
-    line: int
+    __slots__ = ("key", "op", "source", "line", "_value", "_chain",
+                 "_upto", "_quoted", "_at")
+
+    def __init__(self, key: str, value: Value, op: Op, source: str,
+                 line: int, *, chain: _Chain | None = None, upto: int = 0,
+                 quoted: bool = False) -> None:
+        # ``value`` is the statement's own value; with ``chain`` the
+        # setting's value is the first ``upto`` pieces of the chain.
+        self.key = key
+        self.op = op
+        self.source = source
+        self.line = line
+        self._value: Value | None = None if chain is not None else value
+        self._chain = chain
+        self._upto = upto
+        self._quoted = quoted
+        self._at = value
+
+    @property
+    def value(self) -> Value:
+        v = self._value
+        if v is None:
+            chain = self._chain
+            assert chain is not None
+            at = self._at
+            pieces = chain.pieces[:self._upto]
+            if chain.is_list:
+                v = ValueList(tuple(pieces), at.line, at.source)
+            else:
+                text = "".join(p.text for p in pieces if isinstance(p, Atom))
+                v = Atom(text, self._quoted, at.line, at.source)
+            self._value = v
+        return v
+
+    def _chain_for_append(self) -> tuple[_Chain, bool]:
+        """The chain a following ``+=`` extends, and its quoted flag."""
+        if self._chain is not None and self._upto == len(self._chain.pieces):
+            return self._chain, self._quoted
+        v = self.value
+        return _Chain(v), isinstance(v, Atom) and v.quoted
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Setting):
+            return NotImplemented
+        return (self.key, self.value, self.op, self.source, self.line) == (
+            other.key, other.value, other.op, other.source, other.line)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.op, self.source, self.line))
+
+    def __repr__(self) -> str:
+        return (f"Setting(key={self.key!r}, value={self.value!r}, "
+                f"op={self.op}, source={self.source!r}, line={self.line})")
 
     def error(self, what: str, at: Value | None = None) -> ConfigError:
         """A ConfigError blaming this setting, or one value inside it."""
@@ -207,6 +296,15 @@ class RawConfig:
 
     filename: str
     settings: list[Setting] = field(default_factory=list)
+    #: key -> its effective (last) setting, in first-appearance order.
+    #: Kept by :meth:`apply`, so that a lookup does not scan every
+    #: earlier statement (which made N keys cost O(N²)).
+    _last: dict[str, Setting] = field(default_factory=dict, init=False,
+                                      repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for s in self.settings:
+            self._last[s.key] = s
 
     def apply(self, key: str, op: Op, value: Value, source: str,
               line: int) -> Setting:
@@ -214,45 +312,46 @@ class RawConfig:
 
         ``+=`` concatenates strings or lists with the previous value of
         the key (it is a plain assignment when there is none); mixing a
-        string and a list is an error.
+        string and a list is an error.  Constant work per statement
+        (plus the size of ``value``): see :class:`_Chain`.  Add settings
+        only through here, so that :meth:`get` stays in step.
         """
-        prev = self.get(key)
+        prev = self._last.get(key)
+        s: Setting
         if op is Op.APPEND and prev is not None:
-            old = prev.value
-            if isinstance(old, Atom) and isinstance(value, Atom):
-                value = Atom(old.text + value.text,
-                             old.quoted or value.quoted, value.line, source)
-            elif isinstance(old, ValueList) and isinstance(value, ValueList):
-                value = ValueList(old.items + value.items, value.line, source)
-            else:
+            chain, quoted = prev._chain_for_append()
+            if chain.is_list != isinstance(value, ValueList):
                 raise ConfigError(
                     "can't add [list] to \"string\" or vice versa "
                     f"(previous value at {prev.where})",
                     filename=source, line=line, key=key)
-        s = Setting(key, value, op, source, line)
+            if isinstance(value, ValueList):
+                at: Value = ValueList((), value.line, source)
+            else:
+                quoted = quoted or value.quoted
+                at = Atom("", quoted, value.line, source)
+            s = Setting(key, at, op, source, line, chain=chain,
+                        upto=chain.add(value), quoted=quoted)
+        else:
+            s = Setting(key, value, op, source, line)
         self.settings.append(s)
+        self._last[key] = s
         return s
 
     def get(self, key: str) -> Setting | None:
         """The effective (last) setting of ``key``, or None."""
-        for s in reversed(self.settings):
-            if s.key == key:
-                return s
-        return None
+        return self._last.get(key)
 
     def __contains__(self, key: object) -> bool:
-        return any(s.key == key for s in self.settings)
+        return key in self._last
 
     def keys(self) -> list[str]:
         """Keys in order of first appearance."""
-        return list(dict.fromkeys(s.key for s in self.settings))
+        return list(self._last)
 
     def effective(self) -> dict[str, Setting]:
         """Map of key -> effective setting, in first-appearance order."""
-        out: dict[str, Setting] = {}
-        for s in self.settings:
-            out[s.key] = s
-        return out
+        return dict(self._last)
 
     # -- typed getters -------------------------------------------------------
 
@@ -481,6 +580,7 @@ class _Parser:
         self.tok = next(self.toks)
         self.into = into
         self._last_key: str | None = None
+        self._depth = 0  # lists open around the current token
 
     def advance(self) -> _Tok:
         t = self.tok
@@ -547,6 +647,16 @@ class _Parser:
             self.advance()
 
     def list_value(self, key: str) -> ValueList:
+        if self._depth >= MAX_LIST_DEPTH:
+            raise self.error(f"lists nested more than {MAX_LIST_DEPTH} "
+                             "deep", key=key)
+        self._depth += 1
+        try:
+            return self._list_items(key)
+        finally:
+            self._depth -= 1
+
+    def _list_items(self, key: str) -> ValueList:
         open_tok = self.advance()
         items: list[Value] = []
         self._skip_newlines()
@@ -1218,6 +1328,7 @@ class _Loader:
             assert s is not None
             raise s.error(f"maxvcpus ({maxvcpus}) is less than vcpus "
                           f"({vcpus})")
+        self.check_sizes(memory, maxmem, vcpus, maxvcpus)
 
         kernel = self.file_path("kernel")
         if kernel is None:
@@ -1247,6 +1358,40 @@ class _Loader:
             setattr(cfg, key, self.action(key, default))
         self.unknown_keys()
         return cfg
+
+    def blame(self, key: str, fallback: str, what: str) -> ConfigError:
+        """An error about ``key``'s value, located where it was set.
+
+        A size that was not written (memory defaults to maxmem, or to
+        DEFAULT_MEMORY_MIB) is blamed on ``fallback``'s setting, else on
+        the file."""
+        s = self.raw.get(key) or self.raw.get(fallback)
+        if s is None:
+            return self.missing(key, what)
+        return ConfigError(what, filename=s.source, line=s.line, key=s.key)
+
+    def check_sizes(self, memory: int, maxmem: int, vcpus: int,
+                    maxvcpus: int) -> None:
+        """Refuse what this host and pyxen cannot give a domain, up front.
+
+        Without this, an absurd size surfaces as KVM's bare EEXIST from
+        deep in the machine setup (or as swapping once the guest touches
+        its lazily allocated RAM), and a second vCPU would be accepted
+        but never run.  The domain builder checks the same for API
+        callers (``domctl.check_spec``)."""
+        why = hostmem.too_much(memory)
+        if why:
+            raise self.blame("memory", "maxmem", why)
+        for key, mib in (("memory", memory), ("maxmem", maxmem)):
+            if mib > MAX_RAM_MIB:
+                raise self.blame(key, "maxmem" if key == "memory" else "memory",
+                                 f"{mib} MiB is more than a pyxen domain can "
+                                 f"have (at most {MAX_RAM_MIB} MiB)")
+        for key, n in (("vcpus", vcpus), ("maxvcpus", maxvcpus)):
+            if n > SUPPORTED_VCPUS:
+                raise self.blame(key, "vcpus", f"only {SUPPORTED_VCPUS} vCPU "
+                                 "is supported so far (secondary vCPUs are "
+                                 f"not implemented), got {n}")
 
     def check_type(self) -> None:
         pv_only = "pyxen runs PV guests only"

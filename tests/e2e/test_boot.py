@@ -42,9 +42,27 @@ def test_mmtest_isolation(run_guest) -> None:
     assert r.wait_stopped() == "shutdown"
 
 
+#: How far outside the host's bracket a guest sample may lie: the guest
+#: extrapolates with its TSC between updates (scale rounding, TSC/host clock
+#: pairing), which is good to a few microseconds; a guest clock that is offset
+#: or drifts by more than this fails.
+TIME_SLACK_NS = 200_000
+
+
 def test_guest_time_monotonic_and_close_to_host(run_guest) -> None:
-    """timetest prints its system time through console_io; the hypervisor
-    timestamps each write with the host clock when the hypercall arrives."""
+    """Guest system time is monotonic and agrees with the host's clock.
+
+    timetest (``mark=1``) sends "timetest: mark" through console_io, reads
+    its system time, then sends that reading through console_io.  The
+    hypervisor timestamps each console_io call with the host clock as it
+    arrives, so the mark's timestamp was taken before the guest's reading
+    and the sample line's after it: the reading must lie between the two
+    (plus TIME_SLACK_NS).  How long the host takes to answer (a loaded
+    machine can take milliseconds) widens the bracket but cannot make a
+    correct clock fail; an offset or a drift of the guest's clock shows in
+    every sample whose bracket is narrower than it.  (The old check, the
+    reading against the sample line's arrival alone, counted the host's
+    latency as clock error and failed under load: 2.25 ms against 1 ms.)"""
     from pyxen.hv.domain import Domain
     records: list[tuple[int, bytes]] = []
     orig = Domain.console_io_write
@@ -55,22 +73,29 @@ def test_guest_time_monotonic_and_close_to_host(run_guest) -> None:
 
     Domain.console_io_write = hooked  # type: ignore[method-assign]
     try:
-        r = run_guest("timetest", "secs=2")
-        r.wait_for("timetest: done", timeout=15)
+        r = run_guest("timetest", "secs=2 mark=1")
+        r.wait_for("timetest: done", timeout=30)
     finally:
         Domain.console_io_write = orig  # type: ignore[method-assign]
-    samples = []
+    samples: list[tuple[int, int, int]] = []  # (host before, guest, host after)
+    before: int | None = None
     for host_ns, data in records:
+        if data == b"timetest: mark\n":
+            before = host_ns
+            continue
         m = re.search(rb"timetest: sys=(\d+)", data)
-        if m:
-            samples.append((host_ns, int(m.group(1))))
+        if m and before is not None:
+            samples.append((before, int(m.group(1)), host_ns))
+            before = None
     assert len(samples) >= 15, r.output
-    guest = [g for _, g in samples]
+    guest = [g for _, g, _ in samples]
     assert guest == sorted(guest), "guest system time went backwards"
     assert "non-monotonic" not in r.output
     assert guest[-1] - guest[0] >= 1_500_000_000  # the samples span the 2 s
-    worst = max(abs(h - g) for h, g in samples)
-    assert worst < 1_000_000, f"guest clock off by {worst} ns"
+    outside = [(lo, g, hi) for lo, g, hi in samples
+               if not lo - TIME_SLACK_NS <= g <= hi + TIME_SLACK_NS]
+    assert not outside, ("guest time outside the host's readings before and after it "
+                         f"(host before, guest, host after): {outside}")
 
 
 def _ticks(chunks: list[tuple[float, bytes]]) -> list[tuple[float, int]]:

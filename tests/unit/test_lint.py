@@ -1,4 +1,4 @@
-"""The core stays typed and lint-clean (ruff, mypy), as STYLE.md asks."""
+"""The core stays typed and lint-clean: `ruff check pyxen bench tests` and `mypy pyxen`."""
 
 from __future__ import annotations
 

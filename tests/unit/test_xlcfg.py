@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyxen import hostmem
+from pyxen.hostmem import MAX_RAM_MIB
+from pyxen.toolstack import xlcfg
 from pyxen.toolstack.xlcfg import (
     COMMAND_LINE,
     DEFAULT_MEMORY_MIB,
+    MAX_LIST_DEPTH,
     Atom,
     ConfigError,
     DiskFormat,
@@ -383,6 +393,274 @@ def test_fuzz_overrides_only_raise_config_error(guest: Path, key: str,
         assert str(e).startswith((str(guest / "g.cfg"), COMMAND_LINE))
 
 
+# --- hostile input: nesting depth, size, fuzzing the whole pipeline -------------
+
+
+def test_deep_nesting_is_a_located_config_error(guest: Path) -> None:
+    """Attacks the recursive-descent list parser with 2000 nested '[': it
+    used to escape as an uncaught RecursionError (a traceback, no place)."""
+    deep = "[" * 2000
+    assert cfg_error(f"a = 1\n\nx = {deep}") == (
+        f"t.cfg:3: x: lists nested more than {MAX_LIST_DEPTH} deep")
+    balanced = "[" * 2000 + "]" * 2000
+    assert cfg_error(f"x = {balanced}") == (
+        f"t.cfg:1: x: lists nested more than {MAX_LIST_DEPTH} deep")
+    # the '[' that goes too deep is the one blamed, on its own line
+    assert cfg_error("x = " + "[\n" * 3000).startswith(
+        f"t.cfg:{MAX_LIST_DEPTH + 1}: x: lists nested more than")
+    # the same through a config file (named by path) and an override
+    path = guest / "deep.cfg"
+    path.write_text(BASE + f"disk = {deep}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:3: disk: "
+                                          "lists nested more than"):
+        load_domain_config(path)
+    assert load_error(guest, BASE, [f"disk = {deep}"]) == (
+        f"{COMMAND_LINE}:1: disk: lists nested more than {MAX_LIST_DEPTH} "
+        "deep")
+
+
+def test_nesting_up_to_the_limit_parses() -> None:
+    depth = MAX_LIST_DEPTH
+    raw = parse_xl_cfg("x = " + "[" * depth + "1" + "]" * depth, "t.cfg")
+    v = raw.get("x").value  # type: ignore[union-attr]
+    for _ in range(depth):
+        assert isinstance(v, ValueList) and len(v.items) == 1
+        v = v.items[0]
+    assert v == Atom("1", False, 1, "t.cfg")
+
+
+class _TooMuchWork(Exception):
+    pass
+
+
+def _work(text: str, budget: int, monkeypatch: pytest.MonkeyPatch) -> int:
+    """How much work parsing ``text`` and reading every key's value takes.
+
+    Counted, not timed: the lines of xlcfg.py that execute (a Python loop
+    over earlier statements shows up here) plus the size of every value
+    built (a C-level copy such as concatenating a long string shows up
+    there).  Stops with _TooMuchWork once ``budget`` is exceeded, so that
+    quadratic code fails fast instead of running for minutes.
+    """
+    count = 0
+
+    def spend(n: int) -> None:
+        nonlocal count
+        count += n
+        if count > budget:
+            raise _TooMuchWork
+
+    # (decorated again so that the generated __init__ calls __post_init__)
+    @dataclass(frozen=True)
+    class CountingAtom(Atom):
+        def __post_init__(self) -> None:
+            spend(len(self.text))
+
+    @dataclass(frozen=True)
+    class CountingList(ValueList):
+        def __post_init__(self) -> None:
+            spend(len(self.items))
+
+    monkeypatch.setattr(xlcfg, "Atom", CountingAtom)
+    monkeypatch.setattr(xlcfg, "ValueList", CountingList)
+    code_file = xlcfg.__file__
+
+    def local(frame: FrameType, event: str, arg: object) -> object:
+        if event == "line":
+            spend(1)
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> object:
+        return local if frame.f_code.co_filename == code_file else None
+
+    sys.settrace(tracer)
+    try:
+        raw = parse_xl_cfg(text, "big.cfg")
+        for key in raw.keys():
+            raw.get(key).value  # type: ignore[union-attr]  # noqa: B018
+    finally:
+        sys.settrace(None)
+        monkeypatch.undo()
+    return count
+
+
+@pytest.mark.parametrize("shape, n", [
+    pytest.param(lambda n: "".join(f"key_{i} = {i}\n" for i in range(n)),
+                 5000, id="distinct-keys"),
+    pytest.param(lambda n: "s = 'x'\n" + "s += 'yyyyyyyy'\n" * n,
+                 2500, id="string-appends"),
+    pytest.param(lambda n: "l = ['x']\n" + "l += ['y', 'z']\n" * n,
+                 2500, id="list-appends"),
+    pytest.param(lambda n: "k = 1\n" * n, 2500, id="same-key"),
+])
+def test_parse_work_is_linear(shape: Callable[[int], str], n: int,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attacks the parser with many statements (40000 keys took 19 s:
+    every statement scanned all earlier ones, and every '+=' copied the
+    whole value so far).  8x the statements may cost at most 10x the work
+    (linear: 8x; the old quadratic code: ~64x, and it stops at the budget)."""
+    small = _work(shape(n), 1 << 62, monkeypatch)
+    try:
+        big = _work(shape(8 * n), 10 * small, monkeypatch)
+    except _TooMuchWork:
+        pytest.fail(f"{8 * n} statements cost more than 10x the work of {n} "
+                    f"({small}): not linear")
+    assert big <= 10 * small
+
+
+def test_many_keys_through_the_loader(guest: Path) -> None:
+    """40000 unknown keys: the loader's warnings come out one per key."""
+    body = BASE + "".join(f"unknown_{i} = {i}\n" for i in range(40000))
+    cfg, warnings = load(guest, body)
+    assert cfg.name == "g" and len(warnings) == 40000
+    assert warnings[-1].endswith("t.cfg:40002: unknown key 'unknown_39999' "
+                                 "ignored")
+
+
+_HOSTILE_TOKENS = st.sampled_from([
+    "[", "[", "[", "]", ",", "=", "+=", ";", "\n", " ", "#c\n", "k", "memory",
+    "disk", "vif", "name", "1", "0x", "010", "9" * 30, "'s'", '"\\x4"', '"\\',
+    "'\\q'", "é", "\ufeff", "\r", "\x00", "-1", "1.5", "\"a,b=c\"", "k.z",
+])
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_HOSTILE_TOKENS, max_size=60), st.integers(0, 3000))
+def test_fuzz_hostile_token_streams(tokens: list[str], depth: int) -> None:
+    """Random token soup, with a run of '[' up to past the depth limit in
+    front: the parser gives a located ConfigError or a config, nothing
+    else (no RecursionError, IndexError, AssertionError...)."""
+    text = "x = " + "[" * depth + "".join(tokens)
+    try:
+        raw = parse_xl_cfg(text, "fz.cfg")
+    except ConfigError as e:
+        assert re.match(r"fz\.cfg:\d+: ", str(e)), str(e)
+        return
+    assert all(s.line >= 1 for s in raw.settings)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(st.lists(st.tuples(
+    st.sampled_from(["memory", "maxmem", "vcpus", "maxvcpus", "name", "uuid",
+                     "kernel", "ramdisk", "disk", "vif", "cpus", "type",
+                     "builder", "on_crash", "on_reboot", "cap", "cpu_cap",
+                     "cpu_weight", "extra", "root", "cmdline", "localtime",
+                     "seclabel", "bootloader", "vnc", "zz"]),
+    st.sampled_from(["=", "+="]),
+    st.one_of(
+        st.from_regex(r"-?(0x)?[0-9a-f]{0,20}", fullmatch=True),
+        st.text(max_size=25).map(quote),
+        st.lists(st.text(st.sampled_from(list("abx=,:/0129 ")), max_size=25)
+                 .map(quote), max_size=3)
+        .map(lambda xs: "[" + ",".join(xs) + "]"),
+        st.integers(0, 100).map(lambda d: "[" * d + "]" * d))),
+    max_size=8))
+def test_fuzz_whole_loader_only_raises_config_error(
+        guest: Path, stmts: list[tuple[str, str, str]]) -> None:
+    """Fuzz file -> parse -> validate -> DomainConfig with hostile
+    values for every key pyxen reads: only ConfigError, always located."""
+    body = BASE + "".join(f"{k} {op} {v}\n" for k, op, v in stmts)
+    try:
+        cfg, _ = load(guest, body)
+    except ConfigError as e:
+        assert str(e).startswith(str(guest / "t.cfg")), str(e)
+        return
+    assert cfg.vcpus == cfg.maxvcpus == 1 and 1 <= cfg.memory <= cfg.maxmem
+
+
+# --- sizes a domain can really have ---------------------------------------------
+
+
+def test_loader_imports_no_kvm_code() -> None:
+    """The CLI parses configs and must start fast: xlcfg (and the size
+    limits it checks) must not pull in the KVM bindings or the hypervisor."""
+    code = ("import sys, pyxen.toolstack.xlcfg; "
+            "print(sorted(m for m in sys.modules if m.startswith('pyxen.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True).stdout
+    assert "pyxen.kvm" not in out and "pyxen.hv" not in out, out
+
+
+
+
+@pytest.fixture
+def meminfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake /proc/meminfo saying 1024 MiB are available."""
+    p = tmp_path / "meminfo"
+    p.write_text("MemTotal:  4194304 kB\nMemFree:  2097152 kB\n"
+                 "MemAvailable:    1048576 kB\n")
+    monkeypatch.setattr(hostmem, "MEMINFO", str(p))
+    return p
+
+
+def test_memory_beyond_the_host_is_refused_up_front(guest: Path,
+                                                    meminfo: Path) -> None:
+    """Attacks the create path with memory larger than the host has: it
+    used to end in KVM's '[Errno 17] ioctl 0x4020ae46: File exists' with
+    no key or line (or a domain that swaps the host once it runs)."""
+    assert load_error(guest, BASE + "memory = 2048") == (
+        f"t.cfg:3: memory: 2048 MiB is more than this host has available "
+        f"(1024 MiB MemAvailable in {meminfo})")
+    cfg, _ = load(guest, BASE + "memory = 1024")
+    assert cfg.memory == 1024
+    # memory taken from maxmem is blamed on maxmem's line
+    assert load_error(guest, BASE + "maxmem = 4096") == (
+        f"t.cfg:3: maxmem: 4096 MiB is more than this host has available "
+        f"(1024 MiB MemAvailable in {meminfo})")
+    # maxmem is a ceiling (balloon), not an allocation: above the host is
+    # fine, above what the address map holds is not
+    cfg, _ = load(guest, BASE + "memory = 64\nmaxmem = 8192")
+    assert cfg.maxmem == 8192
+    assert load_error(guest, BASE + "memory = 64\nmaxmem = 500000") == (
+        "t.cfg:4: maxmem: 500000 MiB is more than a pyxen domain can have "
+        f"(at most {MAX_RAM_MIB} MiB)")
+    assert load_error(guest, BASE, ["memory=500000"]) == (
+        f"{COMMAND_LINE}:1: memory: 500000 MiB is more than this host has "
+        f"available (1024 MiB MemAvailable in {meminfo})")
+
+
+def test_memory_500000_on_this_host(guest: Path) -> None:
+    """The README's reproducer against the real /proc/meminfo."""
+    msg = load_error(guest, BASE + "memory = 500000")
+    assert msg.startswith("t.cfg:3: memory: 500000 MiB is more than "), msg
+    assert "MemAvailable" in msg or f"at most {MAX_RAM_MIB}" in msg
+
+
+def test_memory_without_meminfo(guest: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostmem, "MEMINFO", str(guest / "no-such-file"))
+    cfg, _ = load(guest, BASE + "memory = 4096")
+    assert cfg.memory == 4096
+    assert hostmem.available_mib() is None
+
+
+@pytest.mark.parametrize("value, what", [
+    ("0", "must be at least 1, got 0"),
+    ('"-64"', "must be at least 1, got -64"),
+    ('"1.5"', "expected a number, got '1.5' (xl numbers are integers)"),
+    ('"64M"', "expected a number, got '64M'"),
+    ("[64]", "expected a number, got a list"),
+])
+def test_bad_memory_values(guest: Path, value: str, what: str) -> None:
+    assert load_error(guest, BASE + f"memory = {value}") == (
+        f"t.cfg:3: memory: {what}")
+
+
+def test_secondary_vcpus_are_refused(guest: Path) -> None:
+    """vcpus=2 used to be accepted and logged while only vCPU 0 ever ran."""
+    assert load_error(guest, BASE + "vcpus = 2") == (
+        "t.cfg:3: vcpus: only 1 vCPU is supported so far (secondary vCPUs "
+        "are not implemented), got 2")
+    assert load_error(guest, BASE + "vcpus = 1\nmaxvcpus = 4") == (
+        "t.cfg:4: maxvcpus: only 1 vCPU is supported so far (secondary "
+        "vCPUs are not implemented), got 4")
+    assert load_error(guest, BASE, ["maxvcpus=2"]).startswith(
+        f"{COMMAND_LINE}:1: maxvcpus: only 1 vCPU is supported so far")
+
+
 # --- domain config ---------------------------------------------------------------
 
 
@@ -412,7 +690,7 @@ def test_full_config(guest: Path) -> None:
 uuid = "12345678-9abc-DEF0-1234-56789abcdef0"
 memory = 256
 maxmem = 512
-vcpus = 2; maxvcpus = 4
+vcpus = 1; maxvcpus = 1
 ramdisk = "initrd"
 cmdline = "console=hvc0 app=ticker"
 on_poweroff = "preserve"
@@ -430,7 +708,7 @@ builder = "generic"
 ''')
     assert warnings == []
     assert cfg.uuid == uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
-    assert (cfg.memory, cfg.maxmem, cfg.vcpus, cfg.maxvcpus) == (256, 512, 2, 4)
+    assert (cfg.memory, cfg.maxmem, cfg.vcpus, cfg.maxvcpus) == (256, 512, 1, 1)
     assert cfg.ramdisk == guest / "initrd"
     assert cfg.cmdline == "console=hvc0 app=ticker"
     assert cfg.on_poweroff is ShutdownAction.PRESERVE
@@ -468,8 +746,8 @@ def test_memory_rules(guest: Path) -> None:
 
 
 def test_vcpu_rules(guest: Path) -> None:
-    cfg, _ = load(guest, BASE + "vcpus = 3")
-    assert (cfg.vcpus, cfg.maxvcpus) == (3, 3)
+    cfg, _ = load(guest, BASE + "vcpus = 1")
+    assert (cfg.vcpus, cfg.maxvcpus) == (1, 1)
     assert load_error(guest, BASE + "vcpus = 4\nmaxvcpus = 2") == (
         "t.cfg:4: maxvcpus: maxvcpus (2) is less than vcpus (4)")
     assert load_error(guest, BASE + "vcpus = 0") == (
@@ -636,13 +914,13 @@ def test_overrides(guest: Path) -> None:
         'extra="app=ticker count=3"',
         'disk=["format=raw,vdev=xvda,target=/tmp/d.img"]',
         "extra+=' more'",
-        "vcpus=2; maxvcpus=3",
+        "vcpus=1; maxvcpus=1",
     ])
     assert w == []
     assert cfg.memory == 64
     assert cfg.cmdline == "app=ticker count=3 more"
     assert cfg.disks[0].target == "/tmp/d.img"
-    assert (cfg.vcpus, cfg.maxvcpus) == (2, 3)
+    assert (cfg.vcpus, cfg.maxvcpus) == (1, 1)
     s = cfg.raw.get("memory")
     assert s is not None and (s.source, s.line) == (COMMAND_LINE, 1)
 
