@@ -11,7 +11,6 @@ from . import hostmem
 from .backends.console import ConsoleBackend
 from .builder import pv
 from .builder.elf import ElfError, XenKernel, load_elf
-from .hostmem import MAX_RAM_MIB
 from .hv.domain import Domain, DomainSpec
 from .hv.interdomain import Directory
 
@@ -28,7 +27,7 @@ def load_kernel(path: str) -> XenKernel:
 
 
 #: Secondary vCPUs (``VCPUOP_up``) are not implemented yet.
-SUPPORTED_VCPUS = 1
+SUPPORTED_VCPUS = hostmem.SUPPORTED_VCPUS
 
 
 def check_spec(spec: DomainSpec) -> None:
@@ -38,24 +37,13 @@ def check_spec(spec: DomainSpec) -> None:
     builder's own guard for callers that pass a spec without a config file
     (the API's raw create request, tests), so that they get a sentence and
     not KVM's errno from deep inside the machine setup."""
-    sizes = (("memory", spec.memory_mib, 1), ("maxmem", spec.maxmem_mib, 0),
-             ("vcpus", spec.vcpus, 1), ("maxvcpus", spec.maxvcpus, 0))
-    for key, v, least in sizes:
+    for key, v in (("memory", spec.memory_mib), ("maxmem", spec.maxmem_mib),
+                   ("vcpus", spec.vcpus), ("maxvcpus", spec.maxvcpus)):
         if not isinstance(v, int) or isinstance(v, bool):
             raise CreateError(f"{key}: expected a whole number, got {v!r}")
-        if v < least:
-            raise CreateError(f"{key}: must be at least {least}, got {v}")
-    why = hostmem.too_much(spec.memory_mib)
+    why = hostmem.size_problem(spec.memory_mib, spec.maxmem_mib, spec.vcpus, spec.maxvcpus)
     if why:
-        raise CreateError(f"memory: {why}")
-    for key, mib in (("memory", spec.memory_mib), ("maxmem", spec.maxmem_mib)):
-        if mib > MAX_RAM_MIB:
-            raise CreateError(f"{key}: {mib} MiB is more than a pyxen domain can have "
-                              f"(at most {MAX_RAM_MIB} MiB)")
-    for key, n in (("vcpus", spec.vcpus), ("maxvcpus", spec.maxvcpus)):
-        if n > SUPPORTED_VCPUS:
-            raise CreateError(f"{key}: only {SUPPORTED_VCPUS} vCPU is supported so far "
-                              f"(secondary vCPUs are not implemented), got {n}")
+        raise CreateError(why)
 
 
 def create_domain(spec: DomainSpec, console_sink: Callable[[bytes], None] | None = None,

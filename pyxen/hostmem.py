@@ -51,3 +51,31 @@ def too_much(memory_mib: int, meminfo: str | None = None) -> str | None:
         return (f"{memory_mib} MiB is more than this host has available "
                 f"({avail} MiB MemAvailable in {meminfo})")
     return None
+
+
+#: Secondary vCPUs (VCPUOP_up) are not implemented yet: a domain has one.
+SUPPORTED_VCPUS = 1
+
+
+def size_problem(memory_mib: int, maxmem_mib: int, vcpus: int, maxvcpus: int) -> str | None:
+    """Why a domain of these sizes cannot be built, as "key: why", or None.
+
+    The one rule for every entry point: the config loader (which adds file and
+    line), the daemon's request check (``toolstack/validate.py``) and the
+    builder (``domctl.check_spec``).  The values are whole numbers already."""
+    for key, v, least in (("memory", memory_mib, 1), ("maxmem", maxmem_mib, 0),
+                          ("vcpus", vcpus, 1), ("maxvcpus", maxvcpus, 0)):
+        if v < least:
+            return f"{key}: must be at least {least}, got {v}"
+    why = too_much(memory_mib)
+    if why:
+        return f"memory: {why}"
+    for key, mib in (("memory", memory_mib), ("maxmem", maxmem_mib)):
+        if mib > MAX_RAM_MIB:
+            return (f"{key}: {mib} MiB is more than a pyxen domain can have "
+                    f"(at most {MAX_RAM_MIB} MiB)")
+    for key, n in (("vcpus", vcpus), ("maxvcpus", maxvcpus)):
+        if n > SUPPORTED_VCPUS:
+            return (f"{key}: only {SUPPORTED_VCPUS} vCPU is supported so far "
+                    f"(secondary vCPUs are not implemented), got {n}")
+    return None

@@ -23,6 +23,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from .. import hostmem
 from ..abi import MAX_GUEST_CMDLINE
 from . import paths
 from .xlcfg import parse_disk_spec
@@ -41,17 +42,6 @@ DISK_KEYS = {"spec", "vdev", "devid", "target", "format", "readwrite"}
 
 class RequestError(ValueError):
     """A field of a request is wrong; the message names it."""
-
-
-def host_memory_mib() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 1 << 20
 
 
 def integer(what: str, v: object, lo: int, hi: int) -> int:
@@ -167,12 +157,15 @@ def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:
     unknown = set(v) - SPEC_KEYS
     if unknown:
         raise RequestError(f"spec: unknown field {sorted(unknown)[0]!r}")
-    mem_hi = host_memory_mib()
     out: dict[str, Any] = {"name": name(v.get("name"))}
-    out["memory_mib"] = integer("memory_mib", v.get("memory_mib"), 1, mem_hi)
-    out["maxmem_mib"] = integer("maxmem_mib", v.get("maxmem_mib") or 0, 0, mem_hi)
+    out["memory_mib"] = integer("memory_mib", v.get("memory_mib"), 1, 1 << 40)
+    out["maxmem_mib"] = integer("maxmem_mib", v.get("maxmem_mib") or 0, 0, 1 << 40)
     out["vcpus"] = integer("vcpus", v.get("vcpus", 1), 1, MAX_VCPUS)
     out["maxvcpus"] = integer("maxvcpus", v.get("maxvcpus") or 0, 0, MAX_VCPUS)
+    why = hostmem.size_problem(out["memory_mib"], out["maxmem_mib"], out["vcpus"],
+                               out["maxvcpus"])
+    if why:  # the same rule as the config loader's and the builder's
+        raise RequestError(why)
     out["kernel"] = abs_path("kernel", v.get("kernel"))
     cmdline = string("cmdline", v.get("cmdline") or "", MAX_GUEST_CMDLINE - 1)
     out["cmdline"] = cmdline

@@ -79,7 +79,7 @@ MAX_VCPUS = 512
 MAX_MEMORY_MIB = 1 << 24
 
 #: vCPUs a domain may have until secondary vCPUs (``VCPUOP_up``) exist.
-SUPPORTED_VCPUS = 1
+SUPPORTED_VCPUS = hostmem.SUPPORTED_VCPUS
 
 #: How deep ``[ ... ]`` lists may nest.  xl's own configs nest at most
 #: two deep; the bound keeps the recursive-descent parser (and every
