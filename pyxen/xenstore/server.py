@@ -44,7 +44,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from pyxen.xenstore.tree import (
     XENSTORE_PAYLOAD_MAX,
     Caller,
     Change,
+    Match,
     Quotas,
     Store,
     Transaction,
@@ -104,6 +105,21 @@ def parse_domid(s: str) -> int:
     return v
 
 
+def _watch_paths(path: str) -> Iterator[str]:
+    """The watch paths a change at `path` can fire: the path and its ancestors
+    ("/a/b", "/a", "/"); for "@x/<domid>", itself and "@x"."""
+    yield path
+    if path.startswith("@"):
+        i = path.find("/")
+        if i > 0:
+            yield path[:i]
+        return
+    while path != "/":
+        i = path.rfind("/")
+        path = path[:i] if i > 0 else "/"
+        yield path
+
+
 # ---------------------------------------------------------------------------
 # domains and connections
 
@@ -121,8 +137,32 @@ class Domain:
     conn: Connection | None = None
 
 
+class _Cause:
+    """A request of an unprivileged connection whose watch events are still queued
+    for that same connection: it stays "outstanding" (xenstored's ACC_OUTST) until
+    the last of them is sent or dropped (core.c free_buffered_data)."""
+
+    __slots__ = ("conn", "events")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.events = 0
+
+
+# Output bound of a privileged connection (xenstored has none: dom0 is exempt from
+# the memory quota).  A dom0 client that stops reading loses watch events past it
+# instead of growing the daemon without bound.
+PRIV_OUTPUT_MAX = 8 << 20
+
+
 class Connection:
-    """One client: its identity, watches, transactions, input framing and output queue."""
+    """One client: its identity, watches, transactions, input framing and output queue.
+
+    The output queue holds replies and watch events until the transport takes
+    them (`take_output`); a watch event already in it is not queued again (a set
+    makes that check O(1)), and one past the connection's memory quota is
+    dropped, as xenstored's send_event does.  `can_read()` says whether the
+    transport should feed it more requests now (xenstored's domain_can_read)."""
 
     def __init__(self, xsd: Xenstored, caller: Caller,
                  on_output: Callable[[], None] | None = None, name: str = "") -> None:
@@ -130,25 +170,32 @@ class Connection:
         self.caller = caller
         self.name = name or f"dom{caller.domid}"
         self.on_output = on_output
-        self.watches: list[Watch] = []
+        self.watches: list[Watch] = []      # in registration order; change via Xenstored.add_watch & co
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1
         self.parser = wire.Parser()
         self.closed = False
         self.close_reason = ""
         self.error = wire.XENSTORE_ERROR_NONE   # for a ring's "error" field
-        self._out: list[tuple[bool, bytes]] = []  # (is_watch_event, encoded message)
+        # (is_watch_event, encoded message, the request that caused the event)
+        self._out: collections.deque[tuple[bool, bytes, _Cause | None]] = collections.deque()
         self._out_bytes = 0
-        self._after: list[bytes] = []             # events to queue after the current reply
+        self._queued_events: set[bytes] = set()   # watch events in _out (not the @ ones)
+        self._replies = 0                          # replies in _out
+        self.outstanding = 0                       # replies queued + causes with events queued
+        self.events_dropped = 0
+        self._after: list[bytes] = []              # events to queue after the current reply
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} watches={len(self.watches)} tx={len(self.transactions)}>"
 
     # -- input
 
-    def feed(self, data: bytes) -> bytes:
-        """Process bytes from the client; return what to send back.  Never raises on input.
-        When `closed` becomes true the transport should drop the client."""
+    def feed(self, data: bytes, limit: int | None = None) -> bytes:
+        """Process bytes from the client; return what to send back (at most about
+        `limit` bytes of it, whole messages, if given; the rest stays queued).
+        Never raises on input.  When `closed` becomes true the transport should
+        drop the client."""
         with self.xsd.lock:
             if self.closed:
                 return b""
@@ -157,12 +204,13 @@ class Connection:
             if self.parser.error:
                 self.xsd._kill(self, self.parser.error, self.parser.reason)
             self.xsd._after_request()
-            return self.take_output()
+            return self.take_output(limit)
 
     def process(self, msg: Message) -> None:
         """Handle one request and queue its reply (process_message)."""
         self.xsd.stats[msg.op_name] += 1
         entry = HANDLERS.get(msg.type)
+        self.xsd._firing = None if self.caller.privileged else _Cause(self)
         try:
             if entry is None:
                 raise XsError("ENOSYS", msg.op_name)
@@ -185,6 +233,8 @@ class Connection:
             log.exception("xenstore: %s from %s failed", msg.op_name, self.name)
             self.xsd.stats["errors"] += 1
             self._queue(False, Message(Op.ERROR, msg.req_id, msg.tx_id, b"EIO\0").encode())
+        finally:
+            self.xsd._firing = None
         for ev in self._after:
             self._queue(True, ev)
         self._after.clear()
@@ -197,50 +247,125 @@ class Connection:
             self.process(Message(type, 0, tx_id, payload))
             # the one non-event queued since `mark` is the reply (events may come before and after it)
             i = next(i for i in range(mark, len(self._out)) if not self._out[i][0])
-            _, data = self._out.pop(i)
-            self._out_bytes -= len(data)
+            entry = self._out[i]
+            del self._out[i]
+            self._unqueued(entry)
             self.xsd._after_request()
+            data = entry[1]
             hdr = wire.HEADER.unpack_from(data)
             return Message(hdr[0], hdr[1], hdr[2], data[wire.HEADER.size:])
 
+    def can_read(self) -> bool:
+        """May the transport feed this connection more requests now?  Not while an
+        unprivileged one has `outstanding` requests or queued output at its quota
+        (domain_can_read): its transport then leaves the requests where they are
+        (the guest's ring) until it has read what is queued for it."""
+        if self.caller.privileged:
+            return self._out_bytes < PRIV_OUTPUT_MAX
+        q = self.xsd.store.quota(self.caller.domid)
+        return not (q.exceeded("outstanding", self.outstanding)
+                    or q.exceeded("memory", self._out_bytes))
+
     # -- output
 
-    def _queue(self, is_event: bool, data: bytes) -> None:
-        self._out.append((is_event, data))
+    def _queue(self, is_event: bool, data: bytes, cause: _Cause | None = None) -> None:
+        self._out.append((is_event, data, cause))
         self._out_bytes += len(data)
+        if not is_event:
+            self._replies += 1
+            if not self.caller.privileged:
+                self.outstanding += 1
 
-    def send_event(self, path: str, token: str) -> None:
+    def _unqueued(self, entry: tuple[bool, bytes, _Cause | None]) -> None:
+        """Bookkeeping for an entry that left the queue (sent, or dropped)."""
+        is_event, data, cause = entry
+        self._out_bytes -= len(data)
+        if is_event:
+            self._queued_events.discard(data)
+            if cause is not None:
+                cause.events -= 1
+                if cause.events == 0:
+                    self.outstanding -= 1
+        else:
+            self._replies -= 1
+            if not self.caller.privileged:
+                self.outstanding -= 1
+
+    def send_event(self, path: str, token: str, limit: int = 0) -> None:
         """Queue a WATCH_EVENT (send_event): over-long ones and duplicates of one
-        still queued are dropped, and so is anything past a guest's memory quota."""
-        payload = wire.join(path, token)
+        still queued are dropped, and so is anything past the connection's memory
+        quota (PRIV_OUTPUT_MAX for privileged ones).  O(1).  `limit` is
+        `output_limit()` if the caller has it at hand."""
+        payload = path.encode("latin-1") + b"\0" + token.encode("latin-1") + b"\0"
         if len(payload) > XENSTORE_PAYLOAD_MAX:
             return
-        data = Message(Op.WATCH_EVENT, 0, 0, payload).encode()
-        if not path.startswith("@") and (True, data) in self._out:
+        data = wire.HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
+        special = path.startswith("@")
+        if not special and data in self._queued_events:
+            self.xsd.stats["events_merged"] += 1
             return
-        if not self.caller.privileged and self.xsd.store.quota(self.caller.domid).exceeded(
-                "memory", self._out_bytes + len(data)):
+        if self._out_bytes + len(data) >= (limit or self.output_limit()):
+            self.events_dropped += 1
             self.xsd.stats["events_dropped"] += 1
             return
-        self._queue(True, data)
+        cause = self.xsd._firing
+        if cause is not None and cause.conn is not self:
+            cause = None        # only events for the requester itself keep its request outstanding
+        if cause is not None:
+            cause.events += 1
+            if cause.events == 1:
+                self.outstanding += 1
+        self._queue(True, data, cause)
+        if not special:
+            self._queued_events.add(data)
         if self.on_output is not None:
             self.on_output()
 
-    def take_output(self) -> bytes:
-        """Everything queued for the client, removed from the queue."""
+    def output_limit(self) -> int:
+        """Queued output may stay below this many bytes (xenstored's memory quota
+        counts as exceeded when reached)."""
+        if self.caller.privileged:
+            return PRIV_OUTPUT_MAX + 1
+        return self.xsd.store.quota(self.caller.domid).get("memory") or (1 << 62)
+
+    def take_output(self, limit: int | None = None) -> bytes:
+        """What is queued for the client, removed from the queue: everything, or
+        whole messages while fewer than `limit` bytes were taken."""
         with self.xsd.lock:
-            out = b"".join(d for _, d in self._out)
-            self._out.clear()
-            self._out_bytes = 0
-            return out
+            if limit is None or limit >= self._out_bytes:
+                out = b"".join(d for _, d, _ in self._out)
+                for _, _, cause in self._out:
+                    if cause is not None:
+                        cause.events -= 1
+                        if cause.events == 0:
+                            self.outstanding -= 1
+                self._out.clear()
+                self._out_bytes = 0
+                self._queued_events.clear()
+                if not self.caller.privileged:
+                    self.outstanding -= self._replies
+                self._replies = 0
+                return out
+            parts = []
+            n = 0
+            while self._out and n < limit:
+                entry = self._out.popleft()
+                self._unqueued(entry)
+                parts.append(entry[1])
+                n += len(entry[1])
+            return b"".join(parts)
 
     @property
     def has_output(self) -> bool:
         return bool(self._out)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._out_bytes
+
     def reset(self) -> None:
         """Forget watches and transactions (RESET_WATCHES, re-INTRODUCE, release, close)."""
-        self.watches.clear()
+        self.xsd.clear_watches(self)
         self.transactions.clear()
 
     def close(self) -> None:
@@ -269,6 +394,11 @@ class Xenstored:
         self.on_flush_scheduled: Callable[[], None] | None = None  # the server loop's wake-up
         self.dirty = False
         self._flush_at: float | None = None
+        # watch path -> {(connection, token): (registration number, watch)}: firing
+        # looks up the changed node and its ancestors only, not every watch
+        self._watch_index: dict[str, dict[tuple[Connection, str], tuple[int, Watch]]] = {}
+        self._watch_seq = 0
+        self._firing: _Cause | None = None      # the unprivileged request being processed
         self.store = Store(quotas)
         if self.state_file:
             self._load()
@@ -286,6 +416,7 @@ class Xenstored:
     def disconnect(self, conn: Connection) -> None:
         with self.lock:
             conn.reset()
+            conn.take_output()
             conn.closed = True
             if conn in self.connections:
                 self.connections.remove(conn)
@@ -302,21 +433,65 @@ class Xenstored:
         conn.take_output()
         self.disconnect(conn)
 
+    # -- watches
+
+    def add_watch(self, conn: Connection, watch: Watch) -> None:
+        self._watch_seq += 1
+        self._watch_index.setdefault(watch.node, {})[(conn, watch.token)] = (self._watch_seq, watch)
+        conn.watches.append(watch)
+
+    def remove_watch(self, conn: Connection, watch: Watch) -> None:
+        conn.watches.remove(watch)
+        at = self._watch_index.get(watch.node)
+        if at is not None:
+            at.pop((conn, watch.token), None)
+            if not at:
+                del self._watch_index[watch.node]
+
+    def clear_watches(self, conn: Connection) -> None:
+        for w in list(conn.watches):
+            self.remove_watch(conn, w)
+
     # -- firing watches
 
     def fire(self, changes: Iterable[Change]) -> None:
-        """Queue a WATCH_EVENT for every watch that each change fires (fire_watches)."""
+        """Queue a WATCH_EVENT for every watch that each change fires (fire_watches).
+
+        xenstored walks every watch of every connection for each change; here the
+        watches are indexed by path, so a change costs a look-up for the node and
+        each of its ancestors, plus one step per watch that fires.  Events go out
+        in registration order, as the walk would send them."""
         changes = list(changes)
         if not changes:
             return
         self.dirty = True
+        index = self._watch_index
+        if not index:
+            return
+        self.stats["changes_fired"] += len(changes)
         for change in changes:
-            for conn in self.connections:
-                if not conn.watches or not watch_permitted(conn.caller, change):
+            hits: list[tuple[int, Connection, Watch]] = []
+            for node in _watch_paths(change.path):
+                at = index.get(node)
+                if at is None:
                     continue
-                for w in conn.watches:
-                    if w.fires_for(change):
-                        conn.send_event(w.event_path(change.path), w.token)
+                for (conn, _), (seq, w) in at.items():
+                    hits.append((seq, conn, w))
+            if not hits:
+                continue
+            self.stats["watches_matched"] += len(hits)
+            if len(hits) > 1:
+                hits.sort(key=lambda h: h[0])
+            subtree = change.match is Match.SUBTREE
+            limits: dict[Connection, int] = {}   # 0: may not see the change
+            for _, conn, w in hits:
+                limit = limits.get(conn)
+                if limit is None:
+                    limit = limits[conn] = (conn.output_limit() if not conn.closed and
+                                            watch_permitted(conn.caller, change) else 0)
+                # a subtree change fires every watch without a depth on it or above it
+                if limit and ((subtree and w.depth < 0) or w.fires_for(change)):
+                    conn.send_event(w.event_path(change.path), w.token, limit)
 
     # -- domains (the toolstack's API; INTRODUCE/RELEASE/... come here too)
 
@@ -350,7 +525,7 @@ class Xenstored:
             if domid == 0 or dom is None:
                 raise XsError("ENOENT" if dom is None else "EINVAL", f"domain {domid}")
             if dom.conn is not None:
-                dom.conn.watches.clear()    # no events to the departing domain
+                self.clear_watches(dom.conn)    # no events to the departing domain
                 self.disconnect(dom.conn)
             del self.domains[domid]
             self.fire(self.store.remove_domain(domid))
@@ -474,7 +649,8 @@ class Xenstored:
                          bool(d.get("shutdown")))
             self.domains[dom.domid] = dom
             dom.conn = self.connect(self._caller_for(dom), name=f"dom{dom.domid}")
-            dom.conn.watches = [Watch(str(n), str(t), int(dp), int(pl)) for n, t, dp, pl in d["watches"]]
+            for n, t, dp, pl in d["watches"]:
+                self.add_watch(dom.conn, Watch(str(n), str(t), int(dp), int(pl)))
 
     def close(self) -> None:
         self.flush()
@@ -590,7 +766,7 @@ def do_watch(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
             "watches", len(conn.watches) + 1):
         raise XsError("ENOSPC", "watch quota")
     watch = Watch(node, token, depth, len(conn.caller.home) + 1 if relative else 0)
-    conn.watches.append(watch)
+    conn.xsd.add_watch(conn, watch)
     conn.xsd.dirty = True
     # the initial event, after the reply (do_watch: "we fire once up front")
     conn._after.append(Message(Op.WATCH_EVENT, 0, 0, wire.join(watch.event_path(node), token)).encode())
@@ -602,9 +778,9 @@ def do_unwatch(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
     if len(strings) != 2:
         raise XsError("EINVAL", "expected path and token")
     node = _store(conn).canonicalize(conn.caller, strings[0], allow_special=True)
-    for i, w in enumerate(conn.watches):
+    for w in conn.watches:
         if w.node == node and w.token == strings[1]:
-            del conn.watches[i]
+            conn.xsd.remove_watch(conn, w)
             conn.xsd.dirty = True
             return OK
     raise XsError("ENOENT", "no such watch")
