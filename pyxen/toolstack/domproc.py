@@ -51,6 +51,8 @@ class DomainProcess:
         self.clients: list[socket.socket] = []
         self.greeting: dict[socket.socket, bytes] = {}  # clients yet to send their first line
         self.backlog: dict[socket.socket, bytes] = {}  # output a slow client has not taken yet
+        # the xenstore socket and its handler while the guest is behind on its ring
+        self.xs_paused: tuple[socket.socket, Callable[[object], None]] | None = None
         logp = paths.console_log(rundir, self.spec.name)
         logp.parent.mkdir(parents=True, exist_ok=True)
         self.logf = open(logp, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
@@ -324,13 +326,17 @@ class DomainProcess:
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
         while True:
-            busy = self.backlog or (self.domain is not None and self.domain.xs_ring is not None
-                                    and self.domain.xs_ring.to_daemon)
+            busy = self.backlog or self.xs_paused or (
+                self.domain is not None and self.domain.xs_ring is not None and self.domain.xs_ring.to_daemon)
             for key, _ in self.sel.select(timeout=0.02 if busy else 0.25):
                 key.data(key.fileobj)
             ring = self.domain.xs_ring if self.domain else None
             if ring is not None and ring.to_daemon:
                 ring.flush()
+            if self.xs_paused and (ring is None or ring.wants_daemon_data):
+                if ring is not None:
+                    self.sel.register(self.xs_paused[0], selectors.EVENT_READ, self.xs_paused[1])
+                self.xs_paused = None
             if self.backlog:
                 with self.lock:
                     for c in [c for c in list(self.backlog) if not self._send(c, b"")]:
@@ -395,6 +401,9 @@ class DomainProcess:
                 self._unwatch_fd(s.fileno())
                 d.xs_ring = None
                 s.close()
+            elif not ring.wants_daemon_data:  # the guest is behind: xenstored keeps the rest
+                self._unwatch_fd(s.fileno())
+                self.xs_paused = (s, readable)
         d.xs_ring = ring
         self.sel.register(s, selectors.EVENT_READ, readable)
 

@@ -1002,6 +1002,9 @@ HANDLERS: dict[int, tuple[Handler, int]] = {
 # the unix-socket server
 
 
+SOCKET_CHUNK = 64 << 10     # bytes read or taken for a socket client at a time
+
+
 @dataclass(eq=False)
 class _Client:
     sock: socket.socket
@@ -1113,7 +1116,7 @@ class XenstoreServer:
     def _service(self, c: _Client, events: int) -> None:
         if events & selectors.EVENT_READ:
             try:
-                data = c.sock.recv(65536)
+                data = c.sock.recv(SOCKET_CHUNK)
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError:
@@ -1122,25 +1125,40 @@ class XenstoreServer:
                 self._drop(c)
                 return
             if data:
-                c.out += c.conn.feed(data)
+                c.conn.feed(data, limit=0)
                 if c.conn.closed:
                     self._drop(c)
                     return
         self._send(c)
 
     def _send(self, c: _Client) -> None:
-        if c.out:
+        """Move what is queued for the client to its socket, never blocking: a client
+        that does not read keeps its output in its own buffer and queue (where the
+        duplicate check and the output bound apply), and is not read from until it
+        catches up; everyone else is served meanwhile."""
+        while True:
+            if len(c.out) < SOCKET_CHUNK and c.conn.has_output:
+                c.out += c.conn.take_output(SOCKET_CHUNK)
+            if not c.out:
+                break
             try:
                 n = c.sock.send(c.out)
-                del c.out[:n]
             except (BlockingIOError, InterruptedError):
-                pass
+                break
             except OSError:
                 self._drop(c)
                 return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+            del c.out[:n]
+            if c.out:
+                break           # the socket is full
+        want = selectors.EVENT_WRITE if c.out else 0
+        if len(c.out) < SOCKET_CHUNK and c.conn.can_read():
+            want |= selectors.EVENT_READ
         if self._sel.get_key(c.sock).events != want:
-            self._sel.modify(c.sock, want, c)
+            if want:
+                self._sel.modify(c.sock, want, c)
+            else:   # cannot happen (nothing to send means room to read), but selectors refuse 0
+                self._sel.modify(c.sock, selectors.EVENT_READ, c)
 
     def _guarded(self, fn: Callable[..., None], c: _Client, *args: int) -> None:
         """Serve one client; whatever goes wrong with it drops that client only,
@@ -1155,8 +1173,7 @@ class XenstoreServer:
 
     def _collect_events(self) -> None:
         for c in list(self._clients.values()):
-            if c.conn.has_output:
-                c.out += c.conn.take_output()
+            if c.conn.has_output and len(c.out) < SOCKET_CHUNK:
                 self._guarded(self._send, c)
 
     def _drop(self, c: _Client) -> None:
