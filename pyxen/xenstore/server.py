@@ -138,15 +138,26 @@ class Domain:
 
 
 class _Cause:
-    """A request of an unprivileged connection whose watch events are still queued
-    for that same connection: it stays "outstanding" (xenstored's ACC_OUTST) until
-    the last of them is sent or dropped (core.c free_buffered_data)."""
+    """A request of an unprivileged connection.  It is "outstanding" (xenstored's
+    ACC_OUTST) from when its reply is queued until the reply and every watch
+    event it fired for that same connection have left the queue (sent or
+    dropped), as in core.c send_reply/free_buffered_data."""
 
-    __slots__ = ("conn", "events")
+    __slots__ = ("conn", "events", "reply_queued")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.events = 0
+        self.reply_queued = False
+
+    def left(self, reply: bool) -> None:
+        """Its reply (or one of its events) left the queue."""
+        if reply:
+            self.reply_queued = False
+        else:
+            self.events -= 1
+        if not self.reply_queued and self.events == 0:
+            self.conn.outstanding -= 1
 
 
 # Output bound of a privileged connection (xenstored has none: dom0 is exempt from
@@ -181,9 +192,9 @@ class Connection:
         self._out: collections.deque[tuple[bool, bytes, _Cause | None]] = collections.deque()
         self._out_bytes = 0
         self._queued_events: set[bytes] = set()   # watch events in _out (not the @ ones)
-        self._replies = 0                          # replies in _out
-        self.outstanding = 0                       # replies queued + causes with events queued
+        self.outstanding = 0                       # requests (_Cause) not done with
         self.events_dropped = 0
+        self.at_quota = False       # an event was dropped, and the queue has not half-drained since
         self._after: list[bytes] = []              # events to queue after the current reply
 
     def __repr__(self) -> str:
@@ -259,7 +270,13 @@ class Connection:
         """May the transport feed this connection more requests now?  Not while an
         unprivileged one has `outstanding` requests or queued output at its quota
         (domain_can_read): its transport then leaves the requests where they are
-        (the guest's ring) until it has read what is queued for it."""
+        (the guest's ring) until it has read what is queued for it.  xenstored's
+        memory quota counts a domain's nodes and watches too, so a domain that
+        overflows its queue is also at quota there; here only the queue counts,
+        and a connection that had events dropped counts as at quota until half
+        of its queue has been read (`at_quota`)."""
+        if self.at_quota:
+            return False
         if self.caller.privileged:
             return self._out_bytes < PRIV_OUTPUT_MAX
         q = self.xsd.store.quota(self.caller.domid)
@@ -269,12 +286,13 @@ class Connection:
     # -- output
 
     def _queue(self, is_event: bool, data: bytes, cause: _Cause | None = None) -> None:
+        if not is_event:
+            cause = self.xsd._firing
+            if cause is not None:
+                cause.reply_queued = True
+                self.outstanding += 1
         self._out.append((is_event, data, cause))
         self._out_bytes += len(data)
-        if not is_event:
-            self._replies += 1
-            if not self.caller.privileged:
-                self.outstanding += 1
 
     def _unqueued(self, entry: tuple[bool, bytes, _Cause | None]) -> None:
         """Bookkeeping for an entry that left the queue (sent, or dropped)."""
@@ -282,14 +300,8 @@ class Connection:
         self._out_bytes -= len(data)
         if is_event:
             self._queued_events.discard(data)
-            if cause is not None:
-                cause.events -= 1
-                if cause.events == 0:
-                    self.outstanding -= 1
-        else:
-            self._replies -= 1
-            if not self.caller.privileged:
-                self.outstanding -= 1
+        if cause is not None:
+            cause.left(not is_event)
 
     def send_event(self, path: str, token: str, limit: int = 0) -> None:
         """Queue a WATCH_EVENT (send_event): over-long ones and duplicates of one
@@ -305,6 +317,7 @@ class Connection:
             self.xsd.stats["events_merged"] += 1
             return
         if self._out_bytes + len(data) >= (limit or self.output_limit()):
+            self.at_quota = True
             self.events_dropped += 1
             self.xsd.stats["events_dropped"] += 1
             return
@@ -313,8 +326,6 @@ class Connection:
             cause = None        # only events for the requester itself keep its request outstanding
         if cause is not None:
             cause.events += 1
-            if cause.events == 1:
-                self.outstanding += 1
         self._queue(True, data, cause)
         if not special:
             self._queued_events.add(data)
@@ -334,17 +345,13 @@ class Connection:
         with self.xsd.lock:
             if limit is None or limit >= self._out_bytes:
                 out = b"".join(d for _, d, _ in self._out)
-                for _, _, cause in self._out:
+                for is_event, _, cause in self._out:
                     if cause is not None:
-                        cause.events -= 1
-                        if cause.events == 0:
-                            self.outstanding -= 1
+                        cause.left(not is_event)
                 self._out.clear()
                 self._out_bytes = 0
                 self._queued_events.clear()
-                if not self.caller.privileged:
-                    self.outstanding -= self._replies
-                self._replies = 0
+                self.at_quota = False
                 return out
             parts = []
             n = 0
@@ -353,6 +360,8 @@ class Connection:
                 self._unqueued(entry)
                 parts.append(entry[1])
                 n += len(entry[1])
+            if self.at_quota and 2 * self._out_bytes < self.output_limit():
+                self.at_quota = False
             return b"".join(parts)
 
     @property
