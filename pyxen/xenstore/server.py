@@ -160,6 +160,11 @@ class _Cause:
             self.conn.outstanding -= 1
 
 
+def _event_header(length: int) -> bytes:
+    """struct xsd_sockmsg of a WATCH_EVENT (req_id 0, tx_id 0) with a payload of `length`."""
+    return wire.HEADER.pack(Op.WATCH_EVENT, 0, 0, length)
+
+
 # Output bound of a privileged connection (xenstored has none: dom0 is exempt from
 # the memory quota).  A dom0 client that stops reading loses watch events past it
 # instead of growing the daemon without bound.
@@ -311,15 +316,21 @@ class Connection:
         payload = path.encode("latin-1") + b"\0" + token.encode("latin-1") + b"\0"
         if len(payload) > XENSTORE_PAYLOAD_MAX:
             return
-        data = wire.HEADER.pack(Op.WATCH_EVENT, 0, 0, len(payload)) + payload
-        special = path.startswith("@")
+        self._push_event(_event_header(len(payload)) + payload, path.startswith("@"),
+                         limit or self.output_limit())
+
+    def _drop_event(self) -> None:
+        self.at_quota = True
+        self.events_dropped += 1
+        self.xsd.stats["events_dropped"] += 1
+
+    def _push_event(self, data: bytes, special: bool, limit: int) -> None:
+        """Queue an encoded WATCH_EVENT unless it is a duplicate or over `limit`."""
         if not special and data in self._queued_events:
             self.xsd.stats["events_merged"] += 1
             return
-        if self._out_bytes + len(data) >= (limit or self.output_limit()):
-            self.at_quota = True
-            self.events_dropped += 1
-            self.xsd.stats["events_dropped"] += 1
+        if self._out_bytes + len(data) >= limit:
+            self._drop_event()
             return
         cause = self.xsd._firing
         if cause is not None and cause.conn is not self:
@@ -329,8 +340,8 @@ class Connection:
         self._queue(True, data, cause)
         if not special:
             self._queued_events.add(data)
-        if self.on_output is not None:
-            self.on_output()
+        if self.on_output is not None and len(self._out) == 1:
+            self.on_output()        # the transport drains the queue once woken
 
     def output_limit(self) -> int:
         """Queued output may stay below this many bytes (xenstored's memory quota
@@ -492,6 +503,9 @@ class Xenstored:
             if len(hits) > 1:
                 hits.sort(key=lambda h: h[0])
             subtree = change.match is Match.SUBTREE
+            path = change.path
+            pathb = path.encode("latin-1")
+            special = path.startswith("@")
             limits: dict[Connection, int] = {}   # 0: may not see the change
             for _, conn, w in hits:
                 limit = limits.get(conn)
@@ -499,8 +513,16 @@ class Xenstored:
                     limit = limits[conn] = (conn.output_limit() if not conn.closed and
                                             watch_permitted(conn.caller, change) else 0)
                 # a subtree change fires every watch without a depth on it or above it
-                if limit and ((subtree and w.depth < 0) or w.fires_for(change)):
-                    conn.send_event(w.event_path(change.path), w.token, limit)
+                if not limit or not ((subtree and w.depth < 0) or w.fires_for(change)):
+                    continue
+                size = len(pathb) - w.prefix_len + len(w.token) + 2   # tokens are latin-1
+                if size > XENSTORE_PAYLOAD_MAX:
+                    continue
+                if conn._out_bytes + wire.HEADER.size + size >= limit:
+                    conn._drop_event()      # before encoding it: a flood past quota stays cheap
+                    continue
+                conn._push_event(_event_header(size) + pathb[w.prefix_len:] + b"\0"
+                                 + w.token.encode("latin-1") + b"\0", special, limit)
 
     # -- domains (the toolstack's API; INTRODUCE/RELEASE/... come here too)
 
