@@ -348,6 +348,11 @@ class DomainProcess:
         """After a daemon restart: relay the guest's xenstore ring to the new
         xenstored, and give the backends a new xenstore connection (their
         watches died with the old one)."""
+        if self.xs_paused is not None and self.domain is not None:
+            # the old relay socket was not being polled (the guest was behind): drop it
+            self.xs_paused[0].close()
+            self.xs_paused = None
+            self.domain.xs_ring = None
         self._connect_xenstore()
         d = self.domain
         if d is not None:
