@@ -20,6 +20,13 @@ Layers, from the wire in:
 * `XenstoreServer` serves the unix socket with one selector thread; every
   socket client is dom0 and privileged, as xenstored's socket clients are.
 
+Watches are indexed by path (`Xenstored._watch_index`): a change looks up its
+node and ancestors, so firing costs what fires, not the number of watches.
+Each connection's output queue is bounded (its memory quota, PRIV_OUTPUT_MAX
+for dom0), merges duplicate events through a set, and tells its transport
+when to stop reading it (`can_read`: xenstored's outstanding and memory
+quotas).  Transports take output in chunks and never block on a client.
+
 Locking: `Xenstored.lock` (re-entrant) serialises everything that touches
 the store, the connections or the domains.  `Connection.feed`, the
 `Xenstored` API and the handlers take it; tree.py and wire.py take none.
