@@ -258,8 +258,8 @@ class Connection:
             self._queue(False, Message(Op.ERROR, msg.req_id, msg.tx_id, b"EIO\0").encode())
         finally:
             self.xsd._firing = None
-        for ev in self._after:
-            self._queue(True, ev)
+        for ev in self._after:    # a watch's first event: send_event(NULL, ...) in xenstored
+            self._push_event(ev, ev[wire.HEADER.size:wire.HEADER.size + 1] == b"@", self.output_limit())
         self._after.clear()
 
     def request(self, type: int, payload: bytes, tx_id: int = 0) -> Message:

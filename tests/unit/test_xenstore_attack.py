@@ -219,3 +219,16 @@ def test_ring_relay_holds_back_instead_of_failing_a_slow_guest() -> None:
     assert struct.unpack_from("<I", page, X.OFF_REQ_CONS)[0] == 0
     a.close()
     b.close()
+
+
+def test_the_first_event_of_a_watch_merges_like_any_other() -> None:
+    """The set that replaced the scan of the queue also holds a watch's first
+    event: a change firing the same path and token while it is queued merges."""
+    x = Xenstored()
+    c = x.connect()
+    c.request(Op.WATCH, join("/dup", "t"))
+    x.write("/dup", "1")
+    x.write("/dup", "2")
+    assert [m.strings() for m in Parser().feed(c.take_output())] == [["/dup", "t"]]
+    x.write("/dup", "3")
+    assert [m.strings() for m in Parser().feed(c.take_output())] == [["/dup", "t"]]
