@@ -467,8 +467,16 @@ class Xenstored:
         self._watch_index.setdefault(watch.node, {})[(conn, watch.token)] = (self._watch_seq, watch)
         conn.watches.append(watch)
 
+    def find_watch(self, conn: Connection, node: str, token: str) -> Watch | None:
+        """The connection's watch on `node` with `token`, from the index (O(1))."""
+        entry = self._watch_index.get(node, {}).get((conn, token))
+        return entry[1] if entry is not None else None
+
     def remove_watch(self, conn: Connection, watch: Watch) -> None:
-        conn.watches.remove(watch)
+        for i, w in enumerate(conn.watches):
+            if w is watch:
+                del conn.watches[i]
+                break
         at = self._watch_index.get(watch.node)
         if at is not None:
             at.pop((conn, watch.token), None)
@@ -476,8 +484,14 @@ class Xenstored:
                 del self._watch_index[watch.node]
 
     def clear_watches(self, conn: Connection) -> None:
-        for w in list(conn.watches):
-            self.remove_watch(conn, w)
+        """Drop all of a connection's watches (linear: a dom0 client may hold thousands)."""
+        for w in conn.watches:
+            at = self._watch_index.get(w.node)
+            if at is not None:
+                at.pop((conn, w.token), None)
+                if not at:
+                    del self._watch_index[w.node]
+        conn.watches.clear()
 
     # -- firing watches
 
@@ -798,7 +812,7 @@ def do_watch(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
     path, token = strings[0], strings[1]
     relative = not path.startswith(("/", "@"))
     node = _store(conn).canonicalize(conn.caller, path, allow_special=True)
-    if any(w.node == node and w.token == token for w in conn.watches):
+    if conn.xsd.find_watch(conn, node, token) is not None:
         raise XsError("EEXIST", "watch exists")
     if not conn.caller.privileged and _store(conn).quota(conn.caller.domid).exceeded(
             "watches", len(conn.watches) + 1):
@@ -816,12 +830,12 @@ def do_unwatch(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
     if len(strings) != 2:
         raise XsError("EINVAL", "expected path and token")
     node = _store(conn).canonicalize(conn.caller, strings[0], allow_special=True)
-    for w in conn.watches:
-        if w.node == node and w.token == strings[1]:
-            conn.xsd.remove_watch(conn, w)
-            conn.xsd.dirty = True
-            return OK
-    raise XsError("ENOENT", "no such watch")
+    w = conn.xsd.find_watch(conn, node, strings[1])
+    if w is None:
+        raise XsError("ENOENT", "no such watch")
+    conn.xsd.remove_watch(conn, w)
+    conn.xsd.dirty = True
+    return OK
 
 
 def do_reset_watches(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:

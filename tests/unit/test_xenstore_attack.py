@@ -232,3 +232,30 @@ def test_the_first_event_of_a_watch_merges_like_any_other() -> None:
     assert [m.strings() for m in Parser().feed(c.take_output())] == [["/dup", "t"]]
     x.write("/dup", "3")
     assert [m.strings() for m in Parser().feed(c.take_output())] == [["/dup", "t"]]
+
+
+def test_watches_leave_the_index_with_their_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client with 20 000 watches goes away (RESET_WATCHES, then close): its
+    watches leave the index without a quadratic walk (no Watch comparisons), and
+    a change under them afterwards tests no watch."""
+    x = Xenstored()
+    c = x.connect()
+    for i in range(20000):
+        c.request(Op.WATCH, join(f"/w/{i}", "t"))
+    c.take_output()
+    compared = [0]
+    real_eq = Watch.__eq__
+
+    def counting_eq(self: Watch, other: object) -> bool:
+        compared[0] += 1
+        return real_eq(self, other)
+    monkeypatch.setattr(Watch, "__eq__", counting_eq)
+    c.request(Op.RESET_WATCHES, b"")
+    assert compared[0] == 0 and not c.watches
+    for i in range(100):
+        c.request(Op.WATCH, join(f"/w/{i}", "t"))
+    c.close()
+    calls = count_fires_for(monkeypatch)
+    x.stats.clear()
+    x.write("/w/5/x", "1")
+    assert calls[0] == 0 and x.stats["watches_matched"] == 0 and not x._watch_index
