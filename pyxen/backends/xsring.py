@@ -88,6 +88,8 @@ class XenstoreRing:
         self.to_daemon = bytearray()
         self.to_guest = bytearray()
         self.broken = False
+        self.held = False           # the daemon's socket was left unread: the guest is behind
+        self.daemon_eof = False
         struct.pack_into("<III", page, OFF_FEATURES, 0, XENSTORE_CONNECTED, XENSTORE_ERROR_NONE)
 
     def _fail(self, why: int) -> None:
@@ -107,8 +109,35 @@ class XenstoreRing:
                 return
             self._take_requests()
             notify = self._push_guest()
+            if self.held and len(self.to_guest) < THROTTLE:
+                # the guest made room: carry on from the daemon's socket here, at once,
+                # rather than when the socket's owner polls it again
+                notify = self._pull_daemon() or notify
         if notify:
             self.notify_guest()
+
+    def _pull_daemon(self) -> bool:
+        """Read from the daemon while the guest has room (the socket is
+        non-blocking; reading under the lock keeps the bytes in order when the
+        vCPU thread and the socket's owner both read), into the ring as it fits.
+        True if anything went into the ring.  Sets `daemon_eof` at end of file."""
+        pushed = False
+        while len(self.to_guest) < THROTTLE:
+            try:
+                data = self.sock.recv(THROTTLE)
+            except BlockingIOError:
+                self.held = False
+                return pushed
+            except OSError:
+                data = b""
+            if not data:
+                self.daemon_eof = True
+                self.held = False
+                return pushed
+            self.to_guest += data
+            pushed = self._push_guest() or pushed
+        self.held = True
+        return pushed
 
     def _take_requests(self) -> None:
         if len(self.to_guest) > THROTTLE or len(self.to_daemon) >= THROTTLE:
@@ -123,26 +152,19 @@ class XenstoreRing:
     @property
     def wants_daemon_data(self) -> bool:
         """Should the socket's owner poll it?  Not while THROTTLE bytes wait for the
-        guest: the daemon keeps them, and they are read after the guest's next
-        notification (check again then)."""
+        guest: the daemon keeps them, and the guest's notifications read on from
+        the socket as it makes room (the owner checks again meanwhile)."""
         return len(self.to_guest) < THROTTLE
 
     def on_daemon_data(self) -> bool:
         """The daemon sent replies or watch events.  False: the socket closed."""
-        try:
-            data = self.sock.recv(THROTTLE)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            return False
         with self.lock:
-            self.to_guest += data
-            notify = self._push_guest()
+            if self.daemon_eof:
+                return False
+            notify = self._pull_daemon()
         if notify:
             self.notify_guest()
-        return True
+        return not self.daemon_eof
 
     def flush(self) -> None:
         """Send requests still waiting for the daemon, then take the guest's next ones."""

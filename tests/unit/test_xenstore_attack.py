@@ -5,6 +5,7 @@ assertions: work is counted (watch matches, events queued, merged, dropped)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from pathlib import Path
@@ -259,3 +260,33 @@ def test_watches_leave_the_index_with_their_connection(monkeypatch: pytest.Monke
     x.stats.clear()
     x.write("/w/5/x", "1")
     assert calls[0] == 0 and x.stats["watches_matched"] == 0 and not x._watch_index
+
+
+def test_ring_relay_carries_on_from_the_socket_when_the_guest_reads() -> None:
+    """What the relay left in the daemon's socket while the guest was behind comes
+    out as the guest reads its ring, from its notifications alone, in order."""
+    a, b = socket.socketpair()
+    b.setblocking(False)
+    page = memoryview(bytearray(4096))
+    ring = X.XenstoreRing(page, a, lambda: None)
+    sent = bytes(i % 251 for i in range(600_000))
+    rest = sent[b.send(sent):]
+    assert ring.on_daemon_data()
+    assert ring.held and not ring.wants_daemon_data      # the owner stops polling here
+    got = bytearray()
+    for _ in range(100_000):
+        if len(got) == len(sent):
+            break
+        if rest:
+            with contextlib.suppress(BlockingIOError):
+                rest = rest[b.send(rest):]
+        cons, prod = struct.unpack_from("<II", page, X.OFF_RSP_CONS)
+        for i in range(cons, prod):
+            got.append(page[X.OFF_RSP + i % X.RING])
+        struct.pack_into("<I", page, X.OFF_RSP_CONS, prod)
+        ring.on_guest_event()
+        if not ring.held and not rest and not ring.to_guest and prod == cons:
+            assert ring.on_daemon_data()   # the owner polls again once it may
+    assert bytes(got) == sent and not ring.broken
+    a.close()
+    b.close()
