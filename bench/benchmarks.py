@@ -424,3 +424,7 @@ def idle_domains(ctx: Context) -> Result:
     return compare(float(len(alive)), None, requested=n, create_seconds=round(t_create, 2),
                    pss_mib_per_domain=round(per_dom_pss, 2),
                    host_mib_per_domain=round(per_dom_host, 2), guest_ram_mib=16)
+
+
+# --------------------------------------------------------------------- xenstored under attack
+from . import xenstore_attack as _xenstore_attack  # noqa: E402,F401 - registers xenstore_read_under_attack

@@ -11,6 +11,14 @@ knows this connection is domain N, unprivileged), and what comes back
 notification on the store event channel each time.  Indexes are free-running
 32-bit counters; a guest whose indexes claim more than a ring's worth is
 marked with ``error`` (XENSTORE_ERROR_RINGIDX) and ignored, as xenstored does.
+
+Both directions are bounded here, so that what a guest does not consume waits
+in xenstored's queue for it (where duplicate events merge and its memory quota
+drops the excess, as in xenstored) rather than in this process: replies and
+events are read from the daemon only while fewer than THROTTLE bytes wait for
+the guest (``wants_daemon_data``; the owner of the socket stops polling it
+meanwhile), and requests are taken from the guest's ring only while fewer than
+THROTTLE bytes wait for the daemon.
 """
 
 from __future__ import annotations
@@ -28,7 +36,6 @@ OFF_REQ_CONS, OFF_REQ_PROD, OFF_RSP_CONS, OFF_RSP_PROD = 2048, 2052, 2056, 2060
 OFF_FEATURES, OFF_CONNECTION, OFF_ERROR = 2064, 2068, 2072
 XENSTORE_CONNECTED = 0
 XENSTORE_ERROR_NONE, XENSTORE_ERROR_COMM, XENSTORE_ERROR_RINGIDX = 0, 1, 2
-MAX_BACKLOG = 1 << 20
 THROTTLE = 64 << 10
 
 
@@ -81,6 +88,8 @@ class XenstoreRing:
         self.to_daemon = bytearray()
         self.to_guest = bytearray()
         self.broken = False
+        self.held = False           # the daemon's socket was left unread: the guest is behind
+        self.daemon_eof = False
         struct.pack_into("<III", page, OFF_FEATURES, 0, XENSTORE_CONNECTED, XENSTORE_ERROR_NONE)
 
     def _fail(self, why: int) -> None:
@@ -91,44 +100,79 @@ class XenstoreRing:
         """The guest notified the store port: new requests or freed response space.
         While more than THROTTLE bytes of replies wait for the guest, its new
         requests stay in its ring (a bound on outstanding requests); its next
-        notification, after it read replies, picks them up."""
+        notification, after it read replies, picks them up.  While THROTTLE
+        bytes of requests wait for the daemon (which stopped reading them: the
+        guest is at its outstanding or memory quota), they stay in the ring too,
+        and `flush` picks them up once the daemon took the others."""
         with self.lock:
             if self.broken:
                 return
-            if len(self.to_guest) <= THROTTLE:
-                data = take_requests(self.page)
-                if data is None:
-                    self._fail(XENSTORE_ERROR_RINGIDX)
-                    return
-                self.to_daemon += data
-                self._flush_daemon()
+            self._take_requests()
             notify = self._push_guest()
+            if self.held and len(self.to_guest) < THROTTLE:
+                # the guest made room: carry on from the daemon's socket here, at once,
+                # rather than when the socket's owner polls it again
+                notify = self._pull_daemon() or notify
         if notify:
             self.notify_guest()
+
+    def _pull_daemon(self) -> bool:
+        """Read from the daemon while the guest has room (the socket is
+        non-blocking; reading under the lock keeps the bytes in order when the
+        vCPU thread and the socket's owner both read), into the ring as it fits.
+        True if anything went into the ring.  Sets `daemon_eof` at end of file."""
+        pushed = False
+        while len(self.to_guest) < THROTTLE:
+            try:
+                data = self.sock.recv(THROTTLE)
+            except BlockingIOError:
+                self.held = False
+                return pushed
+            except OSError:
+                data = b""
+            if not data:
+                self.daemon_eof = True
+                self.held = False
+                return pushed
+            self.to_guest += data
+            pushed = self._push_guest() or pushed
+        self.held = True
+        return pushed
+
+    def _take_requests(self) -> None:
+        if len(self.to_guest) > THROTTLE or len(self.to_daemon) >= THROTTLE:
+            return
+        data = take_requests(self.page)
+        if data is None:
+            self._fail(XENSTORE_ERROR_RINGIDX)
+            return
+        self.to_daemon += data
+        self._flush_daemon()
+
+    @property
+    def wants_daemon_data(self) -> bool:
+        """Should the socket's owner poll it?  Not while THROTTLE bytes wait for the
+        guest: the daemon keeps them, and the guest's notifications read on from
+        the socket as it makes room (the owner checks again meanwhile)."""
+        return len(self.to_guest) < THROTTLE
 
     def on_daemon_data(self) -> bool:
         """The daemon sent replies or watch events.  False: the socket closed."""
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            data = b""
-        if not data:
-            return False
         with self.lock:
-            if len(self.to_guest) + len(data) > MAX_BACKLOG:
-                self._fail(XENSTORE_ERROR_COMM)  # the guest stopped reading its ring
-                return True
-            self.to_guest += data
-            notify = self._push_guest()
+            if self.daemon_eof:
+                return False
+            notify = self._pull_daemon()
         if notify:
             self.notify_guest()
-        return True
+        return not self.daemon_eof
 
     def flush(self) -> None:
+        """Send requests still waiting for the daemon, then take the guest's next ones."""
         with self.lock:
+            if self.broken:
+                return
             self._flush_daemon()
+            self._take_requests()
 
     def _flush_daemon(self) -> None:
         if not self.to_daemon:

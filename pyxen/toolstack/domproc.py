@@ -55,6 +55,8 @@ class DomainProcess:
         self.backlog: dict[socket.socket, bytes] = {}  # output a slow client has not taken yet
         self.limits, self.limit_warnings = Limits.from_env()
         self.limiter = ConsoleLimiter(self.limits.console_rate, self.limits.console_burst, domid)
+        # the xenstore socket and its handler while the guest is behind on its ring
+        self.xs_paused: tuple[socket.socket, Callable[[object], None]] | None = None
         logp = paths.console_log(rundir, self.spec.name)
         logp.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.logf = ConsoleLog(logp, self.limits.log_size, self.limits.log_keep,
@@ -366,13 +368,17 @@ class DomainProcess:
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
         while True:
-            busy = self.backlog or (self.domain is not None and self.domain.xs_ring is not None
-                                    and self.domain.xs_ring.to_daemon)
+            busy = self.backlog or self.xs_paused or (
+                self.domain is not None and self.domain.xs_ring is not None and self.domain.xs_ring.to_daemon)
             for key, _ in self.sel.select(timeout=0.02 if busy else 0.25):
                 key.data(key.fileobj)
             ring = self.domain.xs_ring if self.domain else None
             if ring is not None and ring.to_daemon:
                 ring.flush()
+            if self.xs_paused and (ring is None or ring.wants_daemon_data):
+                if ring is not None:
+                    self.sel.register(self.xs_paused[0], selectors.EVENT_READ, self.xs_paused[1])
+                self.xs_paused = None
             if self.backlog:
                 with self.lock:
                     for c in [c for c in list(self.backlog) if not self._send(c, b"")]:
@@ -384,6 +390,11 @@ class DomainProcess:
         """After a daemon restart: relay the guest's xenstore ring to the new
         xenstored, and give the backends a new xenstore connection (their
         watches died with the old one)."""
+        if self.xs_paused is not None and self.domain is not None:
+            # the old relay socket was not being polled (the guest was behind): drop it
+            self.xs_paused[0].close()
+            self.xs_paused = None
+            self.domain.xs_ring = None
         self._connect_xenstore()
         d = self.domain
         if d is not None:
@@ -437,6 +448,9 @@ class DomainProcess:
                 self._unwatch_fd(s.fileno())
                 d.xs_ring = None
                 s.close()
+            elif not ring.wants_daemon_data:  # the guest is behind: xenstored keeps the rest
+                self._unwatch_fd(s.fileno())
+                self.xs_paused = (s, readable)
         d.xs_ring = ring
         self.sel.register(s, selectors.EVENT_READ, readable)
 

@@ -19,10 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..xenstore.server import Xenstored
+from ..xenstore.server import Connection, Xenstored
 
 HELLO = struct.Struct("<4sI")
 MAGIC = b"PXSD"
+CHUNK = 64 << 10            # bytes taken from a domain's queue at a time
+# bytes of requests read at a time: about one request plus a header (xenstored reads one
+# request, then asks domain_can_read again), so a stalled domain overshoots by little
+REQUEST_CHUNK = 4096 + 16
 
 
 def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: dict[str, int]) -> None:
@@ -133,44 +137,65 @@ class DomainSocket:
             if self.authorize is not None and not self.authorize(s, domid):
                 return
             conn = dom.conn
-            s.settimeout(None)
-            wake_r, wake_w = os.pipe()
-            os.set_blocking(wake_r, False)
-            os.set_blocking(wake_w, False)
-
-            def on_output() -> None:
-                try:
-                    os.write(wake_w, b"x")
-                except OSError:
-                    pass
-            conn.on_output = on_output
-            try:
-                while not conn.closed:
-                    ready: list[socket.socket | int] = [s, wake_r]
-                    r, _, _ = select.select(ready, [], [], 1.0)
-                    if s in r:
-                        data = s.recv(65536)
-                        if not data:
-                            return
-                        out = conn.feed(data)
-                        if out:
-                            s.sendall(out)
-                    if wake_r in r:
-                        try:
-                            while os.read(wake_r, 4096):
-                                pass
-                        except BlockingIOError:
-                            pass
-                    if conn.has_output:
-                        s.sendall(conn.take_output())
-            finally:
-                conn.on_output = None
-                os.close(wake_r)
-                os.close(wake_w)
+            s.setblocking(False)
+            self._relay(s, conn)
         except OSError:
             return
         finally:
             s.close()
+
+    def _relay(self, s: socket.socket, conn: Connection) -> None:
+        """Move requests from a domain process to `conn` and what is queued for the
+        domain back, never blocking on the domain: what the domain does not read
+        stays in the connection's queue, where the duplicate check and the memory
+        quota apply, and while `conn.can_read()` is false (xenstored's
+        domain_can_read: outstanding requests or memory at quota) its requests
+        are left unread, so a flooding guest stalls itself, not xenstored."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+
+        def on_output() -> None:
+            try:
+                os.write(wake_w, b"x")
+            except OSError:
+                pass
+        conn.on_output = on_output
+        out = bytearray()
+        try:
+            while not conn.closed and not self.stop:
+                if len(out) < CHUNK and conn.has_output:
+                    out += conn.take_output(CHUNK)
+                if out:
+                    try:
+                        n = s.send(out)
+                    except BlockingIOError:
+                        n = 0
+                    del out[:n]
+                    if len(out) < CHUNK and conn.has_output:
+                        continue
+                readers: list[socket.socket | int] = [wake_r]
+                if len(out) < CHUNK and conn.can_read():
+                    readers.append(s)
+                r, _, _ = select.select(readers, [s] if out else [], [], 1.0)
+                if wake_r in r:
+                    try:
+                        while os.read(wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if s in r:
+                    try:
+                        data = s.recv(REQUEST_CHUNK)
+                    except BlockingIOError:
+                        continue
+                    if not data:
+                        return
+                    conn.feed(data, limit=0)
+        finally:
+            conn.on_output = None
+            os.close(wake_r)
+            os.close(wake_w)
 
     def close(self) -> None:
         self.stop = True

@@ -20,6 +20,13 @@ Layers, from the wire in:
 * `XenstoreServer` serves the unix socket with one selector thread; every
   socket client is dom0 and privileged, as xenstored's socket clients are.
 
+Watches are indexed by path (`Xenstored._watch_index`): a change looks up its
+node and ancestors, so firing costs what fires, not the number of watches.
+Each connection's output queue is bounded (its memory quota, PRIV_OUTPUT_MAX
+for dom0), merges duplicate events through a set, and tells its transport
+when to stop reading it (`can_read`: xenstored's outstanding and memory
+quotas).  Transports take output in chunks and never block on a client.
+
 Locking: `Xenstored.lock` (re-entrant) serialises everything that touches
 the store, the connections or the domains.  `Connection.feed`, the
 `Xenstored` API and the handlers take it; tree.py and wire.py take none.
@@ -44,7 +51,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +63,7 @@ from pyxen.xenstore.tree import (
     XENSTORE_PAYLOAD_MAX,
     Caller,
     Change,
+    Match,
     Quotas,
     Store,
     Transaction,
@@ -104,6 +112,21 @@ def parse_domid(s: str) -> int:
     return v
 
 
+def _watch_paths(path: str) -> Iterator[str]:
+    """The watch paths a change at `path` can fire: the path and its ancestors
+    ("/a/b", "/a", "/"); for "@x/<domid>", itself and "@x"."""
+    yield path
+    if path.startswith("@"):
+        i = path.find("/")
+        if i > 0:
+            yield path[:i]
+        return
+    while path != "/":
+        i = path.rfind("/")
+        path = path[:i] if i > 0 else "/"
+        yield path
+
+
 # ---------------------------------------------------------------------------
 # domains and connections
 
@@ -121,8 +144,48 @@ class Domain:
     conn: Connection | None = None
 
 
+class _Cause:
+    """A request of an unprivileged connection.  It is "outstanding" (xenstored's
+    ACC_OUTST) from when its reply is queued until the reply and every watch
+    event it fired for that same connection have left the queue (sent or
+    dropped), as in core.c send_reply/free_buffered_data."""
+
+    __slots__ = ("conn", "events", "reply_queued")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.events = 0
+        self.reply_queued = False
+
+    def left(self, reply: bool) -> None:
+        """Its reply (or one of its events) left the queue."""
+        if reply:
+            self.reply_queued = False
+        else:
+            self.events -= 1
+        if not self.reply_queued and self.events == 0:
+            self.conn.outstanding -= 1
+
+
+def _event_header(length: int) -> bytes:
+    """struct xsd_sockmsg of a WATCH_EVENT (req_id 0, tx_id 0) with a payload of `length`."""
+    return wire.HEADER.pack(Op.WATCH_EVENT, 0, 0, length)
+
+
+# Output bound of a privileged connection (xenstored has none: dom0 is exempt from
+# the memory quota).  A dom0 client that stops reading loses watch events past it
+# instead of growing the daemon without bound.
+PRIV_OUTPUT_MAX = 8 << 20
+
+
 class Connection:
-    """One client: its identity, watches, transactions, input framing and output queue."""
+    """One client: its identity, watches, transactions, input framing and output queue.
+
+    The output queue holds replies and watch events until the transport takes
+    them (`take_output`); a watch event already in it is not queued again (a set
+    makes that check O(1)), and one past the connection's memory quota is
+    dropped, as xenstored's send_event does.  `can_read()` says whether the
+    transport should feed it more requests now (xenstored's domain_can_read)."""
 
     def __init__(self, xsd: Xenstored, caller: Caller,
                  on_output: Callable[[], None] | None = None, name: str = "") -> None:
@@ -130,25 +193,32 @@ class Connection:
         self.caller = caller
         self.name = name or f"dom{caller.domid}"
         self.on_output = on_output
-        self.watches: list[Watch] = []
+        self.watches: list[Watch] = []      # in registration order; change via Xenstored.add_watch & co
         self.transactions: dict[int, Transaction] = {}
         self.next_tx_id = 1
         self.parser = wire.Parser()
         self.closed = False
         self.close_reason = ""
         self.error = wire.XENSTORE_ERROR_NONE   # for a ring's "error" field
-        self._out: list[tuple[bool, bytes]] = []  # (is_watch_event, encoded message)
+        # (is_watch_event, encoded message, the request that caused the event)
+        self._out: collections.deque[tuple[bool, bytes, _Cause | None]] = collections.deque()
         self._out_bytes = 0
-        self._after: list[bytes] = []             # events to queue after the current reply
+        self._queued_events: set[bytes] = set()   # watch events in _out (not the @ ones)
+        self.outstanding = 0                       # requests (_Cause) not done with
+        self.events_dropped = 0
+        self.at_quota = False       # an event was dropped, and the queue has not half-drained since
+        self._after: list[bytes] = []              # events to queue after the current reply
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} watches={len(self.watches)} tx={len(self.transactions)}>"
 
     # -- input
 
-    def feed(self, data: bytes) -> bytes:
-        """Process bytes from the client; return what to send back.  Never raises on input.
-        When `closed` becomes true the transport should drop the client."""
+    def feed(self, data: bytes, limit: int | None = None) -> bytes:
+        """Process bytes from the client; return what to send back (at most about
+        `limit` bytes of it, whole messages, if given; the rest stays queued).
+        Never raises on input.  When `closed` becomes true the transport should
+        drop the client."""
         with self.xsd.lock:
             if self.closed:
                 return b""
@@ -157,12 +227,13 @@ class Connection:
             if self.parser.error:
                 self.xsd._kill(self, self.parser.error, self.parser.reason)
             self.xsd._after_request()
-            return self.take_output()
+            return self.take_output(limit)
 
     def process(self, msg: Message) -> None:
         """Handle one request and queue its reply (process_message)."""
         self.xsd.stats[msg.op_name] += 1
         entry = HANDLERS.get(msg.type)
+        self.xsd._firing = None if self.caller.privileged else _Cause(self)
         try:
             if entry is None:
                 raise XsError("ENOSYS", msg.op_name)
@@ -185,8 +256,10 @@ class Connection:
             log.exception("xenstore: %s from %s failed", msg.op_name, self.name)
             self.xsd.stats["errors"] += 1
             self._queue(False, Message(Op.ERROR, msg.req_id, msg.tx_id, b"EIO\0").encode())
-        for ev in self._after:
-            self._queue(True, ev)
+        finally:
+            self.xsd._firing = None
+        for ev in self._after:    # a watch's first event: send_event(NULL, ...) in xenstored
+            self._push_event(ev, ev[wire.HEADER.size:wire.HEADER.size + 1] == b"@", self.output_limit())
         self._after.clear()
 
     def request(self, type: int, payload: bytes, tx_id: int = 0) -> Message:
@@ -197,50 +270,129 @@ class Connection:
             self.process(Message(type, 0, tx_id, payload))
             # the one non-event queued since `mark` is the reply (events may come before and after it)
             i = next(i for i in range(mark, len(self._out)) if not self._out[i][0])
-            _, data = self._out.pop(i)
-            self._out_bytes -= len(data)
+            entry = self._out[i]
+            del self._out[i]
+            self._unqueued(entry)
             self.xsd._after_request()
+            data = entry[1]
             hdr = wire.HEADER.unpack_from(data)
             return Message(hdr[0], hdr[1], hdr[2], data[wire.HEADER.size:])
 
+    def can_read(self) -> bool:
+        """May the transport feed this connection more requests now?  Not while an
+        unprivileged one has `outstanding` requests or queued output at its quota
+        (domain_can_read): its transport then leaves the requests where they are
+        (the guest's ring) until it has read what is queued for it.  xenstored's
+        memory quota counts a domain's nodes and watches too, so a domain that
+        overflows its queue is also at quota there; here only the queue counts,
+        and a connection that had events dropped counts as at quota until half
+        of its queue has been read (`at_quota`)."""
+        if self.at_quota:
+            return False
+        if self.caller.privileged:
+            return self._out_bytes < PRIV_OUTPUT_MAX
+        q = self.xsd.store.quota(self.caller.domid)
+        return not (q.exceeded("outstanding", self.outstanding)
+                    or q.exceeded("memory", self._out_bytes))
+
     # -- output
 
-    def _queue(self, is_event: bool, data: bytes) -> None:
-        self._out.append((is_event, data))
+    def _queue(self, is_event: bool, data: bytes, cause: _Cause | None = None) -> None:
+        if not is_event:
+            cause = self.xsd._firing
+            if cause is not None:
+                cause.reply_queued = True
+                self.outstanding += 1
+        self._out.append((is_event, data, cause))
         self._out_bytes += len(data)
 
-    def send_event(self, path: str, token: str) -> None:
+    def _unqueued(self, entry: tuple[bool, bytes, _Cause | None]) -> None:
+        """Bookkeeping for an entry that left the queue (sent, or dropped)."""
+        is_event, data, cause = entry
+        self._out_bytes -= len(data)
+        if is_event:
+            self._queued_events.discard(data)
+        if cause is not None:
+            cause.left(not is_event)
+
+    def send_event(self, path: str, token: str, limit: int = 0) -> None:
         """Queue a WATCH_EVENT (send_event): over-long ones and duplicates of one
-        still queued are dropped, and so is anything past a guest's memory quota."""
-        payload = wire.join(path, token)
+        still queued are dropped, and so is anything past the connection's memory
+        quota (PRIV_OUTPUT_MAX for privileged ones).  O(1).  `limit` is
+        `output_limit()` if the caller has it at hand."""
+        payload = path.encode("latin-1") + b"\0" + token.encode("latin-1") + b"\0"
         if len(payload) > XENSTORE_PAYLOAD_MAX:
             return
-        data = Message(Op.WATCH_EVENT, 0, 0, payload).encode()
-        if not path.startswith("@") and (True, data) in self._out:
-            return
-        if not self.caller.privileged and self.xsd.store.quota(self.caller.domid).exceeded(
-                "memory", self._out_bytes + len(data)):
-            self.xsd.stats["events_dropped"] += 1
-            return
-        self._queue(True, data)
-        if self.on_output is not None:
-            self.on_output()
+        self._push_event(_event_header(len(payload)) + payload, path.startswith("@"),
+                         limit or self.output_limit())
 
-    def take_output(self) -> bytes:
-        """Everything queued for the client, removed from the queue."""
+    def _drop_event(self) -> None:
+        self.at_quota = True
+        self.events_dropped += 1
+        self.xsd.stats["events_dropped"] += 1
+
+    def _push_event(self, data: bytes, special: bool, limit: int) -> None:
+        """Queue an encoded WATCH_EVENT unless it is a duplicate or over `limit`."""
+        if not special and data in self._queued_events:
+            self.xsd.stats["events_merged"] += 1
+            return
+        if self._out_bytes + len(data) >= limit:
+            self._drop_event()
+            return
+        cause = self.xsd._firing
+        if cause is not None and cause.conn is not self:
+            cause = None        # only events for the requester itself keep its request outstanding
+        if cause is not None:
+            cause.events += 1
+        self._queue(True, data, cause)
+        if not special:
+            self._queued_events.add(data)
+        if self.on_output is not None and len(self._out) == 1:
+            self.on_output()        # the transport drains the queue once woken
+
+    def output_limit(self) -> int:
+        """Queued output may stay below this many bytes (xenstored's memory quota
+        counts as exceeded when reached)."""
+        if self.caller.privileged:
+            return PRIV_OUTPUT_MAX + 1
+        return self.xsd.store.quota(self.caller.domid).get("memory") or (1 << 62)
+
+    def take_output(self, limit: int | None = None) -> bytes:
+        """What is queued for the client, removed from the queue: everything, or
+        whole messages while fewer than `limit` bytes were taken."""
         with self.xsd.lock:
-            out = b"".join(d for _, d in self._out)
-            self._out.clear()
-            self._out_bytes = 0
-            return out
+            if limit is None or limit >= self._out_bytes:
+                out = b"".join(d for _, d, _ in self._out)
+                for is_event, _, cause in self._out:
+                    if cause is not None:
+                        cause.left(not is_event)
+                self._out.clear()
+                self._out_bytes = 0
+                self._queued_events.clear()
+                self.at_quota = False
+                return out
+            parts = []
+            n = 0
+            while self._out and n < limit:
+                entry = self._out.popleft()
+                self._unqueued(entry)
+                parts.append(entry[1])
+                n += len(entry[1])
+            if self.at_quota and 2 * self._out_bytes < self.output_limit():
+                self.at_quota = False
+            return b"".join(parts)
 
     @property
     def has_output(self) -> bool:
         return bool(self._out)
 
+    @property
+    def queued_bytes(self) -> int:
+        return self._out_bytes
+
     def reset(self) -> None:
         """Forget watches and transactions (RESET_WATCHES, re-INTRODUCE, release, close)."""
-        self.watches.clear()
+        self.xsd.clear_watches(self)
         self.transactions.clear()
 
     def close(self) -> None:
@@ -269,6 +421,11 @@ class Xenstored:
         self.on_flush_scheduled: Callable[[], None] | None = None  # the server loop's wake-up
         self.dirty = False
         self._flush_at: float | None = None
+        # watch path -> {(connection, token): (registration number, watch)}: firing
+        # looks up the changed node and its ancestors only, not every watch
+        self._watch_index: dict[str, dict[tuple[Connection, str], tuple[int, Watch]]] = {}
+        self._watch_seq = 0
+        self._firing: _Cause | None = None      # the unprivileged request being processed
         self.store = Store(quotas)
         if self.state_file:
             self._load()
@@ -286,6 +443,7 @@ class Xenstored:
     def disconnect(self, conn: Connection) -> None:
         with self.lock:
             conn.reset()
+            conn.take_output()
             conn.closed = True
             if conn in self.connections:
                 self.connections.remove(conn)
@@ -302,21 +460,90 @@ class Xenstored:
         conn.take_output()
         self.disconnect(conn)
 
+    # -- watches
+
+    def add_watch(self, conn: Connection, watch: Watch) -> None:
+        self._watch_seq += 1
+        self._watch_index.setdefault(watch.node, {})[(conn, watch.token)] = (self._watch_seq, watch)
+        conn.watches.append(watch)
+
+    def find_watch(self, conn: Connection, node: str, token: str) -> Watch | None:
+        """The connection's watch on `node` with `token`, from the index (O(1))."""
+        entry = self._watch_index.get(node, {}).get((conn, token))
+        return entry[1] if entry is not None else None
+
+    def remove_watch(self, conn: Connection, watch: Watch) -> None:
+        for i, w in enumerate(conn.watches):
+            if w is watch:
+                del conn.watches[i]
+                break
+        at = self._watch_index.get(watch.node)
+        if at is not None:
+            at.pop((conn, watch.token), None)
+            if not at:
+                del self._watch_index[watch.node]
+
+    def clear_watches(self, conn: Connection) -> None:
+        """Drop all of a connection's watches (linear: a dom0 client may hold thousands)."""
+        for w in conn.watches:
+            at = self._watch_index.get(w.node)
+            if at is not None:
+                at.pop((conn, w.token), None)
+                if not at:
+                    del self._watch_index[w.node]
+        conn.watches.clear()
+
     # -- firing watches
 
     def fire(self, changes: Iterable[Change]) -> None:
-        """Queue a WATCH_EVENT for every watch that each change fires (fire_watches)."""
+        """Queue a WATCH_EVENT for every watch that each change fires (fire_watches).
+
+        xenstored walks every watch of every connection for each change; here the
+        watches are indexed by path, so a change costs a look-up for the node and
+        each of its ancestors, plus one step per watch that fires.  Events go out
+        in registration order, as the walk would send them."""
         changes = list(changes)
         if not changes:
             return
         self.dirty = True
+        index = self._watch_index
+        if not index:
+            return
+        self.stats["changes_fired"] += len(changes)
         for change in changes:
-            for conn in self.connections:
-                if not conn.watches or not watch_permitted(conn.caller, change):
+            hits: list[tuple[int, Connection, Watch]] = []
+            for node in _watch_paths(change.path):
+                at = index.get(node)
+                if at is None:
                     continue
-                for w in conn.watches:
-                    if w.fires_for(change):
-                        conn.send_event(w.event_path(change.path), w.token)
+                for (conn, _), (seq, w) in at.items():
+                    hits.append((seq, conn, w))
+            if not hits:
+                continue
+            self.stats["watches_matched"] += len(hits)
+            if len(hits) > 1:
+                hits.sort(key=lambda h: h[0])
+            subtree = change.match is Match.SUBTREE
+            path = change.path
+            pathb = path.encode("latin-1")
+            special = path.startswith("@")
+            limits: dict[Connection, int] = {}   # 0: may not see the change
+            for _, conn, w in hits:
+                limit = limits.get(conn)
+                if limit is None:
+                    limit = limits[conn] = (conn.output_limit() if not conn.closed and
+                                            watch_permitted(conn.caller, change) else 0)
+                # a subtree change fires every watch without a depth on it or above it
+                if not limit or not ((subtree and w.depth < 0) or w.fires_for(change)):
+                    continue
+                size = len(pathb) - w.prefix_len + len(w.token) + 2   # tokens are latin-1
+                if size > XENSTORE_PAYLOAD_MAX:
+                    continue
+                if conn._out_bytes + wire.HEADER.size + size >= limit:
+                    conn._drop_event()      # before encoding it: a flood past quota stays cheap
+                    continue
+                conn._push_event(_event_header(size) + pathb[w.prefix_len:] + b"\0"
+                                 + w.token.encode("latin-1") + b"\0", special, limit)
 
     # -- domains (the toolstack's API; INTRODUCE/RELEASE/... come here too)
 
@@ -350,7 +577,7 @@ class Xenstored:
             if domid == 0 or dom is None:
                 raise XsError("ENOENT" if dom is None else "EINVAL", f"domain {domid}")
             if dom.conn is not None:
-                dom.conn.watches.clear()    # no events to the departing domain
+                self.clear_watches(dom.conn)    # no events to the departing domain
                 self.disconnect(dom.conn)
             del self.domains[domid]
             self.fire(self.store.remove_domain(domid))
@@ -474,7 +701,8 @@ class Xenstored:
                          bool(d.get("shutdown")))
             self.domains[dom.domid] = dom
             dom.conn = self.connect(self._caller_for(dom), name=f"dom{dom.domid}")
-            dom.conn.watches = [Watch(str(n), str(t), int(dp), int(pl)) for n, t, dp, pl in d["watches"]]
+            for n, t, dp, pl in d["watches"]:
+                self.add_watch(dom.conn, Watch(str(n), str(t), int(dp), int(pl)))
 
     def close(self) -> None:
         self.flush()
@@ -584,13 +812,13 @@ def do_watch(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
     path, token = strings[0], strings[1]
     relative = not path.startswith(("/", "@"))
     node = _store(conn).canonicalize(conn.caller, path, allow_special=True)
-    if any(w.node == node and w.token == token for w in conn.watches):
+    if conn.xsd.find_watch(conn, node, token) is not None:
         raise XsError("EEXIST", "watch exists")
     if not conn.caller.privileged and _store(conn).quota(conn.caller.domid).exceeded(
             "watches", len(conn.watches) + 1):
         raise XsError("ENOSPC", "watch quota")
     watch = Watch(node, token, depth, len(conn.caller.home) + 1 if relative else 0)
-    conn.watches.append(watch)
+    conn.xsd.add_watch(conn, watch)
     conn.xsd.dirty = True
     # the initial event, after the reply (do_watch: "we fire once up front")
     conn._after.append(Message(Op.WATCH_EVENT, 0, 0, wire.join(watch.event_path(node), token)).encode())
@@ -602,12 +830,12 @@ def do_unwatch(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
     if len(strings) != 2:
         raise XsError("EINVAL", "expected path and token")
     node = _store(conn).canonicalize(conn.caller, strings[0], allow_special=True)
-    for i, w in enumerate(conn.watches):
-        if w.node == node and w.token == strings[1]:
-            del conn.watches[i]
-            conn.xsd.dirty = True
-            return OK
-    raise XsError("ENOENT", "no such watch")
+    w = conn.xsd.find_watch(conn, node, strings[1])
+    if w is None:
+        raise XsError("ENOENT", "no such watch")
+    conn.xsd.remove_watch(conn, w)
+    conn.xsd.dirty = True
+    return OK
 
 
 def do_reset_watches(conn: Connection, msg: Message, tx: Transaction | None) -> bytes:
@@ -826,6 +1054,9 @@ HANDLERS: dict[int, tuple[Handler, int]] = {
 # the unix-socket server
 
 
+SOCKET_CHUNK = 64 << 10     # bytes read or taken for a socket client at a time
+
+
 @dataclass(eq=False)
 class _Client:
     sock: socket.socket
@@ -942,7 +1173,7 @@ class XenstoreServer:
     def _service(self, c: _Client, events: int) -> None:
         if events & selectors.EVENT_READ:
             try:
-                data = c.sock.recv(65536)
+                data = c.sock.recv(SOCKET_CHUNK)
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError:
@@ -951,25 +1182,40 @@ class XenstoreServer:
                 self._drop(c)
                 return
             if data:
-                c.out += c.conn.feed(data)
+                c.conn.feed(data, limit=0)
                 if c.conn.closed:
                     self._drop(c)
                     return
         self._send(c)
 
     def _send(self, c: _Client) -> None:
-        if c.out:
+        """Move what is queued for the client to its socket, never blocking: a client
+        that does not read keeps its output in its own buffer and queue (where the
+        duplicate check and the output bound apply), and is not read from until it
+        catches up; everyone else is served meanwhile."""
+        while True:
+            if len(c.out) < SOCKET_CHUNK and c.conn.has_output:
+                c.out += c.conn.take_output(SOCKET_CHUNK)
+            if not c.out:
+                break
             try:
                 n = c.sock.send(c.out)
-                del c.out[:n]
             except (BlockingIOError, InterruptedError):
-                pass
+                break
             except OSError:
                 self._drop(c)
                 return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if c.out else 0)
+            del c.out[:n]
+            if c.out:
+                break           # the socket is full
+        want = selectors.EVENT_WRITE if c.out else 0
+        if len(c.out) < SOCKET_CHUNK and c.conn.can_read():
+            want |= selectors.EVENT_READ
         if self._sel.get_key(c.sock).events != want:
-            self._sel.modify(c.sock, want, c)
+            if want:
+                self._sel.modify(c.sock, want, c)
+            else:   # cannot happen (nothing to send means room to read), but selectors refuse 0
+                self._sel.modify(c.sock, selectors.EVENT_READ, c)
 
     def _guarded(self, fn: Callable[..., None], c: _Client, *args: int) -> None:
         """Serve one client; whatever goes wrong with it drops that client only,
@@ -984,8 +1230,7 @@ class XenstoreServer:
 
     def _collect_events(self) -> None:
         for c in list(self._clients.values()):
-            if c.conn.has_output:
-                c.out += c.conn.take_output()
+            if c.conn.has_output and len(c.out) < SOCKET_CHUNK:
                 self._guarded(self._send, c)
 
     def _drop(self, c: _Client) -> None:

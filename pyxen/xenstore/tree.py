@@ -91,8 +91,9 @@ class Quotas:
     The defaults are xenstored's.  Like xenstored a quota is exceeded when
     the value reaches it (`value >= quota`), and exceeding one gives ENOSPC.
     So with the default of 1000 nodes a domain can own 999 of them, with
-    128 watches it can hold 127.  `outstanding` and `memory` are kept for
-    GET_QUOTA but not enforced.
+    128 watches it can hold 127.  `outstanding` and `memory` are about a
+    connection's output queue: server.py enforces them (Connection.can_read,
+    send_event).
     """
 
     nodes: int = 1000
