@@ -110,7 +110,7 @@ static int pf_hook(struct pt_regs *regs, unsigned long cr2)
 }
 
 /* #GP and software-interrupt handlers of our own (trap table entries). */
-extern char pt_gp_handler[], pt_int_handler[], trap_general_protection[];
+extern char pt_gp_handler[], pt_int_handler[], trap_general_protection[], trap_int3[];
 volatile uint64_t pt_gp_err, pt_gp_rip, pt_gp_count, pt_int_count;
 asm(".pushsection .text\n"
     ".globl pt_gp_handler\n"
@@ -297,11 +297,14 @@ static void test_softint(void)
         { .vector = 13, .flags = 0, .cs = FLAT_KERNEL_CS, .address = (unsigned long)pt_gp_handler },
         { .vector = 0x41, .flags = 3, .cs = FLAT_KERNEL_CS, .address = (unsigned long)pt_int_handler },
         { .vector = 0x42, .flags = 0, .cs = FLAT_KERNEL_CS, .address = (unsigned long)pt_int_handler },
+        { .vector = 0x80, .flags = 0, .cs = FLAT_KERNEL_CS, .address = (unsigned long)pt_int_handler },
+        { .vector = 3, .flags = 0, .cs = FLAT_KERNEL_CS, .address = (unsigned long)pt_int_handler },
         { 0, 0, 0, 0 },
     };
     static const struct trap_info restore[] = {
         { .vector = 13, .flags = 0, .cs = FLAT_KERNEL_CS,
           .address = (unsigned long)trap_general_protection },
+        { .vector = 3, .flags = 0, .cs = FLAT_KERNEL_CS, .address = (unsigned long)trap_int3 },
         { 0, 0, 0, 0 },
     };
     extern char pt_int43[], pt_int42[];
@@ -323,6 +326,15 @@ static void test_softint(void)
           "gp=%lu err=0x%lx", (unsigned long)pt_gp_count, (unsigned long)pt_gp_err);
     asm volatile("int $0x41" ::: "memory");
     check("int_dpl3_delivered", pt_int_count == 1 && pt_gp_count == 2, "int=%lu gp=%lu",
+          (unsigned long)pt_int_count, (unsigned long)pt_gp_count);
+    /* Xen's int $0x80 gate: delivered whatever DPL the guest gave it */
+    asm volatile("int $0x80" ::: "memory");
+    check("int80_delivered", pt_int_count == 2 && pt_gp_count == 2, "int=%lu gp=%lu",
+          (unsigned long)pt_int_count, (unsigned long)pt_gp_count);
+    /* vectors 3 and 4 are DPL 3 in Xen's IDT: int3 and int $3 are #BP traps */
+    asm volatile("int3" ::: "memory");
+    asm volatile("int $3" ::: "memory");
+    check("int3_is_bp", pt_int_count == 4 && pt_gp_count == 2, "int=%lu gp=%lu",
           (unsigned long)pt_int_count, (unsigned long)pt_gp_count);
     HYPERVISOR_set_trap_table(restore);
 }

@@ -612,6 +612,8 @@ class VCPU:
 
         * `int3` and `int $3`/`int $4`: Xen's gates 3 and 4 are DPL 3, so they
           are #BP/#OF traps whatever DPL the guest gave them;
+        * `int $0x80` with a registered handler is delivered whatever its DPL
+          (Xen's entry_int80 fast path);
         * `int $n` whose trap-table DPL is at least 1 (guest kernel mode) or 3
           (guest user mode) is delivered to the handler, after the instruction;
         * anything else, including a vector with no gate (DPL 0), is #GP with
@@ -638,6 +640,8 @@ class VCPU:
             return True
         ent = self.trap_table.get(n)
         dpl = ent[0] & 3 if ent is not None else 0
+        if n == 0x80 and ent is not None:
+            dpl = 3  # Xen's entry_int80: a DPL-3 gate, the guest's DPL is not checked
         if dpl < (1 if self.kernel_mode else 3) or ent is None:
             self.kvm.regs.rip = rip
             self.kvm.mark_regs_dirty()

@@ -14,7 +14,7 @@ CHECKS = [
     "lock_bts", "lock_btr", "cmpxchg_hit", "cmpxchg_miss", "mov32_low", "mov32_high",
     "mov32_high_clear", "mov32_high_refused", "clear_present", "restore", "refuse_foreign",
     "refuse_writable_pt", "map_pt_readonly", "restore2", "l2_not_emulated", "l4_not_emulated",
-    "int_no_gate_gp", "int_dpl0_gp", "int_dpl3_delivered",
+    "int_no_gate_gp", "int_dpl0_gp", "int_dpl3_delivered", "int80_delivered", "int3_is_bp",
 ]
 WPT = 1 << abi.VMASST_TYPE_writable_pagetables
 
