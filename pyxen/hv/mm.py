@@ -267,6 +267,32 @@ class FrameTable:
         finally:
             self.put_type(mfn)
 
+    def ptwr_update(self, maddr: int, val: int, expect: int) -> bool:
+        """Writable page tables (Xen's ``ptwr_emulated_update``): the guest kernel
+        wrote ``val`` into entry ``maddr`` of a validated L1 through a read-only
+        mapping.  The entry is checked exactly as ``mod_entry`` checks it (the
+        same ``_get_entry_ref``), written through ``write_entry`` (so the vCPU
+        re-applies it) and the old entry's references are dropped.  ``expect``
+        is the value the emulated instruction read: if the entry changed since,
+        nothing is written and False is returned (Xen's CMPXCHG_FAILED: the
+        guest retries).  A refused value raises XenError."""
+        mfn = maddr >> 12
+        if maddr & 7 or not self.owns(mfn):
+            raise XenError(EINVAL, f"ptwr: bad entry address {maddr:#x}")
+        i = mfn - self.mfn_base
+        if self.type[i] != PGT_L1 or not self.count[i]:
+            raise XenError(EINVAL, f"ptwr: frame {mfn:#x} is not a validated L1")
+        old = self.read_entry(maddr)
+        if old != expect:
+            return False
+        new = self._adjust(val)
+        self.stats["updates"] += 1
+        if new & _PAGE_PRESENT:
+            self._get_entry_ref(new, PGT_L1)
+        self.write_entry(maddr, new, old)
+        self._put_entry_ref(old, PGT_L1)
+        return True
+
     def replace_raw(self, maddr: int, new: int, old: int) -> None:
         """The hypervisor's own L1 write (grant mappings): ``new`` is not validated
         and takes no reference; ``old``'s references are dropped."""

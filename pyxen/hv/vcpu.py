@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
 from ..abi import ENOSYS, XenError
-from . import atomic
+from . import atomic, ptwr
 from . import machine as M
 from .evtchn import set_pending_bits, unmask_bits
 from .time import scale_delta, tsc_scale, write_vcpu_time
@@ -561,6 +561,8 @@ class VCPU:
         if cs & 3 != 3:
             raise GuestCrash(f"exception {vec} in hypervisor code at {rip:#x} (err={err})")
         if vec == 14:
+            if err is not None and ptwr.handle_fault(self, rip, s.cr2, err):
+                return  # writable page tables: the write was emulated
             struct.pack_into("<Q", self.vi_buf, self.vi_off + abi.VI_CR2, s.cr2)
         if vec == 7 and self.virtual_ts:
             # lazy FPU switch: the guest asked for #NM with fpu_taskswitch(1)
@@ -603,25 +605,61 @@ class VCPU:
         self.bounce(self.syscall_callback, None, self.syscall_mask_events)
 
     def _emulate_int(self, rip: int, err: int | None) -> bool:
-        """``int $n`` at CPL3 raises #UD here (platform-notes.md fact 4) or #GP: deliver
-        it as the software interrupt the guest registered with DPL 3."""
+        """Software interrupts as Xen delivers them to a PV kernel.  Here `int $n`
+        at CPL3 raises #UD (platform-notes.md fact 4), or #GP through pyxen's
+        DPL-0 IDT gates on VT-x; Xen's IDT is DPL 0 too and its #GP handler
+        (do_general_protection, permit_softint) decides:
+
+        * `int3` and `int $3`/`int $4`: Xen's gates 3 and 4 are DPL 3, so they
+          are #BP/#OF traps whatever DPL the guest gave them;
+        * `int $0x80` with a registered handler is delivered whatever its DPL
+          (Xen's entry_int80 fast path);
+        * `int $n` whose trap-table DPL is at least 1 (guest kernel mode) or 3
+          (guest user mode) is delivered to the handler, after the instruction;
+        * anything else, including a vector with no gate (DPL 0), is #GP with
+          the IDT error code ``(n << 3) | 2`` at the `int` itself."""
         try:
             code = self.copy_from_guest(rip, 2)
         except XenError:
-            return False
-        if code[0] != 0xCD:
+            try:
+                code = self.copy_from_guest(rip, 1)
+            except XenError:
+                return False
+        if code[0] == 0xCC:
+            self.kvm.regs.rip = rip + 1
+            self.kvm.mark_regs_dirty()
+            self.bounce_trap(3, None)
+            return True
+        if code[0] != 0xCD or len(code) < 2:
             return False
         n = code[1]
+        if n in (3, 4):
+            self.kvm.regs.rip = rip + 2
+            self.kvm.mark_regs_dirty()
+            self.bounce_trap(n, None)
+            return True
         ent = self.trap_table.get(n)
-        if ent is None or (ent[0] & 3) < 3 and not self.kernel_mode:
-            return False
-        if (ent[0] & 3) == 0:
-            return False
+        dpl = ent[0] & 3 if ent is not None else 0
+        if n == 0x80 and ent is not None:
+            dpl = 3  # Xen's entry_int80: a DPL-3 gate, the guest's DPL is not checked
+        if dpl < (1 if self.kernel_mode else 3) or ent is None:
+            self.kvm.regs.rip = rip
+            self.kvm.mark_regs_dirty()
+            self.bounce_trap(13, (n << 3) | 2)
+            return True
+        if not ent[2]:
+            raise GuestCrash(f"int ${n:#x}: trap table entry has no handler address")
         self.kvm.regs.rip = rip + 2
+        self.kvm.mark_regs_dirty()
         self.bounce(ent[2], None, bool(ent[0] & 4))
         return True
 
     def bounce_trap(self, vec: int, err: int | None) -> None:
+        """Xen's pv_inject_event for a hardware exception."""
+        if vec == 14 and err is not None:
+            # The guest kernel runs at CPL3, so the CPU always sets the U bit;
+            # Xen reports it as the guest's mode: clear in guest kernel mode.
+            err = (err & ~ptwr.PFEC_USER) | (0 if self.kernel_mode else ptwr.PFEC_USER)
         ent = self.trap_table.get(vec)
         if ent is None or not ent[2]:
             raise GuestCrash(f"unhandled {EXC_NAMES.get(vec, f'exception {vec}')}"
