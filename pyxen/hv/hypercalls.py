@@ -463,7 +463,7 @@ class Hypercalls:
 
     def do_memory_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         d = self.domain
-        start = (cmd & U32) >> MEMOP_EXTENT_SHIFT  # a continuation's start extent
+        start = (cmd & MASK64) >> MEMOP_EXTENT_SHIFT  # a continuation's start extent
         cmd &= MEMOP_CMD_MASK
         if cmd in (abi.XENMEM_increase_reservation, abi.XENMEM_decrease_reservation,
                    abi.XENMEM_populate_physmap):
