@@ -42,6 +42,8 @@ const char app_name[] = "hctest";
 #define EVTCHNSTAT_ipi     5
 
 #define SEGBASE_FS 0
+#define SEGBASE_GS_KERNEL 2
+#define SEGBASE_GS_USER_SEL 3
 
 #define VMASST_TYPE_writable_pagetables  2
 #define VMASST_TYPE_runstate_update_flag 5
@@ -634,6 +636,19 @@ static void test_set_segment_base(void)
         asm volatile("movq %%fs:0, %0" : "=r"(v) :: "memory");
     HYPERVISOR_set_segment_base(SEGBASE_FS, 0);
     check("set_segment_base.fs", rc == 0 && v == fs_var, "rc=%ld read=0x%lx", rc, (unsigned long)v);
+
+    /* GS_USER_SEL loads the *user* %gs: the kernel's GS base stays */
+    long rc2 = -1, rc3 = -1;
+    v = 0;
+    rc = HYPERVISOR_set_segment_base(SEGBASE_GS_KERNEL, (unsigned long)&fs_var);
+    if (rc == 0) {
+        rc2 = HYPERVISOR_set_segment_base(SEGBASE_GS_USER_SEL, 0);
+        rc3 = HYPERVISOR_set_segment_base(SEGBASE_GS_USER_SEL, 0xe02b);
+        asm volatile("movq %%gs:0, %0" : "=r"(v) :: "memory");
+    }
+    HYPERVISOR_set_segment_base(SEGBASE_GS_KERNEL, 0);
+    check("set_segment_base.gs_user_sel", rc == 0 && rc2 == 0 && rc3 == 0 && v == fs_var,
+          "rc=%ld,%ld,%ld kernel gs:0 read=0x%lx", rc, rc2, rc3, (unsigned long)v);
 }
 
 extern char trap_device_not_available[];

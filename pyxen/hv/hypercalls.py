@@ -310,9 +310,17 @@ class Hypercalls:
             else:
                 v.gs_base_kernel = base
         elif which == abi.SEGBASE_GS_USER_SEL:
-            # Xen loads the selector (a null one if it faults) and never fails;
-            # descriptors are not consulted on PVM hosts (platform-notes.md)
-            s.gs.selector = base & 0xFFFF
+            # Xen loads the selector into the *user* %gs (a null one if it
+            # faults) and never fails; the user GS base becomes the
+            # descriptor's, 0 for the null and flat selectors (descriptors are
+            # not consulted on PVM hosts, platform-notes.md).  The guest kernel's
+            # own %gs and base are untouched.
+            sel = base & 0xFFFF
+            v.gs_sel_user = sel | 3 if sel > 3 else sel
+            if v.kernel_mode:
+                v.gs_base_user = 0
+            else:
+                s.gs.base = 0
         else:
             raise XenError(EINVAL, f"segment base selector {which}")
         v.kvm.mark_sregs_dirty()

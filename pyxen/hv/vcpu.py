@@ -100,6 +100,7 @@ class VCPU:
         self.fs_base = 0
         self.gs_base_kernel = 0
         self.gs_base_user = 0
+        self.gs_sel_user = 0  # SEGBASE_GS_USER_SEL's selector (RPL fixed up as Xen)
         self.virtual_ts = False
         self.iobmp, self.iobmp_nr = 0, 0  # PHYSDEVOP_set_iobitmap (guest VA, ports)
         self.iopl = 0  # PHYSDEVOP_set_iopl's virtual IOPL, 0-3 (the in/out/cli/sti emulator reads it)

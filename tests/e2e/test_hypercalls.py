@@ -33,7 +33,7 @@ CHECKS = [
     "event_channel_op.bind_virq_twice_eexist", "event_channel_op.status_ipi",
     "event_channel_op.bind_ipi_send", "event_channel_op.close_then_send_einval",
     "event_channel_op.unmask_redelivers",
-    "set_segment_base.fs",
+    "set_segment_base.fs", "set_segment_base.gs_user_sel",
     "fpu_taskswitch", "fpu_taskswitch.nm_x87", "fpu_taskswitch.nm_sse", "fpu_taskswitch.clear",
     "set_gdt.rejects_system_descriptor", "set_gdt", "set_gdt.load_selector",
     "update_descriptor", "update_descriptor.load_selector", "set_gdt.frame_not_writable",
