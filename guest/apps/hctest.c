@@ -63,6 +63,7 @@ const char app_name[] = "hctest";
 #define VCPUOP_initialise              0
 #define VCPUOP_up                      1
 #define VCPUOP_register_runstate_memory_area 5
+#define VCPUOP_register_vcpu_time_memory_area 13
 #define RUNSTATE_blocked               2
 #define XEN_RUNSTATE_UPDATE            (1ULL << 63)
 #define VMASST_TYPE_architectural_iopl 4
@@ -1033,6 +1034,38 @@ static void test_runstate_area(void)
     HYPERVISOR_vm_assist(VMASST_CMD_disable, VMASST_TYPE_runstate_update_flag);
 }
 
+static struct vcpu_time_info time_area __attribute__((aligned(64)));
+
+static void test_time_area(void)
+{
+    struct { uint64_t addr; } area = { (unsigned long)&time_area };
+    struct vcpu_time_info *vt = &this_vcpu()->time;
+    uint64_t t0, t1;
+    long rc, rc2;
+
+    memset(&time_area, 0, sizeof(time_area));
+    rc = hc_vcpu_op(VCPUOP_register_vcpu_time_memory_area, 0, &area);
+    t0 = READ_ONCE(time_area.system_time);
+    check("vcpu_op.register_vcpu_time_memory_area",
+          rc == 0 && !(time_area.version & 1) && time_area.version != 0 &&
+          time_area.tsc_to_system_mul == vt->tsc_to_system_mul &&
+          time_area.tsc_shift == vt->tsc_shift && (time_area.flags & 1) && t0 != 0,
+          "rc=%ld version=%u mul=%u (vcpu_info %u) shift=%d flags=0x%x system_time=%lu", rc,
+          time_area.version, time_area.tsc_to_system_mul, vt->tsc_to_system_mul,
+          time_area.tsc_shift, time_area.flags, (unsigned long)t0);
+    msleep(20);                 /* timer events refresh the time records */
+    t1 = READ_ONCE(time_area.system_time);
+    check("vcpu_op.vcpu_time_area_updated", t1 > t0 && !(time_area.version & 1),
+          "system_time %lu -> %lu version=%u", (unsigned long)t0, (unsigned long)t1,
+          time_area.version);
+    area.addr = 0xffff800000002000UL;
+    rc = hc_vcpu_op(VCPUOP_register_vcpu_time_memory_area, 0, &area);
+    area.addr = 0;
+    rc2 = hc_vcpu_op(VCPUOP_register_vcpu_time_memory_area, 0, &area);
+    check("vcpu_op.vcpu_time_area_efault_unregister", rc == -XEN_EFAULT && rc2 == 0,
+          "xen range rc=%ld unregister rc=%ld", rc, rc2);
+}
+
 static long set_dr(int reg, unsigned long v)
 {
     return _hypercall2(long, __HYPERVISOR_set_debugreg, reg, v);
@@ -1396,6 +1429,7 @@ int app_main(const char *cmdline)
     test_mmuext();
     test_misc();
     test_runstate_area();
+    test_time_area();
     test_debugreg();
     test_physdev();
     test_callbacks();

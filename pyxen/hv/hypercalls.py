@@ -712,6 +712,18 @@ class Hypercalls:
             if va:
                 t.update_runstate_area()
             return 0
+        if cmd == abi.VCPUOP_register_vcpu_time_memory_area:
+            # x86's do_vcpu_op: the same handle check; the record is written now
+            # (force_update_vcpu_system_time) and on every time update
+            va = struct.unpack("<Q", v.copy_from_guest(arg, 8))[0]
+            if not (va < 1 << 47 or va >= abi.HYPERVISOR_VIRT_END):
+                raise XenError(EFAULT, f"time area {va:#x} in Xen's range")
+            t.time_area = va
+            if va and t is v:
+                t.update_time()
+            elif va:
+                t.update_time_area()
+            return 0
         if cmd == abi.VCPUOP_send_nmi:
             raise XenError(ENOSYS, "pyxen delivers no NMIs")
         if cmd == abi.VCPUOP_get_physid:

@@ -140,6 +140,7 @@ class VCPU:
         self.runstate_entry = 0
         self.runstate_time = [0, 0, 0, 0]
         self.runstate_area = 0  # guest VA of VCPUOP_register_runstate_memory_area, 0 = none
+        self.time_area = 0  # guest VA of VCPUOP_register_vcpu_time_memory_area, 0 = none
         # statistics (pyxen top)
         self.stats = {"exceptions": 0, "events": 0, "kicks": 0, "mmu_flushes": 0}
         self.hc_counts: dict[int, int] = {}
@@ -198,6 +199,23 @@ class VCPU:
         tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
         now = self.domain.clock.system_time()
         write_vcpu_time(self.vi_buf, self.vi_off + abi.VI_TIME, tsc, now, self.tsc_mul, self.tsc_shift)
+        if self.time_area:
+            self.update_time_area()
+
+    def update_time_area(self) -> None:
+        """Copy vcpu_time_info to the area of VCPUOP_register_vcpu_time_memory_area
+        (Linux's vDSO pvclock page) with the version protocol: odd while the
+        record is being written, as Xen's write of the guest copy.  Through the
+        guest kernel's page tables; a bad address is ignored, as on Xen."""
+        off = self.vi_off + abi.VI_TIME
+        rec = bytes(self.vi_buf[off:off + abi.VCPU_TIME_INFO.size])
+        version = int.from_bytes(rec[:4], "little")
+        try:
+            self._kernel_write(self.time_area, ((version - 1) & 0xFFFFFFFF | 1).to_bytes(4, "little"))
+            self._kernel_write(self.time_area + 4, rec[4:])
+            self._kernel_write(self.time_area, rec[:4])
+        except XenError:
+            pass
 
     def guest_time_now(self) -> int:
         """What the guest's own clock reads now (for tests and tracing)."""

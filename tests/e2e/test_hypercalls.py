@@ -45,6 +45,8 @@ CHECKS = [
     "console_io.read", "unknown_hypercall_enosys",
     "vcpu_op.register_runstate_memory_area", "vcpu_op.runstate_area_updated",
     "vcpu_op.runstate_area_xen_range_efault", "vcpu_op.runstate_area_unregister",
+    "vcpu_op.register_vcpu_time_memory_area", "vcpu_op.vcpu_time_area_updated",
+    "vcpu_op.vcpu_time_area_efault_unregister",
     "debugreg.dr0_roundtrip", "debugreg.addr_in_xen_range_eperm", "debugreg.dr7",
     "debugreg.dr7_gd_eperm", "debugreg.upper_half_einval", "debugreg.dr7_io_eperm",
     "debugreg.dr6", "debugreg.bad_reg_enodev",
