@@ -229,7 +229,8 @@ static void test_multicall(void)
  * frame's rip with its rsp.
  */
 struct iret_result { unsigned long rax, rcx, r11, rsp, rbx, rbp; };
-void sc_iret_probe(struct iret_result *out);
+void sc_iret_probe(struct iret_result *out, unsigned long flags);
+extern char sc_iret_probe_ret[];
 asm(".pushsection .text\n"
     ".globl sc_iret_probe\n"
     ".type sc_iret_probe, @function\n"
@@ -245,7 +246,7 @@ asm(".pushsection .text\n"
     "    pushq $0xe030\n"                  /* cs: kernel (RPL 0) */
     "    leaq 1f(%rip), %rax\n"
     "    pushq %rax\n"                     /* rip */
-    "    pushq $0\n"                       /* flags: not VGCF_in_syscall */
+    "    pushq %rsi\n"                     /* flags: 0 or VGCF_in_syscall */
     "    movq $0x0ccccccccccccccc, %rcx\n"
     "    pushq %rcx\n"
     "    movq $0x0111111111111111, %r11\n"
@@ -255,6 +256,8 @@ asm(".pushsection .text\n"
     "    movl $23, %eax\n"
     "    syscall\n"
     "    ud2\n"
+    ".globl sc_iret_probe_ret\n"
+    "sc_iret_probe_ret:\n"
     "1:  movq %rax, 0(%rdi)\n"
     "    movq %rcx, 8(%rdi)\n"
     "    movq %r11, 16(%rdi)\n"
@@ -275,7 +278,7 @@ static void test_iret(void)
     int mask_before = this_vcpu()->evtchn_upcall_mask;
 
     memset(&r, 0, sizeof(r));
-    sc_iret_probe(&r);
+    sc_iret_probe(&r, 0);
     int mask_after = this_vcpu()->evtchn_upcall_mask;
     irq_restore(flags);
     /* rsp: the probe's frame pointer (rbp) is what it pushed as the iret rsp */
@@ -285,6 +288,17 @@ static void test_iret(void)
           r.rsp == r.rbp && mask_before == 1 && mask_after == 0,
           "rax=0x%lx rcx=0x%lx r11=0x%lx rbx=0x%lx rsp=0x%lx (want 0x%lx) upcall mask %d -> %d",
           r.rax, r.rcx, r.r11, r.rbx, r.rsp, r.rbp, mask_before, mask_after);
+
+    /* VGCF_in_syscall: Xen returns through sysret, rcx = rip and r11 = rflags */
+    flags = irq_save();
+    memset(&r, 0, sizeof(r));
+    sc_iret_probe(&r, VGCF_in_syscall);
+    irq_restore(flags);
+    check("syscall.iret_in_syscall",
+          r.rax == 0x0aaaaaaaaaaaaaaaUL && r.rcx == (unsigned long)sc_iret_probe_ret &&
+          (r.r11 & 0x200) && !(r.r11 & 0x3000) && r.rsp == r.rbp,
+          "rax=0x%lx rcx=0x%lx (rip 0x%lx) r11=0x%lx", r.rax, r.rcx,
+          (unsigned long)sc_iret_probe_ret, r.r11);
 }
 
 /* An event made pending by a hypercall is delivered when that hypercall returns. */

@@ -789,6 +789,11 @@ class VCPU:
         if not flags & abi.VGCF_in_syscall:
             r.r11 = r11
             r.rcx = rcx
+        else:
+            # Xen returns through sysret then: rcx = RIP, r11 = RFLAGS (no kernel
+            # value is left in them for user mode to see)
+            r.rcx = r.rip
+            r.r11 = r.rflags
         r.rax = rax
         self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK] = 0 if rflags & X86_EFLAGS_IF else 1
         v.mark_regs_dirty()

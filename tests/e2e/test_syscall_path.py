@@ -26,6 +26,7 @@ CHECKS = [
     "syscall.update_va_mapping_immediate", "syscall.update_va_mapping_tlb_flush",
     "syscall.update_va_mapping_same_as_page",
     "syscall.mmu_update_immediate", "syscall.multicall", "syscall.iret",
+    "syscall.iret_in_syscall",
     "syscall.event_delivery", "syscall.sched_block",
     "syscall.from_user_bounce", "syscall.from_user_df",
 ]
