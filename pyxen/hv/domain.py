@@ -236,7 +236,7 @@ class Domain:
                     and all(prefer_pfn + i in self.free_pfns for i in range(n)):
                 start = prefer_pfn
             elif n == 1:
-                start = min(self.free_pfns)
+                start = next(iter(self.free_pfns))  # any frame, as Xen's allocator
             else:
                 for cand in sorted(self.free_pfns):
                     if not cand & (n - 1) and all(cand + i in self.free_pfns for i in range(n)):
@@ -488,7 +488,7 @@ class Domain:
     def info(self) -> dict[str, object]:
         cpu_ns = sum(v.runstate_time[abi.RUNSTATE_running] for v in self.vcpus)
         return {"domid": self.domid, "name": self.name, "state": self.state,
-                "flags": self.state_flags(), "memory_mib": self.nr_pages // 256,
+                "flags": self.state_flags(), "memory_mib": self.tot_pages // 256,
                 "maxmem_mib": self.max_pages // 256, "vcpus": len(self.vcpus),
                 "shutdown_reason": None if self.shutdown_reason is None
                 else abi.SHUTDOWN_NAMES.get(self.shutdown_reason, str(self.shutdown_reason)),

@@ -527,6 +527,8 @@ class Hypercalls:
         try:
             while i < nr:
                 slot = ext + 8 * i
+                if slot + 8 > 1 << 64:
+                    break  # the array runs off the address space: EFAULT on Xen, ends here
                 if cmd == abi.XENMEM_decrease_reservation:
                     gmfn = struct.unpack("<Q", v.copy_from_guest(slot, 8))[0]
                     if not d.remove_extent(gmfn, order):

@@ -345,6 +345,8 @@ class VCPU:
     def _kernel_write(self, va: int, data: bytes) -> None:
         """Write ``data`` at ``va`` through the guest kernel's page tables (any
         thread: the vCPU's mode is not touched), or EFAULT with nothing written."""
+        if va + len(data) > 1 << 64:
+            raise XenError(abi.EFAULT, f"guest range at {va:#x} wraps")
         ft = self.domain.ft
         base = M.MFN_BASE << 12
         spans = []
