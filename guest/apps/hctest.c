@@ -1138,6 +1138,8 @@ static void test_physdev(void)
     check("physdev_op.map_pirq_eperm", rc == -XEN_EPERM, "rc=%ld", rc);
     rc = physdev(99, big);
     check("physdev_op.unknown_enosys", rc == -XEN_ENOSYS, "rc=%ld", rc);
+    rc = _hypercall2(long, 40, 0, big);        /* xenpmu_op(XENPMU_mode_get) */
+    check("xenpmu_op.eopnotsupp", rc == -95, "rc=%ld", rc);
 }
 
 static void test_callbacks(void)

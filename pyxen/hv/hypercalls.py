@@ -600,6 +600,11 @@ class Hypercalls:
         # PHYSDEVOP_get_free_pirq included: pyxen has no pirqs to hand out
         raise XenError(ENOSYS, f"physdev_op {cmd}")
 
+    def do_xenpmu_op(self, v: VCPU, *_: int) -> int:
+        """Xen's vPMU is off unless booted with `vpmu=`: every op is -EOPNOTSUPP
+        (Linux then says "VPMU disabled by hypervisor")."""
+        raise XenError(abi.EOPNOTSUPP, "no virtual PMU")
+
     # ------------------------------------------------------------ multicall
     def do_multicall(self, v: VCPU, calls: int, n: int, *_: int) -> int:
         for i in range(n & U32):  # any count, as Xen; a bad entry address ends it with EFAULT

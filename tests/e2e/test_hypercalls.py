@@ -51,7 +51,7 @@ CHECKS = [
     "debugreg.dr7_gd_eperm", "debugreg.upper_half_einval", "debugreg.dr7_io_eperm",
     "debugreg.dr6", "debugreg.bad_reg_enodev",
     "physdev_op.set_iopl", "physdev_op.set_iopl_einval", "physdev_op.irq_status_query_einval",
-    "physdev_op.map_pirq_eperm", "physdev_op.unknown_enosys",
+    "physdev_op.map_pirq_eperm", "physdev_op.unknown_enosys", "xenpmu_op.eopnotsupp",
     "callback_op.syscall32", "callback_op.nmi_and_errors",
     "event_channel_op.alloc_unbound_domid_self", "grant_table_op.map_avail_bits",
     "memory_op.decrease_reservation", "memory_op.decreased_frame_gone",
