@@ -731,6 +731,12 @@ class VCPU:
     def deliver_event(self) -> None:
         if not self.event_callback:
             return
+        if M.HYPERVISOR_RANGE[0] <= self.kvm.regs.rip < M.HYPERVISOR_RANGE[1]:
+            # A kick stopped the vCPU inside a hypervisor stub (an exception or
+            # the syscall stub, before its `out`): the registers are the stub's,
+            # not the guest's.  Let the stub finish and exit; the event is
+            # delivered on the entry after that, in guest context.
+            return
         self.stats["events"] += 1
         self.bounce(self.event_callback, None, True)
 
