@@ -234,7 +234,15 @@ class Hypercalls:
         return 0
 
     def do_set_callbacks(self, v: VCPU, event: int, failsafe: int, syscall: int, *_: int) -> int:
-        v.event_callback, v.failsafe_callback, v.syscall_callback = event, failsafe, syscall
+        """Xen's do_set_callbacks: three CALLBACKOP_register calls with no flags
+        (so failsafe and syscall stop masking events); a non-canonical address
+        is skipped, and the hypercall still returns 0."""
+        if _canonical(event):
+            v.event_callback = event
+        if _canonical(failsafe):
+            v.failsafe_callback, v.failsafe_mask_events = failsafe, False
+        if _canonical(syscall):
+            v.syscall_callback, v.syscall_mask_events = syscall, False
         return 0
 
     def do_callback_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
