@@ -74,6 +74,7 @@ CONSOLEIO_write, CONSOLEIO_read = 0, 1
 XENVER_version, XENVER_extraversion, XENVER_compile_info, XENVER_capabilities = 0, 1, 2, 3
 XENVER_changeset, XENVER_platform_parameters, XENVER_get_features, XENVER_pagesize = 4, 5, 6, 7
 XENVER_guest_handle, XENVER_commandline, XENVER_build_id = 8, 9, 10
+XENVER_extraversion2, XENVER_capabilities2, XENVER_changeset2, XENVER_commandline2 = 11, 12, 13, 14
 SCHEDOP_yield, SCHEDOP_block, SCHEDOP_shutdown, SCHEDOP_poll = 0, 1, 2, 3
 SCHEDOP_remote_shutdown, SCHEDOP_shutdown_code, SCHEDOP_watchdog = 4, 5, 6
 SHUTDOWN_poweroff, SHUTDOWN_reboot, SHUTDOWN_suspend, SHUTDOWN_crash = 0, 1, 2, 3
@@ -86,6 +87,9 @@ VCPUOP_set_periodic_timer, VCPUOP_stop_periodic_timer = 6, 7
 VCPUOP_set_singleshot_timer, VCPUOP_stop_singleshot_timer = 8, 9
 VCPUOP_register_vcpu_info, VCPUOP_send_nmi, VCPUOP_get_physid = 10, 11, 12
 VCPU_SSHOTTMR_future = 1
+VCPUOP_register_vcpu_time_memory_area, VCPUOP_register_runstate_phys_area = 13, 14
+VCPUOP_register_vcpu_time_phys_area = 15
+XEN_RUNSTATE_UPDATE = 1 << 63
 RUNSTATE_running, RUNSTATE_runnable, RUNSTATE_blocked, RUNSTATE_offline = 0, 1, 2, 3
 CALLBACKOP_register, CALLBACKOP_unregister = 0, 1
 CALLBACKTYPE_event, CALLBACKTYPE_failsafe, CALLBACKTYPE_syscall = 0, 1, 2
@@ -106,19 +110,35 @@ VMASST_TYPE_4gb_segments, VMASST_TYPE_4gb_segments_notify = 0, 1
 VMASST_TYPE_writable_pagetables, VMASST_TYPE_pae_extended_cr3 = 2, 3
 VMASST_TYPE_architectural_iopl, VMASST_TYPE_runstate_update_flag = 4, 5
 VMASST_TYPE_m2p_strict = 32
-VMASST_VALID = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 5) | (1 << 32)
+# PV64_VM_ASSIST_MASK (xen/arch/x86/include/asm/domain.h)
+VMASST_VALID = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 32)
 SEGBASE_FS, SEGBASE_GS_USER, SEGBASE_GS_KERNEL, SEGBASE_GS_USER_SEL = 0, 1, 2, 3
 XENMEM_increase_reservation, XENMEM_decrease_reservation = 0, 1
 XENMEM_maximum_ram_page, XENMEM_current_reservation = 2, 3
 XENMEM_maximum_reservation, XENMEM_machphys_mfn_list, XENMEM_populate_physmap = 4, 5, 6
 XENMEM_memory_map, XENMEM_machine_memory_map, XENMEM_machphys_mapping = 9, 10, 12
 XENMEM_maximum_gpfn = 14
-DOMID_SELF = 0x7FF0
+DOMID_FIRST_RESERVED = DOMID_SELF = 0x7FF0
 DOMID_IO, DOMID_XEN, DOMID_COW, DOMID_INVALID = 0x7FF1, 0x7FF2, 0x7FF3, 0x7FF4
 XENFEAT_writable_page_tables, XENFEAT_writable_descriptor_tables = 0, 1
 XENFEAT_auto_translated_physmap, XENFEAT_supervisor_mode_kernel = 2, 3
 XENFEAT_pae_pgdir_above_4gb, XENFEAT_mmu_pt_update_preserve_ad = 4, 5
-XENFEAT_gnttab_map_avail_bits = 7
+XENFEAT_highmem_assist, XENFEAT_gnttab_map_avail_bits = 6, 7
+XENFEAT_dom0, XENFEAT_memory_op_vnode_supported = 11, 13
+XENFEAT_not_direct_mapped, XENFEAT_direct_mapped = 16, 17
+XENFEAT_runstate_phys_area, XENFEAT_vcpu_time_phys_area = 18, 19
+
+# physdev.h
+PHYSDEVOP_IRQ_UNMASK_NOTIFY, PHYSDEVOP_irq_status_query, PHYSDEVOP_set_iopl = 4, 5, 6
+PHYSDEVOP_set_iobitmap, PHYSDEVOP_apic_read, PHYSDEVOP_apic_write = 7, 8, 9
+PHYSDEVOP_alloc_irq_vector, PHYSDEVOP_free_irq_vector, PHYSDEVOP_eoi = 10, 11, 12
+PHYSDEVOP_map_pirq, PHYSDEVOP_unmap_pirq, PHYSDEVOP_manage_pci_add = 13, 14, 15
+PHYSDEVOP_manage_pci_remove, PHYSDEVOP_pirq_eoi_gmfn_v1, PHYSDEVOP_restore_msi = 16, 17, 19
+PHYSDEVOP_manage_pci_add_ext, PHYSDEVOP_setup_gsi, PHYSDEVOP_get_free_pirq = 20, 21, 23
+PHYSDEVOP_pci_mmcfg_reserved, PHYSDEVOP_pci_device_add, PHYSDEVOP_pci_device_remove = 24, 25, 26
+PHYSDEVOP_restore_msi_ext, PHYSDEVOP_pirq_eoi_gmfn_v2, PHYSDEVOP_dbgp_op = 27, 28, 29
+PHYSDEVOP_prepare_msix, PHYSDEVOP_release_msix, PHYSDEVOP_pci_device_reset = 30, 31, 32
+IOBMP_BYTES = 8192
 
 # event channels (event_channel.h)
 EVTCHNOP_bind_interdomain, EVTCHNOP_bind_virq, EVTCHNOP_bind_pirq, EVTCHNOP_close = 0, 1, 2, 3

@@ -9,6 +9,7 @@
  * shared_info for good (the kernel follows it through vcpu_info_ptr).
  */
 #include "app.h"
+#include "gnttab.h"
 
 const char app_name[] = "hctest";
 
@@ -41,12 +42,49 @@ const char app_name[] = "hctest";
 #define EVTCHNSTAT_ipi     5
 
 #define SEGBASE_FS 0
+#define SEGBASE_GS_KERNEL 2
+#define SEGBASE_GS_USER_SEL 3
 
 #define VMASST_TYPE_writable_pagetables  2
 #define VMASST_TYPE_runstate_update_flag 5
 
 #define XEN_EEXIST 17
+#define XEN_ENODEV 19
 #define XEN_ETIME  62
+
+#define __HYPERVISOR_set_debugreg 8
+#define __HYPERVISOR_get_debugreg 9
+#define __HYPERVISOR_physdev_op  33
+#define XENVER_commandline        9
+#define XENVER_build_id          10
+#define XENFEAT_writable_page_tables   0
+#define XENFEAT_gnttab_map_avail_bits  7
+#define XENFEAT_dom0                  11
+#define VCPUOP_initialise              0
+#define VCPUOP_up                      1
+#define VCPUOP_register_runstate_memory_area 5
+#define VCPUOP_register_vcpu_time_memory_area 13
+#define RUNSTATE_blocked               2
+#define XEN_RUNSTATE_UPDATE            (1ULL << 63)
+#define VMASST_TYPE_architectural_iopl 4
+#define VMASST_TYPE_m2p_strict        32
+#define PHYSDEVOP_irq_status_query     5
+#define PHYSDEVOP_set_iopl             6
+#define PHYSDEVOP_map_pirq            13
+#define XENMEM_increase_reservation    0
+#define XENMEM_decrease_reservation    1
+#define XENMEM_populate_physmap        6
+#define XENMEM_maximum_gpfn           14
+#define CALLBACKTYPE_syscall32         7
+#define EVTCHNOP_status                5
+
+struct hc_reservation {
+    unsigned long *extent_start;
+    unsigned long nr_extents;
+    unsigned int extent_order, mem_flags;
+    domid_t domid;
+};
+_Static_assert(sizeof(struct hc_reservation) == 32, "xen_memory_reservation");
 
 struct hc_feature_info { uint32_t submap_idx, submap; };
 
@@ -267,8 +305,16 @@ static void test_xen_version(void)
     rc = HYPERVISOR_xen_version(XENVER_get_features, &fi);
     check("xen_version.get_features",
           rc == 0 && (fi.submap >> XENFEAT_mmu_pt_update_preserve_ad & 1) &&
+          (fi.submap >> XENFEAT_gnttab_map_avail_bits & 1) &&
+          !(fi.submap >> XENFEAT_writable_page_tables & 1) &&
           !(fi.submap >> XENFEAT_auto_translated_physmap & 1) &&
-          !(fi.submap >> XENFEAT_supervisor_mode_kernel & 1),
+          !(fi.submap >> XENFEAT_supervisor_mode_kernel & 1) &&
+          !(fi.submap >> XENFEAT_dom0 & 1),
+          "rc=%ld submap=0x%x", rc, fi.submap);
+    fi.submap_idx = 1;
+    fi.submap = 0xdead;
+    rc = HYPERVISOR_xen_version(XENVER_get_features, &fi);
+    check("xen_version.get_features_submap1", rc == 0 && fi.submap == 0,
           "rc=%ld submap=0x%x", rc, fi.submap);
 
     rc = HYPERVISOR_xen_version(XENVER_platform_parameters, &virt_start);
@@ -277,6 +323,14 @@ static void test_xen_version(void)
 
     rc = HYPERVISOR_xen_version(XENVER_pagesize, NULL);
     check("xen_version.pagesize", rc == 4096, "rc=%ld", rc);
+
+    /* XSM's default policy: an unprivileged domain reads "<denied>" */
+    memset(caps, 0x7f, sizeof(caps));
+    rc = HYPERVISOR_xen_version(XENVER_commandline, caps);
+    check("xen_version.commandline_denied", rc == 0 && strcmp(caps, "<denied>") == 0,
+          "rc=%ld cmdline='%.20s'", rc, caps);
+    rc = HYPERVISOR_xen_version(XENVER_build_id, caps);
+    check("xen_version.build_id_eperm", rc == -XEN_EPERM, "rc=%ld", rc);
 }
 
 static void test_multicall(void)
@@ -583,6 +637,19 @@ static void test_set_segment_base(void)
         asm volatile("movq %%fs:0, %0" : "=r"(v) :: "memory");
     HYPERVISOR_set_segment_base(SEGBASE_FS, 0);
     check("set_segment_base.fs", rc == 0 && v == fs_var, "rc=%ld read=0x%lx", rc, (unsigned long)v);
+
+    /* GS_USER_SEL loads the *user* %gs: the kernel's GS base stays */
+    long rc2 = -1, rc3 = -1;
+    v = 0;
+    rc = HYPERVISOR_set_segment_base(SEGBASE_GS_KERNEL, (unsigned long)&fs_var);
+    if (rc == 0) {
+        rc2 = HYPERVISOR_set_segment_base(SEGBASE_GS_USER_SEL, 0);
+        rc3 = HYPERVISOR_set_segment_base(SEGBASE_GS_USER_SEL, 0xe02b);
+        asm volatile("movq %%gs:0, %0" : "=r"(v) :: "memory");
+    }
+    HYPERVISOR_set_segment_base(SEGBASE_GS_KERNEL, 0);
+    check("set_segment_base.gs_user_sel", rc == 0 && rc2 == 0 && rc3 == 0 && v == fs_var,
+          "rc=%ld,%ld,%ld kernel gs:0 read=0x%lx", rc, rc2, rc3, (unsigned long)v);
 }
 
 extern char trap_device_not_available[];
@@ -878,14 +945,397 @@ static void test_misc(void)
     rc = HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_runstate_update_flag);
     rc2 = HYPERVISOR_vm_assist(VMASST_CMD_disable, VMASST_TYPE_runstate_update_flag);
     check("vm_assist.valid", rc == 0 && rc2 == 0, "enable rc=%ld disable rc=%ld", rc, rc2);
+    /* Xen's PV64_VM_ASSIST_MASK: types 0-5 and m2p_strict; the rest -EINVAL */
     rc = HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_writable_pagetables);
-    check("vm_assist.writable_pagetables_einval", rc == -XEN_EINVAL, "rc=%ld", rc);
+    rc2 = HYPERVISOR_vm_assist(VMASST_CMD_disable, VMASST_TYPE_writable_pagetables);
+    check("vm_assist.writable_pagetables", rc == 0 && rc2 == 0, "enable rc=%ld disable rc=%ld",
+          rc, rc2);
+    long rc3 = HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_architectural_iopl);
+    long rc4 = HYPERVISOR_vm_assist(VMASST_CMD_disable, VMASST_TYPE_architectural_iopl);
+    rc = HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_m2p_strict);
+    rc2 = HYPERVISOR_vm_assist(VMASST_CMD_disable, VMASST_TYPE_m2p_strict);
+    check("vm_assist.pv64_types", rc == 0 && rc2 == 0 && rc3 == 0 && rc4 == 0,
+          "m2p_strict rc=%ld,%ld architectural_iopl rc=%ld,%ld", rc, rc2, rc3, rc4);
+    rc = HYPERVISOR_vm_assist(VMASST_CMD_enable, 6);
+    rc2 = HYPERVISOR_vm_assist(VMASST_CMD_enable, 31);
+    rc3 = HYPERVISOR_vm_assist(VMASST_CMD_enable, 64);
+    check("vm_assist.unknown_type_einval",
+          rc == -XEN_EINVAL && rc2 == -XEN_EINVAL && rc3 == -XEN_EINVAL,
+          "type 6 rc=%ld type 31 rc=%ld type 64 rc=%ld", rc, rc2, rc3);
+    rc = HYPERVISOR_vm_assist(2, VMASST_TYPE_runstate_update_flag);
+    check("vm_assist.bad_cmd_enosys", rc == -XEN_ENOSYS, "rc=%ld", rc);
 
     rc = HYPERVISOR_console_io(CONSOLEIO_read, sizeof(buf), buf);
     check("console_io.read", rc == 0, "rc=%ld", rc);
 
     rc = _hypercall0(long, HC_UNKNOWN);
     check("unknown_hypercall_enosys", rc == -XEN_ENOSYS, "rc=%ld", rc);
+}
+
+/* ---- the hypercalls Linux needs at boot (issue 9) ---- */
+
+static struct hc_runstate_info rs_area __attribute__((aligned(64)));
+
+static void test_runstate_area(void)
+{
+    struct hc_runstate_info info;
+    struct { uint64_t addr; } area;
+    uint64_t t0, entry0, blocked0;
+    long rc, rc2, rc3;
+
+    rc = HYPERVISOR_vm_assist(VMASST_CMD_enable, VMASST_TYPE_runstate_update_flag);
+    memset(&rs_area, 0xff, sizeof(rs_area));
+    t0 = monotonic_ns();
+    area.addr = (unsigned long)&rs_area;
+    rc2 = hc_vcpu_op(VCPUOP_register_runstate_memory_area, 0, &area);
+    check("vcpu_op.register_runstate_memory_area",
+          rc == 0 && rc2 == 0 && rs_area.state == RUNSTATE_running &&
+          !(rs_area.state_entry_time & XEN_RUNSTATE_UPDATE) && rs_area.state_entry_time <= t0 &&
+          rs_area.time[RUNSTATE_running] <= t0,
+          "vm_assist rc=%ld register rc=%ld state=%d entry=0x%lx now=0x%lx", rc, rc2,
+          rs_area.state, (unsigned long)rs_area.state_entry_time, (unsigned long)t0);
+
+    /* A block: running -> blocked -> running, each change written to the area */
+    entry0 = rs_area.state_entry_time;
+    blocked0 = rs_area.time[RUNSTATE_blocked];
+    unsigned long flags = irq_save();
+    rc = HYPERVISOR_set_timer_op(monotonic_ns() + 2 * NSEC_PER_MSEC);
+    rc2 = HYPERVISOR_sched_op(SCHEDOP_block, NULL);
+    irq_restore(flags);
+    rc3 = hc_vcpu_op(VCPUOP_get_runstate_info, 0, &info);
+    check("vcpu_op.runstate_area_updated",
+          rc == 0 && rc2 == 0 && rc3 == 0 && rs_area.state == RUNSTATE_running &&
+          rs_area.state_entry_time > entry0 &&
+          !(rs_area.state_entry_time & XEN_RUNSTATE_UPDATE) &&
+          rs_area.time[RUNSTATE_blocked] > blocked0 &&
+          rs_area.time[RUNSTATE_blocked] == info.time[RUNSTATE_blocked] &&
+          rs_area.state_entry_time == info.state_entry_time,
+          "rc=%ld,%ld,%ld state=%d entry 0x%lx -> 0x%lx blocked %lu -> %lu (info %lu, entry 0x%lx)",
+          rc, rc2, rc3, rs_area.state, (unsigned long)entry0,
+          (unsigned long)rs_area.state_entry_time, (unsigned long)blocked0,
+          (unsigned long)rs_area.time[RUNSTATE_blocked], (unsigned long)info.time[RUNSTATE_blocked],
+          (unsigned long)info.state_entry_time);
+
+    area.addr = 0xffff800000001000UL;
+    rc = hc_vcpu_op(VCPUOP_register_runstate_memory_area, 0, &area);
+    check("vcpu_op.runstate_area_xen_range_efault", rc == -XEN_EFAULT, "rc=%ld", rc);
+
+    area.addr = 0;
+    rc = hc_vcpu_op(VCPUOP_register_runstate_memory_area, 0, &area);
+    entry0 = rs_area.state_entry_time;
+    flags = irq_save();
+    rc2 = HYPERVISOR_set_timer_op(monotonic_ns() + NSEC_PER_MSEC);
+    rc3 = HYPERVISOR_sched_op(SCHEDOP_block, NULL);
+    irq_restore(flags);
+    check("vcpu_op.runstate_area_unregister",
+          rc == 0 && rc2 == 0 && rc3 == 0 && rs_area.state_entry_time == entry0,
+          "rc=%ld entry 0x%lx -> 0x%lx", rc, (unsigned long)entry0,
+          (unsigned long)rs_area.state_entry_time);
+    HYPERVISOR_vm_assist(VMASST_CMD_disable, VMASST_TYPE_runstate_update_flag);
+}
+
+static struct vcpu_time_info time_area __attribute__((aligned(64)));
+
+static void test_time_area(void)
+{
+    struct { uint64_t addr; } area = { (unsigned long)&time_area };
+    struct vcpu_time_info *vt = &this_vcpu()->time;
+    uint64_t t0, t1;
+    long rc, rc2;
+
+    memset(&time_area, 0, sizeof(time_area));
+    rc = hc_vcpu_op(VCPUOP_register_vcpu_time_memory_area, 0, &area);
+    t0 = READ_ONCE(time_area.system_time);
+    check("vcpu_op.register_vcpu_time_memory_area",
+          rc == 0 && !(time_area.version & 1) && time_area.version != 0 &&
+          time_area.tsc_to_system_mul == vt->tsc_to_system_mul &&
+          time_area.tsc_shift == vt->tsc_shift && (time_area.flags & 1) && t0 != 0,
+          "rc=%ld version=%u mul=%u (vcpu_info %u) shift=%d flags=0x%x system_time=%lu", rc,
+          time_area.version, time_area.tsc_to_system_mul, vt->tsc_to_system_mul,
+          time_area.tsc_shift, time_area.flags, (unsigned long)t0);
+    msleep(20);                 /* timer events refresh the time records */
+    t1 = READ_ONCE(time_area.system_time);
+    check("vcpu_op.vcpu_time_area_updated", t1 > t0 && !(time_area.version & 1),
+          "system_time %lu -> %lu version=%u", (unsigned long)t0, (unsigned long)t1,
+          time_area.version);
+    area.addr = 0xffff800000002000UL;
+    rc = hc_vcpu_op(VCPUOP_register_vcpu_time_memory_area, 0, &area);
+    area.addr = 0;
+    rc2 = hc_vcpu_op(VCPUOP_register_vcpu_time_memory_area, 0, &area);
+    check("vcpu_op.vcpu_time_area_efault_unregister", rc == -XEN_EFAULT && rc2 == 0,
+          "xen range rc=%ld unregister rc=%ld", rc, rc2);
+}
+
+static long set_dr(int reg, unsigned long v)
+{
+    return _hypercall2(long, __HYPERVISOR_set_debugreg, reg, v);
+}
+
+static long get_dr(int reg)
+{
+    return _hypercall1(long, __HYPERVISOR_get_debugreg, reg);
+}
+
+static void test_debugreg(void)
+{
+    long rc, rc2, v;
+
+    rc = set_dr(0, (unsigned long)&n_ok);
+    v = get_dr(0);
+    check("debugreg.dr0_roundtrip", rc == 0 && v == (long)(unsigned long)&n_ok,
+          "set rc=%ld get=0x%lx", rc, v);
+    rc = set_dr(1, 0xffff800000000000UL);
+    rc2 = set_dr(1, 0x0000800000000000UL);
+    check("debugreg.addr_in_xen_range_eperm", rc == -XEN_EPERM && rc2 == -XEN_EPERM,
+          "xen range rc=%ld non-canonical rc=%ld", rc, rc2);
+    rc = set_dr(7, 0x1);                    /* L0, execute breakpoint */
+    v = get_dr(7);
+    rc2 = set_dr(7, 0);
+    long v0 = get_dr(7);
+    check("debugreg.dr7", rc == 0 && v == 0x401 && rc2 == 0 && v0 == 0x400,
+          "set rc=%ld get=0x%lx, cleared rc=%ld get=0x%lx", rc, v, rc2, v0);
+    rc = set_dr(7, 0x2000);
+    check("debugreg.dr7_gd_eperm", rc == -XEN_EPERM, "rc=%ld", rc);
+    rc = set_dr(7, 0x100000001UL);
+    rc2 = set_dr(6, 0x100000000UL);
+    check("debugreg.upper_half_einval", rc == -XEN_EINVAL && rc2 == -XEN_EINVAL,
+          "dr7 rc=%ld dr6 rc=%ld", rc, rc2);
+    rc = set_dr(7, 0x20001);                /* an I/O breakpoint needs CR4.DE */
+    check("debugreg.dr7_io_eperm", rc == -XEN_EPERM, "rc=%ld", rc);
+    rc = set_dr(6, 0x1001);
+    v = get_dr(6);
+    rc2 = set_dr(4, 0);                     /* DR4 aliases DR6 without CR4.DE */
+    v0 = get_dr(6);
+    check("debugreg.dr6", rc == 0 && v == 0xffff0ff1 && rc2 == 0 && v0 == 0xffff0ff0,
+          "set rc=%ld get=0x%lx, via dr4 rc=%ld get=0x%lx", rc, v, rc2, v0);
+    rc = set_dr(8, 0);
+    rc2 = get_dr(8);
+    check("debugreg.bad_reg_enodev", rc == -XEN_ENODEV && rc2 == -XEN_ENODEV,
+          "set rc=%ld get rc=%ld", rc, rc2);
+    set_dr(0, 0);
+}
+
+static long physdev(int cmd, void *arg)
+{
+    return _hypercall2(long, __HYPERVISOR_physdev_op, cmd, arg);
+}
+
+static void test_physdev(void)
+{
+    uint32_t iopl = 1, irq[2] = { 1, 0 }, big[8] = { 0 };
+    long rc, rc2;
+
+    rc = physdev(PHYSDEVOP_set_iopl, &iopl);
+    iopl = 0;
+    rc2 = physdev(PHYSDEVOP_set_iopl, &iopl);
+    check("physdev_op.set_iopl", rc == 0 && rc2 == 0, "iopl 1 rc=%ld, iopl 0 rc=%ld", rc, rc2);
+    iopl = 4;
+    rc = physdev(PHYSDEVOP_set_iopl, &iopl);
+    check("physdev_op.set_iopl_einval", rc == -XEN_EINVAL, "rc=%ld", rc);
+    rc = physdev(PHYSDEVOP_irq_status_query, irq);
+    check("physdev_op.irq_status_query_einval", rc == -XEN_EINVAL, "rc=%ld", rc);
+    rc = physdev(PHYSDEVOP_map_pirq, big);
+    check("physdev_op.map_pirq_eperm", rc == -XEN_EPERM, "rc=%ld", rc);
+    rc = physdev(99, big);
+    check("physdev_op.unknown_enosys", rc == -XEN_ENOSYS, "rc=%ld", rc);
+    rc = _hypercall2(long, 40, 0, big);        /* xenpmu_op(XENPMU_mode_get) */
+    check("xenpmu_op.eopnotsupp", rc == -95, "rc=%ld", rc);
+}
+
+static void test_callbacks(void)
+{
+    struct callback_register cb = { .type = CALLBACKTYPE_syscall32, .flags = 0,
+                                    .address = (unsigned long)&test_callbacks };
+    struct { uint16_t type; } un = { CALLBACKTYPE_syscall32 };
+    long rc, rc2, rc3, rc4;
+
+    rc = HYPERVISOR_callback_op(CALLBACKOP_register, &cb);
+    rc2 = HYPERVISOR_callback_op(CALLBACKOP_unregister, &un);
+    check("callback_op.syscall32", rc == 0 && rc2 == -XEN_EINVAL,
+          "register rc=%ld unregister rc=%ld", rc, rc2);
+    cb.type = CALLBACKTYPE_nmi;
+    un.type = CALLBACKTYPE_nmi;
+    rc = HYPERVISOR_callback_op(CALLBACKOP_register, &cb);
+    rc2 = HYPERVISOR_callback_op(CALLBACKOP_unregister, &un);
+    cb.type = 6;
+    rc3 = HYPERVISOR_callback_op(CALLBACKOP_register, &cb);
+    cb.type = CALLBACKTYPE_syscall32;
+    cb.address = 0x0000800000000000UL;
+    rc4 = HYPERVISOR_callback_op(CALLBACKOP_register, &cb);
+    check("callback_op.nmi_and_errors",
+          rc == 0 && rc2 == 0 && rc3 == -XEN_ENOSYS && rc4 == -XEN_EINVAL,
+          "nmi register rc=%ld unregister rc=%ld, type 6 rc=%ld, non-canonical rc=%ld",
+          rc, rc2, rc3, rc4);
+}
+
+static domid_t self_domid = DOMID_SELF;
+
+static void test_alloc_unbound_self(void)
+{
+    struct evtchn_alloc_unbound au = { .dom = DOMID_SELF, .remote_dom = DOMID_SELF };
+    struct hc_evtchn_status st;
+    long rc, rc2 = -1;
+
+    rc = evtchn_op(EVTCHNOP_alloc_unbound, &au);
+    if (rc == 0)
+        rc2 = evtchn_status(au.port, &st);
+    check("event_channel_op.alloc_unbound_domid_self",
+          rc == 0 && rc2 == 0 && st.status == EVTCHNSTAT_unbound &&
+          st.u.unbound.dom != DOMID_SELF && st.u.unbound.dom < DOMID_SELF,
+          "rc=%ld status rc=%ld remote dom=0x%x", rc, rc2, rc2 == 0 ? st.u.unbound.dom : 0);
+    if (rc == 0 && rc2 == 0)
+        self_domid = st.u.unbound.dom;
+    if (rc == 0)
+        evtchn_close(au.port);
+}
+
+static void test_gnttab_avail_bits(void)
+{
+    char *page = alloc_page();
+    void *area = gnttab_alloc_map_area(1);
+    uint64_t maddr = 0, pte = 0;
+    grant_handle_t handle = 0;
+    int16_t status = -1;
+    long rc = -1;
+    int ref = -1;
+
+    if (!page || !area || self_domid == DOMID_SELF || !gnttab_ready()) {
+        check("grant_table_op.map_avail_bits", 0, "no memory, grant table or own domid");
+        return;
+    }
+    ref = gnttab_grant_page(self_domid, page, 0);
+    if (ref >= 0) {
+        struct gnttab_map_grant_ref op = {
+            .host_addr = (unsigned long)area, .dom = self_domid, .ref = (grant_ref_t)ref,
+            .flags = GNTMAP_host_map | (5U << 16),   /* avail bits 0 and 2 */
+        };
+        rc = HYPERVISOR_grant_table_op(GNTTABOP_map_grant_ref, &op, 1);
+        status = op.status;
+        handle = op.handle;
+        const uint64_t *p = mm_lookup_pte((unsigned long)area, &maddr);
+        pte = p ? *p : 0;
+        if (rc == 0 && status == 0)
+            gnttab_unmap((unsigned long)area, handle, &status);
+        gnttab_end_access((grant_ref_t)ref);
+    }
+    check("grant_table_op.map_avail_bits", ref >= 0 && rc == 0 && (pte & 1) &&
+          (pte & 0xe00) == 0xa00, "ref=%d rc=%ld status=%d pte=0x%lx", ref, rc, status,
+          (unsigned long)pte);
+    gnttab_free_map_area(area, 1);
+    free_pages(page, 1);
+}
+
+static long reservation(int cmd, unsigned long *list, unsigned long n, unsigned int order)
+{
+    struct hc_reservation r = { .extent_start = list, .nr_extents = n, .extent_order = order,
+                                .mem_flags = 0, .domid = DOMID_SELF };
+    return HYPERVISOR_memory_op(cmd, &r);
+}
+
+static void test_reservation(void)
+{
+    domid_t self = DOMID_SELF;
+    volatile uint64_t *p = alloc_page();
+    unsigned long va = (unsigned long)p, pfn, mfn, list[1];
+    struct xen_machphys_mapping mp;
+    long cur0, cur1, cur2, rc, rc2, rc3, rc4;
+    const unsigned long *m2p;
+
+    if (!p || HYPERVISOR_memory_op(XENMEM_machphys_mapping, &mp) != 0) {
+        check("memory_op.decrease_reservation", 0, "no memory or no M2P");
+        return;
+    }
+    m2p = (const unsigned long *)mp.v_start;
+    pfn = virt_to_pfn((void *)p);
+    mfn = pfn_to_mfn(pfn);
+    p[0] = 0x1234;
+    p[511] = 0x5678;
+    cur0 = HYPERVISOR_memory_op(XENMEM_current_reservation, &self);
+
+    /* give the frame back: unmap it first, as a balloon driver does */
+    rc = HYPERVISOR_update_va_mapping(va, 0, UVMF_INVLPG);
+    list[0] = mfn;
+    rc2 = reservation(XENMEM_decrease_reservation, list, 1, 0);
+    cur1 = HYPERVISOR_memory_op(XENMEM_current_reservation, &self);
+    check("memory_op.decrease_reservation",
+          rc == 0 && rc2 == 1 && cur1 == cur0 - 1 && m2p[mfn] == ~0UL,
+          "unmap rc=%ld decrease rc=%ld reservation %ld -> %ld m2p=0x%lx", rc, rc2, cur0, cur1,
+          m2p[mfn]);
+    rc = HYPERVISOR_update_va_mapping(va, (mfn << PAGE_SHIFT) | PTE_KERNEL_RW, UVMF_INVLPG);
+    rc2 = reservation(XENMEM_decrease_reservation, list, 1, 0);
+    check("memory_op.decreased_frame_gone", rc < 0 && rc2 == 0,
+          "map rc=%ld decrease again rc=%ld", rc, rc2);
+
+    /* at the maximum nothing more is given; after the decrease one frame is */
+    list[0] = pfn;
+    rc = reservation(XENMEM_populate_physmap, list, 1, 0);
+    unsigned long nmfn = list[0];
+    cur2 = HYPERVISOR_memory_op(XENMEM_current_reservation, &self);
+    rc2 = -1;
+    if (rc == 1) {
+        phys_to_machine[pfn] = nmfn;
+        rc2 = HYPERVISOR_update_va_mapping(va, (nmfn << PAGE_SHIFT) | PTE_KERNEL_RW, UVMF_INVLPG);
+    }
+    check("memory_op.populate_physmap",
+          rc == 1 && cur2 == cur0 && rc2 == 0 && m2p[nmfn] == pfn && p[0] == 0 && p[511] == 0,
+          "rc=%ld mfn=0x%lx reservation %ld m2p=0x%lx map rc=%ld contents 0x%lx,0x%lx",
+          rc, nmfn, cur2, rc == 1 ? m2p[nmfn] : 0, rc2, rc2 == 0 ? (unsigned long)p[0] : 0,
+          rc2 == 0 ? (unsigned long)p[511] : 0);
+    if (rc2 != 0)
+        return;   /* the page stays lost */
+
+    list[0] = 0;
+    rc = reservation(XENMEM_increase_reservation, list, 1, 0);
+    check("memory_op.increase_at_maximum", cur0 == HYPERVISOR_memory_op(XENMEM_maximum_reservation,
+          &self) ? rc == 0 : rc == 1, "rc=%ld", rc);
+
+    /* increase_reservation hands out a frame and says which */
+    mfn = nmfn;
+    rc = HYPERVISOR_update_va_mapping(va, 0, UVMF_INVLPG);
+    list[0] = mfn;
+    rc2 = reservation(XENMEM_decrease_reservation, list, 1, 0);
+    list[0] = 0;
+    rc3 = reservation(XENMEM_increase_reservation, list, 1, 0);
+    nmfn = list[0];
+    rc4 = -1;
+    if (rc3 == 1) {
+        struct mmu_update u = { .ptr = (nmfn << PAGE_SHIFT) | MMU_MACHPHYS_UPDATE, .val = pfn };
+        phys_to_machine[pfn] = nmfn;
+        rc4 = HYPERVISOR_mmu_update(&u, 1, NULL, DOMID_SELF);
+        if (rc4 == 0)
+            rc4 = HYPERVISOR_update_va_mapping(va, (nmfn << PAGE_SHIFT) | PTE_KERNEL_RW,
+                                               UVMF_INVLPG);
+    }
+    check("memory_op.increase_reservation",
+          rc == 0 && rc2 == 1 && rc3 == 1 && rc4 == 0 && m2p[nmfn] == pfn &&
+          HYPERVISOR_memory_op(XENMEM_current_reservation, &self) == cur0,
+          "unmap rc=%ld decrease rc=%ld increase rc=%ld mfn=0x%lx remap rc=%ld", rc, rc2, rc3,
+          nmfn, rc4);
+
+    /* a frame in use as a page table is refused; so is an order above 9 */
+    list[0] = virt_to_mfn((void *)start_info->pt_base);
+    rc = reservation(XENMEM_decrease_reservation, list, 1, 0);
+    list[0] = pfn;
+    rc2 = reservation(XENMEM_populate_physmap, list, 1, 10);
+    rc3 = reservation(XENMEM_decrease_reservation, list, 1, 0) ;   /* start >= nr: no-op */
+    check("memory_op.reservation_refusals", rc == 0 && rc2 == 0,
+          "page table rc=%ld order 10 rc=%ld", rc, rc2);
+    (void)rc3;
+
+    rc = HYPERVISOR_memory_op(XENMEM_maximum_gpfn, &self);
+    check("memory_op.maximum_gpfn", rc == (long)start_info->nr_pages - 1, "rc=%ld nr_pages=%lu",
+          rc, start_info->nr_pages);
+    if (rc4 == 0)
+        free_pages((void *)p, 1);
+}
+
+static void test_vcpu_updown(void)
+{
+    long rc = hc_vcpu_op(VCPUOP_up, 0, NULL);
+    long rc2 = hc_vcpu_op(VCPUOP_initialise, 0, NULL);
+    long rc3 = hc_vcpu_op(VCPUOP_is_up, 0, NULL);
+    check("vcpu_op.up_initialise_vcpu0", rc == 0 && rc2 == -XEN_EEXIST && rc3 == 1,
+          "up rc=%ld initialise rc=%ld is_up=%ld", rc, rc2, rc3);
 }
 
 static void test_register_vcpu_info(void)
@@ -980,6 +1430,15 @@ int app_main(const char *cmdline)
     test_update_va_mapping();
     test_mmuext();
     test_misc();
+    test_runstate_area();
+    test_time_area();
+    test_debugreg();
+    test_physdev();
+    test_callbacks();
+    test_alloc_unbound_self();
+    test_gnttab_avail_bits();
+    test_reservation();
+    test_vcpu_updown();
     test_register_vcpu_info();
     printk("hctest: done ok=%u fail=%u\n", n_ok, n_fail);
     poweroff();

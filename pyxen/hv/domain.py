@@ -8,6 +8,7 @@ paused, shutdown (with a reason), crashed, dying.
 from __future__ import annotations
 
 import heapq
+import mmap
 import struct
 import threading
 import time
@@ -27,6 +28,8 @@ from .interdomain import Directory, LocalDirectory, default_directory, domain_ty
 from .mm import PGT_SEG, PGT_WRITABLE, FrameTable
 from .time import DomainClock
 from .vcpu import VCPU
+
+INVALID_M2P_ENTRY = (1 << 64) - 1
 
 if TYPE_CHECKING:
     from ..backends.console import ConsoleBackend
@@ -131,7 +134,12 @@ class Domain:
         self.crash_info = ""
         self.dying = False
         self.paused = 0
-        self.vm_assist = 0
+        self.vm_assist = 0  # VMASST_TYPE_* bits the guest enabled (hypercalls.do_vm_assist)
+        # RAM frames (pfn < max_pages) that hold no memory: those above the initial
+        # allocation, and those given back with XENMEM_decrease_reservation
+        self.free_pfns: set[int] = set(range(self.nr_pages, self.max_pages))
+        self.reservation_lock = threading.Lock()
+        self.pirq_eoi_mfn = 0  # PHYSDEVOP_pirq_eoi_gmfn's page (no pirqs ever raise it)
         self.started = False
         self.create_time = time.time()
         self.dirty_logging = False
@@ -169,8 +177,76 @@ class Domain:
     def _owned(self, mfn: int) -> bool:
         pfn = mfn - M.MFN_BASE
         if pfn < self.nr_pages:
-            return True
+            return not self.free_pfns or pfn not in self.free_pfns
+        if pfn < self.max_pages:
+            return pfn not in self.free_pfns
         return mfn == self.shared_info_mfn or self.gnttab.owns_frame(mfn)
+
+    @property
+    def tot_pages(self) -> int:
+        """RAM pages the domain holds now (XENMEM_current_reservation)."""
+        return self.max_pages - len(self.free_pfns)
+
+    def remove_extent(self, mfn: int, order: int) -> bool:
+        """XENMEM_decrease_reservation of one extent (a PV guest names machine
+        frames).  As Xen's guest_remove_page the frames must be the domain's;
+        unlike Xen, which frees a frame still in use once its last reference
+        goes, pyxen refuses a frame that is typed (a page table or descriptor
+        page, pinned, mapped writable, a granted or hypervisor-held page), so
+        a frame it takes away is unused and its memory can go back to the host
+        at once.  Read-only mappings are not counted; they read zeros after."""
+        n = 1 << order
+        if mfn & (n - 1):
+            return False
+        pfns = [mfn + i - M.MFN_BASE for i in range(n)]
+        ft = self.ft
+        with self.reservation_lock:
+            for pfn in pfns:
+                if not 0 <= pfn < self.max_pages or not self._owned(pfn + M.MFN_BASE):
+                    self.log(f"decrease_reservation: frame {pfn + M.MFN_BASE:#x} is not the domain's")
+                    return False
+                if ft.type_of(pfn + M.MFN_BASE)[1]:
+                    self.log(f"decrease_reservation: frame {pfn + M.MFN_BASE:#x} is in use")
+                    return False
+            for pfn in pfns:
+                self.free_pfns.add(pfn)
+                self.machine.set_m2p(pfn + M.MFN_BASE, INVALID_M2P_ENTRY)
+            self._release_ram(pfns[0], n)
+        return True
+
+    def _release_ram(self, pfn: int, n: int) -> None:
+        """Give the memory of frames nobody holds back to the host (they read as
+        zeros when the domain gets them again, as Xen's scrubbed pages)."""
+        off = self.machine.ram_offset(pfn + M.MFN_BASE)
+        try:
+            self.machine.ram.madvise(mmap.MADV_REMOVE, off, n * abi.PAGE_SIZE)
+        except (OSError, AttributeError, ValueError):
+            self.machine.ram[off:off + n * abi.PAGE_SIZE] = bytes(n * abi.PAGE_SIZE)
+
+    def add_extent(self, order: int, prefer_pfn: int | None = None) -> int | None:
+        """XENMEM_increase_reservation / populate_physmap of one extent: 2**order
+        free frames (naturally aligned), the one backing ``prefer_pfn`` if it is
+        free; None when the domain is at its maximum.  Returns the first mfn."""
+        n = 1 << order
+        with self.reservation_lock:
+            if len(self.free_pfns) < n:
+                return None
+            start = None
+            if prefer_pfn is not None and 0 <= prefer_pfn < self.max_pages and not prefer_pfn & (n - 1) \
+                    and all(prefer_pfn + i in self.free_pfns for i in range(n)):
+                start = prefer_pfn
+            elif n == 1:
+                start = next(iter(self.free_pfns))  # any frame, as Xen's allocator
+            else:
+                for cand in sorted(self.free_pfns):
+                    if not cand & (n - 1) and all(cand + i in self.free_pfns for i in range(n)):
+                        start = cand
+                        break
+            if start is None:
+                return None
+            for i in range(n):
+                self.free_pfns.discard(start + i)
+            return start + M.MFN_BASE
 
     def _write_entry(self, maddr: int, value: int, old: int | None) -> None:
         off = maddr - (M.MFN_BASE << 12)
@@ -412,7 +488,7 @@ class Domain:
     def info(self) -> dict[str, object]:
         cpu_ns = sum(v.runstate_time[abi.RUNSTATE_running] for v in self.vcpus)
         return {"domid": self.domid, "name": self.name, "state": self.state,
-                "flags": self.state_flags(), "memory_mib": self.nr_pages // 256,
+                "flags": self.state_flags(), "memory_mib": self.tot_pages // 256,
                 "maxmem_mib": self.max_pages // 256, "vcpus": len(self.vcpus),
                 "shutdown_reason": None if self.shutdown_reason is None
                 else abi.SHUTDOWN_NAMES.get(self.shutdown_reason, str(self.shutdown_reason)),
@@ -488,6 +564,33 @@ class Domain:
         return 0
 
     def vcpu_updown(self, caller: VCPU, v: VCPU, cmd: int, arg: int) -> int:
+        """VCPUOP_initialise/up/down as Xen's common_vcpu_op.  Taking down the
+        last vCPU that is up shuts the domain down (poweroff), as Xen does, so a
+        guest that offlines its only CPU ends instead of spinning."""
+        if cmd == abi.VCPUOP_down:
+            if not any(o.up for o in self.vcpus if o is not v):
+                self.log(f"vcpu {v.id} went down and no other vCPU is up: powering off")
+                self.shutdown(abi.SHUTDOWN_poweroff)
+                return 0
+            with v.cond:
+                if v.up:
+                    v.up = False
+                    v.attention = True
+            if v is caller:
+                v._set_runstate(abi.RUNSTATE_offline)
+            else:
+                v.kvm.kick()
+            return 0
+        if cmd == abi.VCPUOP_up:
+            if not v.initialised:
+                raise XenError(abi.EINVAL, f"vcpu {v.id} has no initial state")
+            with v.cond:
+                v.up = True
+                v.attention = True
+                v.cond.notify_all()
+            return 0
+        if v.initialised:
+            raise XenError(abi.EEXIST, f"vcpu {v.id} is already initialised")
         raise XenError(abi.ENOSYS, "secondary vCPUs arrive with the SMP issue")
 
     # ------------------------------------------------------------ descriptor tables

@@ -82,6 +82,10 @@ class EventChannels:
             return p
 
     def alloc_unbound(self, remote_dom: int) -> int:
+        """EVTCHNOP_alloc_unbound: as Xen, DOMID_SELF as the remote end is
+        stored as the caller's own domid (EVTCHNOP_status reports that)."""
+        if remote_dom == abi.DOMID_SELF:
+            remote_dom = self.domain.domid
         with self.lock:
             p = self._alloc()
             self.ports[p] = Channel(ST_UNBOUND, 0, remote_dom)

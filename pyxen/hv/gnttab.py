@@ -64,6 +64,7 @@ GTF_permit_access, GTF_type_mask = 1, 3
 GTF_readonly, GTF_reading, GTF_writing = 1 << 2, 1 << 3, 1 << 4
 GNTMAP_device_map, GNTMAP_host_map, GNTMAP_readonly = 1, 2, 4
 GNTMAP_application_map, GNTMAP_contains_pte = 8, 16
+GNTMAP_guest_avail0 = 16  # _GNTMAP_guest_avail0: the first flag bit copied into the PTE
 GNTCOPY_source_gref, GNTCOPY_dest_gref = 1, 2
 GNTST_okay, GNTST_general_error, GNTST_bad_domain, GNTST_bad_gntref = 0, -1, -2, -3
 GNTST_bad_handle, GNTST_bad_virt_addr, GNTST_bad_dev_addr = -4, -5, -6
@@ -343,6 +344,9 @@ class GrantTables:
         if pte:
             old = d.ft.read_entry(pte)
             new = (alias << 12) | 0x1 | 0x4 | 0x20 | 0x40 | (0 if readonly else 0x2) | abi._PAGE_NX
+            # XENFEAT_gnttab_map_avail_bits: flags bits 16.. go to the PTE's
+            # software-available bits 9-11 (Xen's grant_to_pte_flags)
+            new |= ((flags >> GNTMAP_guest_avail0) << 9) & 0xE00
             d.ft.replace_raw(pte, new, old)
         with self.lock:
             self.maptrack[handle] = Mapping(p, ref, readonly, slot, host_addr if pte else 0, pte, pfn)

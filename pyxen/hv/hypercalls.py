@@ -27,7 +27,9 @@ Handler = Callable[["VCPU", int, int, int, int, int], "int | None"]
 MASK64 = (1 << 64) - 1
 XEN_MAJOR, XEN_MINOR, XEN_EXTRA = 4, 19, ".0-pyxen"
 XEN_CAPABILITIES = "xen-3.0-x86_64 "
-MEMOP_CMD_MASK = (1 << 6) - 1  # memory.h: MEMOP_EXTENT_SHIFT = 6
+MEMOP_EXTENT_SHIFT = 6  # memory.h
+MEMOP_CMD_MASK = (1 << MEMOP_EXTENT_SHIFT) - 1
+DOMU_MAX_ORDER = 9  # Xen's CONFIG_DOMU_MAX_ORDER: 2 MiB extents at most
 SCHEDOP_pin_override = 7
 U32 = 0xFFFFFFFF
 
@@ -43,6 +45,88 @@ def _canonical(va: int) -> bool:
 def _cstring(s: str, size: int) -> bytes:
     b = s.encode()[:size - 1]
     return b + b"\0" * (size - len(b))
+
+
+XEN_DENY = b"<denied>"  # xen_deny(): what XSM shows an unprivileged domain
+
+# Debug registers (Xen's asm/debugreg.h, x86-defns.h)
+X86_DR6_DEFAULT, X86_DR6_ZEROS = 0xFFFF0FF0, 0x00001000
+X86_DR7_DEFAULT, X86_DR7_ZEROS, X86_DR7_RTM = 0x400, 0x0000D000, 0x800
+DR_GENERAL_DETECT, DR7_ACTIVE_MASK, DR_IO = 0x2000, 0xFF, 2
+X86_CR4_DE = 0x8
+
+
+def pv_features(vm_assist: int) -> int:
+    """XENVER_get_features submap 0 for a 64-bit PV domU, as Xen's kernel.c
+    computes it, limited to what pyxen implements: PRESERVE_AD mmu_update,
+    MMUEXT_CLEAR/COPY_PAGE (highmem_assist), grant maps that honour the avail
+    bits, and direct_mapped (PV is not translated).  Not given: writable page
+    tables and auto_translated_physmap (Xen gives them only to translated
+    guests), dom0, vnode, the runstate/time phys areas (not implemented)."""
+    sub = ((1 << abi.XENFEAT_mmu_pt_update_preserve_ad) | (1 << abi.XENFEAT_highmem_assist)
+           | (1 << abi.XENFEAT_gnttab_map_avail_bits) | (1 << abi.XENFEAT_direct_mapped))
+    if vm_assist >> abi.VMASST_TYPE_pae_extended_cr3 & 1:
+        sub |= 1 << abi.XENFEAT_pae_pgdir_above_4gb
+    return sub
+
+
+def _cr4_de(v: VCPU) -> bool:
+    """The guest's virtual CR4.DE (kept by the CR4 emulation, when there is one)."""
+    return bool(int(getattr(v, "guest_cr4", 0)) & X86_CR4_DE)
+
+
+def set_debugreg(v: VCPU, reg: int, value: int) -> int:
+    """Xen's set_debugreg (pv/misc-hypercalls.c), for the hypercall and the
+    `mov %dr` emulation alike: -EPERM for a breakpoint address inside Xen's
+    range or DR7.GD, -EINVAL for upper-half bits in DR6/DR7, -ENODEV for DR4/5
+    with CR4.DE and for registers that do not exist.  The values are kept in
+    the vCPU (dr[], dr6, dr7, dr7_emul for I/O breakpoints) and read back by
+    get_debugreg; pyxen does not load them into the CPU (docs/hv.md)."""
+    value &= MASK64
+    if 0 <= reg <= 3:
+        if not (value < 1 << 47 or value >= abi.HYPERVISOR_VIRT_END):
+            return -EPERM
+        v.dr[reg] = value
+        return 0
+    if reg in (4, 6):
+        if reg == 4 and _cr4_de(v):
+            return -abi.ENODEV
+        if value >> 32:
+            return -EINVAL
+        v.dr6 = (value | X86_DR6_DEFAULT) & ~X86_DR6_ZEROS  # no RTM/BLD in the PV policy
+        return 0
+    if reg in (5, 7):
+        if reg == 5 and _cr4_de(v):
+            return -abi.ENODEV
+        if value >> 32:
+            return -EINVAL
+        value = (value & ~(X86_DR7_ZEROS | X86_DR7_RTM)) | X86_DR7_DEFAULT
+        if value & DR_GENERAL_DETECT:
+            return -EPERM
+        io_enable = 0
+        if value & DR7_ACTIVE_MASK:
+            for i in range(16, 32, 4):
+                if (value >> i) & 3 == DR_IO:
+                    if not _cr4_de(v):
+                        return -EPERM
+                    io_enable |= value & (3 << ((i - 16) >> 1))
+        v.dr7_emul = io_enable
+        v.dr7 = value & ~io_enable
+        return 0
+    return -abi.ENODEV
+
+
+def get_debugreg(v: VCPU, reg: int) -> int:
+    """Xen's get_debugreg (x86emul_read_dr): the stored values, -ENODEV otherwise."""
+    if 0 <= reg <= 3:
+        return int(v.dr[reg])
+    if reg in (4, 5) and _cr4_de(v):
+        return -abi.ENODEV
+    if reg in (4, 6):
+        return int(v.dr6)
+    if reg in (5, 7):
+        return int(v.dr7 | v.dr7_emul)
+    return -abi.ENODEV
 
 
 class Hypercalls:
@@ -100,6 +184,7 @@ class Hypercalls:
         raise XenError(ENOSYS)
 
     def do_xen_version(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        cmd &= U32  # (int cmd, void *arg)
         if cmd == abi.XENVER_version:
             return (XEN_MAJOR << 16) | XEN_MINOR
         if cmd == abi.XENVER_extraversion:
@@ -115,15 +200,21 @@ class Hypercalls:
             v.copy_to_guest(arg, struct.pack("<Q", abi.HYPERVISOR_VIRT_START))
         elif cmd == abi.XENVER_get_features:
             idx = _u32(v.copy_from_guest(arg, 4))
-            sub = (1 << abi.XENFEAT_mmu_pt_update_preserve_ad) if idx == 0 else 0
+            sub = pv_features(self.domain.vm_assist) if idx == 0 else 0
             v.copy_to_guest(arg + 4, struct.pack("<I", sub))
         elif cmd == abi.XENVER_pagesize:
+            if arg:
+                raise XenError(EINVAL, "pagesize takes a NULL argument")
             return abi.PAGE_SIZE
         elif cmd == abi.XENVER_guest_handle:
             import uuid
             v.copy_to_guest(arg, uuid.UUID(self.domain.spec.uuid).bytes)
         elif cmd == abi.XENVER_commandline:
-            v.copy_to_guest(arg, _cstring("", 1024))
+            # XSM denies the hypervisor's command line to an unprivileged domain
+            v.copy_to_guest(arg, XEN_DENY + b"\0")
+        elif cmd in (abi.XENVER_build_id, abi.XENVER_extraversion2, abi.XENVER_capabilities2,
+                     abi.XENVER_changeset2, abi.XENVER_commandline2):
+            raise XenError(EPERM, "privileged xen_version sub-op")
         else:
             raise XenError(ENOSYS)
         return 0
@@ -143,34 +234,49 @@ class Hypercalls:
         return 0
 
     def do_set_callbacks(self, v: VCPU, event: int, failsafe: int, syscall: int, *_: int) -> int:
-        v.event_callback, v.failsafe_callback, v.syscall_callback = event, failsafe, syscall
+        """Xen's do_set_callbacks: three CALLBACKOP_register calls with no flags
+        (so failsafe and syscall stop masking events); a non-canonical address
+        is skipped, and the hypercall still returns 0."""
+        if _canonical(event):
+            v.event_callback = event
+        if _canonical(failsafe):
+            v.failsafe_callback, v.failsafe_mask_events = failsafe, False
+        if _canonical(syscall):
+            v.syscall_callback, v.syscall_mask_events = syscall, False
         return 0
 
     def do_callback_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        """Xen's pv/callback.c: each type keeps its address and, where Xen has
+        one, its CALLBACKF_mask_events flag."""
+        cmd &= U32
         if cmd == abi.CALLBACKOP_register:
             typ, flags, addr = abi.CALLBACK_REGISTER.unpack(v.copy_from_guest(arg, 16))
             if not _canonical(addr):
                 raise XenError(EINVAL, f"non-canonical callback address {addr:#x}")
+            mask = bool(flags & abi.CALLBACKF_mask_events)
             if typ == abi.CALLBACKTYPE_event:
                 v.event_callback = addr
             elif typ == abi.CALLBACKTYPE_failsafe:
                 v.failsafe_callback = addr
+                v.failsafe_mask_events = mask
             elif typ == abi.CALLBACKTYPE_syscall:
-                v.syscall_callback = addr
-                v.syscall_mask_events = bool(flags & abi.CALLBACKF_mask_events)
-            elif typ in (abi.CALLBACKTYPE_nmi, abi.CALLBACKTYPE_syscall32,
-                         abi.CALLBACKTYPE_sysenter):
-                pass  # accepted; never raised on pyxen yet
+                v.syscall_callback, v.syscall_mask_events = addr, mask
+            elif typ == abi.CALLBACKTYPE_syscall32:
+                v.syscall32_callback, v.syscall32_mask_events = addr, mask
+            elif typ == abi.CALLBACKTYPE_sysenter:
+                v.sysenter_callback, v.sysenter_mask_events = addr, mask
+            elif typ == abi.CALLBACKTYPE_nmi:
+                v.nmi_callback = addr  # accepted; pyxen never raises an NMI
             else:
                 raise XenError(ENOSYS, f"callback type {typ}")
             return 0
         if cmd == abi.CALLBACKOP_unregister:
             typ = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
-            if typ in (abi.CALLBACKTYPE_event, abi.CALLBACKTYPE_failsafe,
-                       abi.CALLBACKTYPE_syscall):
+            if typ in (abi.CALLBACKTYPE_event, abi.CALLBACKTYPE_failsafe, abi.CALLBACKTYPE_syscall,
+                       abi.CALLBACKTYPE_syscall32, abi.CALLBACKTYPE_sysenter):
                 raise XenError(EINVAL, f"callback type {typ} cannot be unregistered")
-            if typ in (abi.CALLBACKTYPE_nmi, abi.CALLBACKTYPE_syscall32,
-                       abi.CALLBACKTYPE_sysenter):
+            if typ == abi.CALLBACKTYPE_nmi:
+                v.nmi_callback = 0
                 return 0
             raise XenError(ENOSYS, f"callback type {typ}")
         raise XenError(ENOSYS)
@@ -212,19 +318,29 @@ class Hypercalls:
             else:
                 v.gs_base_kernel = base
         elif which == abi.SEGBASE_GS_USER_SEL:
-            # Xen loads the selector (a null one if it faults) and never fails;
-            # descriptors are not consulted on PVM hosts (platform-notes.md)
-            s.gs.selector = base & 0xFFFF
+            # Xen loads the selector into the *user* %gs (a null one if it
+            # faults) and never fails; the user GS base becomes the
+            # descriptor's, 0 for the null and flat selectors (descriptors are
+            # not consulted on PVM hosts, platform-notes.md).  The guest kernel's
+            # own %gs and base are untouched.
+            sel = base & 0xFFFF
+            v.gs_sel_user = sel | 3 if sel > 3 else sel
+            if v.kernel_mode:
+                v.gs_base_user = 0
+            else:
+                s.gs.base = 0
         else:
             raise XenError(EINVAL, f"segment base selector {which}")
         v.kvm.mark_sregs_dirty()
         return 0
 
     def do_vm_assist(self, v: VCPU, cmd: int, typ: int, *_: int) -> int:
+        """Xen's do_vm_assist with the 64-bit PV mask: the enabled bits live in
+        ``domain.vm_assist`` (writable page tables and the runstate update flag
+        are read from there by the code that honours them)."""
+        cmd, typ = cmd & U32, typ & U32
         if typ >= 64 or not (abi.VMASST_VALID >> typ) & 1:
             raise XenError(EINVAL, f"vm_assist type {typ}")
-        if typ == abi.VMASST_TYPE_writable_pagetables:
-            raise XenError(EINVAL, "writable page tables are not supported")
         if cmd == abi.VMASST_CMD_enable:
             self.domain.vm_assist |= 1 << typ
         elif cmd == abi.VMASST_CMD_disable:
@@ -232,6 +348,13 @@ class Hypercalls:
         else:
             raise XenError(ENOSYS)
         return 0
+
+    # ------------------------------------------------------------ debug registers
+    def do_set_debugreg(self, v: VCPU, reg: int, value: int, *_: int) -> int:
+        return set_debugreg(v, reg & U32, value)
+
+    def do_get_debugreg(self, v: VCPU, reg: int, *_: int) -> int:
+        return get_debugreg(v, reg & U32)
 
     def do_set_gdt(self, v: VCPU, frames_ptr: int, entries: int, *_: int) -> int:
         return self.domain.set_gdt(v, frames_ptr, entries)
@@ -356,24 +479,33 @@ class Hypercalls:
 
     def do_memory_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
         d = self.domain
-        cmd &= MEMOP_CMD_MASK  # the bits above are a continuation's start extent
+        start = (cmd & MASK64) >> MEMOP_EXTENT_SHIFT  # a continuation's start extent
+        cmd &= MEMOP_CMD_MASK
+        if cmd in (abi.XENMEM_increase_reservation, abi.XENMEM_decrease_reservation,
+                   abi.XENMEM_populate_physmap):
+            return self._reservation(v, cmd, arg, start)
         if cmd in (abi.XENMEM_current_reservation, abi.XENMEM_maximum_reservation,
                    abi.XENMEM_maximum_gpfn):
             domid = struct.unpack("<H", v.copy_from_guest(arg, 2))[0]
             if domid not in (abi.DOMID_SELF, d.domid):
                 raise XenError(ESRCH if domid < abi.DOMID_SELF else EPERM)
             if cmd == abi.XENMEM_current_reservation:
-                return d.nr_pages
+                return d.tot_pages
             if cmd == abi.XENMEM_maximum_reservation:
                 return d.max_pages
-            return d.max_pages - 1
+            # a PV guest states nr_pfns in shared_info's arch.max_pfn (Xen's
+            # domain_get_maximum_gpfn: (max_pfn ?: 1) - 1)
+            max_pfn = struct.unpack_from("<Q", d.shared_info, abi.SI_ARCH_MAX_PFN)[0]
+            return (max_pfn or 1) - 1
         if cmd == abi.XENMEM_maximum_ram_page:
             return M.MFN_BASE + d.machine.nr_frames - 1
         if cmd == abi.XENMEM_memory_map:
             nr, buf = abi.MEMORY_MAP.unpack(v.copy_from_guest(arg, 16))
             if nr < 1:
                 raise XenError(EINVAL, "memory map buffer too small")
-            v.copy_to_guest(buf, abi.E820_ENTRY.pack(0, d.nr_pages * abi.PAGE_SIZE, abi.E820_RAM))
+            # as libxl's xc_domain_set_memmap_limit for a PV guest: one RAM
+            # entry up to the domain's maximum (the rest is ballooned out)
+            v.copy_to_guest(buf, abi.E820_ENTRY.pack(0, d.max_pages * abi.PAGE_SIZE, abi.E820_RAM))
             v.copy_to_guest(arg, struct.pack("<I", 1))
             return 0
         if cmd == abi.XENMEM_machphys_mapping:
@@ -381,6 +513,105 @@ class Hypercalls:
                                              M.MFN_BASE + d.machine.nr_frames - 1))
             return 0
         raise XenError(ENOSYS, f"memory_op {cmd}")
+
+    def _reservation(self, v: VCPU, cmd: int, arg: int, start: int) -> int:
+        """XENMEM_increase_reservation, decrease_reservation and populate_physmap
+        for a PV guest (Xen's common/memory.c): each extent of 2**extent_order
+        frames is done or the operation stops there; the result is the number of
+        extents done (counting from a continuation's start).  Increase writes the
+        machine frames it gave into extent_start (if not NULL); populate reads a
+        gpfn from each slot, sets M2P[mfn] = gpfn and writes the mfn back;
+        decrease reads the machine frames to give back."""
+        d = self.domain
+        ext, nr, order, _flags, domid = abi.MEMORY_RESERVATION.unpack(v.copy_from_guest(arg, 32))
+        if domid not in (abi.DOMID_SELF, d.domid):
+            raise XenError(ESRCH if domid >= abi.DOMID_FIRST_RESERVED else EPERM,
+                           "reservation of another domain")
+        if start >= nr:
+            return start
+        if order > DOMU_MAX_ORDER:
+            return start
+        i = start
+        try:
+            while i < nr:
+                slot = ext + 8 * i
+                if slot + 8 > 1 << 64:
+                    break  # the array runs off the address space: EFAULT on Xen, ends here
+                if cmd == abi.XENMEM_decrease_reservation:
+                    gmfn = struct.unpack("<Q", v.copy_from_guest(slot, 8))[0]
+                    if not d.remove_extent(gmfn, order):
+                        break
+                elif cmd == abi.XENMEM_populate_physmap:
+                    gpfn = struct.unpack("<Q", v.copy_from_guest(slot, 8))[0]
+                    if gpfn >> (52 - 12):
+                        break
+                    mfn = d.add_extent(order, gpfn)
+                    if mfn is None:
+                        break
+                    d.machine.set_m2p_range(mfn, gpfn, 1 << order)
+                    v.copy_to_guest(slot, struct.pack("<Q", mfn))
+                else:
+                    mfn = d.add_extent(order)
+                    if mfn is None:
+                        break
+                    if ext:
+                        v.copy_to_guest(slot, struct.pack("<Q", mfn))
+                i += 1
+        except XenError:
+            pass  # a bad slot address ends the operation where it is, as on Xen
+        return i
+
+    # ------------------------------------------------------------ physdev
+    def do_physdev_op(self, v: VCPU, cmd: int, arg: int, *_: int) -> int:
+        """What Xen's do_physdev_op answers an unprivileged PV domU with no
+        devices: the virtual IOPL and I/O bitmap are kept; the pirq EOI page is
+        accepted; there are no pirqs (-EINVAL); device, MSI and APIC operations
+        need privilege (-EPERM); everything else is -ENOSYS."""
+        cmd &= U32
+        if cmd == abi.PHYSDEVOP_set_iopl:
+            iopl = _u32(v.copy_from_guest(arg, 4))
+            if iopl > 3:
+                raise XenError(EINVAL, f"iopl {iopl}")
+            v.iopl = iopl
+            return 0
+        if cmd == abi.PHYSDEVOP_set_iobitmap:
+            bitmap, nr_ports = struct.unpack("<QI", v.copy_from_guest(arg, 12))
+            if not (bitmap < 1 << 47 or bitmap >= abi.HYPERVISOR_VIRT_END) or nr_ports > 65536:
+                raise XenError(EINVAL, "bad I/O bitmap")
+            v.iobmp, v.iobmp_nr = bitmap, nr_ports
+            return 0
+        if cmd in (abi.PHYSDEVOP_pirq_eoi_gmfn_v1, abi.PHYSDEVOP_pirq_eoi_gmfn_v2):
+            gmfn = struct.unpack("<Q", v.copy_from_guest(arg, 8))[0]
+            d = self.domain
+            if not d.ft.owns(gmfn):
+                raise XenError(EINVAL, f"pirq EOI frame {gmfn:#x} not owned")
+            if d.pirq_eoi_mfn:
+                raise XenError(abi.EBUSY, "pirq EOI map already set")
+            d.ft.get_type(gmfn, PGT_WRITABLE)  # held for the domain's life, as Xen's
+            d.pirq_eoi_mfn = gmfn
+            return 0
+        if cmd in (abi.PHYSDEVOP_eoi, abi.PHYSDEVOP_irq_status_query):
+            v.copy_from_guest(arg, 4)
+            raise XenError(EINVAL, "the domain has no pirqs")
+        if cmd == abi.PHYSDEVOP_IRQ_UNMASK_NOTIFY:
+            return 0
+        if cmd in (abi.PHYSDEVOP_map_pirq, abi.PHYSDEVOP_unmap_pirq, abi.PHYSDEVOP_apic_read,
+                   abi.PHYSDEVOP_apic_write, abi.PHYSDEVOP_alloc_irq_vector,
+                   abi.PHYSDEVOP_free_irq_vector, abi.PHYSDEVOP_manage_pci_add,
+                   abi.PHYSDEVOP_manage_pci_remove, abi.PHYSDEVOP_manage_pci_add_ext,
+                   abi.PHYSDEVOP_restore_msi, abi.PHYSDEVOP_restore_msi_ext,
+                   abi.PHYSDEVOP_setup_gsi, abi.PHYSDEVOP_pci_mmcfg_reserved,
+                   abi.PHYSDEVOP_pci_device_add, abi.PHYSDEVOP_pci_device_remove,
+                   abi.PHYSDEVOP_prepare_msix, abi.PHYSDEVOP_release_msix,
+                   abi.PHYSDEVOP_pci_device_reset, abi.PHYSDEVOP_dbgp_op):
+            raise XenError(EPERM, f"physdev_op {cmd} needs privilege")
+        # PHYSDEVOP_get_free_pirq included: pyxen has no pirqs to hand out
+        raise XenError(ENOSYS, f"physdev_op {cmd}")
+
+    def do_xenpmu_op(self, v: VCPU, *_: int) -> int:
+        """Xen's vPMU is off unless booted with `vpmu=`: every op is -EOPNOTSUPP
+        (Linux then says "VPMU disabled by hypervisor")."""
+        raise XenError(abi.EOPNOTSUPP, "no virtual PMU")
 
     # ------------------------------------------------------------ multicall
     def do_multicall(self, v: VCPU, calls: int, n: int, *_: int) -> int:
@@ -486,6 +717,32 @@ class Hypercalls:
             return 0
         if cmd == abi.VCPUOP_register_vcpu_info:
             return d.register_vcpu_info(v, t, arg)
+        if cmd == abi.VCPUOP_register_runstate_memory_area:
+            # common_vcpu_op: the handle must lie outside Xen's range (guest_handle_okay);
+            # it is written now and on every runstate change, faults ignored
+            va = struct.unpack("<Q", v.copy_from_guest(arg, 8))[0]
+            if not (va < 1 << 47 or va >= abi.HYPERVISOR_VIRT_END):
+                raise XenError(EFAULT, f"runstate area {va:#x} in Xen's range")
+            t.runstate_area = va
+            if va:
+                t.update_runstate_area()
+            return 0
+        if cmd == abi.VCPUOP_register_vcpu_time_memory_area:
+            # x86's do_vcpu_op: the same handle check; the record is written now
+            # (force_update_vcpu_system_time) and on every time update
+            va = struct.unpack("<Q", v.copy_from_guest(arg, 8))[0]
+            if not (va < 1 << 47 or va >= abi.HYPERVISOR_VIRT_END):
+                raise XenError(EFAULT, f"time area {va:#x} in Xen's range")
+            t.time_area = va
+            if va and t is v:
+                t.update_time()
+            elif va:
+                t.update_time_area()
+            return 0
+        if cmd == abi.VCPUOP_send_nmi:
+            raise XenError(ENOSYS, "pyxen delivers no NMIs")
+        if cmd == abi.VCPUOP_get_physid:
+            raise XenError(EINVAL, "get_physid is for the hardware domain's pinned vCPUs")
         if vcpuid != v.id and cmd in (abi.VCPUOP_set_periodic_timer, abi.VCPUOP_stop_periodic_timer,
                                       abi.VCPUOP_set_singleshot_timer,
                                       abi.VCPUOP_stop_singleshot_timer):
@@ -641,8 +898,6 @@ class Hypercalls:
             return 0
         raise XenError(ENOSYS, f"grant_table_op {cmd}")
 
-    def do_physdev_op(self, v: VCPU, *_: int) -> int:
-        raise XenError(ENOSYS)
 
 
 __all__ = ["Hypercalls", "PGT_L1", "PGT_L2", "PGT_L3", "PGT_SEG", "PGT_WRITABLE", "EFAULT"]

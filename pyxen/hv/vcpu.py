@@ -41,7 +41,7 @@ from .time import scale_delta, tsc_scale, write_vcpu_time
 if TYPE_CHECKING:
     from .domain import Domain
 
-X86_EFLAGS_TF, X86_EFLAGS_IF, X86_EFLAGS_IOPL = 0x100, 0x200, 0x3000
+X86_EFLAGS_TF, X86_EFLAGS_IF, X86_EFLAGS_IOPL, X86_EFLAGS_DF = 0x100, 0x200, 0x3000, 0x400
 X86_EFLAGS_NT, X86_EFLAGS_RF, X86_EFLAGS_VM, X86_EFLAGS_AC = 0x4000, 0x10000, 0x20000, 0x40000
 X86_EFLAGS_ALL = 0x3F7FD5
 EXC_HAS_ERRCODE = {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}
@@ -91,12 +91,28 @@ class VCPU:
         self.failsafe_callback = 0
         self.syscall_callback = 0
         self.syscall_mask_events = False
+        self.failsafe_mask_events = False
+        self.syscall32_callback = 0
+        self.syscall32_mask_events = False
+        self.sysenter_callback = 0
+        self.sysenter_mask_events = False
+        self.nmi_callback = 0
         self.fs_base = 0
         self.gs_base_kernel = 0
         self.gs_base_user = 0
+        self.gs_sel_user = 0  # SEGBASE_GS_USER_SEL's selector (RPL fixed up as Xen)
         self.virtual_ts = False
+        self.iobmp, self.iobmp_nr = 0, 0  # PHYSDEVOP_set_iobitmap (guest VA, ports)
+        self.iopl = 0  # PHYSDEVOP_set_iopl's virtual IOPL, 0-3 (the in/out/cli/sti emulator reads it)
+        # debug registers as set_debugreg keeps them (Xen's arch.dr[], dr6, dr7, pv.dr7_emul);
+        # stored and reported, not loaded into the CPU (docs/hv.md)
+        self.dr = [0, 0, 0, 0]
+        self.dr6 = 0xFFFF0FF0  # X86_DR6_DEFAULT
+        self.dr7 = 0x400  # X86_DR7_DEFAULT
+        self.dr7_emul = 0
         self.gdt_frames: list[int] = []  # set_gdt frames (typed seg_desc)
         self.up = vcpu_id == 0
+        self.initialised = vcpu_id == 0  # has a register state (VCPUOP_up needs one)
         # vcpu_info location: (buffer, offset); shared_info slot by default
         self.vi_buf: memoryview = domain.shared_info
         self.vi_off = vcpu_id * abi.VCPU_INFO_SIZE
@@ -123,6 +139,8 @@ class VCPU:
         self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
         self.runstate_entry = 0
         self.runstate_time = [0, 0, 0, 0]
+        self.runstate_area = 0  # guest VA of VCPUOP_register_runstate_memory_area, 0 = none
+        self.time_area = 0  # guest VA of VCPUOP_register_vcpu_time_memory_area, 0 = none
         # statistics (pyxen top)
         self.stats = {"exceptions": 0, "events": 0, "kicks": 0, "mmu_flushes": 0}
         self.hc_counts: dict[int, int] = {}
@@ -181,6 +199,23 @@ class VCPU:
         tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
         now = self.domain.clock.system_time()
         write_vcpu_time(self.vi_buf, self.vi_off + abi.VI_TIME, tsc, now, self.tsc_mul, self.tsc_shift)
+        if self.time_area:
+            self.update_time_area()
+
+    def update_time_area(self) -> None:
+        """Copy vcpu_time_info to the area of VCPUOP_register_vcpu_time_memory_area
+        (Linux's vDSO pvclock page) with the version protocol: odd while the
+        record is being written, as Xen's write of the guest copy.  Through the
+        guest kernel's page tables; a bad address is ignored, as on Xen."""
+        off = self.vi_off + abi.VI_TIME
+        rec = bytes(self.vi_buf[off:off + abi.VCPU_TIME_INFO.size])
+        version = int.from_bytes(rec[:4], "little")
+        try:
+            self._kernel_write(self.time_area, ((version - 1) & 0xFFFFFFFF | 1).to_bytes(4, "little"))
+            self._kernel_write(self.time_area + 4, rec[4:])
+            self._kernel_write(self.time_area, rec[:4])
+        except XenError:
+            pass
 
     def guest_time_now(self) -> int:
         """What the guest's own clock reads now (for tests and tracing)."""
@@ -282,6 +317,51 @@ class VCPU:
         self.runstate_time[self.runstate] += now - self.runstate_entry
         self.runstate = st
         self.runstate_entry = now
+        if self.runstate_area:
+            self.update_runstate_area()
+
+    def update_runstate_area(self) -> None:
+        """Copy the runstate into the area the guest registered with
+        VCPUOP_register_runstate_memory_area, as Xen's update_runstate_area:
+        through the guest kernel's page tables (even while user mode runs),
+        and with VMASST_TYPE_runstate_update_flag the XEN_RUNSTATE_UPDATE bit
+        is set in state_entry_time while the copy is under way, so a reader on
+        another vCPU can retry.  A bad address is ignored, as on Xen."""
+        va = self.runstate_area
+        info = abi.RUNSTATE_INFO.pack(self.runstate, self.runstate_entry, *self.runstate_time)
+        flag = self.domain.vm_assist >> abi.VMASST_TYPE_runstate_update_flag & 1
+        try:
+            if flag:
+                self._kernel_write(va + 8, struct.pack("<Q", self.runstate_entry
+                                                       | abi.XEN_RUNSTATE_UPDATE))
+            self._kernel_write(va, info[:8] + (struct.pack("<Q", self.runstate_entry
+                                                           | abi.XEN_RUNSTATE_UPDATE)
+                                               if flag else info[8:16]) + info[16:])
+            if flag:
+                self._kernel_write(va + 8, info[8:16])
+        except XenError:
+            pass
+
+    def _kernel_write(self, va: int, data: bytes) -> None:
+        """Write ``data`` at ``va`` through the guest kernel's page tables (any
+        thread: the vCPU's mode is not touched), or EFAULT with nothing written."""
+        if va + len(data) > 1 << 64:
+            raise XenError(abi.EFAULT, f"guest range at {va:#x} wraps")
+        ft = self.domain.ft
+        base = M.MFN_BASE << 12
+        spans = []
+        i = 0
+        while i < len(data):
+            ma = ft.translate(self.kernel_l4, va + i, True)
+            if ma is None:
+                raise XenError(abi.EFAULT, f"guest address {va + i:#x} not writable")
+            k = min(len(data) - i, 4096 - ((va + i) & 4095))
+            spans.append((ma - base, i, k))
+            i += k
+        ram = self.machine.ram
+        for off, i, k in spans:
+            ram[off:off + k] = data[i:i + k]
+            self.domain.mark_dirty((off >> 12) + M.MFN_BASE)
 
     def _wait_runnable(self) -> bool:
         """Sleep while paused, offline or blocked.  False if the vCPU must stop."""
@@ -378,8 +458,7 @@ class VCPU:
                     if res is not None:
                         q[Q_RAX] = res & MASK
                         q[Q_DIRTY] |= 1
-                    if dom.mmu_pending or self.flush_requested:
-                        self.attention = True
+                    self.after_hypercall()
                 elif port == TRAP:
                     self.exception()
                 elif port == M.SYSCALL_PORT:
@@ -403,6 +482,16 @@ class VCPU:
         if reason == kvm.EXIT_INTR:
             return
         raise GuestCrash(f"unexpected KVM exit {kvm.EXIT_NAMES.get(reason, reason)}")
+
+    def after_hypercall(self) -> None:
+        """The one step after every hypercall, whichever way it came in (the
+        hypercall page's port or `syscall`): page-table entries the hypercall
+        queued and TLB flushes it asked for must be applied by the MMU helper
+        before the guest runs again (platform-notes.md fact 1), so the run loop
+        is told to attend.  Event delivery follows in the run loop, as Xen's
+        test_all_events does after pv_hypercall."""
+        if self.domain.mmu_pending or self.flush_requested:
+            self.attention = True
 
     def _attend(self) -> bool:
         """Off the fast path: posted work, blocking, pause, stop, MMU flushes."""
@@ -434,8 +523,7 @@ class VCPU:
                     self.user_hypercall()
                 elif port == M.HC_PORT:
                     hypercall(self, v.regs)
-                    if self.domain.mmu_pending or self.flush_requested:
-                        self.attention = True
+                    self.after_hypercall()
                 elif port == M.TRAP_PORT:
                     self.exception()
                 elif port == M.SYSCALL_PORT:
@@ -583,11 +671,17 @@ class VCPU:
 
     def syscall_entry(self) -> None:
         """The guest executed `syscall` (the CPU left the return RIP in rcx and
-        RFLAGS in r11).  As on Xen: from guest kernel mode it is a hypercall;
-        from guest user mode it is bounced to the syscall callback in kernel
-        mode, or raises #UD where no callback is registered."""
+        RFLAGS in r11).  As Xen's lstar_enter: from guest kernel mode it is a
+        hypercall (number in rax, arguments in rdi, rsi, rdx, r10, r8, as through
+        the hypercall page), followed by the same post-hypercall step and event
+        delivery as the port path; the return is Xen's sysret, so rcx holds the
+        return RIP and r11 the RFLAGS.  From guest user mode it is bounced to the
+        registered syscall callback (syscall32 for a 32-bit code segment) in
+        kernel mode with DF clear in the callback, or raises #UD at the
+        `syscall` where no callback is registered (DF kept)."""
         v = self.kvm
         r, s = v.regs, v.sregs
+        compat = s.cs.selector == abi.FLAT_RING3_CS32
         if s.cs.dpl != 3 or s.cs.selector != abi.FLAT_KERNEL_CS:
             s.cs = GUEST_CS
             s.ss = GUEST_SS
@@ -596,13 +690,17 @@ class VCPU:
         r.rflags = (r.r11 & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF | 0x2
         v.mark_regs_dirty()
         if self.kernel_mode:
+            r.r11 = r.rflags  # sysret's view; an iret hypercall replaces it from its frame
             self.domain.hypercalls.dispatch(self, r)
+            self.after_hypercall()
             return
-        if not self.syscall_callback:
+        handler = self.syscall32_callback if compat else self.syscall_callback
+        if not handler:
             r.rip = (r.rcx - 2) & ((1 << 64) - 1)
             self.bounce_trap(6, None)
             return
-        self.bounce(self.syscall_callback, None, self.syscall_mask_events)
+        self.bounce(handler, None, self.syscall32_mask_events if compat else self.syscall_mask_events)
+        r.rflags &= ~X86_EFLAGS_DF  # the PV ABI's fixed SYSCALL_MASK: DF clear in the callback
 
     def _emulate_int(self, rip: int, err: int | None) -> bool:
         """Software interrupts as Xen delivers them to a PV kernel.  Here `int $n`
@@ -671,6 +769,12 @@ class VCPU:
     def deliver_event(self) -> None:
         if not self.event_callback:
             return
+        if M.HYPERVISOR_RANGE[0] <= self.kvm.regs.rip < M.HYPERVISOR_RANGE[1]:
+            # A kick stopped the vCPU inside a hypervisor stub (an exception or
+            # the syscall stub, before its `out`): the registers are the stub's,
+            # not the guest's.  Let the stub finish and exit; the event is
+            # delivered on the entry after that, in guest context.
+            return
         self.stats["events"] += 1
         self.bounce(self.event_callback, None, True)
 
@@ -731,6 +835,11 @@ class VCPU:
         if not flags & abi.VGCF_in_syscall:
             r.r11 = r11
             r.rcx = rcx
+        else:
+            # Xen returns through sysret then: rcx = RIP, r11 = RFLAGS (no kernel
+            # value is left in them for user mode to see)
+            r.rcx = r.rip
+            r.r11 = r.rflags
         r.rax = rax
         self.vi_buf[self.vi_off + abi.VI_UPCALL_MASK] = 0 if rflags & X86_EFLAGS_IF else 1
         v.mark_regs_dirty()
