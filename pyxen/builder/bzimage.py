@@ -32,6 +32,7 @@ file, and output is capped at :data:`MAX_UNPACKED` (Xen's
 from __future__ import annotations
 
 import bz2
+import io
 import lzma
 import struct
 import zlib
@@ -113,13 +114,21 @@ def _drain(feed: Callable[[bytes, int], bytes], more: Callable[[], bool], data: 
 
 def _gunzip(p: bytes, limit: int, err: Callable[[str], ElfError]) -> bytes:
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip container, trailing bytes ignored
+    out = bytearray()
+    chunk = p
     try:
-        out = _drain(d.decompress, lambda: bool(d.unconsumed_tail) and not d.eof, p, limit, err, "gzip")
+        # zlib hands back the input it did not get to (unconsumed_tail) when
+        # max_length stops it: feed that again until the stream ends.
+        while chunk and not d.eof:
+            out += d.decompress(chunk, limit - len(out) + 1)
+            if len(out) > limit:
+                raise err(f"gzip payload unpacks to more than {limit} bytes")
+            chunk = d.unconsumed_tail
     except zlib.error as e:
         raise err(f"gzip payload is corrupt: {e}") from None
     if not d.eof:
         raise err("gzip payload is truncated")
-    return out
+    return bytes(out)
 
 
 def _lzma_like(p: bytes, limit: int, err: Callable[[str], ElfError], fmt: str, form: int) -> bytes:
@@ -149,21 +158,23 @@ def _unzstd(p: bytes, limit: int, err: Callable[[str], ElfError]) -> bytes:
         import zstandard
     except ImportError:
         raise err("zstd payload: the Python package 'zstandard' is not installed") from None
-    d = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+    # A stream reader returns at most what is asked for per read, so the cap
+    # holds however well the input compresses.  It would read the kernel's
+    # 4-byte size trailer as the start of a second frame: leave it out (the
+    # size check after unpacking still compares against it).
+    src = io.BytesIO(p[:-4] if len(p) > 8 else p)
     out = bytearray()
     try:
-        # decompressobj has no output cap: feed bounded input slices instead,
-        # and check after each (a slice of 64 KiB unpacks to at most a window).
-        for i in range(0, len(p), 1 << 16):
-            out += d.decompress(p[i:i + (1 << 16)])
-            if len(out) > limit:
-                raise err(f"zstd payload unpacks to more than {limit} bytes")
-            if d.eof:
-                break
+        with zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(src) as r:
+            while True:
+                piece = r.read(1 << 20)
+                if not piece:
+                    break
+                out += piece
+                if len(out) > limit:
+                    raise err(f"zstd payload unpacks to more than {limit} bytes")
     except zstandard.ZstdError as e:
         raise err(f"zstd payload is corrupt: {e}") from None
-    if not d.eof:
-        raise err("zstd payload is truncated")
     return bytes(out)
 
 
