@@ -188,3 +188,16 @@ def test_guests_dir_layout_documented() -> None:
     head = gzip.open(INITRD).read(110)
     assert head.startswith(b"070701")
     assert struct.unpack(">I", bytes.fromhex(head[14:22].decode()))[0] & 0o170000 == 0o040000
+
+
+@pytest.mark.parametrize("cfg", ["linux.cfg", "pvgrub.cfg"])
+def test_examples_parse(cfg: str) -> None:
+    """The examples load as written (their files come from tools/fetch-guests and,
+    for PV GRUB, the grub-xen-host package that .ci/run installs)."""
+    need(VMLINUZ, INITRD, PVGRUB_DISK)
+    if cfg == "pvgrub.cfg":
+        need(GRUB_INSTALLED)
+    from pyxen.toolstack.xlcfg import load_domain_config
+    c, warnings = load_domain_config(ROOT / "examples" / cfg)
+    assert not warnings, warnings
+    assert c.kernel.exists() and all(Path(d.path).exists() for d in c.disks)  # type: ignore[arg-type]
