@@ -137,9 +137,10 @@ def _shell(s: socket.socket, buf: bytes, cmd: str, answer: str, timeout: float =
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 9: Linux stops at its first instruction needing emulation: wrmsr MSR_GS_BASE in "
-    "startup_xen (#GP, no trap table yet); then xen_cpuid's forced-emulation prefix, the PV "
-    "MSR policy, writable page tables, Xen's CPUID leaves (docs/guests.md)"))
+    "issue 9: Linux crashes at its first privileged instruction, wrmsr MSR_GS_BASE in startup_xen "
+    "(#GP, no trap table yet); after that (measured with stand-ins) it needs XENFEAT_gnttab_map_avail_bits, "
+    "forced-emulation cpuid, PHYSDEVOP_set_iopl, VCPUOP_register_runstate_memory_area (else BUG), "
+    "mov from CR4/CR0, rdmsr, writable page tables: docs/guests.md"))
 def test_linux_boots_to_a_busybox_shell(host: object, tmp_path: Path) -> None:
     need(VMLINUZ, INITRD, GUESTS / "disk.img")
     disk = tmp_path / "disk.img"
@@ -159,9 +160,9 @@ def test_linux_boots_to_a_busybox_shell(host: object, tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 9: PV GRUB stops while building its own page tables: update_va_mapping through the "
-    "syscall path is not applied before the guest resumes, so its mmuext pin sees a writable "
-    "frame and GRUB then page-faults (docs/guests.md)"))
+    "issue 9: PV GRUB's update_va_mapping calls come by syscall, whose path does not apply the queued "
+    "PTE writes before GRUB resumes: its mmuext pin fails (frame writable, wanted L3), then #PF. "
+    "With the port path's attention check added to the syscall path this test passes (docs/guests.md)"))
 def test_pv_grub_shows_its_menu_and_answers_ls(host: object, tmp_path: Path) -> None:
     need(GRUB, PVGRUB_DISK)
     disk = tmp_path / "pvgrub-disk.img"
