@@ -10,7 +10,8 @@ from pathlib import Path
 from . import hostmem
 from .backends.console import ConsoleBackend
 from .builder import pv
-from .builder.elf import ElfError, XenKernel, load_elf
+from .builder.bzimage import load_kernel as load_kernel_image
+from .builder.elf import ElfError, XenKernel
 from .hv.domain import Domain, DomainSpec
 from .hv.interdomain import Directory
 
@@ -20,8 +21,9 @@ class CreateError(ValueError):
 
 
 def load_kernel(path: str) -> XenKernel:
+    """An ELF PV kernel or a bzImage (unpacked as xl does), or a CreateError."""
     try:
-        return load_elf(path)
+        return load_kernel_image(path)
     except ElfError as e:
         raise CreateError(str(e)) from None
 

@@ -55,6 +55,8 @@ class Layout:
     n_l1: int
     bootstack_pfn: int
     mapped_pages: int  # pfns [0, mapped_pages) are mapped
+    #: The ramdisk lies past the initial mapping (XEN_ELFNOTE_MOD_START_PFN).
+    ramdisk_unmapped: bool = False
 
     def va(self, pfn: int) -> int:
         return self.virt_base + pfn * PAGE
@@ -66,7 +68,11 @@ def _span(lo: int, hi: int, shift: int) -> int:
 
 
 def plan_layout(virt_base: int, kstart: int, kend: int, nr_pages: int,
-                ramdisk_len: int = 0, name: str = "kernel") -> Layout:
+                ramdisk_len: int = 0, name: str = "kernel",
+                unmapped_ramdisk: bool = False) -> Layout:
+    """Place everything as libxenguest does.  ``unmapped_ramdisk`` (the kernel
+    has XEN_ELFNOTE_MOD_START_PFN) puts the ramdisk after the initial mapping,
+    where it costs no page tables: xc_dom_build_image loads it last."""
     if kstart < virt_base:
         raise BuildError(f"{name}: image starts below its virt_base")
     kernel_pfn = (kstart - virt_base) // PAGE
@@ -74,7 +80,8 @@ def plan_layout(virt_base: int, kstart: int, kend: int, nr_pages: int,
     nxt = kernel_pfn + kernel_pages
     ramdisk_pfn = nxt
     ramdisk_pages = (ramdisk_len + PAGE - 1) // PAGE
-    nxt += ramdisk_pages
+    if not unmapped_ramdisk:
+        nxt += ramdisk_pages
     p2m_pfn = nxt
     p2m_pages = (nr_pages * 8 + PAGE - 1) // PAGE
     nxt += p2m_pages
@@ -95,13 +102,62 @@ def plan_layout(virt_base: int, kstart: int, kend: int, nr_pages: int,
     if bootstack + 1 > nr_pages or mapped < bootstack + 1:
         raise BuildError(f"{name}: memory too small: the image and boot structures need "
                          f"{(bootstack + 1) * PAGE >> 10} KiB, the domain has {nr_pages * PAGE >> 10} KiB")
+    if unmapped_ramdisk:
+        ramdisk_pfn = mapped
+        if ramdisk_pfn + ramdisk_pages > nr_pages:
+            raise BuildError(f"{name}: memory too small: the image, boot structures and ramdisk "
+                             f"need {(ramdisk_pfn + ramdisk_pages) * PAGE >> 10} KiB, the domain "
+                             f"has {nr_pages * PAGE >> 10} KiB")
     if hi > (1 << 64) or (virt_base >> 47) not in (0, 0x1FFFF):
         raise BuildError(f"{name}: virt_base {virt_base:#x} is not canonical")
     if virt_base < 0xFFFF880000000000 and hi > 0xFFFF800000000000:
         raise BuildError(f"{name}: image overlaps the hypervisor's virtual range")
     return Layout(virt_base, nr_pages, kernel_pfn, kernel_pages, ramdisk_pfn, ramdisk_pages,
                   p2m_pfn, p2m_pages, start_info_pfn, xenstore_pfn, console_pfn, pt_pfn, n_pt,
-                  n_l3, n_l2, n_l1, bootstack, mapped)
+                  n_l3, n_l2, n_l1, bootstack, mapped, unmapped_ramdisk)
+
+
+#: Xen features (``public/features.h``) pyxen gives every PV guest today:
+#: what hypercalls.py's XENVER_get_features reports, plus the ones a 64-bit PV
+#: guest always has on Xen whether or not they are reported.
+PROVIDED_FEATURES = frozenset({"mmu_pt_update_preserve_ad", "pae_pgdir_above_4gb"})
+
+#: Features whose absence a kernel survives, and why it does not matter here.
+_HARMLESS = {
+    "dom0": "pyxen builds only unprivileged domains",
+    "linux_rsdp_unrestricted": "only used by a PVH dom0",
+    "hvm_callback_vector": "HVM only", "hvm_safe_pvclock": "HVM only", "hvm_pirqs": "HVM only",
+    "auto_translated_physmap": "not for PV guests",
+}
+
+
+def feature_report(kernel: XenKernel) -> list[str]:
+    """Sentences for the domain log about the kernel's Xen features.
+
+    Xen's toolstack refuses a kernel only when it *requires* a feature it does
+    not itself list as supported (xg_dom_core.c xc_dom_parse_image; elf.py
+    already checks that); whether the hypervisor provides it shows later, when
+    the guest asks (vm_assist, XENVER_get_features).  So pyxen builds the
+    domain and says here which required or advertised features it lacks, so
+    that a guest that then stops is explained rather than silent.
+    """
+    out = []
+    missing_req = sorted(kernel.features_required - PROVIDED_FEATURES)
+    if missing_req:
+        out.append(f"{kernel.name}: kernel requires Xen features pyxen does not provide yet: "
+                   + ", ".join(missing_req) + " (expect it to stop when it asks for them)")
+    missing_opt = sorted(kernel.features_supported - kernel.features_required - PROVIDED_FEATURES
+                         - set(_HARMLESS))
+    if missing_opt:
+        out.append(f"{kernel.name}: kernel can use Xen features pyxen does not offer: "
+                   + ", ".join(missing_opt))
+    if kernel.hypercall_page is None:
+        out.append(f"{kernel.name}: no hypercall page (XEN_ELFNOTE_HYPERCALL_PAGE): the kernel "
+                   "makes hypercalls with syscall")
+    if kernel.init_p2m is not None:
+        out.append(f"{kernel.name}: XEN_ELFNOTE_INIT_P2M {kernel.init_p2m:#x} not honoured yet: "
+                   "the p2m list is in the initial mapping (mfn_list in the kernel's range)")
+    return out
 
 
 def build_page_tables(lay: Layout, pfn_to_mfn: int) -> dict[int, list[tuple[int, int]]]:
@@ -152,13 +208,13 @@ def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes |
           console_notify: object = None) -> BootInfo:
     """Load ``kernel`` into ``domain`` and prepare vCPU0 to start it."""
     nr = domain.nr_pages
-    if kernel.hypercall_page is None:
-        raise BuildError(f"{kernel.name}: no XEN_ELFNOTE_HYPERCALL_PAGE: pyxen guests must "
-                         "use the hypercall page")
     if len(cmdline.encode()) >= abi.MAX_GUEST_CMDLINE:
         raise BuildError(f"command line longer than {abi.MAX_GUEST_CMDLINE - 1} bytes")
+    for line in feature_report(kernel):
+        domain.log(line)
     lay = plan_layout(kernel.virt_base, kernel.virt_kstart, kernel.virt_kend, nr,
-                      len(ramdisk or b""), kernel.name)
+                      len(ramdisk or b""), kernel.name,
+                      unmapped_ramdisk=kernel.unmapped_initrd and bool(ramdisk))
     ram = domain.machine.ram
     off = M.MFN_BASE  # p2m offset: mfn = pfn + MFN_BASE
 
@@ -168,9 +224,13 @@ def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes |
     for seg in kernel.segments:
         o = ram_off(0) + seg.vaddr - lay.virt_base
         ram[o:o + len(seg.data)] = seg.data
+    # Kernels without XEN_ELFNOTE_HYPERCALL_PAGE (PV GRUB; Linux since the
+    # XSA-466 fix) make hypercalls with `syscall` from kernel mode and need no
+    # page: libxenguest then writes none (xg_dom_boot.c setup_hypercall_page).
     hp = kernel.hypercall_page
-    o = hp - lay.virt_base
-    ram[o:o + PAGE] = M.hypercall_page()
+    if hp is not None:
+        o = hp - lay.virt_base
+        ram[o:o + PAGE] = M.hypercall_page()
     if ramdisk:
         o = ram_off(lay.ramdisk_pfn)
         ram[o:o + len(ramdisk)] = ramdisk
@@ -192,11 +252,20 @@ def build(domain: Domain, kernel: XenKernel, cmdline: str = "", ramdisk: bytes |
     store_port = domain.evtchn.bind_backend(lambda: domain.xs_ring.on_guest_event()  # type: ignore[union-attr]
                                             if domain.xs_ring else None, 2)
     # start_info
+    # With an unmapped ramdisk (XEN_ELFNOTE_MOD_START_PFN) Xen gives its pfn
+    # and its length in whole pages, and sets SIF_MOD_START_PFN
+    # (xg_dom_core.c xc_dom_build_image).
+    if ramdisk and lay.ramdisk_unmapped:
+        flags, mod_start, mod_len = abi.SIF_MOD_START_PFN, lay.ramdisk_pfn, lay.ramdisk_pages * PAGE
+    elif ramdisk:
+        flags, mod_start, mod_len = 0, lay.va(lay.ramdisk_pfn), len(ramdisk)
+    else:
+        flags, mod_start, mod_len = 0, 0, 0
     si = abi.START_INFO.pack(
-        abi.START_INFO_MAGIC.ljust(32, b"\0"), nr, domain.shared_info_mfn << 12, 0,
+        abi.START_INFO_MAGIC.ljust(32, b"\0"), nr, domain.shared_info_mfn << 12, flags,
         lay.xenstore_pfn + off, store_port, lay.console_pfn + off, console_port,
         lay.va(lay.pt_pfn), lay.nr_pt_frames, lay.va(lay.p2m_pfn),
-        lay.va(lay.ramdisk_pfn) if ramdisk else 0, len(ramdisk or b""),
+        mod_start, mod_len,
         cmdline.encode().ljust(abi.MAX_GUEST_CMDLINE, b"\0"), lay.p2m_pfn, lay.p2m_pages)
     o = ram_off(lay.start_info_pfn)
     ram[o:o + len(si)] = si

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from .. import abi
 from ..abi import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH, XenError
 from . import machine as M
+from . import trace
 from .mm import PGT_L1, PGT_L2, PGT_L3, PGT_L4, PGT_SEG, PGT_WRITABLE
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class Hypercalls:
             fn = getattr(self, f"do_{name}", None)
             if fn is not None:
                 self.table[nr] = fn
+        trace.wrap_table(self)  # PYXEN_TRACE_EXITS: log each hypercall (no-op by default)
         self.counts = [0] * 64
 
     # ------------------------------------------------------------ entry

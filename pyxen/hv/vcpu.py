@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
 from ..abi import ENOSYS, XenError
-from . import atomic, ptwr
+from . import atomic, ptwr, trace
 from . import machine as M
 from .evtchn import set_pending_bits, unmask_bits
 from .time import scale_delta, tsc_scale, write_vcpu_time
@@ -638,6 +638,7 @@ class VCPU:
             err = struct.unpack_from("<Q", hv, p)[0]
             p += 8
         rip, cs, rflags, rsp, ss = struct.unpack_from("<5Q", hv, p)
+        trace.trap(self, vec, err, rip, cs)  # PYXEN_TRACE_EXITS (no-op by default)
         self.stats["exceptions"] += 1
         # back to the guest context as the CPU saw it
         r.rip, r.rsp, r.rflags = rip, rsp, rflags
