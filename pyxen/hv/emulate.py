@@ -736,9 +736,9 @@ def handle_exception(v: VCPU, vec: int, err: int | None) -> bool:
     fx = VcpuEffects(v)
     try:
         res = emulate_invalid_op(code, regs, fx) if vec == 6 else emulate_priv_op(code, regs, fx)
-    except (XenError, OSError, ValueError) as e:
-        v.domain.log(f"emulation at {before['rip']:#x} failed: {e}")
-        return False
+    except Exception as e:  # noqa: BLE001 - never a hypervisor exception from guest input
+        v.domain.log(f"emulation at {before['rip']:#x} failed: {e!r}")
+        return False  # the guest gets its original fault
     if res.action == "none":
         return False
     _apply(v, before, regs)
@@ -775,7 +775,11 @@ def handle_m2p_fault(v: VCPU, cr2: int) -> bool:
         return False
     regs = _regs_of(v)
     before = dict(regs)
-    res = emulate_m2p_read(code, regs, VcpuEffects(v), cr2, m2p_reader(v))
+    try:
+        res = emulate_m2p_read(code, regs, VcpuEffects(v), cr2, m2p_reader(v))
+    except Exception as e:  # noqa: BLE001 - never a hypervisor exception from guest input
+        v.domain.log(f"M2P load emulation at {before['rip']:#x} failed: {e!r}")
+        return False
     if res.action != "done":
         return False
     _apply(v, before, regs)
