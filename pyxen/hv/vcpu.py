@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
 from ..abi import ENOSYS, XenError
-from . import atomic, ptwr, trace
+from . import atomic, emulate, ptwr, trace
+from . import cpuid as cpuid_mod
 from . import machine as M
+from . import msr as msr_mod
 from .evtchn import set_pending_bits, unmask_bits
+from .hypercalls import XEN_MAJOR, XEN_MINOR
 from .time import scale_delta, tsc_scale, write_vcpu_time
 
 if TYPE_CHECKING:
@@ -147,12 +150,30 @@ class VCPU:
         # time scale
         self.tsc_khz = self.kvm.tsc_khz()
         self.tsc_mul, self.tsc_shift = tsc_scale(self.tsc_khz)
+        # emulated privileged state (emulate.py): PHYSDEVOP_set_iopl's virtual IOPL
+        # (0-3), the debug registers (set_debugreg and mov %drN), Xen's view of
+        # CR4 (pv_fixup_guest_cr4) and the MSRs Xen keeps per vCPU
+        if not hasattr(self, "iopl"):
+            self.iopl = 0
+        if not hasattr(self, "debugreg"):
+            self.debugreg = emulate.initial_debugreg()
+        self.guest_cr4 = emulate.HOST_CR4_VISIBLE
+        self.msrs = msr_mod.VcpuMsrs()
         self._setup_cpu()
 
     # ------------------------------------------------------------ CPU state
     def _setup_cpu(self) -> None:
         v = self.kvm
-        v.set_cpuid(kvm.system().supported_cpuid())
+        # Xen's PV CPUID policy, for plain `cpuid` (KVM's table) and for the
+        # forced-emulation prefix (emulate.py) alike
+        host = kvm.system().supported_cpuid()
+        nbits = (M.MFN_BASE + self.machine.nr_frames - 1).bit_length() + 12
+        self.cpuid_policy = cpuid_mod.pv_policy(
+            [(e.function, e.index, (e.eax, e.ebx, e.ecx, e.edx))
+             for e in host.entries[:host.nent]],  # type: ignore[attr-defined]
+            (XEN_MAJOR, XEN_MINOR), self.tsc_khz, self.tsc_mul, self.tsc_shift, nbits)
+        self.msr_policy = msr_mod.MsrPolicy(self.cpuid_policy)
+        v.set_cpuid(cpuid_mod.to_kvm(self.cpuid_policy))
         s = v.sregs
         s.cs = GUEST_CS
         s.ss = GUEST_SS
@@ -649,6 +670,8 @@ class VCPU:
         v.mark_sregs_dirty()
         if cs & 3 != 3:
             raise GuestCrash(f"exception {vec} in hypervisor code at {rip:#x} (err={err})")
+        if vec == 14 and emulate.handle_m2p_fault(self, s.cr2):
+            return  # a load from Xen's fixed M2P address (platform-notes.md)
         if vec == 14:
             if err is not None and ptwr.handle_fault(self, rip, s.cr2, err):
                 return  # writable page tables: the write was emulated
@@ -659,6 +682,8 @@ class VCPU:
             s.cr0 &= ~0x8
         if vec in (6, 13) and self._emulate_int(rip, err):
             return
+        if vec in (6, 13) and emulate.handle_exception(self, vec, err):
+            return  # Xen's emulated privileged/forced-invalid instructions
         self.bounce_trap(vec, err)
 
     def user_hypercall(self) -> None:

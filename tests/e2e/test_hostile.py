@@ -344,7 +344,8 @@ KERNELS: dict[str, tuple[str, str]] = {
     # (c) privileged instructions with no trap table: #GP
     "hlt": ("hlt\n jmp .\n", r"(?i)#GP|general protection"),
     "cli": ("cli\n jmp .\n", r"(?i)#GP|general protection"),
-    "mov_cr3": ("movq %cr3, %rax\n jmp .\n", r"(?i)#GP|general protection"),
+    # (Xen emulates `mov %cr3` for a PV kernel, not CR8: emulate.py)
+    "mov_cr8": ("movq %cr8, %rax\n jmp .\n", r"(?i)#GP|general protection"),
     # ports 0xF1/0xF2 are the hypervisor's own exits: a guest must not fake them
     "fake_trap_exit": ("movl $14, %eax\n out %al, $0xf1\n jmp .\n", r"(?i)#GP|general protection"),
     "fake_helper_exit": ("out %al, $0xf2\n jmp .\n", r"(?i)#GP|general protection"),
