@@ -604,10 +604,15 @@ class VcpuEffects:
         return True
 
     def read_dr(self, n: int) -> int | None:
-        return self.v.debugreg[n]
+        # one set of debug registers for `mov %drN` and the set/get_debugreg
+        # hypercalls, with Xen's rules (x86emul_read_dr/write_dr call the same)
+        from .hypercalls import get_debugreg
+        r = get_debugreg(self.v, n)
+        return None if r < 0 else r
 
     def write_dr(self, n: int, val: int) -> bool:
-        return set_debugreg(self.v.debugreg, n, val)
+        from .hypercalls import set_debugreg
+        return set_debugreg(self.v, n, val) == 0
 
     def xsetbv(self, idx: int, val: int) -> bool:
         return False  # XSAVE is not offered (cpuid.py): never reached with OSXSAVE clear
@@ -637,34 +642,6 @@ class VcpuEffects:
             self.v.copy_to_guest(va, data)
         except XenError:
             raise MemFault(va, True) from None
-
-
-DR6_DEFAULT, DR7_DEFAULT = 0xFFFF0FF0, 0x400
-
-
-def initial_debugreg() -> list[int]:
-    return [0, 0, 0, 0, 0, 0, DR6_DEFAULT, DR7_DEFAULT]
-
-
-def set_debugreg(dr: list[int], n: int, val: int) -> bool:
-    """set_debugreg's checks (xen/arch/x86/pv/misc-hypercalls.c): breakpoint
-    addresses must be guest addresses, DR6/DR7 upper halves must be zero."""
-    val &= M64
-    if n < 4:
-        if not MS.canonical(val) or abi.HYPERVISOR_VIRT_START <= val < abi.HYPERVISOR_VIRT_END:
-            return False  # access_ok(): not Xen's range, not non-canonical
-    elif n == 6:
-        if val >> 32:
-            return False
-        val = (val & 0x0001E00F) | DR6_DEFAULT  # only the status bits are the guest's
-    elif n == 7:
-        if val >> 32:
-            return False
-        val = (val & ~0x0000D800) | DR7_DEFAULT  # reserved bits fixed, bit 10 set
-    else:
-        return False
-    dr[n] = val
-    return True
 
 
 def fixup_guest_cr4(policy: C.PvCpuidPolicy, cr4: int) -> int:

@@ -151,12 +151,8 @@ class VCPU:
         self.tsc_khz = self.kvm.tsc_khz()
         self.tsc_mul, self.tsc_shift = tsc_scale(self.tsc_khz)
         # emulated privileged state (emulate.py): PHYSDEVOP_set_iopl's virtual IOPL
-        # (0-3), the debug registers (set_debugreg and mov %drN), Xen's view of
-        # CR4 (pv_fixup_guest_cr4) and the MSRs Xen keeps per vCPU
-        if not hasattr(self, "iopl"):
-            self.iopl = 0
-        if not hasattr(self, "debugreg"):
-            self.debugreg = emulate.initial_debugreg()
+        # (0-3), Xen's view of CR4 (pv_fixup_guest_cr4) and the MSRs Xen keeps per
+        # vCPU (the debug registers are dr/dr6/dr7 above, shared with set_debugreg)
         self.guest_cr4 = emulate.HOST_CR4_VISIBLE
         self.msrs = msr_mod.VcpuMsrs()
         self._setup_cpu()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pyxen.hv import emulate as E
+from pyxen.hv.hypercalls import get_debugreg, set_debugreg
 
 RIP = 0xFFFFFFFF80001000
 M64 = (1 << 64) - 1
@@ -20,7 +21,11 @@ class Fx:
     kernel_mode: bool = True
     iopl: int = 0
     cr: dict[int, int] = field(default_factory=lambda: {0: 0x80050033, 2: 0, 3: 0x12345000, 4: 0x620})
-    dr: list[int] = field(default_factory=E.initial_debugreg)
+    dr: list[int] = field(default_factory=lambda: [0, 0, 0, 0])
+    dr6: int = 0xFFFF0FF0
+    dr7: int = 0x400
+    dr7_emul: int = 0
+    guest_cr4: int = 0x620
     msrs: dict[int, int] = field(default_factory=lambda: {0x277: 0x0000050100070406})
     io: E._DomainIo = field(default_factory=E._DomainIo)
     mem: dict[int, int] = field(default_factory=dict)
@@ -59,10 +64,11 @@ class Fx:
         return True
 
     def read_dr(self, n: int) -> int | None:
-        return self.dr[n]
+        r = get_debugreg(self, n)  # type: ignore[arg-type]
+        return None if r < 0 else r
 
     def write_dr(self, n: int, val: int) -> bool:
-        return E.set_debugreg(self.dr, n, val)
+        return set_debugreg(self, n, val) == 0  # type: ignore[arg-type]
 
     def xsetbv(self, idx: int, val: int) -> bool:
         return idx == 0 and val & 1 == 1
@@ -325,10 +331,12 @@ def test_m2p_not_served(code: str, cr2: int, kw: dict[str, int]) -> None:
 
 
 def test_debugreg_and_cr4_rules() -> None:
-    dr = E.initial_debugreg()
-    assert E.set_debugreg(dr, 6, 0xF) and dr[6] == 0xFFFF0FFF
-    assert E.set_debugreg(dr, 7, 0x1) and dr[7] == 0x401
-    assert not E.set_debugreg(dr, 5, 0)
+    fx = Fx()
+    assert fx.write_dr(6, 0xF) and fx.read_dr(6) == 0xFFFF0FFF
+    assert fx.write_dr(7, 0x1) and fx.read_dr(7) == 0x401
+    assert fx.write_dr(5, 0x1)  # DR5 aliases DR7 while CR4.DE is clear (Xen)
+    fx.guest_cr4 |= 0x8
+    assert not fx.write_dr(5, 0) and fx.read_dr(4) is None  # with CR4.DE: -ENODEV
     from tests.unit.test_cpuid import EVERYTHING, policy
     p = policy(EVERYTHING)
     # DE and TSD are the guest's; FSGSBASE and OSXSAVE are not offered; PAE etc. are Xen's
