@@ -120,7 +120,8 @@ def plan_layout(virt_base: int, kstart: int, kend: int, nr_pages: int,
 #: Xen features (``public/features.h``) pyxen gives every PV guest today:
 #: what hypercalls.py's XENVER_get_features reports, plus the ones a 64-bit PV
 #: guest always has on Xen whether or not they are reported.
-PROVIDED_FEATURES = frozenset({"mmu_pt_update_preserve_ad", "pae_pgdir_above_4gb"})
+# writable_page_tables: VMASST_TYPE_writable_pagetables (hv/ptwr.py), which Linux turns on
+PROVIDED_FEATURES = frozenset({"mmu_pt_update_preserve_ad", "pae_pgdir_above_4gb", "writable_page_tables"})
 
 #: Features whose absence a kernel survives, and why it does not matter here.
 _HARMLESS = {

@@ -460,8 +460,12 @@ class Daemon:
             return
         self.destroy(rec)
         if action in ("restart", "rename-restart", "coredump-restart", "soft-reset"):
+            spec = {k: v for k, v in rec.spec.items() if k != "domid"}
+            # `create -c` builds a domain paused until its console is attached; the
+            # restarted domain has nobody to unpause it (xl: a reboot just runs)
+            spec["extra"] = {k: v for k, v in (spec.get("extra") or {}).items() if k != "paused"}
             try:
-                self.create({k: v for k, v in rec.spec.items() if k != "domid"}, rec.actions)
+                self.create(spec, rec.actions)
             except Exception as e:  # noqa: BLE001
                 self.log(f"restart of {rec.name} failed: {e}")
 
