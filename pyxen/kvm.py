@@ -167,6 +167,7 @@ KVM_RUN = _io(0x80)
 KVM_GET_REGS = _ior(0x81, ctypes.sizeof(Regs))
 KVM_SET_REGS = _iow(0x82, ctypes.sizeof(Regs))
 KVM_GET_SREGS = _ior(0x83, ctypes.sizeof(Sregs))
+KVM_GET_VCPU_EVENTS = _ior(0x9F, ctypes.sizeof(VcpuEvents))
 KVM_SET_SREGS = _iow(0x84, ctypes.sizeof(Sregs))
 KVM_GET_MSRS = _iowr(0x88, 8)
 KVM_SET_MSRS = _iow(0x89, 8)
@@ -442,6 +443,16 @@ class VCPU:
 
     def tsc_khz(self) -> int:
         return ioctl(self.fd, KVM_GET_TSC_KHZ)
+
+    def exception_in_flight(self) -> bool:
+        """Whether KVM holds an exception it has yet to deliver (struct
+        kvm_vcpu_events: exception.injected, byte 0, or exception.pending, byte 3).
+        A kick can end KVM_RUN after a fault was raised and before the CPU took
+        it; the registers then still show the faulting instruction, and changing
+        RIP (an event bounce) would make the fault appear at the new RIP."""
+        ev = VcpuEvents()
+        ioctl(self.fd, KVM_GET_VCPU_EVENTS, ev)
+        return bool(ev.raw[0] or ev.raw[3])
 
     def get_fpu(self) -> Fpu:
         f = Fpu()

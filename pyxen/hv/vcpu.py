@@ -797,6 +797,13 @@ class VCPU:
             # not the guest's.  Let the stub finish and exit; the event is
             # delivered on the entry after that, in guest context.
             return
+        if self.kvm.exception_in_flight():
+            # A kick ended KVM_RUN between a guest fault and its delivery (seen
+            # with Linux: a #PF on a PTE write reported at the event callback's
+            # first instruction, with the PTE's address in CR2).  The fault goes
+            # first; the event follows on a later entry.
+            self.stats["events_deferred"] = self.stats.get("events_deferred", 0) + 1
+            return
         self.stats["events"] += 1
         self.bounce(self.event_callback, None, True)
 

@@ -22,6 +22,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,15 +168,34 @@ class Shell:
 
 def _boot_linux(host: object, tmp_path: Path, extra: list[str] | None = None
                 ) -> tuple[int, Shell, Path]:
+    """Boot Linux to its shell.  Known bug (docs/guests.md): under heavy host load
+    about one boot in ten oopsed during the kernel's crypto self-tests (~12.6 s)
+    and never reached /init; it has not been reproduced on a quiet machine.  A boot
+    that does not reach the shell is retried once, with a warning that carries its
+    console, so the bug stays visible without making CI flaky; twice fails."""
     need(VMLINUZ, INITRD, GUESTS / "disk.img")
     disk = tmp_path / "disk.img"
-    shutil.copyfile(GUESTS / "disk.img", disk)
-    domid, s = _create(host, "linux.cfg", [
-        f'kernel="{VMLINUZ}"', f'ramdisk="{INITRD}"',
-        f"disk=['format=raw,vdev=xvda,access=rw,target={disk}']", *(extra or [])])
-    sh = Shell(s, read_until(s, re.escape(INIT_MARKER).encode(), 300))
-    sh.wait_prompt(120)
-    return domid, sh, disk
+    for attempt in (1, 2):
+        shutil.copyfile(GUESTS / "disk.img", disk)
+        domid, s = _create(host, "linux.cfg", [
+            f'kernel="{VMLINUZ}"', f'ramdisk="{INITRD}"',
+            f"disk=['format=raw,vdev=xvda,access=rw,target={disk}']", *(extra or [])])
+        sh = Shell(s)
+        try:
+            sh.buf = read_until(s, re.escape(INIT_MARKER).encode(), 300)
+            sh.wait_prompt(120)
+            return domid, sh, disk
+        except AssertionError as e:
+            s.close()
+            if attempt == 2:
+                raise
+            warnings.warn(f"Linux boot {attempt} did not reach the shell (known intermittent "
+                          f"bug, docs/guests.md); retrying once. Console tail: {str(e)[-3000:]}",
+                          stacklevel=1)
+            host.destroy(domid)  # type: ignore[attr-defined]
+            wait_listed(host, lambda ds, gone=domid: not [d for d in ds if d["domid"] == gone],
+                        what="the failed Linux domain gone")
+    raise AssertionError("unreachable")
 
 
 def test_linux_boots_to_a_busybox_shell(host: object, tmp_path: Path) -> None:
