@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from .elf import ElfError, XenKernel, parse_xen_kernel
+from .elf import ElfError, XenKernel, parse_xen_kernel, read_kernel_file
 
 __all__ = [
     "MAX_UNPACKED",
@@ -288,12 +288,4 @@ def load_kernel(path: str | Path) -> XenKernel:
     before the ELF one, and so do we (a file that is neither gets the ELF
     parser's "not an ELF file" message).
     """
-    try:
-        data = Path(path).read_bytes()
-    except IsADirectoryError:
-        raise ElfError(f"{path}: is a directory, not a kernel image") from None
-    except FileNotFoundError:
-        raise ElfError(f"{path}: kernel file not found") from None
-    except OSError as e:
-        raise ElfError(f"{path}: cannot read kernel: {e.strerror or e}") from None
-    return parse_xen_kernel(kernel_elf(data, str(path)), str(path))
+    return parse_xen_kernel(kernel_elf(read_kernel_file(path), str(path)), str(path))

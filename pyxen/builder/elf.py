@@ -836,13 +836,16 @@ def load_elf(path: str | Path) -> XenKernel:
     The CLI then needs only one ``except ElfError`` to print a one-line
     message for every way a kernel can be unusable.
     """
+    return parse_xen_kernel(read_kernel_file(path), str(path))
+
+
+def read_kernel_file(path: str | Path) -> bytes:
+    """A kernel file's bytes; every I/O problem is an ElfError naming the file."""
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except IsADirectoryError:
         raise ElfError(f"{path}: is a directory, not a kernel image") from None
     except FileNotFoundError:
         raise ElfError(f"{path}: kernel file not found") from None
     except OSError as e:
-        raise ElfError(f"{path}: cannot read kernel: "
-                       f"{e.strerror or e}") from None
-    return parse_xen_kernel(data, str(path))
+        raise ElfError(f"{path}: cannot read kernel: {e.strerror or e}") from None
