@@ -183,6 +183,20 @@ def cmd_dmesg(h: Host, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(h: Host | None, a: argparse.Namespace) -> int:
+    """``pyxen stream dump FILE``: every header and record of a save file or
+    migration stream (xl, libxl and libxc layers), without a daemon."""
+    from ..migration import stream
+    try:
+        with open(a.file, "rb") as f:
+            stream.dump(f, sys.stdout, name=a.file, verbose=a.verbose)
+    except stream.StreamError as e:
+        return _err(str(e) if str(e).startswith(a.file) else f"{a.file}: {e}")
+    except OSError as e:
+        return _err(f"{a.file}: {e.strerror or e}")
+    return 0
+
+
 def cmd_daemon(h: Host, a: argparse.Namespace) -> int:
     if a.action == "stop":
         h.quit()
@@ -240,6 +254,10 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     dn.add_argument("domid")
     d = new("dmesg", "the hypervisor log", cmd_dmesg)
     d.add_argument("-c", dest="clear", action="store_true", help="clear after printing")
+    sd = new("stream", "inspect a save file or migration stream: dump FILE", cmd_stream)
+    sd.add_argument("action", choices=["dump"])
+    sd.add_argument("file")
+    sd.add_argument("-v", dest="verbose", action="store_true", help="one line per PAGE_DATA record")
     dm = new("daemon", "daemon control: status (does not start one), stop", cmd_daemon)
     dm.add_argument("action", choices=["status", "stop"])
     return cmds
@@ -273,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     a = parse(sys.argv[1:] if argv is None else list(argv))
     if isinstance(a, int):
         return a
+    if a.cmd == "stream":  # reads a file: no daemon
+        return int(a.fn(None, a))
     try:
         if a.cmd == "daemon":  # neither status nor stop starts a daemon
             try:
