@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
 from ..abi import ENOSYS, XenError
+from ..migration import stream as mstream
 from . import atomic, emulate, ptwr, trace
 from . import cpuid as cpuid_mod
 from . import machine as M
@@ -922,14 +923,11 @@ class VCPU:
     def now_wall(self) -> float:
         return time.time()
 
-
     # ------------------------------------------------------------ save / restore (migration)
-    def save_context(self) -> Any:
+    def save_context(self) -> mstream.VcpuContext:
         """Xen's arch_get_info_guest for a 64-bit PV vCPU (stopped): a
         ``VcpuContext`` in *machine* frames (the stream's save side normalises
         CR3, the user L4 and the GDT frames to pfns)."""
-        from ..migration.stream import (VGCF_failsafe_disables_events, VGCF_i387_valid, VGCF_in_kernel,
-                                        VGCF_online, VGCF_syscall_disables_events, VcpuContext)
         r, s = self.kvm.regs, self.kvm.sregs
         regs = {n: int(getattr(r, n)) for n in ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10",
                                                "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi")}
@@ -938,9 +936,10 @@ class VCPU:
                     cs=int(s.cs.selector), ss=int(s.ss.selector), ds=int(s.ds.selector),
                     es=int(s.es.selector), fs=int(s.fs.selector), gs=int(s.gs.selector),
                     saved_upcall_mask=self.vi_get(abi.VI_UPCALL_MASK))
-        flags = VGCF_i387_valid | (VGCF_online if self.up else 0) | (VGCF_in_kernel if self.kernel_mode else 0)
-        flags |= (VGCF_failsafe_disables_events if self.failsafe_mask_events else 0)
-        flags |= (VGCF_syscall_disables_events if self.syscall_mask_events else 0)
+        flags = mstream.VGCF_i387_valid | (mstream.VGCF_online if self.up else 0)
+        flags |= mstream.VGCF_in_kernel if self.kernel_mode else 0
+        flags |= (mstream.VGCF_failsafe_disables_events if self.failsafe_mask_events else 0)
+        flags |= (mstream.VGCF_syscall_disables_events if self.syscall_mask_events else 0)
         if self.kernel_mode:
             gs_kernel, gs_user = int(s.gs.base), self.gs_base_user
         else:
@@ -953,7 +952,7 @@ class VCPU:
         ctrl[4] = self.guest_cr4
         dbg = [*self.dr, 0, 0, self.dr6, self.dr7 | self.dr7_emul]
         xsave = self.kvm.get_xsave()
-        return VcpuContext(
+        return mstream.VcpuContext(
             fpu=xsave[:512], flags=flags, regs=regs,
             trap_ctxt=[(vec, fl, cs, addr) for vec, (fl, cs, addr) in sorted(self.trap_table.items())],
             gdt_frames=(list(self.gdt_frames) + [0] * 16)[:16],
@@ -964,10 +963,9 @@ class VCPU:
             fs_base=int(s.fs.base), gs_base_kernel=gs_kernel, gs_base_user=gs_user)
 
 
-    def save_extended(self) -> Any:
+    def save_extended(self) -> mstream.ExtVcpuContext:
         """XEN_DOMCTL_get_ext_vcpucontext: the 32-bit syscall and sysenter callbacks."""
-        from ..migration.stream import ExtVcpuContext
-        return ExtVcpuContext(self.syscall32_callback, self.sysenter_callback,
+        return mstream.ExtVcpuContext(self.syscall32_callback, self.sysenter_callback,
                               abi.FLAT_RING3_CS32, abi.FLAT_RING3_CS32,
                               int(self.syscall32_mask_events), int(self.sysenter_mask_events), 0, self.id)
 
@@ -987,12 +985,11 @@ class VCPU:
         return [(i, v) for i, v in out if v]
 
 
-    def restore_context(self, c: Any, ext: Any | None, xsave: bytes | None,
+    def restore_context(self, c: mstream.VcpuContext, ext: mstream.ExtVcpuContext | None, xsave: bytes | None,
                               msrs: list[tuple[int, int]]) -> None:
         """Xen's arch_set_info_guest for a vCPU of a domain being restored (not yet
         started).  ``c`` is in machine frames (localised).  Page-table references
-        are taken by the caller (Domain.restore_vcpus) through the frame table."""
-        from ..migration.stream import VGCF_failsafe_disables_events, VGCF_in_kernel, VGCF_syscall_disables_events
+        are taken by the caller (migration/restore.py) through the frame table."""
         v = self.kvm
         r, s = v.regs, v.sregs
         g = c.regs
@@ -1000,10 +997,11 @@ class VCPU:
                   "rdx", "rsi", "rdi", "rip", "rsp"):
             setattr(r, n, g.get(n, 0) & (2**64 - 1))
         self.iopl = (g.get("rflags", 0) & X86_EFLAGS_IOPL) >> 12
-        r.rflags = (g.get("rflags", 0) & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF | 0x2
-        self.kernel_mode = bool(c.flags & VGCF_in_kernel)
-        self.failsafe_mask_events = bool(c.flags & VGCF_failsafe_disables_events)
-        self.syscall_mask_events = bool(c.flags & VGCF_syscall_disables_events)
+        r.rflags = (g.get("rflags", 0) & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) \
+            | X86_EFLAGS_IF | 0x2
+        self.kernel_mode = bool(c.flags & mstream.VGCF_in_kernel)
+        self.failsafe_mask_events = bool(c.flags & mstream.VGCF_failsafe_disables_events)
+        self.syscall_mask_events = bool(c.flags & mstream.VGCF_syscall_disables_events)
         s.cs = GUEST_CS
         s.ss = GUEST_SS
         for name in ("ds", "es", "fs", "gs"):
@@ -1034,7 +1032,7 @@ class VCPU:
             self.sysenter_callback = ext.sysenter_callback_eip
             self.syscall32_mask_events = bool(ext.syscall32_disables_events)
             self.sysenter_mask_events = bool(ext.sysenter_disables_events)
-        self.up = bool(c.flags & (1 << 5))  # VGCF_online
+        self.up = bool(c.flags & mstream.VGCF_online)
         self.initialised = True
         self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
         v.mark_regs_dirty()
@@ -1058,4 +1056,3 @@ class VCPU:
 
 def _unused(*_: Any) -> None:
     pass
-

@@ -306,17 +306,24 @@ def restore_domain(f: IO[bytes], domid: int, name: str = "stream",
                    on_state: Callable[[Domain], None] | None = None,
                    directory: Any = None, start: bool = True,
                    progress: Progress | None = None,
-                   rename: str | None = None) -> tuple[Domain, RestoreStats]:
+                   rename: str | None = None,
+                   spec: DomainSpec | None = None) -> tuple[Domain, RestoreStats]:
     """Read a save file and build the domain it holds (``domctl.create_domain``'s
     counterpart).  Any error destroys the half-built domain and raises
-    RestoreError with the reason."""
+    RestoreError with the reason.  ``spec``: the domain to build (the
+    toolstack's, already checked) instead of the one in the file's header."""
     from ..backends.console import ConsoleBackend
     from ..domctl import CreateError, check_spec
     from ..hv.domain import Domain
     items = S.iter_stream(f, name)
     try:
         cfg, items = read_config(items)
-        spec = spec_from_config(cfg, domid)
+        file_spec = spec_from_config(cfg, domid)
+        if spec is None:
+            spec = file_spec
+        elif (spec.memory_mib, spec.maxmem_mib) != (file_spec.memory_mib, file_spec.maxmem_mib):
+            raise RestoreError(f"the file holds a domain of {file_spec.memory_mib} MiB "
+                               f"(maxmem {file_spec.maxmem_mib}), not {spec.memory_mib}")
         if rename:
             spec.name = rename
         check_spec(spec)
