@@ -1,0 +1,251 @@
+"""End-to-end: save and restore of a domain in Xen's stream format (issue 11,
+first stage).  In-process (hypervisor side, the guest suspending itself) and
+through the daemon (`pyxen save [-c]`, `pyxen restore`, control/shutdown =
+"suspend"): the ticker's counter goes on from where it stopped, guest time
+never goes back, `save -c` leaves the domain running (its suspend returns 1),
+the dirtier's buffer survives intact, and bad files are clear errors that
+leave no domain behind."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from pyxen.toolstack.api import PyxenError
+from tests.conftest import ROOT, cli, read_until, wait_listed
+
+TICKER = ROOT / "examples" / "ticker.cfg"
+DIRTIER = ROOT / "examples" / "dirtier.cfg"
+TICK = re.compile(r"^tick (\d+) t=(\d+)", re.M)
+
+
+def ticks(text: str) -> list[tuple[int, int]]:
+    return [(int(n), int(t)) for n, t in TICK.findall(text)]
+
+
+def assert_continues(before: list[tuple[int, int]], after: list[tuple[int, int]]) -> None:
+    """The counter goes on by one from the last tick before, and the guest's
+    system time (t=, ms) never goes back, across the save and restore."""
+    assert before and after, (before, after)
+    seq = before + [t for t in after if t[0] > before[-1][0]]
+    nums = [n for n, _ in seq]
+    assert nums == list(range(nums[0], nums[0] + len(nums))), nums
+    times = [t for _, t in seq]
+    assert times == sorted(times), times
+
+
+def wait_state(d, states: tuple[str, ...], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while d.state not in states:
+        assert time.monotonic() < end, f"domain is {d.state}, wanted {states}"
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- in-process
+def test_inprocess_save_restore_ticker(run_guest) -> None:
+    """The hypervisor side alone: the ticker suspends itself after tick 4
+    (kernel_suspend, as for control/shutdown), is saved to memory, destroyed,
+    and restored as a new domain, whose suspend returns 0 and whose ticks go on."""
+    from pyxen import abi
+    from pyxen.migration import restore, save, stream
+    g = run_guest("ticker", "period_ms=50 suspend_at=4")
+    wait_state(g.domain, ("shutdown", "crashed"))
+    assert g.domain.shutdown_reason == abi.SHUTDOWN_suspend, g.output
+    buf = io.BytesIO()
+    st = save.save_domain(g.domain, buf)
+    assert st.pages == g.domain.nr_pages
+    before = ticks(g.output)
+    text = stream.dump_bytes(buf.getvalue())
+    for rec in ("X86_PV_INFO", "PAGE_DATA", "X86_TSC_INFO", "SHARED_INFO", "X86_PV_VCPU_BASIC",
+                "X86_PV_VCPU_EXTENDED", "X86_PV_VCPU_XSAVE", "PYXEN_DOMAIN_STATE", "L4TAB_PIN"):
+        assert rec in text, text
+    g.domain.destroy()  # the fixture closes it
+    out: list[bytes] = []
+    d, rs = restore.restore_domain(io.BytesIO(buf.getvalue()), 9, console_sink=out.append)
+    try:
+        end = time.monotonic() + 10
+        while len(ticks(b"".join(out).decode())) < 5:
+            assert time.monotonic() < end, b"".join(out).decode()
+            time.sleep(0.05)
+        text = b"".join(out).decode()
+        assert "resumed in a restored domain (suspend returned 0)" in text, text
+        assert "ticker: suspend returned 0" in text, text
+        assert_continues(before, ticks(text))
+        assert d.ft.audit([v.kernel_l4 for v in d.vcpus]) == []
+        assert rs.pinned >= 1 and rs.state["domid"] == 1
+    finally:
+        d.destroy()
+        d.close()
+
+
+def test_inprocess_checkpoint_returns_1(run_guest) -> None:
+    """After a checkpoint the same domain runs on and its suspend hypercall
+    returns 1 (Xen's "cancelled"): nothing is rebuilt, the ticks go on."""
+    from pyxen.migration import save
+    g = run_guest("ticker", "period_ms=50 suspend_at=3")
+    wait_state(g.domain, ("shutdown", "crashed"))
+    save.save_domain(g.domain, io.BytesIO())
+    g.domain.resume_after_suspend(True)
+    g.wait_for(r"^tick 6 ", 10)
+    assert "suspend cancelled, running on (suspend returned 1)" in g.output
+    assert "ticker: suspend returned 1" in g.output
+    assert_continues(ticks(g.output)[:3], ticks(g.output)[3:])
+    assert g.domain.state in ("running", "blocked")
+
+
+def test_inprocess_corrupt_streams(run_guest) -> None:
+    """Truncated and corrupted streams are StreamErrors turned RestoreErrors,
+    and the half-built domain is gone (its VM closed)."""
+    from pyxen.migration import restore, save
+    g = run_guest("ticker", "period_ms=50 suspend_at=1")
+    wait_state(g.domain, ("shutdown", "crashed"))
+    buf = io.BytesIO()
+    save.save_domain(g.domain, buf)
+    good = buf.getvalue()
+    bad = {
+        "truncated": good[:len(good) // 2],
+        "no END": good[:-16],
+        "bad magic": b"Y" + good[1:],
+    }
+    for what, data in bad.items():
+        with pytest.raises(restore.RestoreError) as e:
+            restore.restore_domain(io.BytesIO(data), 10)
+        assert str(e.value), what
+
+
+# ---------------------------------------------------------------- through the daemon
+class Tap:
+    """Everything a domain's console prints until the domain goes away."""
+
+    def __init__(self, host, dom) -> None:
+        import threading
+        self.sock = host.console_socket(dom)
+        self.buf = b""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                b = self.sock.recv(65536)
+            except OSError:
+                return
+            if not b:
+                return
+            self.buf += b
+
+    def text(self, timeout: float = 10.0) -> str:
+        self.thread.join(timeout)
+        self.sock.close()
+        return self.buf.decode(errors="replace")
+
+
+def console_text(host, dom, pattern: bytes, timeout: float = 10.0) -> str:
+    s = host.console_socket(dom)
+    try:
+        return read_until(s, pattern, timeout).decode(errors="replace")
+    finally:
+        s.close()
+
+
+def test_save_restore_ticker(host, tmp_path: Path) -> None:
+    """`pyxen save` (control/shutdown = "suspend") then `pyxen restore`: the
+    counter continues where it was, time monotonic, new domid, the guest
+    reconnects to xenstore (its watch works: a shutdown after the restore
+    goes through xenstore)."""
+    d = host.create(TICKER, ['name="sr-tick"', 'extra="period_ms=50"'])
+    console_text(host, d, rb"xenbus: store ready")
+    console_text(host, d, rb"^tick 5 ")
+    tap = Tap(host, d)
+    f = tmp_path / "tick.save"
+    r = host.save(d, f)
+    before_text = tap.text()
+    assert before_text.rstrip().endswith("pyxen-guest: suspending"), before_text
+    assert r["pages"] and f.stat().st_size > r["pages"] * 4096
+    wait_listed(host, lambda ds: not any(x["name"] == "sr-tick" for x in ds), what="saved domain gone")
+    p = cli(["stream", "dump", str(f)], host.run_dir)
+    assert p.returncode == 0 and b"name 'sr-tick'" in p.stdout, p
+    info = host.restore(f)
+    assert info["name"] == "sr-tick" and info["domid"] != d
+    after_text = console_text(host, info["domid"], rb"xenbus: reconnected[^\n]*\n[\s\S]*?^tick \d+ "
+                              rb"[\s\S]*?^tick \d+ ")
+    assert "resumed in a restored domain (suspend returned 0)" in after_text, after_text
+    assert_continues(ticks(before_text), ticks(after_text))
+    assert host.shutdown(info["domid"]) == "xenstore"
+    wait_listed(host, lambda ds: not any(x["name"] == "sr-tick" for x in ds), what="restored domain shut down")
+
+
+def test_save_checkpoint_keeps_running(host, tmp_path: Path) -> None:
+    d = host.create(TICKER, ['name="sr-ckpt"', 'extra="period_ms=50"'])
+    console_text(host, d, rb"xenbus: store ready")
+    f = tmp_path / "ckpt.save"
+    host.save(d, f, checkpoint=True)
+    text = console_text(host, d, rb"suspend cancelled[\s\S]*?^tick \d+ [\s\S]*?^tick \d+ ")
+    assert "suspend returned 1" in text
+    [dom] = [x for x in host.list() if x["name"] == "sr-ckpt"]
+    assert dom["domid"] == d and dom["state"] in ("running", "blocked")
+    # the checkpoint restores too, once the original is gone
+    host.destroy(d)
+    info = host.restore(f)
+    text = console_text(host, info["domid"], rb"resumed in a restored domain[\s\S]*?^tick \d+ ")
+    host.destroy(info["domid"])
+
+
+def test_save_restore_dirtier(host, tmp_path: Path) -> None:
+    """The dirtier checks its whole buffer each pass: after the restore it
+    finds every word the last pass before the save wrote."""
+    d = host.create(DIRTIER, ['name="sr-dirty"', 'extra="mib=24"', "memory=64"])
+    console_text(host, d, rb"xenbus: store ready[\s\S]*?dirtier: pass \d+ done")
+    f = tmp_path / "dirty.save"
+    host.save(d, f)
+    info = host.restore(f)
+    text = console_text(host, info["domid"], rb"resumed in a restored domain[\s\S]*?dirtier: pass \d+ done"
+                        rb"[\s\S]*?dirtier: pass \d+ done")
+    assert "FAIL" not in text, text
+    host.destroy(info["domid"])
+
+
+def test_save_uncooperative_guest_keeps_running(host, tmp_path: Path) -> None:
+    """A guest that does not act on control/shutdown = "suspend" (hello has
+    finished and idles; `spin` ignores xenstore): the save fails after the
+    timeout, no file is left, and the domain still runs."""
+    d = host.create(TICKER, ['name="sr-deaf"', 'extra="period_ms=50"'])
+    # before the xenbus thread has set its watch nobody acts on the request: use a
+    # guest whose store is absent instead by saving while paused
+    host.pause(d)
+    f = tmp_path / "deaf.save"
+    with pytest.raises(PyxenError, match="did not suspend within"):
+        host.save(d, f, timeout=1.0)
+    assert not f.exists()
+    host.unpause(d)
+    [dom] = [x for x in host.list() if x["name"] == "sr-deaf"]
+    assert dom["state"] in ("running", "blocked", "paused")
+    console_text(host, d, rb"^tick 3 ")
+
+
+def test_restore_bad_files_leave_nothing(host, tmp_path: Path) -> None:
+    d = host.create(TICKER, ['name="sr-bad"', 'extra="period_ms=50"'])
+    console_text(host, d, rb"xenbus: store ready")
+    f = tmp_path / "good.save"
+    host.save(d, f)
+    good = f.read_bytes()
+    cases = {"truncated": good[:len(good) // 3], "garbage": b"\0" * 4096,
+             "tail cut": good[:-8]}
+    for what, data in cases.items():
+        bad = tmp_path / f"{what.replace(' ', '_')}.save"
+        bad.write_bytes(data)
+        with pytest.raises(PyxenError) as e:
+            host.restore(bad)
+        assert str(bad) in str(e.value) or "xl" in str(e.value), (what, str(e.value))
+        assert not any(x["name"] == "sr-bad" for x in host.list()), what
+    p = cli(["restore", str(tmp_path / "truncated.save")], host.run_dir)
+    assert p.returncode == 1 and b"truncated" in p.stderr, p
+    assert p.stderr.count(b"\n") == 1, p.stderr
+    # and the good one still restores
+    info = host.restore(f)
+    console_text(host, info["domid"], rb"resumed in a restored domain")
+    host.destroy(info["domid"])
