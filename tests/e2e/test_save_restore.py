@@ -176,7 +176,8 @@ def test_save_restore_ticker(host, tmp_path: Path) -> None:
     assert "resumed in a restored domain (suspend returned 0)" in after_text, after_text
     assert_continues(ticks(before_text), ticks(after_text))
     assert host.shutdown(info["domid"]) == "xenstore"
-    wait_listed(host, lambda ds: not any(x["name"] == "sr-tick" for x in ds), what="restored domain shut down")
+    wait_listed(host, lambda ds: not any(x["name"] == "sr-tick" for x in ds),
+                what="restored domain shut down")
 
 
 def test_save_checkpoint_keeps_running(host, tmp_path: Path) -> None:
