@@ -250,3 +250,46 @@ def test_restore_bad_files_leave_nothing(host, tmp_path: Path) -> None:
     info = host.restore(f)
     console_text(host, info["domid"], rb"resumed in a restored domain")
     host.destroy(info["domid"])
+
+
+# ---------------------------------------------------------------- Linux
+def test_linux_save_restore_and_checkpoint(host, tmp_path: Path) -> None:
+    """Debian's Linux, unmodified (xen_suspend: freeze, xs/gnttab/evtchn suspend,
+    SCHEDOP_shutdown(suspend), resume): a checkpoint leaves it running (its
+    suspend returns 1); a save and restore brings back its memory (a file in
+    its rootfs), its console and xenstore, its disk (blkfront reconnects to a
+    new blkback: a block written before the save reads back after, and a new
+    write reaches the host's file), and its uptime goes on from where it was."""
+    from tests.e2e.test_unmodified_guests import Shell, _boot_linux
+    domid, sh, disk = _boot_linux(host, tmp_path)
+    try:
+        sh.run("echo kept-in-memory > /tmp/sr-mark; "
+               "echo block-before-save | dd of=/dev/xvda bs=512 seek=200 conv=fsync 2>/dev/null; sync")
+        up0 = float(sh.run("cat /proc/uptime").split()[0])
+        ck = tmp_path / "linux-ckpt.save"
+        host.save(domid, ck, checkpoint=True, timeout=60)
+        assert sh.run("echo still-here").strip() == "still-here"
+        f = tmp_path / "linux.save"
+        host.save(domid, f, timeout=60)
+    finally:
+        sh.s.close()
+    info = host.restore(f)
+    s = host.console_socket(info["domid"])
+    try:
+        sh = Shell(s)
+        sh.s.sendall(b"\n")
+        sh.wait_prompt(120)
+        assert sh.run("cat /tmp/sr-mark").strip() == "kept-in-memory"
+        up1 = float(sh.run("cat /proc/uptime").split()[0])
+        assert up1 >= up0, (up0, up1)
+        out = sh.run("dd if=/dev/xvda bs=512 skip=200 count=1 2>/dev/null | head -c 17; echo", 120)
+        assert "block-before-save" in out, out
+        sh.run("echo block-after-restore | dd of=/dev/xvda bs=512 seek=300 conv=fsync "
+               "2>/dev/null; sync", 120)
+        with open(disk, "rb") as fd:
+            fd.seek(300 * 512)
+            assert fd.read(19) == b"block-after-restore"
+        assert "xenbus" not in sh.run("dmesg | grep -i 'fail' | grep -i xen || true")
+    finally:
+        s.close()
+    host.destroy(info["domid"])
