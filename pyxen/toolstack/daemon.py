@@ -467,6 +467,9 @@ class Daemon:
         key = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
                "watchdog": "on_watchdog", "soft_reset": "on_soft_reset",
                "suspend": "on_suspend"}.get(reason, "on_poweroff")
+        if key == "on_suspend":  # a save suspended it: `save` takes it from here
+            self.log(f"domain {rec.domid} ({rec.name}) suspended")
+            return
         action = rec.actions.get(key, "destroy" if key != "on_reboot" else "restart")
         self.log(f"domain {rec.domid} ({rec.name}) {reason}: {key}={action}")
         if action == "preserve" or key == "on_suspend":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import time
 from pathlib import Path
 
@@ -115,6 +116,47 @@ def test_inprocess_corrupt_streams(run_guest) -> None:
         with pytest.raises(restore.RestoreError) as e:
             restore.restore_domain(io.BytesIO(data), 10)
         assert str(e.value), what
+
+
+def _page_offsets(data: bytes, want: set) -> dict:
+    """File offset of the data of the first page of each PageType in ``want``."""
+    from pyxen.migration import stream
+    out = {}
+    for it in stream.iter_stream(io.BytesIO(data)):
+        if it.layer != "libxc" or it.rtype != stream.Rec.PAGE_DATA:
+            continue
+        pd = it.value
+        k = 0
+        for pfn, t in pd.pfns:
+            if t in want and t not in out:
+                out[t] = (pfn, it.offset + 8 + 8 + 8 * len(pd.pfns) + k * 4096)
+            k += t.has_data
+    return out
+
+
+def test_inprocess_hostile_page_tables(run_guest) -> None:
+    """Page tables in a stream are checked before use: an entry naming a pfn
+    the domain cannot have is refused when localised; one that makes the
+    pinned L4 map itself writable is refused by the MMU's validation at the
+    pin (Xen's rules), and in both cases no domain is left."""
+    from pyxen.migration import restore, save, stream
+    g = run_guest("ticker", "period_ms=50 suspend_at=1")
+    wait_state(g.domain, ("shutdown", "crashed"))
+    buf = io.BytesIO()
+    save.save_domain(g.domain, buf)
+    good = buf.getvalue()
+    offs = _page_offsets(good, {stream.PageType.L4TAB_PIN, stream.PageType.L1TAB})
+    l4_pfn, l4_off = offs[stream.PageType.L4TAB_PIN]
+    l1_pfn, l1_off = offs[stream.PageType.L1TAB]
+    foreign = bytearray(good)
+    struct.pack_into("<Q", foreign, l4_off + 8 * 255, (0xFFFFF << 12) | 0x7)
+    with pytest.raises(restore.RestoreError, match="does not have"):
+        restore.restore_domain(io.BytesIO(bytes(foreign)), 11, start=False)
+    selfmap = bytearray(good)
+    struct.pack_into("<Q", selfmap, l1_off + 8 * 511, (l4_pfn << 12) | 0x7)  # RW map of the L4
+    with pytest.raises(restore.RestoreError, match="does not validate"):
+        restore.restore_domain(io.BytesIO(bytes(selfmap)), 12, start=False)
+    assert l1_pfn != l4_pfn
 
 
 # ---------------------------------------------------------------- through the daemon
