@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ..hv.domain import Domain, DomainSpec
 
 Progress = Callable[[int, int, int], None]  # pages done, pages in all, bytes read
+_ZERO_PAGE = bytes(S.PAGE_SIZE)
 
 
 class RestoreError(Exception):
@@ -129,7 +130,11 @@ class _Restorer:
             else:
                 self.types.pop(pfn, None)
             off = pfn << 12
-            ram[off:off + S.PAGE_SIZE] = page
+            if page != _ZERO_PAGE or pfn in self.seen:
+                # a fresh domain's RAM reads zeros: a zero page is not written,
+                # so it is never allocated (restoring a mostly empty domain
+                # takes no more host memory than the domain had in use)
+                ram[off:off + S.PAGE_SIZE] = page
             self.seen.add(pfn)
             self.xtab.discard(pfn)
             self.stats.pages += 1

@@ -14,7 +14,10 @@ as Xen's ``xg_sr_save_x86_pv.c`` does and writes the records in Xen's order:
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +48,7 @@ class _Out:
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.n = f, 0
 
-    def write(self, b: bytes) -> None:
+    def write(self, b: bytes | memoryview) -> None:
         self.f.write(b)
         self.n += len(b)
 
@@ -139,32 +142,53 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
     out.rec(S.Rec.STATIC_DATA_END)
     _write_p2m_frames(d, out, si_pfn)
 
-    ram = d.machine.ram
+    ram = d.machine.ram_view
     total = d.max_pages
     stats = SaveStats()
     ft = d.ft
+    present = _present_pages(d.machine.memfd, total)
+    zeros = memoryview(bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE))
     for first in range(0, total, S.MAX_BATCH_SIZE):
         pfns: list[tuple[int, S.PageType]] = []
-        data: list[bytes] = []
+        chunks: list[bytes | memoryview] = []  # page data, contiguous RAM runs as views
+        run_start = run_end = -1
+        run_kind = 1
+        npages = 0
         for pfn in range(first, min(total, first + S.MAX_BATCH_SIZE)):
             if pfn in d.free_pfns:
                 pfns.append((pfn, S.PageType.XTAB))
                 continue
-            mfn = pfn + M.MFN_BASE
-            t = S.PageType(ft.pfinfo(mfn))
-            off = pfn << 12
-            page = bytes(ram[off:off + S.PAGE_SIZE])
-            if t.level:
-                try:
-                    page = S.normalise_pagetable(page, t.level, m2p)
-                except S.StreamError as e:
-                    raise SaveError(f"page table at pfn {pfn:#x}: {e} (a guest maps Xen-heap "
-                                    "frames such as shared_info or its grant table until it "
-                                    "unmaps them before suspending, as Linux does)") from None
+            t = S.PageType(ft.pfinfo(pfn + M.MFN_BASE))
             pfns.append((pfn, t))
-            data.append(page)
-        out.rec(S.Rec.PAGE_DATA, S.PageData(pfns, data).pack())
-        stats.pages += len(data)
+            npages += 1
+            if not t.level:
+                if run_end == pfn and present[pfn] == run_kind:
+                    run_end += 1
+                else:
+                    if run_start >= 0:
+                        chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
+                    run_start, run_end, run_kind = pfn, pfn + 1, present[pfn]
+                continue
+            if run_start >= 0:
+                chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
+                run_start = run_end = -1
+            off = pfn << 12
+            try:
+                chunks.append(S.normalise_pagetable(bytes(ram[off:off + S.PAGE_SIZE]), t.level, m2p))
+            except S.StreamError as e:
+                raise SaveError(f"page table at pfn {pfn:#x}: {e} (a guest maps Xen-heap "
+                                "frames such as shared_info or its grant table until it "
+                                "unmaps them before suspending, as Linux does)") from None
+        if run_start >= 0:
+            chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
+        # the record written piece by piece, the pages straight from guest memory
+        # (what PageData.pack would build; its length is a multiple of 8: no padding)
+        words = [(pfn & S.PAGE_DATA_PFN_MASK) | (int(t) << S.PAGE_DATA_TYPE_SHIFT) for pfn, t in pfns]
+        head = struct.pack(f"<II{len(words)}Q", len(words), 0, *words)
+        out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + npages * S.PAGE_SIZE) + head)
+        for chunk in chunks:
+            out.write(chunk)
+        stats.pages += npages
         if progress:
             progress(min(total, first + S.MAX_BATCH_SIZE), total, out.n)
 
@@ -180,6 +204,38 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
     stats.bytes = out.n
     stats.seconds = time.monotonic() - t0
     return stats
+
+
+def _present_pages(memfd: int, npages: int) -> bytearray:
+    """1 for each RAM page the memfd holds data for, 0 for a hole (never
+    written, or given back with MADV_REMOVE): holes are sent as zeros without
+    reading them through the mapping, which would allocate them (a shared
+    shmem mapping has no zero page), so saving a mostly empty domain does not
+    first fill the host's memory with it.  All 1 where SEEK_DATA is missing."""
+    size = npages << 12
+    out = bytearray(npages)
+    off = 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(memfd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after off
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(memfd, start, os.SEEK_HOLE), size)
+            first, last = start >> 12, (end + 4095) >> 12
+            out[first:last] = b"\1" * (last - first)
+            off = end
+    except OSError:
+        return bytearray(b"\1" * npages)
+    return out
+
+
+def _run(ram: memoryview, zeros: memoryview, kind: int, start: int, end: int) -> memoryview:
+    return ram[start << 12:end << 12] if kind else zeros[:(end - start) << 12]
 
 
 def _write_p2m_frames(d: Domain, out: _Out, si_pfn: int | None) -> None:
