@@ -702,6 +702,8 @@ class Daemon:
                                    "guest must act on control/shutdown = \"suspend\"); it keeps running")
             time.sleep(0.01)
         reply = self.request(rec, "save", timeout=3600, raw=True, file=path, checkpoint=checkpoint)
+        if checkpoint or not reply.get("ok"):
+            self._xs_resumed(rec.domid)
         if not reply.get("ok"):
             raise RuntimeError(str(reply.get("error", "save failed")))
         self.log(f"domain {rec.domid} ({rec.name}) saved to {path}" + (" (checkpoint)" if checkpoint else ""))
@@ -709,6 +711,14 @@ class Daemon:
             self.destroy(rec)
         return {"ok": True, "pages": reply.get("pages"), "bytes": reply.get("bytes"),
                 "seconds": reply.get("seconds")}
+
+    def _xs_resumed(self, domid: int) -> None:
+        """The domain runs again after a suspend: what libxl's xs_resume_domain
+        (XS_RESUME) does, so that its next shutdown fires @releaseDomain again."""
+        with self.xsd.lock:
+            dom = self.xsd.domains.get(domid)
+            if dom is not None:
+                dom.shutdown = False
 
     def restore_spec(self, path: str, paused: bool) -> tuple[dict[str, Any], dict[str, str]]:
         """The domain a save file holds: the config in its xl header, checked as

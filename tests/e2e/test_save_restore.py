@@ -226,16 +226,19 @@ def test_save_checkpoint_keeps_running(host, tmp_path: Path) -> None:
     d = host.create(TICKER, ['name="sr-ckpt"', 'extra="period_ms=50"'])
     console_text(host, d, rb"xenbus: store ready")
     f = tmp_path / "ckpt.save"
-    host.save(d, f, checkpoint=True)
+    p = cli(["save", "-c", "sr-ckpt", str(f)], host.run_dir)  # through the CLI, as a user
+    assert p.returncode == 0 and b"the domain runs on" in p.stderr, p
     text = console_text(host, d, rb"suspend cancelled[\s\S]*?^tick \d+ [\s\S]*?^tick \d+ ")
     assert "suspend returned 1" in text
     [dom] = [x for x in host.list() if x["name"] == "sr-ckpt"]
     assert dom["domid"] == d and dom["state"] in ("running", "blocked")
     # the checkpoint restores too, once the original is gone
     host.destroy(d)
-    info = host.restore(f)
-    text = console_text(host, info["domid"], rb"resumed in a restored domain[\s\S]*?^tick \d+ ")
-    host.destroy(info["domid"])
+    p = cli(["restore", str(f)], host.run_dir)
+    assert p.returncode == 0 and b"Restored domain" in p.stderr, p
+    [dom] = [x for x in host.list() if x["name"] == "sr-ckpt"]
+    console_text(host, dom["domid"], rb"resumed in a restored domain[\s\S]*?^tick \d+ ")
+    host.destroy(dom["domid"])
 
 
 def test_save_restore_dirtier(host, tmp_path: Path) -> None:
