@@ -252,6 +252,16 @@ class _Restorer:
                 c.ctrlreg[i] = mfn << 12
         if not c.ctrlreg[3]:
             raise S.StreamError(f"vcpu {vid}: no page tables (cr3 0)")
+        # as Xen's arch_set_info_guest: every address the guest gave must be canonical
+        addrs = {"rip": c.regs.get("rip", 0), "rsp": c.regs.get("rsp", 0), "kernel_sp": c.kernel_sp,
+                 "fs_base": c.fs_base, "gs_base_kernel": c.gs_base_kernel,
+                 "gs_base_user": c.gs_base_user, "event_callback": c.event_callback_eip,
+                 "failsafe_callback": c.failsafe_callback_eip,
+                 "syscall_callback": c.syscall_callback_eip}
+        addrs.update({f"trap {vec} handler": addr for vec, _f, _cs, addr in c.trap_ctxt})
+        for what, a in addrs.items():
+            if not _canonical(a):
+                raise S.StreamError(f"vcpu {vid}: {what} {a:#x} is not a canonical address")
         gdt = []
         for g in c.gdt_frames[:(c.gdt_ents + 511) // 512]:
             mfn = self.pfn_to_mfn(g)
@@ -278,6 +288,10 @@ class _Restorer:
                 v.kvm.set_msrs({0x10: tsc})
             except OSError:
                 pass
+
+
+def _canonical(a: int) -> bool:
+    return 0 <= a < 1 << 64 and (a >> 47) in (0, 0x1FFFF)
 
 
 def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None = None,
@@ -337,7 +351,8 @@ def restore_domain(f: IO[bytes], domid: int, name: str = "stream",
     d = Domain(spec, console_sink, on_state, log_sink, directory)
     try:
         stats = restore_into(d, items, progress)
-    except (S.StreamError, XenError, ValueError, struct.error) as e:
+    except (S.StreamError, XenError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+            OSError, struct.error) as e:
         why = e.why if isinstance(e, XenError) else str(e)
         d.destroy()
         d.close()
