@@ -2,7 +2,9 @@
  * dirtier: keep rewriting a block of memory (a workload for live
  * migration).  cmdline: mib=N (default 8), loops=K (default 0 = forever).
  * Every 8-byte word gets a fresh value from a running 64-bit counter each
- * pass, so every page is dirtied every pass.
+ * pass, so every page is dirtied every pass.  Each pass first checks that
+ * the buffer still holds what the previous pass wrote (a save/restore or a
+ * migration that lost or mixed up a page shows as "dirtier: FAIL").
  */
 #include "app.h"
 
@@ -26,6 +28,17 @@ int app_main(const char *cmdline)
 
     for (unsigned long pass = 1; loops == 0 || pass <= loops; pass++) {
         uint64_t t0 = monotonic_ns(), t1;
+        uint64_t first = counter - words + 1;
+        if (pass > 1) {
+            for (unsigned long i = 0; i < words; i++) {
+                if (mem[i] != first + i) {
+                    printk("dirtier: FAIL word %lu (page %lu) holds %lu, expected %lu\n", i,
+                           i / (PAGE_SIZE / sizeof(uint64_t)), (unsigned long)mem[i],
+                           (unsigned long)(first + i));
+                    return 1;
+                }
+            }
+        }
         for (unsigned long i = 0; i < words; i++)
             mem[i] = ++counter;
         t1 = monotonic_ns();

@@ -2,13 +2,16 @@
  * ticker: a thread printing "tick N t=<system time ms>" every 100 ms.
  * Deadlines are absolute (start + N * 100 ms) so lateness never
  * accumulates.  cmdline: count=K stops after K ticks and powers off
- * (default: forever).  period_ms=P changes the period.
+ * (default: forever).  period_ms=P changes the period.  suspend_at=S: after
+ * tick S the kernel suspends itself (kernel_suspend, as for control/shutdown
+ * = "suspend"), for save/restore tests without a toolstack.
  */
 #include "app.h"
 
 const char app_name[] = "ticker";
 
 static unsigned long tick_count;       /* 0 = forever */
+static unsigned long suspend_at;       /* 0 = never */
 static uint64_t period_ns;
 static struct thread *main_t;
 static volatile int ticker_done;
@@ -21,6 +24,8 @@ static void ticker_thread(void *arg)
     for (unsigned long n = 1; tick_count == 0 || n <= tick_count; n++) {
         sleep_until(start + n * period_ns);
         printk("tick %lu t=%lu\n", n, (unsigned long)(monotonic_ns() / NSEC_PER_MSEC));
+        if (n == suspend_at)
+            printk("ticker: suspend returned %d\n", kernel_suspend());
     }
     ticker_done = 1;
     wake_thread(main_t);
@@ -29,6 +34,7 @@ static void ticker_thread(void *arg)
 int app_main(const char *cmdline)
 {
     tick_count = cmdline_get_ulong(cmdline, "count", 0);
+    suspend_at = cmdline_get_ulong(cmdline, "suspend_at", 0);
     period_ns = cmdline_get_ulong(cmdline, "period_ms", 100) * NSEC_PER_MSEC;
     if (!period_ns)
         period_ns = 100 * NSEC_PER_MSEC;

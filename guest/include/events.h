@@ -69,6 +69,7 @@ static inline int irqs_disabled(void)
 
 typedef void (*evtchn_handler_t)(evtchn_port_t port, struct pt_regs *regs, void *data);
 
+void events_resume(void);           /* restored: all channels closed */
 void events_init(void);             /* mask every port, clear handlers */
 int  bind_evtchn(evtchn_port_t port, evtchn_handler_t h, void *data); /* and unmask */
 int  bind_virq(uint32_t virq, evtchn_handler_t h, void *data);       /* -> port or -errno */

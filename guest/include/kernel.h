@@ -88,6 +88,8 @@ extern const char *kernel_cmdline;
 extern unsigned long boot_initial_rsp;  /* RSP we were entered with */
 extern int shared_info_mapped;          /* set once shared_info is mapped */
 void __noreturn xen_shutdown(unsigned int reason);
+int kernel_suspend(void);               /* 0: resumed after restore, 1: cancelled */
+void map_shared_info(void);
 void __noreturn poweroff(void);
 
 /* Each app provides these (in apps/); exactly one app is linked in. */

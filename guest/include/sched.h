@@ -41,6 +41,7 @@ void msleep(uint64_t ms);
 void sleep_until(uint64_t deadline_ns);  /* absolute system time */
 
 /* Timer plumbing (used by time.c / console.c). */
+void sched_timer_resume(void);           /* re-arm after a restore */
 void sched_timer_event(void);            /* called from the VIRQ_TIMER handler */
 uint64_t sched_next_deadline(void);      /* earliest sleeper, 0 = none */
 

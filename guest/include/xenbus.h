@@ -106,6 +106,7 @@ typedef uint32_t xenbus_transaction_t;
  * store (2 s), writes control/feature-{poweroff,reboot} and watches
  * control/shutdown.  Without a store it prints "pyxen-guest: no xenstore". */
 void xenbus_init(void);
+void xenbus_resume(void);               /* restored: new channel, watches again */
 /* Waits for the probe; 1 if a store answered. */
 int  xenbus_available(void);
 const char *xenbus_strerror(int err);      /* -XEN_ENOENT -> "ENOENT" */

@@ -11,5 +11,6 @@ uint64_t monotonic_ns(void);            /* Xen system time, ns */
 void wallclock(uint64_t *sec, uint32_t *nsec); /* Unix time, now */
 void wallclock_base(uint64_t *sec, uint32_t *nsec); /* Unix time at system time 0 */
 void time_init(void);
+void time_resume(void);
 
 #endif /* PYXEN_XTIME_H */

@@ -160,6 +160,16 @@ void events_init(void)
         WRITE_ONCE(s->evtchn_mask[i], ~0UL);
 }
 
+/* After a restore every channel is closed: forget the handlers, mask all. */
+void events_resume(void)
+{
+    for (unsigned i = 0; i < MAX_BOUND_PORTS; i++) {
+        handlers[i].fn = NULL;
+        handlers[i].data = NULL;
+    }
+    events_init();
+}
+
 static void dispatch(evtchn_port_t port, struct pt_regs *regs)
 {
     if (port < MAX_BOUND_PORTS && handlers[port].fn) {

@@ -253,3 +253,60 @@ void gnttab_free_map_area(void *va, unsigned long n)
     }
     free_pages(va, n);
 }
+
+/*
+ * Suspend/resume (main.c kernel_suspend), as Linux's gnttab_suspend and
+ * gnttab_resume: the table's frames are Xen's, not the domain's RAM, so they
+ * are unmapped before the save (our pages under them come back) and mapped
+ * again after.  A restored domain's table is a new, empty one: it is set up
+ * again with the same number of frames; grants made before the save are
+ * gone with the old table (frontends grant again when they reconnect).
+ */
+void gnttab_suspend(void)
+{
+    char *va = (char *)table;
+
+    if (!table)
+        return;
+    for (unsigned int i = 0; i < nr_frames; i++) {
+        unsigned long a = (unsigned long)va + i * PAGE_SIZE;
+        if (HYPERVISOR_update_va_mapping(
+                a, (pfn_to_mfn(virt_to_pfn((void *)a)) << PAGE_SHIFT) | PTE_KERNEL_RW,
+                UVMF_INVLPG))
+            early_printk("gnttab: suspend: unmapping frame %u failed\n", i);
+    }
+}
+
+void gnttab_resume(int restored)
+{
+    unsigned long frames[GNTTAB_MAX_FRAMES];
+    struct gnttab_setup_table st = {
+        .dom = DOMID_SELF, .nr_frames = nr_frames, .frame_list = frames,
+    };
+    char *va = (char *)table;
+    long rc;
+
+    if (!table)
+        return;
+    memset(frames, 0, sizeof(frames));
+    rc = HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &st, 1);
+    if (rc < 0 || st.status != GNTST_okay) {
+        printk("pyxen-guest: gnttab: resume: setup_table(%u) failed rc=%ld status=%d\n",
+               nr_frames, rc, st.status);
+        table = NULL;
+        return;
+    }
+    for (unsigned int i = 0; i < nr_frames; i++) {
+        rc = HYPERVISOR_update_va_mapping((unsigned long)va + i * PAGE_SIZE,
+                                          (frames[i] << PAGE_SHIFT) | PTE_KERNEL_RW,
+                                          UVMF_INVLPG);
+        if (rc) {
+            printk("pyxen-guest: gnttab: resume: mapping frame %u failed rc=%ld\n", i, rc);
+            table = NULL;
+            return;
+        }
+    }
+    if (restored)
+        printk("pyxen-guest: gnttab: %u frames set up again (grants before the save are gone)\n",
+               nr_frames);
+}

@@ -18,9 +18,12 @@
 #include "traps.h"
 #include "xenbus.h"
 #include "xtime.h"
+#include "gnttab.h"
 
 static struct start_info start_info_copy;
 struct start_info *start_info = &start_info_copy;
+/* The builder's start_info page itself: the toolstack rewrites it on restore. */
+static struct start_info *boot_start_info;
 const char *kernel_cmdline = "";
 unsigned long boot_initial_rsp;         /* written by head.S */
 int shared_info_mapped;                 /* vcpu_info (cr2, time) is real */
@@ -30,7 +33,7 @@ extern char hypervisor_callback[], failsafe_callback[];
 
 void __noreturn start_kernel(struct start_info *si);
 
-static void map_shared_info(void)
+void map_shared_info(void)
 {
     /* start_info->shared_info is a machine address: map it over our page. */
     long rc = HYPERVISOR_update_va_mapping((unsigned long)&shared_info_page,
@@ -100,6 +103,7 @@ void start_kernel(struct start_info *si)
 
     /* Keep our own copy: the builder's page is ordinary memory to it. */
     memcpy(&start_info_copy, si, sizeof(start_info_copy));
+    boot_start_info = si;
     start_info_copy.cmd_line[MAX_GUEST_CMDLINE - 1] = '\0';
     kernel_cmdline = (const char *)start_info_copy.cmd_line;
 
@@ -170,4 +174,71 @@ void xen_shutdown(unsigned int reason)
 void poweroff(void)
 {
     xen_shutdown(SHUTDOWN_poweroff);
+}
+
+/*
+ * Suspend and resume (control/shutdown = "suspend", xenbus.c), in the order
+ * of Linux's xen_suspend/do_suspend and Mini-OS's kernel_suspend:
+ *
+ *   pre-suspend: events off; the console and xenstore frames in start_info
+ *   become pfns (the toolstack turns them back into the new domain's
+ *   frames); the grant table and shared_info are unmapped, because a saved
+ *   page table may map only the domain's own RAM;
+ *   SCHEDOP_shutdown(SHUTDOWN_suspend) with the start_info frame in rdx;
+ *   post-suspend: it returned 1 (cancelled: a checkpoint, or the save
+ *   failed) and everything is as it was: the frames go back, shared_info and
+ *   the grant table are mapped again.  It returned 0: this is a restored
+ *   domain, whose event channels are all closed and whose console and
+ *   xenstore come with new channels in start_info: the timer VIRQ, the
+ *   console and xenstore are bound again, the grant table set up again.
+ */
+static void unmap_shared_info(void)
+{
+    unsigned long va = (unsigned long)&shared_info_page;
+
+    shared_info_mapped = 0;
+    if (HYPERVISOR_update_va_mapping(va, (virt_to_mfn(&shared_info_page) << PAGE_SHIFT) |
+                                     PTE_KERNEL_RW, UVMF_INVLPG))
+        early_printk("pyxen-guest: unmapping shared_info failed\n");
+}
+
+int kernel_suspend(void)
+{
+    struct sched_shutdown op = { .reason = SHUTDOWN_suspend };
+    struct start_info *si = boot_start_info;
+    unsigned long si_mfn = virt_to_mfn(si);
+    long rc;
+
+    printk("pyxen-guest: suspending\n");
+    console_flush(NSEC_PER_SEC);
+    irq_disable();
+    si->store_mfn = mfn_to_pfn(si->store_mfn);
+    si->console.domU.mfn = mfn_to_pfn(si->console.domU.mfn);
+    gnttab_suspend();
+    unmap_shared_info();
+
+    rc = _hypercall3(long, __HYPERVISOR_sched_op, SCHEDOP_shutdown, &op, si_mfn);
+
+    if (rc) {                           /* cancelled: the same domain goes on */
+        si->store_mfn = pfn_to_mfn(si->store_mfn);
+        si->console.domU.mfn = pfn_to_mfn(si->console.domU.mfn);
+    }
+    start_info_copy.store_mfn = si->store_mfn;
+    start_info_copy.store_evtchn = si->store_evtchn;
+    start_info_copy.console.domU.mfn = si->console.domU.mfn;
+    start_info_copy.console.domU.evtchn = si->console.domU.evtchn;
+    start_info_copy.shared_info = si->shared_info;
+    map_shared_info();
+    if (!rc) {
+        events_resume();                /* every channel is closed */
+        time_resume();
+        console_init();
+    }
+    gnttab_resume(!rc);
+    irq_enable();
+    if (!rc)
+        xenbus_resume();
+    printk("pyxen-guest: %s (suspend returned %ld)\n", rc ? "suspend cancelled, running on"
+           : "resumed in a restored domain", rc);
+    return (int)rc;
 }

@@ -132,6 +132,13 @@ static void arm_timer(uint64_t deadline)
     }
 }
 
+/* After a restore the hypervisor has no timer for us: arm the next one. */
+void sched_timer_resume(void)
+{
+    timer_armed = 0;
+    arm_timer(sched_next_deadline());
+}
+
 void sched_timer_event(void)
 {
     timer_armed = 0;            /* one-shot: it has fired */

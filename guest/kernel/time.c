@@ -92,3 +92,13 @@ void time_init(void)
         panic("time: bind_virq(VIRQ_TIMER) failed: %d\n", port);
     printk("pyxen-guest: timer virq on port %d\n", port);
 }
+
+/* A restored domain: VIRQ_TIMER is unbound and no timer is armed. */
+void time_resume(void)
+{
+    int port = bind_virq(VIRQ_TIMER, timer_handler, NULL);
+
+    if (port < 0)
+        panic("time: bind_virq(VIRQ_TIMER) after resume failed: %d\n", port);
+    sched_timer_resume();
+}

@@ -741,7 +741,8 @@ again:
         xenbus_transaction_end(t, 1);
         return;
     }
-    known = !strcmp(req, "poweroff") || !strcmp(req, "halt") || !strcmp(req, "reboot");
+    known = !strcmp(req, "poweroff") || !strcmp(req, "halt") || !strcmp(req, "reboot") ||
+            !strcmp(req, "suspend");
     /* Only acknowledge what we are going to do. */
     if (known)
         xenbus_write(t, "control/shutdown", "");
@@ -750,6 +751,10 @@ again:
         goto again;
     if (!known) {
         printk("pyxen-guest: control/shutdown: ignoring '%s'\n", req);
+        return;
+    }
+    if (!strcmp(req, "suspend")) {
+        kernel_suspend();               /* returns: cancelled, or resumed after restore */
         return;
     }
     if (!strcmp(req, "reboot")) {
@@ -765,7 +770,7 @@ again:
 static void xenbus_thread(void *arg)
 {
     static const char *const features[] = {
-        "control/feature-poweroff", "control/feature-reboot",
+        "control/feature-poweroff", "control/feature-reboot", "control/feature-suspend",
     };
     size_t rlen;
     int rc;
@@ -849,4 +854,47 @@ void xenbus_init(void)
         xb_state = XB_ABSENT;
         printk("pyxen-guest: no xenstore\n");
     }
+}
+
+/*
+ * A restored domain (main.c kernel_suspend, in the xenbus thread, with no
+ * request outstanding): the store has a new event channel, and the
+ * xenstored on the other end knows nothing of our watches, as after Linux's
+ * xs_resume: bind the new port, forget any partial message, register every
+ * watch again (each fires once, as a new watch does) and write our
+ * features again (the new domain's directory is fresh).
+ */
+void xenbus_resume(void)
+{
+    static const char *const features[] = {
+        "control/feature-poweroff", "control/feature-reboot", "control/feature-suspend",
+    };
+    int rc;
+
+    if (xb_state != XB_READY && xb_state != XB_PROBING)
+        return;
+    store_port = start_info->store_evtchn;
+    rx_got = 0;
+    if (bind_evtchn(store_port, xb_event, NULL) < 0) {
+        xb_broken("cannot bind the store's channel after resume");
+        return;
+    }
+    notify_remote_via_evtchn(store_port);   /* anything already in the ring */
+    if (xb_state == XB_PROBING)
+        return;                             /* the probe goes on, on the new port */
+    for (int i = 0; i < MAX_WATCHES; i++) {
+        struct xenbus_watch *w = watches[i];
+        struct xb_iov iov[2];
+
+        if (!w || !w->registered)
+            continue;
+        iov[0] = (struct xb_iov){ w->path, strlen(w->path) + 1 };
+        iov[1] = (struct xb_iov){ w->token, strlen(w->token) + 1 };
+        rc = xb_simple(XS_WATCH, XBT_NIL, iov, 2);
+        if (rc)
+            printk("pyxen-guest: xenbus: resume: watch %s: %s\n", w->path, xenbus_strerror(rc));
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(features); i++)
+        xenbus_write(XBT_NIL, features[i], "1");
+    printk("pyxen-guest: xenbus: reconnected (port %u)\n", store_port);
 }

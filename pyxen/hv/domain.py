@@ -660,3 +660,68 @@ class Domain:
         finally:
             self.ft.put_type(mfn)
         return 0
+
+    # ------------------------------------------------------------ save / restore (migration)
+    def resume_after_suspend(self, cancelled: bool = True) -> None:
+        """Xen's XEN_DOMCTL_resumedomain after a checkpoint or a failed save
+        (libxl's cooperative resume): the suspend hypercall returns 1 in vCPU0
+        ("cancelled": the guest keeps its event channels, xenstore and grant
+        table as they are) and the vCPUs run again.  ``cancelled=False`` (0)
+        is what a restored domain sees instead, not used here."""
+        with self.state_lock:
+            if self.shutdown_reason != abi.SHUTDOWN_suspend or self.crashed or self.dying:
+                raise XenError(abi.EINVAL, f"domain {self.domid} is {self.state}, not suspended")
+        self.wait_stopped(5.0)
+        v0 = self.vcpus[0]
+        v0.kvm.regs.rax = 1 if cancelled else 0
+        v0.kvm.mark_regs_dirty()
+        with self.state_lock:
+            self.shutdown_reason = None
+            self.shutdown_code = None
+        for v in self.vcpus:
+            with v.cond:
+                v.stop = False
+                v.attention = True
+            if v.thread is not None and not v.thread.is_alive():
+                v.thread = None
+                v.start()
+        self.log("resumed after suspend" + (" (cancelled)" if cancelled else ""), always=True)
+        if self.on_state:
+            self.on_state(self)
+
+    def restore_shared_info(self, old: bytes) -> None:
+        """The stream's SHARED_INFO, as Xen's restore (handle_shared_info):
+        the vcpu_info array and the arch part are kept; every port is
+        masked and nothing is pending, because every event channel of the
+        saved domain is closed here; the guest unmasks what it binds again."""
+        si = self.shared_info
+        n = abi.XEN_LEGACY_MAX_VCPUS * abi.VCPU_INFO_SIZE
+        si[:n] = old[:n]
+        for i in range(abi.XEN_LEGACY_MAX_VCPUS):
+            o = i * abi.VCPU_INFO_SIZE
+            si[o + abi.VI_UPCALL_PENDING] = 0
+            struct.pack_into("<Q", si, o + abi.VI_PENDING_SEL, 0)
+        si[abi.SI_EVTCHN_PENDING:abi.SI_EVTCHN_MASK] = bytes(abi.SI_EVTCHN_MASK - abi.SI_EVTCHN_PENDING)
+        si[abi.SI_EVTCHN_MASK:abi.SI_WC_VERSION] = b"\xff" * (abi.SI_WC_VERSION - abi.SI_EVTCHN_MASK)
+        si[abi.SI_ARCH:abi.PAGE_SIZE] = old[abi.SI_ARCH:abi.PAGE_SIZE]
+        struct.pack_into("<Q", si, abi.SI_ARCH_MAX_PFN, self.nr_pages)
+        self.clock.write_wallclock(si, 0)
+
+    def restore_gdt(self, v: VCPU, frames: list[int]) -> None:
+        """A restored vCPU's GDT (set_gdt's checks, frames given as machine frames)."""
+        taken: list[int] = []
+        try:
+            for mfn in frames:
+                if not self.ft.owns(mfn):
+                    raise XenError(abi.EINVAL, f"GDT frame {mfn:#x} not owned")
+                self.ft.get_type(mfn, PGT_SEG)
+                taken.append(mfn)
+                off = self.machine.ram_offset(mfn)
+                descs = struct.unpack_from("<512Q", self.machine.ram, off)
+                struct.pack_into("<512Q", self.machine.ram, off, *[self.check_descriptor(x) for x in descs])
+        except XenError:
+            for mfn in taken:
+                self.ft.put_type(mfn)
+            raise
+        v.gdt_frames = taken
+        self.machine.map_gdt_frames(v.id, taken, self._hv_touch)

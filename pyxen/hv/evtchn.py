@@ -240,6 +240,32 @@ class EventChannels:
         return 0
 
 
+    # ------------------------------------------------------------ save / restore (migration)
+    def save_state(self) -> list[dict[str, int]]:
+        """The bound ports, for the stream's PYXEN_DOMAIN_STATE record.  As on
+        Xen, a restored domain starts with every channel closed except the
+        console's and xenstore's, which the toolstack sets up fresh, and the
+        guest binds the rest again (Linux's xen_irq_resume, our kernel's
+        resume path): this record says what was bound, for ``stream dump``
+        and for a toolstack that wants to check the guest rebuilt it."""
+        names = {ST_UNBOUND: "unbound", ST_INTERDOMAIN: "interdomain", ST_PIRQ: "pirq",
+                 ST_VIRQ: "virq", ST_IPI: "ipi"}
+        out: list[dict[str, int]] = []
+        with self.lock:
+            for p, ch in enumerate(self.ports):
+                if ch.state not in names:
+                    continue
+                e: dict[str, int | str] = {"port": p, "state": names[ch.state], "vcpu": ch.vcpu}
+                if ch.state in (ST_UNBOUND, ST_INTERDOMAIN):
+                    e["remote_dom"] = ch.remote_dom
+                if ch.state == ST_INTERDOMAIN:
+                    e["remote_port"] = ch.remote_port
+                    e["host_backend"] = int(ch.backend_local)
+                if ch.state == ST_VIRQ:
+                    e["virq"] = ch.virq
+                out.append(e)  # type: ignore[arg-type]
+        return out
+
 ENOENT_ = abi.ENOENT
 
 

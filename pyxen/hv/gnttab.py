@@ -551,6 +551,18 @@ class GrantTables:
             p.close()
 
 
+    # ------------------------------------------------------------ save / restore (migration)
+    def save_state(self) -> dict[str, int]:
+        """For PYXEN_DOMAIN_STATE: the table's size and how many of our grants
+        other domains still had mapped.  Xen's stream carries no grant table:
+        a restored domain gets a fresh one (version 1, entries empty) and the
+        guest sets it up again and re-grants what its frontends need (Linux's
+        gnttab_resume, blkfront's reconnect); maps of other domains' pages must
+        be gone before a save (the page tables could not be normalised)."""
+        with self.lock:
+            return {"version": 1, "nr_frames": self.nr_frames, "max_frames": self.max_frames,
+                    "mappings": len(self.maptrack)}
+
 class _Gnt(Exception):
     def __init__(self, status: int, why: str = "") -> None:
         super().__init__(status, why)

@@ -408,3 +408,27 @@ class FrameTable:
                                 f"type {TYPE_NAMES[self.type[i]]}, expected {expect[i]} "
                                 f"{TYPE_NAMES[expect_type[i]]}")
         return problems
+
+    # ------------------------------------------------------------ save / restore (migration)
+    def pfinfo(self, mfn: int) -> int:
+        """The frame's type as Xen's XEN_DOMCTL_getpageframeinfo3 reports it,
+        shifted down to a nibble (``XEN_DOMCTL_PFINFO_*`` >> 28): L1-L4 for a
+        validated page table, with the pin bit (8) when pinned; 0 (NOTAB) for
+        anything else (writable, descriptor and untyped frames alike)."""
+        i = mfn - self.mfn_base
+        t = self.type[i]
+        if not self.count[i] or not PGT_L1 <= t <= PGT_L4:
+            return 0
+        return t | (8 if self.pinned[i] else 0)
+
+    def restore_pins(self, pins: list[tuple[int, int]]) -> None:
+        """Pin the page tables a restored stream marked pinned (Xen's restore
+        does MMUEXT_PIN_Ln_TABLE for each, after all pages are in place): each
+        pin validates its table and, through it, every table below, with the
+        same rules as a guest's own pin.  L4s first, as Xen's pin_pagetables."""
+        for mfn, level in sorted(pins, key=lambda p: -p[1]):
+            i = mfn - self.mfn_base
+            if 0 <= i < self.nr_frames and self.pinned[i]:
+                continue
+            self.pin(mfn, level)
+

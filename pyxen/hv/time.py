@@ -65,6 +65,21 @@ class DomainClock:
         struct.pack_into("<I", buf, si_off + abi.SI_WC_VERSION, (ver + 2) & 0xFFFFFFFF)
 
 
+    # ------------------------------------------------------------ save / restore (migration)
+    def save_state(self) -> dict[str, int]:
+        """The domain's time at the save: its system time and the wallclock."""
+        return {"system_time_ns": self.system_time(), "wall_ns": time.time_ns()}
+
+    def restore_state(self, system_time_ns: int) -> None:
+        """Continue the saved domain's system time from where it stopped: the
+        guest's monotonic clock never goes back, and it does not jump by the
+        time the domain spent saved (as a paused domain's).  The wallclock
+        base moves so that base + system time is the real time now: wall
+        clock time jumps forward by the downtime, as on Xen."""
+        now_mono, now_wall = time.monotonic_ns(), time.time_ns()
+        self.boot_ns = now_mono - max(0, system_time_ns)
+        self.boot_wall_ns = now_wall - max(0, system_time_ns)
+
 def write_vcpu_time(buf: Buffer, off: int, tsc: int, system_ns: int, mul: int, shift: int) -> None:
     """Update a vcpu_time_info at ``off``: version goes odd, fields, then even."""
     ver = struct.unpack_from("<I", buf, off)[0]

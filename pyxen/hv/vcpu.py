@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import abi, kvm
 from ..abi import ENOSYS, XenError
+from ..migration import stream as mstream
 from . import atomic, emulate, ptwr, trace
 from . import cpuid as cpuid_mod
 from . import machine as M
@@ -921,6 +922,136 @@ class VCPU:
 
     def now_wall(self) -> float:
         return time.time()
+
+    # ------------------------------------------------------------ save / restore (migration)
+    def save_context(self) -> mstream.VcpuContext:
+        """Xen's arch_get_info_guest for a 64-bit PV vCPU (stopped): a
+        ``VcpuContext`` in *machine* frames (the stream's save side normalises
+        CR3, the user L4 and the GDT frames to pfns)."""
+        r, s = self.kvm.regs, self.kvm.sregs
+        regs = {n: int(getattr(r, n)) for n in ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10",
+                                               "r9", "r8", "rax", "rcx", "rdx", "rsi", "rdi")}
+        regs.update(rip=int(r.rip), rsp=int(r.rsp),
+                    rflags=(int(r.rflags) & ~X86_EFLAGS_IOPL) | (self.iopl << 12),
+                    cs=int(s.cs.selector), ss=int(s.ss.selector), ds=int(s.ds.selector),
+                    es=int(s.es.selector), fs=int(s.fs.selector), gs=int(s.gs.selector),
+                    saved_upcall_mask=self.vi_get(abi.VI_UPCALL_MASK))
+        flags = mstream.VGCF_i387_valid | (mstream.VGCF_online if self.up else 0)
+        flags |= mstream.VGCF_in_kernel if self.kernel_mode else 0
+        flags |= (mstream.VGCF_failsafe_disables_events if self.failsafe_mask_events else 0)
+        flags |= (mstream.VGCF_syscall_disables_events if self.syscall_mask_events else 0)
+        if self.kernel_mode:
+            gs_kernel, gs_user = int(s.gs.base), self.gs_base_user
+        else:
+            gs_kernel, gs_user = self.gs_base_kernel, int(s.gs.base)
+        ctrl = [0] * 8
+        ctrl[0] = (int(s.cr0) & ~0x8) | (0x8 if self.virtual_ts else 0)
+        ctrl[1] = self.user_l4 << 12
+        ctrl[2] = struct.unpack_from("<Q", self.vi_buf, self.vi_off + abi.VI_CR2)[0]
+        ctrl[3] = self.kernel_l4 << 12
+        ctrl[4] = self.guest_cr4
+        dbg = [*self.dr, 0, 0, self.dr6, self.dr7 | self.dr7_emul]
+        xsave = self.kvm.get_xsave()
+        return mstream.VcpuContext(
+            fpu=xsave[:512], flags=flags, regs=regs,
+            trap_ctxt=[(vec, fl, cs, addr) for vec, (fl, cs, addr) in sorted(self.trap_table.items())],
+            gdt_frames=(list(self.gdt_frames) + [0] * 16)[:16],
+            gdt_ents=min(len(self.gdt_frames) * 512, abi.FIRST_RESERVED_GDT_ENTRY),
+            kernel_ss=self.kernel_ss, kernel_sp=self.kernel_sp, ctrlreg=ctrl, debugreg=dbg,
+            event_callback_eip=self.event_callback, failsafe_callback_eip=self.failsafe_callback,
+            syscall_callback_eip=self.syscall_callback, vm_assist=self.domain.vm_assist,
+            fs_base=int(s.fs.base), gs_base_kernel=gs_kernel, gs_base_user=gs_user)
+
+
+    def save_extended(self) -> mstream.ExtVcpuContext:
+        """XEN_DOMCTL_get_ext_vcpucontext: the 32-bit syscall and sysenter callbacks."""
+        return mstream.ExtVcpuContext(self.syscall32_callback, self.sysenter_callback,
+                              abi.FLAT_RING3_CS32, abi.FLAT_RING3_CS32,
+                              int(self.syscall32_mask_events), int(self.sysenter_mask_events), 0, self.id)
+
+
+    def save_xsave(self) -> bytes:
+        """XEN_DOMCTL_getvcpuextstate: u64 xcr0, u64 xcr0_accum, then the XSAVE area."""
+        leaf = self.cpuid_policy.lookup(0xD, 0)
+        xcr0 = (leaf[0] | leaf[3] << 32) & 0x7 or 0x3  # x87|SSE|AVX as the policy offers
+        return struct.pack("<QQ", xcr0, xcr0) + self.kvm.get_xsave()
+
+
+    def save_msrs(self) -> list[tuple[int, int]]:
+        """XEN_DOMCTL_get_vcpu_msrs: the MSRs Xen keeps per vCPU (non-zero ones)."""
+        m = self.msrs
+        out = [(0x48, m.spec_ctrl), (0x140, m.misc_features_enables), (0xC0000103, m.tsc_aux),
+               (0xC001011F, m.virt_spec_ctrl), (0xDA0, m.xss)]
+        return [(i, v) for i, v in out if v]
+
+
+    def restore_context(self, c: mstream.VcpuContext, ext: mstream.ExtVcpuContext | None, xsave: bytes | None,
+                              msrs: list[tuple[int, int]]) -> None:
+        """Xen's arch_set_info_guest for a vCPU of a domain being restored (not yet
+        started).  ``c`` is in machine frames (localised).  Page-table references
+        are taken by the caller (migration/restore.py) through the frame table."""
+        v = self.kvm
+        r, s = v.regs, v.sregs
+        g = c.regs
+        for n in ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
+                  "rdx", "rsi", "rdi", "rip", "rsp"):
+            setattr(r, n, g.get(n, 0) & (2**64 - 1))
+        self.iopl = (g.get("rflags", 0) & X86_EFLAGS_IOPL) >> 12
+        r.rflags = (g.get("rflags", 0) & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) \
+            | X86_EFLAGS_IF | 0x2
+        self.kernel_mode = bool(c.flags & mstream.VGCF_in_kernel)
+        self.failsafe_mask_events = bool(c.flags & mstream.VGCF_failsafe_disables_events)
+        self.syscall_mask_events = bool(c.flags & mstream.VGCF_syscall_disables_events)
+        s.cs = GUEST_CS
+        s.ss = GUEST_SS
+        for name in ("ds", "es", "fs", "gs"):
+            sel = g.get(name, 0) & 0xFFFF
+            seg = _seg(sel, False, 3)
+            setattr(s, name, seg)
+        self.kernel_l4 = c.ctrlreg[3] >> 12
+        self.user_l4 = c.ctrlreg[1] >> 12
+        self.gs_base_kernel, self.gs_base_user = c.gs_base_kernel, c.gs_base_user
+        s.fs.base = c.fs_base
+        s.gs.base = c.gs_base_kernel if self.kernel_mode else c.gs_base_user
+        s.cr3 = self.current_l4 << 12
+        self.virtual_ts = bool(c.ctrlreg[0] & 0x8)
+        s.cr0 = (s.cr0 & ~0x8) | (0x8 if self.virtual_ts else 0)
+        self.guest_cr4 = c.ctrlreg[4] or self.guest_cr4
+        struct.pack_into("<Q", self.vi_buf, self.vi_off + abi.VI_CR2, c.ctrlreg[2])
+        self.vi_set(abi.VI_UPCALL_MASK, g.get("saved_upcall_mask", 1) & 1)
+        self.kernel_ss, self.kernel_sp = c.kernel_ss, c.kernel_sp
+        self.trap_table = {vec: (fl, cs, addr) for vec, fl, cs, addr in c.trap_ctxt if addr}
+        self.event_callback = c.event_callback_eip
+        self.failsafe_callback = c.failsafe_callback_eip
+        self.syscall_callback = c.syscall_callback_eip
+        self.dr = list(c.debugreg[:4])
+        self.dr6 = c.debugreg[6] or 0xFFFF0FF0
+        self.dr7 = c.debugreg[7] or 0x400
+        if ext is not None:
+            self.syscall32_callback = ext.syscall32_callback_eip
+            self.sysenter_callback = ext.sysenter_callback_eip
+            self.syscall32_mask_events = bool(ext.syscall32_disables_events)
+            self.sysenter_mask_events = bool(ext.sysenter_disables_events)
+        self.up = bool(c.flags & mstream.VGCF_online)
+        self.initialised = True
+        self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
+        v.mark_regs_dirty()
+        v.mark_sregs_dirty()
+        v.flush_state()
+        if xsave is not None and len(xsave) >= 16 + 512:
+            area = bytearray(xsave[16:16 + 4096].ljust(4096, b"\0"))
+            area[:512] = c.fpu
+            try:
+                v.set_xsave(bytes(area))
+            except OSError as e:  # an area this CPU cannot load: the FPU starts clean
+                self.domain.log(f"restore: vcpu {self.id}: XSAVE state not loaded ({e})", always=True)
+        m = self.msrs
+        known = {0x48: "spec_ctrl", 0x140: "misc_features_enables", 0xC0000103: "tsc_aux",
+                 0xC001011F: "virt_spec_ctrl", 0xDA0: "xss"}
+        for idx, val in msrs:
+            if idx in known:
+                setattr(m, known[idx], val)
+
 
 
 def _unused(*_: Any) -> None:

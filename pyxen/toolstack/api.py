@@ -196,6 +196,27 @@ class Host:
     def block_list(self, dom: int | str) -> list[dict[str, Any]]:
         return list(self._call(op="block-list", domain=dom)["disks"])
 
+    def save(self, dom: int | str, file: str | Path, checkpoint: bool = False,
+             timeout: float = 10.0) -> dict[str, Any]:
+        """``xl save [-c]``: suspend the domain (it must act on control/shutdown
+        = "suspend" within ``timeout`` s, or it keeps running and this fails),
+        write it to ``file`` in Xen's format, then destroy it, or with
+        ``checkpoint`` let it run on.  Returns pages, bytes and seconds."""
+        r = self._call(op="save", domain=dom, file=str(Path(file).resolve()), checkpoint=checkpoint,
+                       timeout=timeout)
+        return {k: r.get(k) for k in ("pages", "bytes", "seconds")}
+
+    def restore(self, file: str | Path, paused: bool = False) -> dict[str, Any]:
+        """``xl restore``: a new domain from a save file; its domid, name and
+        the restore's figures (pages, bytes, pinned, ns)."""
+        r = self._call(op="restore", file=str(Path(file).resolve()), paused=paused)
+        return {"domid": int(r["domid"]), "name": r.get("name"), "sock": r.get("sock"),
+                **dict(r.get("stats") or {})}
+
+    def progress(self, dom: int | str) -> dict[str, Any]:
+        """The latest progress of a save or restore of ``dom`` (pages, total, bytes, ns)."""
+        return dict(self._call(op="progress", domain=dom).get("progress") or {})
+
     def pause(self, dom: int | str) -> None:
         self._call(op="pause", domain=dom)
 

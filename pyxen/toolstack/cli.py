@@ -197,6 +197,88 @@ def cmd_stream(h: Host | None, a: argparse.Namespace) -> int:
     return 0
 
 
+class _ProgressLine:
+    """Pages, MB/s and ETA of a save or restore on a terminal: a thread asks
+    the daemon (on a connection of its own) for the domain process's latest
+    progress event and rewrites one line of stderr."""
+
+    def __init__(self, host: Host, dom: int | str, what: str) -> None:
+        import threading
+        self.dom, self.what = dom, what
+        self.run_dir = host.run_dir
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._main, daemon=True)
+        self.enabled = sys.stderr.isatty()
+        if self.enabled:
+            self.thread.start()
+
+    @staticmethod
+    def line(what: str, p: dict[str, Any]) -> str:
+        done, total, nbytes, ns = (int(p.get(k) or 0) for k in ("pages", "total", "bytes", "ns"))
+        rate = nbytes / (ns / 1e9) / 1e6 if ns else 0.0
+        eta = (total - done) * (ns / 1e9) / done if done else 0.0
+        pct = 100 * done // total if total else 0
+        return (f"{what}: {done}/{total} pages ({pct}%), {nbytes / 2**20:.1f} MiB, "
+                f"{rate:.1f} MB/s, ETA {eta:.1f} s")
+
+    def _main(self) -> None:
+        try:
+            h = Host(self.run_dir, autostart=False)
+        except PyxenError:
+            return
+        with h:
+            while not self.stop.wait(0.2):
+                try:
+                    p = h.progress(self.dom)
+                except PyxenError:
+                    continue
+                if p:
+                    print("\r" + self.line(self.what, p) + "\x1b[K", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.enabled:
+            self.thread.join(1)
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
+
+
+def cmd_save(h: Host, a: argparse.Namespace) -> int:
+    dom = _dom(a)
+    bar = _ProgressLine(h, dom, "saving")
+    try:
+        r = h.save(dom, a.file, checkpoint=a.checkpoint, timeout=a.timeout)
+    finally:
+        bar.close()
+    secs = float(r.get("seconds") or 0)
+    mb = int(r.get("bytes") or 0) / 1e6
+    print(f"Saved domain {dom} to {a.file}: {r.get('pages')} pages, {mb:.1f} MB in {secs:.2f} s"
+          + (f" ({mb / secs:.1f} MB/s)" if secs else "")
+          + ("; the domain runs on" if a.checkpoint else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_restore(h: Host, a: argparse.Namespace) -> int:
+    from ..migration import stream
+    try:  # the name, for the progress line (the daemon checks the file itself)
+        with open(a.file, "rb") as f:
+            cfg = stream.XlHeader.read(stream.Reader(f, a.file)).config_json()
+        name = str(((cfg or {}).get("c_info") or {}).get("name") or "")
+    except (OSError, stream.StreamError, AttributeError):
+        name = ""
+    bar = _ProgressLine(h, name, "restoring") if name else None
+    try:
+        r = h.restore(a.file, paused=a.paused)
+    finally:
+        if bar is not None:
+            bar.close()
+    secs = int(r.get("ns") or 0) / 1e9
+    print(f"Restored domain {r['domid']} ({r.get('name')}) from {a.file}: {r.get('pages')} pages "
+          f"in {secs:.2f} s", file=sys.stderr)
+    if a.console:
+        return attach_console(h.console_socket(r["domid"]))
+    return 0
+
+
 def cmd_daemon(h: Host, a: argparse.Namespace) -> int:
     if a.action == "stop":
         h.quit()
@@ -254,6 +336,18 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     dn.add_argument("domid")
     d = new("dmesg", "the hypervisor log", cmd_dmesg)
     d.add_argument("-c", dest="clear", action="store_true", help="clear after printing")
+    sv = new("save", "save a domain to a file (Xen's format) and destroy it; -c: keep it running",
+             cmd_save)
+    sv.add_argument("domain")
+    sv.add_argument("file")
+    sv.add_argument("-c", dest="checkpoint", action="store_true",
+                    help="checkpoint: leave the domain running after the save")
+    sv.add_argument("-t", dest="timeout", type=float, default=10.0,
+                    help="seconds the guest has to suspend (default 10)")
+    rs = new("restore", "restore a domain from a save file", cmd_restore)
+    rs.add_argument("file")
+    rs.add_argument("-p", dest="paused", action="store_true", help="leave the domain paused")
+    rs.add_argument("-c", dest="console", action="store_true", help="attach to the console")
     sd = new("stream", "inspect a save file or migration stream: dump FILE", cmd_stream)
     sd.add_argument("action", choices=["dump"])
     sd.add_argument("file")

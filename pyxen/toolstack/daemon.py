@@ -20,6 +20,7 @@ process only.  Every field of every request is checked by validate.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import itertools
 import json
@@ -70,6 +71,8 @@ class Record:
     max_pages: int = 0
     start_info: dict[str, int] = field(default_factory=dict)
     spawned: threading.Event = field(default_factory=threading.Event)  # pid is known
+    progress: dict[str, int] = field(default_factory=dict)  # of a save or restore under way
+    restore_stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Daemon:
@@ -145,7 +148,9 @@ class Daemon:
                     return d
         raise RuntimeError("out of domain IDs")
 
-    def create(self, spec: dict[str, Any], actions: dict[str, str]) -> Record:
+    def create(self, spec: dict[str, Any], actions: dict[str, str], restore: str | None = None) -> Record:
+        """Create a domain; with ``restore`` (a save file) the domain process
+        restores it from the file instead of building it from a kernel."""
         name = spec["name"]
         with self.lock:
             for r in self.domains.values():
@@ -155,6 +160,8 @@ class Daemon:
             spec = dict(spec, domid=domid)
             spec["extra"] = dict(spec.get("extra") or {}, actions=actions)
             rec = Record(domid, name, spec, actions)
+            if restore is not None:  # seen by the domain process only (it drops it)
+                spec = dict(spec, extra=dict(spec["extra"], restore=restore))
             self.domains[domid] = rec
         try:
             rec.pid = self.spawn(domid, spec)
@@ -338,6 +345,12 @@ class Daemon:
         elif kind == "error":
             rec.error = str(msg.get("error"))[:4000]
             rec.ready.set()
+        elif kind == "progress":  # of a save or restore: for `pyxen save/restore`'s display
+            rec.progress = {k: validate.integer(k, msg.get(k, 0), 0, 1 << 62)
+                            for k in ("pages", "total", "bytes", "ns")}
+        elif kind == "restored":
+            rec.restore_stats = {k: validate.integer(k, msg.get(k, 0), 0, 1 << 62)
+                                 for k in ("pages", "bytes", "pinned", "ns", "saved_domid")}
         elif kind == "log":
             self.log(str(msg.get("line"))[:4000])
         elif kind == "state":
@@ -454,6 +467,9 @@ class Daemon:
         key = {"poweroff": "on_poweroff", "reboot": "on_reboot", "crash": "on_crash",
                "watchdog": "on_watchdog", "soft_reset": "on_soft_reset",
                "suspend": "on_suspend"}.get(reason, "on_poweroff")
+        if key == "on_suspend":  # a save suspended it: `save` takes it from here
+            self.log(f"domain {rec.domid} ({rec.name}) suspended")
+            return
         action = rec.actions.get(key, "destroy" if key != "on_reboot" else "restart")
         self.log(f"domain {rec.domid} ({rec.name}) {reason}: {key}={action}")
         if action == "preserve" or key == "on_suspend":
@@ -528,6 +544,13 @@ class Daemon:
         if op == "quit":
             self.quit.set()
             return {"ok": True}
+        if op == "restore":
+            path = validate.abs_path("file", req.get("file"))
+            paused = validate.boolean("paused", req.get("paused", False))
+            rspec, ractions = self.restore_spec(path, paused)
+            rec = self.create(rspec, ractions, restore=path)
+            return {"ok": True, "domid": rec.domid, "sock": rec.sock, "name": rec.name,
+                    "stats": rec.restore_stats}
         try:
             rec = self._find(validate.domain_ref(req.get("domain")))
         except LookupError as e:
@@ -535,6 +558,15 @@ class Daemon:
         if op == "destroy":
             self.destroy(rec)
             return {"ok": True}
+        if op == "save":
+            path = validate.abs_path("file", req.get("file"))
+            timeout = req.get("timeout", 10.0)
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+                raise RequestError("timeout must be a number of seconds from 0 to 3600")
+            return self.save(rec, path, validate.boolean("checkpoint", req.get("checkpoint", False)),
+                             float(timeout))
+        if op == "progress":
+            return {"ok": True, "progress": dict(rec.progress), "state": rec.state}
         if op == "console":
             return {"ok": True, "sock": rec.sock, "domid": rec.domid, "state": rec.state}
         if op in ("pause", "unpause"):
@@ -643,6 +675,74 @@ class Daemon:
         t.daemon = True
         t.start()
         return {"ok": True, "via": "xenstore"}
+
+    def save(self, rec: Record, path: str, checkpoint: bool, timeout: float) -> dict[str, Any]:
+        """``xl save [-c]``: suspend the guest as libxl does for a PV domain
+        (``control/shutdown = "suspend"``; the guest answers with
+        SCHEDOP_shutdown(SHUTDOWN_suspend)), have the domain process write the
+        stream, then destroy the domain, or with ``checkpoint`` let it run on
+        (its suspend hypercall returns 1).  A guest that does not suspend
+        within ``timeout`` s is an error and keeps running, as with xl ("guest
+        didn't acknowledge suspend"); so is a failed save (the domain process
+        resumes it, the partial file is removed)."""
+        if rec.state not in ("running", "blocked", "paused"):
+            raise RuntimeError(f"domain {rec.domid} is {rec.state}: only a running domain can be saved")
+        ctl = f"/local/domain/{rec.domid}/control/shutdown"
+        rec.progress = {}
+        self.xsd.write(ctl, "suspend")
+        self.log(f"domain {rec.domid} ({rec.name}): asked to suspend through xenstore")
+        end = time.monotonic() + timeout
+        while not (rec.state == "shutdown" and rec.reason == "suspend"):
+            if rec.state in ("shutdown", "crashed") or self.domains.get(rec.domid) is not rec:
+                raise RuntimeError(f"domain {rec.domid} {rec.state} ({rec.reason}) instead of suspending")
+            if time.monotonic() > end:
+                with contextlib.suppress(XsError):
+                    self.xsd.write(ctl, "")
+                raise RuntimeError(f"domain {rec.domid} did not suspend within {timeout:g} s (the "
+                                   "guest must act on control/shutdown = \"suspend\"); it keeps running")
+            time.sleep(0.01)
+        reply = self.request(rec, "save", timeout=3600, raw=True, file=path, checkpoint=checkpoint)
+        if checkpoint or not reply.get("ok"):
+            self._xs_resumed(rec.domid)
+        if not reply.get("ok"):
+            raise RuntimeError(str(reply.get("error", "save failed")))
+        self.log(f"domain {rec.domid} ({rec.name}) saved to {path}" + (" (checkpoint)" if checkpoint else ""))
+        if not checkpoint:
+            self.destroy(rec)
+        return {"ok": True, "pages": reply.get("pages"), "bytes": reply.get("bytes"),
+                "seconds": reply.get("seconds")}
+
+    def _xs_resumed(self, domid: int) -> None:
+        """The domain runs again after a suspend: what libxl's xs_resume_domain
+        (XS_RESUME) does, so that its next shutdown fires @releaseDomain again."""
+        with self.xsd.lock:
+            dom = self.xsd.domains.get(domid)
+            if dom is not None:
+                dom.shutdown = False
+
+    def restore_spec(self, path: str, paused: bool) -> tuple[dict[str, Any], dict[str, str]]:
+        """The domain a save file holds: the config in its xl header, checked as
+        a create request's (the file is the user's: nothing in it is trusted)."""
+        from ..migration import stream
+        try:
+            with open(path, "rb") as f:
+                hdr = stream.XlHeader.read(stream.Reader(f, path))
+        except stream.StreamError as e:
+            raise RuntimeError(str(e)) from None
+        except OSError as e:
+            raise RuntimeError(f"cannot read {path}: {e.strerror}") from None
+        cfg = hdr.config_json()
+        spec = cfg.get("pyxen_spec") if isinstance(cfg, dict) else None
+        if not isinstance(spec, dict):
+            raise RuntimeError(f"{path}: no pyxen domain config in the save file's header")
+        spec = {k: v for k, v in spec.items() if k != "domid"}
+        extra = dict(spec.get("extra") or {})
+        acts = extra.pop("actions", None)
+        extra = {k: v for k, v in extra.items() if k == "disks"}
+        if paused:
+            extra["paused"] = True
+        spec["extra"] = extra
+        return validate.spec(spec, acts)
 
     def host_info(self) -> dict[str, Any]:
         from ..hv.hypercalls import XEN_CAPABILITIES, XEN_EXTRA, XEN_MAJOR, XEN_MINOR

@@ -298,6 +298,10 @@ class DomainProcess:
                     if ch.remote_dom == gone and not ch.backend_local:
                         self.directory.drop(port)
                 d.peer_gone(gone)
+            elif op == "save":
+                path, checkpoint = str(msg["file"]), bool(msg.get("checkpoint"))
+                threading.Thread(target=self._save, args=(rid, path, checkpoint), daemon=True).start()
+                return  # the thread answers
             elif op == "destroy":
                 self.event(**reply)
                 self.exit(0)
@@ -308,6 +312,52 @@ class DomainProcess:
         except Exception as e:  # noqa: BLE001 - report, never die on a bad request
             reply = {"reply": rid, "ok": False, "error": str(e)}
         self.event(**reply)
+
+    def _progress(self) -> Callable[[int, int, int], None]:
+        """A progress callback for save/restore: an event to the daemon at most
+        every 100 ms (and at the end), which ``pyxen save/restore`` displays."""
+        t0 = time.monotonic_ns()
+        last = [0]
+
+        def cb(done: int, total: int, nbytes: int) -> None:
+            now = time.monotonic_ns()
+            if done < total and now - last[0] < 100_000_000:
+                return
+            last[0] = now
+            self.event(event="progress", pages=done, total=total, bytes=nbytes, ns=now - t0)
+        return cb
+
+    def _save(self, rid: object, path: str, checkpoint: bool) -> None:
+        """Write the suspended domain to ``path`` (a thread: the console and the
+        daemon's other requests are served meanwhile).  On failure the file is
+        removed and the domain resumed (its suspend hypercall returns 1), as
+        xl does after a failed save; after a checkpoint it is resumed too."""
+        from ..migration.save import SaveError, save_domain
+        from ..migration.stream import StreamError
+        d = self.domain
+        assert d is not None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+                stats = save_domain(d, f, progress=self._progress())
+                os.fsync(f.fileno())
+        except (SaveError, StreamError, OSError, XenError) as e:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            try:
+                d.resume_after_suspend(True)
+                note = "the domain was resumed"
+            except XenError as e2:
+                note = f"the domain could not be resumed: {e2.why}"
+            d.log(f"save to {path} failed: {why}; {note}", always=True)
+            self.event(reply=rid, ok=False, error=f"save to {path} failed: {why} ({note})")
+            return
+        d.log(f"saved to {path}: {stats.pages} pages, {stats.bytes} bytes in {stats.seconds:.3f} s",
+              always=True)
+        if checkpoint:
+            d.resume_after_suspend(True)
+        self.event(reply=rid, ok=True, pages=stats.pages, bytes=stats.bytes, seconds=stats.seconds)
 
     def exit(self, code: int) -> None:
         if self.domain is not None:
@@ -341,10 +391,14 @@ class DomainProcess:
         lsock.listen(8)
         self.event(event="register", domid=self.domid, pid=os.getpid(), sock=str(sock_path))
         self.mark("registered")
+        restore = self.spec.extra.pop("restore", None)  # a save file to restore from
         try:
-            self.domain = create_domain(self.spec, console_sink=self.on_console,
-                                        log_sink=self.on_log, on_state=self.on_state,
-                                        start=False, directory=self.directory)
+            if restore is not None:
+                self.domain = self._restore(str(restore))
+            else:
+                self.domain = create_domain(self.spec, console_sink=self.on_console,
+                                            log_sink=self.on_log, on_state=self.on_state,
+                                            start=False, directory=self.directory)
         except (CreateError, OSError, ValueError) as e:
             self.event(event="error", error=str(e))
             os._exit(1)
@@ -385,6 +439,24 @@ class DomainProcess:
                         self._drop_client(c)
             if self.daemon_lost and time.monotonic() - self.daemon_lost > 0.2:
                 self._readopt()
+
+    def _restore(self, path: str) -> Domain:
+        """``pyxen restore``: the domain from a save file instead of a kernel.
+        A bad file is a CreateError with the reason; the half-restored domain
+        is gone by then (restore_domain cleans up)."""
+        from ..migration.restore import RestoreError, restore_file
+        try:
+            d, stats = restore_file(path, self.domid, console_sink=self.on_console,
+                                    log_sink=self.on_log, on_state=self.on_state, start=False,
+                                    directory=self.directory, progress=self._progress(),
+                                    spec=self.spec)
+        except RestoreError as e:
+            raise CreateError(f"restore from {path}: {e}") from None
+        saved = stats.state.get("domid")
+        self.event(event="restored", pages=stats.pages, bytes=stats.bytes, pinned=stats.pinned,
+                   ns=int(stats.seconds * 1e9),
+                   saved_domid=saved if isinstance(saved, int) and 0 <= saved < 1 << 16 else 0)
+        return d
 
     def _reconnect(self) -> None:
         """After a daemon restart: relay the guest's xenstore ring to the new

@@ -1,0 +1,382 @@
+"""Restore a domain from Xen's stream (what ``xl restore`` does, libxc's
+``xg_sr_restore.c`` and ``xg_sr_restore_x86_pv.c``).
+
+The config in the xl header gives the domain to build (``read_config``); an
+empty :class:`~pyxen.hv.domain.Domain` of that size is made and the records
+are applied to it, each checked before use:
+
+* PAGE_DATA: every pfn must be below the domain's maximum; page-table pages
+  are localised (pfn -> mfn, a pfn the domain cannot have is an error) and
+  written to RAM before the VM first runs, which is what the builder does for
+  a fresh domain (a host write of a not-present-to-present entry is seen by
+  the guest's first walk: platform-notes.md fact 1).  XTAB pfns stay free.
+* At END, as Xen's stream_complete: the pinned tables are pinned (each pin
+  validates the whole tree below it with the PV MMU's rules, so a table that
+  maps a frame the domain does not own fails here, with the MMU's message),
+  each vCPU's state is set and its CR3 takes its type reference, start_info
+  gets the new console and xenstore frames and event channels
+  (process_start_info), and the clock continues from the save.
+
+Nothing of the saved domain's event channels and grant table is restored:
+Xen's restored domain starts with all channels closed and an empty grant
+table; the guest rebinds and re-grants when its suspend hypercall returns 0.
+The toolstack sets up the console and xenstore channels as for a new domain.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+
+from .. import abi
+from ..abi import XenError
+from ..hv import machine as M
+from . import stream as S
+
+if TYPE_CHECKING:
+    from ..hv.domain import Domain, DomainSpec
+
+Progress = Callable[[int, int, int], None]  # pages done, pages in all, bytes read
+_ZERO_PAGE = bytes(S.PAGE_SIZE)
+
+
+class RestoreError(Exception):
+    """The stream cannot be restored; no domain is left behind."""
+
+
+@dataclass
+class RestoreStats:
+    pages: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    pinned: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def read_config(items: Iterator[S.Item]) -> tuple[dict[str, Any], Iterator[S.Item]]:
+    """The xl header's config (JSON) from the first item; the rest follows."""
+    first = next(items, None)
+    if first is None or not isinstance(first.value, S.XlHeader):
+        raise RestoreError("not an xl save file: no xl header (pyxen restore needs the "
+                           "domain's config, which xl's header carries)")
+    cfg = first.value.config_json()
+    if not isinstance(cfg, dict):
+        raise RestoreError("the save file's header carries no JSON config")
+    return cfg, items
+
+
+def spec_from_config(cfg: dict[str, Any], domid: int) -> DomainSpec:
+    """A DomainSpec from the header's config (pyxen's own, or xl's c_info/b_info)."""
+    from ..hv.domain import DomainSpec
+    ps = cfg.get("pyxen_spec")
+    if isinstance(ps, dict):
+        known = {f for f in DomainSpec.__dataclass_fields__}
+        kw = {k: v for k, v in ps.items() if k in known}
+        kw["domid"] = domid
+        try:
+            return DomainSpec(**kw)
+        except TypeError as e:
+            raise RestoreError(f"config in the save file: {e}") from None
+    ci, bi = cfg.get("c_info") or {}, cfg.get("b_info") or {}
+    try:
+        mem = int(bi.get("target_memkb") or bi["max_memkb"]) // 1024
+        return DomainSpec(name=str(ci["name"]), memory_mib=mem,
+                          maxmem_mib=int(bi.get("max_memkb", mem * 1024)) // 1024,
+                          kernel="", vcpus=int(bi.get("max_vcpus", 1)), domid=domid,
+                          uuid=str(ci.get("uuid") or DomainSpec.uuid))
+    except (KeyError, TypeError, ValueError) as e:
+        raise RestoreError(f"config in the save file lacks the domain's name or size ({e})") from None
+
+
+class _Restorer:
+    def __init__(self, d: Domain, progress: Progress | None) -> None:
+        self.d = d
+        self.progress = progress
+        self.max_pfn = d.max_pages - 1
+        self.seen: set[int] = set()
+        self.xtab: set[int] = set()
+        self.pins: list[tuple[int, int]] = []
+        self.types: dict[int, int] = {}
+        self.vcpu: dict[int, dict[int, bytes]] = {}
+        self.shared_info: bytes | None = None
+        self.tsc: S.TscInfo | None = None
+        self.state: dict[str, Any] = {}
+        self.stats = RestoreStats()
+        self.pv_info = False
+
+    def pfn_to_mfn(self, pfn: int) -> int | None:
+        return pfn + M.MFN_BASE if 0 <= pfn <= self.max_pfn else None
+
+    def page_data(self, pd: S.PageData) -> None:
+        ram = self.d.machine.ram
+        it = iter(pd.data)
+        for pfn, t in pd.pfns:
+            if pfn > self.max_pfn:
+                raise S.StreamError(f"pfn {pfn:#x} outside the domain's maximum {self.max_pfn:#x}")
+            if not t.has_data:
+                if t == S.PageType.XTAB:
+                    self.xtab.add(pfn)
+                    self.seen.discard(pfn)
+                continue
+            page = next(it)
+            if t.level:
+                page = S.localise_pagetable(page, t.level, self.pfn_to_mfn)
+                self.types[pfn] = t.level
+                if t.pinned:
+                    self.pins.append((pfn + M.MFN_BASE, t.level))
+            else:
+                self.types.pop(pfn, None)
+            off = pfn << 12
+            if page != _ZERO_PAGE or pfn in self.seen:
+                # a fresh domain's RAM reads zeros: a zero page is not written,
+                # so it is never allocated (restoring a mostly empty domain
+                # takes no more host memory than the domain had in use)
+                ram[off:off + S.PAGE_SIZE] = page
+            self.seen.add(pfn)
+            self.xtab.discard(pfn)
+            self.stats.pages += 1
+
+    def item(self, it: S.Item) -> bool:
+        """Apply one item; True at the libxc END."""
+        v = it.value
+        if it.layer != "libxc" or it.rtype is None:
+            return False
+        if it.rtype == S.Rec.X86_PV_INFO:
+            self.pv_info = True
+        elif it.rtype == S.Rec.PAGE_DATA:
+            if not self.pv_info:
+                raise S.StreamError("PAGE_DATA before X86_PV_INFO")
+            self.page_data(S.PageData.unpack(it.body, self.max_pfn))
+        elif it.rtype in (S.Rec.X86_PV_VCPU_BASIC, S.Rec.X86_PV_VCPU_EXTENDED,
+                          S.Rec.X86_PV_VCPU_XSAVE, S.Rec.X86_PV_VCPU_MSRS):
+            blob = S.VcpuBlob.unpack(it.rtype, it.body, len(self.d.vcpus))
+            if blob.context:
+                self.vcpu.setdefault(blob.vcpu_id, {})[it.rtype] = blob.context
+        elif it.rtype == S.Rec.SHARED_INFO:
+            self.shared_info = v
+        elif it.rtype == S.Rec.X86_TSC_INFO:
+            self.tsc = v
+        elif it.rtype == S.Rec.PYXEN_DOMAIN_STATE:
+            if not isinstance(v, dict):
+                raise S.StreamError("PYXEN_DOMAIN_STATE is not a JSON object")
+            self.state = v
+        elif it.rtype == S.Rec.CHECKPOINT:
+            raise S.StreamError("a checkpointed (Remus/COLO) stream: not supported")
+        elif it.rtype == S.Rec.END:
+            return True
+        return False
+
+    # ------------------------------------------------------------ at END
+    def complete(self) -> None:
+        d = self.d
+        if not self.pv_info:
+            raise S.StreamError("no X86_PV_INFO record")
+        if 0 not in self.vcpu or S.Rec.X86_PV_VCPU_BASIC not in self.vcpu[0]:
+            raise S.StreamError("no X86_PV_VCPU_BASIC record for vcpu 0")
+        if self.shared_info is None:
+            raise S.StreamError("no SHARED_INFO record")
+        # memory: what the stream did not populate is free, as in the saved domain
+        with d.reservation_lock:
+            d.free_pfns = set(range(d.max_pages)) - self.seen
+        run_start = None
+        for pfn in range(d.max_pages + 1):
+            inside = pfn in self.seen
+            if inside and run_start is None:
+                run_start = pfn
+            elif not inside and run_start is not None:
+                d.machine.set_m2p_range(run_start + M.MFN_BASE, run_start, pfn - run_start)
+                run_start = None
+        # the clock first: vCPU time records are written against it
+        sys_ns = self.tsc.nsec if self.tsc is not None else int(
+            (self.state.get("clock") or {}).get("system_time_ns", 0))
+        d.clock.restore_state(sys_ns)
+        d.restore_shared_info(self.shared_info)
+        # page tables: pins (each validates its tree)
+        try:
+            d.ft.restore_pins(self.pins)
+        except XenError as e:
+            raise S.StreamError(f"a pinned page table does not validate: {e.why or e}") from None
+        self.stats.pinned = len(self.pins)
+        # start_info: new console/xenstore frames and channels, as process_start_info
+        ctxs = {vid: S.VcpuContext.unpack(recs[S.Rec.X86_PV_VCPU_BASIC])
+                for vid, recs in self.vcpu.items() if S.Rec.X86_PV_VCPU_BASIC in recs}
+        si_pfn = ctxs[0].regs.get("rdx", 0)
+        ctxs[0].regs["rdx"] = self.start_info(si_pfn)
+        d.vm_assist = ctxs[0].vm_assist
+        vstate = {int(v.get("id", -1)): v for v in self.state.get("vcpus") or [] if isinstance(v, dict)}
+        for vid, c in sorted(ctxs.items()):
+            self.vcpu_context(vid, c, vstate.get(vid, {}))
+
+    def start_info(self, pfn: int) -> int:
+        d = self.d
+        if pfn not in self.seen or pfn in self.types:
+            raise S.StreamError(f"start_info pfn {pfn:#x} (vcpu 0's rdx) is not an ordinary "
+                                "page of the domain")
+        off = pfn << 12
+        f = list(abi.START_INFO.unpack_from(d.machine.ram, off))
+        if not f[0].startswith(b"xen-"):
+            raise S.StreamError(f"start_info at pfn {pfn:#x} has no magic ({f[0][:16]!r})")
+        store_pfn, console_pfn = f[4], f[6]
+        for name, p in (("store", store_pfn), ("console", console_pfn)):
+            if p not in self.seen or p in self.types:
+                raise S.StreamError(f"start_info's {name} pfn {p:#x} is not an ordinary page of "
+                                    "the domain (the guest must put pfns there before suspending, "
+                                    "as Linux's xen_pre_suspend does)")
+        console_mfn, store_mfn = console_pfn + M.MFN_BASE, store_pfn + M.MFN_BASE
+        console_port = d.evtchn.bind_backend(lambda: d.console.on_event()  # type: ignore[union-attr]
+                                             if d.console else None, 1)
+        store_port = d.evtchn.bind_backend(lambda: d.xs_ring.on_guest_event()  # type: ignore[union-attr]
+                                           if d.xs_ring else None, 2)
+        f[1] = d.nr_pages
+        f[2] = d.shared_info_mfn << 12
+        f[4], f[5], f[6], f[7] = store_mfn, store_port, console_mfn, console_port
+        abi.START_INFO.pack_into(d.machine.ram, off, *f)
+        d.start_info = {"console_mfn": console_mfn, "console_evtchn": console_port,
+                        "store_mfn": store_mfn, "store_evtchn": store_port}
+        for mfn in (console_mfn, store_mfn):
+            d.ft.hold_writable(mfn)
+        return pfn + M.MFN_BASE
+
+    def vcpu_context(self, vid: int, c: S.VcpuContext, extra: dict[str, Any]) -> None:
+        d = self.d
+        v = d.vcpus[vid]
+        recs = self.vcpu[vid]
+        for i in (1, 3):
+            if c.ctrlreg[i]:
+                mfn = self.pfn_to_mfn(c.ctrlreg[i] >> 12)
+                if mfn is None or (c.ctrlreg[i] >> 12) not in self.seen:
+                    raise S.StreamError(f"vcpu {vid}: cr{i} pfn {c.ctrlreg[i] >> 12:#x} is not the domain's")
+                c.ctrlreg[i] = mfn << 12
+        if not c.ctrlreg[3]:
+            raise S.StreamError(f"vcpu {vid}: no page tables (cr3 0)")
+        # as Xen's arch_set_info_guest: every address the guest gave must be canonical
+        addrs = {"rip": c.regs.get("rip", 0), "rsp": c.regs.get("rsp", 0), "kernel_sp": c.kernel_sp,
+                 "fs_base": c.fs_base, "gs_base_kernel": c.gs_base_kernel,
+                 "gs_base_user": c.gs_base_user, "event_callback": c.event_callback_eip,
+                 "failsafe_callback": c.failsafe_callback_eip,
+                 "syscall_callback": c.syscall_callback_eip}
+        addrs.update({f"trap {vec} handler": addr for vec, _f, _cs, addr in c.trap_ctxt})
+        for what, a in addrs.items():
+            if not _canonical(a):
+                raise S.StreamError(f"vcpu {vid}: {what} {a:#x} is not a canonical address")
+        gdt = []
+        for g in c.gdt_frames[:(c.gdt_ents + 511) // 512]:
+            mfn = self.pfn_to_mfn(g)
+            if mfn is None or g not in self.seen:
+                raise S.StreamError(f"vcpu {vid}: GDT pfn {g:#x} is not the domain's")
+            gdt.append(mfn)
+        ext = S.ExtVcpuContext.unpack(recs[S.Rec.X86_PV_VCPU_EXTENDED]) \
+            if S.Rec.X86_PV_VCPU_EXTENDED in recs else None
+        msrs = S.unpack_msrs(recs.get(S.Rec.X86_PV_VCPU_MSRS, b""))
+        v.restore_context(c, ext, recs.get(S.Rec.X86_PV_VCPU_XSAVE), msrs)
+        try:  # CR3 references, as arch_set_info_guest's get_page_and_type(PGT_root)
+            d.ft.get_type(c.ctrlreg[3] >> 12, 4)
+            if c.ctrlreg[1]:
+                d.ft.get_type(c.ctrlreg[1] >> 12, 4)
+            if gdt:
+                d.restore_gdt(v, gdt)
+        except XenError as e:
+            raise S.StreamError(f"vcpu {vid}: {e.why or e}") from None
+        v.dr7_emul = int(extra.get("dr7_emul", 0)) & 0xFFFFFFFF
+        v.nmi_callback = int(extra.get("nmi_callback", 0)) & (2**64 - 1)
+        tsc = extra.get("tsc")
+        if isinstance(tsc, int) and 0 < tsc < 1 << 63:
+            try:  # the guest's TSC continues too (user space reads it directly)
+                v.kvm.set_msrs({0x10: tsc})
+            except OSError:
+                pass
+
+
+def _canonical(a: int) -> bool:
+    return 0 <= a < 1 << 64 and (a >> 47) in (0, 0x1FFFF)
+
+
+def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None = None,
+                 total_pages: int | None = None) -> RestoreStats:
+    """Apply the libxc records in ``items`` to the new, not yet started domain ``d``."""
+    t0 = time.monotonic()
+    r = _Restorer(d, progress)
+    total = total_pages or d.max_pages
+    done = False
+    last = None
+    for it in items:
+        last = it
+        if r.item(it):
+            r.complete()
+            done = True
+        if progress and it.rtype == S.Rec.PAGE_DATA:
+            progress(min(len(r.seen) + len(r.xtab), total), total, it.offset)
+        if done and it.layer == "libxl" and it.rtype == S.LibxlRec.END:
+            break
+    if not done:
+        raise S.StreamError("the stream ended before its END record")
+    r.stats.seconds = time.monotonic() - t0
+    r.stats.bytes = last.offset if last is not None else 0
+    r.stats.state = r.state
+    return r.stats
+
+
+def restore_domain(f: IO[bytes], domid: int, name: str = "stream",
+                   console_sink: Callable[[bytes], None] | None = None,
+                   log_sink: Callable[[str], None] | None = None,
+                   on_state: Callable[[Domain], None] | None = None,
+                   directory: Any = None, start: bool = True,
+                   progress: Progress | None = None,
+                   rename: str | None = None,
+                   spec: DomainSpec | None = None) -> tuple[Domain, RestoreStats]:
+    """Read a save file and build the domain it holds (``domctl.create_domain``'s
+    counterpart).  Any error destroys the half-built domain and raises
+    RestoreError with the reason.  ``spec``: the domain to build (the
+    toolstack's, already checked) instead of the one in the file's header."""
+    from ..backends.console import ConsoleBackend
+    from ..domctl import CreateError, check_spec
+    from ..hv.domain import Domain
+    items = S.iter_stream(f, name)
+    try:
+        cfg, items = read_config(items)
+        file_spec = spec_from_config(cfg, domid)
+        if spec is None:
+            spec = file_spec
+        elif (spec.memory_mib, spec.maxmem_mib) != (file_spec.memory_mib, file_spec.maxmem_mib):
+            raise RestoreError(f"the file holds a domain of {file_spec.memory_mib} MiB "
+                               f"(maxmem {file_spec.maxmem_mib}), not {spec.memory_mib}")
+        if rename:
+            spec.name = rename
+        check_spec(spec)
+    except (S.StreamError, CreateError) as e:
+        raise RestoreError(str(e)) from None
+    d = Domain(spec, console_sink, on_state, log_sink, directory)
+    try:
+        stats = restore_into(d, items, progress)
+    except (S.StreamError, XenError, ValueError, TypeError, KeyError, IndexError, OverflowError,
+            OSError, struct.error) as e:
+        why = e.why if isinstance(e, XenError) else str(e)
+        d.destroy()
+        d.close()
+        raise RestoreError(why) from None
+    except BaseException:
+        d.destroy()
+        d.close()
+        raise
+    off = d.machine.ram_offset(d.start_info["console_mfn"])
+    port = d.start_info["console_evtchn"]
+    d.console = ConsoleBackend(d.machine.ram_view[off:off + 4096], d.console_output,
+                               lambda: d.raise_port(port, 0))
+    d.log(f"restored from {name}: {stats.pages} pages, {stats.pinned} pinned tables, "
+          f"saved as domain {stats.state.get('domid', '?')}", always=True)
+    if start:
+        d.start()
+    return d, stats
+
+
+def restore_file(path: str, domid: int, **kw: Any) -> tuple[Domain, RestoreStats]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below
+    except OSError as e:
+        raise RestoreError(f"cannot open {path}: {e.strerror}") from None
+    with f:
+        return restore_domain(f, domid, name=path, **kw)
+

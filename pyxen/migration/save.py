@@ -1,0 +1,279 @@
+"""Save a suspended domain into Xen's stream (xl save file, libxl v2, libxc v3).
+
+The domain must be suspended (state shutdown, reason suspend: the guest
+called ``SCHEDOP_shutdown(SHUTDOWN_suspend)``) and its vCPU threads stopped.
+Each stateful object gives its own state (``VCPU.save_context`` and friends,
+``FrameTable.pfinfo``, ``DomainClock.save_state``, ``EventChannels.save_state``,
+``GrantTables.save_state``); this module normalises machine frames to pfns
+as Xen's ``xg_sr_save_x86_pv.c`` does and writes the records in Xen's order:
+
+    image header, domain header, X86_PV_INFO, STATIC_DATA_END,
+    X86_PV_P2M_FRAMES, PAGE_DATA..., X86_TSC_INFO, SHARED_INFO,
+    X86_PV_VCPU_{BASIC,EXTENDED,XSAVE,MSRS} per vCPU, PYXEN_DOMAIN_STATE, END
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+from .. import abi
+from ..hv import machine as M
+from . import stream as S
+
+if TYPE_CHECKING:
+    from ..hv.domain import Domain
+
+Progress = Callable[[int, int, int], None]  # pages done, pages in all, bytes written
+
+
+class SaveError(Exception):
+    """The domain cannot be saved; the message says why (the domain is not harmed)."""
+
+
+@dataclass
+class SaveStats:
+    pages: int = 0  # pages with data
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+class _Out:
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.n = f, 0
+
+    def write(self, b: bytes | memoryview) -> None:
+        self.f.write(b)
+        self.n += len(b)
+
+    def rec(self, rtype: int, body: bytes = b"") -> None:
+        self.write(S.encode_record(rtype, body))
+
+
+def xl_config(d: Domain) -> dict[str, Any]:
+    """The config xl would put in the save file's header (libxl_domain_config as
+    JSON: c_info, b_info), with pyxen's DomainSpec under ``pyxen_spec`` so
+    that ``pyxen restore`` rebuilds the same domain."""
+    import dataclasses
+    spec = dataclasses.asdict(d.spec)
+    spec["extra"] = {k: v for k, v in (spec.get("extra") or {}).items()
+                     if k in ("disks", "actions", "vifs")}
+    return {"c_info": {"type": "pv", "name": d.name, "uuid": d.spec.uuid},
+            "b_info": {"max_vcpus": len(d.vcpus), "max_memkb": d.max_pages * 4,
+                       "target_memkb": d.nr_pages * 4},
+            "pyxen_spec": spec}
+
+
+def _mfn_to_pfn(d: Domain) -> Callable[[int], int | None]:
+    free = d.free_pfns
+    maxp = d.max_pages
+
+    def conv(mfn: int) -> int | None:
+        pfn = mfn - M.MFN_BASE
+        if 0 <= pfn < maxp and pfn not in free:
+            return pfn
+        return None
+    return conv
+
+
+def check_suspended(d: Domain) -> None:
+    if d.shutdown_reason != abi.SHUTDOWN_suspend or d.crashed:
+        raise SaveError(f"domain {d.domid} is {d.state}, not suspended")
+    if not d.wait_stopped(5.0):
+        raise SaveError(f"domain {d.domid}: vCPUs did not stop")
+
+
+def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
+                progress: Progress | None = None) -> SaveStats:
+    """Write the whole save file for the suspended domain ``d`` to ``f``.
+    Raises SaveError (or StreamError for a page table Xen could not
+    normalise either) before anything the guest needs is changed."""
+    check_suspended(d)
+    t0 = time.monotonic()
+    m2p = _mfn_to_pfn(d)
+    # vCPU records first, in memory: a vCPU whose state cannot be normalised
+    # fails the save before pages are written
+    vcpu_recs: list[tuple[int, bytes]] = []
+    si_pfn = None
+    for v in d.vcpus:
+        if not v.initialised:
+            vcpu_recs.append((S.Rec.X86_PV_VCPU_BASIC, S.VcpuBlob(v.id, b"").pack()))
+            continue
+        c = v.save_context()
+        for i in (1, 3):
+            if c.ctrlreg[i]:
+                pfn = m2p(c.ctrlreg[i] >> 12)
+                if pfn is None:
+                    raise SaveError(f"vcpu {v.id}: cr{i} {c.ctrlreg[i]:#x} is not the domain's RAM")
+                c.ctrlreg[i] = pfn << 12
+        for i, g in enumerate(c.gdt_frames):
+            if g:
+                pfn = m2p(g)
+                if pfn is None:
+                    raise SaveError(f"vcpu {v.id}: GDT frame {g:#x} is not the domain's RAM")
+                c.gdt_frames[i] = pfn
+        if v.id == 0:  # the suspend record (start_info) mfn in rdx, as xg_sr_save_x86_pv.c
+            pfn = m2p(c.regs.get("rdx", 0))
+            if pfn is None:
+                raise SaveError(f"vcpu 0: rdx {c.regs.get('rdx', 0):#x} is not the start_info "
+                                "frame (the guest must pass it to SCHEDOP_shutdown(suspend))")
+            c.regs["rdx"] = si_pfn = pfn
+        vcpu_recs.append((S.Rec.X86_PV_VCPU_BASIC, S.VcpuBlob(v.id, c.pack()).pack()))
+        vcpu_recs.append((S.Rec.X86_PV_VCPU_EXTENDED, S.VcpuBlob(v.id, v.save_extended().pack()).pack()))
+        vcpu_recs.append((S.Rec.X86_PV_VCPU_XSAVE, S.VcpuBlob(v.id, v.save_xsave()).pack()))
+        msrs = v.save_msrs()
+        vcpu_recs.append((S.Rec.X86_PV_VCPU_MSRS, S.VcpuBlob(v.id, S.pack_msrs(msrs)).pack()))
+
+    out = _Out(f)
+    cfg = json.dumps(config if config is not None else xl_config(d)).encode() + b"\0"
+    out.write(S.XlHeader(S.XL_MANDATORY_FLAG_JSON | S.XL_MANDATORY_FLAG_STREAMv2, 0, cfg).pack())
+    out.write(S.pack_libxl_header())
+    out.rec(S.LibxlRec.LIBXC_CONTEXT)
+    out.write(S.ImageHeader().pack())
+    from ..hv.hypercalls import XEN_MAJOR, XEN_MINOR
+    out.write(S.DomainHeader(xen_major=XEN_MAJOR, xen_minor=XEN_MINOR).pack())
+    out.rec(S.Rec.X86_PV_INFO, S.PvInfo().pack())
+    out.rec(S.Rec.STATIC_DATA_END)
+    _write_p2m_frames(d, out, si_pfn)
+
+    ram = d.machine.ram_view
+    total = d.max_pages
+    stats = SaveStats()
+    ft = d.ft
+    present = _present_pages(d.machine.memfd, total)
+    zeros = memoryview(bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE))
+    for first in range(0, total, S.MAX_BATCH_SIZE):
+        pfns: list[tuple[int, S.PageType]] = []
+        chunks: list[bytes | memoryview] = []  # page data, contiguous RAM runs as views
+        run_start = run_end = -1
+        run_kind = 1
+        npages = 0
+        for pfn in range(first, min(total, first + S.MAX_BATCH_SIZE)):
+            if pfn in d.free_pfns:
+                pfns.append((pfn, S.PageType.XTAB))
+                continue
+            t = S.PageType(ft.pfinfo(pfn + M.MFN_BASE))
+            pfns.append((pfn, t))
+            npages += 1
+            if not t.level:
+                if run_end == pfn and present[pfn] == run_kind:
+                    run_end += 1
+                else:
+                    if run_start >= 0:
+                        chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
+                    run_start, run_end, run_kind = pfn, pfn + 1, present[pfn]
+                continue
+            if run_start >= 0:
+                chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
+                run_start = run_end = -1
+            off = pfn << 12
+            try:
+                chunks.append(S.normalise_pagetable(bytes(ram[off:off + S.PAGE_SIZE]), t.level, m2p))
+            except S.StreamError as e:
+                raise SaveError(f"page table at pfn {pfn:#x}: {e} (a guest maps Xen-heap "
+                                "frames such as shared_info or its grant table until it "
+                                "unmaps them before suspending, as Linux does)") from None
+        if run_start >= 0:
+            chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
+        # the record written piece by piece, the pages straight from guest memory
+        # (what PageData.pack would build; its length is a multiple of 8: no padding)
+        words = [(pfn & S.PAGE_DATA_PFN_MASK) | (int(t) << S.PAGE_DATA_TYPE_SHIFT) for pfn, t in pfns]
+        head = struct.pack(f"<II{len(words)}Q", len(words), 0, *words)
+        out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + npages * S.PAGE_SIZE) + head)
+        for chunk in chunks:
+            out.write(chunk)
+        stats.pages += npages
+        if progress:
+            progress(min(total, first + S.MAX_BATCH_SIZE), total, out.n)
+
+    clock = d.clock.save_state()
+    out.rec(S.Rec.X86_TSC_INFO, S.TscInfo(0, d.vcpus[0].tsc_khz, clock["system_time_ns"], 1).pack())
+    out.rec(S.Rec.SHARED_INFO, bytes(d.shared_info))
+    for rtype, body in vcpu_recs:
+        out.rec(rtype, body)
+    out.rec(S.Rec.PYXEN_DOMAIN_STATE, json.dumps(domain_state(d, clock)).encode())
+    out.rec(S.Rec.END)
+    out.rec(S.LibxlRec.END)
+    f.flush()
+    stats.bytes = out.n
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _present_pages(memfd: int, npages: int) -> bytearray:
+    """1 for each RAM page the memfd holds data for, 0 for a hole (never
+    written, or given back with MADV_REMOVE): holes are sent as zeros without
+    reading them through the mapping, which would allocate them (a shared
+    shmem mapping has no zero page), so saving a mostly empty domain does not
+    first fill the host's memory with it.  All 1 where SEEK_DATA is missing."""
+    size = npages << 12
+    out = bytearray(npages)
+    off = 0
+    try:
+        while off < size:
+            try:
+                start = os.lseek(memfd, off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after off
+                    break
+                raise
+            if start >= size:
+                break
+            end = min(os.lseek(memfd, start, os.SEEK_HOLE), size)
+            first, last = start >> 12, (end + 4095) >> 12
+            out[first:last] = b"\1" * (last - first)
+            off = end
+    except OSError:
+        return bytearray(b"\1" * npages)
+    return out
+
+
+def _run(ram: memoryview, zeros: memoryview, kind: int, start: int, end: int) -> memoryview:
+    return ram[start << 12:end << 12] if kind else zeros[:(end - start) << 12]
+
+
+def _write_p2m_frames(d: Domain, out: _Out, si_pfn: int | None) -> None:
+    """X86_PV_P2M_FRAMES: the frames of the guest's p2m list, from its
+    start_info page (first_p2m_pfn, nr_p2m_frames: the builder's mfn_list).
+    pyxen's p2m is mfn = pfn + MFN_BASE on every host, so a restore never
+    rewrites it; the record is there for Xen's tools and ``stream dump``."""
+    if si_pfn is None:
+        return
+    off = si_pfn << 12
+    fields = abi.START_INFO.unpack_from(d.machine.ram, off)
+    p2m, n = fields[-2], fields[-1]
+    if not n or p2m + n > d.max_pages:
+        return
+    per = S.PAGE_SIZE // 8
+    end = min(d.max_pages, n * per) - 1
+    out.rec(S.Rec.X86_PV_P2M_FRAMES, S.P2mFrames(0, end, [p2m + i for i in range(end // per + 1)]).pack())
+
+
+def domain_state(d: Domain, clock: dict[str, int]) -> dict[str, Any]:
+    """PYXEN_DOMAIN_STATE: what pyxen knows that Xen's records do not carry."""
+    vcpus = []
+    for v in d.vcpus:
+        tsc = v.kvm.get_msrs([0x10])[0] if v.initialised else 0
+        vcpus.append({"id": v.id, "tsc": tsc, "iopl": v.iopl, "dr7_emul": v.dr7_emul,
+                      "nmi_callback": v.nmi_callback, "timer_deadline": v.timer_deadline,
+                      "periodic_ns": v.periodic_ns, "vcpu_info_mfn": v.vi_mfn,
+                      "runstate_area": v.runstate_area, "time_area": v.time_area})
+    free = sorted(d.free_pfns)
+    runs: list[list[int]] = []
+    for p in free:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    si = {k: (v - M.MFN_BASE if k.endswith("_mfn") else v) for k, v in d.start_info.items()}
+    return {"version": 1, "domid": d.domid, "name": d.name, "nr_pages": d.nr_pages,
+            "max_pages": d.max_pages, "free_pfns": runs, "vm_assist": d.vm_assist,
+            "clock": clock, "start_info": si, "vcpus": vcpus,
+            "event_channels": d.evtchn.save_state(), "grant_table": d.gnttab.save_state()}
+
