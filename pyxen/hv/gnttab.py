@@ -120,7 +120,9 @@ class GrantTables:
         self.nr_frames = 0
         self.max_frames = M.MAX_GRANT_FRAMES
         self.maptrack: dict[int, Mapping] = {}
-        self.active: dict[tuple[int, int], int] = {}  # (granter, ref) -> our mappings
+        # the in-process backend's uses of our own refs (host_acquire); the
+        # uses of a granter's refs by our guest are counted in PeerMemory.counts
+        self.active: dict[tuple[int, int], int] = {}
         self.free_slots = list(range(M.GRANT_WINDOW_PAGES - 1, -1, -1))
         self.next_handle = 0
         self.lock = threading.RLock()
@@ -129,6 +131,7 @@ class GrantTables:
         self._pxg: int | None = None  # native holds (host_grants)
         self._host_wheld: set[int] = set()  # refs the Python host path holds writable
         self._refused: dict[int, float] = {}  # peer domid -> until when it refused us
+        self._native_copy: _NativeCopy | None = None
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -263,8 +266,19 @@ class GrantTables:
                        "descriptor page (or held writable by another domain): not writable")
         return pfn
 
+    def _count(self, p: PeerMemory, ref: int) -> None:
+        """One more use of the status bits ``_acquire`` set on ``ref``."""
+        with self.lock:
+            p.counts[ref] += 1
+
     def _release(self, p: PeerMemory, ref: int, readonly: bool) -> None:
-        self._unhold((p.domid, ref), p.addr + p.grant_entry_offset(ref))
+        """One use of ``ref`` ends; its status bits drop with the last one."""
+        with self.lock:
+            n = p.counts[ref] - 1
+            p.counts[ref] = max(n, 0)
+            if n > 0:
+                return
+        atomic.fetch_and16(p.addr + p.grant_entry_offset(ref), ~(GTF_reading | GTF_writing) & 0xFFFF)
 
     def _unhold(self, key: tuple[int, int], entry_addr: int) -> bool:
         """One use of a grant ends; the status bits drop with the last one (True)."""
@@ -303,8 +317,7 @@ class GrantTables:
             d.log(f"grant map of d{dom} ref {ref}: {e.why}")
             p.unuse()
             return e.status, 0, 0
-        with self.lock:
-            self.active[(p.domid, ref)] = self.active.get((p.domid, ref), 0) + 1
+        self._count(p, ref)
         off = p.ram_offset(frame)
         if off is None:
             self._release(p, ref, readonly)
@@ -410,6 +423,94 @@ class GrantTables:
         self.stats["copy_bytes"] += length
         return GNTST_okay
 
+    def copy_batch(self, v: VCPU, uop: int, count: int) -> int:
+        """GNTTABOP_copy of ``count`` ops at guest address ``uop``: each op's
+        status goes into its struct; the hypercall's result (0, or -EFAULT
+        through XenError when an op cannot be read or its status written).
+
+        The ops go to the native library a chunk at a time (``pxc_copy``, one
+        call per chunk, the checks of :meth:`copy_one` in C); a chunk that
+        needs anything unusual (no native library, dirty logging on, the op
+        array not writable guest memory, pages the guest gave back, more than
+        a few granters) is done op by op by :meth:`copy_one`, the reference."""
+        lib = native.fast()
+        done = 0
+        while done < count:
+            n = min(count - done, COPY_CHUNK)
+            a = uop + done * COPY.size
+            if lib is None or not self._copy_native(v, lib, a, n):
+                for i in range(n):
+                    ai = a + i * COPY.size
+                    status = self.copy_one(v.copy_from_guest(ai, COPY.size))
+                    v.copy_to_guest(ai + 36, struct.pack("<h", status))
+            done += n
+        return 0
+
+    def _copy_native(self, v: VCPU, lib: ctypes.PyDLL, uop: int, n: int) -> bool:
+        """``n`` copy ops at ``uop`` in one native call; False (nothing done)
+        if the chunk needs the Python path."""
+        d = self.domain
+        if d.dirty_logging:  # own pages written go to host_dirty: Python's business
+            return False
+        nc = self._native_copy
+        if nc is None:
+            nc = self._native_copy = _NativeCopy(d)
+        # the op array: every page it spans, writable (the statuses go back)
+        first = uop & 0xFFF
+        npages = (first + n * COPY.size + 4095) >> 12
+        if uop + n * COPY.size > 1 << 64 or npages > len(nc.pages):
+            return False
+        ft, l4, ram_end = d.ft, v.current_l4, len(d.machine.ram)
+        base = M.MFN_BASE << 12
+        page0 = uop - first
+        for k in range(npages):
+            ma = ft.translate(l4, page0 + (k << 12), True)
+            if ma is None:
+                return False
+            off = (ma & ~0xFFF) - base
+            if not 0 <= off <= ram_end - 4096:
+                return False
+            nc.pages[k] = nc.ram + off
+        me = d.domid
+        nd = lib.pxc_scan(nc.pages_addr, first, n, me, nc.domids_addr, len(nc.domids),
+                          nc.own_addr, nc.n_own_addr)
+        if nd < 0:
+            return False
+        if d.free_pfns and nc.n_own.value and not d.free_pfns.isdisjoint(
+                u - M.MFN_BASE for u in nc.own[:nc.n_own.value]):
+            return False  # a gmfn the guest gave back: copy_one says bad_page
+        used: list[PeerMemory] = []
+        out = nc.out
+        try:
+            for k in range(nd):
+                dom = nc.domids[k]
+                try:
+                    p = self._peer(dom)
+                except XenError as e:
+                    nc.peers[k] = native.PxcPeer(domid=dom, err=self._peer_status(e))
+                    continue
+                used.append(p)
+                pv = p.native
+                if not isinstance(pv, native.PxcPeer):
+                    pv = p.native = _pxc_peer(p)
+                pv.domid = dom
+                pv.nr_refs = p.grant_frames * ENTRIES_PER_FRAME
+                nc.peers[k] = pv
+            nc.me.nr_pages = d.nr_pages
+            for k in range(native.PXC_NOUT):
+                out[k] = 0
+            with self.lock:
+                lib.pxc_copy(nc.me_addr, nc.peers_addr, nd, nc.pages_addr, first, n, nc.out_addr)
+        finally:
+            for p in used:
+                p.unuse()
+        self.stats["copies"] += out[native.PXC_COPIES]
+        self.stats["copy_bytes"] += out[native.PXC_BYTES]
+        if out[native.PXC_GENERAL_ERRORS]:
+            d.log(f"grant copy: {out[native.PXC_GENERAL_ERRORS]} of {n} ops refused with "
+                  f"GNTST_general_error (the first: op {out[native.PXC_FIRST_GENERAL_ERROR]})")
+        return True
+
     def _copy_side(self, u: int, dom: int, is_ref: bool, reading: bool,
                    undo: list[Callable[[], None]]) -> tuple[mmap.mmap, int, Callable[[], None]]:
         d = self.domain
@@ -428,14 +529,14 @@ class GrantTables:
                                f"copy into frame {u:#x}: a page table or descriptor page")
                 undo.append(lambda: types.unhold(pfn))
             return d.machine.ram, d.machine.ram_offset(u), (lambda: d.mark_dirty(u))
+        u &= 0xFFFFFFFF  # union { grant_ref_t ref; xen_pfn_t gmfn; }: a ref is its low 32 bits
         try:
             p = self._peer(dom)
         except XenError as e:
             raise _Gnt(self._peer_status(e), e.why) from None
         undo.append(p.unuse)
         frame = self._acquire(p, u, reading)
-        with self.lock:
-            self.active[(p.domid, u)] = self.active.get((p.domid, u), 0) + 1
+        self._count(p, u)
         undo.append(lambda: self._release(p, u, reading))
         off = p.ram_offset(frame)
         if off is None:
@@ -549,6 +650,44 @@ class GrantTables:
             peers, self.peers = self.peers, {}
         for p in peers.values():
             p.close()
+
+
+COPY_CHUNK = 256  # copy ops per native call (their array spans at most 4 pages)
+_COPY_MAX_PEERS = 8  # granters per chunk on the native path
+
+
+class _NativeCopy:
+    """Buffers of one domain's native copy path, made once (ctypes objects are
+    slow to create; a batch only fills them)."""
+
+    def __init__(self, d: Domain) -> None:
+        m = d.machine
+        self.ram = atomic.address_of(m.ram)
+        self.me = native.PxcSelf(ram=self.ram, nr_pages=d.nr_pages, mfn_base=M.MFN_BASE,
+                                 types=self.ram + m.xenheap_offset(m.xh.types),
+                                 nr_types=m.max_pages, domid=d.domid)
+        self.pages = (ctypes.c_void_p * ((COPY_CHUNK * COPY.size + 4095) // 4096 + 1))()
+        self.domids = (ctypes.c_uint16 * _COPY_MAX_PEERS)()
+        self.own = (ctypes.c_uint64 * (2 * COPY_CHUNK))()
+        self.n_own = ctypes.c_uint32()
+        self.peers = (native.PxcPeer * _COPY_MAX_PEERS)()
+        self.out = (ctypes.c_uint64 * native.PXC_NOUT)()
+        self.me_addr = ctypes.addressof(self.me)
+        self.pages_addr = ctypes.addressof(self.pages)
+        self.domids_addr = ctypes.addressof(self.domids)
+        self.own_addr = ctypes.addressof(self.own)
+        self.n_own_addr = ctypes.addressof(self.n_own)
+        self.peers_addr = ctypes.addressof(self.peers)
+        self.out_addr = ctypes.addressof(self.out)
+
+
+def _pxc_peer(p: PeerMemory) -> native.PxcPeer:
+    """The native view of a granter (its addresses never change while mapped)."""
+    return native.PxcPeer(mem=p.addr, gt=p.addr + p.xh(M.XH_GRANT),
+                          counts=ctypes.addressof(p.counts), types=p.types.addr,
+                          active=p.active.addr, dirty=p.addr + p.xh(M.XH_DIRTY),
+                          nr_pages=p.nr_pages, max_pages=p.max_pages, nr_refs=0,
+                          max_refs=M.MAX_GRANT_REFS, domid=p.domid, err=0)
 
 
 class _Gnt(Exception):

@@ -69,4 +69,53 @@ void pxg_release_many(struct pxg *g, const uint32_t *refs, int n);
 uint32_t pxg_holds(struct pxg *g, uint32_t ref);
 void pxg_mark_dirty(struct pxg *g, uint64_t pfn);
 
+/* ---- GNTTABOP_copy as one native call (pyxen/hv/gnttab.py GrantTables.copy_batch) ---- */
+
+/* grant_table.h: GNTCOPY_* flags and the GNTST_* status codes a copy can give */
+#define GNTCOPY_source_gref 1u
+#define GNTCOPY_dest_gref 2u
+#define GNTST_okay 0
+#define GNTST_general_error (-1)
+#define GNTST_bad_gntref (-3)
+#define GNTST_permission_denied (-8)
+#define GNTST_bad_page (-9)
+#define GNTST_bad_copy_arg (-10)
+#define DOMID_SELF 0x7FF0u
+#define PXC_OP_SIZE 40      /* struct gnttab_copy */
+#define PXC_STATUS_OFF 36   /* its int16_t status */
+
+/* The copying domain itself (the gmfn sides of a copy). */
+struct pxc_self {
+    uint8_t *ram;            /* its RAM, pfn 0 at offset 0 */
+    uint64_t nr_pages;       /* frames a gmfn may name: pfn < nr_pages */
+    uint64_t mfn_base;
+    uint32_t *types;         /* its page-type words */
+    uint64_t nr_types;       /* its max_pages */
+    uint16_t domid;
+};
+
+/* A granter as this process sees it (interdomain.PeerMemory). */
+struct pxc_peer {
+    uint8_t *mem;            /* its RAM memfd mapping, pfn 0 at offset 0 */
+    uint8_t *gt;             /* its grant_entry_v1 array */
+    uint32_t *counts;        /* per ref: this process's uses of GTF_reading/writing */
+    uint32_t *types;         /* its page-type words */
+    uint64_t *active;        /* its active grant entries */
+    uint64_t *dirty;         /* its XH_DIRTY bitmap */
+    uint64_t nr_pages;       /* RAM pages a grant may name */
+    uint64_t max_pages;      /* bound of types[] and dirty[] */
+    uint32_t nr_refs;        /* refs of its table (grant frames * 512, clamped) */
+    uint32_t max_refs;       /* bound of counts[] and active[] (MAX_GRANT_REFS) */
+    uint16_t domid;          /* as the guest names it (DOMID_SELF already resolved) */
+    int16_t err;             /* != 0: unreachable, the status of every op naming it */
+};
+
+/* out[] of pxc_copy */
+enum { PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT };
+
+int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
+             uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own);
+int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
+             uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out);
+
 #endif
