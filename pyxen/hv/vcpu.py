@@ -251,12 +251,18 @@ class VCPU:
             self.attention = True
             if self.blocked or self.paused or not self.up:
                 self.cond.notify_all()
+                hub = self.domain.evtchn.hub  # a blocked vCPU may sleep in the native pump's wait
+                if hub is not None:
+                    hub.wake(self.id)
                 return
         if threading.get_ident() != self.kvm.thread_id:
             self.stats["kicks"] += 1
             self.kvm.kick()
 
     def _drain_inbox(self) -> None:
+        hub = self.domain.evtchn.hub  # ports another domain process sent us (evt.c)
+        if hub is not None and threading.get_ident() == self.kvm.thread_id:
+            hub.deliver(self)
         with self.cond:
             items, self.inbox = self.inbox, []
         for kind, arg in items:
@@ -402,8 +408,16 @@ class VCPU:
                         return True
                     if self.inbox:
                         continue
-                    timeout = (nxt - now) / 1e9 if nxt else 1.0
-                    self.cond.wait(max(0.0, min(timeout, 1.0)))
+                    timeout = max(0.0, min((nxt - now) / 1e9 if nxt else 1.0, 1.0))
+                    hub = self.domain.evtchn.hub
+                    if hub is None:
+                        self.cond.wait(timeout)
+                        continue
+                    self.cond.release()  # the pump wakes us without Python (evt.c)
+                    try:
+                        hub.wait(self, timeout)
+                    finally:
+                        self.cond.acquire()
                     continue
                 return True
 
@@ -513,6 +527,9 @@ class VCPU:
     def _attend(self) -> bool:
         """Off the fast path: posted work, blocking, pause, stop, MMU flushes."""
         self.attention = False
+        hub = self.domain.evtchn.hub  # a kick from the native pump: ports to mark pending
+        if hub is not None:
+            hub.deliver(self)
         if self.inbox or self.blocked or self.paused or self.stop or not self.up:
             if not self._wait_runnable():
                 return False

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("native.h", "gnt.c", "blk.c")
+SOURCES = ("native.h", "gnt.c", "blk.c", "evt.c")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-fPIC", "-shared", "-pthread")
 
 _lock = threading.Lock()
@@ -131,6 +131,27 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxc_scan.restype = ctypes.c_int
     lib.pxc_copy.argtypes = [vp, vp, ctypes.c_int, vp, ctypes.c_uint32, ctypes.c_uint32, vp]
     lib.pxc_copy.restype = ctypes.c_int
+    u32, i32 = ctypes.c_uint32, ctypes.c_int
+    lib.pxe_new.argtypes = [u32, u32, u32, u32, u32]
+    lib.pxe_new.restype = vp
+    lib.pxe_free.argtypes = [vp]
+    lib.pxe_free.restype = None
+    lib.pxe_attach.argtypes = [vp, u32, i32, vp]
+    lib.pxe_attach.restype = None
+    lib.pxe_bind_vcpu.argtypes = [vp, u32, u32]
+    lib.pxe_bind_vcpu.restype = None
+    lib.pxe_watch.argtypes = [vp, u32, i32, u32]
+    lib.pxe_watch.restype = i32
+    lib.pxe_unwatch.argtypes = [vp, i32]
+    lib.pxe_unwatch.restype = i32
+    lib.pxe_deliver.argtypes = [vp, u32, vp, vp]
+    lib.pxe_deliver.restype = i32
+    lib.pxe_wait.argtypes = [vp, u32, ctypes.c_int64]
+    lib.pxe_wait.restype = i32
+    lib.pxe_wake.argtypes = [vp, u32]
+    lib.pxe_wake.restype = None
+    lib.pxe_events.argtypes = [vp]
+    lib.pxe_events.restype = ctypes.c_uint64
     f = lib.pxb_new
     f.argtypes = [vp, vp, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_int, ctypes.c_uint64,
                   ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]

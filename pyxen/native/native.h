@@ -118,4 +118,41 @@ int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t
 int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
              uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out);
 
+/* ---- inter-domain event delivery (evt.c; pyxen/hv/evtchn.py NativeEventHub) ---- */
+
+#define PXE_MAX_VCPUS 128
+#define PXE_MAX_PORTS 4096           /* EVTCHN_2L_NR_CHANNELS on 64-bit */
+#define PXE_KICK_SIGNAL 10           /* SIGUSR1: pyxen.kvm.KICK_SIGNAL */
+
+struct pxe_vcpu {
+    uint64_t fired[PXE_MAX_PORTS / 64];  /* ports the pump saw, not yet delivered */
+    int wake_fd;                     /* eventfd the vCPU sleeps on in pxe_wait */
+    int waiting;                     /* 1 while it does */
+    int tid;                         /* its thread (kernel tid), 0: not attached */
+    uint8_t *immediate_exit;         /* &kvm_run.immediate_exit */
+};
+
+struct pxe_hub {
+    int epfd, stop_fd;
+    pthread_t thread;
+    uint32_t nr_vcpus;
+    uint32_t si_pending, si_mask;    /* shared_info offsets (abi.SI_EVTCHN_*) */
+    uint32_t vi_sel, vi_upcall;      /* vcpu_info offsets (abi.VI_*) */
+    uint64_t events;                 /* events the pump took (statistics) */
+    uint32_t port_vcpu[PXE_MAX_PORTS];
+    struct pxe_vcpu vcpus[PXE_MAX_VCPUS];
+};
+
+struct pxe_hub *pxe_new(uint32_t nr_vcpus, uint32_t si_pending, uint32_t si_mask,
+                        uint32_t vi_sel, uint32_t vi_upcall);
+void pxe_free(struct pxe_hub *h);
+void pxe_attach(struct pxe_hub *h, uint32_t vcpu, int tid, uint8_t *immediate_exit);
+void pxe_bind_vcpu(struct pxe_hub *h, uint32_t port, uint32_t vcpu);
+int pxe_watch(struct pxe_hub *h, uint32_t port, int fd, uint32_t vcpu);
+int pxe_unwatch(struct pxe_hub *h, int fd);
+int pxe_deliver(struct pxe_hub *h, uint32_t vcpu, uint8_t *si, uint8_t *vi);
+int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns);
+void pxe_wake(struct pxe_hub *h, uint32_t vcpu);
+uint64_t pxe_events(struct pxe_hub *h);
+
 #endif

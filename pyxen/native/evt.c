@@ -1,0 +1,289 @@
+/*
+ * evt.c - inter-domain event delivery without Python in the way.
+ *
+ * Each interdomain event channel between two domain processes is an eventfd
+ * per direction (pyxen/toolstack/directory.py): the sender's vCPU writes it.
+ * Without this file the receiver's Python main loop wakes, then posts the
+ * port to the vCPU's inbox and wakes the vCPU thread: two Python thread
+ * hand-offs, each waiting for the GIL.  Here one C thread per domain (the
+ * pump) waits on every inbound eventfd with epoll and, for each event:
+ *
+ *   1. records the port in its vCPU's "fired" bitmap (an atomic OR);
+ *   2. wakes that vCPU: if it sleeps in pxe_wait (SCHEDOP_block, poll) it
+ *      writes the vCPU's wake eventfd; otherwise it kicks it as
+ *      pyxen.kvm.VCPU.kick does (kvm_run.immediate_exit = 1 and the kick
+ *      signal to its thread), so a running guest exits promptly.
+ *
+ * The vCPU thread itself then sets the bits in shared_info and its
+ * vcpu_info (pxe_deliver: Xen's evtchn_2l_set_pending, with the same
+ * locked operations as pyxen/hv/evtchn.py set_pending_bits), so the
+ * hypervisor's bit changes still happen on the notified vCPU's thread and
+ * vcpu_info may move (VCPUOP_register_vcpu_info) without telling the pump.
+ *
+ * A vCPU announces its sleep (waiting = 1) before it checks for fired
+ * ports, the pump publishes a port before it reads `waiting`: both with
+ * sequentially consistent atomics, so either the vCPU sees the port or the
+ * pump sees the sleeper and writes its eventfd; an extra kick only costs one
+ * early KVM_RUN exit.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "native.h"
+
+#define PXE_STOP_KEY UINT64_MAX
+
+static void efd_write(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    do
+        r = write(fd, &one, sizeof(one));
+    while (r < 0 && errno == EINTR);
+}
+
+static void efd_drain(int fd)
+{
+    uint64_t v;
+    ssize_t r;
+    do
+        r = read(fd, &v, sizeof(v));
+    while (r < 0 && errno == EINTR);
+}
+
+static void kick(struct pxe_vcpu *v)
+{
+    int tid = __atomic_load_n(&v->tid, __ATOMIC_SEQ_CST);
+    uint8_t *ie = __atomic_load_n(&v->immediate_exit, __ATOMIC_SEQ_CST);
+    if (!tid || !ie)
+        return;
+    __atomic_store_n(ie, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_tgkill, getpid(), tid, PXE_KICK_SIGNAL);
+}
+
+static void fire(struct pxe_hub *h, uint32_t port)
+{
+    uint32_t vi;
+    struct pxe_vcpu *v;
+    if (port >= PXE_MAX_PORTS)
+        return;
+    vi = __atomic_load_n(&h->port_vcpu[port], __ATOMIC_SEQ_CST);
+    if (vi >= h->nr_vcpus)
+        vi = 0;
+    v = &h->vcpus[vi];
+    __atomic_fetch_or(&v->fired[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&h->events, 1, __ATOMIC_RELAXED);
+    if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
+        efd_write(v->wake_fd);
+    else
+        kick(v);
+}
+
+static void *pump(void *arg)
+{
+    struct pxe_hub *h = arg;
+    struct epoll_event evs[32];
+    sigset_t all;
+
+    /* the kick signal is for vCPU threads; this one never takes signals */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, NULL);
+    for (;;) {
+        int n = epoll_wait(h->epfd, evs, 32, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return NULL;
+        }
+        for (int i = 0; i < n; i++) {
+            uint64_t key = evs[i].data.u64;
+            if (key == PXE_STOP_KEY)
+                return NULL;
+            efd_drain((int)(key >> 32));
+            fire(h, (uint32_t)key);
+        }
+    }
+}
+
+struct pxe_hub *pxe_new(uint32_t nr_vcpus, uint32_t si_pending, uint32_t si_mask,
+                        uint32_t vi_sel, uint32_t vi_upcall)
+{
+    struct pxe_hub *h;
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = PXE_STOP_KEY };
+
+    if (!nr_vcpus || nr_vcpus > PXE_MAX_VCPUS)
+        return NULL;
+    h = calloc(1, sizeof(*h));
+    if (!h)
+        return NULL;
+    h->nr_vcpus = nr_vcpus;
+    h->si_pending = si_pending;
+    h->si_mask = si_mask;
+    h->vi_sel = vi_sel;
+    h->vi_upcall = vi_upcall;
+    h->epfd = epoll_create1(EPOLL_CLOEXEC);
+    h->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    for (uint32_t i = 0; i < nr_vcpus; i++)
+        h->vcpus[i].wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (h->epfd < 0 || h->stop_fd < 0 || epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->stop_fd, &ev) < 0)
+        goto fail;
+    for (uint32_t i = 0; i < nr_vcpus; i++)
+        if (h->vcpus[i].wake_fd < 0)
+            goto fail;
+    if (pthread_create(&h->thread, NULL, pump, h) != 0)
+        goto fail;
+    return h;
+fail:
+    if (h->epfd >= 0)
+        close(h->epfd);
+    if (h->stop_fd >= 0)
+        close(h->stop_fd);
+    for (uint32_t i = 0; i < nr_vcpus; i++)
+        if (h->vcpus[i].wake_fd >= 0)
+            close(h->vcpus[i].wake_fd);
+    free(h);
+    return NULL;
+}
+
+void pxe_free(struct pxe_hub *h)
+{
+    if (!h)
+        return;
+    efd_write(h->stop_fd);
+    pthread_join(h->thread, NULL);
+    close(h->epfd);
+    close(h->stop_fd);
+    for (uint32_t i = 0; i < h->nr_vcpus; i++)
+        close(h->vcpus[i].wake_fd);
+    free(h);
+}
+
+void pxe_attach(struct pxe_hub *h, uint32_t vcpu, int tid, uint8_t *immediate_exit)
+{
+    if (vcpu >= h->nr_vcpus)
+        return;
+    __atomic_store_n(&h->vcpus[vcpu].immediate_exit, immediate_exit, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&h->vcpus[vcpu].tid, tid, __ATOMIC_SEQ_CST);
+}
+
+void pxe_bind_vcpu(struct pxe_hub *h, uint32_t port, uint32_t vcpu)
+{
+    if (port < PXE_MAX_PORTS)
+        __atomic_store_n(&h->port_vcpu[port], vcpu < h->nr_vcpus ? vcpu : 0, __ATOMIC_SEQ_CST);
+}
+
+int pxe_watch(struct pxe_hub *h, uint32_t port, int fd, uint32_t vcpu)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)(uint32_t)fd << 32) | port };
+    if (port >= PXE_MAX_PORTS || fd < 0)
+        return -EINVAL;
+    pxe_bind_vcpu(h, port, vcpu);
+    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return -errno;
+    return 0;
+}
+
+int pxe_unwatch(struct pxe_hub *h, int fd)
+{
+    if (epoll_ctl(h->epfd, EPOLL_CTL_DEL, fd, NULL) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Xen's evtchn_2l_set_pending on this vCPU's shared_info / vcpu_info: 1 if
+ * the vCPU must be notified (evtchn_upcall_pending went 0 -> 1). */
+static int set_pending(const struct pxe_hub *h, uint8_t *si, uint8_t *vi, uint32_t port)
+{
+    uint64_t word = port / 64, bit = 1ull << (port % 64), old;
+    uint64_t *pending = (uint64_t *)(si + h->si_pending) + word;
+    uint64_t *mask = (uint64_t *)(si + h->si_mask) + word;
+    uint64_t *sel = (uint64_t *)(vi + h->vi_sel);
+    uint8_t *upcall = vi + h->vi_upcall;
+
+    old = __atomic_fetch_or(pending, bit, __ATOMIC_SEQ_CST);
+    if (old & bit)
+        return 0;
+    if (__atomic_load_n(mask, __ATOMIC_SEQ_CST) & bit)
+        return 0;
+    old = __atomic_fetch_or(sel, 1ull << word, __ATOMIC_SEQ_CST);
+    if (old & (1ull << word))
+        return 0;
+    if (__atomic_load_n(upcall, __ATOMIC_SEQ_CST))
+        return 0;
+    __atomic_store_n(upcall, 1, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
+/* The vCPU's own thread: mark every port fired for it pending.  Returns how
+ * many ports it took. */
+int pxe_deliver(struct pxe_hub *h, uint32_t vcpu, uint8_t *si, uint8_t *vi)
+{
+    struct pxe_vcpu *v;
+    int n = 0;
+    if (vcpu >= h->nr_vcpus)
+        return 0;
+    v = &h->vcpus[vcpu];
+    for (uint32_t w = 0; w < PXE_MAX_PORTS / 64; w++) {
+        uint64_t x;
+        if (!__atomic_load_n(&v->fired[w], __ATOMIC_SEQ_CST))
+            continue;
+        x = __atomic_exchange_n(&v->fired[w], 0, __ATOMIC_SEQ_CST);
+        while (x) {
+            int b = __builtin_ctzll(x);
+            x &= x - 1;
+            set_pending(h, si, vi, w * 64 + (uint32_t)b);
+            n++;
+        }
+    }
+    return n;
+}
+
+static int any_fired(struct pxe_vcpu *v)
+{
+    for (uint32_t w = 0; w < PXE_MAX_PORTS / 64; w++)
+        if (__atomic_load_n(&v->fired[w], __ATOMIC_SEQ_CST))
+            return 1;
+    return 0;
+}
+
+/* The vCPU's thread sleeps (GIL released: called through the CDLL view)
+ * until a port fires for it, pxe_wake, or timeout_ns (< 0: none).  Returns 1
+ * if ports are waiting for pxe_deliver. */
+int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns)
+{
+    struct pxe_vcpu *v;
+    struct pollfd pfd;
+    int ms;
+    if (vcpu >= h->nr_vcpus)
+        return 0;
+    v = &h->vcpus[vcpu];
+    __atomic_store_n(&v->waiting, 1, __ATOMIC_SEQ_CST);
+    if (!any_fired(v)) {
+        ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
+        pfd.fd = v->wake_fd;
+        pfd.events = POLLIN;
+        pfd.revents = 0;
+        (void)poll(&pfd, 1, ms);  /* EINTR (a kick): back to Python, which looks again */
+    }
+    __atomic_store_n(&v->waiting, 0, __ATOMIC_SEQ_CST);
+    efd_drain(v->wake_fd);
+    return any_fired(v);
+}
+
+void pxe_wake(struct pxe_hub *h, uint32_t vcpu)
+{
+    if (vcpu < h->nr_vcpus)
+        efd_write(h->vcpus[vcpu].wake_fd);
+}
+
+uint64_t pxe_events(struct pxe_hub *h)
+{
+    return __atomic_load_n(&h->events, __ATOMIC_RELAXED);
+}
