@@ -5,14 +5,20 @@
  * per direction (pyxen/toolstack/directory.py): the sender's vCPU writes it.
  * Without this file the receiver's Python main loop wakes, then posts the
  * port to the vCPU's inbox and wakes the vCPU thread: two Python thread
- * hand-offs, each waiting for the GIL.  Here one C thread per domain (the
- * pump) waits on every inbound eventfd with epoll and, for each event:
+ * hand-offs, each waiting for the GIL.  Here:
  *
- *   1. records the port in its vCPU's "fired" bitmap (an atomic OR);
- *   2. wakes that vCPU: if it sleeps in pxe_wait (SCHEDOP_block, poll) it
- *      writes the vCPU's wake eventfd; otherwise it kicks it as
- *      pyxen.kvm.VCPU.kick does (kvm_run.immediate_exit = 1 and the kick
- *      signal to its thread), so a running guest exits promptly.
+ * - a vCPU that sleeps (SCHEDOP_block, poll: pxe_wait, GIL released) polls
+ *   the domain's inbound eventfds itself (through `epfd_v`, an epoll set of
+ *   all of them), so the sender's write wakes it directly: one hand-off;
+ * - while no vCPU sleeps, one C thread per domain (the pump, edge-triggered
+ *   on the same eventfds through `epfd`) takes each event and kicks the
+ *   port's vCPU as pyxen.kvm.VCPU.kick does (kvm_run.immediate_exit = 1 and
+ *   the kick signal to its thread), so a running guest exits promptly.
+ *
+ * Whoever reads an eventfd's count "fires" its port: an atomic OR into the
+ * fired bitmap of the vCPU the port is bound to, then a write of that
+ * vCPU's wake eventfd if it sleeps, or a kick if it runs (not if it is the
+ * vCPU firing).
  *
  * The vCPU thread itself then sets the bits in shared_info and its
  * vcpu_info (pxe_deliver: Xen's evtchn_2l_set_pending, with the same
@@ -20,11 +26,15 @@
  * hypervisor's bit changes still happen on the notified vCPU's thread and
  * vcpu_info may move (VCPUOP_register_vcpu_info) without telling the pump.
  *
- * A vCPU announces its sleep (waiting = 1) before it checks for fired
- * ports, the pump publishes a port before it reads `waiting`: both with
- * sequentially consistent atomics, so either the vCPU sees the port or the
- * pump sees the sleeper and writes its eventfd; an extra kick only costs one
- * early KVM_RUN exit.
+ * Ordering, all sequentially consistent: a vCPU counts itself in
+ * `sleepers` (and sets its `waiting`) before it checks its fired ports and
+ * polls, and after its sleep it uncounts itself before it sweeps epfd_v;
+ * the pump reads `sleepers` after the eventfd became readable and leaves
+ * the event to the sleepers if there are any.  So an event is either taken
+ * by the pump, or seen readable by a sleeper's poll or by its sweep after
+ * the sleep.  Likewise a firer publishes the port before it reads the
+ * target's `waiting`, so the target sees the port or gets its eventfd
+ * written.  An extra kick only costs one early KVM_RUN exit.
  */
 #include <errno.h>
 #include <poll.h>
@@ -68,7 +78,8 @@ static void kick(struct pxe_vcpu *v)
     syscall(SYS_tgkill, getpid(), tid, PXE_KICK_SIGNAL);
 }
 
-static void fire(struct pxe_hub *h, uint32_t port)
+/* Port `port` fired; `self` is the firing vCPU or UINT32_MAX for the pump. */
+static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
 {
     uint32_t vi;
     struct pxe_vcpu *v;
@@ -80,10 +91,36 @@ static void fire(struct pxe_hub *h, uint32_t port)
     v = &h->vcpus[vi];
     __atomic_fetch_or(&v->fired[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&h->events, 1, __ATOMIC_RELAXED);
+    if (vi == self)
+        return;
     if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
         efd_write(v->wake_fd);
     else
         kick(v);
+}
+
+/* Read the eventfd of `key` (fd << 32 | port); if it had a count, fire the port. */
+static void take(struct pxe_hub *h, uint64_t key, uint32_t self)
+{
+    uint64_t val;
+    ssize_t r;
+    do
+        r = read((int)(key >> 32), &val, sizeof(val));
+    while (r < 0 && errno == EINTR);
+    if (r == (ssize_t)sizeof(val) && val)
+        fire(h, (uint32_t)key, self);
+}
+
+/* A vCPU after its sleep: take every event that is ready. */
+static void sweep(struct pxe_hub *h, uint32_t self)
+{
+    struct epoll_event evs[32];
+    int n;
+    do {
+        n = epoll_wait(h->epfd_v, evs, 32, 0);
+        for (int i = 0; i < n; i++)
+            take(h, evs[i].data.u64, self);
+    } while (n == 32);
 }
 
 static void *pump(void *arg)
@@ -106,8 +143,9 @@ static void *pump(void *arg)
             uint64_t key = evs[i].data.u64;
             if (key == PXE_STOP_KEY)
                 return NULL;
-            efd_drain((int)(key >> 32));
-            fire(h, (uint32_t)key);
+            if (__atomic_load_n(&h->sleepers, __ATOMIC_SEQ_CST))
+                continue;  /* a sleeping vCPU polls it: theirs (see the top) */
+            take(h, key, UINT32_MAX);
         }
     }
 }
@@ -129,10 +167,11 @@ struct pxe_hub *pxe_new(uint32_t nr_vcpus, uint32_t si_pending, uint32_t si_mask
     h->vi_sel = vi_sel;
     h->vi_upcall = vi_upcall;
     h->epfd = epoll_create1(EPOLL_CLOEXEC);
+    h->epfd_v = epoll_create1(EPOLL_CLOEXEC);
     h->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     for (uint32_t i = 0; i < nr_vcpus; i++)
         h->vcpus[i].wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (h->epfd < 0 || h->stop_fd < 0 || epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->stop_fd, &ev) < 0)
+    if (h->epfd < 0 || h->epfd_v < 0 || h->stop_fd < 0 || epoll_ctl(h->epfd, EPOLL_CTL_ADD, h->stop_fd, &ev) < 0)
         goto fail;
     for (uint32_t i = 0; i < nr_vcpus; i++)
         if (h->vcpus[i].wake_fd < 0)
@@ -143,6 +182,8 @@ struct pxe_hub *pxe_new(uint32_t nr_vcpus, uint32_t si_pending, uint32_t si_mask
 fail:
     if (h->epfd >= 0)
         close(h->epfd);
+    if (h->epfd_v >= 0)
+        close(h->epfd_v);
     if (h->stop_fd >= 0)
         close(h->stop_fd);
     for (uint32_t i = 0; i < nr_vcpus; i++)
@@ -159,6 +200,7 @@ void pxe_free(struct pxe_hub *h)
     efd_write(h->stop_fd);
     pthread_join(h->thread, NULL);
     close(h->epfd);
+    close(h->epfd_v);
     close(h->stop_fd);
     for (uint32_t i = 0; i < h->nr_vcpus; i++)
         close(h->vcpus[i].wake_fd);
@@ -181,20 +223,31 @@ void pxe_bind_vcpu(struct pxe_hub *h, uint32_t port, uint32_t vcpu)
 
 int pxe_watch(struct pxe_hub *h, uint32_t port, int fd, uint32_t vcpu)
 {
-    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)(uint32_t)fd << 32) | port };
+    uint64_t key = ((uint64_t)(uint32_t)fd << 32) | port;
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLET, .data.u64 = key };
+    struct epoll_event ev_v = { .events = EPOLLIN, .data.u64 = key };
+    int e;
     if (port >= PXE_MAX_PORTS || fd < 0)
         return -EINVAL;
     pxe_bind_vcpu(h, port, vcpu);
-    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+    if (epoll_ctl(h->epfd_v, EPOLL_CTL_ADD, fd, &ev_v) < 0)
         return -errno;
+    if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        e = errno;
+        epoll_ctl(h->epfd_v, EPOLL_CTL_DEL, fd, NULL);
+        return -e;
+    }
     return 0;
 }
 
 int pxe_unwatch(struct pxe_hub *h, int fd)
 {
+    int r = 0;
     if (epoll_ctl(h->epfd, EPOLL_CTL_DEL, fd, NULL) < 0)
-        return -errno;
-    return 0;
+        r = -errno;
+    if (epoll_ctl(h->epfd_v, EPOLL_CTL_DEL, fd, NULL) < 0)
+        r = -errno;
+    return r;
 }
 
 /* Xen's evtchn_2l_set_pending on this vCPU's shared_info / vcpu_info: 1 if
@@ -254,25 +307,30 @@ static int any_fired(struct pxe_vcpu *v)
 }
 
 /* The vCPU's thread sleeps (GIL released: called through the CDLL view)
- * until a port fires for it, pxe_wake, or timeout_ns (< 0: none).  Returns 1
- * if ports are waiting for pxe_deliver. */
+ * until an event arrives on any inbound eventfd, a port fires for it,
+ * pxe_wake, a signal (a kick), or timeout_ns (< 0: none).  Returns 1 if
+ * ports are waiting for pxe_deliver. */
 int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns)
 {
     struct pxe_vcpu *v;
-    struct pollfd pfd;
+    struct pollfd pfd[2];
     int ms;
     if (vcpu >= h->nr_vcpus)
         return 0;
     v = &h->vcpus[vcpu];
     __atomic_store_n(&v->waiting, 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&h->sleepers, 1, __ATOMIC_SEQ_CST);
     if (!any_fired(v)) {
         ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
-        pfd.fd = v->wake_fd;
-        pfd.events = POLLIN;
-        pfd.revents = 0;
-        (void)poll(&pfd, 1, ms);  /* EINTR (a kick): back to Python, which looks again */
+        pfd[0].fd = v->wake_fd;
+        pfd[1].fd = h->epfd_v;
+        pfd[0].events = pfd[1].events = POLLIN;
+        pfd[0].revents = pfd[1].revents = 0;
+        (void)poll(pfd, 2, ms);  /* EINTR (a kick): back to Python, which looks again */
     }
+    __atomic_fetch_sub(&h->sleepers, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&v->waiting, 0, __ATOMIC_SEQ_CST);
+    sweep(h, vcpu);
     efd_drain(v->wake_fd);
     return any_fired(v);
 }

@@ -133,7 +133,9 @@ struct pxe_vcpu {
 };
 
 struct pxe_hub {
-    int epfd, stop_fd;
+    int epfd, stop_fd;               /* the pump's epoll (edge-triggered), its stop */
+    int epfd_v;                      /* the same eventfds, level-triggered: sleepers poll it */
+    int sleepers;                    /* vCPUs in pxe_wait */
     pthread_t thread;
     uint32_t nr_vcpus;
     uint32_t si_pending, si_mask;    /* shared_info offsets (abi.SI_EVTCHN_*) */
