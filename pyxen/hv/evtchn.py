@@ -302,6 +302,11 @@ class NativeEventHub:
                               ctypes.addressof(v.kvm.run_struct) + self._off_ie)
         self._attached[v.id] = tid
 
+    def detach(self, v: VCPU) -> None:
+        """``v``'s thread ends: no more kicks (its kvm_run may go away after)."""
+        self._fast.pxe_attach(self.h, v.id, 0, None)
+        self._attached[v.id] = 0
+
     def watch(self, port: int, fd: int, vcpu: int) -> None:
         """Deliver what arrives on eventfd ``fd`` to ``port`` (bound to ``vcpu``)."""
         r = self._fast.pxe_watch(self.h, port, fd, vcpu)

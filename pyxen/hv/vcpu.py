@@ -337,6 +337,9 @@ class VCPU:
                               self.register_dump())
         finally:
             self.kvm.thread_id = None
+            hub = self.domain.evtchn.hub  # the native pump must not kick us any more
+            if hub is not None:
+                hub.detach(self)
 
     def _set_runstate(self, st: int) -> None:
         now = self.domain.clock.system_time()

@@ -68,14 +68,16 @@ static void efd_drain(int fd)
     while (r < 0 && errno == EINTR);
 }
 
-static void kick(struct pxe_vcpu *v)
+/* Under h->lock, so that once pxe_attach(.., 0, NULL) returned (the vCPU's
+ * thread ended) its kvm_run may be unmapped. */
+static void kick(struct pxe_hub *h, struct pxe_vcpu *v)
 {
-    int tid = __atomic_load_n(&v->tid, __ATOMIC_SEQ_CST);
-    uint8_t *ie = __atomic_load_n(&v->immediate_exit, __ATOMIC_SEQ_CST);
-    if (!tid || !ie)
-        return;
-    __atomic_store_n(ie, 1, __ATOMIC_SEQ_CST);
-    syscall(SYS_tgkill, getpid(), tid, PXE_KICK_SIGNAL);
+    pthread_mutex_lock(&h->lock);
+    if (v->tid && v->immediate_exit) {
+        __atomic_store_n(v->immediate_exit, 1, __ATOMIC_SEQ_CST);
+        syscall(SYS_tgkill, getpid(), v->tid, PXE_KICK_SIGNAL);
+    }
+    pthread_mutex_unlock(&h->lock);
 }
 
 /* Port `port` fired; `self` is the firing vCPU or UINT32_MAX for the pump. */
@@ -96,7 +98,7 @@ static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
     if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
         efd_write(v->wake_fd);
     else
-        kick(v);
+        kick(h, v);
 }
 
 /* Read the eventfd of `key` (fd << 32 | port); if it had a count, fire the port. */
@@ -176,8 +178,11 @@ struct pxe_hub *pxe_new(uint32_t nr_vcpus, uint32_t si_pending, uint32_t si_mask
     for (uint32_t i = 0; i < nr_vcpus; i++)
         if (h->vcpus[i].wake_fd < 0)
             goto fail;
-    if (pthread_create(&h->thread, NULL, pump, h) != 0)
+    pthread_mutex_init(&h->lock, NULL);
+    if (pthread_create(&h->thread, NULL, pump, h) != 0) {
+        pthread_mutex_destroy(&h->lock);
         goto fail;
+    }
     return h;
 fail:
     if (h->epfd >= 0)
@@ -204,6 +209,7 @@ void pxe_free(struct pxe_hub *h)
     close(h->stop_fd);
     for (uint32_t i = 0; i < h->nr_vcpus; i++)
         close(h->vcpus[i].wake_fd);
+    pthread_mutex_destroy(&h->lock);
     free(h);
 }
 
@@ -211,8 +217,10 @@ void pxe_attach(struct pxe_hub *h, uint32_t vcpu, int tid, uint8_t *immediate_ex
 {
     if (vcpu >= h->nr_vcpus)
         return;
-    __atomic_store_n(&h->vcpus[vcpu].immediate_exit, immediate_exit, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&h->vcpus[vcpu].tid, tid, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock(&h->lock);
+    h->vcpus[vcpu].immediate_exit = immediate_exit;
+    h->vcpus[vcpu].tid = tid;
+    pthread_mutex_unlock(&h->lock);
 }
 
 void pxe_bind_vcpu(struct pxe_hub *h, uint32_t port, uint32_t vcpu)

@@ -136,6 +136,7 @@ struct pxe_hub {
     int epfd, stop_fd;               /* the pump's epoll (edge-triggered), its stop */
     int epfd_v;                      /* the same eventfds, level-triggered: sleepers poll it */
     int sleepers;                    /* vCPUs in pxe_wait */
+    pthread_mutex_t lock;            /* kicks against pxe_attach (a vCPU's tid, kvm_run) */
     pthread_t thread;
     uint32_t nr_vcpus;
     uint32_t si_pending, si_mask;    /* shared_info offsets (abi.SI_EVTCHN_*) */
