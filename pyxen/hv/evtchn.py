@@ -313,8 +313,10 @@ class NativeEventHub:
         if r < 0:
             raise OSError(-r, f"epoll of the eventfd of port {port}")
 
-    def unwatch(self, fd: int) -> None:
-        self._fast.pxe_unwatch(self.h, fd)
+    def unwatch_close(self, port: int, fd: int) -> None:
+        """Stop watching ``port``'s eventfd ``fd`` and close it (the pump may be
+        about to read it: it checks, under its lock, that ``fd`` is still ``port``'s)."""
+        self._fast.pxe_unwatch(self.h, port, fd)
 
     def bind_vcpu(self, port: int, vcpu: int) -> None:
         self._fast.pxe_bind_vcpu(self.h, port, vcpu)

@@ -142,7 +142,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxe_bind_vcpu.restype = None
     lib.pxe_watch.argtypes = [vp, u32, i32, u32]
     lib.pxe_watch.restype = i32
-    lib.pxe_unwatch.argtypes = [vp, i32]
+    lib.pxe_unwatch.argtypes = [vp, u32, i32]
     lib.pxe_unwatch.restype = i32
     lib.pxe_deliver.argtypes = [vp, u32, vp, vp]
     lib.pxe_deliver.restype = i32

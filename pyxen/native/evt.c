@@ -101,16 +101,26 @@ static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
         kick(h, v);
 }
 
-/* Read the eventfd of `key` (fd << 32 | port); if it had a count, fire the port. */
+/* Read the eventfd of `key` (fd << 32 | port); if it had a count, fire the
+ * port.  An event epoll returned just before pxe_unwatch may name an fd that
+ * is closed (or reused) by now: the read happens under h->lock and only if
+ * the port is still watched through that fd. */
 static void take(struct pxe_hub *h, uint64_t key, uint32_t self)
 {
-    uint64_t val;
-    ssize_t r;
-    do
-        r = read((int)(key >> 32), &val, sizeof(val));
-    while (r < 0 && errno == EINTR);
+    uint32_t port = (uint32_t)key;
+    int fd = (int)(key >> 32);
+    uint64_t val = 0;
+    ssize_t r = -1;
+    if (port >= PXE_MAX_PORTS)
+        return;
+    pthread_mutex_lock(&h->lock);
+    if (h->port_fd[port] == fd + 1)
+        do
+            r = read(fd, &val, sizeof(val));
+        while (r < 0 && errno == EINTR);
+    pthread_mutex_unlock(&h->lock);
     if (r == (ssize_t)sizeof(val) && val)
-        fire(h, (uint32_t)key, self);
+        fire(h, port, self);
 }
 
 /* A vCPU after its sleep: take every event that is ready. */
@@ -238,23 +248,41 @@ int pxe_watch(struct pxe_hub *h, uint32_t port, int fd, uint32_t vcpu)
     if (port >= PXE_MAX_PORTS || fd < 0)
         return -EINVAL;
     pxe_bind_vcpu(h, port, vcpu);
-    if (epoll_ctl(h->epfd_v, EPOLL_CTL_ADD, fd, &ev_v) < 0)
-        return -errno;
+    pthread_mutex_lock(&h->lock);
+    h->port_fd[port] = fd + 1;
+    pthread_mutex_unlock(&h->lock);
+    if (epoll_ctl(h->epfd_v, EPOLL_CTL_ADD, fd, &ev_v) < 0) {
+        e = errno;
+        goto undo;
+    }
     if (epoll_ctl(h->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
         e = errno;
         epoll_ctl(h->epfd_v, EPOLL_CTL_DEL, fd, NULL);
-        return -e;
+        goto undo;
     }
     return 0;
+undo:
+    pthread_mutex_lock(&h->lock);
+    h->port_fd[port] = 0;
+    pthread_mutex_unlock(&h->lock);
+    return -e;
 }
 
-int pxe_unwatch(struct pxe_hub *h, int fd)
+/* Stop watching `port`'s eventfd and close it (under h->lock: see take). */
+int pxe_unwatch(struct pxe_hub *h, uint32_t port, int fd)
 {
     int r = 0;
+    if (port >= PXE_MAX_PORTS)
+        return -EINVAL;
+    pthread_mutex_lock(&h->lock);
+    if (h->port_fd[port] == fd + 1)
+        h->port_fd[port] = 0;
     if (epoll_ctl(h->epfd, EPOLL_CTL_DEL, fd, NULL) < 0)
         r = -errno;
     if (epoll_ctl(h->epfd_v, EPOLL_CTL_DEL, fd, NULL) < 0)
         r = -errno;
+    close(fd);
+    pthread_mutex_unlock(&h->lock);
     return r;
 }
 

@@ -143,6 +143,7 @@ struct pxe_hub {
     uint32_t vi_sel, vi_upcall;      /* vcpu_info offsets (abi.VI_*) */
     uint64_t events;                 /* events the pump took (statistics) */
     uint32_t port_vcpu[PXE_MAX_PORTS];
+    int port_fd[PXE_MAX_PORTS];      /* the watched eventfd + 1, 0: none (under lock) */
     struct pxe_vcpu vcpus[PXE_MAX_VCPUS];
 };
 
@@ -152,7 +153,7 @@ void pxe_free(struct pxe_hub *h);
 void pxe_attach(struct pxe_hub *h, uint32_t vcpu, int tid, uint8_t *immediate_exit);
 void pxe_bind_vcpu(struct pxe_hub *h, uint32_t port, uint32_t vcpu);
 int pxe_watch(struct pxe_hub *h, uint32_t port, int fd, uint32_t vcpu);
-int pxe_unwatch(struct pxe_hub *h, int fd);
+int pxe_unwatch(struct pxe_hub *h, uint32_t port, int fd);
 int pxe_deliver(struct pxe_hub *h, uint32_t vcpu, uint8_t *si, uint8_t *vi);
 int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns);
 void pxe_wake(struct pxe_hub *h, uint32_t vcpu);

@@ -176,11 +176,11 @@ class ProcessDirectory(Directory):
             hub = self.native.pop(port, None)
         if fds:
             if hub is not None:
-                hub.unwatch(fds[0])
+                hub.unwatch_close(port, fds[0])
             else:
                 self.unwatch(fds[0])
-            for fd in fds:
-                os.close(fd)
+                os.close(fds[0])
+            os.close(fds[1])
 
     def unbind(self, local: Domain, lport: int, remote_dom: int, remote_port: int) -> None:
         self.drop(lport)

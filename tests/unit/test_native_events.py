@@ -79,9 +79,8 @@ def test_deliver_matches_python_set_pending(lib: ctypes.PyDLL, hub: int) -> None
                     assert lib.pxe_watch(hub, port, fd, 1) == 0
                     os.eventfd_write(fd, 1)
                     assert _until(lambda sa=sa, va=va: lib.pxe_deliver(hub, 1, sa, va) > 0)
-                    assert lib.pxe_unwatch(hub, fd) == 0
                 finally:
-                    os.close(fd)
+                    assert lib.pxe_unwatch(hub, port, fd) == 0  # closes fd
             else:
                 set_pending_bits(memoryview(si), memoryview(vi), 0, port, sa, va)
             states.append((bytes(si), bytes(vi)))
@@ -112,7 +111,7 @@ def test_port_goes_to_its_vcpu_and_wakes_the_sleeper(lib: ctypes.PyDLL, hub: int
         assert slow.pxe_wait(hub, 0, int(30e9)) == 0
         assert slow.pxe_wait(hub, 0, int(1e6)) == 0
     finally:
-        os.close(fd)
+        lib.pxe_unwatch(hub, 7, fd)  # closes it
 
 
 def test_running_vcpu_is_kicked(lib: ctypes.PyDLL, hub: int) -> None:
@@ -132,4 +131,4 @@ def test_running_vcpu_is_kicked(lib: ctypes.PyDLL, hub: int) -> None:
     finally:
         lib.pxe_attach(hub, 0, 0, None)
         signal.signal(signal.SIGUSR1, old)
-        os.close(fd)
+        lib.pxe_unwatch(hub, 3, fd)  # closes it
