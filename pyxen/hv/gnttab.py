@@ -581,18 +581,20 @@ class GrantTables:
             off = int(native.fast().pxg_acquire(g, ref, backend_domid, int(write)))  # type: ignore[union-attr]
             if off >= 0:
                 return off
-            raise XenError(abi.EPERM, self._host_refusal(off, ref, backend_domid))
+            raise GrantRefused(_PXG_STATUS.get(off, GNTST_general_error),
+                               self._host_refusal(off, ref, backend_domid))
         p = self._find_peer(self.domain.domid)
         try:
             frame = self._acquire(p, ref, not write, me=backend_domid)
         except _Gnt as e:
-            raise XenError(abi.EPERM, e.why) from None
+            raise GrantRefused(e.status, e.why) from None
         with self.lock:
             self.active[(-1, ref)] = self.active.get((-1, ref), 0) + 1
         where = p.ram_offset(frame)
         if where is None:
             self.host_release(ref)
-            raise XenError(abi.EPERM, f"grant {ref} names frame {frame:#x}, not a page of the guest")
+            raise GrantRefused(GNTST_bad_page,
+                               f"grant {ref} names frame {frame:#x}, not a page of the guest")
         if write:
             # one writable use per ref while the backend holds it (as gnt.c):
             # released with the ref's last hold
@@ -602,13 +604,60 @@ class GrantTables:
                 try:
                     pfn = self._hold_writable(p, ref, frame, me=backend_domid)
                 except _Gnt as e:
-                    why = e.why
+                    status, why = e.status, e.why
                 else:
                     self._host_wheld.add(ref)
                     return pfn << 12
             self.host_release(ref)
-            raise XenError(abi.EPERM, why)
+            raise GrantRefused(status, why)
         return where
+
+    def host_copy(self, ops: list[tuple[int, int, int, int, bool]], backend_domid: int) -> list[int]:
+        """A backend's grant copy (netback's GNTTABOP_copy): each op
+        ``(ref, offset, length, host_address, to_guest)`` copies ``length``
+        bytes between our guest's granted page ``ref`` (at ``offset``) and host
+        memory at ``host_address`` (the caller keeps it alive), into the guest
+        if ``to_guest``.  Each grant is checked and held as :meth:`host_acquire`
+        does for the copy only.  Returns each op's Xen status (``GNTST_*``).
+
+        Natively one call for the whole list (``pxg_copy``, the GIL released);
+        else op by op through host_acquire (the reference)."""
+        n = len(ops)
+        status = [GNTST_okay] * n
+        g = self.host_grants()
+        lib = native.lib()
+        if g is not None and lib is not None and n:
+            arr = (native.PxgCopyOp * n)()
+            for i, (ref, off, length, buf, to_guest) in enumerate(ops):
+                if not (0 <= off <= 0xFFFF and 0 <= length <= 0xFFFF and 0 <= ref < 1 << 32):
+                    status[i] = GNTST_bad_copy_arg
+                    arr[i].offset, arr[i].len = 4096, 1  # C says bad_copy_arg too
+                    continue
+                o = arr[i]
+                o.ref, o.offset, o.len, o.buf, o.to_guest = ref, off, length, buf, int(to_guest)
+            st = (ctypes.c_int16 * n)()
+            lib.pxg_copy(g, arr, n, backend_domid, st)
+            return list(st)
+        d = self.domain
+        ram = atomic.address_of(d.machine.ram)
+        for i, (ref, off, length, buf, to_guest) in enumerate(ops):
+            if not (0 <= off and 0 <= length and off + length <= 4096 and 0 <= ref < 1 << 32):
+                status[i] = GNTST_bad_copy_arg
+                continue
+            try:
+                where = self.host_acquire(ref, backend_domid, to_guest)
+            except GrantRefused as e:
+                status[i] = e.status
+                continue
+            try:
+                if to_guest:
+                    ctypes.memmove(ram + where + off, buf, length)
+                    d.mark_dirty(M.MFN_BASE + (where >> 12))
+                else:
+                    ctypes.memmove(buf, ram + where + off, length)
+            finally:
+                self.host_release(ref)
+        return status
 
     def _host_refusal(self, code: int, ref: int, me: int) -> str:
         d = self.domain
@@ -688,6 +737,19 @@ def _pxc_peer(p: PeerMemory) -> native.PxcPeer:
                           active=p.active.addr, dirty=p.addr + p.xh(M.XH_DIRTY),
                           nr_pages=p.nr_pages, max_pages=p.max_pages, nr_refs=0,
                           max_refs=M.MAX_GRANT_REFS, domid=p.domid, err=0)
+
+
+class GrantRefused(XenError):
+    """A host backend may not use a grant (``host_acquire``): EPERM, with the
+    GNTST_* status Xen would give the copy or map."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(abi.EPERM, why)
+        self.status = status
+
+
+# pxg_acquire's refusals as Xen's copy/map statuses
+_PXG_STATUS = {_PXG_E_RANGE: GNTST_bad_gntref, _PXG_E_FRAME: GNTST_bad_page}
 
 
 class _Gnt(Exception):

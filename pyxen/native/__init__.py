@@ -55,6 +55,13 @@ class PxcPeer(ctypes.Structure):
                 ("domid", ctypes.c_uint16), ("err", ctypes.c_int16)]
 
 
+class PxgCopyOp(ctypes.Structure):
+    """``struct pxg_copy_op`` (native.h): one backend grant copy."""
+
+    _fields_ = [("ref", ctypes.c_uint32), ("offset", ctypes.c_uint16), ("len", ctypes.c_uint16),
+                ("buf", vp), ("to_guest", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 # out[] of pxc_copy (native.h)
 PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT = range(5)
 
@@ -126,6 +133,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxg_release.restype = None
     lib.pxg_holds.argtypes = [vp, ctypes.c_uint32]
     lib.pxg_holds.restype = ctypes.c_uint32
+    lib.pxg_copy.argtypes = [vp, vp, ctypes.c_int, ctypes.c_uint16, vp]
+    lib.pxg_copy.restype = ctypes.c_int
     lib.pxc_scan.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint16, vp,
                              ctypes.c_int, vp, vp]
     lib.pxc_scan.restype = ctypes.c_int

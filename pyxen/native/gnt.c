@@ -491,3 +491,47 @@ int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_pe
     }
     return 0;
 }
+
+/*
+ * A backend's grant copy (netback's GNTTABOP_copy, done in the guest's own
+ * process): n ops between the guest's granted pages and host buffers, each
+ * checked and held exactly as pxg_acquire does (the backend acting as domain
+ * `me`), copied, and released, under one lock hold.  status[i] is Xen's
+ * GNTST_* for op i: bad_copy_arg (offset + len beyond the page), bad_gntref
+ * (ref beyond the table), general_error (not granted to `me`, read-only for
+ * a write into the guest, a page table or descriptor page, too many holds),
+ * bad_page (the frame is not the guest's RAM).  A page written is marked in
+ * the dirty bitmap while the toolstack logs dirty pages.  Returns how many
+ * ops copied.  Takes no Python state: call it without the GIL.
+ */
+int pxg_copy(struct pxg *g, const struct pxg_copy_op *ops, int n, uint16_t me, int16_t *status)
+{
+    int done = 0;
+    int logdirty = __atomic_load_n(&g->logdirty, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&g->lock);
+    for (int i = 0; i < n; i++) {
+        const struct pxg_copy_op *op = &ops[i];
+        int64_t off;
+        if ((uint32_t)op->offset + op->len > 4096) {
+            status[i] = GNTST_bad_copy_arg;
+            continue;
+        }
+        off = acquire_locked(g, op->ref, me, !!op->to_guest);
+        if (off < 0) {
+            status[i] = off == PXG_E_RANGE ? GNTST_bad_gntref
+                      : off == PXG_E_FRAME ? GNTST_bad_page : GNTST_general_error;
+            continue;
+        }
+        if (op->to_guest)
+            memcpy(g->ram + off + op->offset, op->buf, op->len);
+        else
+            memcpy(op->buf, g->ram + off + op->offset, op->len);
+        if (op->to_guest && logdirty)
+            pxg_mark_dirty(g, (uint64_t)off >> 12);
+        release_locked(g, op->ref);
+        status[i] = GNTST_okay;
+        done++;
+    }
+    pthread_mutex_unlock(&g->lock);
+    return done;
+}

@@ -118,6 +118,17 @@ int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t
 int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
              uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out);
 
+/* A backend's grant copy op (pxg_copy; GrantTables.host_copy). */
+struct pxg_copy_op {
+    uint32_t ref;
+    uint16_t offset, len;    /* within the granted page */
+    uint8_t *buf;            /* host buffer */
+    uint32_t to_guest;       /* 1: buf -> the guest's page, 0: the guest's page -> buf */
+    uint32_t pad;
+};
+
+int pxg_copy(struct pxg *g, const struct pxg_copy_op *ops, int n, uint16_t me, int16_t *status);
+
 /* ---- inter-domain event delivery (evt.c; pyxen/hv/evtchn.py NativeEventHub) ---- */
 
 #define PXE_MAX_VCPUS 128
