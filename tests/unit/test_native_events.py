@@ -132,3 +132,35 @@ def test_running_vcpu_is_kicked(lib: ctypes.PyDLL, hub: int) -> None:
         lib.pxe_attach(hub, 0, 0, None)
         signal.signal(signal.SIGUSR1, old)
         lib.pxe_unwatch(hub, 3, fd)  # closes it
+
+
+def test_sleeper_takes_another_vcpus_event_and_kicks_it(lib: ctypes.PyDLL, hub: int) -> None:
+    """vCPU 0 sleeps, the port is bound to vCPU 1, which runs: vCPU 0's poll
+    takes the event, fires it for vCPU 1 and kicks it; vCPU 0 has nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers need the main thread")
+    slow = native.lib()
+    assert slow is not None
+    got: list[int] = []
+    old = signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+    ie = (ctypes.c_uint8 * 1)()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        lib.pxe_attach(hub, 1, threading.get_native_id(), ctypes.addressof(ie))  # "vCPU 1" runs here
+        assert lib.pxe_watch(hub, 9, fd, 1) == 0
+        woke: list[int] = []
+        t = threading.Thread(target=lambda: woke.append(slow.pxe_wait(hub, 0, int(30e9))))
+        t.start()
+        time.sleep(0.05)
+        os.eventfd_write(fd, 1)
+        assert _until(lambda: ie[0] == 1 and bool(got))
+        lib.pxe_wake(hub, 0)  # (if the pump took it, vCPU 0 still sleeps)
+        t.join(20)
+        assert woke == [0]
+        si, vi, sa, va = _pages()
+        assert lib.pxe_deliver(hub, 1, sa, va) == 1
+        assert si[abi.SI_EVTCHN_PENDING + 1] == 1 << 1  # port 9: byte 1, bit 1
+    finally:
+        lib.pxe_attach(hub, 1, 0, None)
+        signal.signal(signal.SIGUSR1, old)
+        lib.pxe_unwatch(hub, 9, fd)
