@@ -16,18 +16,21 @@ dom0's end.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .. import abi
+from .. import abi, kvm, native
 from ..abi import EEXIST, EINVAL, ENOSPC, ENOSYS, EPERM, ESRCH, XenError
 from . import atomic
 
 if TYPE_CHECKING:
     from .domain import Domain
+    from .vcpu import VCPU
 
 ST_FREE, ST_UNBOUND, ST_INTERDOMAIN, ST_PIRQ, ST_VIRQ, ST_IPI = 0, 1, 2, 3, 4, 5
 ST_RESERVED = 6  # allocated while a bind is in flight (reported as closed)
@@ -57,6 +60,22 @@ class EventChannels:
         self.virq_ports: dict[tuple[int, int], int] = {}
         self.lock = threading.RLock()
         self.sends = 0
+        self.hub: NativeEventHub | None = None
+        self._hub_tried = False
+
+    def native_hub(self) -> NativeEventHub | None:
+        """The domain's native event pump (evt.c), started on first use by the
+        multi-process directory; None without the native library or with
+        PYXEN_NATIVE_EVENTS=0 (then the main loop delivers, as before)."""
+        with self.lock:
+            if not self._hub_tried:
+                self._hub_tried = True
+                if os.environ.get("PYXEN_NATIVE_EVENTS", "1") != "0" and native.lib() is not None:
+                    try:
+                        self.hub = NativeEventHub(self.domain)
+                    except OSError as e:
+                        self.domain.log(f"native event delivery unavailable: {e}", always=True)
+            return self.hub
 
     # ------------------------------------------------------------ allocation
     def _alloc(self) -> int:
@@ -160,6 +179,8 @@ class EventChannels:
                 raise XenError(EINVAL, f"port {port} of domain {self.domain.domid} is not "
                                        f"waiting for domain {from_dom}")
             self.ports[port] = Channel(ST_INTERDOMAIN, ch.vcpu, from_dom, from_port, backend=notify)
+            if self.hub is not None:
+                self.hub.bind_vcpu(port, ch.vcpu)
 
     def remote_closed(self, port: int, from_dom: int) -> None:
         """The other end of an interdomain channel closed: back to unbound."""
@@ -186,6 +207,8 @@ class EventChannels:
             if ch.state not in (ST_VIRQ, ST_UNBOUND, ST_INTERDOMAIN, ST_PIRQ):
                 raise XenError(EINVAL, "channel cannot be rebound")
             ch.vcpu = vcpu
+            if self.hub is not None:
+                self.hub.bind_vcpu(port, vcpu)
 
     def status(self, port: int) -> bytes:
         """struct evtchn_status's OUT part: status, vcpu, union (16 bytes)."""
@@ -267,6 +290,82 @@ class EventChannels:
         return out
 
 ENOENT_ = abi.ENOENT
+
+
+class NativeEventHub:
+    """Inter-domain events delivered by a C thread (``pyxen/native/evt.c``).
+
+    Without it an event from another domain process wakes this process's
+    Python main loop, which posts the port to the vCPU and wakes the vCPU
+    thread: two hand-offs through the GIL, 100-200 us each on a loaded
+    machine.  With it the pump thread (C, no GIL) takes the event from the
+    channel's eventfd, records the port for its vCPU and wakes that vCPU,
+    which sleeps in :meth:`wait` (C, GIL released) while blocked, or kicks it
+    if it is running.  The vCPU thread sets the pending bits itself
+    (:meth:`deliver`, Xen's 2-level set_pending in C), as every other event.
+    """
+
+    def __init__(self, domain: Domain) -> None:
+        lib, fast = native.lib(), native.fast()
+        if lib is None or fast is None:
+            raise OSError(native.why_not())
+        self._lib, self._fast = lib, fast
+        self.domain = domain
+        n = len(domain.vcpus)
+        self.h = int(fast.pxe_new(n, abi.SI_EVTCHN_PENDING, abi.SI_EVTCHN_MASK, abi.VI_PENDING_SEL,
+                                  abi.VI_UPCALL_PENDING) or 0)
+        if not self.h:
+            raise OSError("pxe_new failed (eventfd, epoll or thread)")
+        self._attached = [0] * n
+        self._off_ie = kvm.Run.immediate_exit.offset
+        for v in domain.vcpus:  # running vCPUs can be kicked from now on
+            t = v.thread
+            if t is not None and t.is_alive() and t.native_id:
+                self._attach(v, t.native_id)
+
+    def _attach(self, v: VCPU, tid: int) -> None:
+        self._fast.pxe_attach(self.h, v.id, tid,
+                              ctypes.addressof(v.kvm.run_struct) + self._off_ie)
+        self._attached[v.id] = tid
+
+    def detach(self, v: VCPU) -> None:
+        """``v``'s thread ends: no more kicks (its kvm_run may go away after)."""
+        self._fast.pxe_attach(self.h, v.id, 0, None)
+        self._attached[v.id] = 0
+
+    def watch(self, port: int, fd: int, vcpu: int) -> None:
+        """Deliver what arrives on eventfd ``fd`` to ``port`` (bound to ``vcpu``)."""
+        r = self._fast.pxe_watch(self.h, port, fd, vcpu)
+        if r < 0:
+            raise OSError(-r, f"epoll of the eventfd of port {port}")
+
+    def unwatch_close(self, port: int, fd: int) -> None:
+        """Stop watching ``port``'s eventfd ``fd`` and close it (the pump may be
+        about to read it: it checks, under its lock, that ``fd`` is still ``port``'s)."""
+        self._fast.pxe_unwatch(self.h, port, fd)
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        self._fast.pxe_bind_vcpu(self.h, port, vcpu)
+
+    def deliver(self, v: VCPU) -> None:
+        """On ``v``'s thread: mark the ports that fired for it pending."""
+        tid = threading.get_native_id()
+        if self._attached[v.id] != tid:
+            self._attach(v, tid)
+        si_addr, vi_addr = v._event_addrs()
+        self._fast.pxe_deliver(self.h, v.id, si_addr, vi_addr + v.vi_off)
+
+    def wait(self, v: VCPU, timeout_s: float) -> None:
+        """On ``v``'s thread, blocked: sleep until a port fires for it,
+        :meth:`wake`, a kick or the timeout (GIL released meanwhile)."""
+        self._lib.pxe_wait(self.h, v.id, int(timeout_s * 1e9))
+
+    def wake(self, vcpu: int) -> None:
+        self._fast.pxe_wake(self.h, vcpu)
+
+    @property
+    def events(self) -> int:
+        return int(self._fast.pxe_events(self.h))
 
 
 def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int, si_addr: int,

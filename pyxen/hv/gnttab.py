@@ -120,7 +120,9 @@ class GrantTables:
         self.nr_frames = 0
         self.max_frames = M.MAX_GRANT_FRAMES
         self.maptrack: dict[int, Mapping] = {}
-        self.active: dict[tuple[int, int], int] = {}  # (granter, ref) -> our mappings
+        # the in-process backend's uses of our own refs (host_acquire); the
+        # uses of a granter's refs by our guest are counted in PeerMemory.counts
+        self.active: dict[tuple[int, int], int] = {}
         self.free_slots = list(range(M.GRANT_WINDOW_PAGES - 1, -1, -1))
         self.next_handle = 0
         self.lock = threading.RLock()
@@ -129,6 +131,7 @@ class GrantTables:
         self._pxg: int | None = None  # native holds (host_grants)
         self._host_wheld: set[int] = set()  # refs the Python host path holds writable
         self._refused: dict[int, float] = {}  # peer domid -> until when it refused us
+        self._native_copy: _NativeCopy | None = None
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -263,8 +266,19 @@ class GrantTables:
                        "descriptor page (or held writable by another domain): not writable")
         return pfn
 
+    def _count(self, p: PeerMemory, ref: int) -> None:
+        """One more use of the status bits ``_acquire`` set on ``ref``."""
+        with self.lock:
+            p.counts[ref] += 1
+
     def _release(self, p: PeerMemory, ref: int, readonly: bool) -> None:
-        self._unhold((p.domid, ref), p.addr + p.grant_entry_offset(ref))
+        """One use of ``ref`` ends; its status bits drop with the last one."""
+        with self.lock:
+            n = p.counts[ref] - 1
+            p.counts[ref] = max(n, 0)
+            if n > 0:
+                return
+        atomic.fetch_and16(p.addr + p.grant_entry_offset(ref), ~(GTF_reading | GTF_writing) & 0xFFFF)
 
     def _unhold(self, key: tuple[int, int], entry_addr: int) -> bool:
         """One use of a grant ends; the status bits drop with the last one (True)."""
@@ -303,8 +317,7 @@ class GrantTables:
             d.log(f"grant map of d{dom} ref {ref}: {e.why}")
             p.unuse()
             return e.status, 0, 0
-        with self.lock:
-            self.active[(p.domid, ref)] = self.active.get((p.domid, ref), 0) + 1
+        self._count(p, ref)
         off = p.ram_offset(frame)
         if off is None:
             self._release(p, ref, readonly)
@@ -410,6 +423,94 @@ class GrantTables:
         self.stats["copy_bytes"] += length
         return GNTST_okay
 
+    def copy_batch(self, v: VCPU, uop: int, count: int) -> int:
+        """GNTTABOP_copy of ``count`` ops at guest address ``uop``: each op's
+        status goes into its struct; the hypercall's result (0, or -EFAULT
+        through XenError when an op cannot be read or its status written).
+
+        The ops go to the native library a chunk at a time (``pxc_copy``, one
+        call per chunk, the checks of :meth:`copy_one` in C); a chunk that
+        needs anything unusual (no native library, dirty logging on, the op
+        array not writable guest memory, pages the guest gave back, more than
+        a few granters) is done op by op by :meth:`copy_one`, the reference."""
+        lib = native.fast()
+        done = 0
+        while done < count:
+            n = min(count - done, COPY_CHUNK)
+            a = uop + done * COPY.size
+            if lib is None or not self._copy_native(v, lib, a, n):
+                for i in range(n):
+                    ai = a + i * COPY.size
+                    status = self.copy_one(v.copy_from_guest(ai, COPY.size))
+                    v.copy_to_guest(ai + 36, struct.pack("<h", status))
+            done += n
+        return 0
+
+    def _copy_native(self, v: VCPU, lib: ctypes.PyDLL, uop: int, n: int) -> bool:
+        """``n`` copy ops at ``uop`` in one native call; False (nothing done)
+        if the chunk needs the Python path."""
+        d = self.domain
+        if d.dirty_logging:  # own pages written go to host_dirty: Python's business
+            return False
+        nc = self._native_copy
+        if nc is None:
+            nc = self._native_copy = _NativeCopy(d)
+        # the op array: every page it spans, writable (the statuses go back)
+        first = uop & 0xFFF
+        npages = (first + n * COPY.size + 4095) >> 12
+        if uop + n * COPY.size > 1 << 64 or npages > len(nc.pages):
+            return False
+        ft, l4, ram_end = d.ft, v.current_l4, len(d.machine.ram)
+        base = M.MFN_BASE << 12
+        page0 = uop - first
+        for k in range(npages):
+            ma = ft.translate(l4, page0 + (k << 12), True)
+            if ma is None:
+                return False
+            off = (ma & ~0xFFF) - base
+            if not 0 <= off <= ram_end - 4096:
+                return False
+            nc.pages[k] = nc.ram + off
+        me = d.domid
+        nd = lib.pxc_scan(nc.pages_addr, first, n, me, nc.domids_addr, len(nc.domids),
+                          nc.own_addr, nc.n_own_addr)
+        if nd < 0:
+            return False
+        if d.free_pfns and nc.n_own.value and not d.free_pfns.isdisjoint(
+                u - M.MFN_BASE for u in nc.own[:nc.n_own.value]):
+            return False  # a gmfn the guest gave back: copy_one says bad_page
+        used: list[PeerMemory] = []
+        out = nc.out
+        try:
+            for k in range(nd):
+                dom = nc.domids[k]
+                try:
+                    p = self._peer(dom)
+                except XenError as e:
+                    nc.peers[k] = native.PxcPeer(domid=dom, err=self._peer_status(e))
+                    continue
+                used.append(p)
+                pv = p.native
+                if not isinstance(pv, native.PxcPeer):
+                    pv = p.native = _pxc_peer(p)
+                pv.domid = dom
+                pv.nr_refs = p.grant_frames * ENTRIES_PER_FRAME
+                nc.peers[k] = pv
+            nc.me.nr_pages = d.nr_pages
+            for k in range(native.PXC_NOUT):
+                out[k] = 0
+            with self.lock:
+                lib.pxc_copy(nc.me_addr, nc.peers_addr, nd, nc.pages_addr, first, n, nc.out_addr)
+        finally:
+            for p in used:
+                p.unuse()
+        self.stats["copies"] += out[native.PXC_COPIES]
+        self.stats["copy_bytes"] += out[native.PXC_BYTES]
+        if out[native.PXC_GENERAL_ERRORS]:
+            d.log(f"grant copy: {out[native.PXC_GENERAL_ERRORS]} of {n} ops refused with "
+                  f"GNTST_general_error (the first: op {out[native.PXC_FIRST_GENERAL_ERROR]})")
+        return True
+
     def _copy_side(self, u: int, dom: int, is_ref: bool, reading: bool,
                    undo: list[Callable[[], None]]) -> tuple[mmap.mmap, int, Callable[[], None]]:
         d = self.domain
@@ -428,14 +529,14 @@ class GrantTables:
                                f"copy into frame {u:#x}: a page table or descriptor page")
                 undo.append(lambda: types.unhold(pfn))
             return d.machine.ram, d.machine.ram_offset(u), (lambda: d.mark_dirty(u))
+        u &= 0xFFFFFFFF  # union { grant_ref_t ref; xen_pfn_t gmfn; }: a ref is its low 32 bits
         try:
             p = self._peer(dom)
         except XenError as e:
             raise _Gnt(self._peer_status(e), e.why) from None
         undo.append(p.unuse)
         frame = self._acquire(p, u, reading)
-        with self.lock:
-            self.active[(p.domid, u)] = self.active.get((p.domid, u), 0) + 1
+        self._count(p, u)
         undo.append(lambda: self._release(p, u, reading))
         off = p.ram_offset(frame)
         if off is None:
@@ -480,18 +581,20 @@ class GrantTables:
             off = int(native.fast().pxg_acquire(g, ref, backend_domid, int(write)))  # type: ignore[union-attr]
             if off >= 0:
                 return off
-            raise XenError(abi.EPERM, self._host_refusal(off, ref, backend_domid))
+            raise GrantRefused(_PXG_STATUS.get(off, GNTST_general_error),
+                               self._host_refusal(off, ref, backend_domid))
         p = self._find_peer(self.domain.domid)
         try:
             frame = self._acquire(p, ref, not write, me=backend_domid)
         except _Gnt as e:
-            raise XenError(abi.EPERM, e.why) from None
+            raise GrantRefused(e.status, e.why) from None
         with self.lock:
             self.active[(-1, ref)] = self.active.get((-1, ref), 0) + 1
         where = p.ram_offset(frame)
         if where is None:
             self.host_release(ref)
-            raise XenError(abi.EPERM, f"grant {ref} names frame {frame:#x}, not a page of the guest")
+            raise GrantRefused(GNTST_bad_page,
+                               f"grant {ref} names frame {frame:#x}, not a page of the guest")
         if write:
             # one writable use per ref while the backend holds it (as gnt.c):
             # released with the ref's last hold
@@ -501,13 +604,60 @@ class GrantTables:
                 try:
                     pfn = self._hold_writable(p, ref, frame, me=backend_domid)
                 except _Gnt as e:
-                    why = e.why
+                    status, why = e.status, e.why
                 else:
                     self._host_wheld.add(ref)
                     return pfn << 12
             self.host_release(ref)
-            raise XenError(abi.EPERM, why)
+            raise GrantRefused(status, why)
         return where
+
+    def host_copy(self, ops: list[tuple[int, int, int, int, bool]], backend_domid: int) -> list[int]:
+        """A backend's grant copy (netback's GNTTABOP_copy): each op
+        ``(ref, offset, length, host_address, to_guest)`` copies ``length``
+        bytes between our guest's granted page ``ref`` (at ``offset``) and host
+        memory at ``host_address`` (the caller keeps it alive), into the guest
+        if ``to_guest``.  Each grant is checked and held as :meth:`host_acquire`
+        does for the copy only.  Returns each op's Xen status (``GNTST_*``).
+
+        Natively one call for the whole list (``pxg_copy``, the GIL released);
+        else op by op through host_acquire (the reference)."""
+        n = len(ops)
+        status = [GNTST_okay] * n
+        g = self.host_grants()
+        lib = native.lib()
+        if g is not None and lib is not None and n:
+            arr = (native.PxgCopyOp * n)()
+            for i, (ref, off, length, buf, to_guest) in enumerate(ops):
+                if not (0 <= off <= 0xFFFF and 0 <= length <= 0xFFFF and 0 <= ref < 1 << 32):
+                    status[i] = GNTST_bad_copy_arg
+                    arr[i].offset, arr[i].len = 4096, 1  # C says bad_copy_arg too
+                    continue
+                o = arr[i]
+                o.ref, o.offset, o.len, o.buf, o.to_guest = ref, off, length, buf, int(to_guest)
+            st = (ctypes.c_int16 * n)()
+            lib.pxg_copy(g, arr, n, backend_domid, st)
+            return list(st)
+        d = self.domain
+        ram = atomic.address_of(d.machine.ram)
+        for i, (ref, off, length, buf, to_guest) in enumerate(ops):
+            if not (0 <= off and 0 <= length and off + length <= 4096 and 0 <= ref < 1 << 32):
+                status[i] = GNTST_bad_copy_arg
+                continue
+            try:
+                where = self.host_acquire(ref, backend_domid, to_guest)
+            except GrantRefused as e:
+                status[i] = e.status
+                continue
+            try:
+                if to_guest:
+                    ctypes.memmove(ram + where + off, buf, length)
+                    d.mark_dirty(M.MFN_BASE + (where >> 12))
+                else:
+                    ctypes.memmove(buf, ram + where + off, length)
+            finally:
+                self.host_release(ref)
+        return status
 
     def _host_refusal(self, code: int, ref: int, me: int) -> str:
         d = self.domain
@@ -562,6 +712,58 @@ class GrantTables:
         with self.lock:
             return {"version": 1, "nr_frames": self.nr_frames, "max_frames": self.max_frames,
                     "mappings": len(self.maptrack)}
+
+
+COPY_CHUNK = 256  # copy ops per native call (their array spans at most 4 pages)
+_COPY_MAX_PEERS = 8  # granters per chunk on the native path
+
+
+class _NativeCopy:
+    """Buffers of one domain's native copy path, made once (ctypes objects are
+    slow to create; a batch only fills them)."""
+
+    def __init__(self, d: Domain) -> None:
+        m = d.machine
+        self.ram = atomic.address_of(m.ram)
+        self.me = native.PxcSelf(ram=self.ram, nr_pages=d.nr_pages, mfn_base=M.MFN_BASE,
+                                 types=self.ram + m.xenheap_offset(m.xh.types),
+                                 nr_types=m.max_pages, domid=d.domid)
+        self.pages = (ctypes.c_void_p * ((COPY_CHUNK * COPY.size + 4095) // 4096 + 1))()
+        self.domids = (ctypes.c_uint16 * _COPY_MAX_PEERS)()
+        self.own = (ctypes.c_uint64 * (2 * COPY_CHUNK))()
+        self.n_own = ctypes.c_uint32()
+        self.peers = (native.PxcPeer * _COPY_MAX_PEERS)()
+        self.out = (ctypes.c_uint64 * native.PXC_NOUT)()
+        self.me_addr = ctypes.addressof(self.me)
+        self.pages_addr = ctypes.addressof(self.pages)
+        self.domids_addr = ctypes.addressof(self.domids)
+        self.own_addr = ctypes.addressof(self.own)
+        self.n_own_addr = ctypes.addressof(self.n_own)
+        self.peers_addr = ctypes.addressof(self.peers)
+        self.out_addr = ctypes.addressof(self.out)
+
+
+def _pxc_peer(p: PeerMemory) -> native.PxcPeer:
+    """The native view of a granter (its addresses never change while mapped)."""
+    return native.PxcPeer(mem=p.addr, gt=p.addr + p.xh(M.XH_GRANT),
+                          counts=ctypes.addressof(p.counts), types=p.types.addr,
+                          active=p.active.addr, dirty=p.addr + p.xh(M.XH_DIRTY),
+                          nr_pages=p.nr_pages, max_pages=p.max_pages, nr_refs=0,
+                          max_refs=M.MAX_GRANT_REFS, domid=p.domid, err=0)
+
+
+class GrantRefused(XenError):
+    """A host backend may not use a grant (``host_acquire``): EPERM, with the
+    GNTST_* status Xen would give the copy or map."""
+
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(abi.EPERM, why)
+        self.status = status
+
+
+# pxg_acquire's refusals as Xen's copy/map statuses
+_PXG_STATUS = {_PXG_E_RANGE: GNTST_bad_gntref, _PXG_E_FRAME: GNTST_bad_page}
+
 
 class _Gnt(Exception):
     def __init__(self, status: int, why: str = "") -> None:

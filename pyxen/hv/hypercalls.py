@@ -893,11 +893,7 @@ class Hypercalls:
                 v.copy_to_guest(a + 20, struct.pack("<h", gt.unmap(v, host_addr, bus, handle)))
             return 0
         if cmd == G.GNTTABOP_copy:
-            for i in range(count):
-                a = uop + i * G.COPY.size
-                status = gt.copy_one(v.copy_from_guest(a, G.COPY.size))
-                v.copy_to_guest(a + 36, struct.pack("<h", status))
-            return 0
+            return gt.copy_batch(v, uop, count)
         raise XenError(ENOSYS, f"grant_table_op {cmd}")
 
 

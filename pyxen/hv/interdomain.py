@@ -17,6 +17,7 @@ in-process API); ``pyxen.toolstack.domproc`` provides the multi-process one.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import struct
@@ -218,6 +219,12 @@ class PeerMemory:
         self.types = TypeWords(self.addr + self.xh(self.layout.types), max_pages)
         self.active = ActiveGrants(self.addr + self.xh(self.layout.active), M.MAX_GRANT_REFS,
                                    self.types)
+        # This process's uses of each ref's GTF_reading/GTF_writing (grant maps
+        # and copies): the bits drop with the last one.  A C array, so that the
+        # native copy batch (gnt.c pxc_copy) counts in the same place; changed
+        # only under the using GrantTables' lock.
+        self.counts = (ctypes.c_uint32 * M.MAX_GRANT_REFS)()
+        self.native: object = None  # GrantTables' native view of this peer (PxcPeer)
         # Every access goes through raw addresses (atomics), so the mapping must
         # outlive its users: grant ops and mappings hold a use; close() after
         # the peer died only unmaps once the last use is gone.

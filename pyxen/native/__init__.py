@@ -1,7 +1,8 @@
 """pyxen's native data path (C, loaded with ctypes).
 
 A few loops run once per request or per page and would cost Python tens of
-microseconds each: a backend's grant holds (``gnt.c``) and blkback's ring
+microseconds each: a backend's grant holds and GNTTABOP_copy batches
+(``gnt.c``) and blkback's ring
 and plain reads and writes (``blk.c``).  They are small C files compiled on
 first use into a shared library named after a hash of their text, next to
 them (or in ``$XDG_CACHE_HOME/pyxen`` when the package directory is not
@@ -25,7 +26,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("native.h", "gnt.c", "blk.c")
+SOURCES = ("native.h", "gnt.c", "blk.c", "evt.c")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-fPIC", "-shared", "-pthread")
 
 _lock = threading.Lock()
@@ -36,6 +37,33 @@ _tried = False
 
 u8p = ctypes.POINTER(ctypes.c_uint8)
 vp = ctypes.c_void_p
+
+
+class PxcSelf(ctypes.Structure):
+    """``struct pxc_self`` (native.h): the copying domain's side of GNTTABOP_copy."""
+
+    _fields_ = [("ram", vp), ("nr_pages", ctypes.c_uint64), ("mfn_base", ctypes.c_uint64),
+                ("types", vp), ("nr_types", ctypes.c_uint64), ("domid", ctypes.c_uint16)]
+
+
+class PxcPeer(ctypes.Structure):
+    """``struct pxc_peer`` (native.h): a granter as this process sees it."""
+
+    _fields_ = [("mem", vp), ("gt", vp), ("counts", vp), ("types", vp), ("active", vp),
+                ("dirty", vp), ("nr_pages", ctypes.c_uint64), ("max_pages", ctypes.c_uint64),
+                ("nr_refs", ctypes.c_uint32), ("max_refs", ctypes.c_uint32),
+                ("domid", ctypes.c_uint16), ("err", ctypes.c_int16)]
+
+
+class PxgCopyOp(ctypes.Structure):
+    """``struct pxg_copy_op`` (native.h): one backend grant copy."""
+
+    _fields_ = [("ref", ctypes.c_uint32), ("offset", ctypes.c_uint16), ("len", ctypes.c_uint16),
+                ("buf", vp), ("to_guest", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+# out[] of pxc_copy (native.h)
+PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT = range(5)
 
 
 def _digest() -> str:
@@ -105,6 +133,34 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxg_release.restype = None
     lib.pxg_holds.argtypes = [vp, ctypes.c_uint32]
     lib.pxg_holds.restype = ctypes.c_uint32
+    lib.pxg_copy.argtypes = [vp, vp, ctypes.c_int, ctypes.c_uint16, vp]
+    lib.pxg_copy.restype = ctypes.c_int
+    lib.pxc_scan.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint16, vp,
+                             ctypes.c_int, vp, vp]
+    lib.pxc_scan.restype = ctypes.c_int
+    lib.pxc_copy.argtypes = [vp, vp, ctypes.c_int, vp, ctypes.c_uint32, ctypes.c_uint32, vp]
+    lib.pxc_copy.restype = ctypes.c_int
+    u32, i32 = ctypes.c_uint32, ctypes.c_int
+    lib.pxe_new.argtypes = [u32, u32, u32, u32, u32]
+    lib.pxe_new.restype = vp
+    lib.pxe_free.argtypes = [vp]
+    lib.pxe_free.restype = None
+    lib.pxe_attach.argtypes = [vp, u32, i32, vp]
+    lib.pxe_attach.restype = None
+    lib.pxe_bind_vcpu.argtypes = [vp, u32, u32]
+    lib.pxe_bind_vcpu.restype = None
+    lib.pxe_watch.argtypes = [vp, u32, i32, u32]
+    lib.pxe_watch.restype = i32
+    lib.pxe_unwatch.argtypes = [vp, u32, i32]
+    lib.pxe_unwatch.restype = i32
+    lib.pxe_deliver.argtypes = [vp, u32, vp, vp]
+    lib.pxe_deliver.restype = i32
+    lib.pxe_wait.argtypes = [vp, u32, ctypes.c_int64]
+    lib.pxe_wait.restype = i32
+    lib.pxe_wake.argtypes = [vp, u32]
+    lib.pxe_wake.restype = None
+    lib.pxe_events.argtypes = [vp]
+    lib.pxe_events.restype = ctypes.c_uint64
     f = lib.pxb_new
     f.argtypes = [vp, vp, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_int, ctypes.c_uint64,
                   ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]

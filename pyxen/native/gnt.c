@@ -76,12 +76,12 @@ static void drop_bits(struct pxg *g, uint32_t ref)
     __atomic_fetch_and(flags, (uint16_t)~(GTF_reading | GTF_writing), __ATOMIC_SEQ_CST);
 }
 
-static int type_hold(struct pxg *g, uint64_t pfn)
+static int tw_hold(uint32_t *types, uint64_t nr_types, uint64_t pfn)
 {
     uint32_t *a, w;
-    if (pfn >= g->nr_types)
+    if (pfn >= nr_types)
         return 0;
-    a = &g->types[pfn];
+    a = &types[pfn];
     w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
     for (;;) {
         if ((w & TW_TYPE_MASK) || w > TW_MAX)
@@ -91,12 +91,12 @@ static int type_hold(struct pxg *g, uint64_t pfn)
     }
 }
 
-static void type_unhold(struct pxg *g, uint64_t pfn)
+static void tw_unhold(uint32_t *types, uint64_t nr_types, uint64_t pfn)
 {
     uint32_t *a, w;
-    if (pfn >= g->nr_types)
+    if (pfn >= nr_types)
         return;
-    a = &g->types[pfn];
+    a = &types[pfn];
     w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
     while (w >= TW_HOLD)
         if (__atomic_compare_exchange_n(a, &w, w - TW_HOLD, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
@@ -105,17 +105,18 @@ static void type_unhold(struct pxg *g, uint64_t pfn)
 
 /* One more writable use of ref by domain me: the pfn to write (pfn on the
  * first use, the latched one after), or -1 if the type rules refuse it. */
-static int64_t active_hold(struct pxg *g, uint32_t ref, uint16_t me, uint64_t pfn)
+static int64_t ae_hold(uint64_t *active, uint32_t *types, uint64_t nr_types, uint32_t ref,
+                       uint16_t me, uint64_t pfn)
 {
-    uint64_t *a = &g->active[ref], w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    uint64_t *a = &active[ref], w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
     for (;;) {
         if (w == 0) {
-            if (!type_hold(g, pfn))
+            if (!tw_hold(types, nr_types, pfn))
                 return -1;
             if (__atomic_compare_exchange_n(a, &w, pfn | AE_COUNT | ((uint64_t)me << 48), 0,
                                             __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
                 return (int64_t)pfn;
-            type_unhold(g, pfn);
+            tw_unhold(types, nr_types, pfn);
             continue;
         }
         if ((w >> 48) != me || ((w >> 32) & 0xFFFF) >= AE_COUNT_MAX)
@@ -125,19 +126,29 @@ static int64_t active_hold(struct pxg *g, uint32_t ref, uint16_t me, uint64_t pf
     }
 }
 
-static void active_unhold(struct pxg *g, uint32_t ref)
+static void ae_unhold(uint64_t *active, uint32_t *types, uint64_t nr_types, uint32_t ref)
 {
-    uint64_t *a = &g->active[ref], w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+    uint64_t *a = &active[ref], w = __atomic_load_n(a, __ATOMIC_SEQ_CST);
     while ((w >> 32) & 0xFFFF) {
         int last = ((w >> 32) & 0xFFFF) == 1;
         uint64_t seen = w;
         if (__atomic_compare_exchange_n(a, &w, last ? 0 : w - AE_COUNT, 0, __ATOMIC_SEQ_CST,
                                         __ATOMIC_SEQ_CST)) {
             if (last)
-                type_unhold(g, seen & 0xFFFFFFFFu);
+                tw_unhold(types, nr_types, seen & 0xFFFFFFFFu);
             return;
         }
     }
+}
+
+static int64_t active_hold(struct pxg *g, uint32_t ref, uint16_t me, uint64_t pfn)
+{
+    return ae_hold(g->active, g->types, g->nr_types, ref, me, pfn);
+}
+
+static void active_unhold(struct pxg *g, uint32_t ref)
+{
+    ae_unhold(g->active, g->types, g->nr_types, ref);
 }
 
 /* Caller holds g->lock. */
@@ -265,4 +276,262 @@ void pxg_mark_dirty(struct pxg *g, uint64_t pfn)
 {
     if (g->dirty && pfn < g->nr_pages)
         __atomic_fetch_or(&g->dirty[pfn >> 6], 1ull << (pfn & 63), __ATOMIC_SEQ_CST);
+}
+
+/*
+ * GNTTABOP_copy, a whole batch in one call.
+ *
+ * The same checks, in the same order, with the same status codes as the
+ * Python path (GrantTables.copy_one, the reference): length and offsets
+ * within a page (GNTST_bad_copy_arg); for a gmfn side, the copying domain
+ * itself (GNTST_permission_denied) and one of its RAM frames
+ * (GNTST_bad_page), a destination taking a writable type for the copy
+ * (GNTST_general_error while it is a page table or descriptor page); for a
+ * grant side, the ref within the granter's table (GNTST_bad_gntref), the
+ * entry GTF_permit_access for us and writable when written
+ * (GNTST_general_error), GTF_reading (and GTF_writing) set with a
+ * compare-and-swap and counted in this process's per-ref uses, the frame one
+ * of the granter's RAM pages (GNTST_bad_page), a destination taking the
+ * ref's writable use (its active entry, then the frame's type word), and the
+ * page it wrote marked in the granter's dirty bitmap.  Everything a side
+ * took is given back, in reverse order, before the next op.
+ *
+ * Called with the GIL held and GrantTables.lock taken, so the per-ref use
+ * counts (shared with the Python map/unmap/copy paths) need no lock here;
+ * the grant entries, type words and active entries are shared with other
+ * processes and are changed with compare-and-swaps only.
+ *
+ * The op array is read and the status written through `pages`, the host
+ * addresses of the guest pages the array spans (Python translated them and
+ * checked they are writable): the ops need not be page aligned.
+ */
+static void ops_rw(uint8_t *const *pages, uint32_t first_off, uint64_t at, void *buf, uint32_t n,
+                   int write)
+{
+    uint8_t *b = buf;
+    while (n) {
+        uint64_t x = (uint64_t)first_off + at;
+        uint32_t in = (uint32_t)(x & 4095), k = 4096 - in;
+        uint8_t *p = pages[x >> 12] + in;
+        if (k > n)
+            k = n;
+        if (write)
+            memcpy(p, b, k);
+        else
+            memcpy(b, p, k);
+        b += k;
+        at += k;
+        n -= k;
+    }
+}
+
+struct copy_op {
+    uint64_t s_u;
+    uint16_t s_dom, s_off;
+    uint32_t pad0;
+    uint64_t d_u;
+    uint16_t d_dom, d_off;
+    uint32_t pad1;
+    uint16_t len, flags;
+    int16_t status;
+    uint16_t pad2;
+};
+_Static_assert(sizeof(struct copy_op) == PXC_OP_SIZE, "struct gnttab_copy is 40 bytes");
+
+int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
+             uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own)
+{
+    int nd = 0;
+    uint32_t no = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        struct copy_op op;
+        ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE, &op, sizeof(op), 0);
+        if ((uint32_t)op.s_off + op.len > 4096 || (uint32_t)op.d_off + op.len > 4096)
+            continue;
+        for (int side = 0; side < 2; side++) {
+            uint16_t dom = side ? op.d_dom : op.s_dom;
+            uint64_t u = side ? op.d_u : op.s_u;
+            if (op.flags & (side ? GNTCOPY_dest_gref : GNTCOPY_source_gref)) {
+                int k;
+                if (dom == DOMID_SELF)
+                    dom = me;
+                for (k = 0; k < nd && domids[k] != dom; k++)
+                    ;
+                if (k == nd) {
+                    if (nd == max_domids)
+                        return -1;
+                    domids[nd++] = dom;
+                }
+            } else if (dom == DOMID_SELF || dom == me) {
+                own_pfns[no++] = u;
+            }
+        }
+    }
+    *n_own = no;
+    return nd;
+}
+
+struct side {
+    uint8_t *buf;
+    const struct pxc_peer *p;
+    uint64_t pfn;
+    uint32_t ref;
+    uint8_t counted, wheld, own_held;
+};
+
+static void side_undo(const struct pxc_self *self, struct side *s)
+{
+    if (s->wheld)
+        ae_unhold(s->p->active, s->p->types, s->p->max_pages, s->ref);
+    if (s->counted && --s->p->counts[s->ref] == 0) {
+        uint16_t *flags = (uint16_t *)(s->p->gt + (uint64_t)s->ref * 8);
+        __atomic_fetch_and(flags, (uint16_t)~(GTF_reading | GTF_writing), __ATOMIC_SEQ_CST);
+    }
+    if (s->own_held)
+        tw_unhold(self->types, self->nr_types, s->pfn);
+}
+
+static int side_acquire(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
+                        uint64_t u, uint16_t dom, int is_ref, int reading, struct side *s)
+{
+    memset(s, 0, sizeof(*s));
+    if (!is_ref) {
+        uint64_t pfn = u - self->mfn_base;
+        if (dom != DOMID_SELF && dom != self->domid)
+            return GNTST_permission_denied;
+        if (u < self->mfn_base || pfn >= self->nr_pages)
+            return GNTST_bad_page;
+        if (!reading) {
+            if (!tw_hold(self->types, self->nr_types, pfn))
+                return GNTST_general_error;
+            s->own_held = 1;
+        }
+        s->pfn = pfn;
+        s->buf = self->ram + (pfn << 12);
+        return GNTST_okay;
+    }
+    const struct pxc_peer *p = NULL;
+    if (dom == DOMID_SELF)
+        dom = self->domid;
+    for (int k = 0; k < n_peers; k++)
+        if (peers[k].domid == dom)
+            p = &peers[k];
+    if (!p)
+        return GNTST_general_error;  /* not reached: the caller resolved every domid */
+    if (p->err)
+        return p->err;
+    uint32_t ref = (uint32_t)u;  /* union { grant_ref_t ref; xen_pfn_t gmfn; } */
+    if (ref >= p->nr_refs || ref >= p->max_refs)
+        return GNTST_bad_gntref;
+    uint32_t *word = (uint32_t *)(p->gt + (uint64_t)ref * 8);
+    uint32_t want = GTF_reading | (reading ? 0 : GTF_writing);
+    uint32_t w = __atomic_load_n(word, __ATOMIC_SEQ_CST);
+    for (;;) {
+        uint32_t flags = w & 0xFFFF, edom = w >> 16;
+        if ((flags & GTF_type_mask) != GTF_permit_access || edom != self->domid)
+            return GNTST_general_error;
+        if (!reading && (flags & GTF_readonly))
+            return GNTST_general_error;
+        if (__atomic_compare_exchange_n(word, &w, w | want, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            break;
+    }
+    s->p = p;
+    s->ref = ref;
+    p->counts[ref]++;
+    s->counted = 1;
+    uint32_t frame = __atomic_load_n(word + 1, __ATOMIC_SEQ_CST);
+    uint64_t pfn = (uint64_t)frame - self->mfn_base;
+    if ((uint64_t)frame < self->mfn_base || pfn >= p->nr_pages)
+        return GNTST_bad_page;
+    if (!reading) {
+        int64_t r = ae_hold(p->active, p->types, p->max_pages, ref, self->domid, pfn);
+        if (r < 0)
+            return GNTST_general_error;
+        s->wheld = 1;
+        pfn = (uint64_t)r;
+    }
+    s->pfn = pfn;
+    s->buf = p->mem + (pfn << 12);
+    return GNTST_okay;
+}
+
+int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
+             uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out)
+{
+    for (uint32_t i = 0; i < count; i++) {
+        struct copy_op op;
+        struct side src, dst;
+        int16_t st;
+
+        ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE, &op, sizeof(op), 0);
+        memset(&src, 0, sizeof(src));
+        memset(&dst, 0, sizeof(dst));
+        if ((uint32_t)op.s_off + op.len > 4096 || (uint32_t)op.d_off + op.len > 4096) {
+            st = GNTST_bad_copy_arg;
+        } else {
+            st = (int16_t)side_acquire(self, peers, n_peers, op.s_u, op.s_dom,
+                                       !!(op.flags & GNTCOPY_source_gref), 1, &src);
+            if (st == GNTST_okay)
+                st = (int16_t)side_acquire(self, peers, n_peers, op.d_u, op.d_dom,
+                                           !!(op.flags & GNTCOPY_dest_gref), 0, &dst);
+            if (st == GNTST_okay) {
+                memmove(dst.buf + op.d_off, src.buf + op.s_off, op.len);
+                if (dst.p && dst.pfn < dst.p->max_pages)
+                    __atomic_fetch_or(&dst.p->dirty[dst.pfn >> 6], 1ull << (dst.pfn & 63),
+                                      __ATOMIC_SEQ_CST);
+                out[PXC_COPIES]++;
+                out[PXC_BYTES] += op.len;
+            }
+            side_undo(self, &dst);
+            side_undo(self, &src);
+        }
+        if (st == GNTST_general_error && !out[PXC_GENERAL_ERRORS]++)
+            out[PXC_FIRST_GENERAL_ERROR] = i;
+        ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE + PXC_STATUS_OFF, &st, 2, 1);
+    }
+    return 0;
+}
+
+/*
+ * A backend's grant copy (netback's GNTTABOP_copy, done in the guest's own
+ * process): n ops between the guest's granted pages and host buffers, each
+ * checked and held exactly as pxg_acquire does (the backend acting as domain
+ * `me`), copied, and released, under one lock hold.  status[i] is Xen's
+ * GNTST_* for op i: bad_copy_arg (offset + len beyond the page), bad_gntref
+ * (ref beyond the table), general_error (not granted to `me`, read-only for
+ * a write into the guest, a page table or descriptor page, too many holds),
+ * bad_page (the frame is not the guest's RAM).  A page written is marked in
+ * the dirty bitmap while the toolstack logs dirty pages.  Returns how many
+ * ops copied.  Takes no Python state: call it without the GIL.
+ */
+int pxg_copy(struct pxg *g, const struct pxg_copy_op *ops, int n, uint16_t me, int16_t *status)
+{
+    int done = 0;
+    int logdirty = __atomic_load_n(&g->logdirty, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&g->lock);
+    for (int i = 0; i < n; i++) {
+        const struct pxg_copy_op *op = &ops[i];
+        int64_t off;
+        if ((uint32_t)op->offset + op->len > 4096) {
+            status[i] = GNTST_bad_copy_arg;
+            continue;
+        }
+        off = acquire_locked(g, op->ref, me, !!op->to_guest);
+        if (off < 0) {
+            status[i] = off == PXG_E_RANGE ? GNTST_bad_gntref
+                      : off == PXG_E_FRAME ? GNTST_bad_page : GNTST_general_error;
+            continue;
+        }
+        if (op->to_guest)
+            memcpy(g->ram + off + op->offset, op->buf, op->len);
+        else
+            memcpy(op->buf, g->ram + off + op->offset, op->len);
+        if (op->to_guest && logdirty)
+            pxg_mark_dirty(g, (uint64_t)off >> 12);
+        release_locked(g, op->ref);
+        status[i] = GNTST_okay;
+        done++;
+    }
+    pthread_mutex_unlock(&g->lock);
+    return done;
 }

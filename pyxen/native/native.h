@@ -69,4 +69,105 @@ void pxg_release_many(struct pxg *g, const uint32_t *refs, int n);
 uint32_t pxg_holds(struct pxg *g, uint32_t ref);
 void pxg_mark_dirty(struct pxg *g, uint64_t pfn);
 
+/* ---- GNTTABOP_copy as one native call (pyxen/hv/gnttab.py GrantTables.copy_batch) ---- */
+
+/* grant_table.h: GNTCOPY_* flags and the GNTST_* status codes a copy can give */
+#define GNTCOPY_source_gref 1u
+#define GNTCOPY_dest_gref 2u
+#define GNTST_okay 0
+#define GNTST_general_error (-1)
+#define GNTST_bad_gntref (-3)
+#define GNTST_permission_denied (-8)
+#define GNTST_bad_page (-9)
+#define GNTST_bad_copy_arg (-10)
+#define DOMID_SELF 0x7FF0u
+#define PXC_OP_SIZE 40      /* struct gnttab_copy */
+#define PXC_STATUS_OFF 36   /* its int16_t status */
+
+/* The copying domain itself (the gmfn sides of a copy). */
+struct pxc_self {
+    uint8_t *ram;            /* its RAM, pfn 0 at offset 0 */
+    uint64_t nr_pages;       /* frames a gmfn may name: pfn < nr_pages */
+    uint64_t mfn_base;
+    uint32_t *types;         /* its page-type words */
+    uint64_t nr_types;       /* its max_pages */
+    uint16_t domid;
+};
+
+/* A granter as this process sees it (interdomain.PeerMemory). */
+struct pxc_peer {
+    uint8_t *mem;            /* its RAM memfd mapping, pfn 0 at offset 0 */
+    uint8_t *gt;             /* its grant_entry_v1 array */
+    uint32_t *counts;        /* per ref: this process's uses of GTF_reading/writing */
+    uint32_t *types;         /* its page-type words */
+    uint64_t *active;        /* its active grant entries */
+    uint64_t *dirty;         /* its XH_DIRTY bitmap */
+    uint64_t nr_pages;       /* RAM pages a grant may name */
+    uint64_t max_pages;      /* bound of types[] and dirty[] */
+    uint32_t nr_refs;        /* refs of its table (grant frames * 512, clamped) */
+    uint32_t max_refs;       /* bound of counts[] and active[] (MAX_GRANT_REFS) */
+    uint16_t domid;          /* as the guest names it (DOMID_SELF already resolved) */
+    int16_t err;             /* != 0: unreachable, the status of every op naming it */
+};
+
+/* out[] of pxc_copy */
+enum { PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT };
+
+int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
+             uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own);
+int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
+             uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out);
+
+/* A backend's grant copy op (pxg_copy; GrantTables.host_copy). */
+struct pxg_copy_op {
+    uint32_t ref;
+    uint16_t offset, len;    /* within the granted page */
+    uint8_t *buf;            /* host buffer */
+    uint32_t to_guest;       /* 1: buf -> the guest's page, 0: the guest's page -> buf */
+    uint32_t pad;
+};
+
+int pxg_copy(struct pxg *g, const struct pxg_copy_op *ops, int n, uint16_t me, int16_t *status);
+
+/* ---- inter-domain event delivery (evt.c; pyxen/hv/evtchn.py NativeEventHub) ---- */
+
+#define PXE_MAX_VCPUS 128
+#define PXE_MAX_PORTS 4096           /* EVTCHN_2L_NR_CHANNELS on 64-bit */
+#define PXE_KICK_SIGNAL 10           /* SIGUSR1: pyxen.kvm.KICK_SIGNAL */
+
+struct pxe_vcpu {
+    uint64_t fired[PXE_MAX_PORTS / 64];  /* ports the pump saw, not yet delivered */
+    int wake_fd;                     /* eventfd the vCPU sleeps on in pxe_wait */
+    int waiting;                     /* 1 while it does */
+    int tid;                         /* its thread (kernel tid), 0: not attached */
+    uint8_t *immediate_exit;         /* &kvm_run.immediate_exit */
+};
+
+struct pxe_hub {
+    int epfd, stop_fd;               /* the pump's epoll (edge-triggered), its stop */
+    int epfd_v;                      /* the same eventfds, level-triggered: sleepers poll it */
+    int sleepers;                    /* vCPUs in pxe_wait */
+    pthread_mutex_t lock;            /* kicks against pxe_attach (a vCPU's tid, kvm_run) */
+    pthread_t thread;
+    uint32_t nr_vcpus;
+    uint32_t si_pending, si_mask;    /* shared_info offsets (abi.SI_EVTCHN_*) */
+    uint32_t vi_sel, vi_upcall;      /* vcpu_info offsets (abi.VI_*) */
+    uint64_t events;                 /* events the pump took (statistics) */
+    uint32_t port_vcpu[PXE_MAX_PORTS];
+    int port_fd[PXE_MAX_PORTS];      /* the watched eventfd + 1, 0: none (under lock) */
+    struct pxe_vcpu vcpus[PXE_MAX_VCPUS];
+};
+
+struct pxe_hub *pxe_new(uint32_t nr_vcpus, uint32_t si_pending, uint32_t si_mask,
+                        uint32_t vi_sel, uint32_t vi_upcall);
+void pxe_free(struct pxe_hub *h);
+void pxe_attach(struct pxe_hub *h, uint32_t vcpu, int tid, uint8_t *immediate_exit);
+void pxe_bind_vcpu(struct pxe_hub *h, uint32_t port, uint32_t vcpu);
+int pxe_watch(struct pxe_hub *h, uint32_t port, int fd, uint32_t vcpu);
+int pxe_unwatch(struct pxe_hub *h, uint32_t port, int fd);
+int pxe_deliver(struct pxe_hub *h, uint32_t vcpu, uint8_t *si, uint8_t *vi);
+int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns);
+void pxe_wake(struct pxe_hub *h, uint32_t vcpu);
+uint64_t pxe_events(struct pxe_hub *h);
+
 #endif

@@ -9,10 +9,12 @@ touches it:
   asking domain's process and the peer's process has consented (its guest
   granted us something, :meth:`ProcessDirectory.consent`);
 * event channels: the accepting side creates two eventfds (one per
-  direction) and registers its inbound one in its own selector; the binding
-  side duplicates both with ``pidfd_getfd`` and does the same.  A send is an
-  ``eventfd_write`` by the sender's vCPU thread; the receiver's main loop
-  wakes and raises the port.
+  direction) and registers its inbound one with its native event pump
+  (``pyxen/native/evt.c``, which marks the port for its vCPU and wakes or
+  kicks that vCPU without Python), or, without the native library, with its
+  main loop's selector; the binding side duplicates both with
+  ``pidfd_getfd`` and does the same.  A send is an ``eventfd_write`` by the
+  sender's vCPU thread.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .proto import Conn, ProtocolError
 
 if TYPE_CHECKING:
     from ..hv.domain import Domain
+    from ..hv.evtchn import NativeEventHub
 
 _libc = ctypes.CDLL(None, use_errno=True)
 SYS_pidfd_getfd = 438
@@ -64,6 +67,7 @@ class ProcessDirectory(Directory):
         self.unwatch = unwatch
         self.lock = threading.Lock()
         self.links: dict[int, tuple[int, int]] = {}  # our port -> (in_fd, out_fd)
+        self.native: dict[int, NativeEventHub] = {}  # our ports the native pump watches
 
     def _ask(self, **req: Any) -> dict[str, Any]:
         try:
@@ -133,7 +137,7 @@ class ProcessDirectory(Directory):
         in_fd = pidfd_getfd(pid, int(r["out_fd"]))  # we read what they write
         with self.lock:
             self.links[lport] = (in_fd, out_fd)
-        self.watch(in_fd, lambda: local.raise_port(lport, local.evtchn.notify_vcpu(lport)))
+        self._watch(local, lport, in_fd)
         return lambda: _signal(out_fd)
 
     def accept(self, local: Domain, port: int, from_dom: int, from_port: int) -> dict[str, int]:
@@ -148,16 +152,35 @@ class ProcessDirectory(Directory):
             raise
         with self.lock:
             self.links[port] = (in_fd, out_fd)
-        self.watch(in_fd, lambda: local.raise_port(port, local.evtchn.notify_vcpu(port)))
+        self._watch(local, port, in_fd)
         return {"pid": os.getpid(), "in_fd": in_fd, "out_fd": out_fd}
+
+    def _watch(self, local: Domain, port: int, in_fd: int) -> None:
+        """Deliver what arrives on ``in_fd`` to our ``port``: the native pump
+        if there is one, else the main loop (then raise_port posts it)."""
+        hub = local.evtchn.native_hub()
+        if hub is not None:
+            try:
+                hub.watch(port, in_fd, local.evtchn.notify_vcpu(port))
+            except OSError as e:
+                local.log(f"native event delivery for port {port}: {e}; the main loop does it")
+            else:
+                with self.lock:
+                    self.native[port] = hub
+                return
+        self.watch(in_fd, lambda: local.raise_port(port, local.evtchn.notify_vcpu(port)))
 
     def drop(self, port: int) -> None:
         with self.lock:
             fds = self.links.pop(port, None)
+            hub = self.native.pop(port, None)
         if fds:
-            self.unwatch(fds[0])
-            for fd in fds:
-                os.close(fd)
+            if hub is not None:
+                hub.unwatch_close(port, fds[0])
+            else:
+                self.unwatch(fds[0])
+                os.close(fds[0])
+            os.close(fds[1])
 
     def unbind(self, local: Domain, lport: int, remote_dom: int, remote_port: int) -> None:
         self.drop(lport)
