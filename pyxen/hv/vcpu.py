@@ -156,6 +156,7 @@ class VCPU:
         self.guest_cr4 = emulate.HOST_CR4_VISIBLE
         self.msrs = msr_mod.VcpuMsrs()
         self._setup_cpu()
+        trace.profile_vcpu(self)  # PYXEN_PROFILE_EXITS (no-op by default)
 
     # ------------------------------------------------------------ CPU state
     def _setup_cpu(self) -> None:
