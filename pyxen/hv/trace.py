@@ -346,8 +346,24 @@ def write_profile(domain: Any, path: str | None = None) -> str | None:
     return path
 
 
-def _hc_key(nr: int, args: tuple[int, ...]) -> str:
+MMUEXT = {0: "PIN_L1_TABLE", 1: "PIN_L2_TABLE", 2: "PIN_L3_TABLE", 3: "PIN_L4_TABLE",
+          4: "UNPIN_TABLE", 5: "NEW_BASEPTR", 6: "TLB_FLUSH_LOCAL", 7: "INVLPG_LOCAL",
+          8: "TLB_FLUSH_MULTI", 9: "INVLPG_MULTI", 10: "TLB_FLUSH_ALL", 11: "INVLPG_ALL",
+          12: "FLUSH_CACHE", 13: "SET_LDT", 15: "NEW_USER_BASEPTR", 16: "CLEAR_PAGE",
+          17: "COPY_PAGE", 18: "MARK_SUPER", 19: "UNMARK_SUPER", 20: "FLUSH_CACHE_GLOBAL"}
+
+
+def _hc_key(nr: int, args: tuple[int, ...], v: Any = None) -> str:
     name = abi.HYPERCALL_NAMES.get(nr, f"hypercall_{nr}")
+    if name in ("mmu_update", "mmuext_op") and len(args) > 1:
+        n = "1" if args[1] == 1 else ">1"
+        if name == "mmuext_op" and v is not None:
+            try:  # the first operation's command (struct mmuext_op.cmd)
+                cmd = int.from_bytes(v.copy_from_guest(args[0], 4), "little")
+                return f"hypercall mmuext_op MMUEXT_{MMUEXT.get(cmd, cmd)} (count {n})"
+            except Exception:  # noqa: BLE001 -- profiling never changes what the guest sees
+                pass
+        return f"hypercall {name} (count {n})"
     sub = SUBOPS.get(name)
     if sub is not None and args:
         return f"hypercall {name} {sub.get(args[0], args[0])}"
@@ -363,14 +379,14 @@ def _profile_table(hc: Hypercalls) -> None:
         def timed(v: Any, *args: int, _fn: Any = fn, _nr: int = nr) -> Any:
             if prof.depth:
                 if prof.key is None:
-                    prof.key = _hc_key(_nr, args)
+                    prof.key = _hc_key(_nr, args, v)
                 return _fn(v, *args)
             prof.depth = 1
             t = perf()
             try:
                 return _fn(v, *args)
             finally:
-                prof.record(_hc_key(_nr, args) + " (port)", perf() - t)
+                prof.record(_hc_key(_nr, args, v) + " (port)", perf() - t)
                 prof.depth = 0
         hc.table[nr] = timed
 
@@ -472,7 +488,8 @@ def profile_vcpu(v: Any) -> None:
     v.exception = outer(v.exception, lambda: _classify_exception(prof, v))
     v.syscall_entry = outer(v.syscall_entry, lambda: "syscall from kernel: hypercall"
                             if v.kernel_mode else "syscall from user: bounce to the guest kernel")
-    v.flush_mmu = outer(v.flush_mmu, lambda: "MMU helper run (queued PTEs, CR3 reload)")
+    v.flush_mmu = outer(v.flush_mmu, lambda: "MMU helper run (queued PTEs, CR3 reload; "
+                        "a KVM_RUN of its own, not in the exit count)")
     v._wait_runnable = outer(v._wait_runnable, lambda: "blocked (waiting for an event)")
     v._run_failed = outer(v._run_failed, lambda: "kick (KVM_RUN interrupted)")
     v.user_hypercall = outer(v.user_hypercall, lambda: "hypercall port from user mode (#GP)")
