@@ -422,6 +422,15 @@ static void test_io_allowed(void)
             "movb $0, %%al\n\tinb $0x43, %%al", O("=a"(r2), "=c"(r3), "=d"(r4)), I("a"(0UL)));
         check("io.in_imm8_speaker_and_pit", last_vec == -1 && (r3 & 0xff) == 0xff && (r4 & 0xff) == 0xff
               && (r2 & 0xff) == 0xff, "vec=%ld %lx %lx %lx", last_vec, r2, r3, r4);
+        /* a run of reads, as Linux's pit_verify_msb makes them (the fast path takes the run
+         * at once): each reads 0xff, execution continues after the last one */
+        rax = 0x1122334455667700UL;
+        r3 = 0;
+        ARM();
+        TRY("inb $0x42, %%al\n\tinb $0x42, %%al\n\tinb $0x42, %%al\n\tmovq $7, %%rcx",
+            O("+a"(rax), "+c"(r3)), I());
+        check("io.in_imm8_run_of_pit_reads", last_vec == -1 && rax == 0x11223344556677ffUL && r3 == 7,
+              "vec=%ld rax=%lx rcx=%lx", last_vec, rax, r3);
         rax = 0x1122334455667700UL;
         ARM();
         TRY("inb $0x71, %%al", O("+a"(rax)), I());

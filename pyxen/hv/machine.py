@@ -123,7 +123,7 @@ HELPER_CODE = bytes.fromhex(
 
 # The #GP fast path (IDT vector 13): the hottest emulations of a Linux boot,
 # answered at CPL0 without leaving the guest (an exit to the domain process
-# costs ~50-90 µs here, the stub ~25 µs plus ~0.6 µs per emulated instruction:
+# costs ~50-90 µs here, the stub ~25 µs plus ~1 µs per emulated instruction:
 # docs/guests.md).  It answers exactly what emul-priv-op.c answers for a domU
 # in guest kernel mode with enough virtual IOPL, and only that:
 #   * `cli` (fa) and `sti` (fb): accepted and ignored;
@@ -136,9 +136,14 @@ HELPER_CODE = bytes.fromhex(
 # the stub compares it with CR3, so user mode and a stale word never match.
 # The vCPU rewrites it after each hypercall (``emulate.refresh_fast_path``).
 # Coming from CPL3 the frame is at RSP0 - 48, so the word is at a fixed
-# distance from RSP.  Anything else goes the slow way, exactly as the other
-# vectors: `push $13; out %al,$TRAP_PORT`.  Each emulated CPL0 instruction
-# costs ~1 µs on PVM, so the hot path (`in $0x42,%al`) is 19 instructions:
+# distance from RSP.  Linux reads port 0x42 twice in a row (pit_verify_msb:
+# `e4 42 e4 42`), so after an `in $0x42,%al` the stub also carries out the
+# `in $0x42,%al` instructions that directly follow it in the same page: the
+# guest state afterwards is exactly that of running them one by one (each
+# sets AL to 0xff and has no other effect for a domU); not with RFLAGS.TF set.
+# Anything else goes the slow way, exactly as the other vectors:
+# `push $13; out %al,$TRAP_PORT`.  Each emulated CPL0 instruction costs ~1 µs
+# on PVM, so the paths are short:
 #
 #   push %rax; testb $3,24(%rsp); jz restore          # from guest CPL3 only
 #   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in   # opcode at the guest RIP
@@ -146,22 +151,32 @@ HELPER_CODE = bytes.fromhex(
 #   cmp $0x61,%al; je in_ones; and $0xfc,%al; cmp $0x40,%al; jne restore
 # in_ones:
 #   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore  # FAST_KCR3
-#   movb $0xff,(%rsp); addq $2,16(%rsp); jmp done     # AL = 0xff, RIP += 2
+#   movb $0xff,(%rsp); mov 16(%rsp),%rax               # AL = 0xff
+#   testb $1,33(%rsp); jnz in_end_2                    # TF: this one only
+# more:                                                # RIP += 2, then look ahead
+#   add $2,%rax; test $0xfff,%eax; jz in_end           # next insn on a new page
+#   not %rax; test $0xfff,%eax; not %rax; jz in_end    # ... or across one
+#   cmpb $0xe4,(%rax); jne in_end; cmpb $0x42,1(%rax); je more
+# in_end:
+#   mov %rax,16(%rsp); jmp done
+# in_end_2:
+#   add $2,%rax; jmp in_end
 # not_in:
 #   cmpb $0xfa,(%rax); je cli_sti; cmpb $0xfb,(%rax); jne restore
 # cli_sti:
 #   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore; addq $1,16(%rsp)
 # done:
-#   andl $~0x10000,32(%rsp); incq -8128(%rsp)          # RF, FAST_COUNT
+#   andl $~0x10000,32(%rsp); incq -8128(%rsp)          # RF, FAST_COUNT (traps)
 #   pop %rax; add $8,%rsp; iretq                       # drop the error code
 # restore:
 #   pop %rax; push $13; out %al,$0xf1
 CODE_FAST_GP = 0xA00
 FAST_GP_CODE = bytes.fromhex(
-    "50f644241803746b488b4424108038e4752d80780142740e0fb640013c61740624fc3c40754d"
-    "0f20d8483b842438e0ffff7540c60424ff488344241002eb1d8038fa74058038fb752a0f20d8"
-    "483b842438e0ffff751d48834424100181642420fffffeff48ff842440e0ffff584883c40848"
-    "cf586a0de6f1")
+    "50f6442418030f84a3000000488b4424108038e475658078014274120fb640013c61740a24fc"
+    "3c400f85810000000f20d8483b842438e0ffff7574c60424ff488b442410f644242101752a48"
+    "83c002a9ff0f0000741848f7d0a9ff0f000048f7d0740b8038e475068078014274dd48894424"
+    "10eb234883c002ebf38038fa74058038fb752a0f20d8483b842438e0ffff751d488344241001"
+    "81642420fffffeff48ff842440e0ffff584883c40848cf586a0de6f1")
 FAST_KCR3, FAST_COUNT = 0, 8  # offsets in the vCPU's lowest stack page (PC_STACK)
 FAST_NEVER = 1  # a FAST_KCR3 no CR3 equals: the fast path is off
 

@@ -40,7 +40,8 @@ IO_DENIED = ["io.in_without_iopl_gp", "io.in_imm8_without_iopl_gp", "io.out_with
              "sti_without_iopl_gp"]
 IO_ALLOWED = ["io.in_speaker_port", "io.out_dropped", "io.pci_cf8_latch", "io.pci_cfc_all_ones",
               "io.cmos_index_latch", "io.rep_insb", "cli_with_iopl_nop", "sti_with_iopl_nop",
-              "io.in_imm8_pit_all_ones", "io.in_imm8_speaker_and_pit", "io.in_imm8_other_port_all_ones"]
+              "io.in_imm8_pit_all_ones", "io.in_imm8_speaker_and_pit", "io.in_imm8_other_port_all_ones",
+              "io.in_imm8_run_of_pit_reads"]
 M2P = ["m2p_fixed.load64", "m2p_fixed.load32", "m2p_fixed.matches_machphys_mapping"]
 
 ON_PVM = Path("/sys/module/kvm_pvm").exists()
