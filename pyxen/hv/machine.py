@@ -136,7 +136,9 @@ HELPER_CODE = bytes.fromhex(
 # the stub compares it with CR3, so user mode and a stale word never match.
 # The vCPU rewrites it after each hypercall (``emulate.refresh_fast_path``).
 # Coming from CPL3 the frame is at RSP0 - 48, so the word is at a fixed
-# distance from RSP.  Linux reads port 0x42 twice in a row (pit_verify_msb:
+# distance from RSP.  The RIP is read only when canonical: a #GP's RIP was
+# fetched from unless it is non-canonical (an iret there faults on the fetch).
+# Linux reads port 0x42 twice in a row (pit_verify_msb:
 # `e4 42 e4 42`), so after an `in $0x42,%al` the stub also carries out the
 # `in $0x42,%al` instructions that directly follow it in the same page: the
 # guest state afterwards is exactly that of running them one by one (each
@@ -146,6 +148,8 @@ HELPER_CODE = bytes.fromhex(
 # on PVM, so the paths are short:
 #
 #   push %rax; testb $3,24(%rsp); jz restore          # from guest CPL3 only
+#   mov 16(%rsp),%rax; sar $47,%rax; inc %rax          # a non-canonical RIP (an
+#   cmp $1,%rax; ja restore                            # iret there) is not read
 #   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in   # opcode at the guest RIP
 #   cmpb $0x42,1(%rax); je in_ones; movzbl 1(%rax),%eax
 #   cmp $0x61,%al; je in_ones; and $0xfc,%al; cmp $0x40,%al; jne restore
@@ -172,11 +176,12 @@ HELPER_CODE = bytes.fromhex(
 #   pop %rax; push $13; out %al,$0xf1
 CODE_FAST_GP = 0xA00
 FAST_GP_CODE = bytes.fromhex(
-    "50f6442418030f84a3000000488b4424108038e475658078014274120fb640013c61740a24fc"
-    "3c400f85810000000f20d8483b842438e0ffff7574c60424ff488b442410f644242101752a48"
-    "83c002a9ff0f0000741848f7d0a9ff0f000048f7d0740b8038e475068078014274dd48894424"
-    "10eb234883c002ebf38038fa74058038fb752a0f20d8483b842438e0ffff751d488344241001"
-    "81642420fffffeff48ff842440e0ffff584883c40848cf586a0de6f1")
+    "50f6442418030f84b9000000488b44241048c1f82f48ffc04883f8010f87a3000000488b4424"
+    "108038e475658078014274120fb640013c61740a24fc3c400f85810000000f20d8483b842438"
+    "e0ffff7574c60424ff488b442410f644242101752a4883c002a9ff0f0000741848f7d0a9ff0f"
+    "000048f7d0740b8038e475068078014274dd4889442410eb234883c002ebf38038fa74058038"
+    "fb752a0f20d8483b842438e0ffff751d48834424100181642420fffffeff48ff842440e0ffff"
+    "584883c40848cf586a0de6f1")
 FAST_KCR3, FAST_COUNT = 0, 8  # offsets in the vCPU's lowest stack page (PC_STACK)
 FAST_NEVER = 1  # a FAST_KCR3 no CR3 equals: the fast path is off
 
