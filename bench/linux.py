@@ -118,7 +118,7 @@ def qemu_boot(ctx: Context, accel: str) -> dict[str, float]:
     if accel == "kvm":
         ctx.require_kvm()
     _micro, initrd = bench_initrd(ctx)
-    timeout = (60 if ctx.quick else 180) if accel == "kvm" else (120 if ctx.quick else 300)
+    timeout = (30 if ctx.quick else 120) if accel == "kvm" else (120 if ctx.quick else 300)
     cmd = [QEMU, "-accel", accel, "-m", "256", "-smp", "1", "-nographic", "-no-reboot",
            "-monitor", "none", "-serial", "stdio", "-kernel", str(GUESTS / "vmlinuz"),
            "-initrd", str(initrd), "-append", "console=ttyS0 loglevel=8 panic=-1"]
