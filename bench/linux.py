@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import shutil
 import subprocess
 import tempfile
 import time
@@ -100,6 +101,7 @@ def pyxen_boot(ctx: Context) -> dict[str, Any]:
                    | {"top": [(r["key"], r["count"], round(r["total_ms"], 1)) for r in ph["rows"][:8]]}
                    for ph in data["phases"]}
         ctx.log("exit profile:\n" + exitprof.summary(data, top=8, phase="kernel"))
+    shutil.rmtree(prof.parent, ignore_errors=True)
     _cache["pyxen"] = {"phases": phases, "micro": micro, "profile": profile}
     return dict(_cache["pyxen"])
 
@@ -112,7 +114,6 @@ def qemu_boot(ctx: Context, accel: str) -> dict[str, float]:
             raise _cache[key]
         return dict(_cache[key])
     _need_guests()
-    import shutil
     if shutil.which(QEMU) is None:
         raise Skip(f"SKIPPED LOUDLY: {QEMU} not installed (Debian's qemu-system-x86)")
     if accel == "kvm":
