@@ -380,6 +380,14 @@ static void test_io_denied(void)
 
     inb_try(0x61);
     check("io.in_without_iopl_gp", faulted(13) && last_err == 0, "vec=%ld err=%lx", last_vec, last_err);
+    {
+        /* the immediate form, which Linux's PIT calibration uses (and the CPL0 fast path serves) */
+        unsigned long rax = 0x1122334455667788UL;
+        ARM();
+        TRY("inb $0x42, %%al", O("+a"(rax)), I());
+        check("io.in_imm8_without_iopl_gp", faulted(13) && last_err == 0 && rax == 0x1122334455667788UL,
+              "vec=%ld err=%lx rax=%lx", last_vec, last_err, rax);
+    }
     outb_try(0x80, 0);
     check("io.out_without_iopl_gp", faulted(13), "vec=%ld", last_vec);
     ARM();
@@ -401,6 +409,34 @@ static void test_io_allowed(void)
 
     b = inb_try(0x61);
     check("io.in_speaker_port", last_vec == -1 && b == 0xff, "vec=%ld val=%x", last_vec, b);
+    {
+        /* `in $imm8,%al` from the PIT (0x40-0x43) and speaker (0x61) ports: a domU has no vPIT,
+         * so Xen's pv_pit_handler gives all ones; only AL changes, RIP moves past the 2 bytes */
+        unsigned long rax = 0x1122334455667700UL, r2 = 0, r3 = 0, r4 = 0;
+        ARM();
+        TRY("inb $0x42, %%al", O("+a"(rax)), I());
+        check("io.in_imm8_pit_all_ones", last_vec == -1 && rax == 0x11223344556677ffUL,
+              "vec=%ld rax=%lx", last_vec, rax);
+        ARM();
+        TRY("inb $0x61, %%al\n\tmovq %%rax, %%rcx\n\tinb $0x40, %%al\n\tmovq %%rax, %%rdx\n\t"
+            "movb $0, %%al\n\tinb $0x43, %%al", O("=a"(r2), "=c"(r3), "=d"(r4)), I("a"(0UL)));
+        check("io.in_imm8_speaker_and_pit", last_vec == -1 && (r3 & 0xff) == 0xff && (r4 & 0xff) == 0xff
+              && (r2 & 0xff) == 0xff, "vec=%ld %lx %lx %lx", last_vec, r2, r3, r4);
+        /* a run of reads, as Linux's pit_verify_msb makes them (the fast path takes the run
+         * at once): each reads 0xff, execution continues after the last one */
+        rax = 0x1122334455667700UL;
+        r3 = 0;
+        ARM();
+        TRY("inb $0x42, %%al\n\tinb $0x42, %%al\n\tinb $0x42, %%al\n\tmovq $7, %%rcx",
+            O("+a"(rax), "+c"(r3)), I());
+        check("io.in_imm8_run_of_pit_reads", last_vec == -1 && rax == 0x11223344556677ffUL && r3 == 7,
+              "vec=%ld rax=%lx rcx=%lx", last_vec, rax, r3);
+        rax = 0x1122334455667700UL;
+        ARM();
+        TRY("inb $0x71, %%al", O("+a"(rax)), I());
+        check("io.in_imm8_other_port_all_ones", last_vec == -1 && rax == 0x11223344556677ffUL,
+              "vec=%ld rax=%lx", last_vec, rax);
+    }
     outb_try(0x80, 0x55);
     check("io.out_dropped", last_vec == -1, "vec=%ld", last_vec);
     outl_try(0xcf8, 0x80000010);

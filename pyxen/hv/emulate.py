@@ -49,6 +49,7 @@ from .. import abi
 from ..abi import XenError
 from . import cpuid as C
 from . import msr as MS
+from .machine import FAST_COUNT, FAST_KCR3, FAST_NEVER
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -599,6 +600,7 @@ class VcpuEffects:
             return False
         v.kvm.sregs.cr3 = mfn << 12
         v.kvm.mark_sregs_dirty()
+        refresh_fast_path(v)
         v.flush_requested = True
         v.attention = True
         return True
@@ -642,6 +644,36 @@ class VcpuEffects:
             self.v.copy_to_guest(va, data)
         except XenError:
             raise MemFault(va, True) from None
+
+
+def fast_path_word(kernel_l4: int, user_l4: int, iopl: int, arch_iopl: bool) -> int:
+    """The #GP fast path's permission word (machine.FAST_GP_CODE): the guest
+    kernel's CR3 when its port I/O and cli/sti are allowed (virtual IOPL at
+    least its CPL: 1, or 0 with VMASST architectural_iopl) and its user page
+    tables are distinct, so that matching CR3 means guest kernel mode; else a
+    value no CR3 has."""
+    if not kernel_l4 or kernel_l4 == user_l4 or iopl < (0 if arch_iopl else 1):
+        return FAST_NEVER
+    return kernel_l4 << 12
+
+
+def refresh_fast_path(v: VCPU) -> None:
+    """Rewrite the vCPU's fast-path word after anything that may change the
+    kernel or user base pointer, the virtual IOPL or VM assists (hypercalls,
+    an emulated CR3 write).  Called after every hypercall, so it returns at
+    once when none of its inputs changed (~0.3 µs)."""
+    key = (v.kernel_l4, v.user_l4, v.iopl, v.domain.vm_assist)
+    if key == v.__dict__.get("_fast_key"):
+        return
+    v.__dict__["_fast_key"] = key
+    w = fast_path_word(key[0], key[1], key[2],
+                       bool(key[3] >> abi.VMASST_TYPE_architectural_iopl & 1))
+    struct.pack_into("<Q", v.machine.hv, v.percpu["stack_off"] + FAST_KCR3, w)
+
+
+def fast_path_count(v: VCPU) -> int:
+    """#GP traps the fast path answered on this vCPU without an exit."""
+    return int(struct.unpack_from("<Q", v.machine.hv, v.percpu["stack_off"] + FAST_COUNT)[0])
 
 
 def fixup_guest_cr4(policy: C.PvCpuidPolicy, cr4: int) -> int:

@@ -121,6 +121,70 @@ HELPER_CODE = bytes.fromhex(
     "488b0e" "4883c608" "e312" "488b3e" "488b07" "488907" "4883c608" "48ffc9" "75ee"
     "0f22da" "e6f2")
 
+# The #GP fast path (IDT vector 13): the hottest emulations of a Linux boot,
+# answered at CPL0 without leaving the guest (an exit to the domain process
+# costs ~50-90 µs here, the stub ~25 µs plus ~1 µs per emulated instruction:
+# docs/guests.md).  It answers exactly what emul-priv-op.c answers for a domU
+# in guest kernel mode with enough virtual IOPL, and only that:
+#   * `cli` (fa) and `sti` (fb): accepted and ignored;
+#   * `in $imm8,%al` (e4 ib) from ports 0x40-0x43 and 0x61 (PIT and speaker,
+#     no vPIT for a domU: pv_pit_handler gives ~0): AL = 0xff;
+# RIP past the instruction, RFLAGS.RF cleared, a per-vCPU counter bumped.  The
+# permission is one word per vCPU at the bottom of its hypervisor stack
+# (FAST_KCR3): the guest kernel's CR3 when the guest kernel's virtual IOPL
+# allows port I/O and its user page tables differ from the kernel's, else 1;
+# the stub compares it with CR3, so user mode and a stale word never match.
+# The vCPU rewrites it after each hypercall (``emulate.refresh_fast_path``).
+# Coming from CPL3 the frame is at RSP0 - 48, so the word is at a fixed
+# distance from RSP.  The RIP is read only when canonical: a #GP's RIP was
+# fetched from unless it is non-canonical (an iret there faults on the fetch).
+# Linux reads port 0x42 twice in a row (pit_verify_msb:
+# `e4 42 e4 42`), so after an `in $0x42,%al` the stub also carries out the
+# `in $0x42,%al` instructions that directly follow it in the same page: the
+# guest state afterwards is exactly that of running them one by one (each
+# sets AL to 0xff and has no other effect for a domU); not with RFLAGS.TF set.
+# Anything else goes the slow way, exactly as the other vectors:
+# `push $13; out %al,$TRAP_PORT`.  Each emulated CPL0 instruction costs ~1 µs
+# on PVM, so the paths are short:
+#
+#   push %rax; testb $3,24(%rsp); jz restore          # from guest CPL3 only
+#   mov 16(%rsp),%rax; sar $47,%rax; inc %rax          # a non-canonical RIP (an
+#   cmp $1,%rax; ja restore                            # iret there) is not read
+#   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in   # opcode at the guest RIP
+#   cmpb $0x42,1(%rax); je in_ones; movzbl 1(%rax),%eax
+#   cmp $0x61,%al; je in_ones; and $0xfc,%al; cmp $0x40,%al; jne restore
+# in_ones:
+#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore  # FAST_KCR3
+#   movb $0xff,(%rsp); mov 16(%rsp),%rax               # AL = 0xff
+#   testb $1,33(%rsp); jnz in_end_2                    # TF: this one only
+# more:                                                # RIP += 2, then look ahead
+#   add $2,%rax; test $0xfff,%eax; jz in_end           # next insn on a new page
+#   not %rax; test $0xfff,%eax; not %rax; jz in_end    # ... or across one
+#   cmpb $0xe4,(%rax); jne in_end; cmpb $0x42,1(%rax); je more
+# in_end:
+#   mov %rax,16(%rsp); jmp done
+# in_end_2:
+#   add $2,%rax; jmp in_end
+# not_in:
+#   cmpb $0xfa,(%rax); je cli_sti; cmpb $0xfb,(%rax); jne restore
+# cli_sti:
+#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore; addq $1,16(%rsp)
+# done:
+#   andl $~0x10000,32(%rsp); incq -8128(%rsp)          # RF, FAST_COUNT (traps)
+#   pop %rax; add $8,%rsp; iretq                       # drop the error code
+# restore:
+#   pop %rax; push $13; out %al,$0xf1
+CODE_FAST_GP = 0xA00
+FAST_GP_CODE = bytes.fromhex(
+    "50f6442418030f84b9000000488b44241048c1f82f48ffc04883f8010f87a3000000488b4424"
+    "108038e475658078014274120fb640013c61740a24fc3c400f85810000000f20d8483b842438"
+    "e0ffff7574c60424ff488b442410f644242101752a4883c002a9ff0f0000741848f7d0a9ff0f"
+    "000048f7d0740b8038e475068078014274dd4889442410eb234883c002ebf38038fa74058038"
+    "fb752a0f20d8483b842438e0ffff751d48834424100181642420fffffeff48ff842440e0ffff"
+    "584883c40848cf586a0de6f1")
+FAST_KCR3, FAST_COUNT = 0, 8  # offsets in the vCPU's lowest stack page (PC_STACK)
+FAST_NEVER = 1  # a FAST_KCR3 no CR3 equals: the fast path is off
+
 PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PSE = 1, 2, 4, 0x20, 0x40, 0x80
 HV_TABLE = PTE_P | PTE_RW | PTE_A
 HV_PAGE = PTE_P | PTE_RW | PTE_A | PTE_D
@@ -259,11 +323,14 @@ class Machine:
         code = PG_CODE * 4096
         hv[code + CODE_HELPER:code + CODE_HELPER + len(HELPER_CODE)] = HELPER_CODE
         idt = PG_IDT * 4096
+        hv[code + CODE_FAST_GP:code + CODE_FAST_GP + len(FAST_GP_CODE)] = FAST_GP_CODE
         for v in range(256):
             stub = b"\x68" + struct.pack("<I", v) + bytes([0xE6, TRAP_PORT, 0x90])
             off = code + CODE_STUBS + v * 8
             hv[off:off + 8] = stub
             h = HV_VA + PG_CODE * 4096 + CODE_STUBS + v * 8
+            if v == 13:
+                h = HV_VA + PG_CODE * 4096 + CODE_FAST_GP
             lo = (h & 0xFFFF) | (abi.HYPERVISOR_CS64 << 16) | (0x8E << 40) | (((h >> 16) & 0xFFFF) << 48)
             struct.pack_into("<QQ", hv, idt + v * 16, lo, h >> 32)
         # the syscall entry stub: `out %al,$SYSCALL_PORT`, user-readable, read-only
@@ -326,6 +393,7 @@ class Machine:
         for idx, val in _gdt_entries(tss_va).items():
             self._hv_put(gdt_pg, idx, val)
         stack_top = va(PC_STACK + 2)
+        struct.pack_into("<QQ", self.hv, stack_pg[0] * 4096 + FAST_KCR3, FAST_NEVER, 0)
         t = tss_pg[0] * 4096
         struct.pack_into("<Q", self.hv, t + 4, stack_top)  # RSP0
         struct.pack_into("<H", self.hv, t + 102, 104)  # I/O bitmap offset

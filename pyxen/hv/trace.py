@@ -22,14 +22,34 @@ Hooks (each one line, so the hot paths are untouched when tracing is off):
   an entry answers;
 * ``VCPU.exception``: ``trace.trap(self, vec, err, rip, cs)`` before the
   exception is handled.
+
+``PYXEN_PROFILE_EXITS=/path`` (independent of the trace) counts instead of
+logging: each exit the domain process handles is put under a key (hypercall
+by name and sub-op, exception by vector with the decoded instruction, MSR
+index, port or CPUID leaf, kicks, MMU helper runs, blocked waits), with its
+count and the time spent handling it (``perf_counter_ns`` around the handler,
+in the domain process), per *phase* of the boot.  The JSON is written when a
+vCPU's run loop ends (and by ``write_profile``); ``bench/exitprof.py``
+summarises it.  Phases: ``builder`` from the domain's creation to the first
+guest entry, then ``kernel``, then one phase per marker of
+``PYXEN_PROFILE_PHASES`` (``name=regex,...``; default
+``userland=Run /init as init process,prompt=[/~] # ``: Linux's message before
+it executes /init, then the busybox prompt) seen on the console.  The path may
+be a directory (one ``d<domid>-<name>.json`` per domain) or contain
+``{domid}``.  The extra hook, ``VCPU.__init__``: ``trace.profile_vcpu(self)``,
+which wraps the instance's exit handlers; nothing is wrapped when profiling is
+off.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import json
 import os
+import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
@@ -40,6 +60,9 @@ if TYPE_CHECKING:
 
 _setting = os.environ.get("PYXEN_TRACE_EXITS", "")
 ENABLED = bool(_setting) and _setting != "0"
+_psetting = os.environ.get("PYXEN_PROFILE_EXITS", "")
+PROFILE = bool(_psetting) and _psetting != "0"
+DEFAULT_PHASES = "userland=Run /init as init process,prompt=[/~] # "
 _lock = threading.Lock()
 _out: IO[str] | None = None
 _seq: dict[int, int] = {}
@@ -161,7 +184,10 @@ def _wrap(hc: Hypercalls, nr: int, fn: Callable[..., Any] | None) -> Callable[..
 
 
 def wrap_table(hc: Hypercalls) -> None:
-    """Hook: log every hypercall of this domain (no-op unless enabled)."""
+    """Hook: log every hypercall of this domain (no-op unless enabled); when
+    profiling, count and time them too."""
+    if PROFILE:
+        _profile_table(hc)
     if not ENABLED:
         return
     for nr in range(64):
@@ -181,3 +207,302 @@ def trap(v: Any, vec: int, err: int | None, rip: int, cs: int) -> None:
     e = f" err={err:#x}" if err is not None else ""
     _emit(v.domain.domid, f"v{v.id} trap {_EXC.get(vec, vec)}{e}{extra} rip={rip:#x} ({mode}) "
           f"cs={cs:#x} code: {code}")
+
+
+# ------------------------------------------------------------ the exit profile
+class Profile:
+    """Counts and handling times of one domain's exits, per boot phase.
+
+    ``stats[phase][key] = [count, total_ns, max_ns]``; ``phases`` lists
+    ``(name, start perf_counter_ns, exits at start)`` in order.  Only the
+    outermost handler of an exit records (``depth``): a hypercall made through
+    ``syscall`` is timed from the syscall exit, under the hypercall's key."""
+
+    def __init__(self, domid: int, name: str, markers: str) -> None:
+        self.domid, self.name = domid, name
+        self.t0 = time.perf_counter_ns()
+        self.wall0 = time.time()
+        self.phases: list[tuple[str, int, int, int]] = [("builder", self.t0, 0, 0)]
+        self.stats: dict[str, dict[str, list[int]]] = {"builder": {}}
+        self.markers = _parse_markers(markers)
+        self.tail = ""
+        self.depth = 0
+        self.key: str | None = None
+        self.vcpus: list[Any] = []
+        self.decoded: dict[bytes, tuple[str, str]] = {}
+
+    @property
+    def phase(self) -> str:
+        return self.phases[-1][0]
+
+    def exits(self) -> int:
+        return sum(v.n_exits for v in self.vcpus)
+
+    def fast(self) -> int:
+        """Instructions the CPL0 #GP fast path answered without an exit (machine.py)."""
+        from .emulate import fast_path_count
+        try:
+            return sum(fast_path_count(v) for v in self.vcpus)
+        except (ValueError, KeyError, AttributeError):  # machine closed, or no fast path
+            return 0
+
+    def enter_phase(self, name: str) -> None:
+        if name != self.phase:
+            self.phases.append((name, time.perf_counter_ns(), self.exits(), self.fast()))
+            self.stats.setdefault(name, {})
+
+    def record(self, key: str, ns: int) -> None:
+        st = self.stats[self.phase]
+        e = st.get(key)
+        if e is None:
+            st[key] = [1, ns, ns]
+        else:
+            e[0] += 1
+            e[1] += ns
+            if ns > e[2]:
+                e[2] = ns
+
+    def console(self, data: bytes) -> None:
+        """Console sink: move to the next phase when its marker shows up."""
+        if not self.markers:
+            return
+        self.tail = (self.tail + data.decode(errors="replace"))[-4096:]
+        while self.markers:
+            name, rx = self.markers[0]
+            m = rx.search(self.tail)
+            if m is None:
+                return
+            self.tail = self.tail[m.end():]
+            self.markers.pop(0)
+            self.enter_phase(name)
+
+    def to_json(self) -> dict[str, Any]:
+        now = time.perf_counter_ns()
+        exits_now, fast_now = self.exits(), self.fast()
+        out = []
+        for i, (name, start, ex0, f0) in enumerate(self.phases):
+            end, ex1, f1 = self.phases[i + 1][1:] if i + 1 < len(self.phases) \
+                else (now, exits_now, fast_now)
+            rows = sorted(((k, c, t, m) for k, (c, t, m) in self.stats.get(name, {}).items()),
+                          key=lambda r: -r[2])
+            out.append({"phase": name, "start_s": (start - self.t0) / 1e9,
+                        "wall_s": (end - start) / 1e9, "exits": ex1 - ex0,
+                        "fast_path": f1 - f0,
+                        "handled_s": sum(r[2] for r in rows if not r[0].startswith("blocked")) / 1e9,
+                        "blocked_s": sum(r[2] for r in rows if r[0].startswith("blocked")) / 1e9,
+                        "rows": [{"key": k, "count": c, "total_ms": t / 1e6,
+                                  "mean_us": t / c / 1e3, "max_us": m / 1e3}
+                                 for k, c, t, m in rows]})
+        return {"domid": self.domid, "name": self.name, "created": self.wall0, "phases": out}
+
+
+def _parse_markers(spec: str) -> list[tuple[str, re.Pattern[str]]]:
+    out = []
+    for item in spec.split(","):
+        if "=" in item:
+            name, rx = item.split("=", 1)
+            try:
+                out.append((name.strip(), re.compile(rx)))
+            except re.error:
+                continue
+    return out
+
+
+_profiles: dict[int, Profile] = {}
+
+
+def profile_of(domain: Any) -> Profile | None:
+    """The profile of ``domain`` (in this process), if profiling is on."""
+    return _profiles.get(id(domain))
+
+
+def _profile_for(domain: Any) -> Profile:
+    p = _profiles.get(id(domain))
+    if p is None:
+        p = Profile(domain.domid, domain.spec.name if hasattr(domain, "spec") else "",
+                    os.environ.get("PYXEN_PROFILE_PHASES", DEFAULT_PHASES))
+        _profiles[id(domain)] = p
+        sinks = getattr(domain, "console_sinks", None)
+        if sinks is not None:
+            sinks.append(p.console)
+    return p
+
+
+def write_profile(domain: Any, path: str | None = None) -> str | None:
+    """Write the domain's profile as JSON (where PYXEN_PROFILE_EXITS says)."""
+    p = profile_of(domain)
+    if p is None:
+        return None
+    path = path or _psetting
+    if os.path.isdir(path) or path.endswith("/"):
+        os.makedirs(path, exist_ok=True)
+        path = os.path.join(path, f"d{p.domid}-{p.name or 'domain'}.json")
+    else:
+        path = path.replace("{domid}", str(p.domid))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(p.to_json(), f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+MMUEXT = {0: "PIN_L1_TABLE", 1: "PIN_L2_TABLE", 2: "PIN_L3_TABLE", 3: "PIN_L4_TABLE",
+          4: "UNPIN_TABLE", 5: "NEW_BASEPTR", 6: "TLB_FLUSH_LOCAL", 7: "INVLPG_LOCAL",
+          8: "TLB_FLUSH_MULTI", 9: "INVLPG_MULTI", 10: "TLB_FLUSH_ALL", 11: "INVLPG_ALL",
+          12: "FLUSH_CACHE", 13: "SET_LDT", 15: "NEW_USER_BASEPTR", 16: "CLEAR_PAGE",
+          17: "COPY_PAGE", 18: "MARK_SUPER", 19: "UNMARK_SUPER", 20: "FLUSH_CACHE_GLOBAL"}
+
+
+def _hc_key(nr: int, args: tuple[int, ...], v: Any = None) -> str:
+    name = abi.HYPERCALL_NAMES.get(nr, f"hypercall_{nr}")
+    if name in ("mmu_update", "mmuext_op") and len(args) > 1:
+        n = "1" if args[1] == 1 else ">1"
+        if name == "mmuext_op" and v is not None:
+            try:  # the first operation's command (struct mmuext_op.cmd)
+                cmd = int.from_bytes(v.copy_from_guest(args[0], 4), "little")
+                return f"hypercall mmuext_op MMUEXT_{MMUEXT.get(cmd, cmd)} (count {n})"
+            except Exception:  # noqa: BLE001 -- profiling never changes what the guest sees
+                pass
+        return f"hypercall {name} (count {n})"
+    sub = SUBOPS.get(name)
+    if sub is not None and args:
+        return f"hypercall {name} {sub.get(args[0], args[0])}"
+    return f"hypercall {name}"
+
+
+def _profile_table(hc: Hypercalls) -> None:
+    prof = _profile_for(hc.domain)
+    perf = time.perf_counter_ns
+    for nr in list(hc.table):
+        fn = hc.table[nr]
+
+        def timed(v: Any, *args: int, _fn: Any = fn, _nr: int = nr) -> Any:
+            if prof.depth:
+                if prof.key is None:
+                    prof.key = _hc_key(_nr, args, v)
+                return _fn(v, *args)
+            prof.depth = 1
+            t = perf()
+            try:
+                return _fn(v, *args)
+            finally:
+                prof.record(_hc_key(_nr, args, v) + " (port)", perf() - t)
+                prof.depth = 0
+        hc.table[nr] = timed
+
+
+MSR_NAMES = {0x10: "TSC", 0x1B: "APIC_BASE", 0x3A: "FEATURE_CONTROL", 0x3B: "TSC_ADJUST",
+             0x48: "SPEC_CTRL", 0x8B: "UCODE_REV", 0xCE: "PLATFORM_INFO", 0x10A: "ARCH_CAPABILITIES",
+             0x140: "MISC_FEATURES_ENABLES", 0x179: "MCG_CAP", 0x1A0: "MISC_ENABLE", 0x277: "PAT",
+             0xC0000080: "EFER", 0xC0000100: "FS_BASE", 0xC0000101: "GS_BASE",
+             0xC0000102: "SHADOW_GS_BASE", 0xC0000103: "TSC_AUX", 0xC0010015: "K8_HWCR",
+             0xC0011029: "AMD64_DE_CFG", 0xC001001F: "AMD64_NB_CFG"}
+
+
+def _classify_exception(prof: Profile, v: Any) -> str:
+    """The key of the exception the CPL0 stub reported: vector, mode and, for
+    #GP/#UD, the decoded instruction with its MSR / port / leaf."""
+    r = v.kvm.regs
+    stack_va0 = v.percpu["stack_top"] - 2 * 4096
+    off = v.percpu["stack_off"] + (r.rsp - stack_va0)
+    hv = v.machine.hv
+    vec = int.from_bytes(hv[off:off + 8], "little") & 0xFF
+    p = off + 8
+    err = None
+    if vec in (8, 10, 11, 12, 13, 14, 17, 21, 29, 30):
+        err = int.from_bytes(hv[p:p + 8], "little")
+        p += 8
+    rip = int.from_bytes(hv[p:p + 8], "little")
+    mode = "kernel" if v.kernel_mode else "user"
+    name = _EXC.get(vec, f"vector {vec}")
+    if vec == 14:
+        return f"{name} ({mode}, err={(err or 0) & 0x1F:#x})"
+    if vec not in (6, 13):
+        return f"{name} ({mode})"
+    try:
+        code = v.copy_from_guest(rip, 15)
+    except Exception:  # noqa: BLE001 -- profiling never changes what the guest sees
+        try:
+            code = v.copy_from_guest(rip, 4096 - (rip & 4095))
+        except Exception:  # noqa: BLE001
+            return f"{name} ({mode}) unreadable rip"
+    dec = prof.decoded.get(code)
+    if dec is None:
+        dec = prof.decoded[code] = _decode_for_profile(code, rip)
+    text, extra = dec
+    if extra == "msr":
+        idx = r.rcx & 0xFFFFFFFF
+        text += f" {idx:#x}" + (f" ({MSR_NAMES[idx]})" if idx in MSR_NAMES else "")
+    elif extra == "port":
+        text += f" port {r.rdx & 0xFFFF:#x}"
+    elif extra == "leaf":
+        text += f" leaf {r.rax & 0xFFFFFFFF:#x}"
+    return f"{name} {text} ({mode})" + (f" err={err:#x}" if err else "")
+
+
+def _decode_for_profile(code: bytes, rip: int) -> tuple[str, str]:
+    if code.startswith(b"\x0f\x0bxen\x0f\xa2"):
+        return "forced cpuid", "leaf"
+    try:
+        import iced_x86 as ix
+        ins = ix.Decoder(64, code, ip=rip).decode()
+        if ins.code == ix.Code.INVALID:
+            return f"invalid {code[:4].hex()}", ""
+        text = ix.Formatter(ix.FormatterSyntax.GAS).format(ins)
+        m = ins.mnemonic
+        if m in (ix.Mnemonic.RDMSR, ix.Mnemonic.WRMSR):
+            return text, "msr"
+        if m == ix.Mnemonic.CPUID:
+            return text, "leaf"
+        if m in (ix.Mnemonic.IN, ix.Mnemonic.OUT, ix.Mnemonic.INSB, ix.Mnemonic.INSW,
+                 ix.Mnemonic.INSD, ix.Mnemonic.OUTSB, ix.Mnemonic.OUTSW, ix.Mnemonic.OUTSD) \
+                and "dx" in text:
+            return text, "port"
+        return text, ""
+    except Exception:  # noqa: BLE001
+        return f"undecodable {code[:4].hex()}", ""
+
+
+def profile_vcpu(v: Any) -> None:
+    """Hook (``VCPU.__init__``): wrap this vCPU's exit handlers to count and time them."""
+    if not PROFILE:
+        return
+    prof = _profile_for(v.domain)
+    prof.vcpus.append(v)
+    perf = time.perf_counter_ns
+
+    def outer(fn: Callable[..., Any], key_of: Callable[[], str]) -> Callable[..., Any]:
+        def timed(*args: Any) -> Any:
+            if prof.depth:
+                return fn(*args)
+            key = key_of()
+            prof.depth, prof.key = 1, None
+            t = perf()
+            try:
+                return fn(*args)
+            finally:
+                prof.record(prof.key or key, perf() - t)
+                prof.depth = 0
+        return timed
+
+    v.exception = outer(v.exception, lambda: _classify_exception(prof, v))
+    v.syscall_entry = outer(v.syscall_entry, lambda: "syscall from kernel: hypercall"
+                            if v.kernel_mode else "syscall from user: bounce to the guest kernel")
+    v.flush_mmu = outer(v.flush_mmu, lambda: "MMU helper run (queued PTEs, CR3 reload; "
+                        "a KVM_RUN of its own, not in the exit count)")
+    v._wait_runnable = outer(v._wait_runnable, lambda: "blocked (waiting for an event)")
+    v._run_failed = outer(v._run_failed, lambda: "kick (KVM_RUN interrupted)")
+    v.user_hypercall = outer(v.user_hypercall, lambda: "hypercall port from user mode (#GP)")
+    v.deliver_event = outer(v.deliver_event, lambda: "event delivery (bounce, no exit)")
+    run = v.run_loop
+
+    def run_loop() -> Any:
+        prof.enter_phase("kernel") if prof.phase == "builder" else None
+        try:
+            return run()
+        finally:
+            try:
+                write_profile(v.domain)
+            except OSError as e:
+                print(f"pyxen: cannot write the exit profile: {e}", file=sys.stderr)
+    v.run_loop = run_loop

@@ -160,6 +160,7 @@ class VCPU:
         self.guest_cr4 = emulate.HOST_CR4_VISIBLE
         self.msrs = msr_mod.VcpuMsrs()
         self._setup_cpu()
+        trace.profile_vcpu(self)  # PYXEN_PROFILE_EXITS (no-op by default)
 
     # ------------------------------------------------------------ CPU state
     def _setup_cpu(self) -> None:
@@ -529,7 +530,10 @@ class VCPU:
         queued and TLB flushes it asked for must be applied by the MMU helper
         before the guest runs again (platform-notes.md fact 1), so the run loop
         is told to attend.  Event delivery follows in the run loop, as Xen's
-        test_all_events does after pv_hypercall."""
+        test_all_events does after pv_hypercall.  The #GP fast path's
+        permission word is rewritten: a base pointer, the virtual IOPL or a VM
+        assist may have changed (emulate.refresh_fast_path)."""
+        emulate.refresh_fast_path(self)
         if self.domain.mmu_pending or self.flush_requested:
             self.attention = True
 

@@ -35,10 +35,13 @@ COMMON = [
 ]
 VENDOR_AMD = ["rdmsr.amd_hwcr", "rdmsr.amd_de_cfg", "rdmsr.amd_syscfg_domu_gp"]
 VENDOR_INTEL = ["rdmsr.intel_feature_control", "rdmsr.intel_misc_enable"]
-IO_DENIED = ["io.in_without_iopl_gp", "io.out_without_iopl_gp", "cli_without_iopl_gp",
+IO_DENIED = ["io.in_without_iopl_gp", "io.in_imm8_without_iopl_gp", "io.out_without_iopl_gp",
+             "cli_without_iopl_gp",
              "sti_without_iopl_gp"]
 IO_ALLOWED = ["io.in_speaker_port", "io.out_dropped", "io.pci_cf8_latch", "io.pci_cfc_all_ones",
-              "io.cmos_index_latch", "io.rep_insb", "cli_with_iopl_nop", "sti_with_iopl_nop"]
+              "io.cmos_index_latch", "io.rep_insb", "cli_with_iopl_nop", "sti_with_iopl_nop",
+              "io.in_imm8_pit_all_ones", "io.in_imm8_speaker_and_pit", "io.in_imm8_other_port_all_ones",
+              "io.in_imm8_run_of_pit_reads"]
 M2P = ["m2p_fixed.load64", "m2p_fixed.load32", "m2p_fixed.matches_machphys_mapping"]
 
 ON_PVM = Path("/sys/module/kvm_pvm").exists()
@@ -110,6 +113,13 @@ def test_emulated_vendor_msrs(emutest: GuestRun) -> None:
 @pytest.mark.parametrize("name", IO_ALLOWED)
 def test_emulated_with_iopl(emutest_iopl: GuestRun, name: str) -> None:
     _check(_results(emutest_iopl.output), name)
+
+
+def test_fast_path_served_the_guest_kernel(emutest_iopl: GuestRun) -> None:
+    """The CPL0 #GP fast path (machine.FAST_GP_CODE) answered the iopl run's
+    `in $imm8` and cli/sti without an exit, and the checks above hold for them."""
+    from pyxen.hv import emulate
+    assert emulate.fast_path_count(emutest_iopl.domain.vcpus[0]) >= 5
 
 
 def test_emutest_completes(emutest: GuestRun, emutest_iopl: GuestRun) -> None:
