@@ -363,3 +363,16 @@ def test_examples_parse(cfg: str) -> None:
     c, warnings = load_domain_config(ROOT / "examples" / cfg)
     assert not warnings, warnings
     assert c.kernel.exists() and all(Path(d.path).exists() for d in c.disks)  # type: ignore[arg-type]
+
+
+def test_debian_example_parses() -> None:
+    """examples/debian.cfg loads as written once tools/mkdebian has made its image."""
+    image = GUESTS / "debian-bookworm.qcow2"
+    if not image.exists():
+        pytest.skip(f"SKIPPED LOUDLY: {image} not built (tools/mkdebian; root and network)")
+    need(GRUB_INSTALLED)
+    from pyxen.toolstack.xlcfg import load_domain_config
+    c, warnings = load_domain_config(ROOT / "examples" / "debian.cfg")
+    assert not warnings, warnings
+    assert c.kernel == GRUB_INSTALLED
+    assert [Path(d.path).resolve() for d in c.disks] == [image.resolve()]  # type: ignore[arg-type]
