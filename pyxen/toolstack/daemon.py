@@ -41,7 +41,7 @@ from ..xenstore.tree import XsError
 from . import paths, validate
 from .proto import Conn, PeerCred, ProtocolError, peer_allowed, peer_cred
 from .validate import MAX_DOMID, RequestError
-from .xsdomain import DomainSocket, write_domain_layout, write_vbd
+from .xsdomain import DomainSocket, write_domain_layout, write_vbd, write_vif
 
 # ops only a domain process (the one the zygote forked for a domain) may send,
 # on a connection of its own; it may send nothing else
@@ -177,6 +177,8 @@ class Daemon:
             write_domain_layout(self.xsd, domid, spec, rec.start_info)
             for disk in (spec.get("extra") or {}).get("disks", []):
                 write_vbd(self.xsd, domid, disk)
+            for vif in (spec.get("extra") or {}).get("vifs", []):
+                write_vif(self.xsd, domid, vif)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
         self.request(rec, "start", timeout=30, paused=bool((spec.get("extra") or {}).get("paused")))

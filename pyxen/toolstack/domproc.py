@@ -28,6 +28,7 @@ from .. import kvm
 from ..abi import XenError
 from ..backends.blkback import BlkBack
 from ..backends.console import ConsoleLog
+from ..backends.netback import NetBack, NetError
 from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
@@ -67,6 +68,7 @@ class DomainProcess:
         self.directory = ProcessDirectory(rundir, self._watch_fd, self._unwatch_fd)
         self.disks: dict[int, tuple[dict[str, Any], BlockImage]] = {}  # devid -> (disk, image)
         self.blkbacks: dict[int, BlkBack] = {}
+        self.netbacks: dict[int, NetBack] = {}
         self.xs: XsClient | None = None
         self.daemon_lost = 0.0  # when the daemon connection was lost (0: connected)
         self.sel = selectors.DefaultSelector()
@@ -251,6 +253,8 @@ class DomainProcess:
                 self._connect_xenstore()
                 for devid in list(self.disks):
                     self._start_blkback(devid)
+                for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
+                    self._start_netback(dict(vif))
                 if not msg.get("paused"):
                     d.unpause()
             elif op == "reconnect":  # a new daemon adopted us
@@ -315,6 +319,11 @@ class DomainProcess:
         for bb in list(self.blkbacks.values()):
             try:
                 bb.close()  # flushes: acknowledged data is on disk anyway
+            except Exception:  # noqa: BLE001
+                pass
+        for nb in list(self.netbacks.values()):
+            try:
+                nb.close()  # the TAP goes with its fd
             except Exception:  # noqa: BLE001
                 pass
         try:
@@ -408,6 +417,8 @@ class DomainProcess:
             xs = self._xs()
             for bb in self.blkbacks.values():
                 bb.reconnect_xenstore(xs)
+        for nb in self.netbacks.values():
+            nb.reconnect_xenstore(self._xs())
 
     def _xs(self) -> XsClient:
         """Our xenstore connection as the backend domain (dom0 on the host socket)."""
@@ -424,6 +435,22 @@ class DomainProcess:
                      vdev=str(disk.get("vdev", "")))
         bb.start()
         self.blkbacks[devid] = bb
+
+    def _start_netback(self, vif: dict[str, Any]) -> None:
+        """The host end of a vif: a TAP on the bridge (in this process's
+        network namespace: the daemon's), then the netif handshake.  A vif
+        that cannot be set up is logged and left out; the domain runs on."""
+        d = self.domain
+        assert d is not None
+        devid = int(vif["devid"])
+        nb = NetBack(d, self._xs(), devid, str(vif["mac"]), str(vif.get("bridge") or "xenbr0"),
+                     str(vif.get("vifname") or ""))
+        try:
+            nb.start()
+        except (NetError, OSError) as e:
+            d.log(f"vif {devid}: {e}", always=True)
+            return
+        self.netbacks[devid] = nb
 
     def _connect_xenstore(self) -> None:
         """Relay the guest's xenstore ring to the daemon's xenstored."""

@@ -793,6 +793,8 @@ class VifSpec:
     model: str | None = None
     type: str | None = None
     mtu: int | None = None
+    #: the device number (``devid=`` or the vif's place among the config's vifs)
+    devid: int | None = None
 
 
 @dataclass
@@ -1112,6 +1114,7 @@ _VIF_KEYS = frozenset({
     "backend", "vifname", "model", "rate", "forwarddev", "accel", "devid",
     "mtu", "vlan",
 })
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.+-]{1,15}")
 _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
 
 
@@ -1167,6 +1170,11 @@ def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
                 raise ValueError
         except ValueError:
             raise ValueError(f"bad devid '{opts['devid']}'") from None
+    for key in ("bridge", "vifname"):
+        name = opts.get(key)
+        if name is not None and not _IFNAME_RE.fullmatch(name):
+            raise ValueError(f"bad {key} '{name}' (a network interface name: 1 to 15 "
+                             "characters, no '/', ':' or blanks)")
     ip = opts.get("ip")
     if ip is not None:
         for addr in ip.split():
@@ -1531,6 +1539,8 @@ class _Loader:
         if s is None or items is None:
             return []
         out = []
+        devids: dict[int, Atom] = {}
+        macs: dict[str, Atom] = {}
         for a in items:
             try:
                 v, warns = parse_vif_spec(a.text)
@@ -1538,7 +1548,24 @@ class _Loader:
                 raise s.error(f"'{a.text}': {e}", a) from None
             for w in warns:
                 self.warn(s, f"vif '{a.text}': {w}", a)
-            out.append(v)
+            # as libxl: devid= or the next free one, a MAC only once
+            devid = parse_xl_number(v.options["devid"]) if "devid" in v.options else \
+                next(i for i in range(len(items) + len(devids) + 1) if i not in devids)
+            if devid in devids:
+                raise s.error(f"'{a.text}': devid {devid} is used twice (also by "
+                              f"'{devids[devid].text}')", a)
+            devids[devid] = a
+            if v.mac is not None:
+                if v.mac in macs:
+                    raise s.error(f"'{a.text}': MAC {v.mac} is used twice (also by "
+                                  f"'{macs[v.mac].text}')", a)
+                macs[v.mac] = a
+            for opt in ("script", "rate", "model", "gatewaydev", "vlan", "accel", "backend"):
+                if opt in v.options:
+                    self.warn(s, f"vif '{a.text}': option '{opt}' is not supported by pyxen yet; ignored", a)
+            if v.type == "ioemu":
+                self.warn(s, f"vif '{a.text}': type=ioemu has no emulated NIC in pyxen (PV only)", a)
+            out.append(replace(v, devid=devid))
         return out
 
     def unknown_keys(self) -> None:
