@@ -318,7 +318,7 @@ def parse_tx(slot: Callable[[int], bytes], avail: int) -> TxPacket | None:
 _IPV6_EXT = {0, 43, 60}  # hop-by-hop, routing, destination options: skipped
 
 
-def l4_checksum_place(frame: bytes | memoryview) -> tuple[int, int, int] | None:
+def l4_checksum_place(frame: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
     """Where a partial TCP/UDP checksum of ``frame`` goes (skb_checksum_setup):
     (csum_start, csum_offset, l4 protocol), or None when the frame is not plain
     IPv4/IPv6 TCP or UDP (fragments, other protocols, truncated headers)."""
@@ -384,7 +384,7 @@ def complete_checksum(frame: bytearray, start: int, offset: int) -> bool:
     return True
 
 
-def tx_vnet_header(pkt: TxPacket, frame: bytes | memoryview) -> bytes | None:
+def tx_vnet_header(pkt: TxPacket, frame: bytes | bytearray | memoryview) -> bytes | None:
     """The virtio_net_hdr that takes a guest's frame into the host's stack
     with its checksum/GSO state (netback: csum_blank -> CHECKSUM_PARTIAL set up
     by checksum_setup; data_validated -> CHECKSUM_UNNECESSARY; the GSO extra).
