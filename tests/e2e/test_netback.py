@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -169,3 +170,263 @@ def test_two_guests_on_one_bridge(nshost: object, netns: str, net_initrd: Path) 
     assert re.search(r"3 packets transmitted, [123] packets received", out), out
     out = b.run(f"ping -c 3 -W 5 {NET}.11", timeout=60)
     assert re.search(r"3 packets transmitted, [123] packets received", out), out
+
+
+# --- netback against a frontend played by the test (so it can misbehave) ------------------------
+# The domain is built but not run; the test writes its rings, grants and xenstore
+# nodes exactly as a netfront would.  The test thread enters a fresh network
+# namespace (setns) for the duration, so the TAP netback makes is there, and an
+# AF_PACKET socket on it is the host's side of the wire.
+
+CLONE_NEWNET = 0x40000000
+TX_PFN, RX_PFN, DATA_PFN = 400, 401, 410
+
+
+_current_ns: list[str] = []
+
+
+def played_ns() -> str:
+    return _current_ns[-1]
+
+
+@pytest.fixture
+def in_netns(netns: str) -> Iterator[str]:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    orig = os.open("/proc/self/ns/net", os.O_RDONLY)
+    new = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        assert libc.setns(new, CLONE_NEWNET) == 0, os.strerror(ctypes.get_errno())
+        _current_ns.append(netns)
+        yield netns
+    finally:
+        _current_ns.clear()
+        assert libc.setns(orig, CLONE_NEWNET) == 0
+        os.close(orig)
+        os.close(new)
+
+
+class NetFront:
+    """The frontend's side of one vif, in Python."""
+
+    def __init__(self, d: object, xs: object, devid: int = 0) -> None:
+        from pyxen.backends import netif as N
+        self.N = N
+        self.d, self.xs, self.devid = d, xs, devid
+        d.gnttab.setup(1)  # type: ignore[attr-defined]
+        self.port = d.evtchn.alloc_unbound(0)  # type: ignore[attr-defined]
+        self.ram = d.machine.ram  # type: ignore[attr-defined]
+        for pfn in (TX_PFN, RX_PFN):
+            self.ram[pfn * 4096:pfn * 4096 + 4096] = bytes(4096)
+            struct.pack_into("<IIII", self.ram, pfn * 4096, 0, 1, 0, 1)  # SHARED_RING_INIT
+        self.grant(1, TX_PFN)
+        self.grant(2, RX_PFN)
+        self.tx_prod = self.tx_cons = self.rx_prod = self.rx_cons = 0
+        self.fe = f"/local/domain/{d.domid}/device/vif/{devid}"  # type: ignore[attr-defined]
+        self.be = f"/local/domain/0/backend/vif/{d.domid}/{devid}"  # type: ignore[attr-defined]
+
+    def grant(self, ref: int, pfn: int, readonly: bool = False, domid: int = 0) -> None:
+        from pyxen.hv import gnttab as G
+        from pyxen.hv import machine as M
+        off = self.d.machine.xenheap_offset(M.XH_GRANT) + ref * 8  # type: ignore[attr-defined]
+        flags = G.GTF_permit_access | (G.GTF_readonly if readonly else 0)
+        struct.pack_into("<HHI", self.ram, off, flags, domid, M.MFN_BASE + pfn)
+
+    def connect(self, **extra: str) -> None:
+        keys = {"tx-ring-ref": "1", "rx-ring-ref": "2", "event-channel": str(self.port),
+                "request-rx-copy": "1", "feature-rx-notify": "1", "feature-sg": "1", **extra, "state": "4"}
+        for k, v in keys.items():
+            self.xs.write(f"{self.fe}/{k}", v)  # type: ignore[attr-defined]
+        _wait(lambda: self.xs.read(f"{self.be}/state") == "4", "backend Connected")  # type: ignore
+
+    def _store(self, pfn: int, value: int) -> None:
+        from pyxen.hv import atomic
+        atomic.store32(atomic.address_of(self.ram) + pfn * 4096, value)
+
+    def tx(self, *reqs: bytes, kick: bool = True) -> None:
+        for raw in reqs:
+            off = TX_PFN * 4096 + 64 + (self.tx_prod % 256) * 12
+            self.ram[off:off + 12] = raw
+            self.tx_prod += 1
+        self._store(TX_PFN, self.tx_prod)
+        if kick:
+            self.d.evtchn.send(self.port)  # type: ignore[attr-defined]
+
+    def post_rx(self, *bufs: tuple[int, int]) -> None:
+        """Post receive buffers: (id, gref) each."""
+        for rid, gref in bufs:
+            off = RX_PFN * 4096 + 64 + (self.rx_prod % 256) * 8
+            self.ram[off:off + 8] = self.N.RX_REQ.pack(rid, gref)
+            self.rx_prod += 1
+        self._store(RX_PFN, self.rx_prod)
+        self.d.evtchn.send(self.port)  # type: ignore[attr-defined]
+
+    def _responses(self, pfn: int, cons_attr: str, size: int, want: int, timeout: float) -> list[bytes]:
+        out = []
+        end = time.monotonic() + timeout
+        while len(out) < want:
+            prod = struct.unpack_from("<I", self.ram, pfn * 4096 + 8)[0]
+            cons = getattr(self, cons_attr)
+            while cons != prod:
+                off = pfn * 4096 + 64 + (cons % 256) * size
+                out.append(bytes(self.ram[off:off + size]))
+                cons += 1
+            setattr(self, cons_attr, cons)
+            if time.monotonic() > end:
+                raise AssertionError(f"only {len(out)} of {want} responses")
+            time.sleep(0.005)
+        return out
+
+    def tx_responses(self, want: int, timeout: float = 5.0) -> list[tuple[int, int]]:
+        return [self.N.TX_RSP.unpack(r[:4]) for r in self._responses(TX_PFN, "tx_cons", 12, want, timeout)]
+
+    def rx_responses(self, want: int, timeout: float = 5.0) -> list[bytes]:
+        return self._responses(RX_PFN, "rx_cons", 8, want, timeout)
+
+
+def _wait(cond, what: str, timeout: float = 5.0) -> None:  # noqa: ANN001
+    from pyxen.xenstore.tree import XsError
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if cond():
+                return
+        except XsError:
+            pass
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def played(guest: Path, in_netns: str) -> Iterator[tuple[object, object, NetFront, object, object]]:
+    """A domain (not running), a xenstored, a started NetBack on TAP vifT.0 (no
+    bridge) and an AF_PACKET socket on that TAP: (domain, xs, front, netback, wire)."""
+    import socket as so
+
+    from pyxen.backends.netback import NetBack
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+    from pyxen.xenstore.client import XsClient
+    from pyxen.xenstore.server import XenstoreServer
+    sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
+    server = XenstoreServer(sock).start()
+    xs = XsClient(str(sock))
+    d = create_domain(DomainSpec(name="netplay", memory_mib=16, kernel=str(guest / "hello"), domid=31),
+                      start=False)
+    front = NetFront(d, xs)
+    for node in (front.fe + "/state", front.be + "/state"):
+        xs.write(node, "1")
+    nb = NetBack(d, xs, 0, "00:16:3e:00:00:31", bridge=None, ifname="vifT.0")
+    wire = so.socket(so.AF_PACKET, so.SOCK_RAW, so.htons(0x0003))
+    try:
+        nb.start()
+        wire.bind(("vifT.0", 0))
+        wire.settimeout(5)
+        _wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait")
+        yield d, xs, front, nb, wire
+    finally:
+        wire.close()
+        nb.close()
+        d.destroy()
+        d.close()
+        xs.close()
+        server.stop()
+
+
+def _frame(n: int, dst: bytes = b"\xfe\xff\xff\xff\xff\xff", fill: int = 0) -> bytes:
+    """An Ethernet frame of n bytes with an unused ethertype (nothing in the host answers it)."""
+    body = bytes((fill + i) & 0xFF for i in range(n - 14))
+    return dst + b"\x00\x16\x3e\x00\x00\x31" + b"\x88\xb5" + body
+
+
+def _recv_frame(wire: object, want_len: int) -> bytes:
+    """The next frame on the wire of that length (the host may send others: IPv6 noise)."""
+    while True:
+        f = wire.recv(70000)  # type: ignore[attr-defined]
+        if len(f) == want_len and f[12:14] == b"\x88\xb5":
+            return bytes(f)
+
+
+def test_played_handshake_and_tx(played) -> None:  # noqa: ANN001
+    from pyxen.backends import netif as N
+    d, xs, front, nb, wire = played
+    for k in ("feature-rx-copy", "feature-sg", "feature-gso-tcpv4", "feature-split-event-channels"):
+        assert xs.read(f"{front.be}/{k}") == "1", k
+    assert xs.read(f"{front.be}/multi-queue-max-queues") == "1"
+    front.connect()
+    frame = _frame(1500)
+    ram = d.machine.ram
+    ram[DATA_PFN * 4096 + 100:DATA_PFN * 4096 + 1100] = frame[:1000]
+    ram[(DATA_PFN + 1) * 4096:(DATA_PFN + 1) * 4096 + 500] = frame[1000:]
+    front.grant(10, DATA_PFN, readonly=True)
+    front.grant(11, DATA_PFN + 1, readonly=True)
+    front.tx(N.TxRequest(10, 100, N.NETTXF_MORE_DATA, 7, 1500).pack(), N.TxRequest(11, 0, 0, 8, 500).pack())
+    assert front.tx_responses(2) == [(7, N.RSP_OKAY), (8, N.RSP_OKAY)]
+    assert _recv_frame(wire, 1500) == frame
+    assert nb.stats["tx_packets"] == 1
+
+
+def test_played_rx_waits_for_buffers(played) -> None:  # noqa: ANN001
+    from pyxen.backends import netif as N
+    d, xs, front, nb, wire = played
+    front.connect()
+    _run("ip", "-n", played_ns(), "link", "set", "vifT.0", "mtu", "9000")
+    frame = _frame(6000, dst=b"\x00\x16\x3e\x00\x00\x31", fill=3)
+    wire.send(frame)  # no buffers posted yet: it waits
+    time.sleep(0.2)
+    front.grant(20, DATA_PFN + 2)
+    front.post_rx((5, 20))
+    front.grant(21, DATA_PFN + 3)
+    front.post_rx((6, 21))  # enough for 6000 bytes now
+    rsps = [N.RX_RSP.unpack(r) for r in front.rx_responses(2)]
+    assert rsps == [(5, 0, N.NETRXF_MORE_DATA, 4096), (6, 0, 0, 6000 - 4096)]
+    ram = d.machine.ram
+    got = bytes(ram[(DATA_PFN + 2) * 4096:(DATA_PFN + 3) * 4096]) + \
+        bytes(ram[(DATA_PFN + 3) * 4096:(DATA_PFN + 3) * 4096 + 6000 - 4096])
+    assert got == frame
+    assert nb.stats["rx_packets"] >= 1
+
+
+def test_played_bad_packets_get_errors_and_the_ring_survives(played) -> None:  # noqa: ANN001
+    from pyxen.backends import netif as N
+    d, xs, front, nb, wire = played
+    front.connect()
+    front.grant(10, DATA_PFN, readonly=True)
+    front.grant(12, DATA_PFN + 1, domid=33)  # granted to someone else
+    d.machine.ram[DATA_PFN * 4096:DATA_PFN * 4096 + 100] = _frame(100)
+    # 1 + 19 slots: over XEN_NETIF_NR_SLOTS_MIN follow-on slots -> every slot RSP_ERROR
+    chain = [N.TxRequest(10, 0, N.NETTXF_MORE_DATA, 100, 20 * 50).pack()]
+    chain += [N.TxRequest(10, 0, N.NETTXF_MORE_DATA if i < 18 else 0, 101 + i, 50).pack() for i in range(19)]
+    front.tx(*chain)
+    assert front.tx_responses(20) == [(100 + i, N.RSP_ERROR) for i in range(20)]
+    front.tx(N.TxRequest(12, 0, 0, 1, 100).pack())  # a grant not for us
+    front.tx(N.TxRequest(999, 0, 0, 2, 100).pack())  # beyond the grant table
+    front.tx(N.TxRequest(10, 0, 0, 3, 10).pack())  # shorter than an Ethernet header
+    front.tx(N.TxRequest(10, 0, N.NETTXF_MORE_DATA, 4, 100).pack(), N.TxRequest(10, 0, 0, 5, 200).pack())
+    assert front.tx_responses(5) == [(1, -1), (2, -1), (3, -1), (4, -1), (5, -1)]
+    front.tx(N.TxRequest(10, 0, 0, 6, 100).pack())  # and a good one still goes
+    assert front.tx_responses(1) == [(6, 0)]
+    assert _recv_frame(wire, 100) == _frame(100)
+    assert xs.read(f"{front.be}/state") == "4"
+
+
+@pytest.mark.parametrize("bad", ["page-crossing", "too-many-slots", "bad-extra", "index-ahead"])
+def test_played_malicious_frontend_is_disconnected(played, bad: str) -> None:  # noqa: ANN001
+    from pyxen.backends import netif as N
+    d, xs, front, nb, wire = played
+    front.connect()
+    front.grant(10, DATA_PFN, readonly=True)
+    if bad == "page-crossing":
+        front.tx(N.TxRequest(10, 4000, 0, 1, 200).pack())
+    elif bad == "too-many-slots":
+        front.tx(*[N.TxRequest(10, 0, N.NETTXF_MORE_DATA if i < 21 else 0, i, 60).pack()
+                   for i in range(22)])
+    elif bad == "bad-extra":
+        front.tx(N.TxRequest(10, 0, N.NETTXF_EXTRA_INFO, 1, 60).pack(),
+                 N.ExtraInfo(N.EXTRA_TYPE_GSO, 0, 0, N.GSO_TYPE_TCPV4).pack() + bytes(4))
+    else:
+        struct.pack_into("<I", d.machine.ram, TX_PFN * 4096, 1000)
+        d.evtchn.send(front.port)
+    _wait(lambda: xs.read(f"{front.be}/state") == "5", "backend Closing")
+    assert xs.read(f"{front.be}/error")
+    assert nb.tx is None  # the rings are unmapped
