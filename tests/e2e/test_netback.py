@@ -126,9 +126,10 @@ def _guest_up(sh: Shell, ip: str) -> str:
     return link
 
 
-def test_linux_netfront_pings_and_serves_http(nshost: object, netns: str, net_initrd: Path) -> None:
+def test_linux_netfront_pings_and_serves_http(nshost: object, netns: str, net_initrd: Path,
+                                              tmp_path: Path) -> None:
     mac = "00:16:3e:4e:54:01"
-    domid, sh = _boot(nshost, net_initrd, "net1", [f"mac={mac},bridge=xenbr0"])
+    domid, sh = _boot(nshost, net_initrd, "net1", [f"mac={mac},bridge=xenbr0"], memory=512)
     # netback made the bridge and put vif<D>.0 in it
     br = _ns(netns, "ip", "-o", "link", "show", "master", "xenbr0")
     assert f"vif{domid}.0" in br.stdout, br
@@ -144,7 +145,7 @@ def test_linux_netfront_pings_and_serves_http(nshost: object, netns: str, net_in
     p = _ns(netns, str(GUESTS / "busybox" / "bin" / "busybox"), "ping", "-c", "3", "-W", "5", f"{NET}.2")
     assert p.returncode == 0, p.stdout + p.stderr
     # a file over HTTP: busybox httpd in the guest, curl in the namespace
-    size_mib = int(os.environ.get("PYXEN_NET_HTTP_MIB", "16"))
+    size_mib = int(os.environ.get("PYXEN_NET_HTTP_MIB", "100"))
     sh.run(f"mkdir -p /www && dd if=/dev/urandom of=/www/f bs=1M count={size_mib} 2>/dev/null", timeout=120)
     want = sh.run("sha256sum /www/f", timeout=120).split()[0]
     sh.run("httpd -p 80 -h /www")
@@ -157,6 +158,25 @@ def test_linux_netfront_pings_and_serves_http(nshost: object, netns: str, net_in
     assert len(body) == size_mib << 20
     assert hashlib.sha256(body).hexdigest() == want
     print(f"HTTP guest -> host: {size_mib} MiB in {secs:.2f} s ({size_mib / secs:.1f} MiB/s)")
+    # and the other way: the guest fetches a file from a web server in the namespace
+    www = tmp_path / "www"
+    www.mkdir()
+    blob = os.urandom(size_mib << 20)
+    (www / "h").write_bytes(blob)
+    srv = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-m", "http.server", "8080",
+                            "--bind", HOST_IP, "--directory", str(www)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sh.run(f"for i in 1 2 3 4 5; do wget -q -O /dev/null http://{HOST_IP}:8080/ && break; sleep 1; done")
+        t0 = time.monotonic()
+        out = sh.run(f"for i in 1 2 3 4 5; do wget -q -O /tmp/h http://{HOST_IP}:8080/h && break; "
+                     "sleep 1; done; sha256sum /tmp/h", timeout=300)
+    finally:
+        srv.kill()
+        srv.wait(10)
+    secs = time.monotonic() - t0  # includes the guest's sha256sum
+    assert hashlib.sha256(blob).hexdigest() in out, out
+    print(f"HTTP host -> guest (+ sha256sum in the guest): {size_mib} MiB in {secs:.2f} s")
     stats = [ln for ln in nshost.dmesg() if "netback" in ln]  # type: ignore[attr-defined]
     assert not [ln for ln in stats if "protocol error" in ln or "Traceback" in ln], stats
 
