@@ -39,6 +39,7 @@ slot.  Nothing a frontend does raises out of here.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -49,6 +50,7 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .. import native
 from ..abi import XenError
 from ..hv import gnttab
 from ..xenstore.client import XsClient, XsError
@@ -63,6 +65,40 @@ BUDGET = 64
 #: without feature-rx-notify the frontend never tells us it posted RX buffers: poll
 RX_POLL_S = 0.01
 TAP_READ = 65536 + N.VNET_HDR.size + 64
+
+#: serve connected rings with the C data path (pyxen/native/net.c) when it loads
+NATIVE = os.environ.get("PYXEN_NATIVE", "1") != "0"
+_NATIVE_STATS = ("tx_packets", "tx_bytes", "tx_dropped", "tx_errors", "rx_packets", "rx_bytes",
+                 "rx_dropped", "rx_errors")  # net.c's pxn_stats order
+_PXN_NOTIFY, _PXN_MORE, _PXN_FATAL, _PXN_STALLED = 1, 2, 4, 8
+# net.c's pxn_new feature bits
+_F_CSUM, _F_IPV6_CSUM, _F_GSO4, _F_GSO6, _F_SG = 1, 2, 4, 8, 16
+_declared: set[int] = set()
+
+
+def _native_lib(anyway: bool = False) -> ctypes.CDLL | None:
+    """The native library with net.c's functions declared (GIL-releasing calls);
+    None when it does not load or NATIVE is off (``anyway``: whatever NATIVE says)."""
+    lib = native.lib() if NATIVE or anyway else None
+    if lib is None:
+        return None
+    if id(lib) not in _declared:
+        vp = ctypes.c_void_p
+        lib.pxn_new.argtypes = [vp, vp, vp, ctypes.c_int, ctypes.c_uint16, ctypes.c_int]
+        lib.pxn_new.restype = vp
+        lib.pxn_free.argtypes = [vp]
+        lib.pxn_free.restype = None
+        lib.pxn_tx_round.argtypes = [vp, ctypes.c_int]
+        lib.pxn_tx_round.restype = ctypes.c_int
+        lib.pxn_rx_round.argtypes = [vp, ctypes.c_int]
+        lib.pxn_rx_round.restype = ctypes.c_int
+        lib.pxn_msg.argtypes = [vp]
+        lib.pxn_msg.restype = ctypes.c_char_p
+        lib.pxn_stats.argtypes = [vp, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+        lib.pxn_stats.restype = None
+        _declared.add(id(lib))
+    return lib
+
 
 # linux/if_tun.h
 TUNSETIFF = 0x400454CA
@@ -223,12 +259,30 @@ class NetBack:
         self.thread: threading.Thread | None = None
         self._pending: tuple[N.RxMeta, bytes] | None = None  # a frame waiting for RX buffers
         self.rx_stalled = False
-        self._stats = dict.fromkeys(("tx_packets", "tx_bytes", "tx_dropped", "tx_errors", "rx_packets",
-                                     "rx_bytes", "rx_dropped", "rx_errors"), 0)
+        self._stats = dict.fromkeys(_NATIVE_STATS, 0)
+        self.dev: int | None = None  # struct pxn *, while the C data path serves the rings
+        self.native_why = ""  # why the Python data path serves them, if it does
+        self._native_totals = dict.fromkeys(_NATIVE_STATS, 0)  # earlier connections'
 
     @property
     def stats(self) -> dict[str, int]:
-        return dict(self._stats)
+        """Packets and bytes both ways, drops and errors (both data paths)."""
+        out = dict(self._stats)
+        for k, v in self._native_stats().items():
+            out[k] += v
+        out["native"] = int(self.dev is not None)
+        return out
+
+    def _native_stats(self) -> dict[str, int]:
+        tot = dict(self._native_totals)
+        dev = self.dev
+        lib = _native_lib(anyway=True) if dev is not None else None
+        if dev is not None and lib is not None:
+            arr = (ctypes.c_uint64 * len(_NATIVE_STATS))()
+            lib.pxn_stats(dev, arr, len(_NATIVE_STATS))
+            for k, v in zip(_NATIVE_STATS, arr, strict=True):
+                tot[k] += int(v)
+        return tot
 
     # ------------------------------------------------------------ xenstore
     def start(self) -> None:
@@ -375,8 +429,26 @@ class NetBack:
             self.rx = N.BackRing(maps[1][1], N.RX_SLOT)
             self.tx_port, self.rx_port, self.fe_feat = tx_port, rx_port, f
             self._pending = None
+            self._start_native(f)
         self._switch(N.STATE_CONNECTED)
         self._wake()
+
+    def _start_native(self, f: _Frontend) -> None:
+        """Serve the rings with net.c when the library loads (else Python does)."""
+        lib = _native_lib()
+        g = self.domain.gnttab.host_grants() if lib is not None else None
+        if lib is None or g is None:
+            self.native_why = (native.why_not() or "no native grant table") if NATIVE \
+                else "disabled (PYXEN_NATIVE=0)"
+            return
+        feat = (_F_CSUM if f.csum else 0) | (_F_IPV6_CSUM if f.ipv6_csum else 0) | \
+            (_F_GSO4 if f.gso4 else 0) | (_F_GSO6 if f.gso6 else 0) | (_F_SG if f.sg else 0)
+        dev = lib.pxn_new(g, gnttab.atomic.address_of(self.maps[0][0]),
+                          gnttab.atomic.address_of(self.maps[1][0]), self.tap, BACKEND_DOMID, feat)
+        if not dev:
+            self.native_why = "pxn_new failed"
+            return
+        self.dev, self.native_why = dev, ""
 
     def _unmap(self, maps: list[tuple[mmap.mmap, memoryview, int]]) -> None:
         for m, v, ref in maps:
@@ -394,6 +466,11 @@ class NetBack:
             self.tx = self.rx = None
             maps, self.maps = self.maps, []
             self._pending = None
+            dev, lib = self.dev, _native_lib(anyway=True)
+            if dev is not None and lib is not None:
+                self._native_totals = self._native_stats()
+                self.dev = None
+                lib.pxn_free(dev)
         self._unmap(maps)
 
     def _remove_nodes(self) -> None:
@@ -437,13 +514,34 @@ class NetBack:
                     if self.tx is None or self.rx is None:
                         self._drain_tap()
                         continue
-                    busy = self._tx_round(self.tx)
-                    busy = self._rx_round(self.rx) or busy
+                    if self.dev is not None:
+                        busy = self._native_round(self.dev)
+                    else:
+                        busy = self._tx_round(self.tx)
+                        busy = self._rx_round(self.rx) or busy
             except (N.ProtocolError, _Fatal) as e:
                 with self.lock:
                     self._fail(f"protocol error: {e}")
             except Exception as e:  # noqa: BLE001 - never let a guest kill the backend
                 self.domain.log(f"netback {self.ifname}: {e!r}\n{traceback.format_exc()}")
+
+    def _native_round(self, dev: int) -> bool:
+        """One round of each direction in C (net.c), the GIL released."""
+        lib = _native_lib(anyway=True)
+        assert lib is not None
+        r = lib.pxn_tx_round(dev, BUDGET)
+        if r & _PXN_FATAL:
+            raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
+        if r & _PXN_NOTIFY:
+            self._notify(self.tx_port)
+        busy = bool(r & _PXN_MORE)
+        r = lib.pxn_rx_round(dev, BUDGET)
+        if r & _PXN_FATAL:
+            raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
+        if r & _PXN_NOTIFY:
+            self._notify(self.rx_port)
+        self.rx_stalled = bool(r & _PXN_STALLED)
+        return busy or bool(r & _PXN_MORE)
 
     def _drain_tap(self) -> None:
         """No frontend: what the host sends is dropped (as a vif with its carrier off)."""

@@ -213,6 +213,9 @@ def played_ns() -> str:
 def in_netns(netns: str) -> Iterator[str]:
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
+    # no IPv6 here: its router solicitations would take the receive buffers the tests post
+    _run("ip", "netns", "exec", netns, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6; "
+         "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6")
     orig = os.open("/proc/self/ns/net", os.O_RDONLY)
     new = os.open(f"/run/netns/{netns}", os.O_RDONLY)
     try:
@@ -293,7 +296,7 @@ class NetFront:
                 cons += 1
             setattr(self, cons_attr, cons)
             if time.monotonic() > end:
-                raise AssertionError(f"only {len(out)} of {want} responses")
+                raise AssertionError(f"only {len(out)} of {want} responses: {out}")
             time.sleep(0.005)
         return out
 
@@ -317,8 +320,20 @@ def _wait(cond, what: str, timeout: float = 5.0) -> None:  # noqa: ANN001
         time.sleep(0.01)
 
 
+@pytest.fixture(params=["python", "native"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each played test runs on both data paths: netback.py's and net.c's."""
+    from pyxen import native
+    from pyxen.backends import netback
+    if request.param == "native" and native.lib() is None:
+        pytest.skip(f"native library unavailable: {native.why_not()}")
+    monkeypatch.setattr(netback, "NATIVE", request.param == "native")
+    return str(request.param)
+
+
 @pytest.fixture
-def played(guest: Path, in_netns: str) -> Iterator[tuple[object, object, NetFront, object, object]]:
+def played(guest: Path, in_netns: str,
+           path: str) -> Iterator[tuple[object, object, NetFront, object, object]]:
     """A domain (not running), a xenstored, a started NetBack on TAP vifT.0 (no
     bridge) and an AF_PACKET socket on that TAP: (domain, xs, front, netback, wire)."""
     import socket as so
@@ -344,6 +359,7 @@ def played(guest: Path, in_netns: str) -> Iterator[tuple[object, object, NetFron
         wire.settimeout(5)
         _wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait")
         yield d, xs, front, nb, wire
+        assert nb.stats["native"] == int(path == "native" and nb.tx is not None), nb.native_why
     finally:
         wire.close()
         nb.close()
