@@ -216,6 +216,16 @@ class Host:
     def block_list(self, dom: int | str) -> list[dict[str, Any]]:
         return list(self._call(op="block-list", domain=dom)["disks"])
 
+    def network_attach(self, dom: int | str, vif: dict[str, Any]) -> dict[str, Any]:
+        """Hot-plug a vif (``vif_to_dict`` of a parsed vif line); the vif as attached."""
+        return dict(self._call(op="network-attach", domain=dom, vif=vif)["vif"])
+
+    def network_detach(self, dom: int | str, devid: int) -> None:
+        self._call(op="network-detach", domain=dom, devid=devid)
+
+    def network_list(self, dom: int | str) -> list[dict[str, Any]]:
+        return list(self._call(op="network-list", domain=dom)["vifs"])
+
     def pause(self, dom: int | str) -> None:
         self._call(op="pause", domain=dom)
 

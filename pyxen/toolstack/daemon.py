@@ -236,6 +236,14 @@ class Daemon:
             except XsError:
                 pass
 
+    def _xs_rm_dev(self, domid: int, kind: str, devid: int) -> None:
+        for path in (f"/local/domain/0/backend/{kind}/{domid}/{devid}",
+                     f"/local/domain/{domid}/device/{kind}/{devid}"):
+            try:
+                self.xsd.rm(path)
+            except XsError:
+                pass
+
     def _xs_release(self, domid: int) -> None:
         """The domain is gone: release it in xenstored and, as libxl does, remove
         its /local/domain/N and /vm/UUID directories."""
@@ -249,7 +257,7 @@ class Daemon:
                 self.xsd.release(domid)
         except XsError:
             pass
-        for path in (dp, vm, f"/local/domain/0/backend/vbd/{domid}"):
+        for path in (dp, vm, f"/local/domain/0/backend/vbd/{domid}", f"/local/domain/0/backend/vif/{domid}"):
             if path.startswith("/"):
                 try:
                     self.xsd.rm(path)
@@ -567,6 +575,27 @@ class Daemon:
             return {"ok": True}
         if op == "block-list":
             return {"ok": True, "disks": self.request(rec, "block-list")["disks"]}
+        if op == "network-attach":
+            vif = validate.vif(req.get("vif"))
+            vifs = (rec.spec.setdefault("extra", {}).setdefault("vifs", []))
+            if any(int(x["devid"]) == vif["devid"] for x in vifs):
+                raise RequestError(f"vif {vif['devid']} is already attached")
+            write_vif(self.xsd, rec.domid, vif)
+            try:
+                self.request(rec, "network-attach", vif=vif, timeout=30)
+            except (RuntimeError, TimeoutError):
+                self._xs_rm_dev(rec.domid, "vif", vif["devid"])
+                raise
+            vifs.append(vif)
+            return {"ok": True, "vif": vif}
+        if op == "network-detach":
+            devid = validate.integer("devid", req.get("devid"), 0, (1 << 16) - 1)
+            self.request(rec, "network-detach", devid=devid, timeout=30)
+            vifs = (rec.spec.get("extra") or {}).get("vifs", [])
+            vifs[:] = [x for x in vifs if int(x["devid"]) != devid]
+            return {"ok": True}
+        if op == "network-list":
+            return {"ok": True, "vifs": self.request(rec, "network-list")["vifs"]}
         if op == "peer":
             assert caller is not None
             return self._peer_op(req, caller)

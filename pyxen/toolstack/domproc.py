@@ -288,6 +288,29 @@ class DomainProcess:
                                        else 0, stats=self.blkbacks[devid].stats
                                        if devid in self.blkbacks else {})
                                   for devid, (disk, _img) in sorted(self.disks.items())]
+            elif op == "network-attach":
+                vif = dict(msg["vif"])
+                if int(vif["devid"]) in self.netbacks:
+                    raise ValueError(f"vif {vif['devid']} is already attached")
+                self._start_netback(vif, strict=True)
+            elif op == "network-detach":
+                devid = int(msg["devid"])
+                nb = self.netbacks.pop(devid, None)
+                if nb is None:
+                    raise ValueError(f"no vif {devid}")
+
+                def ndetach(nb: NetBack = nb, answer: dict[str, Any] = reply) -> None:
+                    try:  # answered once the frontend closed and the nodes are gone (up to 10 s)
+                        nb.detach()
+                    except Exception as e:  # noqa: BLE001
+                        answer = {"reply": rid, "ok": False, "error": f"detach: {e}"}
+                    self.event(**answer)
+                threading.Thread(target=ndetach, daemon=True).start()
+                return  # the thread answers
+            elif op == "network-list":
+                reply["vifs"] = [{"devid": devid, "mac": nb.mac, "bridge": nb.bridge or "",
+                                  "vifname": nb.ifname, "state": nb.state, "stats": nb.stats}
+                                 for devid, nb in sorted(self.netbacks.items())]
             elif op == "evtchn-accept":
                 reply.update(self.directory.accept(d, int(msg["port"]), int(msg["from_dom"]),
                                                    int(msg["from_port"])))
@@ -436,10 +459,11 @@ class DomainProcess:
         bb.start()
         self.blkbacks[devid] = bb
 
-    def _start_netback(self, vif: dict[str, Any]) -> None:
+    def _start_netback(self, vif: dict[str, Any], strict: bool = False) -> None:
         """The host end of a vif: a TAP on the bridge (in this process's
         network namespace: the daemon's), then the netif handshake.  A vif
-        that cannot be set up is logged and left out; the domain runs on."""
+        of the config that cannot be set up is logged and left out (the domain
+        runs on); a hot-plugged one (``strict``) fails its request."""
         d = self.domain
         assert d is not None
         devid = int(vif["devid"])
@@ -448,6 +472,9 @@ class DomainProcess:
         try:
             nb.start()
         except (NetError, OSError) as e:
+            if strict:
+                nb.close()
+                raise
             d.log(f"vif {devid}: {e}", always=True)
             return
         self.netbacks[devid] = nb

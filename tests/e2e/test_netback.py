@@ -466,3 +466,32 @@ def test_played_malicious_frontend_is_disconnected(played, bad: str) -> None:  #
     _wait(lambda: xs.read(f"{front.be}/state") == "5", "backend Closing")
     assert xs.read(f"{front.be}/error")
     assert nb.tx is None  # the rings are unmapped
+
+
+def test_hotplug_and_unplug_a_vif(nshost: object, netns: str, net_initrd: Path) -> None:
+    from pyxen.toolstack.api import vif_to_dict
+    from pyxen.toolstack.xlcfg import parse_vif_spec
+    domid, sh = _boot(nshost, net_initrd, "nethp", [])
+    assert "eth0" not in sh.run("ip link")
+    mac = "00:16:3e:4e:54:07"
+    vif = vif_to_dict(parse_vif_spec(f"mac={mac},bridge=xenbr0")[0], 0)
+    nshost.network_attach(domid, vif)  # type: ignore[attr-defined]
+    link = sh.run("for i in $(seq 1 100); do ip link show eth0 2>/dev/null && break; sleep 0.2; done")
+    assert mac in link, link
+    _ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "xenbr0")
+    _ns(netns, "ip", "link", "set", "xenbr0", "up")
+    _guest_up(sh, f"{NET}.7")
+    out = sh.run(f"ping -c 3 -W 5 {HOST_IP}", timeout=60)
+    assert re.search(r"3 packets transmitted, [123] packets received", out), _diag(nshost, netns, sh, out)
+    [listed] = nshost.network_list(domid)  # type: ignore[attr-defined]
+    assert listed["mac"] == mac and listed["state"] == 4 and listed["stats"]["tx_packets"] > 0, listed
+    nshost.network_detach(domid, 0)  # type: ignore[attr-defined]
+    gone = sh.run("for i in $(seq 1 100); do ip link show eth0 >/dev/null 2>&1 || break; sleep 0.2; done; "
+                  "ip link show eth0 2>&1; echo rc=$?")
+    assert "rc=0" not in gone, gone
+    assert nshost.network_list(domid) == []  # type: ignore[attr-defined]
+    assert f"vif{domid}.0" not in _ns(netns, "ip", "-o", "link").stdout
+    # and it can come back
+    nshost.network_attach(domid, vif)  # type: ignore[attr-defined]
+    link = sh.run("for i in $(seq 1 100); do ip link show eth0 2>/dev/null && break; sleep 0.2; done")
+    assert mac in link, link
