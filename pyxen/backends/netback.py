@@ -46,6 +46,7 @@ import os
 import select
 import struct
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -259,6 +260,8 @@ class NetBack:
         self.thread: threading.Thread | None = None
         self._pending: tuple[N.RxMeta, bytes] | None = None  # a frame waiting for RX buffers
         self.rx_stalled = False
+        self.credit: N.TxCredit | None = None  # rate= (the backend's "rate" node), None: no limit
+        self._tx_wait = 0.0  # the limiter holds TX back this long
         self._stats = dict.fromkeys(_NATIVE_STATS, 0)
         self.dev: int | None = None  # struct pxn *, while the C data path serves the rings
         self.native_why = ""  # why the Python data path serves them, if it does
@@ -423,15 +426,32 @@ class NetBack:
             d.evtchn.remote_closed(tx_port, BACKEND_DOMID)
             self._unmap(maps)
             raise
+        credit = self._read_rate()
         with self.proc_lock:
             self.maps = maps
             self.tx = N.BackRing(maps[0][1], N.TX_SLOT)
             self.rx = N.BackRing(maps[1][1], N.RX_SLOT)
             self.tx_port, self.rx_port, self.fe_feat = tx_port, rx_port, f
             self._pending = None
-            self._start_native(f)
+            self.credit, self._tx_wait = credit, 0.0
+            if credit is None:
+                self._start_native(f)
+            else:
+                self.native_why = "rate-limited vifs use the Python data path"
         self._switch(N.STATE_CONNECTED)
         self._wake()
+
+    def _read_rate(self) -> N.TxCredit | None:
+        """The backend's ``rate`` node as libxl writes it ("BYTES,USECS"), read at
+        connect as netback's xen_net_read_rate; absent or malformed: no limit."""
+        v = self.xs.try_read(f"{self.be}/rate")
+        try:
+            b, u = (int(x) for x in (v or "").split(","))
+        except ValueError:
+            return None
+        if b <= 0 or u <= 0:
+            return None
+        return N.TxCredit(b, u, time.monotonic())
 
     def _start_native(self, f: _Frontend) -> None:
         """Serve the rings with net.c when the library loads (else Python does)."""
@@ -501,6 +521,8 @@ class NetBack:
             if self.tap >= 0 and not self.rx_stalled:
                 want.append(self.tap)
             timeout = 0.0 if busy else (RX_POLL_S if self.rx_stalled and not self.fe_feat.rx_notify else 1.0)
+            if self._tx_wait:
+                timeout = min(timeout, self._tx_wait)
             try:
                 select.select(want, [], [], timeout)
                 os.eventfd_read(self.up_fd)
@@ -555,8 +577,15 @@ class NetBack:
     def _tx_round(self, ring: N.BackRing) -> bool:
         """Up to BUDGET packets guest -> TAP; True when more are waiting."""
         sent = 0
+        self._tx_wait = 0.0
         while sent < BUDGET:
-            pkt = N.parse_tx(ring.request, ring.unconsumed())
+            avail = ring.unconsumed()
+            if self.credit is not None and avail:  # credit is taken before the checks, as netback
+                wait = self.credit.wait(N.TxRequest.unpack(ring.request(0)).size, time.monotonic())
+                if wait:
+                    self._tx_wait = wait
+                    break
+            pkt = N.parse_tx(ring.request, avail)
             if pkt is None:
                 if ring.final_check_for_requests():
                     continue

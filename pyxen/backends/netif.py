@@ -314,6 +314,48 @@ def parse_tx(slot: Callable[[int], bytes], avail: int) -> TxPacket | None:
     return pkt
 
 
+# --- the TX rate limit (rate=) --------------------------------------------------------------------
+#: a window's credit may grow to this even when the rate gives less, so that a
+#: 64 KiB GSO frame always gets through (netback's tx_add_credit: 128 KiB)
+MAX_BURST = 131072
+
+
+class TxCredit:
+    """Xen's credit-based TX limiter (netback's ``tx_credit_exceeded`` and
+    ``tx_add_credit``): each ``usec`` interval adds ``credit_bytes`` of credit,
+    capped at max(MAX_BURST, credit_bytes); a packet bigger than the credit
+    left waits until the next window (and everything behind it with it).
+    Times are seconds from any monotonic clock, given by the caller."""
+
+    def __init__(self, credit_bytes: int, usec: int, now: float) -> None:
+        self.credit_bytes, self.usec = credit_bytes, usec
+        self.remaining = credit_bytes
+        self.window_start = now
+        self.timer: float | None = None  # the window the limiter waits for
+
+    def _add(self) -> None:
+        self.remaining = min(self.remaining + self.credit_bytes, max(MAX_BURST, self.credit_bytes))
+
+    def wait(self, size: int, now: float) -> float:
+        """0.0: send a packet of ``size`` bytes now (its credit is taken);
+        else how long to wait before asking again."""
+        if self.timer is not None:
+            if now < self.timer:
+                return self.timer - now
+            self.timer = None
+            self._add()  # the timer's callback
+        if size > self.remaining:
+            next_credit = self.window_start + self.usec / 1e6
+            if now >= next_credit:
+                self.window_start = now
+                self._add()
+            if size > self.remaining:
+                self.timer = self.window_start = next_credit
+                return max(next_credit - now, 1e-6)
+        self.remaining -= size
+        return 0.0
+
+
 # --- checksums and the TAP's virtio_net_hdr ------------------------------------------------------
 _IPV6_EXT = {0, 43, 60}  # hop-by-hop, routing, destination options: skipped
 

@@ -89,7 +89,7 @@ def vif_to_dict(v: VifSpec, devid: int | None = None) -> dict[str, Any]:
     did = v.devid if devid is None else devid
     return {"spec": v.spec, "devid": int(did or 0), "mac": v.mac or random_mac(),
             "bridge": v.bridge or "xenbr0", "vifname": v.options.get("vifname", ""),
-            "ip": v.ip or ""}
+            "ip": v.ip or "", "rate": v.options.get("rate", "")}
 
 
 class Host:

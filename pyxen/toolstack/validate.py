@@ -26,7 +26,7 @@ from typing import Any
 from .. import hostmem
 from ..abi import MAX_GUEST_CMDLINE
 from . import paths
-from .xlcfg import parse_disk_spec, parse_vif_spec
+from .xlcfg import parse_disk_spec, parse_vif_rate, parse_vif_spec
 
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED: 1..0x7FEF-1 are ordinary domains
 MAX_VCPUS = 128
@@ -37,7 +37,7 @@ ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy
 SPEC_KEYS = {"name", "memory_mib", "maxmem_mib", "vcpus", "maxvcpus", "kernel", "cmdline",
              "ramdisk", "uuid", "extra", "domid"}
 EXTRA_KEYS = {"disks", "disk_secrets", "paused", "actions", "vifs"}
-VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip"}
+VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip", "rate"}
 DISK_KEYS = {"spec", "vdev", "devid", "target", "format", "readwrite"}
 
 
@@ -169,9 +169,15 @@ def vif(v: object) -> dict[str, Any]:
         raise RequestError(f"vif {spec_!r}: {e}") from None
     if vs.mac is not None and vs.mac != ms.mac:
         raise RequestError(f"vif {spec_!r}: mac {mac!r} does not match its spec")
+    rate = string("vif rate", v.get("rate") or "", 64)
+    if rate:
+        try:
+            parse_vif_rate(rate)
+        except ValueError as e:
+            raise RequestError(f"vif {spec_!r}: {e}") from None
     return {"spec": spec_, "devid": integer("vif devid", v.get("devid", 0), 0, (1 << 16) - 1),
             "mac": ms.mac, "bridge": ms.bridge, "vifname": ms.options.get("vifname", ""),
-            "ip": string("vif ip", v.get("ip") or "", 1024)}
+            "ip": string("vif ip", v.get("ip") or "", 1024), "rate": rate}
 
 
 def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:

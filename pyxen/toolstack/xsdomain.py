@@ -106,6 +106,10 @@ def write_vif(xsd: Xenstored, domid: int, vif: dict[str, Any]) -> None:
                "script": "/etc/xen/scripts/vif-bridge", "type": "vif"}
     if vif.get("ip"):
         be_vals["ip"] = str(vif["ip"])
+    if vif.get("rate"):  # libxl: "BYTES_PER_INTERVAL,INTERVAL_USECS", netback's credit limiter
+        from .xlcfg import parse_vif_rate
+        nbytes, usecs = parse_vif_rate(str(vif["rate"]))
+        be_vals["rate"] = f"{nbytes},{usecs}"
     fe_vals = {"backend": be, "backend-id": "0", "state": "1", "handle": str(devid),
                "mac": str(vif["mac"])}
     xsd.write(be, "")

@@ -491,7 +491,22 @@ def test_hotplug_and_unplug_a_vif(nshost: object, netns: str, net_initrd: Path) 
     assert "rc=0" not in gone, gone
     assert nshost.network_list(domid) == []  # type: ignore[attr-defined]
     assert f"vif{domid}.0" not in _ns(netns, "ip", "-o", "link").stdout
-    # and it can come back
+    # and it can come back, this time with rate=1Mb/s: Xen's credit limiter on what the guest sends
+    vif = vif_to_dict(parse_vif_spec(f"mac={mac},bridge=xenbr0,rate=1Mb/s@20ms")[0], 0)
     nshost.network_attach(domid, vif)  # type: ignore[attr-defined]
     link = sh.run("for i in $(seq 1 100); do ip link show eth0 2>/dev/null && break; sleep 0.2; done")
     assert mac in link, link
+    assert _ns(netns, "sh", "-c", f"cat /sys/class/net/vif{domid}.0/operstate").returncode == 0
+    _guest_up(sh, f"{NET}.7")
+    size = 1 << 20
+    sh.run(f"mkdir -p /www && dd if=/dev/urandom of=/www/r bs=1024 count={size >> 10} 2>/dev/null; "
+           "httpd -p 80 -h /www")
+    t0 = time.monotonic()
+    got = subprocess.run(["ip", "netns", "exec", netns, "curl", "-sS", "--max-time", "120",
+                          f"http://{NET}.7/r"], capture_output=True, timeout=150)
+    secs = time.monotonic() - t0
+    assert got.returncode == 0 and len(got.stdout) == size, got.stderr
+    # 125000 bytes/s after a burst of at most 128 KiB + one window: a lower bound
+    # on the time only (a loaded machine is slower, never faster)
+    assert secs >= (size - 131072 - 2500) / 125000 * 0.9, secs
+    print(f"rate=1Mb/s: {size} bytes guest -> host in {secs:.2f} s = {size * 8 / secs / 1e6:.3f} Mbit/s")

@@ -242,3 +242,44 @@ def test_rx_meta() -> None:
     assert m == N.RxMeta(N.NETRXF_CSUM_BLANK | N.NETRXF_DATA_VALIDATED, N.GSO_TYPE_TCPV6, 1440, 54, 16)
     assert N.rx_meta(N.VNET_HDR.pack(0, 3, 0, 0, 0, 0)) is None  # UDP GSO: not in netif
     assert N.rx_meta(N.VNET_HDR.pack(0, 0, 0, 0, 0, 0)) == N.RxMeta(0)
+
+
+# --- the credit limiter -------------------------------------------------------------------------
+def test_credit_waits_for_the_next_window() -> None:
+    c = N.TxCredit(10000, 20000, now=0.0)  # 10000 bytes per 20 ms
+    assert c.wait(6000, 0.0) == 0.0 and c.remaining == 4000
+    w = c.wait(6000, 0.001)
+    assert w == pytest.approx(0.019)  # blocked until the window at 20 ms
+    assert c.wait(100, 0.010) == pytest.approx(0.010)  # everything waits with it
+    assert c.wait(6000, 0.020) == 0.0 and c.remaining == 8000  # 4000 + 10000 - 6000
+    big = N.TxCredit(1000, 1000, now=0.0)
+    assert big.wait(65536, 0.0) > 0  # a 64 KiB frame gets through once credit grows to MAX_BURST
+    t, sent = 0.0, False
+    for _ in range(200):
+        w = big.wait(65536, t)
+        if w == 0.0:
+            sent = True
+            break
+        t += w
+    assert sent
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 200_000), st.integers(100, 100_000),
+       st.lists(st.tuples(st.integers(1, 65536), st.integers(0, 50_000)), min_size=1, max_size=100))
+def test_credit_never_lets_more_than_burst_plus_rate(credit: int, usec: int,
+                                                    pkts: list[tuple[int, int]]) -> None:
+    """Over any run, bytes sent by time T <= max(MAX_BURST, credit) + credit
+    per elapsed interval (plus the first window): the limiter holds."""
+    c = N.TxCredit(credit, usec, now=0.0)
+    t, sent = 0.0, 0
+    for size, gap_us in pkts:
+        t += gap_us / 1e6
+        while True:
+            w = c.wait(size, t)
+            if w == 0.0:
+                break
+            t += w
+        sent += size
+        windows = int(t / (usec / 1e6)) + 1
+        assert sent <= max(N.MAX_BURST, credit) + credit * windows + credit

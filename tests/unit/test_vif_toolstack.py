@@ -11,7 +11,7 @@ import pytest
 
 from pyxen.toolstack import validate
 from pyxen.toolstack.api import config_to_request, random_mac, vif_to_dict
-from pyxen.toolstack.xlcfg import ConfigError, load_domain_config
+from pyxen.toolstack.xlcfg import ConfigError, load_domain_config, parse_vif_rate
 from pyxen.toolstack.xsdomain import write_vif
 from pyxen.xenstore.server import Xenstored
 
@@ -61,7 +61,33 @@ def test_bad_vif_lines_name_file_line_and_field(tmp_path: Path, vif: str, what: 
 
 def test_unsupported_options_are_warnings(tmp_path: Path) -> None:
     _, warns = cfg(tmp_path, "vif = [ 'script=vif-nat,rate=10Mb/s' ]")
-    assert any("'script'" in w for w in warns) and any("'rate'" in w for w in warns)
+    assert any("'script'" in w for w in warns) and not any("'rate'" in w for w in warns)
+
+
+@pytest.mark.parametrize("rate,want", [
+    ("10Mb/s", (62500, 50000)), ("10Mb/s@20ms", (25000, 20000)), ("1MB/s@1s", (10**6, 10**6)),
+    ("100KB/s@500us", (50, 500)), ("8b/s@2", (2, 2 * 10**6)),
+    ("010Mb/s", (50000, 50000)),  # octal, as strtoull's base 0
+    ("1Gb/s@1us", (125, 1))])
+def test_rate_as_libxlu(rate: str, want: tuple[int, int]) -> None:
+    assert parse_vif_rate(rate) == want
+
+
+@pytest.mark.parametrize("rate,what", [
+    ("", "no rate specified"), ("@20ms", "no rate specified"), ("10Mb", "invalid rate"),
+    ("10mb/s", "invalid rate"), ("0Mb/s", "rate overflow"), ("5000000000b/s", "rate overflow"),
+    ("10Mb/s@", "invalid replenishment interval"), ("10Mb/s@0ms", "replenishment interval overflow"),
+    ("10Mb/s@5000s", "replenishment interval overflow"), ("10Mb/s@20xs", "invalid replenishment")])
+def test_bad_rates(rate: str, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
+        parse_vif_rate(rate)
+
+
+def test_rate_reaches_the_backend_node() -> None:
+    xsd = Xenstored()
+    xsd.write("/local/domain/3", "")
+    write_vif(xsd, 3, {"devid": 1, "mac": "00:16:3e:01:02:03", "bridge": "xenbr0", "rate": "1Mb/s@20ms"})
+    assert xsd.read("/local/domain/0/backend/vif/3/1/rate") == b"2500,20000"
 
 
 @pytest.mark.parametrize("bad", [
