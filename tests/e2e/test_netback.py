@@ -39,8 +39,8 @@ def _run(*cmd: str, timeout: float = 30, check: bool = True) -> subprocess.Compl
 
 @pytest.fixture
 def netns(kvm_ok: None) -> Iterator[str]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("SKIPPED LOUDLY: network namespaces need root and iproute2's ip")
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("curl") is None:
+        pytest.skip("SKIPPED LOUDLY: network namespaces need root and iproute2's ip (and the tests curl)")
     try:
         import pyroute2  # noqa: F401
     except ImportError:
