@@ -350,6 +350,10 @@ int pxn_tx_round(struct pxn *n, int budget)
         uint32_t pos = 0;
         uint8_t *frame = n->txbuf + VNET_LEN;
         for (int k = 0; k < nd; k++) {
+            if (pos + d[k].size > 65536u) {  /* cannot happen (the sizes add up to a u16), but never overrun */
+                status[k] = RSP_ERROR, bad = 1;
+                continue;
+            }
             int64_t off = pxg_acquire(n->g, d[k].gref, n->me, 0);
             if (off < 0) {
                 status[k] = RSP_ERROR, bad = 1;

@@ -193,14 +193,25 @@ def test_linux_netfront_pings_and_serves_http(nshost: object, netns: str, net_in
 
 
 def test_two_guests_on_one_bridge(nshost: object, netns: str, net_initrd: Path) -> None:
-    _d1, a = _boot(nshost, net_initrd, "neta", ["bridge=xenbr0"])
-    _d2, b = _boot(nshost, net_initrd, "netb", ["bridge=xenbr0"])
+    _d1, a = _boot(nshost, net_initrd, "neta", ["bridge=xenbr0"], memory=384)
+    _d2, b = _boot(nshost, net_initrd, "netb", ["bridge=xenbr0"], memory=384)
     _guest_up(a, f"{NET}.11")
     _guest_up(b, f"{NET}.12")
     out = a.run(f"ping -c 3 -W 5 {NET}.12", timeout=60)
     assert re.search(r"3 packets transmitted, [123] packets received", out), out
     out = b.run(f"ping -c 3 -W 5 {NET}.11", timeout=60)
     assert re.search(r"3 packets transmitted, [123] packets received", out), out
+    # TCP guest -> guest (GSO frames leave one netback's TAP and enter the other's)
+    mib = 32
+    a.run(f"mkdir -p /www && dd if=/dev/urandom of=/www/g bs=1M count={mib} 2>/dev/null; httpd -p 80 -h /www",
+          timeout=120)
+    m = re.search(r"\b([0-9a-f]{64})\b", a.run("sha256sum /www/g", timeout=120))
+    assert m
+    t0 = time.monotonic()
+    b.run(f"wget -q -O /tmp/g http://{NET}.11/g", timeout=300)
+    secs = time.monotonic() - t0
+    assert m.group(1) in b.run("sha256sum /tmp/g", timeout=120)
+    print(f"HTTP guest -> guest: {mib} MiB in {secs:.2f} s ({mib / secs:.1f} MiB/s)")
 
 
 # --- netback against a frontend played by the test (so it can misbehave) ------------------------
