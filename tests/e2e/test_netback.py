@@ -532,3 +532,51 @@ def test_hotplug_and_unplug_a_vif(nshost: object, netns: str, net_initrd: Path) 
     # on the time only (a loaded machine is slower, never faster)
     assert secs >= (size - 131072 - 2500) / 125000 * 0.9, secs
     print(f"rate=1Mb/s: {size} bytes guest -> host in {secs:.2f} s = {size * 8 / secs / 1e6:.3f} Mbit/s")
+
+
+def test_played_random_chains_get_the_models_answers(played) -> None:  # noqa: ANN001
+    """400 random slot chains (sizes, offsets, flags, extras, lengths), each
+    answered exactly as netif.parse_tx -- the pure model of Linux netback's
+    rules -- says, on both data paths; chains the model calls fatal are not
+    sent (they disconnect: tested above)."""
+    import random
+
+    from pyxen.backends import netif as N
+    d, xs, front, nb, wire = played
+    front.connect()
+    front.grant(10, DATA_PFN, readonly=True)
+    d.machine.ram[DATA_PFN * 4096:DATA_PFN * 4096 + 4096] = _frame(4096)
+    rng = random.Random(1234)
+    sent = 0
+    kinds = {"drop": 0, "control": 0, "ok": 0}
+    while sent < 400:
+        n_follow = rng.choice([0, 0, 1, 2, 5, 17, 18, 19, 20])
+        sizes = [rng.choice([0, 1, 13, 14, 60, 1000, 4096]) for _ in range(n_follow + 1)]
+        total = min(sum(sizes) + rng.choice([0, 0, 0, -1, 1, 100]), 0xFFFF) & 0xFFFF
+        flags = rng.choice([0, N.NETTXF_CSUM_BLANK, N.NETTXF_DATA_VALIDATED])
+        extras = []
+        if rng.random() < 0.2:
+            flags |= N.NETTXF_EXTRA_INFO
+            extras.append(N.ExtraInfo(rng.choice([1, 1, 2, 4]), 0, rng.choice([0, 1448]),
+                                      rng.choice([1, 2, 3])).pack() + bytes(4))
+        more = N.NETTXF_MORE_DATA if n_follow else 0
+        offset = rng.choice([0, 0, 100]) if sizes[0] < 3996 else 0
+        chain = [N.TxRequest(10, offset, flags | more, 1000 + sent % 1000, total).pack()]
+        chain += extras
+        for k in range(n_follow):
+            more = N.NETTXF_MORE_DATA if k < n_follow - 1 else 0
+            chain.append(N.TxRequest(10, 0, more, k, sizes[k + 1]).pack())
+        pkt = N.parse_tx(lambda i, c=chain: c[i], len(chain))  # type: ignore[misc]
+        assert pkt is not None
+        if pkt.fatal:
+            continue
+        want = pkt.responses(N.RSP_ERROR if pkt.drop else N.RSP_OKAY)
+        front.tx(*chain[:pkt.slots])  # a multicast control message ends after its extras
+        got = front.tx_responses(len(want))
+        # an extra's slot has no id of its own (the model says None): compare the rest
+        assert [(w if w is not None else g, st) for (w, st), (g, _) in zip(want, got, strict=True)] == got, \
+            (pkt, got)
+        sent += 1
+        kinds[pkt.drop and "drop" or pkt.control and "control" or "ok"] += 1
+    assert xs.read(f"{front.be}/state") == "4"
+    assert min(kinds.values()) >= 5, kinds  # every kind of answer was exercised
