@@ -403,7 +403,11 @@ class NetBack:
         try:
             for ref in (tx_ref, rx_ref):
                 off = d.gnttab.host_acquire(ref, BACKEND_DOMID, True)
-                m = mmap.mmap(-1, N.PAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+                try:
+                    m = mmap.mmap(-1, N.PAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+                except OSError:
+                    d.gnttab.host_release(ref)
+                    raise
                 maps.append((m, memoryview(m), ref))
                 gnttab._map_fixed(gnttab.atomic.address_of(m), mmap.PROT_READ | mmap.PROT_WRITE,
                                   mmap.MAP_SHARED, d.machine.memfd, off)
