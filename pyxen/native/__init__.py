@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ("native.h", "gnt.c", "blk.c", "evt.c")
+SOURCES = ("native.h", "gnt.c", "blk.c", "evt.c", "net.c")
 CFLAGS = ("-O2", "-g", "-Wall", "-Wextra", "-fPIC", "-shared", "-pthread")
 
 _lock = threading.Lock()

@@ -21,7 +21,7 @@ from typing import Any
 
 from . import paths
 from .proto import Conn, ProtocolError
-from .xlcfg import ConfigError, DiskSpec, DomainConfig, load_domain_config
+from .xlcfg import ConfigError, DiskSpec, DomainConfig, VifSpec, load_domain_config
 
 
 class PyxenError(Exception):
@@ -41,11 +41,15 @@ def config_to_request(cfg: DomainConfig) -> dict[str, Any]:
     actions = {k: getattr(cfg, k).value for k in ("on_poweroff", "on_reboot", "on_crash",
                                                    "on_watchdog")}
     disks = [disk_to_dict(ds) for ds in cfg.disks]
+    extra: dict[str, Any] = {}
     if disks:
-        extra: dict[str, Any] = {"disks": disks}
+        extra["disks"] = disks
         secrets = disk_secret_files(cfg)
         if secrets:
             extra["disk_secrets"] = secrets
+    if cfg.vifs:
+        extra["vifs"] = [vif_to_dict(v) for v in cfg.vifs]
+    if extra:
         spec["extra"] = extra
     return {"op": "create", "spec": spec, "actions": actions}
 
@@ -70,6 +74,22 @@ def disk_to_dict(ds: DiskSpec) -> dict[str, Any]:
     return {"spec": ds.spec, "vdev": ds.vdev, "devid": ds.devid,
             "target": str(ds.path) if ds.path else ds.target, "format": ds.format.value,
             "readwrite": ds.readwrite}
+
+
+def random_mac() -> str:
+    """A MAC in Xen's OUI 00:16:3e, as libxl makes one (the top bit of the
+    fourth byte clear)."""
+    r = os.urandom(3)
+    return f"00:16:3e:{r[0] & 0x7F:02x}:{r[1]:02x}:{r[2]:02x}"
+
+
+def vif_to_dict(v: VifSpec, devid: int | None = None) -> dict[str, Any]:
+    """A parsed vif line for the daemon and the domain process: its devid,
+    its MAC (generated when the line has none) and bridge (xenbr0 by default)."""
+    did = v.devid if devid is None else devid
+    return {"spec": v.spec, "devid": int(did or 0), "mac": v.mac or random_mac(),
+            "bridge": v.bridge or "xenbr0", "vifname": v.options.get("vifname", ""),
+            "ip": v.ip or "", "rate": v.options.get("rate", "")}
 
 
 class Host:
@@ -216,6 +236,16 @@ class Host:
     def progress(self, dom: int | str) -> dict[str, Any]:
         """The latest progress of a save or restore of ``dom`` (pages, total, bytes, ns)."""
         return dict(self._call(op="progress", domain=dom).get("progress") or {})
+
+    def network_attach(self, dom: int | str, vif: dict[str, Any]) -> dict[str, Any]:
+        """Hot-plug a vif (``vif_to_dict`` of a parsed vif line); the vif as attached."""
+        return dict(self._call(op="network-attach", domain=dom, vif=vif)["vif"])
+
+    def network_detach(self, dom: int | str, devid: int) -> None:
+        self._call(op="network-detach", domain=dom, devid=devid)
+
+    def network_list(self, dom: int | str) -> list[dict[str, Any]]:
+        return list(self._call(op="network-list", domain=dom)["vifs"])
 
     def pause(self, dom: int | str) -> None:
         self._call(op="pause", domain=dom)

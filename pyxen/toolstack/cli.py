@@ -16,8 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .api import Host, NotRunning, PyxenError, config_to_request, disk_to_dict
-from .xlcfg import ConfigError, load_domain_config, parse_disk_spec, vdev_to_devid
+from .api import Host, NotRunning, PyxenError, config_to_request, disk_to_dict, vif_to_dict
+from .xlcfg import (
+    ConfigError,
+    load_domain_config,
+    parse_disk_spec,
+    parse_vif_spec,
+    parse_xl_number,
+    vdev_to_devid,
+)
 
 DETACH = 0x1D  # Ctrl-]
 FLAGS = {"running": "r-----", "blocked": "-b----", "paused": "--p---", "shutdown": "---s--",
@@ -168,6 +175,42 @@ def cmd_block_list(h: Host, a: argparse.Namespace) -> int:
     for d in h.block_list(_dom(a)):
         print(f"{d.get('vdev', ''):<8}{0:>4}{d['devid']:>8}{d.get('state', 0):>7}  "
               f"{d.get('format', ''):<8}{'w' if d.get('readwrite', True) else 'r':<6}{d.get('target', '')}")
+    return 0
+
+
+def cmd_network_attach(h: Host, a: argparse.Namespace) -> int:
+    try:
+        vs, warns = parse_vif_spec(",".join(a.vif))
+    except ValueError as e:
+        return _err(f"vif specification: {e}")
+    for w in warns:
+        print(f"warning: {w}", file=sys.stderr)
+    if "devid" in vs.options:
+        devid = parse_xl_number(vs.options["devid"])
+    else:  # as xl: the next free devid
+        used = {int(v["devid"]) for v in h.network_list(_dom(a))}
+        devid = next(i for i in range(len(used) + 1) if i not in used)
+    h.network_attach(_dom(a), vif_to_dict(vs, devid))
+    return 0
+
+
+def cmd_network_detach(h: Host, a: argparse.Namespace) -> int:
+    dev = a.device
+    for v in h.network_list(_dom(a)):
+        if str(v["devid"]) == dev or v["mac"] == dev.lower():
+            h.network_detach(_dom(a), int(v["devid"]))
+            return 0
+    return _err(f"no vif {dev!r} (a devid or a MAC)")
+
+
+def cmd_network_list(h: Host, a: argparse.Namespace) -> int:
+    print(f"{'Idx':>3} {'BE':>3} {'Mac Addr.':<18}{'handle':>6}{'state':>6}  {'vifname':<12}{'bridge':<10}"
+          f"{'tx pkts':>9}{'rx pkts':>9}")
+    for v in h.network_list(_dom(a)):
+        st = v.get("stats") or {}
+        print(f"{v['devid']:>3} {0:>3} {v['mac']:<18}{v['devid']:>6}{v.get('state', 0):>6}  "
+              f"{v.get('vifname', ''):<12}{v.get('bridge', ''):<10}{st.get('tx_packets', 0):>9}"
+              f"{st.get('rx_packets', 0):>9}")
     return 0
 
 
@@ -330,6 +373,14 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     bd.add_argument("device")
     bl = new("block-list", "list a domain's disks", cmd_block_list)
     bl.add_argument("domain")
+    na = new("network-attach", "attach a vif to a running domain (xl vif syntax)", cmd_network_attach)
+    na.add_argument("domain")
+    na.add_argument("vif", nargs="*", help="e.g. mac=00:16:3e:01:02:03,bridge=xenbr0")
+    nd = new("network-detach", "detach a vif (by devid or MAC)", cmd_network_detach)
+    nd.add_argument("domain")
+    nd.add_argument("device")
+    nl = new("network-list", "list a domain's vifs", cmd_network_list)
+    nl.add_argument("domain")
     di = new("domid", "the ID of the domain with this name", cmd_domid)
     di.add_argument("name")
     dn = new("domname", "the name of the domain with this ID", cmd_domname)

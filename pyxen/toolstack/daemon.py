@@ -42,7 +42,7 @@ from ..xenstore.tree import XsError
 from . import paths, validate
 from .proto import Conn, PeerCred, ProtocolError, peer_allowed, peer_cred
 from .validate import MAX_DOMID, RequestError
-from .xsdomain import DomainSocket, write_domain_layout, write_vbd
+from .xsdomain import DomainSocket, write_domain_layout, write_vbd, write_vif
 
 # ops only a domain process (the one the zygote forked for a domain) may send,
 # on a connection of its own; it may send nothing else
@@ -184,6 +184,8 @@ class Daemon:
             write_domain_layout(self.xsd, domid, spec, rec.start_info)
             for disk in (spec.get("extra") or {}).get("disks", []):
                 write_vbd(self.xsd, domid, disk)
+            for vif in (spec.get("extra") or {}).get("vifs", []):
+                write_vif(self.xsd, domid, vif)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
         self.request(rec, "start", timeout=30, paused=bool((spec.get("extra") or {}).get("paused")))
@@ -241,6 +243,14 @@ class Daemon:
             except XsError:
                 pass
 
+    def _xs_rm_dev(self, domid: int, kind: str, devid: int) -> None:
+        for path in (f"/local/domain/0/backend/{kind}/{domid}/{devid}",
+                     f"/local/domain/{domid}/device/{kind}/{devid}"):
+            try:
+                self.xsd.rm(path)
+            except XsError:
+                pass
+
     def _xs_release(self, domid: int) -> None:
         """The domain is gone: release it in xenstored and, as libxl does, remove
         its /local/domain/N and /vm/UUID directories."""
@@ -254,7 +264,7 @@ class Daemon:
                 self.xsd.release(domid)
         except XsError:
             pass
-        for path in (dp, vm, f"/local/domain/0/backend/vbd/{domid}"):
+        for path in (dp, vm, f"/local/domain/0/backend/vbd/{domid}", f"/local/domain/0/backend/vif/{domid}"):
             if path.startswith("/"):
                 try:
                     self.xsd.rm(path)
@@ -597,6 +607,27 @@ class Daemon:
             return {"ok": True}
         if op == "block-list":
             return {"ok": True, "disks": self.request(rec, "block-list")["disks"]}
+        if op == "network-attach":
+            vif = validate.vif(req.get("vif"))
+            vifs = (rec.spec.setdefault("extra", {}).setdefault("vifs", []))
+            if any(int(x["devid"]) == vif["devid"] for x in vifs):
+                raise RequestError(f"vif {vif['devid']} is already attached")
+            write_vif(self.xsd, rec.domid, vif)
+            try:
+                self.request(rec, "network-attach", vif=vif, timeout=30)
+            except (RuntimeError, TimeoutError):
+                self._xs_rm_dev(rec.domid, "vif", vif["devid"])
+                raise
+            vifs.append(vif)
+            return {"ok": True, "vif": vif}
+        if op == "network-detach":
+            devid = validate.integer("devid", req.get("devid"), 0, (1 << 16) - 1)
+            self.request(rec, "network-detach", devid=devid, timeout=30)
+            vifs = (rec.spec.get("extra") or {}).get("vifs", [])
+            vifs[:] = [x for x in vifs if int(x["devid"]) != devid]
+            return {"ok": True}
+        if op == "network-list":
+            return {"ok": True, "vifs": self.request(rec, "network-list")["vifs"]}
         if op == "peer":
             assert caller is not None
             return self._peer_op(req, caller)

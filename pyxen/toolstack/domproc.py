@@ -28,6 +28,7 @@ from .. import kvm
 from ..abi import XenError
 from ..backends.blkback import BlkBack
 from ..backends.console import ConsoleLog
+from ..backends.netback import NetBack, NetError
 from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
@@ -67,6 +68,7 @@ class DomainProcess:
         self.directory = ProcessDirectory(rundir, self._watch_fd, self._unwatch_fd)
         self.disks: dict[int, tuple[dict[str, Any], BlockImage]] = {}  # devid -> (disk, image)
         self.blkbacks: dict[int, BlkBack] = {}
+        self.netbacks: dict[int, NetBack] = {}
         self.xs: XsClient | None = None
         self.daemon_lost = 0.0  # when the daemon connection was lost (0: connected)
         self.sel = selectors.DefaultSelector()
@@ -251,6 +253,8 @@ class DomainProcess:
                 self._connect_xenstore()
                 for devid in list(self.disks):
                     self._start_blkback(devid)
+                for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
+                    self._start_netback(dict(vif))
                 if not msg.get("paused"):
                     d.unpause()
             elif op == "reconnect":  # a new daemon adopted us
@@ -284,6 +288,29 @@ class DomainProcess:
                                        else 0, stats=self.blkbacks[devid].stats
                                        if devid in self.blkbacks else {})
                                   for devid, (disk, _img) in sorted(self.disks.items())]
+            elif op == "network-attach":
+                vif = dict(msg["vif"])
+                if int(vif["devid"]) in self.netbacks:
+                    raise ValueError(f"vif {vif['devid']} is already attached")
+                self._start_netback(vif, strict=True)
+            elif op == "network-detach":
+                devid = int(msg["devid"])
+                nb = self.netbacks.pop(devid, None)
+                if nb is None:
+                    raise ValueError(f"no vif {devid}")
+
+                def ndetach(nb: NetBack = nb, answer: dict[str, Any] = reply) -> None:
+                    try:  # answered once the frontend closed and the nodes are gone (up to 10 s)
+                        nb.detach()
+                    except Exception as e:  # noqa: BLE001
+                        answer = {"reply": rid, "ok": False, "error": f"detach: {e}"}
+                    self.event(**answer)
+                threading.Thread(target=ndetach, daemon=True).start()
+                return  # the thread answers
+            elif op == "network-list":
+                reply["vifs"] = [{"devid": devid, "mac": nb.mac, "bridge": nb.bridge or "",
+                                  "vifname": nb.ifname, "state": nb.state, "stats": nb.stats}
+                                 for devid, nb in sorted(self.netbacks.items())]
             elif op == "evtchn-accept":
                 reply.update(self.directory.accept(d, int(msg["port"]), int(msg["from_dom"]),
                                                    int(msg["from_port"])))
@@ -365,6 +392,11 @@ class DomainProcess:
         for bb in list(self.blkbacks.values()):
             try:
                 bb.close()  # flushes: acknowledged data is on disk anyway
+            except Exception:  # noqa: BLE001
+                pass
+        for nb in list(self.netbacks.values()):
+            try:
+                nb.close()  # the TAP goes with its fd
             except Exception:  # noqa: BLE001
                 pass
         try:
@@ -480,6 +512,8 @@ class DomainProcess:
             xs = self._xs()
             for bb in self.blkbacks.values():
                 bb.reconnect_xenstore(xs)
+        for nb in self.netbacks.values():
+            nb.reconnect_xenstore(self._xs())
 
     def _xs(self) -> XsClient:
         """Our xenstore connection as the backend domain (dom0 on the host socket)."""
@@ -496,6 +530,26 @@ class DomainProcess:
                      vdev=str(disk.get("vdev", "")))
         bb.start()
         self.blkbacks[devid] = bb
+
+    def _start_netback(self, vif: dict[str, Any], strict: bool = False) -> None:
+        """The host end of a vif: a TAP on the bridge (in this process's
+        network namespace: the daemon's), then the netif handshake.  A vif
+        of the config that cannot be set up is logged and left out (the domain
+        runs on); a hot-plugged one (``strict``) fails its request."""
+        d = self.domain
+        assert d is not None
+        devid = int(vif["devid"])
+        nb = NetBack(d, self._xs(), devid, str(vif["mac"]), str(vif.get("bridge") or "xenbr0"),
+                     str(vif.get("vifname") or ""))
+        try:
+            nb.start()
+        except (NetError, OSError) as e:
+            if strict:
+                nb.close()
+                raise
+            d.log(f"vif {devid}: {e}", always=True)
+            return
+        self.netbacks[devid] = nb
 
     def _connect_xenstore(self) -> None:
         """Relay the guest's xenstore ring to the daemon's xenstored."""

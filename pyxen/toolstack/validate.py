@@ -26,7 +26,7 @@ from typing import Any
 from .. import hostmem
 from ..abi import MAX_GUEST_CMDLINE
 from . import paths
-from .xlcfg import parse_disk_spec
+from .xlcfg import parse_disk_spec, parse_vif_rate, parse_vif_spec
 
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED: 1..0x7FEF-1 are ordinary domains
 MAX_VCPUS = 128
@@ -36,7 +36,8 @@ ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy
            "coredump-restart", "soft-reset")
 SPEC_KEYS = {"name", "memory_mib", "maxmem_mib", "vcpus", "maxvcpus", "kernel", "cmdline",
              "ramdisk", "uuid", "extra", "domid"}
-EXTRA_KEYS = {"disks", "disk_secrets", "paused", "actions"}
+EXTRA_KEYS = {"disks", "disk_secrets", "paused", "actions", "vifs"}
+VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip", "rate"}
 DISK_KEYS = {"spec", "vdev", "devid", "target", "format", "readwrite"}
 
 
@@ -150,6 +151,35 @@ def disk(v: object) -> dict[str, Any]:
     return dict(want, spec=spec, target=target)
 
 
+def vif(v: object) -> dict[str, Any]:
+    """One vif (``api.vif_to_dict``): the spec string is parsed again; the
+    MAC, bridge and interface name must be well-formed and agree with it."""
+    if not isinstance(v, dict):
+        raise RequestError("a vif must be an object")
+    unknown = set(v) - VIF_KEYS
+    if unknown:
+        raise RequestError(f"vif: unknown field {sorted(unknown)[0]!r}")
+    spec_ = string("vif spec", v.get("spec"), 4096)
+    try:
+        vs, _ = parse_vif_spec(spec_)
+        mac = string("vif mac", v.get("mac"), 17)
+        ms, _ = parse_vif_spec(f"mac={mac},bridge={v.get('bridge') or 'xenbr0'}"
+                               + (f",vifname={v['vifname']}" if v.get("vifname") else ""))
+    except ValueError as e:
+        raise RequestError(f"vif {spec_!r}: {e}") from None
+    if vs.mac is not None and vs.mac != ms.mac:
+        raise RequestError(f"vif {spec_!r}: mac {mac!r} does not match its spec")
+    rate = string("vif rate", v.get("rate") or "", 64)
+    if rate:
+        try:
+            parse_vif_rate(rate)
+        except ValueError as e:
+            raise RequestError(f"vif {spec_!r}: {e}") from None
+    return {"spec": spec_, "devid": integer("vif devid", v.get("devid", 0), 0, (1 << 16) - 1),
+            "mac": ms.mac, "bridge": ms.bridge, "vifname": ms.options.get("vifname", ""),
+            "ip": string("vif ip", v.get("ip") or "", 1024), "rate": rate}
+
+
 def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:
     """A create request's ``spec`` and ``actions``, checked and canonical."""
     if not isinstance(v, dict):
@@ -191,6 +221,13 @@ def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:
         devids = [d["devid"] for d in ex["disks"]]
         if len(set(devids)) != len(devids):
             raise RequestError("two disks have the same device")
+    if "vifs" in extra:
+        if not isinstance(extra["vifs"], list) or len(extra["vifs"]) > 64:
+            raise RequestError("vifs must be a list of at most 64 vifs")
+        ex["vifs"] = [vif(x) for x in extra["vifs"]]
+        devids = [x["devid"] for x in ex["vifs"]]
+        if len(set(devids)) != len(devids):
+            raise RequestError("two vifs have the same devid")
     if "disk_secrets" in extra:
         sec = extra["disk_secrets"]
         if not isinstance(sec, dict):

@@ -55,6 +55,7 @@ __all__ = [
     "build_domain_config",
     "load_domain_config",
     "parse_disk_spec",
+    "parse_vif_rate",
     "parse_vif_spec",
     "parse_xl_cfg",
     "parse_xl_number",
@@ -793,6 +794,8 @@ class VifSpec:
     model: str | None = None
     type: str | None = None
     mtu: int | None = None
+    #: the device number (``devid=`` or the vif's place among the config's vifs)
+    devid: int | None = None
 
 
 @dataclass
@@ -1112,7 +1115,58 @@ _VIF_KEYS = frozenset({
     "backend", "vifname", "model", "rate", "forwarddev", "accel", "devid",
     "mtu", "vlan",
 })
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.+-]{1,15}")
 _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}")
+
+
+_RATE_RE = re.compile(r"[0-9]+[GMK]?[Bb]/s")
+_INTERVAL_RE = re.compile(r"[0-9]+[mu]?s?")
+
+
+def _strtoull0(text: str) -> tuple[int, str]:
+    """strtoull(text, &end, 0) on a string of digits and letters: octal after a
+    leading 0; the value and what follows it."""
+    digits = "01234567" if text.startswith("0") else "0123456789"
+    i = 0
+    while i < len(text) and text[i] in digits:
+        i += 1
+    return (int(text[:i], 8 if digits == "01234567" else 10) if i else 0), text[i:]
+
+
+def parse_vif_rate(rate: str) -> tuple[int, int]:
+    """xl's ``rate=RATE[@INTERVAL]`` (libxlu_vif.c): RATE is digits, an optional
+    G/M/K (powers of 1000) and B/s or b/s (bits: divided by 8); INTERVAL is
+    digits with s (the default), ms or us, 50 ms if absent.  Returns
+    (bytes per interval, interval in microseconds), what libxl writes to the
+    backend's ``rate`` node; bad text raises ValueError with xl's words."""
+    text, at, interval = rate.partition("@")
+    if not text:
+        raise ValueError(f"no rate specified in '{rate}'")
+    if not _RATE_RE.fullmatch(text):
+        raise ValueError(f"invalid rate in '{text}'")
+    bps, rest = _strtoull0(text)
+    if bps == 0 or bps > 0xFFFFFFFF:
+        raise ValueError(f"rate overflow in '{text}'")
+    bps *= {"G": 10**9, "M": 10**6, "K": 10**3}.get(rest[:1], 1)
+    if rest[:1] == "b" or rest[1:2] == "b":
+        bps //= 8
+    usecs = 50_000
+    if at:
+        if not _INTERVAL_RE.fullmatch(interval):
+            raise ValueError(f"invalid replenishment interval in '{interval}'")
+        n, rest = _strtoull0(interval)
+        if n == 0 or n > 0xFFFFFFFF:
+            raise ValueError(f"replenishment interval overflow in '{interval}'")
+        if rest[:1] in ("s", ""):
+            n *= 10**6
+        elif rest[:1] == "m":
+            n *= 1000
+        if n > 0xFFFFFFFF:
+            raise ValueError(f"replenishment interval overflow in '{interval}'")
+        usecs = n
+    if bps > (2**64 - 1) // usecs:
+        raise ValueError(f"rate overflow in '{rate}'")
+    return bps * usecs // 1_000_000, usecs
 
 
 def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
@@ -1167,6 +1221,11 @@ def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
                 raise ValueError
         except ValueError:
             raise ValueError(f"bad devid '{opts['devid']}'") from None
+    for key in ("bridge", "vifname"):
+        name = opts.get(key)
+        if name is not None and not _IFNAME_RE.fullmatch(name):
+            raise ValueError(f"bad {key} '{name}' (a network interface name: 1 to 15 "
+                             "characters, no '/', ':' or blanks)")
     ip = opts.get("ip")
     if ip is not None:
         for addr in ip.split():
@@ -1174,6 +1233,8 @@ def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
                 ipaddress.ip_interface(addr)
             except ValueError:
                 raise ValueError(f"bad IP address '{addr}'") from None
+    if "rate" in opts:
+        parse_vif_rate(opts["rate"])
     if "netdev" in opts:
         warnings.append("vif option 'netdev' is deprecated, use gatewaydev")
     return VifSpec(spec=spec, options=opts, mac=mac, bridge=opts.get("bridge"),
@@ -1531,6 +1592,8 @@ class _Loader:
         if s is None or items is None:
             return []
         out = []
+        devids: dict[int, Atom] = {}
+        macs: dict[str, Atom] = {}
         for a in items:
             try:
                 v, warns = parse_vif_spec(a.text)
@@ -1538,7 +1601,24 @@ class _Loader:
                 raise s.error(f"'{a.text}': {e}", a) from None
             for w in warns:
                 self.warn(s, f"vif '{a.text}': {w}", a)
-            out.append(v)
+            # as libxl: devid= or the next free one, a MAC only once
+            devid = parse_xl_number(v.options["devid"]) if "devid" in v.options else \
+                next(i for i in range(len(items) + len(devids) + 1) if i not in devids)
+            if devid in devids:
+                raise s.error(f"'{a.text}': devid {devid} is used twice (also by "
+                              f"'{devids[devid].text}')", a)
+            devids[devid] = a
+            if v.mac is not None:
+                if v.mac in macs:
+                    raise s.error(f"'{a.text}': MAC {v.mac} is used twice (also by "
+                                  f"'{macs[v.mac].text}')", a)
+                macs[v.mac] = a
+            for opt in ("script", "model", "gatewaydev", "vlan", "accel", "backend"):
+                if opt in v.options:
+                    self.warn(s, f"vif '{a.text}': option '{opt}' is not supported by pyxen yet; ignored", a)
+            if v.type == "ioemu":
+                self.warn(s, f"vif '{a.text}': type=ioemu has no emulated NIC in pyxen (PV only)", a)
+            out.append(replace(v, devid=devid))
         return out
 
     def unknown_keys(self) -> None:

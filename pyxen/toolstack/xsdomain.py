@@ -94,6 +94,35 @@ def write_vbd(xsd: Xenstored, domid: int, disk: dict[str, Any]) -> None:
     xsd.set_perms(f"{fe}/state", [f"n{domid}", "r0"])
 
 
+def write_vif(xsd: Xenstored, domid: int, vif: dict[str, Any]) -> None:
+    """libxl's nodes for a virtual network interface, both ends in Initialising
+    (libxl__device_nic_add: the backend's frontend/online/state/handle/mac/
+    bridge/script, the frontend's backend/state/handle/mac)."""
+    devid = int(vif["devid"])
+    fe = f"/local/domain/{domid}/device/vif/{devid}"
+    be = f"/local/domain/0/backend/vif/{domid}/{devid}"
+    be_vals = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1",
+               "handle": str(devid), "mac": str(vif["mac"]), "bridge": str(vif.get("bridge") or ""),
+               "script": "/etc/xen/scripts/vif-bridge", "type": "vif"}
+    if vif.get("ip"):
+        be_vals["ip"] = str(vif["ip"])
+    if vif.get("rate"):  # libxl: "BYTES_PER_INTERVAL,INTERVAL_USECS", netback's credit limiter
+        from .xlcfg import parse_vif_rate
+        nbytes, usecs = parse_vif_rate(str(vif["rate"]))
+        be_vals["rate"] = f"{nbytes},{usecs}"
+    fe_vals = {"backend": be, "backend-id": "0", "state": "1", "handle": str(devid),
+               "mac": str(vif["mac"])}
+    xsd.write(be, "")
+    xsd.set_perms(be, ["n0", f"r{domid}"])
+    for k, v in be_vals.items():
+        xsd.write(f"{be}/{k}", v)
+    xsd.write(fe, "")
+    xsd.set_perms(fe, [f"n{domid}", "r0"])
+    for k, v in fe_vals.items():
+        xsd.write(f"{fe}/{k}", v)
+    xsd.set_perms(f"{fe}/state", [f"n{domid}", "r0"])
+
+
 class DomainSocket:
     """Serves the domain processes' ring relays."""
 

@@ -1,0 +1,746 @@
+"""netback: the host side of a virtual network interface (xen-netback's job).
+
+One :class:`NetBack` per vif, living in the domain's own process (as
+blkback), so it reaches the guest's granted pages directly.  Its host end is
+a TAP device (``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``) named ``vifD.N`` as
+Xen's, attached to a Linux bridge (bridge mode: the bridge is created when
+missing, everything is brought up, through netlink with ``pyroute2``).  The
+TAP's ``virtio_net_hdr`` carries checksum and GSO state both ways, so a
+64 KiB TCP segment crosses as one frame and nothing is segmented or
+checksummed in software.
+
+Protocol (io/netif.h, see :mod:`.netif`): the XenbusState handshake (the
+toolstack writes both directories in Initialising; we advertise our
+features and go InitWait; the frontend writes ``tx-ring-ref``,
+``rx-ring-ref``, ``event-channel`` or ``event-channel-tx``/``-rx`` (split),
+``request-rx-copy``, its features, and goes Connected -- Linux's netfront
+skips Initialised; we map both rings and go Connected), one queue
+(``multi-queue-max-queues`` = 1; a frontend that writes
+``multi-queue-num-queues`` = 1 keeps its keys flat, as Linux's netfront and
+netback do for a single queue).
+
+Data path (one service thread per vif, all per-packet work in
+:meth:`NetBack._tx_packet` and :meth:`NetBack._rx_frame`, every guest page
+touched through :class:`GrantCopier` so that a native batch copy can replace
+it): TX takes each packet's slot chain off the ring (Linux netback's checks:
+:func:`netif.parse_tx`), copies the granted bytes out and writes the frame to
+the TAP; RX reads a frame from the TAP when the frontend has posted enough
+buffers and copies it into them (``feature-rx-copy``, the only mode Linux's
+netfront speaks).  Responses are batched with event suppression on both
+rings; when the frontend is short of RX buffers we set ``req_event`` to what
+the next frame needs and stop reading the TAP until it posts them.
+
+A frontend that breaks the protocol (an index running ahead, a slot chain
+of 21+ follow-on slots, a slot crossing its page, a bad extra) is
+disconnected (Linux's ``xenvif_fatal_tx_err``); a packet with too many slots
+or bad sizes is answered ``XEN_NETIF_RSP_ERROR``; a bad grant fails its
+slot.  Nothing a frontend does raises out of here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import select
+import struct
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import native
+from ..abi import XenError
+from ..hv import gnttab
+from ..xenstore.client import XsClient, XsError
+from . import netif as N
+
+if TYPE_CHECKING:
+    from ..hv.domain import Domain
+
+BACKEND_DOMID = 0
+#: packets taken from each side per round before looking at the other side
+BUDGET = 64
+#: without feature-rx-notify the frontend never tells us it posted RX buffers: poll
+RX_POLL_S = 0.01
+TAP_READ = 65536 + N.VNET_HDR.size + 64
+
+#: serve connected rings with the C data path (pyxen/native/net.c) when it loads
+NATIVE = os.environ.get("PYXEN_NATIVE", "1") != "0"
+_NATIVE_STATS = ("tx_packets", "tx_bytes", "tx_dropped", "tx_errors", "rx_packets", "rx_bytes",
+                 "rx_dropped", "rx_errors")  # net.c's pxn_stats order
+_PXN_NOTIFY, _PXN_MORE, _PXN_FATAL, _PXN_STALLED = 1, 2, 4, 8
+# net.c's pxn_new feature bits
+_F_CSUM, _F_IPV6_CSUM, _F_GSO4, _F_GSO6, _F_SG = 1, 2, 4, 8, 16
+_declared: set[int] = set()
+
+
+def _native_lib(anyway: bool = False) -> ctypes.CDLL | None:
+    """The native library with net.c's functions declared (GIL-releasing calls);
+    None when it does not load or NATIVE is off (``anyway``: whatever NATIVE says)."""
+    lib = native.lib() if NATIVE or anyway else None
+    if lib is None:
+        return None
+    if id(lib) not in _declared:
+        vp = ctypes.c_void_p
+        lib.pxn_new.argtypes = [vp, vp, vp, ctypes.c_int, ctypes.c_uint16, ctypes.c_int]
+        lib.pxn_new.restype = vp
+        lib.pxn_free.argtypes = [vp]
+        lib.pxn_free.restype = None
+        lib.pxn_tx_round.argtypes = [vp, ctypes.c_int]
+        lib.pxn_tx_round.restype = ctypes.c_int
+        lib.pxn_rx_round.argtypes = [vp, ctypes.c_int]
+        lib.pxn_rx_round.restype = ctypes.c_int
+        lib.pxn_msg.argtypes = [vp]
+        lib.pxn_msg.restype = ctypes.c_char_p
+        lib.pxn_stats.argtypes = [vp, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
+        lib.pxn_stats.restype = None
+        _declared.add(id(lib))
+    return lib
+
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+#: the MAC of the host end, as Linux's netback gives its vifs (never the bridge's own)
+HOST_MAC = "fe:ff:ff:ff:ff:ff"
+
+
+class NetError(Exception):
+    """The host side of a vif cannot be set up (no TAP, no bridge)."""
+
+
+def open_tap(name: str) -> int:
+    """A TAP device ``name`` with a virtio_net_hdr in front of each frame; its fd."""
+    if len(name.encode()) > 15:
+        raise NetError(f"interface name {name!r} is longer than 15 bytes")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetError(f"cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", N.VNET_HDR.size))
+    except OSError as e:
+        os.close(fd)
+        raise NetError(f"cannot create TAP {name}: {e.strerror}") from None
+    return fd
+
+
+def set_offload(fd: int, flags: int) -> None:
+    """Which checksum/GSO states the host may hand us (what the frontend takes)."""
+    fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+
+
+def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC) -> None:
+    """Bridge mode (Xen's vif-bridge): create ``bridge`` if it is missing, put
+    the TAP in it, bring both up.  Netlink through pyroute2.  No bridge: the
+    TAP is only brought up (route/NAT setups configure it themselves)."""
+    try:
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]
+        from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+    except ImportError:
+        raise NetError("pyroute2 is needed for vifs (pip install pyroute2)") from None
+    try:
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=tap)
+            if not idx:
+                raise NetError(f"TAP {tap} vanished")
+            ipr.link("set", index=idx[0], address=mac)
+            if bridge:
+                br = ipr.link_lookup(ifname=bridge)
+                if not br:
+                    try:
+                        ipr.link("add", ifname=bridge, kind="bridge")
+                    except NetlinkError as e:
+                        if e.code != 17:  # EEXIST: another vif made it just now
+                            raise
+                    br = ipr.link_lookup(ifname=bridge)
+                ipr.link("set", index=br[0], state="up")
+                ipr.link("set", index=idx[0], master=br[0])
+            ipr.link("set", index=idx[0], state="up")
+    except NetlinkError as e:
+        raise NetError(f"bridge {bridge}, TAP {tap}: {e}") from None
+
+
+class GrantCopier:
+    """Moves bytes between host buffers and pages a guest granted to us: the
+    one place the data path touches guest memory (``GNTTABOP_copy``'s job;
+    a native batch copy can take its place).  Each page is checked in the
+    guest's grant table and held only for the copy; pages written are marked
+    dirty for live migration."""
+
+    def __init__(self, domain: Domain) -> None:
+        self.d = domain
+
+    def read(self, segs: list[tuple[int, int, int]]) -> tuple[bytearray, list[int]]:
+        """Copy ``(gref, offset, length)`` segments out, concatenated; and a
+        status per segment (0 or RSP_ERROR for a grant we may not read)."""
+        d = self.d
+        gt, ram = d.gnttab, d.machine.ram_view
+        out = bytearray()
+        status = []
+        for gref, off, n in segs:
+            try:
+                base = gt.host_acquire(gref, BACKEND_DOMID, False)
+            except XenError:
+                status.append(N.RSP_ERROR)
+                continue
+            try:
+                out += ram[base + off:base + off + n]
+            finally:
+                gt.host_release(gref)
+            status.append(N.RSP_OKAY)
+        return out, status
+
+    def write(self, gref: int, off: int, data: bytes | memoryview) -> int:
+        """Copy ``data`` into the granted page at ``off``: RSP_OKAY or RSP_ERROR."""
+        d = self.d
+        gt = d.gnttab
+        try:
+            base = gt.host_acquire(gref, BACKEND_DOMID, True)
+        except XenError:
+            return N.RSP_ERROR
+        try:
+            d.machine.ram_view[base + off:base + off + len(data)] = data
+            d.mark_dirty(d.pfn_to_mfn(base >> 12))
+        finally:
+            gt.host_release(gref)
+        return N.RSP_OKAY
+
+
+@dataclass
+class _Frontend:
+    """What the frontend asked for at connect time."""
+
+    sg: bool = False
+    gso4: bool = False
+    gso6: bool = False
+    csum: bool = True
+    ipv6_csum: bool = False
+    rx_notify: bool = False
+
+
+class _Fatal(Exception):
+    pass
+
+
+class NetBack:
+    """One virtual network interface of one domain."""
+
+    def __init__(self, domain: Domain, xs: XsClient, devid: int, mac: str, bridge: str | None = "xenbr0",
+                 ifname: str = "") -> None:
+        self.domain = domain
+        self.xs = xs
+        self.devid = devid
+        self.mac = mac
+        self.bridge = bridge
+        self.ifname = ifname or f"vif{domain.domid}.{devid}"
+        self.fe = f"/local/domain/{domain.domid}/device/vif/{devid}"
+        self.be = f"/local/domain/{BACKEND_DOMID}/backend/vif/{domain.domid}/{devid}"
+        self.token = f"netback-{domain.domid}-{devid}"
+        self.state = N.STATE_INITIALISING
+        self.tap = -1
+        self.tx: N.BackRing | None = None
+        self.rx: N.BackRing | None = None
+        self.maps: list[tuple[mmap.mmap, memoryview, int]] = []  # (mapping, view, ref) per ring
+        self.tx_port = self.rx_port = 0
+        self.fe_feat = _Frontend()
+        self.copier = GrantCopier(domain)
+        self.lock = threading.RLock()  # state machine
+        self.proc_lock = threading.RLock()  # held while the service thread is in the rings
+        self.up_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.stop = False
+        self.detaching = False
+        self.thread: threading.Thread | None = None
+        self._pending: tuple[N.RxMeta, bytes] | None = None  # a frame waiting for RX buffers
+        self.rx_stalled = False
+        self.credit: N.TxCredit | None = None  # rate= (the backend's "rate" node), None: no limit
+        self._tx_wait = 0.0  # the limiter holds TX back this long
+        self._stats = dict.fromkeys(_NATIVE_STATS, 0)
+        self.dev: int | None = None  # struct pxn *, while the C data path serves the rings
+        self.native_why = ""  # why the Python data path serves them, if it does
+        self._native_totals = dict.fromkeys(_NATIVE_STATS, 0)  # earlier connections'
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Packets and bytes both ways, drops and errors (both data paths)."""
+        out = dict(self._stats)
+        for k, v in self._native_stats().items():
+            out[k] += v
+        out["native"] = int(self.dev is not None)
+        return out
+
+    def _native_stats(self) -> dict[str, int]:
+        tot = dict(self._native_totals)
+        dev = self.dev
+        lib = _native_lib(anyway=True) if dev is not None else None
+        if dev is not None and lib is not None:
+            arr = (ctypes.c_uint64 * len(_NATIVE_STATS))()
+            lib.pxn_stats(dev, arr, len(_NATIVE_STATS))
+            for k, v in zip(_NATIVE_STATS, arr, strict=True):
+                tot[k] += int(v)
+        return tot
+
+    # ------------------------------------------------------------ xenstore
+    def start(self) -> None:
+        """Make the TAP and put it on the bridge, advertise our features, go
+        InitWait, watch the frontend."""
+        self.tap = open_tap(self.ifname)
+        try:
+            bridge_attach(self.ifname, self.bridge)
+        except NetError:
+            os.close(self.tap)
+            self.tap = -1
+            raise
+        xs, be = self.xs, self.be
+        vals = {
+            "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
+            "feature-ipv6-csum-offload": "1", "feature-rx-copy": "1", "feature-rx-flip": "0",
+            "feature-split-event-channels": "1", "multi-queue-max-queues": "1",
+            "feature-multicast-control": "0", "feature-ctrl-ring": "0",
+            "hotplug-status": "connected", "vifname": self.ifname,
+        }
+        for k, v in vals.items():
+            xs.write(f"{be}/{k}", v)
+        self._switch(N.STATE_INITWAIT)
+        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+        self.thread = threading.Thread(target=self._service, name=f"netback-{self.devid}", daemon=True)
+        self.thread.start()
+
+    def reconnect_xenstore(self, xs: XsClient) -> None:
+        """A new xenstore connection (the daemon restarted): watch again."""
+        with self.lock:
+            self.xs = xs
+        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+
+    def _switch(self, state: int) -> None:
+        self.state = state
+        try:
+            self.xs.write(f"{self.be}/state", str(state))
+        except XsError:
+            pass
+
+    def _fe_state(self) -> int:
+        v = self.xs.try_read(f"{self.fe}/state")
+        try:
+            return int(v) if v is not None else N.STATE_UNKNOWN
+        except ValueError:
+            return N.STATE_UNKNOWN
+
+    def _on_frontend(self, path: str, token: str) -> None:
+        try:
+            self._frontend_changed()
+        except Exception as e:  # noqa: BLE001 - report it: a silent watch is a stuck vif
+            self.domain.log(f"netback {self.ifname}: frontend change: {e!r}\n{traceback.format_exc()}")
+
+    def _frontend_changed(self) -> None:
+        with self.lock:
+            fe = self._fe_state()
+            if fe in (N.STATE_INITIALISED, N.STATE_CONNECTED) and self.state == N.STATE_INITWAIT:
+                try:
+                    self._connect()
+                except (XenError, XsError, ValueError, OSError) as e:
+                    self._fail(f"cannot connect: {e}")
+            elif fe == N.STATE_CLOSING:
+                self._disconnect()
+                self._switch(N.STATE_CLOSING)
+            elif fe == N.STATE_CLOSED:
+                self._disconnect()
+                self._switch(N.STATE_CLOSED)
+                if self.detaching:
+                    self._remove_nodes()
+            elif fe == N.STATE_INITIALISING and self.state in (N.STATE_CLOSED, N.STATE_CLOSING):
+                self._switch(N.STATE_INITWAIT)  # the frontend starts over
+            elif fe == N.STATE_INITIALISING and self.state == N.STATE_CONNECTED:
+                self._disconnect()
+                self._switch(N.STATE_INITWAIT)
+
+    def _fail(self, why: str) -> None:
+        self.domain.log(f"netback {self.ifname}: {why}")
+        try:
+            self.xs.write(f"{self.be}/error", why)
+        except XsError:
+            pass
+        self._disconnect()
+        self._switch(N.STATE_CLOSING)
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        xs, fe = self.xs, self.fe
+
+        def need(path: str) -> str:
+            v = xs.try_read(path)
+            if v is None:
+                raise ValueError(f"{path} is missing")
+            return v
+        nq = xs.try_read(f"{fe}/multi-queue-num-queues")
+        if nq not in (None, "", "1"):
+            raise ValueError(f"multi-queue-num-queues {nq!r}: we offered 1 queue")
+        base = fe  # one queue: its keys are flat, as netback's connect_data_rings reads them
+        tx_ref = int(need(f"{base}/tx-ring-ref"))
+        rx_ref = int(need(f"{base}/rx-ring-ref"))
+        split = xs.try_read(f"{base}/event-channel-tx")
+        if split:
+            tx_port, rx_port = int(split), int(need(f"{base}/event-channel-rx"))
+        else:
+            tx_port = rx_port = int(need(f"{base}/event-channel"))
+        if xs.try_read(f"{fe}/request-rx-copy", "0") != "1":
+            raise ValueError("the frontend does not request rx-copy (page flipping is not supported)")
+
+        def flag(k: str, default: str = "0") -> bool:
+            return (xs.try_read(f"{fe}/{k}", default) or default) == "1"
+        f = _Frontend(sg=flag("feature-sg"), gso4=flag("feature-gso-tcpv4"), gso6=flag("feature-gso-tcpv6"),
+                      csum=not flag("feature-no-csum-offload"), ipv6_csum=flag("feature-ipv6-csum-offload"),
+                      rx_notify=flag("feature-rx-notify"))
+        d = self.domain
+        maps: list[tuple[mmap.mmap, memoryview, int]] = []
+        try:
+            for ref in (tx_ref, rx_ref):
+                off = d.gnttab.host_acquire(ref, BACKEND_DOMID, True)
+                try:
+                    m = mmap.mmap(-1, N.PAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+                except OSError:
+                    d.gnttab.host_release(ref)
+                    raise
+                maps.append((m, memoryview(m), ref))
+                gnttab._map_fixed(gnttab.atomic.address_of(m), mmap.PROT_READ | mmap.PROT_WRITE,
+                                  mmap.MAP_SHARED, d.machine.memfd, off)
+        except (XenError, OSError):
+            self._unmap(maps)
+            raise
+        off_flags = 0
+        if f.csum:
+            off_flags |= TUN_F_CSUM
+            if f.sg and f.gso4:
+                off_flags |= TUN_F_TSO4
+            if f.sg and f.gso6:
+                off_flags |= TUN_F_TSO6
+        try:
+            set_offload(self.tap, off_flags)
+            d.evtchn.accept_interdomain(tx_port, BACKEND_DOMID, 0x9000 + 2 * self.devid, self._notified)
+            if rx_port != tx_port:
+                d.evtchn.accept_interdomain(rx_port, BACKEND_DOMID, 0x9001 + 2 * self.devid, self._notified)
+        except (XenError, OSError):
+            d.evtchn.remote_closed(tx_port, BACKEND_DOMID)
+            self._unmap(maps)
+            raise
+        credit = self._read_rate()
+        with self.proc_lock:
+            self.maps = maps
+            self.tx = N.BackRing(maps[0][1], N.TX_SLOT)
+            self.rx = N.BackRing(maps[1][1], N.RX_SLOT)
+            self.tx_port, self.rx_port, self.fe_feat = tx_port, rx_port, f
+            self._pending = None
+            self.credit, self._tx_wait = credit, 0.0
+            if credit is None:
+                self._start_native(f)
+            else:
+                self.native_why = "rate-limited vifs use the Python data path"
+        self._switch(N.STATE_CONNECTED)
+        self._wake()
+
+    def _read_rate(self) -> N.TxCredit | None:
+        """The backend's ``rate`` node as libxl writes it ("BYTES,USECS"), read at
+        connect as netback's xen_net_read_rate; absent or malformed: no limit."""
+        v = self.xs.try_read(f"{self.be}/rate")
+        try:
+            b, u = (int(x) for x in (v or "").split(","))
+        except ValueError:
+            return None
+        if b <= 0 or u <= 0:
+            return None
+        return N.TxCredit(b, u, time.monotonic())
+
+    def _start_native(self, f: _Frontend) -> None:
+        """Serve the rings with net.c when the library loads (else Python does)."""
+        lib = _native_lib()
+        g = self.domain.gnttab.host_grants() if lib is not None else None
+        if lib is None or g is None:
+            self.native_why = (native.why_not() or "no native grant table") if NATIVE \
+                else "disabled (PYXEN_NATIVE=0)"
+            return
+        feat = (_F_CSUM if f.csum else 0) | (_F_IPV6_CSUM if f.ipv6_csum else 0) | \
+            (_F_GSO4 if f.gso4 else 0) | (_F_GSO6 if f.gso6 else 0) | (_F_SG if f.sg else 0)
+        dev = lib.pxn_new(g, gnttab.atomic.address_of(self.maps[0][0]),
+                          gnttab.atomic.address_of(self.maps[1][0]), self.tap, BACKEND_DOMID, feat)
+        if not dev:
+            self.native_why = "pxn_new failed"
+            return
+        self.dev, self.native_why = dev, ""
+
+    def _unmap(self, maps: list[tuple[mmap.mmap, memoryview, int]]) -> None:
+        for m, v, ref in maps:
+            v.release()
+            m.close()
+            self.domain.gnttab.host_release(ref)
+
+    def _disconnect(self) -> None:
+        if self.tx is None:
+            return
+        with self.proc_lock:  # the service thread is out of the rings
+            d = self.domain
+            for port in {self.tx_port, self.rx_port}:
+                d.evtchn.remote_closed(port, BACKEND_DOMID)
+            self.tx = self.rx = None
+            maps, self.maps = self.maps, []
+            self._pending = None
+            dev, lib = self.dev, _native_lib(anyway=True)
+            if dev is not None and lib is not None:
+                self._native_totals = self._native_stats()
+                self.dev = None
+                lib.pxn_free(dev)
+        self._unmap(maps)
+
+    def _remove_nodes(self) -> None:
+        for path in (self.be, self.fe):
+            try:
+                self.xs.rm(path)
+            except XsError:
+                pass
+
+    def _notified(self) -> None:
+        """The guest sent on one of our channels (runs in its vCPU thread)."""
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self.up_fd, 1)
+        except OSError:
+            pass
+
+    def _notify(self, port: int) -> None:
+        self.domain.raise_port(port, self.domain.evtchn.notify_vcpu(port))
+
+    # ------------------------------------------------------------ the data path
+    def _service(self) -> None:
+        busy = False
+        while not self.stop:
+            want = [self.up_fd]
+            if self.tap >= 0 and not self.rx_stalled:
+                want.append(self.tap)
+            timeout = 0.0 if busy else (RX_POLL_S if self.rx_stalled and not self.fe_feat.rx_notify else 1.0)
+            if self._tx_wait:
+                timeout = min(timeout, self._tx_wait)
+            try:
+                select.select(want, [], [], timeout)
+                os.eventfd_read(self.up_fd)
+            except BlockingIOError:
+                pass
+            except (OSError, ValueError):
+                return  # closed
+            busy = False
+            try:
+                with self.proc_lock:
+                    if self.tx is None or self.rx is None:
+                        self._drain_tap()
+                        continue
+                    if self.dev is not None:
+                        busy = self._native_round(self.dev)
+                    else:
+                        busy = self._tx_round(self.tx)
+                        busy = self._rx_round(self.rx) or busy
+            except (N.ProtocolError, _Fatal) as e:
+                with self.lock:
+                    self._fail(f"protocol error: {e}")
+            except Exception as e:  # noqa: BLE001 - never let a guest kill the backend
+                self.domain.log(f"netback {self.ifname}: {e!r}\n{traceback.format_exc()}")
+
+    def _native_round(self, dev: int) -> bool:
+        """One round of each direction in C (net.c), the GIL released."""
+        lib = _native_lib(anyway=True)
+        assert lib is not None
+        r = lib.pxn_tx_round(dev, BUDGET)
+        if r & _PXN_FATAL:
+            raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
+        if r & _PXN_NOTIFY:
+            self._notify(self.tx_port)
+        busy = bool(r & _PXN_MORE)
+        r = lib.pxn_rx_round(dev, BUDGET)
+        if r & _PXN_FATAL:
+            raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
+        if r & _PXN_NOTIFY:
+            self._notify(self.rx_port)
+        self.rx_stalled = bool(r & _PXN_STALLED)
+        return busy or bool(r & _PXN_MORE)
+
+    def _drain_tap(self) -> None:
+        """No frontend: what the host sends is dropped (as a vif with its carrier off)."""
+        for _ in range(BUDGET):
+            try:
+                os.read(self.tap, TAP_READ)
+            except OSError:
+                return
+            self._stats["rx_dropped"] += 1
+
+    def _tx_round(self, ring: N.BackRing) -> bool:
+        """Up to BUDGET packets guest -> TAP; True when more are waiting."""
+        sent = 0
+        self._tx_wait = 0.0
+        while sent < BUDGET:
+            avail = ring.unconsumed()
+            if self.credit is not None and avail:  # credit is taken before the checks, as netback
+                wait = self.credit.wait(N.TxRequest.unpack(ring.request(0)).size, time.monotonic())
+                if wait:
+                    self._tx_wait = wait
+                    break
+            pkt = N.parse_tx(ring.request, avail)
+            if pkt is None:
+                if ring.final_check_for_requests():
+                    continue
+                break
+            if pkt.fatal:
+                raise _Fatal(pkt.fatal)
+            ring.consume(pkt.slots)
+            self._tx_packet(ring, pkt)
+            sent += 1
+        if sent and ring.push_responses():
+            self._notify(self.tx_port)
+        return sent >= BUDGET
+
+    def _tx_packet(self, ring: N.BackRing, pkt: N.TxPacket) -> None:
+        """One packet off the ring: copy it out, hand it to the host, answer each slot."""
+        if pkt.drop:
+            self._stats["tx_dropped"] += 1
+            self.domain.log(f"netback {self.ifname}: tx packet dropped: {pkt.drop}")
+            return self._tx_respond(ring, pkt.responses(N.RSP_ERROR))
+        if pkt.control:
+            return self._tx_respond(ring, pkt.responses(N.RSP_OKAY))
+        frame, status = self.copier.read([(t.gref, t.offset, t.size) for t in pkt.data])
+        rsps = pkt.responses(N.RSP_OKAY)
+        if any(status):
+            # as netback's xenvif_tx_check_gop: the failed slots say so, the packet is lost
+            self._stats["tx_errors"] += 1
+            data_idx = [0] + list(range(1 + pkt.extra_count, len(rsps)))
+            for k, st in zip(data_idx, status, strict=True):
+                rsps[k] = (rsps[k][0], st)
+            return self._tx_respond(ring, rsps)
+        hdr = N.tx_vnet_header(pkt, frame)
+        if hdr is None:
+            self._stats["tx_dropped"] += 1  # "Can't setup checksum": dropped, answered OKAY
+        else:
+            try:
+                os.writev(self.tap, [hdr, frame])
+                self._stats["tx_packets"] += 1
+                self._stats["tx_bytes"] += len(frame)
+            except OSError:
+                self._stats["tx_errors"] += 1
+        self._tx_respond(ring, rsps)
+
+    @staticmethod
+    def _tx_respond(ring: N.BackRing, rsps: list[tuple[int | None, int]]) -> None:
+        for rid, st in rsps:
+            if rid is None:
+                ring.put_response(struct.pack("<h", st), at=2)  # an extra's slot: status only
+            else:
+                ring.put_response(N.TX_RSP.pack(rid, st))
+
+    def _rx_round(self, ring: N.BackRing) -> bool:
+        """Up to BUDGET frames TAP -> guest; True when more may be waiting."""
+        done = 0
+        self.rx_stalled = False
+        while done < BUDGET:
+            if self._pending is None:
+                try:
+                    buf = os.read(self.tap, TAP_READ)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    break
+                frame = self._rx_prepare(buf)
+                if frame is None:
+                    continue
+                self._pending = frame
+            meta, data = self._pending
+            need = N.rx_slots_needed(len(data), meta.gso_type != N.GSO_TYPE_NONE)
+            if ring.unconsumed() < need:
+                ring.set_req_event(ring.req_cons + need)  # tell us when they are there
+                if ring.unconsumed() < need:
+                    self.rx_stalled = True
+                    break
+            self._rx_frame(ring, meta, data)
+            self._pending = None
+            done += 1
+        if done and ring.push_responses():
+            self._notify(self.rx_port)
+        return done >= BUDGET
+
+    def _rx_prepare(self, buf: bytes) -> tuple[N.RxMeta, bytes] | None:
+        """A frame read from the TAP, made fit for this frontend (None: dropped)."""
+        if len(buf) < N.VNET_HDR.size + N.ETH_HLEN:
+            return None
+        meta = N.rx_meta(buf[:N.VNET_HDR.size])
+        data: bytes | bytearray = buf[N.VNET_HDR.size:]
+        f = self.fe_feat
+        if meta is None or (meta.gso_type == N.GSO_TYPE_TCPV4 and not f.gso4) \
+                or (meta.gso_type == N.GSO_TYPE_TCPV6 and not f.gso6) \
+                or (len(data) > N.PAGE and not f.sg):
+            self._stats["rx_dropped"] += 1
+            return None
+        if meta.flags & N.NETRXF_CSUM_BLANK:
+            v6 = data[12:14] == b"\x86\xdd"
+            if not f.csum or (v6 and not f.ipv6_csum):  # it cannot take a partial checksum
+                data = bytearray(data)
+                N.complete_checksum(data, meta.csum_start, meta.csum_offset)
+                meta = N.RxMeta(N.NETRXF_DATA_VALIDATED, meta.gso_type, meta.gso_size)
+        return meta, bytes(data)
+
+    def _rx_frame(self, ring: N.BackRing, meta: N.RxMeta, data: bytes) -> None:
+        """One frame into the frontend's posted buffers (its slots are there)."""
+        view = memoryview(data)
+        err = False
+        for slot in N.rx_plan(len(data), meta):
+            rid, gref = N.RX_REQ.unpack(ring.request(0))
+            ring.consume(1)
+            if slot.extra is not None:
+                ring.put_response(slot.extra.pack())
+                continue
+            st = self.copier.write(gref, 0, view[slot.start:slot.start + slot.length])
+            if st != N.RSP_OKAY:
+                err = True
+                ring.put_response(N.RX_RSP.pack(rid, 0, slot.flags, st))
+            else:
+                ring.put_response(slot.response(rid))
+        if err:
+            self._stats["rx_errors"] += 1
+        else:
+            self._stats["rx_packets"] += 1
+            self._stats["rx_bytes"] += len(data)
+
+    # ------------------------------------------------------------ lifecycle
+    def detach(self, timeout: float = 10.0) -> None:
+        """Toolstack-initiated removal: Closing, wait for the frontend to close."""
+        with self.lock:
+            self.detaching = True
+            self._switch(N.STATE_CLOSING)
+        end = threading.Event()
+        for _ in range(int(timeout * 20)):
+            if self._fe_state() in (N.STATE_CLOSED, N.STATE_UNKNOWN, N.STATE_INITIALISING):
+                break
+            end.wait(0.05)
+        with self.lock:
+            self._disconnect()
+            self._switch(N.STATE_CLOSED)
+            self._remove_nodes()
+        self.close()
+
+    def close(self) -> None:
+        self.stop = True
+        self._wake()
+        try:
+            self.xs.unwatch(f"{self.fe}/state", self.token)
+        except XsError:
+            pass
+        with self.lock:
+            self._disconnect()
+        if self.thread is not None:
+            self.thread.join(5)
+        os.close(self.up_fd)
+        if self.tap >= 0:
+            os.close(self.tap)  # the TAP goes with its last fd (it was not made persistent)
+            self.tap = -1
