@@ -411,7 +411,7 @@ def commands() -> dict[str, argparse.ArgumentParser]:
 def usage(cmds: dict[str, argparse.ArgumentParser]) -> str:
     lines = ["usage: pyxen [-h] COMMAND [ARGS...]   (pyxen COMMAND -h for a command's options)",
              "", "pyxen: Xen (x86_64 PV) on KVM, xl-style", "", "commands:"]
-    lines += [f"  {n:<14}{p.description}" for n, p in cmds.items()]
+    lines += [f"  {n:<16}{p.description}" for n, p in cmds.items()]
     return "\n".join(lines)
 
 
