@@ -2443,6 +2443,11 @@ static void gf_leave_peer(void)
     char path[64], buf[8];
     uint64_t deadline = monotonic_ns() + 30 * NSEC_PER_SEC;
 
+    /* one read-only grant to the partner for sure (the random ones may all be
+     * revoked or point elsewhere by now): what it maps and holds across our end */
+    gf_grant(GF_OWN_RND, GTF_permit_access | GTF_readonly, (domid_t)peer_id,
+             (uint32_t)pool_mfn[0]);
+    wmb();
     snprintf(path, sizeof(path), "/local/domain/%u/data/gfuzz/join", peer_id);
     if (xenbus_write(XBT_NIL, path, "done")) {
         printk("hcfuzz: grants FAIL cannot tell the partner we are done\n");
