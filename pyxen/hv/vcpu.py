@@ -71,6 +71,9 @@ HV_CS = _seg(abi.HYPERVISOR_CS64, True, 0)
 HV_SS = _seg(abi.HYPERVISOR_DS, False, 0)
 
 
+TIME_PAIR_MAX_NS = 50_000  # update_time: the widest host-clock bracket around the guest TSC read
+
+
 class GuestCrash(Exception):
     """The guest did something that ends the domain (Xen's domain_crash)."""
 
@@ -218,8 +221,20 @@ class VCPU:
         self.vi_buf[self.vi_off + off] = val
 
     def update_time(self) -> None:
-        tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
-        now = self.domain.clock.system_time()
+        """Publish (guest TSC, system time) as one instant.  The TSC comes from
+        an ioctl: the host clock is read on both sides of it and the pair kept
+        only when the two readings are close (the midpoint then errs by at
+        most half the gap); a thread preempted between them (a loaded host)
+        would otherwise pair a late clock with an early TSC and run the
+        guest's clock ahead by the preemption."""
+        clock = self.domain.clock
+        for _ in range(8):
+            t0 = clock.system_time()
+            tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
+            t1 = clock.system_time()
+            if t1 - t0 <= TIME_PAIR_MAX_NS:
+                break
+        now = (t0 + t1) // 2
         write_vcpu_time(self.vi_buf, self.vi_off + abi.VI_TIME, tsc, now, self.tsc_mul, self.tsc_shift)
         if self.time_area:
             self.update_time_area()
