@@ -98,7 +98,7 @@ class _Restorer:
         self.max_pfn = d.max_pages - 1
         self.seen: set[int] = set()
         self.xtab: set[int] = set()
-        self.pins: list[tuple[int, int]] = []
+        self.pins: dict[int, int] = {}  # pfn -> level (a later round's type wins)
         self.types: dict[int, int] = {}
         self.vcpu: dict[int, dict[int, bytes]] = {}
         self.shared_info: bytes | None = None
@@ -120,15 +120,20 @@ class _Restorer:
                 if t == S.PageType.XTAB:
                     self.xtab.add(pfn)
                     self.seen.discard(pfn)
+                    self.types.pop(pfn, None)
+                    self.pins.pop(pfn, None)
                 continue
             page = next(it)
             if t.level:
                 page = S.localise_pagetable(page, t.level, self.pfn_to_mfn)
                 self.types[pfn] = t.level
                 if t.pinned:
-                    self.pins.append((pfn + M.MFN_BASE, t.level))
+                    self.pins[pfn] = t.level
+                else:
+                    self.pins.pop(pfn, None)
             else:
                 self.types.pop(pfn, None)
+                self.pins.pop(pfn, None)
             off = pfn << 12
             if page != _ZERO_PAGE or pfn in self.seen:
                 # a fresh domain's RAM reads zeros: a zero page is not written,
@@ -196,7 +201,7 @@ class _Restorer:
         d.restore_shared_info(self.shared_info)
         # page tables: pins (each validates its tree)
         try:
-            d.ft.restore_pins(self.pins)
+            d.ft.restore_pins([(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()])
         except XenError as e:
             raise S.StreamError(f"a pinned page table does not validate: {e.why or e}") from None
         self.stats.pinned = len(self.pins)
