@@ -290,7 +290,7 @@ def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
     if a.tcp:
         target = {"tcp": a.tcp}
     elif a.host:
-        target = {"cmd": shlex.split(a.ssh) + [a.host, a.receiver]}
+        target = {"cmd": shlex.split(a.ssh) + [a.host] + shlex.split(a.receiver)}
     else:
         return _err("migrate: give the destination HOST (or --tcp HOST:PORT)")
     bar = _ProgressLine(h, dom, "migrating")
