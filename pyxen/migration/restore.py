@@ -300,18 +300,27 @@ def _canonical(a: int) -> bool:
 
 
 def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None = None,
-                 total_pages: int | None = None) -> RestoreStats:
-    """Apply the libxc records in ``items`` to the new, not yet started domain ``d``."""
+                 total_pages: int | None = None,
+                 stamp: Callable[[str], None] | None = None) -> RestoreStats:
+    """Apply the libxc records in ``items`` to the new, not yet started domain ``d``.
+    ``stamp``: told "tail" at the first record after the pages (a migration's
+    downtime breakdown) and "complete" once the domain is built."""
     t0 = time.monotonic()
     r = _Restorer(d, progress)
     total = total_pages or d.max_pages
     done = False
     last = None
+    tail = False
     for it in items:
         last = it
+        if stamp and not tail and it.rtype == S.Rec.X86_TSC_INFO and it.layer == "libxc":
+            tail = True
+            stamp("tail")
         if r.item(it):
             r.complete()
             done = True
+            if stamp:
+                stamp("complete")
         if progress and it.rtype == S.Rec.PAGE_DATA:
             progress(min(len(r.seen) + len(r.xtab), total), total, it.offset)
         if done and it.layer == "libxl" and it.rtype == S.LibxlRec.END:

@@ -405,6 +405,7 @@ class DomainProcess:
         conn: Any = None
         proc: Any = None
         st: live.LiveStats | None = None
+        commit: dict[str, float] = {}
         rounds: list[dict[str, Any]] = []
         remote = -1
         try:
@@ -442,11 +443,15 @@ class DomainProcess:
                            ns=int(r.seconds * 1e9))
             st = live.send_live(d, wfile, lambda: self._suspend_for_migration(timeout), pol,
                                 on_round=on_round, header_sent=True)
+            t_end = time.monotonic()
             P.expect(rfd, P.READY, 300, "receiver's ready message")
+            t_ready = time.monotonic()
             wfile.write(P.GO)
             wfile.flush()
             P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
             rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
+            commit = {"end_to_ready_ms": (t_ready - t_end) * 1000,
+                      "end_to_report_ms": (time.monotonic() - t_end) * 1000}
             if rc:
                 raise P.ProtocolError(f"the destination could not unpause the domain ({rc})")
         except (P.ProtocolError, SV.SaveError, StreamError, XenError, OSError, RuntimeError,
@@ -471,6 +476,7 @@ class DomainProcess:
         assert st is not None
         stats = st.as_dict()
         stats["rounds"] = rounds
+        stats["commitment"] = commit
         d.log(f"migrated: {st.pages} pages in {len(st.rounds)} rounds, {st.bytes} bytes in "
               f"{st.seconds:.3f} s, stop-and-copy {st.downtime_seconds * 1000:.1f} ms "
               f"({st.stop_reason})", always=True)
@@ -527,7 +533,9 @@ class DomainProcess:
         try:
             P.write_all(wfd, P.RESERVED + str(self.domid).encode() + b"\n")
             rf = os.fdopen(rfd, "rb", buffering=1 << 20)
-            stats = R.restore_into(d, S.iter_stream(rf, "migration stream"), self._progress())
+            stamps: list[tuple[str, float]] = []
+            stats = R.restore_into(d, S.iter_stream(rf, "migration stream"), self._progress(),
+                                   stamp=lambda what: stamps.append((what, time.monotonic())))
             off = d.machine.ram_offset(d.start_info["console_mfn"])
             port = d.start_info["console_evtchn"]
             d.console = ConsoleBackend(d.machine.ram_view[off:off + 4096], d.console_output,
@@ -536,13 +544,19 @@ class DomainProcess:
                   f"{stats.bytes} bytes, was domain {stats.state.get('domid', '?')}", always=True)
             d.pause()
             d.start()
+            stamps.append(("built", time.monotonic()))
             self.event(event="ready", domid=self.domid, start_info=d.start_info, **self._memory())
             if not self.started.wait(60):
                 raise RuntimeError("the daemon did not start the domain")
+            stamps.append(("xenstore entries written", time.monotonic()))
             P.write_all(wfd, P.READY)
             P.expect(rfd, P.GO, 300, "sender's permission to go")
+            stamps.append(("go", time.monotonic()))
             d.unpause()
             P.write_all(wfd, P.REPORT + b"\0")
+            t0 = stamps[0][1] if stamps else 0.0
+            d.log("migrated in, from the last round's first record: " + ", ".join(
+                f"{what} {(t - t0) * 1000:.1f} ms" for what, t in stamps), always=True)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, no domain is left
             why = e.why if isinstance(e, XenError) else str(e)
             self.on_log(f"domain {self.domid}: incoming migration failed: {why}")

@@ -1,0 +1,65 @@
+"""Pure parts of live migration: Clark et al.'s rate limit (RatePolicy), the
+xl conversation's messages, and the downtime computed from heartbeat arrivals."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyxen.migration import protocol as P
+from pyxen.migration.live import PAGE_BITS, RatePolicy, Throttle
+
+
+def test_first_round_at_the_minimum_and_next_at_dirtying_rate_plus_50() -> None:
+    p = RatePolicy(min_rate=100, max_rate=500)
+    assert p.first() == 100
+    # 10000 pages/s = 327.68 Mbit/s, + 50
+    assert p.next_rate(10000) == pytest.approx(10000 * PAGE_BITS / 1e6 + 50)
+    assert p.next_rate(0) == 100  # never below the minimum
+
+
+def test_stop_conditions() -> None:
+    p = RatePolicy(min_rate=100, max_rate=500, max_rounds=5, few_pages=50)
+    assert p.stop(1, 49, 200) and "remain" in p.stop(1, 49, 200)  # type: ignore[operator]
+    assert "max" in (p.stop(1, 1000, 501) or "")
+    assert "rounds" in (p.stop(5, 1000, 200) or "")
+    assert p.stop(2, 1000, 200) is None
+
+
+def test_throttle_holds_the_rate() -> None:
+    import time
+    t = Throttle(8 * 4096 * 100 / 1e6)  # 100 pages/s
+    t0 = time.monotonic()
+    t(10)  # 10 pages at 100 pages/s: ~0.1 s
+    assert time.monotonic() - t0 >= 0.09
+
+
+def test_xl_messages_are_xls() -> None:
+    assert P.BANNER == b"xl migration receiver ready, send binary domain data.\n"
+    assert P.READY.endswith(b"\0") and P.GO.endswith(b"\0") and P.REPORT.endswith(b"\0")
+
+
+def test_reservation_answers() -> None:
+    assert P.parse_reservation(P.RESERVED + b"7\n") == 7
+    with pytest.raises(P.ProtocolError, match="refused the domain: no memory"):
+        P.parse_reservation(P.REFUSED + b"no memory\n")
+    with pytest.raises(P.ProtocolError, match="unexpected"):
+        P.parse_reservation(b"garbage\n")
+
+
+def test_read_exact_reports_a_closed_peer() -> None:
+    r, w = os.pipe()
+    os.write(w, b"xl migr")
+    os.close(w)
+    with pytest.raises(P.ProtocolError, match="closed the connection before the banner"):
+        P.expect(r, P.BANNER, 1, "banner")
+    os.close(r)
+
+
+def test_downtime_is_the_largest_gap_minus_the_period() -> None:
+    from bench.migration import downtime_ms
+    before = {1: 0.00, 2: 0.01, 3: 0.02}
+    after = {3: 0.5, 4: 0.10, 5: 0.11}  # tick 3 was seen on the source first
+    dt, n = downtime_ms(before, after, 10)
+    assert n == 5 and dt == pytest.approx(70.0)
