@@ -19,6 +19,7 @@ tested alone.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -114,12 +115,17 @@ class Throttle:
 def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
               policy: RatePolicy | None = None, config: dict[str, Any] | None = None,
               on_round: Callable[[RoundStat], None] | None = None,
-              header_sent: bool = False) -> LiveStats:
+              header_sent: bool = False,
+              wait_applied: Callable[[int], None] | None = None) -> LiveStats:
     """Send the running domain ``d`` to ``f`` live.  ``suspend`` asks the
     guest to suspend and returns once it has (or raises: the caller then
     resumes nothing, the guest never stopped).  ``header_sent``: the xl
     header (config) went already (a migration sends it first, for the
-    destination's reservation).  Dirty logging is off again on return."""
+    destination's reservation).  Each live round ends with a
+    PYXEN_ROUND_END record; ``wait_applied(n)`` returns once the receiver
+    has applied round ``n`` (validated its page tables), which the sender
+    waits for before it suspends the guest, so that the downtime does not
+    include the receiver's backlog.  Dirty logging is off again on return."""
     pol = policy or RatePolicy()
     out = SV._Out(f)
     st = LiveStats(max_pages=d.max_pages)
@@ -141,6 +147,7 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
             r0 = time.monotonic()
             b0 = out.n
             sent = pw.write(pfns, present, live=True, throttle=Throttle(rate))
+            out.rec(S.Rec.PYXEN_ROUND_END, struct.pack("<II", n, 0))
             f.flush()
             present = None
             dirty = d.read_dirty()
@@ -157,6 +164,9 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
                 st.stop_reason = why
                 break
         # stop-and-copy
+        if wait_applied is not None:
+            wait_applied(n)
+            # what the guest dirtied while we waited goes in the last round
         s0 = time.monotonic()
         suspend()
         st.suspend_seconds = time.monotonic() - s0

@@ -5,7 +5,11 @@
     sender -> receiver   the xl header (magic, flags, the domain's config)
     receiver -> sender   pyxen: "pyxen migration: reserved <domid>\\n" or
                          "pyxen migration: refused: <why>\\n"  (reservation)
-    sender -> receiver   the libxl/libxc stream, live rounds then the last, END
+    sender -> receiver   the libxl/libxc stream, live rounds then the last, END;
+                         each live round ends with a PYXEN_ROUND_END record
+    receiver -> sender   pyxen: "pyxen migration: round applied <n>\\n" for each
+                         (its page tables validated); the sender suspends the
+                         guest only once the last live round is applied
     receiver -> sender   "domain received, ready to unpause\\0"
     sender -> receiver   "domain is yours, you are cleared to unpause\\0"
     receiver -> sender   "my copy unpause results are as follows\\0" + one byte (0: runs)
@@ -26,6 +30,7 @@ READY = b"domain received, ready to unpause\0"
 GO = b"domain is yours, you are cleared to unpause\0"
 REPORT = b"my copy unpause results are as follows\0"
 RESERVED = b"pyxen migration: reserved "
+APPLIED = b"pyxen migration: round applied "  # + the round number, "\n"
 REFUSED = b"pyxen migration: refused: "
 MAX_LINE = 4096
 
@@ -78,6 +83,20 @@ def write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
+
+
+def wait_applied(fd: int, n: int, timeout: float) -> None:
+    """Read the receiver's acknowledgements up to the one for round ``n``."""
+    while True:
+        line = read_line(fd, timeout, f"acknowledgement of round {n}")
+        if not line.startswith(APPLIED):
+            raise ProtocolError(f"expected a round acknowledgement, got {line[:200]!r}")
+        try:
+            got = int(line[len(APPLIED):])
+        except ValueError:
+            raise ProtocolError(f"bad round acknowledgement {line[:200]!r}") from None
+        if got >= n:
+            return
 
 
 def parse_reservation(line: bytes) -> int:

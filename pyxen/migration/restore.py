@@ -25,6 +25,7 @@ The toolstack sets up the console and xenstore channels as for a new domain.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ class RestoreStats:
     seconds: float = 0.0
     pinned: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)  # pre-validation during live rounds
 
 
 def read_config(items: Iterator[S.Item]) -> tuple[dict[str, Any], Iterator[S.Item]]:
@@ -106,9 +108,93 @@ class _Restorer:
         self.state: dict[str, Any] = {}
         self.stats = RestoreStats()
         self.pv_info = False
+        # live migration: the page tables validated while later rounds come in
+        # (``_prevalidate``), so that END does not validate every table anew
+        self.round_end: Callable[[int], None] | None = None
+        self.prevalidated = False
+        self.prevalidate_tries = 0
+        self.stats_prevalidated = {"tries": 0, "teardowns": 0, "diffs": 0}
+        self.prevalidated_at_end = False
 
     def pfn_to_mfn(self, pfn: int) -> int | None:
         return pfn + M.MFN_BASE if 0 <= pfn <= self.max_pfn else None
+
+    # ------------------------------------------------------------ live rounds
+    # A live stream marks the end of each round (PYXEN_ROUND_END).  At that
+    # point the image holds a whole (if fuzzy) copy of the domain: its
+    # pinned tables are validated then, while the source still runs, and each
+    # page table a later round re-sends is applied entry by entry against the
+    # validated state (only the entries that changed take or drop references,
+    # as an mmu_update would).  What cannot be applied that way (a table that
+    # became data or changed level or pin, an entry the MMU refuses on this
+    # fuzzy image) tears the validation down first, while memory still matches
+    # it, and END validates everything as a plain restore does.
+
+    def _ft_index(self, pfn: int) -> int:
+        return pfn + M.MFN_BASE - self.d.ft.mfn_base
+
+    def _pinned_pfns(self) -> list[int]:
+        lo = self._ft_index(0)
+        pinned = bytes(self.d.ft.pinned[lo:lo + self.d.max_pages])
+        return [m.start() for m in re.finditer(b"[^\\x00]", pinned)]
+
+    def _prevalidate(self) -> None:
+        self.prevalidate_tries += 1
+        self.stats_prevalidated["tries"] += 1
+        try:
+            self.d.ft.restore_pins([(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()])
+        except XenError:
+            self._teardown()
+            return
+        self.prevalidated = True
+
+    def _teardown(self) -> None:
+        """Unpin everything (each table devalidated from memory that still
+        matches its references): back to a frame table with no types."""
+        ft = self.d.ft
+        for pfn in self._pinned_pfns():
+            ft.unpin(pfn + M.MFN_BASE)
+        if any(ft.count[self._ft_index(0):self._ft_index(self.d.max_pages)]):
+            raise S.StreamError("internal: page-table references left after undoing the "
+                                "validation of a live round")
+        self.prevalidated = False
+        self.stats_prevalidated["teardowns"] += 1
+
+    def _apply_validated(self, pfn: int, t: S.PageType, page: bytes) -> bool | None:
+        """A page arriving over the validated image: True if applied here,
+        None if it is an ordinary write, False if the validation must go."""
+        from ..hv import mm
+        ft = self.d.ft
+        i = self._ft_index(pfn)
+        cur, cnt = ft.type[i], ft.count[i]
+        cur_pt = bool(cnt) and mm.PGT_L1 <= cur <= mm.PGT_L4
+        if not t.level:
+            return False if cur_pt else None
+        if not cur_pt:
+            return False if cnt else None  # typed otherwise (writable, GDT): conflict
+        if cur != t.level or bool(t.pinned) != bool(ft.pinned[i]):
+            return False
+        old = ft.read_table(pfn + M.MFN_BASE)
+        new = struct.unpack("<512Q", page)
+        ram = self.d.machine.ram
+        base = pfn << 12
+        lv = t.level
+        for idx in range(512):
+            o, n = old[idx], new[idx]
+            if o == n or (lv == 4 and mm.XEN_L4_FIRST <= idx <= mm.XEN_L4_LAST):
+                continue
+            a = ft._adjust(n)  # noqa: SLF001 - the MMU's own entry rules
+            if a == o:
+                continue
+            try:
+                if a & 1:
+                    ft._get_entry_ref(a, lv)  # noqa: SLF001
+            except XenError:
+                return False  # entries before this one are applied: memory matches the refs
+            struct.pack_into("<Q", ram, base + idx * 8, a)
+            ft._put_entry_ref(o, lv)  # noqa: SLF001
+        self.stats_prevalidated["diffs"] += 1
+        return True
 
     def page_data(self, pd: S.PageData) -> None:
         ram = self.d.machine.ram
@@ -116,6 +202,8 @@ class _Restorer:
         for pfn, t in pd.pfns:
             if pfn > self.max_pfn:
                 raise S.StreamError(f"pfn {pfn:#x} outside the domain's maximum {self.max_pfn:#x}")
+            if self.prevalidated and t == S.PageType.XTAB and self.d.ft.count[self._ft_index(pfn)]:
+                self._teardown()  # a typed frame given back: undo before it goes
             if not t.has_data:
                 if t == S.PageType.XTAB:
                     self.xtab.add(pfn)
@@ -126,6 +214,17 @@ class _Restorer:
             page = next(it)
             if t.level:
                 page = S.localise_pagetable(page, t.level, self.pfn_to_mfn)
+            if self.prevalidated:
+                done = self._apply_validated(pfn, t, page)
+                if done is False:
+                    self._teardown()
+                elif done:
+                    self.types[pfn] = t.level
+                    self.seen.add(pfn)
+                    self.xtab.discard(pfn)
+                    self.stats.pages += 1
+                    continue
+            if t.level:
                 self.types[pfn] = t.level
                 if t.pinned:
                     self.pins[pfn] = t.level
@@ -168,6 +267,11 @@ class _Restorer:
             if not isinstance(v, dict):
                 raise S.StreamError("PYXEN_DOMAIN_STATE is not a JSON object")
             self.state = v
+        elif it.rtype == S.Rec.PYXEN_ROUND_END:
+            if not self.prevalidated and self.pins and self.prevalidate_tries < 3:
+                self._prevalidate()
+            if self.round_end is not None:
+                self.round_end(int(v))
         elif it.rtype == S.Rec.CHECKPOINT:
             raise S.StreamError("a checkpointed (Remus/COLO) stream: not supported")
         elif it.rtype == S.Rec.END:
@@ -199,7 +303,15 @@ class _Restorer:
             (self.state.get("clock") or {}).get("system_time_ns", 0))
         d.clock.restore_state(sys_ns)
         d.restore_shared_info(self.shared_info)
-        # page tables: pins (each validates its tree)
+        # page tables: pins (each validates its tree; tables pre-validated
+        # during the live rounds are pinned already, if they still stand)
+        self.prevalidated_at_end = False
+        if self.prevalidated:
+            ft = d.ft
+            pinned = set(self._pinned_pfns())
+            if pinned != set(self.pins) or any(ft.count[self._ft_index(p)] for p in d.free_pfns):
+                self._teardown()
+            self.prevalidated_at_end = self.prevalidated
         try:
             d.ft.restore_pins([(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()])
         except XenError as e:
@@ -301,12 +413,14 @@ def _canonical(a: int) -> bool:
 
 def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None = None,
                  total_pages: int | None = None,
-                 stamp: Callable[[str], None] | None = None) -> RestoreStats:
+                 stamp: Callable[[str], None] | None = None,
+                 round_end: Callable[[int], None] | None = None) -> RestoreStats:
     """Apply the libxc records in ``items`` to the new, not yet started domain ``d``.
     ``stamp``: told "tail" at the first record after the pages (a migration's
     downtime breakdown) and "complete" once the domain is built."""
     t0 = time.monotonic()
     r = _Restorer(d, progress)
+    r.round_end = round_end
     total = total_pages or d.max_pages
     done = False
     last = None
@@ -330,6 +444,7 @@ def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None =
     r.stats.seconds = time.monotonic() - t0
     r.stats.bytes = last.offset if last is not None else 0
     r.stats.state = r.state
+    r.stats.live = dict(r.stats_prevalidated, still_valid_at_end=r.prevalidated_at_end)
     return r.stats
 
 

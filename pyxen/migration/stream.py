@@ -105,6 +105,9 @@ class Rec(enum.IntEnum):
     # pyxen's own, optional (bit 31): Xen's restore skips them. The body is
     # JSON: pyxen's domain state that a Xen guest would rebuild on resume.
     PYXEN_DOMAIN_STATE = 0xF0000001
+    # a live round ended (body: u32 round number, u32 0); the receiver
+    # validates its page tables then and acknowledges (protocol.py)
+    PYXEN_ROUND_END = 0xF0000002
 
 
 class PageType(enum.IntEnum):
@@ -662,6 +665,10 @@ def _decode_libxc(rtype: int, body: bytes) -> Any:
             return json.loads(body.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StreamError(f"PYXEN_DOMAIN_STATE is not JSON: {e}") from None
+    if rtype == Rec.PYXEN_ROUND_END:
+        if len(body) != 8:
+            raise StreamError(f"PYXEN_ROUND_END record of {len(body)} bytes (must be 8)")
+        return struct.unpack("<II", body)[0]
     if rtype & REC_TYPE_OPTIONAL:
         return None  # optional and unknown: skipped, as the spec allows
     if rtype in (Rec.HVM_CONTEXT, Rec.HVM_PARAMS):

@@ -442,7 +442,8 @@ class DomainProcess:
                 self.event(event="progress", pages=r.pages, total=d.max_pages, bytes=r.bytes,
                            ns=int(r.seconds * 1e9))
             st = live.send_live(d, wfile, lambda: self._suspend_for_migration(timeout), pol,
-                                on_round=on_round, header_sent=True)
+                                on_round=on_round, header_sent=True,
+                                wait_applied=lambda n: P.wait_applied(rfd, n, 300))
             t_end = time.monotonic()
             P.expect(rfd, P.READY, 300, "receiver's ready message")
             t_ready = time.monotonic()
@@ -535,13 +536,15 @@ class DomainProcess:
             rf = os.fdopen(rfd, "rb", buffering=1 << 20)
             stamps: list[tuple[str, float]] = []
             stats = R.restore_into(d, S.iter_stream(rf, "migration stream"), self._progress(),
-                                   stamp=lambda what: stamps.append((what, time.monotonic())))
+                                   stamp=lambda what: stamps.append((what, time.monotonic())),
+                                   round_end=lambda n: P.write_all(wfd, P.APPLIED + b"%d\n" % n))
             off = d.machine.ram_offset(d.start_info["console_mfn"])
             port = d.start_info["console_evtchn"]
             d.console = ConsoleBackend(d.machine.ram_view[off:off + 4096], d.console_output,
                                        lambda: d.raise_port(port, 0))
             d.log(f"migrated in: {stats.pages} pages, {stats.pinned} pinned tables, "
-                  f"{stats.bytes} bytes, was domain {stats.state.get('domid', '?')}", always=True)
+                  f"{stats.bytes} bytes, was domain {stats.state.get('domid', '?')}; tables validated "
+                  f"during the rounds: {stats.live}", always=True)
             d.pause()
             d.start()
             stamps.append(("built", time.monotonic()))
