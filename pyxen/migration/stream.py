@@ -227,6 +227,16 @@ class PageData:
     def unpack(cls, body: bytes, max_pfn: int | None = None) -> PageData:
         """As Xen's handle_page_data: count >= 1, each pfn within the domain,
         each type known, and the length exactly header + pfns + pages."""
+        pfns = cls.unpack_header(body, max_pfn)
+        off = 8 + 8 * len(pfns)
+        n_data = sum(t.has_data for _, t in pfns)
+        data = [body[off + i * PAGE_SIZE: off + (i + 1) * PAGE_SIZE] for i in range(n_data)]
+        return cls(pfns, data)
+
+    @staticmethod
+    def unpack_header(body: bytes, max_pfn: int | None = None) -> list[tuple[int, PageType]]:
+        """The (pfn, type) list, with all of :meth:`unpack`'s checks; the
+        pages follow at 8 + 8 * count (a restore copies them in runs)."""
         if len(body) < 8:
             raise StreamError(f"PAGE_DATA record truncated: length {len(body)}, min 8")
         (count,) = struct.unpack_from("<I", body)
@@ -252,9 +262,7 @@ class PageData:
         if len(body) != want:
             raise StreamError(f"PAGE_DATA record wrong size: length {len(body)}, expected "
                               f"8 + {8 * count} + {PAGE_SIZE * n_data}")
-        off = 8 + 8 * count
-        data = [body[off + i * PAGE_SIZE: off + (i + 1) * PAGE_SIZE] for i in range(n_data)]
-        return cls(pfns, data)
+        return pfns
 
 
 @dataclass
@@ -640,9 +648,9 @@ class Item:
     value: Any = None  # the decoded header or record
 
 
-def _decode_libxc(rtype: int, body: bytes) -> Any:
+def _decode_libxc(rtype: int, body: bytes, decode_pages: bool = True) -> Any:
     if rtype == Rec.PAGE_DATA:
-        return PageData.unpack(body)
+        return PageData.unpack(body) if decode_pages else None
     if rtype == Rec.X86_PV_INFO:
         return PvInfo.unpack(body)
     if rtype == Rec.X86_PV_P2M_FRAMES:
@@ -678,7 +686,7 @@ def _decode_libxc(rtype: int, body: bytes) -> Any:
     raise StreamError(f"unrecognised mandatory record type {rtype:#x}")
 
 
-def iter_libxc(r: Reader) -> Iterator[Item]:
+def iter_libxc(r: Reader, decode_pages: bool = True) -> Iterator[Item]:
     """The libxc layer: image header, domain header, records through END."""
     off = r.offset
     ih = ImageHeader.unpack(r.read(_IHDR.size, "image header"))
@@ -688,7 +696,7 @@ def iter_libxc(r: Reader) -> Iterator[Item]:
     while True:
         rtype, body, off = r.record("libxc record")
         try:
-            value = _decode_libxc(rtype, body)
+            value = _decode_libxc(rtype, body, decode_pages)
         except StreamError as e:
             raise StreamError(f"{r.name}: offset {off:#x}: {e}") from None
         yield Item(off, "libxc", _rec_name(rtype), rtype, body, value)
@@ -696,9 +704,11 @@ def iter_libxc(r: Reader) -> Iterator[Item]:
             return
 
 
-def iter_stream(f: IO[bytes], name: str = "stream") -> Iterator[Item]:
+def iter_stream(f: IO[bytes], name: str = "stream", decode_pages: bool = True) -> Iterator[Item]:
     """Everything in a save file or migration stream, whichever layer it starts at
-    (xl save file, libxl stream, or a bare libxc image)."""
+    (xl save file, libxl stream, or a bare libxc image).  ``decode_pages=False``:
+    PAGE_DATA items carry their body only (a restore parses it itself, without
+    splitting it into pages)."""
     r = Reader(f, name)
     head = r.peek(8)
     if head.startswith(XL_MAGIC[:8]):
@@ -706,7 +716,7 @@ def iter_stream(f: IO[bytes], name: str = "stream") -> Iterator[Item]:
         yield Item(off, "xl", "xl header", value=XlHeader.read(r))
         head = r.peek(8)
     if len(head) == 8 and struct.unpack(">Q", head)[0] == IHDR_MARKER:
-        yield from iter_libxc(r)
+        yield from iter_libxc(r, decode_pages)
         return
     off = r.offset
     opts = read_libxl_header(r)
@@ -724,7 +734,7 @@ def iter_stream(f: IO[bytes], name: str = "stream") -> Iterator[Item]:
             raise StreamError(f"{name}: offset {off:#x}: {kind} record has a body of {len(body)} bytes")
         yield Item(off, "libxl", kind, rtype, body)
         if rtype == LibxlRec.LIBXC_CONTEXT:
-            yield from iter_libxc(r)
+            yield from iter_libxc(r, decode_pages)
         elif rtype == LibxlRec.END:
             return
 

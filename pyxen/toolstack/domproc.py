@@ -535,7 +535,8 @@ class DomainProcess:
             P.write_all(wfd, P.RESERVED + str(self.domid).encode() + b"\n")
             rf = os.fdopen(rfd, "rb", buffering=1 << 20)
             stamps: list[tuple[str, float]] = []
-            stats = R.restore_into(d, S.iter_stream(rf, "migration stream"), self._progress(),
+            stats = R.restore_into(d, S.iter_stream(rf, "migration stream", decode_pages=False),
+                                   self._progress(),
                                    stamp=lambda what: stamps.append((what, time.monotonic())),
                                    round_end=lambda n: P.write_all(wfd, P.APPLIED + b"%d\n" % n))
             off = d.machine.ram_offset(d.start_info["console_mfn"])
