@@ -798,7 +798,7 @@ class Daemon:
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise RequestError(f"{key} must be a number from {lo:g} to {hi:g}")
-            kw[key] = v
+            kw["suspend_timeout" if key == "timeout" else key] = v
         rec.progress = {}
         self.log(f"domain {rec.domid} ({rec.name}): migrating to "
                  + (kw.get("tcp") or " ".join(kw.get("cmd", []))))

@@ -435,7 +435,7 @@ class DomainProcess:
             for key in ("min_rate", "max_rate", "max_rounds", "few_pages"):
                 if key in msg:
                     setattr(pol, key, type(getattr(pol, key))(msg[key]))
-            timeout = float(msg.get("timeout", 10))
+            timeout = float(msg.get("suspend_timeout", 10))
 
             def on_round(r: live.RoundStat) -> None:
                 rounds.append(dataclasses.asdict(r))

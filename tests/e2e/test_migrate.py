@@ -309,3 +309,42 @@ def test_live_rounds_revalidate_tables_in_process(run_guest) -> None:  # noqa: A
         d.close()
     # validated at round 1, two entry-level updates of the L1, undone at the pin change
     assert rs.live == {"tries": 1, "teardowns": 1, "diffs": 2, "still_valid_at_end": False}, rs.live
+
+
+def test_linux_migrates_live(two: TwoHosts, tmp_path) -> None:  # noqa: ANN001
+    """Debian's Linux, unmodified, migrates live over TCP: a file written in
+    its memory before is there after, its uptime goes on, and its disk (the
+    same image file on both "hosts", standing in for shared storage) reads
+    back a block written before and takes a new write after."""
+    from tests.e2e.test_unmodified_guests import Shell, _boot_linux
+    domid, sh, disk = _boot_linux(two.a, tmp_path)
+    try:
+        sh.run("echo kept-in-memory > /tmp/mig-mark; "
+               "echo block-before-migrate | dd of=/dev/xvda bs=512 seek=200 conv=fsync 2>/dev/null; sync")
+        up0 = float(sh.run("cat /proc/uptime").split()[0])
+    finally:
+        sh.s.close()
+    port = next(_port)
+    rx = two.receiver(port)
+    r = two.a.migrate(domid, tcp=f"{two.ips[1]}:{port}", timeout=60)
+    assert rx.wait(60) == 0
+    assert r["stats"]["rounds"][0]["pages"] >= 256 * 200
+    assert two.a.list() == []
+    [d] = wait_for(lambda: running(two.b, "linux"), what="linux on b")
+    s = two.b.console_socket(d["domid"])
+    try:
+        sh = Shell(s)
+        sh.s.sendall(b"\n")
+        sh.wait_prompt(120)
+        assert sh.run("cat /tmp/mig-mark").strip() == "kept-in-memory"
+        assert float(sh.run("cat /proc/uptime").split()[0]) >= up0
+        out = sh.run("dd if=/dev/xvda bs=512 skip=200 count=1 2>/dev/null | head -c 20; echo", 120)
+        assert "block-before-migrate" in out, out
+        sh.run("echo block-after-migrate | dd of=/dev/xvda bs=512 seek=300 conv=fsync "
+               "2>/dev/null; sync", 120)
+        with open(disk, "rb") as fd:
+            fd.seek(300 * 512)
+            assert fd.read(19) == b"block-after-migrate"
+    finally:
+        s.close()
+    two.b.destroy(d["domid"])
