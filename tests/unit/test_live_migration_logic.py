@@ -63,3 +63,10 @@ def test_downtime_is_the_largest_gap_minus_the_period() -> None:
     after = {3: 0.5, 4: 0.10, 5: 0.11}  # tick 3 was seen on the source first
     dt, n = downtime_ms(before, after, 10)
     assert n == 5 and dt == pytest.approx(70.0)
+
+
+def test_switch_gap_is_the_gap_across_the_move() -> None:
+    from bench.migration import switch_gap_ms
+    before = {1: 0.00, 2: 0.01, 3: 0.02}
+    after = {3: 0.5, 4: 0.06, 5: 0.07}  # the destination's first own heartbeat is 4
+    assert switch_gap_ms(before, after, 10) == pytest.approx(30.0)
