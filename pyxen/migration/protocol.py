@@ -125,3 +125,27 @@ def read_xl_header(fd: int, timeout: float) -> tuple[object, bytes]:
         raise S.StreamError(f"xl optional data of {optlen} bytes (max {S.XL_OPTDATA_MAX})")
     raw = head + read_exact(fd, optlen, timeout, "xl header's config")
     return S.XlHeader.read(S.Reader(io.BytesIO(raw), "migration stream")), raw
+
+
+#: A migration connection that goes silent (a cut link: no RST, no FIN) fails
+#: after this many seconds instead of blocking until TCP's own ~15 minutes.
+DEAD_PEER_S = 5
+
+
+def tune_socket(sock: object) -> None:
+    """Keepalive probes and TCP_USER_TIMEOUT on a migration's TCP socket, so
+    that both sides notice a cut link within ~DEAD_PEER_S seconds (the
+    sender then resumes its domain, the receiver drops the half-received
+    one).  Best effort: a socket without these options is left as it is."""
+    import socket as _s
+    if not isinstance(sock, _s.socket):
+        return
+    for level, opt, val in ((_s.SOL_SOCKET, _s.SO_KEEPALIVE, 1),
+                            (_s.IPPROTO_TCP, getattr(_s, "TCP_KEEPIDLE", 4), 2),
+                            (_s.IPPROTO_TCP, getattr(_s, "TCP_KEEPINTVL", 5), 1),
+                            (_s.IPPROTO_TCP, getattr(_s, "TCP_KEEPCNT", 6), DEAD_PEER_S - 2),
+                            (_s.IPPROTO_TCP, getattr(_s, "TCP_USER_TIMEOUT", 18), DEAD_PEER_S * 1000)):
+        try:
+            sock.setsockopt(level, opt, val)
+        except OSError:
+            pass

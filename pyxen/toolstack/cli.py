@@ -332,6 +332,7 @@ def cmd_migrate_receive(h: Host, a: argparse.Namespace) -> int:
         print(f"migrate-receive: listening on {a.listen}", file=sys.stderr, flush=True)
         conn, _peer = lsock.accept()
         lsock.close()
+        P.tune_socket(conn)
         rfd = wfd = conn.fileno()
     else:
         rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()

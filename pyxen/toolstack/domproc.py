@@ -413,6 +413,7 @@ class DomainProcess:
                 host, _, port = str(msg["tcp"]).rpartition(":")
                 conn = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
                 conn.settimeout(None)
+                P.tune_socket(conn)
                 rfd = conn.fileno()
                 wfile: Any = conn.makefile("wb", buffering=1 << 20)
             else:

@@ -348,3 +348,28 @@ def test_linux_migrates_live(two: TwoHosts, tmp_path) -> None:  # noqa: ANN001
     finally:
         s.close()
     two.b.destroy(d["domid"])
+
+
+def test_link_cut_mid_stream(two: TwoHosts) -> None:
+    """The veth goes down in round 1 (no RST, no FIN: the connection just
+    goes silent): both sides notice within seconds (keepalive,
+    TCP_USER_TIMEOUT), the source resumes nothing it had not stopped and
+    keeps ticking, the destination drops the half-received domain."""
+    dom = two.a.create(TICKER)
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= 3, what="ticks")
+    port = next(_port)
+    rx = two.receiver(port)
+    t, out = _migrate_bg(two, dom, port, min_rate=40, max_rate=100000, max_rounds=2)
+    wait_for(lambda: [d for d in two.b.list() if d["state"] == "incoming"], what="reservation")
+    time.sleep(1.0)
+    dev = f"{two.tag}va"[-15:]
+    subprocess.run(["ip", "-n", two.ns[0], "link", "set", dev, "down"], check=True, timeout=20)
+    t.join(120)
+    assert not t.is_alive()
+    assert "migration failed" in out.get("error", ""), out
+    wait_for(lambda: two.b.list() == [], timeout=60, what="no domain left on b")
+    rx.wait(60)
+    [d] = running(two.a, "ticker")
+    n = len(ticks(two.console(0, "ticker")))
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= n + 3, what="source ticking")
+    two.a.destroy(d["domid"])
