@@ -784,6 +784,8 @@ def describe(item: Item) -> str:
         return f"vcpu {v.vcpu_id}, {len(v.context)} bytes{extra}"
     if item.rtype == Rec.PYXEN_DOMAIN_STATE and isinstance(v, dict):
         return "keys: " + ", ".join(sorted(v))
+    if item.rtype == Rec.PYXEN_ROUND_END and isinstance(v, int):
+        return f"end of live round {v}"
     return f"{len(item.body)} bytes" if item.body else ""
 
 
