@@ -181,10 +181,14 @@ def test_destination_refuses_before_pages(two: TwoHosts) -> None:
     assert "suspend" not in "\n".join(two.a.dmesg()[-5:])
 
 
-def _corrupting_proxy(two: TwoHosts, listen_port: int, to_port: int) -> subprocess.Popen[bytes]:
-    """A relay on b that spoils X86_PV_INFO's guest width (8 -> 3) on the way."""
+def _corrupting_proxy(two: TwoHosts, listen_port: int, to_port: int,
+                      cut_after: int = 0) -> subprocess.Popen[bytes]:
+    """A relay on b that spoils X86_PV_INFO's guest width (8 -> 3) on the way,
+    or with ``cut_after`` passes that many bytes on and then closes both sides
+    (a stream truncated in the middle of a record)."""
     code = f"""
-import socket, struct, threading
+import os, socket, struct, threading
+cut = {cut_after}
 ls = socket.create_server(("{two.ips[1]}", {listen_port}))
 print("ready", flush=True)
 c, _ = ls.accept()
@@ -198,9 +202,17 @@ def back():
 threading.Thread(target=back, daemon=True).start()
 done = False
 pat = struct.pack("<II", 2, 8)  # X86_PV_INFO, 8 bytes: guest_width follows
+n = 0
 while True:
     b = c.recv(65536)
     if not b: break
+    if cut:
+        if n + len(b) >= cut:
+            s.sendall(b[:cut - n])
+            os._exit(0)
+        n += len(b)
+        s.sendall(b)
+        continue
     i = -1 if done else b.find(pat)
     if i >= 0:
         b = b[:i + 8] + bytes([3]) + b[i + 9:]
@@ -226,6 +238,26 @@ def test_corrupt_stream_refused_source_resumes(two: TwoHosts) -> None:
     wait_for(lambda: two.b.list() == [], what="no domain left on b")
     assert any("guest_width" in line or "X86_PV_INFO" in line or "width" in line
                for line in two.b.dmesg()), two.b.dmesg()[-10:]
+    [d] = running(two.a, "ticker")
+    n = len(ticks(two.console(0, "ticker")))
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= n + 3, what="source ticking")
+    two.a.destroy(d["domid"])
+
+
+def test_truncated_stream_refused_source_resumes(two: TwoHosts) -> None:
+    """The stream cut 5 MB in (in the middle of a PAGE_DATA record of round
+    1): the destination drops the domain, the source keeps running."""
+    dom = two.a.create(TICKER)
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= 3, what="ticks")
+    port, pport = next(_port), next(_port)
+    rx = two.receiver(port)
+    proxy = _corrupting_proxy(two, pport, port, cut_after=5_000_003)
+    with pytest.raises(PyxenError, match="migration failed"):
+        two.a.migrate(dom, tcp=f"{two.ips[1]}:{pport}")
+    assert rx.wait(30) != 0
+    proxy.wait(30)
+    wait_for(lambda: two.b.list() == [], what="no domain left on b")
+    assert any("truncated" in line for line in two.b.dmesg()), two.b.dmesg()[-10:]
     [d] = running(two.a, "ticker")
     n = len(ticks(two.console(0, "ticker")))
     wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= n + 3, what="source ticking")
