@@ -74,6 +74,7 @@ class Record:
     progress: dict[str, int] = field(default_factory=dict)  # of a save or restore under way
     restore_stats: dict[str, Any] = field(default_factory=dict)
     reserved: threading.Event = field(default_factory=threading.Event)  # an incoming migration's
+    busy: str = ""  # a save or migration under way: no second one meanwhile
 
 
 class Daemon:
@@ -748,6 +749,8 @@ class Daemon:
         if rec.state not in ("running", "blocked", "paused"):
             raise RuntimeError(f"domain {rec.domid} is {rec.state}: only a running domain can be saved")
         ctl = f"/local/domain/{rec.domid}/control/shutdown"
+        if rec.busy:
+            raise RuntimeError(f"domain {rec.domid} is being {rec.busy}")
         rec.progress = {}
         self.xsd.write(ctl, "suspend")
         self.log(f"domain {rec.domid} ({rec.name}): asked to suspend through xenstore")
@@ -799,10 +802,19 @@ class Daemon:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise RequestError(f"{key} must be a number from {lo:g} to {hi:g}")
             kw["suspend_timeout" if key == "timeout" else key] = v
-        rec.progress = {}
-        self.log(f"domain {rec.domid} ({rec.name}): migrating to "
-                 + (kw.get("tcp") or " ".join(kw.get("cmd", []))))
-        reply = self.request(rec, "migrate", timeout=24 * 3600, raw=True, **kw)
+        with self.lock:
+            if rec.busy:
+                raise RuntimeError(f"domain {rec.domid} is already being {rec.busy}")
+            rec.busy = "migrated"
+        try:
+            rec.progress = {}
+            self.log(f"domain {rec.domid} ({rec.name}): migrating to "
+                     + (kw.get("tcp") or " ".join(kw.get("cmd", []))))
+            reply = self.request(rec, "migrate", timeout=24 * 3600, raw=True, **kw)
+        finally:
+            rec.busy = ""
+        if reply.get("ok") and "stats" not in reply:  # _domain_gone's answer: the process died
+            raise RuntimeError(f"domain {rec.domid}'s process exited during the migration")
         if not reply.get("ok"):
             if reply.get("suspended"):
                 self._xs_resumed(rec.domid)

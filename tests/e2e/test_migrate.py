@@ -393,6 +393,10 @@ def test_link_cut_mid_stream(two: TwoHosts) -> None:
     rx = two.receiver(port)
     t, out = _migrate_bg(two, dom, port, min_rate=40, max_rate=100000, max_rounds=2)
     wait_for(lambda: [d for d in two.b.list() if d["state"] == "incoming"], what="reservation")
+    with pytest.raises(PyxenError, match="already being migrated"):  # one at a time
+        two.a.migrate(dom, tcp=f"{two.ips[1]}:{port}")
+    with pytest.raises(PyxenError, match="being migrated"):
+        two.a.save(dom, two.dirs[0] / "x.save")
     time.sleep(1.0)
     dev = f"{two.tag}va"[-15:]
     subprocess.run(["ip", "-n", two.ns[0], "link", "set", dev, "down"], check=True, timeout=20)
