@@ -70,3 +70,30 @@ def test_switch_gap_is_the_gap_across_the_move() -> None:
     before = {1: 0.00, 2: 0.01, 3: 0.02}
     after = {3: 0.5, 4: 0.06, 5: 0.07}  # the destination's first own heartbeat is 4
     assert switch_gap_ms(before, after, 10) == pytest.approx(30.0)
+
+
+def test_plot_tool_draws_both_figures(tmp_path) -> None:  # noqa: ANN001
+    """tools/plot-migration on a stats file as `pyxen migrate --stats` and the
+    bench write it (rounds; heartbeat for --interarrival)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("matplotlib", reason="SKIPPED LOUDLY: matplotlib missing (pip install .[plot])")
+    tool = Path(__file__).resolve().parents[2] / "tools" / "plot-migration"
+    st = {"rounds": [{"round": 1, "pages": 4096, "seconds": 0.1, "dirty_rate": 900.0,
+                      "rate_limit": 1000.0, "bytes": 1, "live": True},
+                     {"round": 2, "pages": 300, "seconds": 0.01, "dirty_rate": 800.0,
+                      "rate_limit": 1050.0, "bytes": 1, "live": True},
+                     {"round": 3, "pages": 20, "seconds": 0.002, "dirty_rate": 0.0,
+                      "rate_limit": 8000.0, "bytes": 1, "live": False}],
+          "pages": 4416, "downtime_seconds": 0.004, "stop_reason": "few pages",
+          "heartbeat": {"period_ms": 5, "arrivals": [[i, i * 0.005 + (0.03 if i > 50 else 0)]
+                                                     for i in range(100)], "migrate_s": [0.0, 0.3]}}
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps(st))
+    for args, out in (([], "p.png"), (["--interarrival"], "i.png")):
+        r = subprocess.run([sys.executable, str(tool), *args, str(f), str(tmp_path / out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert (tmp_path / out).read_bytes()[:4] == b"\x89PNG"
