@@ -134,7 +134,7 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
         SV.write_after_xl_header(d, out)
     else:
         SV.write_headers(d, out, config)
-    pw = SV.PageWriter(d, out)
+    pw = SV.PageWriter(d, out, xalloc_holes=True)
     d.set_dirty_logging(True)
     try:
         d.read_dirty()  # start clean: round 1 sends everything anyway

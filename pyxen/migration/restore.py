@@ -230,40 +230,52 @@ class _Restorer:
 
     def page_data(self, body: bytes) -> None:
         """One PAGE_DATA record (checked as Xen's handle_page_data).  Runs of
-        ordinary pages at consecutive pfns are copied with one slice each
-        (a run that is all zeros is not written into fresh memory, so it is
-        never allocated); page tables and pages over the validated tables of
-        a live round go one by one."""
+        ordinary pages at consecutive pfns are copied with one slice each; a
+        run of XALLOC pages (Xen's "allocate only": populated, no contents
+        sent) or of zero pages is not written into fresh memory, so it is
+        never allocated; page tables, and pages over the tables validated
+        during a live round, go one by one."""
         pfns = S.PageData.unpack_header(body, self.max_pfn)
         mv = memoryview(body)
         off = 8 + 8 * len(pfns)
         ft = self.d.ft
-        run_pfn, run_off, run_n = -1, 0, 0
+        ftype, fcount = ft.type, ft.count
+        pv = self.prevalidated
+        base = M.MFN_BASE - ft.mfn_base
+        run_pfn, run_off, run_n, run_zero = -1, 0, 0, False
+        notab, xalloc = S.PageType.NOTAB, S.PageType.XALLOC
         for pfn, t in pfns:
-            if t == S.PageType.NOTAB and not (self.prevalidated and ft.count[self._ft_index(pfn)]):
-                if run_n and pfn == run_pfn + run_n:
+            if (t == notab or t == xalloc) and not (
+                    pv and fcount[base + pfn] and 1 <= ftype[base + pfn] <= 4):
+                zero = t == xalloc
+                if run_n and pfn == run_pfn + run_n and zero == run_zero:
                     run_n += 1
                 else:
-                    self._run(mv, run_pfn, run_off, run_n)
-                    run_pfn, run_off, run_n = pfn, off, 1
-                off += S.PAGE_SIZE
+                    self._run(None if run_zero else mv, run_pfn, run_off, run_n)
+                    run_pfn, run_off, run_n, run_zero = pfn, off, 1, zero
+                if not zero:
+                    off += S.PAGE_SIZE
                 continue
-            self._run(mv, run_pfn, run_off, run_n)
+            self._run(None if run_zero else mv, run_pfn, run_off, run_n)
             run_n = 0
             if t.has_data:
                 self._one(pfn, t, bytes(mv[off:off + S.PAGE_SIZE]))
                 off += S.PAGE_SIZE
+            elif t == xalloc:  # over a validated page table: the slow path with a zero page
+                self._one(pfn, notab, _ZERO_PAGE)
             else:
                 self._one(pfn, t, None)
-        self._run(mv, run_pfn, run_off, run_n)
+        self._run(None if run_zero else mv, run_pfn, run_off, run_n)
 
-    def _run(self, mv: memoryview, pfn: int, off: int, n: int) -> None:
+    def _run(self, mv: memoryview | None, pfn: int, off: int, n: int) -> None:
+        """``n`` ordinary pages from ``pfn``: their data at ``off`` in ``mv``,
+        or zeros (``mv`` None: XALLOC)."""
         if not n:
             return
-        data = mv[off:off + n * S.PAGE_SIZE]
         ram = self.d.machine.ram
         seen, types, pins = self.seen, self.types, self.pins
-        if _ZEROS.startswith(data):
+        data = mv[off:off + n * S.PAGE_SIZE] if mv is not None else None
+        if data is None or _ZEROS.startswith(data):
             for p in range(pfn, pfn + n):  # zeros: only over pages written before
                 if p in seen:
                     ram[p << 12:(p + 1) << 12] = _ZERO_PAGE

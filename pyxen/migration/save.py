@@ -160,17 +160,21 @@ class PageWriter:
 
     UNSENT = 0xFF
 
-    def __init__(self, d: Domain, out: _Out) -> None:
+    def __init__(self, d: Domain, out: _Out, xalloc_holes: bool = False) -> None:
         self.d, self.out = d, out
-        self.m2p = _mfn_to_pfn(d)
+        # holes of the RAM memfd: XALLOC (a migration: nothing crosses the wire)
+        # or zero pages (a save file, as Xen's, whose restore need not know XALLOC)
+        self.xalloc_holes = xalloc_holes
         self.zeros = memoryview(bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE))
+        self.m2p = _mfn_to_pfn(d)
         self.sent_type = bytearray(b"\xff" * d.max_pages)
         self.deferred: set[int] = set()
 
     def write(self, pfns: list[int], present: bytearray | None = None, live: bool = False,
               progress: Callable[[int], None] | None = None,
               throttle: Callable[[int], None] | None = None) -> int:
-        """Send ``pfns`` (sorted); the number of pages sent with data."""
+        """Send ``pfns`` (sorted); the number of pages sent (with data, or
+        XALLOC for a hole)."""
         d, out, ft, m2p = self.d, self.out, self.d.ft, self.m2p
         ram = d.machine.ram_view
         free = d.free_pfns
@@ -190,35 +194,40 @@ class PageWriter:
                     and b"\x01" not in bytes(ft.type[base + a:base + a + n]).translate(_PT_TABLE)
                     and (free_map is None or free_map.find(1, a, a + n) < 0)):
                 # the common case: consecutive ordinary pages, sent in runs at C speed
-                self._write_plain(a, n, present)
+                ndata = self._write_plain(a, n, present)
                 done += n
                 if throttle:
-                    throttle(n)
+                    throttle(ndata)
                 if progress:
                     progress(min(len(pfns), first + S.MAX_BATCH_SIZE))
                 continue
             entries: list[tuple[int, S.PageType]] = []
             chunks: list[bytes | memoryview] = []
             run_start = run_end = -1
-            run_kind = 1
-            npages = 0
+            run_hole = False
+            npages = ndata = 0
             for pfn in pfns[first:first + S.MAX_BATCH_SIZE]:
                 if pfn in free:
                     entries.append((pfn, S.PageType.XTAB))
                     sent_type[pfn] = self.UNSENT
                     continue
                 t = S.PageType(ft.pfinfo(pfn + M.MFN_BASE))
-                kind = present[pfn] if present is not None else 1
                 if not t.level:
-                    entries.append((pfn, t))
                     npages += 1
                     sent_type[pfn] = t
-                    if run_end == pfn and kind == run_kind:
+                    hole = present is not None and not present[pfn]
+                    if hole and self.xalloc_holes:
+                        # a hole of the RAM memfd: allocated, reads zeros; no data
+                        entries.append((pfn, S.PageType.XALLOC))
+                        continue
+                    entries.append((pfn, t))
+                    ndata += 1
+                    if run_end == pfn and hole == run_hole:
                         run_end += 1
                     else:
                         if run_start >= 0:
-                            chunks.append(_run(ram, self.zeros, run_kind, run_start, run_end))
-                        run_start, run_end, run_kind = pfn, pfn + 1, kind
+                            chunks.append(self._chunk(run_hole, run_start, run_end))
+                        run_start, run_end, run_hole = pfn, pfn + 1, hole
                     continue
                 off = pfn << 12
                 try:
@@ -231,42 +240,65 @@ class PageWriter:
                                     "frames such as shared_info or its grant table until it "
                                     "unmaps them before suspending, as Linux does)") from None
                 if run_start >= 0:
-                    chunks.append(_run(ram, self.zeros, run_kind, run_start, run_end))
+                    chunks.append(self._chunk(run_hole, run_start, run_end))
                     run_start = run_end = -1
                 entries.append((pfn, t))
                 npages += 1
+                ndata += 1
                 sent_type[pfn] = t
                 chunks.append(page)
             if run_start >= 0:
-                chunks.append(_run(ram, self.zeros, run_kind, run_start, run_end))
+                chunks.append(self._chunk(run_hole, run_start, run_end))
             if not entries:
                 continue
             # the record written piece by piece, the pages straight from guest memory
             # (what PageData.pack would build; its length is a multiple of 8: no padding)
             words = [(pfn & S.PAGE_DATA_PFN_MASK) | (int(t) << S.PAGE_DATA_TYPE_SHIFT) for pfn, t in entries]
             head = struct.pack(f"<II{len(words)}Q", len(words), 0, *words)
-            out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + npages * S.PAGE_SIZE) + head)
+            out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + ndata * S.PAGE_SIZE) + head)
             for chunk in chunks:
                 out.write(chunk)
             done += npages
             if throttle:
-                throttle(npages)
+                throttle(ndata)
             if progress:
                 progress(min(len(pfns), first + S.MAX_BATCH_SIZE))
         return done
 
-    def _write_plain(self, a: int, n: int, present: bytearray | None) -> None:
-        """PAGE_DATA for pfns a..a+n-1, all NOTAB: the pfn words are the pfns."""
-        out, ram = self.out, self.d.machine.ram_view
-        head = struct.pack("<II", n, 0) + array.array("Q", range(a, a + n)).tobytes()
-        out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + n * S.PAGE_SIZE) + head)
+    def _write_plain(self, a: int, n: int, present: bytearray | None) -> int:
+        """PAGE_DATA for pfns a..a+n-1, all ordinary: NOTAB with their data, or
+        XALLOC (Xen's "allocate only": populated, contents not sent) for the
+        holes of the RAM memfd, which read zeros and need not cross the wire.
+        The number of pages with data."""
+        out = self.out
+        words = array.array("Q", range(a, a + n))
+        runs: list[tuple[int, int]] = []
         if present is None:
-            out.write(ram[a << 12:(a + n) << 12])
+            runs.append((0, n))
         else:
             kinds = bytes(present[a:a + n])
+            xalloc = int(S.PageType.XALLOC) << S.PAGE_DATA_TYPE_SHIFT
             for m in re.finditer(b"\x01+|\x00+", kinds):
-                out.write(_run(ram, self.zeros, kinds[m.start()], a + m.start(), a + m.end()))
+                if kinds[m.start()] or not self.xalloc_holes:
+                    runs.append((m.start(), m.end()))
+                else:
+                    for i in range(m.start(), m.end()):
+                        words[i] |= xalloc
+        ndata = sum(e - b for b, e in runs)
+        head = struct.pack("<II", n, 0) + words.tobytes()
+        out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + ndata * S.PAGE_SIZE) + head)
+        for b, e in runs:
+            hole = present is not None and not present[a + b]
+            out.write(self._chunk(hole, a + b, a + e))
         self.sent_type[a:a + n] = bytes(n)
+        return ndata
+
+    def _chunk(self, hole: bool, start: int, end: int) -> memoryview:
+        """Pages start..end-1 from guest memory, or zeros for a hole (not read
+        through the mapping, which would allocate it)."""
+        if hole:
+            return self.zeros[:(end - start) << 12]
+        return self.d.machine.ram_view[start << 12:end << 12]
 
     def changed_types(self) -> list[int]:
         """Pfns whose page type now differs from the one they were last sent
@@ -331,7 +363,8 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
 
 def _present_pages(memfd: int, npages: int) -> bytearray:
     """1 for each RAM page the memfd holds data for, 0 for a hole (never
-    written, or given back with MADV_REMOVE): holes are sent as zeros without
+    written, or given back with MADV_REMOVE): holes are sent as zeros (a
+    migration: XALLOC) without
     reading them through the mapping, which would allocate them (a shared
     shmem mapping has no zero page), so saving a mostly empty domain does not
     first fill the host's memory with it.  All 1 where SEEK_DATA is missing."""
@@ -355,10 +388,6 @@ def _present_pages(memfd: int, npages: int) -> bytearray:
     except OSError:
         return bytearray(b"\1" * npages)
     return out
-
-
-def _run(ram: memoryview, zeros: memoryview, kind: int, start: int, end: int) -> memoryview:
-    return ram[start << 12:end << 12] if kind else zeros[:(end - start) << 12]
 
 
 def _write_p2m_frames(d: Domain, out: _Out, si_pfn: int | None) -> None:
