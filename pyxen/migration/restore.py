@@ -276,9 +276,11 @@ class _Restorer:
         seen, types, pins = self.seen, self.types, self.pins
         data = mv[off:off + n * S.PAGE_SIZE] if mv is not None else None
         if data is None or _ZEROS.startswith(data):
-            for p in range(pfn, pfn + n):  # zeros: only over pages written before
-                if p in seen:
-                    ram[p << 12:(p + 1) << 12] = _ZERO_PAGE
+            b = seen.b
+            if b.find(1, pfn, pfn + n) >= 0:  # zeros: only over pages written before
+                for p in range(pfn, pfn + n):
+                    if b[p]:
+                        ram[p << 12:(p + 1) << 12] = _ZERO_PAGE
         else:
             ram[pfn << 12:(pfn + n) << 12] = data
         seen.add_range(pfn, n)
