@@ -10,6 +10,7 @@ from . import benchmarks as _benchmarks  # noqa: F401 - registers the benchmarks
 from . import block as _block  # noqa: F401 - registers the block-device benchmarks
 from . import interdomain as _interdomain  # noqa: F401 - registers the inter-domain benchmarks
 from . import linux as _linux  # noqa: F401 - registers Linux's boot and in-guest benchmarks
+from . import migration as _migration  # noqa: F401 - registers the live-migration benchmarks
 from .lib import BENCHMARKS, Context, Result, format_table, run_one, write_json
 
 

@@ -25,6 +25,7 @@ The toolstack sets up the console and xenstore channels as for a new domain.
 
 from __future__ import annotations
 
+import re
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -41,6 +42,38 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int, int], None]  # pages done, pages in all, bytes read
 _ZERO_PAGE = bytes(S.PAGE_SIZE)
+_ZEROS = bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE)  # a record's longest run (memcmp via startswith)
+
+
+class PfnSet:
+    """The pfns a stream populated: a byte per pfn, so that END finds the free
+    pfns and the M2P's runs at C speed (a 512 MiB domain has 131072 pfns)."""
+
+    def __init__(self, n: int) -> None:
+        self.b = bytearray(n)
+
+    def __contains__(self, pfn: object) -> bool:
+        return isinstance(pfn, int) and 0 <= pfn < len(self.b) and bool(self.b[pfn])
+
+    def add(self, pfn: int) -> None:
+        self.b[pfn] = 1
+
+    def add_range(self, start: int, n: int) -> None:
+        self.b[start:start + n] = b"\1" * n
+
+    def discard(self, pfn: int) -> None:
+        if 0 <= pfn < len(self.b):
+            self.b[pfn] = 0
+
+    def __len__(self) -> int:
+        return len(self.b) - self.b.count(0)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """(first pfn, count) of each run of populated pfns."""
+        return [(m.start(), m.end() - m.start()) for m in re.finditer(b"\x01+", self.b)]
+
+    def missing(self) -> set[int]:
+        return {m.start() for m in re.finditer(b"\x00", self.b)}
 
 
 class RestoreError(Exception):
@@ -54,6 +87,7 @@ class RestoreStats:
     seconds: float = 0.0
     pinned: int = 0
     state: dict[str, Any] = field(default_factory=dict)
+    live: dict[str, Any] = field(default_factory=dict)  # pre-validation during live rounds
 
 
 def read_config(items: Iterator[S.Item]) -> tuple[dict[str, Any], Iterator[S.Item]]:
@@ -96,9 +130,9 @@ class _Restorer:
         self.d = d
         self.progress = progress
         self.max_pfn = d.max_pages - 1
-        self.seen: set[int] = set()
+        self.seen = PfnSet(d.max_pages)
         self.xtab: set[int] = set()
-        self.pins: list[tuple[int, int]] = []
+        self.pins: dict[int, int] = {}  # pfn -> level (a later round's type wins)
         self.types: dict[int, int] = {}
         self.vcpu: dict[int, dict[int, bytes]] = {}
         self.shared_info: bytes | None = None
@@ -106,38 +140,199 @@ class _Restorer:
         self.state: dict[str, Any] = {}
         self.stats = RestoreStats()
         self.pv_info = False
+        # live migration: the page tables validated while later rounds come in
+        # (``_prevalidate``), so that END does not validate every table anew
+        self.round_end: Callable[[int], None] | None = None
+        self.prevalidated = False
+        self.prevalidate_tries = 0
+        self.stats_prevalidated = {"tries": 0, "teardowns": 0, "diffs": 0}
+        self.prevalidated_at_end = False
 
     def pfn_to_mfn(self, pfn: int) -> int | None:
         return pfn + M.MFN_BASE if 0 <= pfn <= self.max_pfn else None
 
-    def page_data(self, pd: S.PageData) -> None:
+    # ------------------------------------------------------------ live rounds
+    # A live stream marks the end of each round (PYXEN_ROUND_END).  At that
+    # point the image holds a whole (if fuzzy) copy of the domain: its
+    # pinned tables are validated then, while the source still runs, and each
+    # page table a later round re-sends is applied entry by entry against the
+    # validated state (only the entries that changed take or drop references,
+    # as an mmu_update would).  What cannot be applied that way (a table that
+    # became data or changed level or pin, an entry the MMU refuses on this
+    # fuzzy image) tears the validation down first, while memory still matches
+    # it, and END validates everything as a plain restore does.
+
+    def _ft_index(self, pfn: int) -> int:
+        return pfn + M.MFN_BASE - self.d.ft.mfn_base
+
+    def _pinned_pfns(self) -> list[int]:
+        lo = self._ft_index(0)
+        pinned = bytes(self.d.ft.pinned[lo:lo + self.d.max_pages])
+        return [m.start() for m in re.finditer(b"[^\\x00]", pinned)]
+
+    def _prevalidate(self) -> None:
+        self.prevalidate_tries += 1
+        self.stats_prevalidated["tries"] += 1
+        try:
+            self.d.ft.restore_pins([(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()])
+        except XenError:
+            self._teardown()
+            return
+        self.prevalidated = True
+
+    def _teardown(self) -> None:
+        """Unpin everything (each table devalidated from memory that still
+        matches its references): back to a frame table with no types."""
+        ft = self.d.ft
+        for pfn in self._pinned_pfns():
+            ft.unpin(pfn + M.MFN_BASE)
+        if any(ft.count[self._ft_index(0):self._ft_index(self.d.max_pages)]):
+            raise S.StreamError("internal: page-table references left after undoing the "
+                                "validation of a live round")
+        self.prevalidated = False
+        self.stats_prevalidated["teardowns"] += 1
+
+    def _apply_validated(self, pfn: int, t: S.PageType, page: bytes) -> bool | None:
+        """A page arriving over the validated image: True if applied here,
+        None if it is an ordinary write, False if the validation must go."""
+        from ..hv import mm
+        ft = self.d.ft
+        i = self._ft_index(pfn)
+        cur, cnt = ft.type[i], ft.count[i]
+        cur_pt = bool(cnt) and mm.PGT_L1 <= cur <= mm.PGT_L4
+        if not t.level:
+            return False if cur_pt else None
+        if not cur_pt:
+            return False if cnt else None  # typed otherwise (writable, GDT): conflict
+        if cur != t.level or bool(t.pinned) != bool(ft.pinned[i]):
+            return False
+        old = ft.read_table(pfn + M.MFN_BASE)
+        new = struct.unpack("<512Q", page)
         ram = self.d.machine.ram
-        it = iter(pd.data)
-        for pfn, t in pd.pfns:
-            if pfn > self.max_pfn:
-                raise S.StreamError(f"pfn {pfn:#x} outside the domain's maximum {self.max_pfn:#x}")
-            if not t.has_data:
-                if t == S.PageType.XTAB:
-                    self.xtab.add(pfn)
-                    self.seen.discard(pfn)
+        base = pfn << 12
+        lv = t.level
+        for idx in range(512):
+            o, n = old[idx], new[idx]
+            if o == n or (lv == 4 and mm.XEN_L4_FIRST <= idx <= mm.XEN_L4_LAST):
                 continue
-            page = next(it)
-            if t.level:
-                page = S.localise_pagetable(page, t.level, self.pfn_to_mfn)
-                self.types[pfn] = t.level
-                if t.pinned:
-                    self.pins.append((pfn + M.MFN_BASE, t.level))
+            a = ft._adjust(n)  # noqa: SLF001 - the MMU's own entry rules
+            if a == o:
+                continue
+            try:
+                if a & 1:
+                    ft._get_entry_ref(a, lv)  # noqa: SLF001
+            except XenError:
+                return False  # entries before this one are applied: memory matches the refs
+            struct.pack_into("<Q", ram, base + idx * 8, a)
+            ft._put_entry_ref(o, lv)  # noqa: SLF001
+        self.stats_prevalidated["diffs"] += 1
+        return True
+
+    def page_data(self, body: bytes) -> None:
+        """One PAGE_DATA record (checked as Xen's handle_page_data).  Runs of
+        ordinary pages at consecutive pfns are copied with one slice each; a
+        run of XALLOC pages (Xen's "allocate only": populated, no contents
+        sent) or of zero pages is not written into fresh memory, so it is
+        never allocated; page tables, and pages over the tables validated
+        during a live round, go one by one."""
+        pfns = S.PageData.unpack_header(body, self.max_pfn)
+        mv = memoryview(body)
+        off = 8 + 8 * len(pfns)
+        ft = self.d.ft
+        ftype, fcount = ft.type, ft.count
+        pv = self.prevalidated
+        base = M.MFN_BASE - ft.mfn_base
+        run_pfn, run_off, run_n, run_zero = -1, 0, 0, False
+        notab, xalloc = S.PageType.NOTAB, S.PageType.XALLOC
+        for pfn, t in pfns:
+            if (t == notab or t == xalloc) and not (
+                    pv and fcount[base + pfn] and 1 <= ftype[base + pfn] <= 4):
+                zero = t == xalloc
+                if run_n and pfn == run_pfn + run_n and zero == run_zero:
+                    run_n += 1
+                else:
+                    self._run(None if run_zero else mv, run_pfn, run_off, run_n)
+                    run_pfn, run_off, run_n, run_zero = pfn, off, 1, zero
+                if not zero:
+                    off += S.PAGE_SIZE
+                continue
+            self._run(None if run_zero else mv, run_pfn, run_off, run_n)
+            run_n = 0
+            if t.has_data:
+                self._one(pfn, t, bytes(mv[off:off + S.PAGE_SIZE]))
+                off += S.PAGE_SIZE
+            elif t == xalloc:  # over a validated page table: the slow path with a zero page
+                self._one(pfn, notab, _ZERO_PAGE)
             else:
+                self._one(pfn, t, None)
+        self._run(None if run_zero else mv, run_pfn, run_off, run_n)
+
+    def _run(self, mv: memoryview | None, pfn: int, off: int, n: int) -> None:
+        """``n`` ordinary pages from ``pfn``: their data at ``off`` in ``mv``,
+        or zeros (``mv`` None: XALLOC)."""
+        if not n:
+            return
+        ram = self.d.machine.ram
+        seen, types, pins = self.seen, self.types, self.pins
+        data = mv[off:off + n * S.PAGE_SIZE] if mv is not None else None
+        if data is None or _ZEROS.startswith(data):
+            b = seen.b
+            if b.find(1, pfn, pfn + n) >= 0:  # zeros: only over pages written before
+                for p in range(pfn, pfn + n):
+                    if b[p]:
+                        ram[p << 12:(p + 1) << 12] = _ZERO_PAGE
+        else:
+            ram[pfn << 12:(pfn + n) << 12] = data
+        seen.add_range(pfn, n)
+        if types:
+            for p in range(pfn, pfn + n):
+                types.pop(p, None)
+                pins.pop(p, None)
+        if self.xtab:
+            self.xtab.difference_update(range(pfn, pfn + n))
+        self.stats.pages += n
+
+    def _one(self, pfn: int, t: S.PageType, page: bytes | None) -> None:
+        ram = self.d.machine.ram
+        if self.prevalidated and t == S.PageType.XTAB and self.d.ft.count[self._ft_index(pfn)]:
+            self._teardown()  # a typed frame given back: undo before it goes
+        if page is None:
+            if t == S.PageType.XTAB:
+                self.xtab.add(pfn)
+                self.seen.discard(pfn)
                 self.types.pop(pfn, None)
-            off = pfn << 12
-            if page != _ZERO_PAGE or pfn in self.seen:
-                # a fresh domain's RAM reads zeros: a zero page is not written,
-                # so it is never allocated (restoring a mostly empty domain
-                # takes no more host memory than the domain had in use)
-                ram[off:off + S.PAGE_SIZE] = page
-            self.seen.add(pfn)
-            self.xtab.discard(pfn)
-            self.stats.pages += 1
+                self.pins.pop(pfn, None)
+            return
+        if t.level:
+            page = S.localise_pagetable(page, t.level, self.pfn_to_mfn)
+        if self.prevalidated:
+            done = self._apply_validated(pfn, t, page)
+            if done is False:
+                self._teardown()
+            elif done:
+                self.types[pfn] = t.level
+                self.seen.add(pfn)
+                self.xtab.discard(pfn)
+                self.stats.pages += 1
+                return
+        if t.level:
+            self.types[pfn] = t.level
+            if t.pinned:
+                self.pins[pfn] = t.level
+            else:
+                self.pins.pop(pfn, None)
+        else:
+            self.types.pop(pfn, None)
+            self.pins.pop(pfn, None)
+        off = pfn << 12
+        if page != _ZERO_PAGE or pfn in self.seen:
+            # a fresh domain's RAM reads zeros: a zero page is not written,
+            # so it is never allocated (restoring a mostly empty domain
+            # takes no more host memory than the domain had in use)
+            ram[off:off + S.PAGE_SIZE] = page
+        self.seen.add(pfn)
+        self.xtab.discard(pfn)
+        self.stats.pages += 1
 
     def item(self, it: S.Item) -> bool:
         """Apply one item; True at the libxc END."""
@@ -149,7 +344,7 @@ class _Restorer:
         elif it.rtype == S.Rec.PAGE_DATA:
             if not self.pv_info:
                 raise S.StreamError("PAGE_DATA before X86_PV_INFO")
-            self.page_data(S.PageData.unpack(it.body, self.max_pfn))
+            self.page_data(it.body)
         elif it.rtype in (S.Rec.X86_PV_VCPU_BASIC, S.Rec.X86_PV_VCPU_EXTENDED,
                           S.Rec.X86_PV_VCPU_XSAVE, S.Rec.X86_PV_VCPU_MSRS):
             blob = S.VcpuBlob.unpack(it.rtype, it.body, len(self.d.vcpus))
@@ -163,6 +358,11 @@ class _Restorer:
             if not isinstance(v, dict):
                 raise S.StreamError("PYXEN_DOMAIN_STATE is not a JSON object")
             self.state = v
+        elif it.rtype == S.Rec.PYXEN_ROUND_END:
+            if not self.prevalidated and self.pins and self.prevalidate_tries < 3:
+                self._prevalidate()
+            if self.round_end is not None:
+                self.round_end(int(v))
         elif it.rtype == S.Rec.CHECKPOINT:
             raise S.StreamError("a checkpointed (Remus/COLO) stream: not supported")
         elif it.rtype == S.Rec.END:
@@ -180,23 +380,25 @@ class _Restorer:
             raise S.StreamError("no SHARED_INFO record")
         # memory: what the stream did not populate is free, as in the saved domain
         with d.reservation_lock:
-            d.free_pfns = set(range(d.max_pages)) - self.seen
-        run_start = None
-        for pfn in range(d.max_pages + 1):
-            inside = pfn in self.seen
-            if inside and run_start is None:
-                run_start = pfn
-            elif not inside and run_start is not None:
-                d.machine.set_m2p_range(run_start + M.MFN_BASE, run_start, pfn - run_start)
-                run_start = None
+            d.free_pfns = self.seen.missing()
+        for start, n in self.seen.runs():
+            d.machine.set_m2p_range(start + M.MFN_BASE, start, n)
         # the clock first: vCPU time records are written against it
         sys_ns = self.tsc.nsec if self.tsc is not None else int(
             (self.state.get("clock") or {}).get("system_time_ns", 0))
         d.clock.restore_state(sys_ns)
         d.restore_shared_info(self.shared_info)
-        # page tables: pins (each validates its tree)
+        # page tables: pins (each validates its tree; tables pre-validated
+        # during the live rounds are pinned already, if they still stand)
+        self.prevalidated_at_end = False
+        if self.prevalidated:
+            ft = d.ft
+            pinned = set(self._pinned_pfns())
+            if pinned != set(self.pins) or any(ft.count[self._ft_index(p)] for p in d.free_pfns):
+                self._teardown()
+            self.prevalidated_at_end = self.prevalidated
         try:
-            d.ft.restore_pins(self.pins)
+            d.ft.restore_pins([(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()])
         except XenError as e:
             raise S.StreamError(f"a pinned page table does not validate: {e.why or e}") from None
         self.stats.pinned = len(self.pins)
@@ -295,18 +497,29 @@ def _canonical(a: int) -> bool:
 
 
 def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None = None,
-                 total_pages: int | None = None) -> RestoreStats:
-    """Apply the libxc records in ``items`` to the new, not yet started domain ``d``."""
+                 total_pages: int | None = None,
+                 stamp: Callable[[str], None] | None = None,
+                 round_end: Callable[[int], None] | None = None) -> RestoreStats:
+    """Apply the libxc records in ``items`` to the new, not yet started domain ``d``.
+    ``stamp``: told "tail" at the first record after the pages (a migration's
+    downtime breakdown) and "complete" once the domain is built."""
     t0 = time.monotonic()
     r = _Restorer(d, progress)
+    r.round_end = round_end
     total = total_pages or d.max_pages
     done = False
     last = None
+    tail = False
     for it in items:
         last = it
+        if stamp and not tail and it.rtype == S.Rec.X86_TSC_INFO and it.layer == "libxc":
+            tail = True
+            stamp("tail")
         if r.item(it):
             r.complete()
             done = True
+            if stamp:
+                stamp("complete")
         if progress and it.rtype == S.Rec.PAGE_DATA:
             progress(min(len(r.seen) + len(r.xtab), total), total, it.offset)
         if done and it.layer == "libxl" and it.rtype == S.LibxlRec.END:
@@ -316,6 +529,7 @@ def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None =
     r.stats.seconds = time.monotonic() - t0
     r.stats.bytes = last.offset if last is not None else 0
     r.stats.state = r.state
+    r.stats.live = dict(r.stats_prevalidated, still_valid_at_end=r.prevalidated_at_end)
     return r.stats
 
 
@@ -334,7 +548,7 @@ def restore_domain(f: IO[bytes], domid: int, name: str = "stream",
     from ..backends.console import ConsoleBackend
     from ..domctl import CreateError, check_spec
     from ..hv.domain import Domain
-    items = S.iter_stream(f, name)
+    items = S.iter_stream(f, name, decode_pages=False)
     try:
         cfg, items = read_config(items)
         file_spec = spec_from_config(cfg, domid)

@@ -14,9 +14,11 @@ as Xen's ``xg_sr_save_x86_pv.c`` does and writes the records in Xen's order:
 
 from __future__ import annotations
 
+import array
 import errno
 import json
 import os
+import re
 import struct
 import time
 from collections.abc import Callable
@@ -89,16 +91,10 @@ def check_suspended(d: Domain) -> None:
         raise SaveError(f"domain {d.domid}: vCPUs did not stop")
 
 
-def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
-                progress: Progress | None = None) -> SaveStats:
-    """Write the whole save file for the suspended domain ``d`` to ``f``.
-    Raises SaveError (or StreamError for a page table Xen could not
-    normalise either) before anything the guest needs is changed."""
-    check_suspended(d)
-    t0 = time.monotonic()
-    m2p = _mfn_to_pfn(d)
-    # vCPU records first, in memory: a vCPU whose state cannot be normalised
-    # fails the save before pages are written
+def vcpu_records(d: Domain, m2p: Callable[[int], int | None]) -> tuple[list[tuple[int, bytes]], int | None]:
+    """The X86_PV_VCPU_* records of the suspended domain, and the start_info
+    pfn (vCPU0's rdx).  Built in memory first: a vCPU whose state cannot be
+    normalised fails the save before pages are written."""
     vcpu_recs: list[tuple[int, bytes]] = []
     si_pfn = None
     for v in d.vcpus:
@@ -129,10 +125,19 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
         vcpu_recs.append((S.Rec.X86_PV_VCPU_XSAVE, S.VcpuBlob(v.id, v.save_xsave()).pack()))
         msrs = v.save_msrs()
         vcpu_recs.append((S.Rec.X86_PV_VCPU_MSRS, S.VcpuBlob(v.id, S.pack_msrs(msrs)).pack()))
+    return vcpu_recs, si_pfn
 
-    out = _Out(f)
+
+def write_headers(d: Domain, out: _Out, config: dict[str, Any] | None) -> None:
+    """xl header (with the config), libxl header, LIBXC_CONTEXT, image and
+    domain headers, X86_PV_INFO, STATIC_DATA_END: the part of the stream a
+    live migration sends before the first page."""
     cfg = json.dumps(config if config is not None else xl_config(d)).encode() + b"\0"
     out.write(S.XlHeader(S.XL_MANDATORY_FLAG_JSON | S.XL_MANDATORY_FLAG_STREAMv2, 0, cfg).pack())
+    write_after_xl_header(d, out)
+
+
+def write_after_xl_header(d: Domain, out: _Out) -> None:
     out.write(S.pack_libxl_header())
     out.rec(S.LibxlRec.LIBXC_CONTEXT)
     out.write(S.ImageHeader().pack())
@@ -140,58 +145,188 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
     out.write(S.DomainHeader(xen_major=XEN_MAJOR, xen_minor=XEN_MINOR).pack())
     out.rec(S.Rec.X86_PV_INFO, S.PvInfo().pack())
     out.rec(S.Rec.STATIC_DATA_END)
-    _write_p2m_frames(d, out, si_pfn)
 
-    ram = d.machine.ram_view
-    total = d.max_pages
-    stats = SaveStats()
-    ft = d.ft
-    present = _present_pages(d.machine.memfd, total)
-    zeros = memoryview(bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE))
-    for first in range(0, total, S.MAX_BATCH_SIZE):
-        pfns: list[tuple[int, S.PageType]] = []
-        chunks: list[bytes | memoryview] = []  # page data, contiguous RAM runs as views
-        run_start = run_end = -1
-        run_kind = 1
-        npages = 0
-        for pfn in range(first, min(total, first + S.MAX_BATCH_SIZE)):
-            if pfn in d.free_pfns:
-                pfns.append((pfn, S.PageType.XTAB))
+
+class PageWriter:
+    """PAGE_DATA records for a list of pfns, the data straight from guest
+    memory in contiguous runs.  ``live``: the guest runs meanwhile, so a page
+    table that cannot be normalised now (it maps a frame that is not the
+    domain's RAM yet, such as shared_info before the guest's pre-suspend
+    unmaps it) is *deferred* to the final round, as Xen's save does when its
+    normalise fails with EAGAIN during a live round; otherwise it is an error.
+    ``sent_type`` (one byte per pfn, 0xFF: not sent or sent as XTAB) records
+    the type each page went with, so that the final round can send again the
+    pages whose type changed without their contents changing."""
+
+    UNSENT = 0xFF
+
+    def __init__(self, d: Domain, out: _Out, xalloc_holes: bool = False) -> None:
+        self.d, self.out = d, out
+        # holes of the RAM memfd: XALLOC (a migration: nothing crosses the wire)
+        # or zero pages (a save file, as Xen's, whose restore need not know XALLOC)
+        self.xalloc_holes = xalloc_holes
+        self.zeros = memoryview(bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE))
+        self.m2p = _mfn_to_pfn(d)
+        self.sent_type = bytearray(b"\xff" * d.max_pages)
+        self.deferred: set[int] = set()
+
+    def write(self, pfns: list[int], present: bytearray | None = None, live: bool = False,
+              progress: Callable[[int], None] | None = None,
+              throttle: Callable[[int], None] | None = None) -> int:
+        """Send ``pfns`` (sorted); the number of pages sent (with data, or
+        XALLOC for a hole)."""
+        d, out, ft, m2p = self.d, self.out, self.d.ft, self.m2p
+        ram = d.machine.ram_view
+        free = d.free_pfns
+        sent_type = self.sent_type
+        done = 0
+        base = M.MFN_BASE - ft.mfn_base
+        free_map: bytearray | None = None
+        if free:
+            free_map = bytearray(d.max_pages)
+            for p in free:
+                if 0 <= p < d.max_pages:
+                    free_map[p] = 1
+        for first in range(0, len(pfns), S.MAX_BATCH_SIZE):
+            batch = pfns[first:first + S.MAX_BATCH_SIZE]
+            a, n = batch[0], len(batch)
+            if (batch[-1] - a == n - 1
+                    and b"\x01" not in bytes(ft.type[base + a:base + a + n]).translate(_PT_TABLE)
+                    and (free_map is None or free_map.find(1, a, a + n) < 0)):
+                # the common case: consecutive ordinary pages, sent in runs at C speed
+                ndata = self._write_plain(a, n, present)
+                done += n
+                if throttle:
+                    throttle(ndata)
+                if progress:
+                    progress(min(len(pfns), first + S.MAX_BATCH_SIZE))
                 continue
-            t = S.PageType(ft.pfinfo(pfn + M.MFN_BASE))
-            pfns.append((pfn, t))
-            npages += 1
-            if not t.level:
-                if run_end == pfn and present[pfn] == run_kind:
-                    run_end += 1
-                else:
-                    if run_start >= 0:
-                        chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
-                    run_start, run_end, run_kind = pfn, pfn + 1, present[pfn]
-                continue
+            entries: list[tuple[int, S.PageType]] = []
+            chunks: list[bytes | memoryview] = []
+            run_start = run_end = -1
+            run_hole = False
+            npages = ndata = 0
+            for pfn in pfns[first:first + S.MAX_BATCH_SIZE]:
+                if pfn in free:
+                    entries.append((pfn, S.PageType.XTAB))
+                    sent_type[pfn] = self.UNSENT
+                    continue
+                t = S.PageType(ft.pfinfo(pfn + M.MFN_BASE))
+                if not t.level:
+                    npages += 1
+                    sent_type[pfn] = t
+                    hole = present is not None and not present[pfn]
+                    if hole and self.xalloc_holes:
+                        # a hole of the RAM memfd: allocated, reads zeros; no data
+                        entries.append((pfn, S.PageType.XALLOC))
+                        continue
+                    entries.append((pfn, t))
+                    ndata += 1
+                    if run_end == pfn and hole == run_hole:
+                        run_end += 1
+                    else:
+                        if run_start >= 0:
+                            chunks.append(self._chunk(run_hole, run_start, run_end))
+                        run_start, run_end, run_hole = pfn, pfn + 1, hole
+                    continue
+                off = pfn << 12
+                try:
+                    page = S.normalise_pagetable(bytes(ram[off:off + S.PAGE_SIZE]), t.level, m2p)
+                except S.StreamError as e:
+                    if live:
+                        self.deferred.add(pfn)
+                        continue
+                    raise SaveError(f"page table at pfn {pfn:#x}: {e} (a guest maps Xen-heap "
+                                    "frames such as shared_info or its grant table until it "
+                                    "unmaps them before suspending, as Linux does)") from None
+                if run_start >= 0:
+                    chunks.append(self._chunk(run_hole, run_start, run_end))
+                    run_start = run_end = -1
+                entries.append((pfn, t))
+                npages += 1
+                ndata += 1
+                sent_type[pfn] = t
+                chunks.append(page)
             if run_start >= 0:
-                chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
-                run_start = run_end = -1
-            off = pfn << 12
-            try:
-                chunks.append(S.normalise_pagetable(bytes(ram[off:off + S.PAGE_SIZE]), t.level, m2p))
-            except S.StreamError as e:
-                raise SaveError(f"page table at pfn {pfn:#x}: {e} (a guest maps Xen-heap "
-                                "frames such as shared_info or its grant table until it "
-                                "unmaps them before suspending, as Linux does)") from None
-        if run_start >= 0:
-            chunks.append(_run(ram, zeros, run_kind, run_start, run_end))
-        # the record written piece by piece, the pages straight from guest memory
-        # (what PageData.pack would build; its length is a multiple of 8: no padding)
-        words = [(pfn & S.PAGE_DATA_PFN_MASK) | (int(t) << S.PAGE_DATA_TYPE_SHIFT) for pfn, t in pfns]
-        head = struct.pack(f"<II{len(words)}Q", len(words), 0, *words)
-        out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + npages * S.PAGE_SIZE) + head)
-        for chunk in chunks:
-            out.write(chunk)
-        stats.pages += npages
-        if progress:
-            progress(min(total, first + S.MAX_BATCH_SIZE), total, out.n)
+                chunks.append(self._chunk(run_hole, run_start, run_end))
+            if not entries:
+                continue
+            # the record written piece by piece, the pages straight from guest memory
+            # (what PageData.pack would build; its length is a multiple of 8: no padding)
+            words = [(pfn & S.PAGE_DATA_PFN_MASK) | (int(t) << S.PAGE_DATA_TYPE_SHIFT) for pfn, t in entries]
+            head = struct.pack(f"<II{len(words)}Q", len(words), 0, *words)
+            out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + ndata * S.PAGE_SIZE) + head)
+            for chunk in chunks:
+                out.write(chunk)
+            done += npages
+            if throttle:
+                throttle(ndata)
+            if progress:
+                progress(min(len(pfns), first + S.MAX_BATCH_SIZE))
+        return done
 
+    def _write_plain(self, a: int, n: int, present: bytearray | None) -> int:
+        """PAGE_DATA for pfns a..a+n-1, all ordinary: NOTAB with their data, or
+        XALLOC (Xen's "allocate only": populated, contents not sent) for the
+        holes of the RAM memfd, which read zeros and need not cross the wire.
+        The number of pages with data."""
+        out = self.out
+        words = array.array("Q", range(a, a + n))
+        runs: list[tuple[int, int]] = []
+        if present is None:
+            runs.append((0, n))
+        else:
+            kinds = bytes(present[a:a + n])
+            xalloc = int(S.PageType.XALLOC) << S.PAGE_DATA_TYPE_SHIFT
+            for m in re.finditer(b"\x01+|\x00+", kinds):
+                if kinds[m.start()] or not self.xalloc_holes:
+                    runs.append((m.start(), m.end()))
+                else:
+                    for i in range(m.start(), m.end()):
+                        words[i] |= xalloc
+        ndata = sum(e - b for b, e in runs)
+        head = struct.pack("<II", n, 0) + words.tobytes()
+        out.write(struct.pack("<II", S.Rec.PAGE_DATA, len(head) + ndata * S.PAGE_SIZE) + head)
+        for b, e in runs:
+            hole = present is not None and not present[a + b]
+            out.write(self._chunk(hole, a + b, a + e))
+        self.sent_type[a:a + n] = bytes(n)
+        return ndata
+
+    def _chunk(self, hole: bool, start: int, end: int) -> memoryview:
+        """Pages start..end-1 from guest memory, or zeros for a hole (not read
+        through the mapping, which would allocate it)."""
+        if hole:
+            return self.zeros[:(end - start) << 12]
+        return self.d.machine.ram_view[start << 12:end << 12]
+
+    def changed_types(self) -> list[int]:
+        """Pfns whose page type now differs from the one they were last sent
+        with (a table pinned, unpinned or promoted without a write to it):
+        only frames that are or were page tables can differ."""
+        d, ft = self.d, self.d.ft
+        base = M.MFN_BASE - ft.mfn_base
+        n = d.max_pages
+        types = bytes(ft.type[base:base + n]).translate(_PT_TABLE)
+        sent = self.sent_type.translate(_PT_TABLE)
+        cand = {m.start() for m in re.finditer(b"\x01", types)}
+        cand.update(m.start() for m in re.finditer(b"\x01", sent))
+        free = d.free_pfns
+        out = []
+        for pfn in sorted(cand):
+            if pfn in free:
+                continue
+            if ft.pfinfo(pfn + M.MFN_BASE) != self.sent_type[pfn]:
+                out.append(pfn)
+        return out
+
+
+# bytes 1-4 (L1-L4, also with the pin bit 8: 9-12) -> 1, anything else -> 0
+_PT_TABLE = bytes(1 if (b & 7) in (1, 2, 3, 4) and b != 0xFF and b < 16 else 0 for b in range(256))
+
+
+def write_tail(d: Domain, out: _Out, vcpu_recs: list[tuple[int, bytes]]) -> None:
+    """After the pages: TSC, shared_info, the vCPUs, pyxen's state, END, libxl END."""
     clock = d.clock.save_state()
     out.rec(S.Rec.X86_TSC_INFO, S.TscInfo(0, d.vcpus[0].tsc_khz, clock["system_time_ns"], 1).pack())
     out.rec(S.Rec.SHARED_INFO, bytes(d.shared_info))
@@ -200,6 +335,26 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
     out.rec(S.Rec.PYXEN_DOMAIN_STATE, json.dumps(domain_state(d, clock)).encode())
     out.rec(S.Rec.END)
     out.rec(S.LibxlRec.END)
+
+
+def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
+                progress: Progress | None = None) -> SaveStats:
+    """Write the whole save file for the suspended domain ``d`` to ``f``.
+    Raises SaveError (or StreamError for a page table Xen could not
+    normalise either) before anything the guest needs is changed."""
+    check_suspended(d)
+    t0 = time.monotonic()
+    vcpu_recs, si_pfn = vcpu_records(d, _mfn_to_pfn(d))
+    out = _Out(f)
+    write_headers(d, out, config)
+    _write_p2m_frames(d, out, si_pfn)
+    total = d.max_pages
+    stats = SaveStats()
+    pw = PageWriter(d, out)
+    present = _present_pages(d.machine.memfd, total)
+    stats.pages = pw.write(list(range(total)), present,
+                           progress=(lambda n: progress(n, total, out.n)) if progress else None)
+    write_tail(d, out, vcpu_recs)
     f.flush()
     stats.bytes = out.n
     stats.seconds = time.monotonic() - t0
@@ -208,7 +363,8 @@ def save_domain(d: Domain, f: IO[bytes], config: dict[str, Any] | None = None,
 
 def _present_pages(memfd: int, npages: int) -> bytearray:
     """1 for each RAM page the memfd holds data for, 0 for a hole (never
-    written, or given back with MADV_REMOVE): holes are sent as zeros without
+    written, or given back with MADV_REMOVE): holes are sent as zeros (a
+    migration: XALLOC) without
     reading them through the mapping, which would allocate them (a shared
     shmem mapping has no zero page), so saving a mostly empty domain does not
     first fill the host's memory with it.  All 1 where SEEK_DATA is missing."""
@@ -232,10 +388,6 @@ def _present_pages(memfd: int, npages: int) -> bytearray:
     except OSError:
         return bytearray(b"\1" * npages)
     return out
-
-
-def _run(ram: memoryview, zeros: memoryview, kind: int, start: int, end: int) -> memoryview:
-    return ram[start << 12:end << 12] if kind else zeros[:(end - start) << 12]
 
 
 def _write_p2m_frames(d: Domain, out: _Out, si_pfn: int | None) -> None:

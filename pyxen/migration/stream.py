@@ -105,6 +105,9 @@ class Rec(enum.IntEnum):
     # pyxen's own, optional (bit 31): Xen's restore skips them. The body is
     # JSON: pyxen's domain state that a Xen guest would rebuild on resume.
     PYXEN_DOMAIN_STATE = 0xF0000001
+    # a live round ended (body: u32 round number, u32 0); the receiver
+    # validates its page tables then and acknowledges (protocol.py)
+    PYXEN_ROUND_END = 0xF0000002
 
 
 class PageType(enum.IntEnum):
@@ -207,6 +210,12 @@ class DomainHeader:
         return h
 
 
+# PageType by value and the types that carry data: PAGE_DATA headers hold up to
+# 1024 entries, a 512 MiB domain's round ~131072 (an enum call each is slow)
+_PAGE_TYPES = {int(t): t for t in PageType}
+_HAS_DATA = frozenset(t for t in PageType if t.has_data)
+
+
 @dataclass
 class PageData:
     """A PAGE_DATA record: (pfn, type) for each page, data for those that carry it."""
@@ -224,6 +233,16 @@ class PageData:
     def unpack(cls, body: bytes, max_pfn: int | None = None) -> PageData:
         """As Xen's handle_page_data: count >= 1, each pfn within the domain,
         each type known, and the length exactly header + pfns + pages."""
+        pfns = cls.unpack_header(body, max_pfn)
+        off = 8 + 8 * len(pfns)
+        n_data = sum(t.has_data for _, t in pfns)
+        data = [body[off + i * PAGE_SIZE: off + (i + 1) * PAGE_SIZE] for i in range(n_data)]
+        return cls(pfns, data)
+
+    @staticmethod
+    def unpack_header(body: bytes, max_pfn: int | None = None) -> list[tuple[int, PageType]]:
+        """The (pfn, type) list, with all of :meth:`unpack`'s checks; the
+        pages follow at 8 + 8 * count (a restore copies them in runs)."""
         if len(body) < 8:
             raise StreamError(f"PAGE_DATA record truncated: length {len(body)}, min 8")
         (count,) = struct.unpack_from("<I", body)
@@ -234,24 +253,24 @@ class PageData:
                               f"{count} pfns worth of information")
         pfns: list[tuple[int, PageType]] = []
         n_data = 0
+        types, has_data = _PAGE_TYPES, _HAS_DATA
+        limit = (1 << 64) if max_pfn is None else max_pfn
         for i, w in enumerate(struct.unpack_from(f"<{count}Q", body, 8)):
             pfn = w & PAGE_DATA_PFN_MASK
-            if max_pfn is not None and pfn > max_pfn:
+            if pfn > limit:
                 raise StreamError(f"pfn {pfn:#x} (index {i}) outside domain maximum {max_pfn:#x}")
-            try:
-                t = PageType(w >> PAGE_DATA_TYPE_SHIFT)
-            except ValueError:
+            t = types.get(w >> PAGE_DATA_TYPE_SHIFT)
+            if t is None:
                 raise StreamError(f"unknown type {w >> PAGE_DATA_TYPE_SHIFT:#x} for pfn {pfn:#x} "
-                                  f"(index {i})") from None
-            n_data += t.has_data
+                                  f"(index {i})")
+            if t in has_data:
+                n_data += 1
             pfns.append((pfn, t))
         want = 8 + 8 * count + PAGE_SIZE * n_data
         if len(body) != want:
             raise StreamError(f"PAGE_DATA record wrong size: length {len(body)}, expected "
                               f"8 + {8 * count} + {PAGE_SIZE * n_data}")
-        off = 8 + 8 * count
-        data = [body[off + i * PAGE_SIZE: off + (i + 1) * PAGE_SIZE] for i in range(n_data)]
-        return cls(pfns, data)
+        return pfns
 
 
 @dataclass
@@ -637,9 +656,9 @@ class Item:
     value: Any = None  # the decoded header or record
 
 
-def _decode_libxc(rtype: int, body: bytes) -> Any:
+def _decode_libxc(rtype: int, body: bytes, decode_pages: bool = True) -> Any:
     if rtype == Rec.PAGE_DATA:
-        return PageData.unpack(body)
+        return PageData.unpack(body) if decode_pages else None
     if rtype == Rec.X86_PV_INFO:
         return PvInfo.unpack(body)
     if rtype == Rec.X86_PV_P2M_FRAMES:
@@ -662,6 +681,10 @@ def _decode_libxc(rtype: int, body: bytes) -> Any:
             return json.loads(body.decode())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise StreamError(f"PYXEN_DOMAIN_STATE is not JSON: {e}") from None
+    if rtype == Rec.PYXEN_ROUND_END:
+        if len(body) != 8:
+            raise StreamError(f"PYXEN_ROUND_END record of {len(body)} bytes (must be 8)")
+        return struct.unpack("<II", body)[0]
     if rtype & REC_TYPE_OPTIONAL:
         return None  # optional and unknown: skipped, as the spec allows
     if rtype in (Rec.HVM_CONTEXT, Rec.HVM_PARAMS):
@@ -671,7 +694,7 @@ def _decode_libxc(rtype: int, body: bytes) -> Any:
     raise StreamError(f"unrecognised mandatory record type {rtype:#x}")
 
 
-def iter_libxc(r: Reader) -> Iterator[Item]:
+def iter_libxc(r: Reader, decode_pages: bool = True) -> Iterator[Item]:
     """The libxc layer: image header, domain header, records through END."""
     off = r.offset
     ih = ImageHeader.unpack(r.read(_IHDR.size, "image header"))
@@ -681,7 +704,7 @@ def iter_libxc(r: Reader) -> Iterator[Item]:
     while True:
         rtype, body, off = r.record("libxc record")
         try:
-            value = _decode_libxc(rtype, body)
+            value = _decode_libxc(rtype, body, decode_pages)
         except StreamError as e:
             raise StreamError(f"{r.name}: offset {off:#x}: {e}") from None
         yield Item(off, "libxc", _rec_name(rtype), rtype, body, value)
@@ -689,9 +712,11 @@ def iter_libxc(r: Reader) -> Iterator[Item]:
             return
 
 
-def iter_stream(f: IO[bytes], name: str = "stream") -> Iterator[Item]:
+def iter_stream(f: IO[bytes], name: str = "stream", decode_pages: bool = True) -> Iterator[Item]:
     """Everything in a save file or migration stream, whichever layer it starts at
-    (xl save file, libxl stream, or a bare libxc image)."""
+    (xl save file, libxl stream, or a bare libxc image).  ``decode_pages=False``:
+    PAGE_DATA items carry their body only (a restore parses it itself, without
+    splitting it into pages)."""
     r = Reader(f, name)
     head = r.peek(8)
     if head.startswith(XL_MAGIC[:8]):
@@ -699,7 +724,7 @@ def iter_stream(f: IO[bytes], name: str = "stream") -> Iterator[Item]:
         yield Item(off, "xl", "xl header", value=XlHeader.read(r))
         head = r.peek(8)
     if len(head) == 8 and struct.unpack(">Q", head)[0] == IHDR_MARKER:
-        yield from iter_libxc(r)
+        yield from iter_libxc(r, decode_pages)
         return
     off = r.offset
     opts = read_libxl_header(r)
@@ -717,7 +742,7 @@ def iter_stream(f: IO[bytes], name: str = "stream") -> Iterator[Item]:
             raise StreamError(f"{name}: offset {off:#x}: {kind} record has a body of {len(body)} bytes")
         yield Item(off, "libxl", kind, rtype, body)
         if rtype == LibxlRec.LIBXC_CONTEXT:
-            yield from iter_libxc(r)
+            yield from iter_libxc(r, decode_pages)
         elif rtype == LibxlRec.END:
             return
 
@@ -767,6 +792,8 @@ def describe(item: Item) -> str:
         return f"vcpu {v.vcpu_id}, {len(v.context)} bytes{extra}"
     if item.rtype == Rec.PYXEN_DOMAIN_STATE and isinstance(v, dict):
         return "keys: " + ", ".join(sorted(v))
+    if item.rtype == Rec.PYXEN_ROUND_END and isinstance(v, int):
+        return f"end of live round {v}"
     return f"{len(item.body)} bytes" if item.body else ""
 
 

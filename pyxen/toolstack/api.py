@@ -233,6 +233,30 @@ class Host:
         return {"domid": int(r["domid"]), "name": r.get("name"), "sock": r.get("sock"),
                 **dict(r.get("stats") or {})}
 
+    def migrate(self, dom: int | str, tcp: str | None = None, cmd: list[str] | None = None,
+                **policy: float) -> dict[str, Any]:
+        """``xl migrate``: send the domain live to a receiver, either a
+        ``pyxen migrate-receive --listen`` at ``tcp`` ("HOST:PORT") or the
+        command ``cmd`` (e.g. ``["ssh", HOST, "pyxen", "migrate-receive"]``),
+        whose stdin/stdout carry the stream.  ``policy``: min_rate and
+        max_rate (Mbit/s), max_rounds, few_pages, timeout (s to suspend).
+        The domain is gone here once the destination runs it; on failure it
+        keeps running here.  Returns the stats (per-round figures) and the
+        destination's domid."""
+        req: dict[str, Any] = {"op": "migrate", "domain": dom, **policy}
+        if tcp is not None:
+            req["tcp"] = tcp
+        if cmd is not None:
+            req["cmd"] = list(cmd)
+        r = self._call(**req)
+        return {"stats": r.get("stats") or {}, "remote_domid": r.get("remote_domid")}
+
+    def migrate_incoming(self, config: Any) -> dict[str, Any]:
+        """The reservation stage of ``migrate-receive``: an empty domain for the
+        config an incoming stream's xl header carries (or a refusal)."""
+        r = self._call(op="migrate-incoming", config=config)
+        return {"domid": int(r["domid"]), "sock": r.get("sock"), "name": r.get("name")}
+
     def progress(self, dom: int | str) -> dict[str, Any]:
         """The latest progress of a save or restore of ``dom`` (pages, total, bytes, ns)."""
         return dict(self._call(op="progress", domain=dom).get("progress") or {})

@@ -322,6 +322,97 @@ def cmd_restore(h: Host, a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
+    """``pyxen migrate [-s SSH] [--tcp HOST:PORT] DOM [HOST]``: live relocation
+    (as ``xl migrate``: ``ssh HOST pyxen migrate-receive`` by default)."""
+    import json
+    import shlex
+    dom = _dom(a)
+    policy = {k: v for k, v in (("min_rate", a.min_rate), ("max_rate", a.max_rate),
+                                ("max_rounds", a.max_rounds), ("timeout", a.timeout)) if v is not None}
+    if a.tcp:
+        target = {"tcp": a.tcp}
+    elif a.host:
+        target = {"cmd": shlex.split(a.ssh) + [a.host] + shlex.split(a.receiver)}
+    else:
+        return _err("migrate: give the destination HOST (or --tcp HOST:PORT)")
+    bar = _ProgressLine(h, dom, "migrating")
+    try:
+        r = h.migrate(dom, tcp=target.get("tcp"), cmd=target.get("cmd"), **policy)  # type: ignore[arg-type]
+    finally:
+        bar.close()
+    st = r["stats"]
+    if a.stats:
+        with open(a.stats, "w") as f:
+            json.dump(st, f, indent=1)
+    rounds = st.get("rounds") or []
+    for rd in rounds:
+        print(f"round {rd['round']:>2}: {rd['pages']:>7} pages in {rd['seconds']:.3f} s, "
+              f"dirtying {rd['dirty_rate']:.0f} pages/s, limit {rd['rate_limit']:.0f} Mbit/s"
+              + ("" if rd.get("live", True) else " (stop-and-copy)"), file=sys.stderr)
+    print(f"Migrated domain {dom}: {st.get('pages')} pages, {int(st.get('bytes') or 0) / 1e6:.1f} MB "
+          f"in {float(st.get('seconds') or 0):.2f} s, {len(rounds)} rounds "
+          f"({st.get('stop_reason')}), stop-and-copy {float(st.get('downtime_seconds') or 0) * 1000:.1f} ms; "
+          f"domain {r.get('remote_domid')} on the destination", file=sys.stderr)
+    return 0
+
+
+def cmd_migrate_receive(h: Host, a: argparse.Namespace) -> int:
+    """``pyxen migrate-receive [--listen ADDR:PORT]``: the destination's side.
+    Sends xl's banner, reads the xl header (the domain's config), has the
+    daemon reserve the domain (or writes the refusal back), then hands the
+    connection to the new domain process, which reads the stream and
+    finishes the conversation; this exits with its result."""
+    import json
+    import socket as _socket
+
+    from ..migration import protocol as P
+    from ..migration import stream
+    lsock = conn = None
+    if a.listen:
+        host, _, port = a.listen.rpartition(":")
+        lsock = _socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
+        print(f"migrate-receive: listening on {a.listen}", file=sys.stderr, flush=True)
+        conn, _peer = lsock.accept()
+        lsock.close()
+        P.tune_socket(conn)
+        rfd = wfd = conn.fileno()
+    else:
+        rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
+    try:
+        P.write_all(wfd, P.BANNER)
+        hdr, _raw = P.read_xl_header(rfd, 120)
+        cfg = hdr.config_json()  # type: ignore[attr-defined]
+        try:
+            r = h.migrate_incoming(cfg)
+        except PyxenError as e:
+            P.write_all(wfd, P.REFUSED + str(e).replace("\n", " ").encode()[:1000] + b"\n")
+            return _err(f"migrate-receive: refused: {e}")
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        s.connect(str(r["sock"]))
+        _socket.send_fds(s, [b'{"incoming": true}\n'], [rfd, wfd])
+        buf = b""
+        while not buf.endswith(b"\n"):
+            b = s.recv(4096)
+            if not b:
+                break
+            buf += b
+        try:
+            res = json.loads(buf or b"{}")
+        except ValueError:
+            res = {}
+        if not res.get("ok"):
+            return _err(f"migrate-receive: {res.get('error') or 'the domain process exited'}")
+        print(f"migrate-receive: domain {r['domid']} ({r.get('name')}) received and running",
+              file=sys.stderr)
+        return 0
+    except (P.ProtocolError, stream.StreamError, OSError) as e:
+        return _err(f"migrate-receive: {e}")
+    finally:
+        if conn is not None:
+            conn.close()
+
+
 def cmd_daemon(h: Host, a: argparse.Namespace) -> int:
     if a.action == "stop":
         h.quit()
@@ -399,6 +490,22 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     rs.add_argument("file")
     rs.add_argument("-p", dest="paused", action="store_true", help="leave the domain paused")
     rs.add_argument("-c", dest="console", action="store_true", help="attach to the console")
+    mg = new("migrate", "move a running domain to another host, live (as xl migrate)", cmd_migrate)
+    mg.add_argument("domain")
+    mg.add_argument("host", nargs="?", default=None)
+    mg.add_argument("-s", dest="ssh", default="ssh",
+                    help="the command that reaches HOST (default ssh): runs SSH HOST pyxen migrate-receive")
+    mg.add_argument("--receiver", default="pyxen migrate-receive", help=argparse.SUPPRESS)
+    mg.add_argument("--tcp", metavar="HOST:PORT", help="send to pyxen migrate-receive --listen there")
+    mg.add_argument("--stats", metavar="FILE", help="write the per-round figures (JSON) to FILE")
+    mg.add_argument("--min-rate", type=float, help="Mbit/s of the first round (default 1000)")
+    mg.add_argument("--max-rate", type=float,
+                    help="Mbit/s above which iterating stops; the stop-and-copy rate (default 8000)")
+    mg.add_argument("--max-rounds", type=int, help="live rounds at most (default 30)")
+    mg.add_argument("-t", dest="timeout", type=float, help="seconds the guest has to suspend (10)")
+    mr = new("migrate-receive", "receive a live migration (stdin/stdout, or --listen)",
+             cmd_migrate_receive)
+    mr.add_argument("--listen", metavar="ADDR:PORT", help="accept one TCP connection there")
     sd = new("stream", "inspect a save file or migration stream: dump FILE", cmd_stream)
     sd.add_argument("action", choices=["dump"])
     sd.add_argument("file")

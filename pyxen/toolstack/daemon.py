@@ -73,6 +73,8 @@ class Record:
     spawned: threading.Event = field(default_factory=threading.Event)  # pid is known
     progress: dict[str, int] = field(default_factory=dict)  # of a save or restore under way
     restore_stats: dict[str, Any] = field(default_factory=dict)
+    reserved: threading.Event = field(default_factory=threading.Event)  # an incoming migration's
+    busy: str = ""  # a save or migration under way: no second one meanwhile
 
 
 class Daemon:
@@ -148,9 +150,14 @@ class Daemon:
                     return d
         raise RuntimeError("out of domain IDs")
 
-    def create(self, spec: dict[str, Any], actions: dict[str, str], restore: str | None = None) -> Record:
+    def create(self, spec: dict[str, Any], actions: dict[str, str], restore: str | None = None,
+               incoming: bool = False) -> Record:
         """Create a domain; with ``restore`` (a save file) the domain process
-        restores it from the file instead of building it from a kernel."""
+        restores it from the file instead of building it from a kernel; with
+        ``incoming`` (a live migration's reservation stage) it makes the empty
+        domain and waits for the stream (``migrate-receive`` hands it the
+        connection): this returns once the domain is reserved, and
+        ``_finish_incoming`` completes the create when the stream has ended."""
         name = spec["name"]
         with self.lock:
             for r in self.domains.values():
@@ -162,6 +169,8 @@ class Daemon:
             rec = Record(domid, name, spec, actions)
             if restore is not None:  # seen by the domain process only (it drops it)
                 spec = dict(spec, extra=dict(spec["extra"], restore=restore))
+            if incoming:
+                spec = dict(spec, extra=dict(spec["extra"], incoming=True))
             self.domains[domid] = rec
         try:
             rec.pid = self.spawn(domid, spec)
@@ -171,6 +180,17 @@ class Daemon:
             rec.spawned.set()
             raise
         rec.spawned.set()  # its "register" is believed from this pid only
+        if incoming:
+            if not rec.reserved.wait(30):
+                rec.error = rec.error or "domain process did not reserve the domain in 30 s"
+            if rec.error:
+                with self.lock:
+                    self.domains.pop(domid, None)
+                self._kill(rec)
+                raise ValueError(rec.error)
+            self.log(f"domain {domid} ({name}) reserved for an incoming migration, pid {rec.pid}")
+            threading.Thread(target=self._finish_incoming, args=(rec,), daemon=True).start()
+            return rec
         if not rec.ready.wait(30):
             rec.error = rec.error or "domain process did not start in 30 s"
         if rec.error:
@@ -178,7 +198,15 @@ class Daemon:
                 self.domains.pop(domid, None)
             self._kill(rec)
             raise ValueError(rec.error)
-        try:  # as libxl: the domain's xenstore entries exist before it runs
+        self._introduce(rec)
+        self.request(rec, "start", timeout=30, paused=bool((spec.get("extra") or {}).get("paused")))
+        self.log(f"created domain {domid} ({name}), pid {rec.pid}")
+        return rec
+
+    def _introduce(self, rec: Record) -> None:
+        """As libxl: the domain's xenstore entries exist before it runs."""
+        domid, spec = rec.domid, rec.spec
+        try:
             self.xsd.introduce(domid, rec.start_info.get("store_mfn", 0),
                                rec.start_info.get("store_evtchn", 0))
             write_domain_layout(self.xsd, domid, spec, rec.start_info)
@@ -188,9 +216,29 @@ class Daemon:
                 write_vif(self.xsd, domid, vif)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
-        self.request(rec, "start", timeout=30, paused=bool((spec.get("extra") or {}).get("paused")))
-        self.log(f"created domain {domid} ({name}), pid {rec.pid}")
-        return rec
+
+    def _finish_incoming(self, rec: Record) -> None:
+        """An incoming migration's domain once its stream ended (the domain
+        process's "ready"): its xenstore entries, then "start" paused; the
+        domain process unpauses it when the sender says go (commitment).  A
+        domain process that exits before (connection cut, bad stream) leaves
+        no domain: _domain_gone removed it."""
+        rec.ready.wait()
+        if rec.error:
+            with self.lock:
+                if self.domains.get(rec.domid) is rec:
+                    self.domains.pop(rec.domid, None)
+            self._kill(rec)
+            self.log(f"incoming domain {rec.domid} ({rec.name}) failed: {rec.error}")
+            return
+        self._introduce(rec)
+        try:
+            self.request(rec, "start", timeout=30, paused=True)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            self.log(f"incoming domain {rec.domid} ({rec.name}): start failed: {e}")
+            self.destroy(rec)
+            return
+        self.log(f"incoming domain {rec.domid} ({rec.name}) received, pid {rec.pid}")
 
     def _kill(self, rec: Record) -> None:
         if rec.pid:
@@ -355,6 +403,12 @@ class Daemon:
         elif kind == "error":
             rec.error = str(msg.get("error"))[:4000]
             rec.ready.set()
+            rec.reserved.set()
+        elif kind == "reserved":  # an incoming migration's empty domain exists
+            rec.memfd = validate.integer("memfd", msg.get("memfd", -1), -1, 1 << 20)
+            rec.max_pages = validate.integer("max_pages", msg.get("max_pages", 0), 0, 1 << 40)
+            rec.state = "incoming"
+            rec.reserved.set()
         elif kind == "progress":  # of a save or restore: for `pyxen save/restore`'s display
             rec.progress = {k: validate.integer(k, msg.get(k, 0), 0, 1 << 62)
                             for k in ("pages", "total", "bytes", "ns")}
@@ -393,6 +447,7 @@ class Daemon:
         if not rec.ready.is_set():
             rec.error = rec.error or "domain process exited during creation"
             rec.ready.set()
+        rec.reserved.set()
 
     def _adopt(self, domid: int, msg: dict[str, Any], cred: PeerCred) -> Record | None:
         """A domain process that outlived a previous daemon registers again.
@@ -561,10 +616,16 @@ class Daemon:
             rec = self.create(rspec, ractions, restore=path)
             return {"ok": True, "domid": rec.domid, "sock": rec.sock, "name": rec.name,
                     "stats": rec.restore_stats}
+        if op == "migrate-incoming":  # migrate-receive: the reservation stage
+            rspec, ractions = self.incoming_spec(req.get("config"))
+            rec = self.create(rspec, ractions, incoming=True)
+            return {"ok": True, "domid": rec.domid, "sock": rec.sock, "name": rec.name}
         try:
             rec = self._find(validate.domain_ref(req.get("domain")))
         except LookupError as e:
             return {"ok": False, "error": str(e), "errno": 3}  # ESRCH
+        if op == "migrate":
+            return self.migrate(rec, req)
         if op == "destroy":
             self.destroy(rec)
             return {"ok": True}
@@ -719,6 +780,8 @@ class Daemon:
         if rec.state not in ("running", "blocked", "paused"):
             raise RuntimeError(f"domain {rec.domid} is {rec.state}: only a running domain can be saved")
         ctl = f"/local/domain/{rec.domid}/control/shutdown"
+        if rec.busy:
+            raise RuntimeError(f"domain {rec.domid} is being {rec.busy}")
         rec.progress = {}
         self.xsd.write(ctl, "suspend")
         self.log(f"domain {rec.domid} ({rec.name}): asked to suspend through xenstore")
@@ -743,6 +806,55 @@ class Daemon:
         return {"ok": True, "pages": reply.get("pages"), "bytes": reply.get("bytes"),
                 "seconds": reply.get("seconds")}
 
+    def migrate(self, rec: Record, req: dict[str, Any]) -> dict[str, Any]:
+        """``xl migrate``: the domain process sends the domain live to a
+        receiver (``tcp`` "HOST:PORT", or ``cmd``, an argv such as ``ssh HOST
+        pyxen migrate-receive`` whose stdin/stdout carry the stream); the
+        domain is destroyed here only once the destination reported it runs
+        (commitment).  Any failure before leaves it running: the domain
+        process resumed it if it had suspended."""
+        if rec.state not in ("running", "blocked", "paused"):
+            raise RuntimeError(f"domain {rec.domid} is {rec.state}: only a running domain can be migrated")
+        kw: dict[str, Any] = {}
+        tcp, cmd = req.get("tcp"), req.get("cmd")
+        if (tcp is None) == (cmd is None):
+            raise RequestError("migrate needs one of tcp (HOST:PORT) and cmd (argv)")
+        if tcp is not None:
+            kw["tcp"] = validate.string("tcp", tcp, 300)
+        else:
+            if not isinstance(cmd, list) or not cmd or len(cmd) > 64:
+                raise RequestError("cmd must be a non-empty list of strings")
+            kw["cmd"] = [validate.string("cmd", c, 4096) for c in cmd]
+        for key, lo, hi in (("min_rate", 1, 1e6), ("max_rate", 1, 1e6), ("max_rounds", 1, 1000),
+                            ("few_pages", 0, 1 << 30), ("timeout", 0.1, 3600)):
+            v = req.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise RequestError(f"{key} must be a number from {lo:g} to {hi:g}")
+            kw["suspend_timeout" if key == "timeout" else key] = v
+        with self.lock:
+            if rec.busy:
+                raise RuntimeError(f"domain {rec.domid} is already being {rec.busy}")
+            rec.busy = "migrated"
+        try:
+            rec.progress = {}
+            self.log(f"domain {rec.domid} ({rec.name}): migrating to "
+                     + (kw.get("tcp") or " ".join(kw.get("cmd", []))))
+            reply = self.request(rec, "migrate", timeout=24 * 3600, raw=True, **kw)
+        finally:
+            rec.busy = ""
+        if reply.get("ok") and "stats" not in reply:  # _domain_gone's answer: the process died
+            raise RuntimeError(f"domain {rec.domid}'s process exited during the migration")
+        if not reply.get("ok"):
+            if reply.get("suspended"):
+                self._xs_resumed(rec.domid)
+            raise RuntimeError(str(reply.get("error", "migration failed")))
+        self.log(f"domain {rec.domid} ({rec.name}) migrated: the destination runs it "
+                 f"(domain {reply.get('remote_domid')} there)")
+        self.destroy(rec)
+        return {"ok": True, "stats": reply.get("stats"), "remote_domid": reply.get("remote_domid")}
+
     def _xs_resumed(self, domid: int) -> None:
         """The domain runs again after a suspend: what libxl's xs_resume_domain
         (XS_RESUME) does, so that its next shutdown fires @releaseDomain again."""
@@ -762,10 +874,15 @@ class Daemon:
             raise RuntimeError(str(e)) from None
         except OSError as e:
             raise RuntimeError(f"cannot read {path}: {e.strerror}") from None
-        cfg = hdr.config_json()
+        return self.incoming_spec(hdr.config_json(), paused, path)
+
+    def incoming_spec(self, cfg: Any, paused: bool = False,
+                      where: str = "migration stream") -> tuple[dict[str, Any], dict[str, str]]:
+        """The domain an xl header's config describes, checked as a create
+        request's (sizes against this host's memory: hostmem.size_problem)."""
         spec = cfg.get("pyxen_spec") if isinstance(cfg, dict) else None
         if not isinstance(spec, dict):
-            raise RuntimeError(f"{path}: no pyxen domain config in the save file's header")
+            raise RuntimeError(f"{where}: no pyxen domain config in the xl header")
         spec = {k: v for k, v in spec.items() if k != "domid"}
         extra = dict(spec.get("extra") or {})
         acts = extra.pop("actions", None)

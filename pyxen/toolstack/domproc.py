@@ -72,6 +72,8 @@ class DomainProcess:
         self.xs: XsClient | None = None
         self.daemon_lost = 0.0  # when the daemon connection was lost (0: connected)
         self.sel = selectors.DefaultSelector()
+        self.incoming = False  # an incoming migration's domain waits for its stream
+        self.started = threading.Event()  # the daemon's "start" came
 
     # ------------------------------------------------------------ events to the daemon
     def event(self, **kw: Any) -> None:
@@ -186,12 +188,19 @@ class DomainProcess:
             self.domain.unpause()
 
     def _client_input(self, c: socket.socket) -> None:
+        fds: list[int] = []
         try:
-            data = c.recv(4096)
+            if c in self.greeting and self.incoming:  # migrate-receive hands over its connection
+                data, fds, _flags, _addr = socket.recv_fds(c, 4096, 2)
+            else:
+                data = c.recv(4096)
         except BlockingIOError:
             return
         except OSError:
             data = b""
+        if fds:
+            self._incoming_client(c, data, fds)
+            return
         if not data:
             self.greeting.pop(c, None)
             with self.lock:
@@ -257,6 +266,7 @@ class DomainProcess:
                     self._start_netback(dict(vif))
                 if not msg.get("paused"):
                     d.unpause()
+                self.started.set()
             elif op == "reconnect":  # a new daemon adopted us
                 self._reconnect()
             elif op == "block-attach":
@@ -325,6 +335,9 @@ class DomainProcess:
                     if ch.remote_dom == gone and not ch.backend_local:
                         self.directory.drop(port)
                 d.peer_gone(gone)
+            elif op == "migrate":
+                threading.Thread(target=self._migrate_out, args=(rid, msg), daemon=True).start()
+                return  # the thread answers
             elif op == "save":
                 path, checkpoint = str(msg["file"]), bool(msg.get("checkpoint"))
                 threading.Thread(target=self._save, args=(rid, path, checkpoint), daemon=True).start()
@@ -386,6 +399,207 @@ class DomainProcess:
             d.resume_after_suspend(True)
         self.event(reply=rid, ok=True, pages=stats.pages, bytes=stats.bytes, seconds=stats.seconds)
 
+    # ------------------------------------------------------------ live migration
+    def _suspend_for_migration(self, timeout: float) -> None:
+        """Ask the guest to suspend as a save does (control/shutdown =
+        "suspend", libxl's PV suspend) and wait until it has."""
+        from .. import abi
+        d = self.domain
+        assert d is not None
+        ctl = f"/local/domain/{self.domid}/control/shutdown"
+        self._xs().write(ctl, "suspend")
+        end = time.monotonic() + timeout
+        while d.shutdown_reason != abi.SHUTDOWN_suspend:
+            if d.crashed or d.dying or (d.shutdown_reason is not None):
+                raise RuntimeError(f"domain {self.domid} {d.state} instead of suspending")
+            if time.monotonic() > end:
+                with contextlib.suppress(Exception):
+                    self._xs().write(ctl, "")
+                raise RuntimeError(f"the guest did not suspend within {timeout:g} s (it must act on "
+                                   "control/shutdown = \"suspend\"); it keeps running")
+            time.sleep(0.001)
+
+    def _migrate_out(self, rid: object, msg: dict[str, Any]) -> None:
+        """``pyxen migrate``: connect, reservation, live rounds, stop-and-copy,
+        commitment (pyxen/migration/protocol.py).  Before the destination
+        reports the domain running, any failure resumes it here."""
+        from ..migration import live
+        from ..migration import protocol as P
+        from ..migration import save as SV
+        from ..migration.stream import StreamError
+        d = self.domain
+        assert d is not None
+        conn: Any = None
+        proc: Any = None
+        st: live.LiveStats | None = None
+        commit: dict[str, float] = {}
+        rounds: list[dict[str, Any]] = []
+        remote = -1
+        try:
+            if "tcp" in msg:
+                host, _, port = str(msg["tcp"]).rpartition(":")
+                conn = socket.create_connection((host.strip("[]"), int(port)), timeout=30)
+                conn.settimeout(None)
+                P.tune_socket(conn)
+                rfd = conn.fileno()
+                wfile: Any = conn.makefile("wb", buffering=1 << 20)
+            else:
+                import subprocess
+                proc = subprocess.Popen([str(a) for a in msg["cmd"]], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, bufsize=0)
+                assert proc.stdin is not None and proc.stdout is not None
+                rfd = proc.stdout.fileno()
+                wfile = os.fdopen(os.dup(proc.stdin.fileno()), "wb", buffering=1 << 20)
+                proc.stdin.close()
+            P.expect(rfd, P.BANNER, 60, "receiver's banner")
+            # the xl header first: the destination reserves the domain it describes
+            from ..migration import stream as S
+            cfg = json.dumps(SV.xl_config(d)).encode() + b"\0"
+            wfile.write(S.XlHeader(S.XL_MANDATORY_FLAG_JSON | S.XL_MANDATORY_FLAG_STREAMv2, 0, cfg).pack())
+            wfile.flush()
+            remote = P.parse_reservation(P.read_line(rfd, 120, "reservation answer"))
+            d.log(f"migration: the destination reserved domain {remote}", always=True)
+            pol = live.RatePolicy()
+            for key in ("min_rate", "max_rate", "max_rounds", "few_pages"):
+                if key in msg:
+                    setattr(pol, key, type(getattr(pol, key))(msg[key]))
+            timeout = float(msg.get("suspend_timeout", 10))
+
+            def on_round(r: live.RoundStat) -> None:
+                rounds.append(dataclasses.asdict(r))
+                self.event(event="progress", pages=r.pages, total=d.max_pages, bytes=r.bytes,
+                           ns=int(r.seconds * 1e9))
+            st = live.send_live(d, wfile, lambda: self._suspend_for_migration(timeout), pol,
+                                on_round=on_round, header_sent=True,
+                                wait_applied=lambda n: P.wait_applied(rfd, n, 300))
+            t_end = time.monotonic()
+            P.expect(rfd, P.READY, 300, "receiver's ready message")
+            t_ready = time.monotonic()
+            wfile.write(P.GO)
+            wfile.flush()
+            P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
+            rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
+            commit = {"end_to_ready_ms": (t_ready - t_end) * 1000,
+                      "end_to_report_ms": (time.monotonic() - t_end) * 1000}
+            if rc:
+                raise P.ProtocolError(f"the destination could not unpause the domain ({rc})")
+        except (P.ProtocolError, SV.SaveError, StreamError, XenError, OSError, RuntimeError,
+                ValueError, KeyError) as e:
+            why = e.why if isinstance(e, XenError) else (e.strerror if isinstance(e, OSError) and
+                                                        e.strerror else str(e))
+            from .. import abi
+            suspended = d.shutdown_reason == abi.SHUTDOWN_suspend
+            note = "it keeps running"
+            if suspended:
+                try:
+                    d.resume_after_suspend(True)
+                    note = "the domain was resumed"
+                except XenError as e2:
+                    note = f"the domain could not be resumed: {e2.why}"
+            d.log(f"migration failed: {why}; {note}", always=True)
+            self.event(reply=rid, ok=False, suspended=suspended,
+                       error=f"migration failed: {why} ({note})")
+            self._close_channel(conn, proc)
+            return
+        self._close_channel(conn, proc)
+        assert st is not None
+        stats = st.as_dict()
+        stats["rounds"] = rounds
+        stats["commitment"] = commit
+        d.log(f"migrated: {st.pages} pages in {len(st.rounds)} rounds, {st.bytes} bytes in "
+              f"{st.seconds:.3f} s, stop-and-copy {st.downtime_seconds * 1000:.1f} ms "
+              f"({st.stop_reason})", always=True)
+        self.event(reply=rid, ok=True, stats=stats, remote_domid=remote)
+
+    @staticmethod
+    def _close_channel(conn: Any, proc: Any) -> None:
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if proc is not None:
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    with contextlib.suppress(OSError):
+                        f.close()
+            try:
+                proc.wait(10)
+            except Exception:  # noqa: BLE001
+                proc.kill()
+
+    def _incoming_client(self, c: socket.socket, data: bytes, fds: list[int]) -> None:
+        """migrate-receive's connection: a JSON line and the stream's two fds
+        (read, write).  One only, and only while the domain waits for it."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(c)
+        self.greeting.pop(c, None)
+        if not self.incoming or len(fds) != 2 or not data.startswith(b'{"incoming"'):
+            for fd in fds:
+                os.close(fd)
+            c.close()
+            return
+        self.incoming = False
+        c.setblocking(True)
+        threading.Thread(target=self._migrate_in, args=(c, fds[0], fds[1]), daemon=True).start()
+
+    def _migrate_in(self, c: socket.socket, rfd: int, wfd: int) -> None:
+        """The receiving side: say the domain is reserved, read the rounds into
+        the empty domain (later rounds overwrite), build it at END as a
+        restore does, have the daemon write its xenstore entries ("ready";
+        it answers "start", paused), tell the sender, unpause on its go and
+        report.  Any failure ends this process: the daemon removes the
+        domain, and the sender, whose connection closes, resumes its own."""
+        from ..backends.console import ConsoleBackend
+        from ..migration import protocol as P
+        from ..migration import restore as R
+        from ..migration import stream as S
+        d = self.domain
+        assert d is not None
+
+        def finish(ok: bool, error: str = "") -> None:
+            with contextlib.suppress(OSError):
+                c.sendall(json.dumps({"ok": ok, "error": error, "domid": self.domid}).encode() + b"\n")
+                c.close()
+        try:
+            P.write_all(wfd, P.RESERVED + str(self.domid).encode() + b"\n")
+            rf = os.fdopen(rfd, "rb", buffering=1 << 20)
+            stamps: list[tuple[str, float]] = []
+            stats = R.restore_into(d, S.iter_stream(rf, "migration stream", decode_pages=False),
+                                   self._progress(),
+                                   stamp=lambda what: stamps.append((what, time.monotonic())),
+                                   round_end=lambda n: P.write_all(wfd, P.APPLIED + b"%d\n" % n))
+            off = d.machine.ram_offset(d.start_info["console_mfn"])
+            port = d.start_info["console_evtchn"]
+            d.console = ConsoleBackend(d.machine.ram_view[off:off + 4096], d.console_output,
+                                       lambda: d.raise_port(port, 0))
+            d.log(f"migrated in: {stats.pages} pages, {stats.pinned} pinned tables, "
+                  f"{stats.bytes} bytes, was domain {stats.state.get('domid', '?')}; tables validated "
+                  f"during the rounds: {stats.live}", always=True)
+            d.pause()
+            d.start()
+            stamps.append(("built", time.monotonic()))
+            self.event(event="ready", domid=self.domid, start_info=d.start_info, **self._memory())
+            if not self.started.wait(60):
+                raise RuntimeError("the daemon did not start the domain")
+            stamps.append(("xenstore entries written", time.monotonic()))
+            P.write_all(wfd, P.READY)
+            P.expect(rfd, P.GO, 300, "sender's permission to go")
+            stamps.append(("go", time.monotonic()))
+            d.unpause()
+            P.write_all(wfd, P.REPORT + b"\0")
+            t0 = stamps[0][1] if stamps else 0.0
+            d.log("migrated in, from the last round's first record: " + ", ".join(
+                f"{what} {(t - t0) * 1000:.1f} ms" for what, t in stamps), always=True)
+        except Exception as e:  # noqa: BLE001 - whatever went wrong, no domain is left
+            why = e.why if isinstance(e, XenError) else str(e)
+            self.on_log(f"domain {self.domid}: incoming migration failed: {why}")
+            self.event(event="error", error=f"incoming migration failed: {why}")
+            finish(False, why)
+            self.exit(1)
+            return
+        finish(True)
+        with contextlib.suppress(OSError):
+            os.close(wfd)
+
     def exit(self, code: int) -> None:
         if self.domain is not None:
             self.domain.destroy()
@@ -424,8 +638,12 @@ class DomainProcess:
         self.event(event="register", domid=self.domid, pid=os.getpid(), sock=str(sock_path))
         self.mark("registered")
         restore = self.spec.extra.pop("restore", None)  # a save file to restore from
+        self.incoming = bool(self.spec.extra.pop("incoming", False))
         try:
-            if restore is not None:
+            if self.incoming:  # reservation: the empty domain, its memory; the stream comes later
+                self.domain = Domain(self.spec, self.on_console, self.on_state, self.on_log,
+                                     self.directory)
+            elif restore is not None:
                 self.domain = self._restore(str(restore))
             else:
                 self.domain = create_domain(self.spec, console_sink=self.on_console,
@@ -446,6 +664,11 @@ class DomainProcess:
         except (ImageError, OSError, ValueError, ImportError) as e:
             self.event(event="error", error=str(e))
             os._exit(1)
+        if self.incoming:
+            self.event(event="reserved", domid=self.domid, **self._memory())
+            self.sel.register(lsock, selectors.EVENT_READ, self._accept)
+            self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
+            self._loop()
         # built paused: the daemon writes the domain's xenstore entries, then says "start"
         self.domain.pause()
         self.domain.start()
@@ -453,6 +676,9 @@ class DomainProcess:
                    **self._memory())
         self.sel.register(lsock, selectors.EVENT_READ, self._accept)
         self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
+        self._loop()
+
+    def _loop(self) -> None:
         while True:
             busy = self.backlog or self.xs_paused or (
                 self.domain is not None and self.domain.xs_ring is not None and self.domain.xs_ring.to_daemon)
