@@ -155,7 +155,11 @@ class Host:
             raise PyxenError(f"lost the connection to pyxend: {e}") from None
         self.answered = True
         if not r.get("ok"):
-            raise PyxenError(str(r.get("error", "failed")))
+            err = str(r.get("error", "failed"))
+            if err.startswith("unknown operation"):  # a daemon started by an older pyxen
+                err += (f" (the pyxend in {self.run_dir} predates this pyxen: "
+                        "`pyxen daemon stop`, then try again)")
+            raise PyxenError(err)
         return r
 
     # ------------------------------------------------------------ operations
