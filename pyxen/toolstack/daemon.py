@@ -825,6 +825,11 @@ class Daemon:
             if not isinstance(cmd, list) or not cmd or len(cmd) > 64:
                 raise RequestError("cmd must be a non-empty list of strings")
             kw["cmd"] = [validate.string("cmd", c, 4096) for c in cmd]
+        if req.get("key") is not None:
+            k = validate.string("key", req.get("key"), 8192)
+            if len(k) < 32 or len(k) % 2 or any(c not in "0123456789abcdef" for c in k):
+                raise RequestError("key must be at least 16 bytes in lower-case hex")
+            kw["key"] = k
         for key, lo, hi in (("min_rate", 1, 1e6), ("max_rate", 1, 1e6), ("max_rounds", 1, 1000),
                             ("few_pages", 0, 1 << 30), ("timeout", 0.1, 3600)):
             v = req.get(key)

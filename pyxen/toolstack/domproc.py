@@ -451,7 +451,15 @@ class DomainProcess:
                 rfd = proc.stdout.fileno()
                 wfile = os.fdopen(os.dup(proc.stdin.fileno()), "wb", buffering=1 << 20)
                 proc.stdin.close()
-            P.expect(rfd, P.BANNER, 60, "receiver's banner")
+            if msg.get("key"):
+                from ..migration import auth
+                auth.sender(rfd, wfile.fileno(), bytes.fromhex(str(msg["key"])))
+            banner = P.read_line(rfd, 60, "receiver's banner")
+            if banner.startswith(b"pyxen migration: auth "):
+                raise P.ProtocolError("the receiver asks for the migration key (it was started with --key): "
+                                      "give pyxen migrate --key FILE")
+            if banner != P.BANNER:
+                raise P.ProtocolError(f"expected the receiver's banner {P.BANNER!r}, got {banner[:120]!r}")
             # the xl header first: the destination reserves the domain it describes
             from ..migration import stream as S
             cfg = json.dumps(SV.xl_config(d)).encode() + b"\0"
