@@ -391,3 +391,23 @@ def downtime_from_beats(beats: list[tuple[int, int, float]], period_s: float) ->
     seqs = [s for s, _, _ in beats]
     lost = (max(seqs) - min(seqs) + 1) - len(set(seqs))
     return {"downtime_s": max(0.0, g - period_s), "largest_gap_s": g, "at": at, "lost": float(lost)}
+
+
+def boot_net_linux(host: Any, initrd: Path, name: str, mac: str, disk_uri: str | None = None,
+                   memory: int = 256) -> tuple[int, Any]:
+    """Debian's Linux (examples/linux-net.cfg) with one vif ``mac`` on
+    xenbr0 and optionally a disk on ``disk_uri`` (e.g. the outside's NBD
+    export), booted to its shell: (domid, the console's Shell)."""
+    import re
+
+    from tests.conftest import read_until
+    from tests.e2e.test_unmodified_guests import INIT_MARKER, VMLINUZ, Shell
+    over = [f'name="{name}"', f'kernel="{VMLINUZ}"', f'ramdisk="{initrd}"',
+            f"vif=['mac={mac},bridge=xenbr0']", f"memory={memory}", 'on_crash="destroy"']
+    if disk_uri:
+        over.append(f"disk=['format=raw,vdev=xvda,access=rw,target={disk_uri}']")
+    domid, s = host.create_attached(ROOT / "examples" / "linux-net.cfg", over)
+    sh = Shell(s)
+    sh.buf = read_until(s, re.escape(INIT_MARKER).encode(), 300)
+    sh.wait_prompt(120)
+    return domid, sh

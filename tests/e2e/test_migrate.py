@@ -29,6 +29,7 @@ from tests.e2e.hosts import (
     OBSERVER_PY,
     TCP_CLIENT_PY,
     TwoHosts,
+    boot_net_linux,
     can_make_namespaces,
     downtime_from_beats,
 )
@@ -456,19 +457,6 @@ def hb_initrd(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 MAC = "00:16:3e:4d:11:01"
 
 
-def _boot_net_linux(h, initrd, disk_uri: str, name: str = "linuxnet"):  # noqa: ANN001, ANN202
-    from tests.conftest import read_until
-    from tests.e2e.test_unmodified_guests import INIT_MARKER, VMLINUZ, Shell
-    domid, s = h.create_attached(ROOT / "examples" / "linux-net.cfg", [
-        f'name="{name}"', f'kernel="{VMLINUZ}"', f'ramdisk="{initrd}"',
-        f"vif=['mac={MAC},bridge=xenbr0']", f"disk=['format=raw,vdev=xvda,access=rw,target={disk_uri}']",
-        "memory=256", 'on_crash="destroy"'])
-    sh = Shell(s)
-    sh.buf = read_until(s, re.escape(INIT_MARKER).encode(), 300)
-    sh.wait_prompt(120)
-    return domid, sh
-
-
 def _json_out(p: subprocess.Popen[bytes], timeout: float = 60) -> dict:
     assert p.stdin is not None and p.stdout is not None
     with contextlib.suppress(BrokenPipeError):
@@ -504,7 +492,7 @@ def test_linux_network_and_storage_follow_the_guest(lan: TwoHosts, hb_initrd, tm
     nbd, uri = lan.nbd_server(img)
     obs = cl = None
     try:
-        domid, sh = _boot_net_linux(lan.a, hb_initrd, uri)
+        domid, sh = boot_net_linux(lan.a, hb_initrd, "linuxnet", MAC, uri)
         try:
             sh.run(f"ip addr add {lan.guest_ip}/24 dev eth0; ip link set eth0 up")
             out = sh.run(f"ping -c 2 -W 5 {lan.lan_ips[2]}", 60)
@@ -575,14 +563,16 @@ def test_linux_network_and_storage_follow_the_guest(lan: TwoHosts, hb_initrd, tm
         assert len(after) >= 10, "the heartbeat goes on after the move"
         during = [b for b in beats if t0 - 1 <= b[2] <= t1 + 2]
         dt = downtime_from_beats(during, HB_PERIOD_MS / 1000)
+        st = r["stats"]
+        g_end = dt["at"] + dt["largest_gap_s"]
+        garp_t = min([g["t"] for g in garps if g["t"] > t0] or [float("nan")])
         print(f"UDP heartbeat seen from the outside: downtime {dt['downtime_s'] * 1000:.1f} ms "
-              f"(largest gap {dt['largest_gap_s'] * 1000:.1f} ms, {dt['lost']:.0f} lost); "
-              f"pyxen's stop-and-copy {r['stats']['downtime_seconds'] * 1000:.1f} ms; "
-              f"TCP {res['sent']} bytes echoed intact, longest stall {res['max_stall_s'] * 1000:.0f} ms; "
-              f"gap from t0+{(dt['at'] - t0) * 1000:.0f} ms to t1{(dt['at'] + dt['largest_gap_s'] - t1) * 1000:+.0f} ms "
-              f"(migrate took {(t1 - t0) * 1000:.0f} ms; suspend {r['stats'].get('suspend_seconds', 0) * 1000:.0f} ms, "
-              f"commitment {r['stats'].get('commitment')}; GARP at t1"
-              f"{(min([g['t'] for g in garps if g['t'] > t0] or [t1]) - t1) * 1000:+.0f} ms)")
+              f"(largest gap {dt['largest_gap_s'] * 1000:.1f} ms, {dt['lost']:.0f} lost); pyxen's "
+              f"stop-and-copy {st['downtime_seconds'] * 1000:.1f} ms (guest's suspend "
+              f"{st.get('suspend_seconds', 0) * 1000:.0f} ms), commitment {st.get('commitment')}; "
+              f"the gap from migrate's start +{(dt['at'] - t0) * 1000:.0f} ms to its return "
+              f"{(g_end - t1) * 1000:+.0f} ms, gratuitous ARP at its return {(garp_t - t1) * 1000:+.0f} ms; "
+              f"TCP {res['sent']} bytes echoed intact, longest stall {res['max_stall_s'] * 1000:.0f} ms")
         lan.b.destroy(d["domid"])
         if shutil.which("debugfs"):  # what b's guest wrote is in the shared image itself
             r2 = subprocess.run(["debugfs", "-R", "cat /after", str(img)], capture_output=True,
