@@ -370,3 +370,56 @@ def test_linux_save_restore_and_checkpoint(host, tmp_path: Path) -> None:
     finally:
         s.close()
     host.destroy(info["domid"])
+
+
+def _first_pfn_of(data: bytes, t: object) -> int | None:
+    from pyxen.migration import stream
+    for it in stream.iter_stream(io.BytesIO(data)):
+        if it.layer == "libxc" and it.rtype == stream.Rec.PAGE_DATA:
+            for pfn, pt in it.value.pfns:
+                if pt == t:
+                    return int(pfn)
+    return None
+
+
+def test_restore_page_table_mapping_foreign_frames_refused(host, tmp_path: Path) -> None:
+    """Issue 11, "Faults and bad input": a save file whose page table maps a
+    frame the domain does not own is refused by ``pyxen restore`` with a
+    clear error, and no domain is left: an L1 entry naming a pfn beyond the
+    domain's memory (refused when the table is localised), one naming a pfn
+    the domain has not populated (ballooned out, XTAB in the stream: the
+    MMU's validation at the pin refuses the frame, not the domain's), and an
+    L4 slot doing the same."""
+    from pyxen.migration import stream
+    d = host.create(TICKER, ['name="sr-foreign"', 'extra="period_ms=50"', "maxmem=24"])
+    console_text(host, d, rb"xenbus: store ready")
+    f = tmp_path / "good.save"
+    host.save(d, f)
+    good = f.read_bytes()
+    offs = _page_offsets(good, {stream.PageType.L4TAB_PIN, stream.PageType.L1TAB})
+    _, l1_off = offs[stream.PageType.L1TAB]
+    _, l4_off = offs[stream.PageType.L4TAB_PIN]
+    free = _first_pfn_of(good, stream.PageType.XTAB)
+    assert free is not None, "memory 16, maxmem 24: the pfns above 16 MiB are not populated"
+    ents = struct.unpack_from("<512Q", good, l1_off)
+    slot = next(i for i in range(512) if ents[i] & 1)  # a present entry: change only its frame
+    cases = {
+        "beyond the domain": (l1_off + 8 * slot, (ents[slot] & ~0x000FFFFFFFFFF000) | (0xFFFFF << 12)),
+        "not populated": (l1_off + 8 * slot, (ents[slot] & ~0x000FFFFFFFFFF000) | (free << 12)),
+        "an L4 slot beyond": (l4_off + 8 * 200, (0xFFFF0 << 12) | 0x7),
+    }
+    for what, (off, val) in cases.items():
+        data = bytearray(good)
+        struct.pack_into("<Q", data, off, val)
+        bad = tmp_path / f"{what.replace(' ', '_')}.save"
+        bad.write_bytes(bytes(data))
+        with pytest.raises(PyxenError) as e:
+            host.restore(bad)
+        msg = str(e.value)
+        assert str(bad) in msg and re.search(r"does not have|does not validate|not the domain's|"
+                                             r"not owned|foreign", msg), (what, msg)
+        assert not any(x["name"] == "sr-foreign" for x in host.list()), what
+        print(f"{what}: {msg}")
+    info = host.restore(f)  # the unmodified file still restores
+    console_text(host, info["domid"], rb"resumed in a restored domain")
+    host.destroy(info["domid"])
