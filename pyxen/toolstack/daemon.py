@@ -871,7 +871,7 @@ class Daemon:
         if reply.get("ok") and "stats" not in reply:  # _domain_gone's answer: the process died
             raise RuntimeError(f"domain {rec.domid}'s process exited during the migration")
         if not reply.get("ok"):
-            if reply.get("suspended"):
+            if reply.get("suspended") and not reply.get("undefined"):
                 self._xs_resumed(rec.domid)
             raise RuntimeError(str(reply.get("error", "migration failed")))
         self.log(f"domain {rec.domid} ({rec.name}) migrated: the destination runs it "

@@ -435,6 +435,7 @@ class DomainProcess:
         commit: dict[str, float] = {}
         rounds: list[dict[str, Any]] = []
         remote = -1
+        go_sent = False  # after "go" a failure leaves the domain's state undefined (xl's failed_badly)
         try:
             if "tcp" in msg:
                 host, _, port = str(msg["tcp"]).rpartition(":")
@@ -477,6 +478,7 @@ class DomainProcess:
             t_ready = time.monotonic()
             wfile.write(P.GO)
             wfile.flush()
+            go_sent = True
             P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
             rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
             commit = {"end_to_ready_ms": (t_ready - t_end) * 1000,
@@ -490,6 +492,17 @@ class DomainProcess:
             from .. import abi
             suspended = d.shutdown_reason == abi.SHUTDOWN_suspend
             note = "it keeps running"
+            if go_sent and suspended:
+                # the destination may run it already: two copies would corrupt
+                # its disks, so it is not resumed here (as xl's failed_badly)
+                note = (f"the destination was cleared to unpause it (domain {remote} there) but "
+                        "its report did not arrive: the domain's state is undefined; it stays "
+                        "suspended here: check the destination, then destroy one of the two")
+                d.log(f"migration failed during the final handshake: {why}; {note}", always=True)
+                self.event(reply=rid, ok=False, suspended=True, undefined=True,
+                           error=f"migration failed during the final handshake: {why} ({note})")
+                self._close_channel(conn, proc)
+                return
             if suspended:
                 try:
                     d.resume_after_suspend(True)

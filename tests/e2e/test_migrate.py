@@ -236,6 +236,153 @@ s.shutdown(socket.SHUT_WR)
     return p
 
 
+def _cutting_relay(two: TwoHosts, listen_port: int, to_port: int, at: str) -> subprocess.Popen[bytes]:
+    """A relay on b that cuts the connection (closes both sides) at a point
+    of the conversation (pyxen/migration/protocol.py):
+
+    * ``header``: 20 bytes into the xl header, before the reservation;
+    * ``stop-and-copy``: the first bytes the sender sends after the last live
+      round's acknowledgement (it suspended the guest before sending them);
+    * ``commitment``: instead of passing the receiver's "ready to unpause"
+      (the stream is complete, the source is suspended);
+    * ``after-go``: right after passing the sender's "cleared to unpause",
+      so the receiver's report never arrives."""
+    code = f"""
+import os, socket, threading
+at = {at!r}
+ls = socket.create_server(("{two.ips[1]}", {listen_port}))
+print("ready", flush=True)
+c, _ = ls.accept()
+s = socket.create_connection(("{two.ips[1]}", {to_port}))
+acked = threading.Event()
+def cut():
+    for x in (c, s):
+        try:
+            x.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    os._exit(0)
+def back():
+    tail = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            cut()
+        tail = (tail + b)[-200:]
+        if at == "commitment" and b"ready to unpause" in tail:
+            cut()
+        c.sendall(b)
+        if b"round applied" in tail:
+            acked.set()
+threading.Thread(target=back, daemon=True).start()
+n = 0
+tail = b""
+while True:
+    b = c.recv(65536)
+    if not b:
+        cut()
+    if at == "header" and n + len(b) >= 20:
+        s.sendall(b[:20 - n])
+        cut()
+    if at == "stop-and-copy" and acked.is_set():
+        cut()
+    n += len(b)
+    s.sendall(b)
+    tail = (tail + b)[-200:]
+    if at == "after-go" and b"cleared to unpause" in tail:
+        cut()
+"""
+    p = two.run_in(1, [sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline().startswith(b"ready")
+    return p
+
+
+@pytest.mark.parametrize("at", ["header", "stop-and-copy", "commitment"])
+def test_connection_cut_source_resumes(two: TwoHosts, at: str) -> None:
+    """The connection cut before the reservation, in the stop-and-copy (the
+    guest is suspended by then) and at the commitment (the whole stream is
+    on the destination, its "ready" is lost): the source resumes its guest
+    (or never stopped it), which keeps ticking; the destination keeps no
+    domain."""
+    dom = two.a.create(TICKER)
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= 3, what="ticks")
+    port, pport = next(_port), next(_port)
+    rx = two.receiver(port)
+    relay = _cutting_relay(two, pport, port, at)
+    with pytest.raises(PyxenError, match="migration failed") as e:
+        two.a.migrate(dom, tcp=f"{two.ips[1]}:{pport}", max_rounds=1)
+    msg = str(e.value)
+    if at == "header":
+        assert "it keeps running" in msg, msg
+    else:
+        assert "the domain was resumed" in msg, msg
+    assert rx.wait(60) != 0
+    relay.wait(30)
+    wait_for(lambda: two.b.list() == [], what="no domain left on b")
+    [d] = running(two.a, "ticker")
+    n = len(ticks(two.console(0, "ticker")))
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= n + 3, what="source ticking")
+    seq = ticks(two.console(0, "ticker"))
+    assert [x for x, _ in seq] == list(range(seq[0][0], seq[0][0] + len(seq)))
+    two.a.destroy(d["domid"])
+
+
+def test_connection_cut_after_go_leaves_one_copy(two: TwoHosts) -> None:
+    """Cut after the sender's "cleared to unpause": the destination runs the
+    domain, and the source, which cannot know, does not resume its copy (two
+    would corrupt shared disks): it stays suspended and ``pyxen migrate``
+    says the state is undefined and where to look, as xl's "failed during
+    final handshake"."""
+    dom = two.a.create(TICKER)
+    wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= 3, what="ticks")
+    port, pport = next(_port), next(_port)
+    rx = two.receiver(port)
+    relay = _cutting_relay(two, pport, port, "after-go")
+    with pytest.raises(PyxenError, match="final handshake") as e:
+        two.a.migrate(dom, tcp=f"{two.ips[1]}:{pport}", max_rounds=1)
+    assert "undefined" in str(e.value) and "stays suspended" in str(e.value), str(e.value)
+    relay.wait(30)
+    rx.wait(60)
+    [d] = wait_for(lambda: running(two.b, "ticker"), what="the destination runs it")
+    wait_for(lambda: len(ticks(two.console(1, "ticker"))) >= 3, what="ticks on b")
+    [src] = [x for x in two.a.list() if x["name"] == "ticker"]
+    assert src["state"] not in ("running", "blocked"), src
+    n = len(ticks(two.console(0, "ticker")))
+    time.sleep(0.5)  # (a resumed copy would have ticked 5 times by now)
+    assert len(ticks(two.console(0, "ticker"))) == n
+    two.a.destroy(src["domid"])
+    two.b.destroy(d["domid"])
+
+
+def test_destination_short_of_memory_refuses_before_pages(guest) -> None:  # noqa: ANN001
+    """A destination whose pyxend has 12 MiB for domains (``--memory``)
+    refuses the 16 MiB ticker at the reservation, before any page is sent,
+    with the sizes in the error; the source never suspended and keeps
+    ticking; b has no domain."""
+    why = can_make_namespaces()
+    if why:
+        pytest.skip(f"SKIPPED LOUDLY: two hosts in network namespaces: {why}")
+    two = TwoHosts(memory=[0, 12])
+    try:
+        dom = two.a.create(TICKER)
+        wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= 3, what="ticks")
+        port = next(_port)
+        rx = two.receiver(port)
+        with pytest.raises(PyxenError, match=r"refused the domain: memory: the domain needs 16 MiB "
+                                             r"and this host has 12 MiB free") as e:
+            two.a.migrate(dom, tcp=f"{two.ips[1]}:{port}")
+        assert "it keeps running" in str(e.value), str(e.value)
+        assert rx.wait(30) != 0
+        assert two.b.list() == []
+        [d] = running(two.a, "ticker")
+        assert not any("suspend" in line for line in two.a.dmesg()), two.a.dmesg()[-5:]
+        n = len(ticks(two.console(0, "ticker")))
+        wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= n + 3, what="source ticking")
+        two.a.destroy(d["domid"])
+    finally:
+        two.close()
+
+
 def test_corrupt_stream_refused_source_resumes(two: TwoHosts) -> None:
     dom = two.a.create(TICKER)
     wait_for(lambda: len(ticks(two.console(0, "ticker"))) >= 3, what="ticks")
