@@ -501,6 +501,60 @@ def test_live_rounds_revalidate_tables_in_process(run_guest) -> None:  # noqa: A
     assert rs.live == {"tries": 1, "teardowns": 1, "diffs": 2, "still_valid_at_end": False}, rs.live
 
 
+def test_live_round_page_table_mapping_foreign_frame_refused(run_guest) -> None:  # noqa: ANN001
+    """The receiver's side alone: a later live round re-sends an L1 (applied
+    entry by entry against the tables validated at round 1) with an entry
+    that maps a frame the domain does not own -- a pfn beyond its memory,
+    then the pfn of a page table made writable -- and the stream is refused
+    with a clear error; restore_domain leaves no domain (its VM closed)."""
+    import io
+    import struct as st
+
+    from pyxen import abi
+    from pyxen.migration import restore, save
+    from pyxen.migration import stream as S
+    g = run_guest("ticker", "period_ms=50 suspend_at=2")
+    end = time.monotonic() + 10
+    while g.domain.shutdown_reason != abi.SHUTDOWN_suspend:
+        assert time.monotonic() < end, g.output
+        time.sleep(0.02)
+    buf = io.BytesIO()
+    save.save_domain(g.domain, buf)
+    g.domain.destroy()
+    raw = buf.getvalue()
+    items = list(S.iter_stream(io.BytesIO(raw)))
+    tail = next(it.offset for it in items if it.rtype == S.Rec.X86_TSC_INFO and it.layer == "libxc")
+    pages: dict[int, tuple[S.PageType, bytes]] = {}
+    for it in items:
+        if it.rtype == S.Rec.PAGE_DATA and it.layer == "libxc":
+            data = iter(it.value.data)
+            for pfn, t in it.value.pfns:
+                if t.has_data:
+                    pages[pfn] = (t, next(data))
+    l1 = next(p for p, (t, _) in pages.items() if t == S.PageType.L1TAB)
+    l4 = next(p for p, (t, _) in pages.items() if t == S.PageType.L4TAB_PIN)
+    ents = list(st.unpack("<512Q", pages[l1][1]))
+    i = next(k for k in range(512) if ents[k] & 1)
+
+    def with_entry(frame: int, flags: int) -> bytes:
+        e = list(ents)
+        e[i] = (frame << 12) | flags
+        return st.pack("<512Q", *e)
+
+    def rec(pfn: int, t: S.PageType, data: bytes) -> bytes:
+        return S.encode_record(S.Rec.PAGE_DATA, S.PageData([(pfn, t)], [data]).pack())
+
+    def round_end(n: int) -> bytes:
+        return S.encode_record(S.Rec.PYXEN_ROUND_END, st.pack("<II", n, 0))
+    cases = {"beyond its memory": (with_entry(0xFFFFF, 0x67), r"does not have"),
+             "its L4, writable": (with_entry(l4, 0x67), r"does not validate|writable|refuse")}
+    for what, (mod, want) in cases.items():
+        extra = round_end(1) + rec(l1, S.PageType.L1TAB, mod) + round_end(2)
+        with pytest.raises(restore.RestoreError, match=want) as e:
+            restore.restore_domain(io.BytesIO(raw[:tail] + extra + raw[tail:]), 9, start=False)
+        print(f"{what}: {e.value}")
+
+
 def test_linux_migrates_live(two: TwoHosts, tmp_path) -> None:  # noqa: ANN001
     """Debian's Linux, unmodified, migrates live over TCP: a file written in
     its memory before is there after, its uptime goes on, and its disk (the
