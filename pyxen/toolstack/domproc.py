@@ -657,6 +657,9 @@ class DomainProcess:
                 self.domain = Domain(self.spec, self.on_console, self.on_state, self.on_log,
                                      self.directory)
             elif restore is not None:
+                if self.spec.extra.get("vifs"):  # (in parallel with reading the file)
+                    from ..backends import netback
+                    threading.Thread(target=netback.preload, daemon=True).start()
                 self.domain = self._restore(str(restore))
             else:
                 self.domain = create_domain(self.spec, console_sink=self.on_console,
@@ -678,6 +681,9 @@ class DomainProcess:
             self.event(event="error", error=str(e))
             os._exit(1)
         if self.incoming:
+            if self.spec.extra.get("vifs"):  # the TAPs are made once the guest is down: be ready
+                from ..backends import netback
+                threading.Thread(target=netback.preload, daemon=True).start()
             self.event(event="reserved", domid=self.domid, **self._memory())
             self.sel.register(lsock, selectors.EVENT_READ, self._accept)
             self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
