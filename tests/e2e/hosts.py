@@ -411,3 +411,13 @@ def boot_net_linux(host: Any, initrd: Path, name: str, mac: str, disk_uri: str |
     sh.buf = read_until(s, re.escape(INIT_MARKER).encode(), 300)
     sh.wait_prompt(120)
     return domid, sh
+
+
+def guest_uptime(sh: Any) -> float:
+    """Linux's uptime (s) through its console Shell; a kernel message that the
+    console interleaves with the output (``[   12.3] ...``) is skipped."""
+    import re
+    out = sh.run("cat /proc/uptime")
+    m = re.search(r"^(\d+\.\d+) \d+\.\d+\r?$", out, re.M)
+    assert m, out
+    return float(m.group(1))

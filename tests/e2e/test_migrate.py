@@ -32,6 +32,7 @@ from tests.e2e.hosts import (
     boot_net_linux,
     can_make_namespaces,
     downtime_from_beats,
+    guest_uptime,
 )
 
 TICKER = ROOT / "examples" / "ticker.cfg"
@@ -567,7 +568,7 @@ def test_linux_migrates_live(two: TwoHosts, tmp_path) -> None:  # noqa: ANN001
     try:
         sh.run("echo kept-in-memory > /tmp/mig-mark; "
                "echo block-before-migrate | dd of=/dev/xvda bs=512 seek=200 conv=fsync 2>/dev/null; sync")
-        up0 = float(sh.run("cat /proc/uptime").split()[0])
+        up0 = guest_uptime(sh)
     finally:
         sh.s.close()
     port = next(_port)
@@ -583,7 +584,7 @@ def test_linux_migrates_live(two: TwoHosts, tmp_path) -> None:  # noqa: ANN001
         sh.s.sendall(b"\n")
         sh.wait_prompt(120)
         assert sh.run("cat /tmp/mig-mark").strip() == "kept-in-memory"
-        assert float(sh.run("cat /proc/uptime").split()[0]) >= up0
+        assert guest_uptime(sh) >= up0
         out = sh.run("dd if=/dev/xvda bs=512 skip=200 count=1 2>/dev/null | head -c 20; echo", 120)
         assert "block-before-migrate" in out, out
         sh.run("echo block-after-migrate | dd of=/dev/xvda bs=512 seek=300 conv=fsync "

@@ -18,6 +18,7 @@ import pytest
 
 from pyxen.toolstack.api import PyxenError
 from tests.conftest import ROOT, cli, read_until, wait_listed
+from tests.e2e.hosts import guest_uptime
 
 TICKER = ROOT / "examples" / "ticker.cfg"
 DIRTIER = ROOT / "examples" / "dirtier.cfg"
@@ -342,7 +343,7 @@ def test_linux_save_restore_and_checkpoint(host, tmp_path: Path) -> None:
     try:
         sh.run("echo kept-in-memory > /tmp/sr-mark; "
                "echo block-before-save | dd of=/dev/xvda bs=512 seek=200 conv=fsync 2>/dev/null; sync")
-        up0 = float(sh.run("cat /proc/uptime").split()[0])
+        up0 = guest_uptime(sh)
         ck = tmp_path / "linux-ckpt.save"
         host.save(domid, ck, checkpoint=True, timeout=60)
         assert sh.run("echo still-here").strip() == "still-here"
@@ -357,7 +358,7 @@ def test_linux_save_restore_and_checkpoint(host, tmp_path: Path) -> None:
         sh.s.sendall(b"\n")
         sh.wait_prompt(120)
         assert sh.run("cat /tmp/sr-mark").strip() == "kept-in-memory"
-        up1 = float(sh.run("cat /proc/uptime").split()[0])
+        up1 = guest_uptime(sh)
         assert up1 >= up0, (up0, up1)
         out = sh.run("dd if=/dev/xvda bs=512 skip=200 count=1 2>/dev/null | head -c 17; echo", 120)
         assert "block-before-save" in out, out
