@@ -380,8 +380,10 @@ static void hb_thread(void *arg)
 int app_main(const char *cmdline)
 {
     static uint8_t rxf[PAGE_SIZE];
+    struct netfront_stats st;
+    unsigned long connects;
     char buf[64];
-    int err, n;
+    int err, n, mac_given = 0;
 
     if (cmdline_get_str(cmdline, "ip", buf, sizeof(buf)) <= 0 || parse_ip(buf, NULL, &my_ip))
         app_fail("need ip=A.B.C.D on the command line (got \"%s\")", cmdline);
@@ -407,8 +409,11 @@ int app_main(const char *cmdline)
     if (!nf)
         app_fail("no network interface (%d)", err);
     memcpy(my_mac, netfront_mac(nf), 6);
-    if (cmdline_get_str(cmdline, "mac", buf, sizeof(buf)) > 0 && netfront_parse_mac(buf, my_mac))
-        app_fail("mac=%s: want xx:xx:xx:xx:xx:xx", buf);
+    if (cmdline_get_str(cmdline, "mac", buf, sizeof(buf)) > 0) {
+        if (netfront_parse_mac(buf, my_mac))
+            app_fail("mac=%s: want xx:xx:xx:xx:xx:xx", buf);
+        mac_given = 1;
+    }
     printk("netecho: up ip=%u.%u.%u.%u mac=%02x:%02x:%02x:%02x:%02x:%02x port=%u sink=%u\n",
            my_ip >> 24, (my_ip >> 16) & 255, (my_ip >> 8) & 255, my_ip & 255, my_mac[0],
            my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5], echo_port, sink_port);
@@ -417,8 +422,21 @@ int app_main(const char *cmdline)
     if (hb_port && !create_thread("netecho-hb", hb_thread, NULL))
         app_fail("cannot create the heartbeat thread");
 
+    netfront_get_stats(nf, &st);
+    connects = st.connects;
     for (;;) {
-        n = netfront_recv(nf, rxf, sizeof(rxf), monotonic_ns() + 10 * NSEC_PER_SEC);
+        n = netfront_recv(nf, rxf, sizeof(rxf), monotonic_ns() + NSEC_PER_SEC);
+        netfront_get_stats(nf, &st);
+        if (st.connects != connects && netfront_connected(nf)) {
+            /* A new connection (the vif was plugged again, or we were restored
+             * elsewhere): its MAC may be new, and the bridge must learn where we are. */
+            connects = st.connects;
+            if (!mac_given)
+                memcpy(my_mac, netfront_mac(nf), 6);
+            printk("netecho: reconnected (%lu) mac=%02x:%02x:%02x:%02x:%02x:%02x\n", connects,
+                   my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5]);
+            send_arp(1, bcast, zero_mac, my_ip);
+        }
         if (n < 14)
             continue;
         if (memcmp(rxf, my_mac, 6) && memcmp(rxf, bcast, 6))

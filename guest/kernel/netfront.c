@@ -50,7 +50,7 @@ struct netfront_dev {
 
     /* state machine (device thread) */
     int fe_state, be_state;
-    int fatal;
+    int fatal, gone;
     struct thread *thread;
     struct xenbus_watch fe_watch, be_watch;
     int be_watch_on;
@@ -250,25 +250,63 @@ static int switch_state(struct netfront_dev *d, int state)
 /* ---------------------------------------------------------------- */
 /* Setup and teardown (device thread) */
 
-/* End a grant; a page the backend still holds is leaked, never reused. */
+/*
+ * Grants the backend still held when we took a connection down (it may be
+ * slower to unmap than we are to tear down): their pages are freed only
+ * once the access is ended; the device thread retries every 100 ms.
+ */
+#define DEFERRED_MAX 1024
+static struct { grant_ref_t ref; void *page; } deferred[DEFERRED_MAX];
+static unsigned int ndeferred;
+static unsigned long deferred_leaked;
+
+static void retry_deferred(void)
+{
+    unsigned int i = 0;
+
+    while (i < ndeferred) {
+        if (gnttab_end_access(deferred[i].ref) == -XEN_EBUSY) {
+            i++;
+            continue;
+        }
+        if (deferred[i].page)
+            free_pages(deferred[i].page, 1);
+        deferred[i] = deferred[--ndeferred];
+    }
+}
+
+/* End a grant; a page the backend still holds is handed to the deferred list. */
 static void end_grant(struct buf *b)
 {
     if (!b->granted)
         return;
     if (gnttab_end_access(b->ref) == -XEN_EBUSY) {
-        printk("netfront: grant %u still in use at teardown: page leaked\n", b->ref);
-        b->va = NULL;
+        if (ndeferred < DEFERRED_MAX) {
+            deferred[ndeferred].ref = b->ref;
+            deferred[ndeferred].page = b->va;
+            ndeferred++;
+        } else {
+            deferred_leaked++;  /* the ref and the page stay out of use */
+        }
+        b->va = NULL;           /* never reused by us */
     }
     b->granted = 0;
 }
 
-static void teardown(struct netfront_dev *d)
+/*
+ * Take the connection down.  lost: the channel is already gone (a restored
+ * domain's channels are all closed, and its port number may since belong to
+ * another binding): forget it without closing it.  A restored domain's grant
+ * table is a new, empty one, so ending the old grants just frees the refs.
+ */
+static void teardown(struct netfront_dev *d, int lost)
 {
     unsigned long flags = irq_save();
 
     d->connected = 0;
     if (d->port >= 0) {
-        close_evtchn((evtchn_port_t)d->port);
+        if (!lost)
+            close_evtchn((evtchn_port_t)d->port);
         d->port = -1;
     }
     irq_restore(flags);
@@ -412,7 +450,7 @@ fail_tx:
     d->rx = NULL;
 fail:
     printk("netfront: vif%u: connecting: %s (%d)\n", d->devid, xenbus_strerror(rc), rc);
-    teardown(d);
+    teardown(d, 0);
     return rc;
 }
 
@@ -424,9 +462,121 @@ static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
     waitq_wake_all(&waiters);
 }
 
+static int watch_backend(struct netfront_dev *d)
+{
+    char path[192];
+    int rc;
+
+    if (d->be_watch_on) {
+        xenbus_unwatch(&d->be_watch);
+        d->be_watch_on = 0;
+    }
+    snprintf(path, sizeof(path), "%s/state", d->backend);
+    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
+    if (rc)
+        printk("netfront: vif%u: watch %s: %s\n", d->devid, path, xenbus_strerror(rc));
+    else
+        d->be_watch_on = 1;
+    return rc;
+}
+
+/* backend, backend-id and mac from the frontend directory: 0, or -errno
+ * (-XEN_ENOENT: the device is not there). */
+static int read_frontend(struct netfront_dev *d, int *changed)
+{
+    char path[96], buf[128];
+    uint8_t mac[6];
+    unsigned long id;
+    int rc;
+
+    *changed = 0;
+    snprintf(path, sizeof(path), "%s/backend", d->node);
+    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    if (rc < 0)
+        return rc;
+    if (strcmp(buf, d->backend)) {
+        strncpy_z(d->backend, buf, sizeof(d->backend));
+        *changed = 1;
+    }
+    snprintf(path, sizeof(path), "%s/backend-id", d->node);
+    rc = xenbus_read_ulong(XBT_NIL, path, &id);
+    if (rc < 0)
+        return rc;
+    if ((domid_t)id != d->backend_id) {
+        d->backend_id = (domid_t)id;
+        *changed = 1;
+    }
+    snprintf(path, sizeof(path), "%s/mac", d->node);
+    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    if (rc < 0)
+        return rc;
+    if (netfront_parse_mac(buf, mac)) {
+        printk("netfront: vif%u: mac '%s' is not a MAC\n", d->devid, buf);
+        return -XEN_EINVAL;
+    }
+    memcpy(d->mac, mac, 6);
+    return 0;
+}
+
+/* Our state node as the store has it (the toolstack may have reset it). */
+static int read_fe_store_state(struct netfront_dev *d)
+{
+    char path[64], buf[16];
+    const char *end;
+    unsigned long v;
+
+    snprintf(path, sizeof(path), "%s/state", d->node);
+    if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) <= 0)
+        return XenbusStateUnknown;
+    v = simple_strtoul(buf, &end, 10);
+    return end == buf ? XenbusStateUnknown : (int)v;
+}
+
 static void step(struct netfront_dev *d)
 {
-    int be = read_be_state(d), fe = d->fe_state;
+    int be, fe, changed, rc, store;
+
+    rc = read_frontend(d, &changed);
+    if (rc == -XEN_ENOENT) {
+        if (!d->gone) {
+            printk("netfront: vif%u: device removed\n", d->devid);
+            teardown(d, 0);
+            d->gone = 1;
+            d->fe_state = d->be_state = XenbusStateUnknown;
+            d->backend[0] = '\0';
+            if (d->be_watch_on) {
+                xenbus_unwatch(&d->be_watch);
+                d->be_watch_on = 0;
+            }
+        }
+        return;
+    }
+    if (rc < 0)
+        return;
+    store = read_fe_store_state(d);
+    if (d->gone) {
+        printk("netfront: vif%u: device is back, backend %s\n", d->devid, d->backend);
+        d->gone = 0;
+        d->fatal = 0;
+        d->fe_state = store;
+        changed = 1;
+    } else if (store == XenbusStateInitialising && d->fe_state != XenbusStateInitialising &&
+               (d->tx || d->connected)) {
+        /* The toolstack wrote the device afresh under us: this domain was
+         * restored (or the device re-created); the old rings, grants and
+         * channel are gone with the old domain. */
+        printk("netfront: vif%u: frontend reset to Initialising (restored?): reconnecting\n",
+               d->devid);
+        teardown(d, 1);
+        d->fe_state = XenbusStateInitialising;
+        d->fatal = 0;
+    }
+    if (changed || !d->be_watch_on) {
+        d->be_state = -1;
+        watch_backend(d);
+    }
+    be = read_be_state(d);
+    fe = d->fe_state;
 
     if (be != d->be_state) {
         printk("netfront: vif%u: backend %s (frontend %s)\n", d->devid, xenbus_state_name(be),
@@ -441,7 +591,7 @@ static void step(struct netfront_dev *d)
         if (d->tx && fe == XenbusStateConnected)
             break;              /* published; waiting for the backend */
         if (d->tx)
-            teardown(d);
+            teardown(d, 0);
         if (fe != XenbusStateInitialising && fe != XenbusStateUnknown)
             switch_state(d, XenbusStateInitialising);
         if (talk_to_backend(d))
@@ -461,17 +611,19 @@ static void step(struct netfront_dev *d)
         break;
     case XenbusStateClosing:
     case XenbusStateClosed:
-        if (d->tx || d->connected)
-            teardown(d);
-        if (fe != XenbusStateClosed) {
-            /* (Closing first, as xenbus_frontend_closed's peers expect, then Closed) */
+        /* As xenbus_frontend_closed: Closing (the backend lets go of the rings),
+         * the grants ended (or deferred while it still holds them), Closed. */
+        d->connected = 0;
+        if (fe != XenbusStateClosed && fe != XenbusStateClosing)
             switch_state(d, XenbusStateClosing);
+        if (d->tx)
+            teardown(d, 0);
+        if (fe != XenbusStateClosed)
             switch_state(d, XenbusStateClosed);
-        }
         break;
     default:                    /* Unknown (gone), Initialising, ... */
         if (d->tx || d->connected) {
-            teardown(d);
+            teardown(d, 0);
             switch_state(d, XenbusStateInitialising);
         }
         break;
@@ -495,9 +647,13 @@ static void dev_thread(void *arg)
     struct kick_wait k = { d, 0 };
 
     for (;;) {
-        waitq_wait(&waiters, kicked, &k, 0);
-        k.seen = d->kicks;
-        step(d);
+        waitq_wait(&waiters, kicked, &k, ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
+        if (k.seen != d->kicks) {
+            k.seen = d->kicks;
+            step(d);
+        }
+        if (ndeferred)
+            retry_deferred();
     }
 }
 
@@ -630,13 +786,16 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
            d->mac[5]);
     if (d->fe_state != XenbusStateInitialising)
         switch_state(d, XenbusStateInitialising);   /* a previous user's leftovers */
-    snprintf(path, sizeof(path), "%s/state", d->backend);
-    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
+    rc = xenbus_watch(&d->fe_watch, d->node, kick_cb, d);
     if (rc) {
-        printk("netfront: vif%u: watch %s: %s\n", devid, path, xenbus_strerror(rc));
+        printk("netfront: vif%u: watch %s: %s\n", devid, d->node, xenbus_strerror(rc));
         goto out_free;
     }
-    d->be_watch_on = 1;
+    rc = watch_backend(d);
+    if (rc) {
+        xenbus_unwatch(&d->fe_watch);
+        goto out_free;
+    }
     d->kicks++;
     d->thread = create_thread("netfront", dev_thread, d);
     if (!d->thread) {

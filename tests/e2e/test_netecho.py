@@ -182,3 +182,39 @@ def test_two_guests_ping_each_other(guest: Path, in_netns: str, nshost: object) 
     finally:
         a.sock.close()
         b.sock.close()
+
+
+def test_unplug_and_plug_again(echo: Guest, in_netns: str, nshost: object) -> None:  # noqa: F811
+    """network-detach: netback goes Closing, our netfront Closing then Closed and the
+    toolstack removes the directories; network-attach (a new MAC): the frontend sees
+    its directory come back, connects again and netecho answers from the new MAC."""
+    from pyxen.toolstack.api import vif_to_dict
+    from pyxen.toolstack.xlcfg import parse_vif_spec
+
+    def echo_once() -> bytes:
+        s = _udp(10.0)
+        try:
+            s.sendto(b"are you there", (echo.ip, 7))
+            return s.recvfrom(4096)[0]
+        finally:
+            s.close()
+    assert echo_once() == b"are you there"
+    nshost.network_detach(echo.domid, 0)  # type: ignore[attr-defined]
+    echo.wait(r"netfront: vif0: device removed", 30)
+    assert nshost.network_list(echo.domid) == []  # type: ignore[attr-defined]
+    mac = "00:16:3e:4e:45:02"
+    nshost.network_attach(echo.domid, vif_to_dict(  # type: ignore[attr-defined]
+        parse_vif_spec(f"mac={mac},bridge=xenbr0")[0], 0))
+    out = echo.wait(r"netecho: reconnected \(2\) mac=" + mac, 30)
+    assert "netfront: vif0: device is back" in out
+    _ns(in_netns, "ip", "link", "set", "xenbr0", "up")
+    _ns(in_netns, "ip", "neigh", "flush", "dev", "xenbr0")
+    try:
+        assert echo_once() == b"are you there"
+    except TimeoutError:
+        raise AssertionError("no echo after the vif came back" + echo.diag()) from None
+    neigh = _ns(in_netns, "ip", "neigh", "show", echo.ip).stdout
+    assert mac in neigh, neigh
+    [listed] = nshost.network_list(echo.domid)  # type: ignore[attr-defined]
+    assert listed["state"] == 4 and listed["stats"]["rx_packets"] > 0, listed
+    print(echo.buf.decode(errors="replace")[-1500:])
