@@ -21,8 +21,12 @@
  *
  * A heartbeat's payload is one text line:
  *   "netecho-hb seq=<N> t_ns=<guest system time> wall=<unix s>.<ns>\n"
- * with N = 1, 2, ... (a late heartbeat is sent late, never skipped: the
- * receiver sees the gap in arrival times and no gap in sequence numbers).
+ * with N = 1, 2, ... and the guest's clock when it was sent.  A late
+ * heartbeat is sent late, and the schedule goes on from it (no burst to
+ * catch up); while the vif is not connected (unplugged, or a restored
+ * domain reconnecting) the thread waits for it.  So the sequence numbers
+ * have no gaps of our making: a receiver sees an outage (a migration's
+ * downtime) as a gap in arrival times, and a lost datagram as a missing N.
  *
  * Console lines the tests wait for: "netecho: up ip=... mac=..." once the
  * vif is connected, "netecho: hb N" every 100th heartbeat.
@@ -339,7 +343,7 @@ static void handle_ipv4(const uint8_t *f, size_t len)
 static void hb_thread(void *arg)
 {
     uint8_t mac[6], *f;
-    uint64_t start, period = NSEC_PER_SEC / hb_rate, t;
+    uint64_t next, period = NSEC_PER_SEC / hb_rate, t;
     char msg[128];
 
     (void)arg;
@@ -355,14 +359,19 @@ static void hb_thread(void *arg)
     }
     printk("netecho: hb to %u.%u.%u.%u:%u at %lu/s\n", hb_ip >> 24, (hb_ip >> 16) & 255,
            (hb_ip >> 8) & 255, hb_ip & 255, hb_port, hb_rate);
-    start = monotonic_ns();
+    next = monotonic_ns();
     for (unsigned long seq = 1; !hb_count || seq <= hb_count; seq++) {
         uint64_t sec;
         uint32_t nsec;
         int m;
 
-        sleep_until(start + (seq - 1) * period);
+        sleep_until(next);
+        if (!netfront_connected(nf))
+            netfront_wait_connected(nf, 0);     /* (unplugged, or restored and reconnecting) */
         t = monotonic_ns();
+        next += period;
+        if (next <= t)
+            next = t + period;  /* late (suspended, disconnected): no burst to catch up */
         wallclock(&sec, &nsec);
         m = snprintf(msg, sizeof(msg), "netecho-hb seq=%lu t_ns=%lu wall=%lu.%09u\n", seq,
                      (unsigned long)t, (unsigned long)sec, nsec);

@@ -22,6 +22,7 @@
 #include "netfront.h"
 #include "blkfront.h"           /* enum xenbus_state, xenbus_state_name */
 #include "events.h"
+#include "hypercall.h"
 #include "mm.h"
 #include "sched.h"
 #include "xenbus.h"
@@ -294,6 +295,61 @@ static void end_grant(struct buf *b)
 }
 
 /*
+ * EVTCHNOP_status: is our port still a channel to the backend's domain?  A
+ * restored domain's channels were all closed, and the number may since have
+ * been given to another binding, which a close would break.
+ */
+struct nf_evtchn_status {
+    domid_t dom;
+    evtchn_port_t port;
+    uint32_t status;            /* OUT: EVTCHNSTAT_* */
+    uint32_t vcpu;
+    union { struct { domid_t dom; } unbound; struct { domid_t dom; evtchn_port_t port; } interdomain;
+            uint32_t virq; } u;
+};
+_Static_assert(sizeof(struct nf_evtchn_status) == 24, "evtchn_status size");
+_Static_assert(offsetof(struct nf_evtchn_status, status) == 8, "evtchn_status.status");
+_Static_assert(offsetof(struct nf_evtchn_status, u) == 16, "evtchn_status.u");
+#define NF_EVTCHNSTAT_unbound     1
+#define NF_EVTCHNSTAT_interdomain 2
+
+static int port_still_ours(struct netfront_dev *d)
+{
+    struct nf_evtchn_status st = { .dom = DOMID_SELF, .port = (evtchn_port_t)d->port };
+
+    if (HYPERVISOR_event_channel_op(EVTCHNOP_status, &st))
+        return 0;
+    if (st.status == NF_EVTCHNSTAT_unbound)
+        return st.u.unbound.dom == d->backend_id;
+    if (st.status == NF_EVTCHNSTAT_interdomain)
+        return st.u.interdomain.dom == d->backend_id;
+    return 0;
+}
+
+/*
+ * Has our channel been reset under us?  A restored domain starts with every
+ * port closed and masked (events_resume), while a port of ours is unmasked
+ * from its binding on: a set mask bit, one memory read, says the ring is
+ * the old domain's.  Checked before every use of the rings, so nothing is
+ * put on a dead ring between the restore and the device thread's reconnect.
+ */
+static int channel_reset(struct netfront_dev *d)
+{
+    const unsigned long *mask = HYPERVISOR_shared_info->evtchn_mask;
+    unsigned int bits = 8 * sizeof(unsigned long), p = (unsigned int)d->port;
+
+    return d->port < 0 || (READ_ONCE(mask[p / bits]) >> (p % bits)) & 1;
+}
+
+/* Events masked: the ring is unusable; let the device thread find out why. */
+static void lose_connection(struct netfront_dev *d)
+{
+    d->connected = 0;
+    d->kicks++;
+    waitq_wake_all(&waiters);
+}
+
+/*
  * Take the connection down.  lost: the channel is already gone (a restored
  * domain's channels are all closed, and its port number may since belong to
  * another binding): forget it without closing it.  A restored domain's grant
@@ -305,7 +361,7 @@ static void teardown(struct netfront_dev *d, int lost)
 
     d->connected = 0;
     if (d->port >= 0) {
-        if (!lost)
+        if (!lost && port_still_ours(d))
             close_evtchn((evtchn_port_t)d->port);
         d->port = -1;
     }
@@ -568,6 +624,15 @@ static void step(struct netfront_dev *d)
         printk("netfront: vif%u: frontend reset to Initialising (restored?): reconnecting\n",
                d->devid);
         teardown(d, 1);
+        d->fe_state = XenbusStateInitialising;
+        d->fatal = 0;
+    }
+    if (d->tx && !d->gone && channel_reset(d)) {
+        printk("netfront: vif%u: our channel was reset (restored domain): reconnecting\n",
+               d->devid);
+        teardown(d, 1);
+        if (d->fe_state != XenbusStateInitialising && store != XenbusStateInitialising)
+            switch_state(d, XenbusStateInitialising);
         d->fe_state = XenbusStateInitialising;
         d->fatal = 0;
     }
@@ -852,6 +917,8 @@ int netfront_xmit(struct netfront_dev *d, const void *frame, size_t len, uint64_
         return -XEN_EINVAL;
     for (;;) {
         flags = irq_save();
+        if (d->connected && channel_reset(d))
+            lose_connection(d);
         if (!d->connected) {
             irq_restore(flags);
             return -XEN_ENODEV;
@@ -956,6 +1023,8 @@ int netfront_recv(struct netfront_dev *d, void *buf, size_t size, uint64_t deadl
 
     for (;;) {
         flags = irq_save();
+        if (d->connected && channel_reset(d))
+            lose_connection(d);
         if (!d->connected) {
             irq_restore(flags);
             if (!deadline_ns || monotonic_ns() >= deadline_ns)
