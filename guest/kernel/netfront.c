@@ -30,6 +30,7 @@
 
 #define NTX 128U                /* TX buffers (pages) = TX requests in flight */
 #define NRX 128U                /* RX buffers posted to the backend */
+#define RX_PUSH_BATCH 32U       /* reposted buffers published together while busy */
 
 _Static_assert(NTX <= NET_TX_RING_SIZE && NRX <= NET_RX_RING_SIZE, "buffers fit the rings");
 
@@ -1019,7 +1020,7 @@ static int rx_ready(void *arg)
 int netfront_recv(struct netfront_dev *d, void *buf, size_t size, uint64_t deadline_ns)
 {
     unsigned long flags;
-    int n, posted;
+    int n;
 
     for (;;) {
         flags = irq_save();
@@ -1033,17 +1034,19 @@ int netfront_recv(struct netfront_dev *d, void *buf, size_t size, uint64_t deadl
                 return -XEN_ENODEV;
             continue;
         }
-        posted = 0;
         while ((n = rx_one(d, buf, size)) < 0)
-            posted = 1;
-        if (n > 0)
-            posted = 1;
-        if (posted)
-            push_rx(d);
+            ;
         if (n > 0) {
+            /* Buffers go back in batches while frames keep coming: a backend
+             * that ran out waits for one notify per batch, not one per frame. */
+            if (d->rx_prod_pvt - READ_ONCE(d->rx->req_prod) >= RX_PUSH_BATCH)
+                push_rx(d);
             irq_restore(flags);
             return n;
         }
+        /* Nothing more for now: every buffer goes back before we sleep. */
+        if (d->rx_prod_pvt != READ_ONCE(d->rx->req_prod))
+            push_rx(d);
         /* RING_FINAL_CHECK_FOR_RESPONSES: an event for the next one, then look again. */
         WRITE_ONCE(d->rx->rsp_event, d->rx_cons + 1);
         mb();
