@@ -18,6 +18,8 @@
  *   hb_rate=R        heartbeats per second (default 10, at most 10000)
  *   hb_count=K       stop after K heartbeats (default 0: forever)
  *   quiet=1          no per-heartbeat console lines (default: every 100th)
+ *   ping=A.B.C.D     send ICMP echo requests there, ping_count=N of them (default 5)
+ *                    10 a second; prints "netecho: ping A.B.C.D: N sent, M answered"
  *
  * A heartbeat's payload is one text line:
  *   "netecho-hb seq=<N> t_ns=<guest system time> wall=<unix s>.<ns>\n"
@@ -52,6 +54,12 @@ static int quiet;
 static uint32_t hb_ip;
 static unsigned int hb_port, hb_sport = 40001;
 static unsigned long hb_rate = 10, hb_count;
+
+/* ping */
+static uint32_t ping_ip;
+static unsigned long ping_count = 5;
+static volatile unsigned long ping_answered;
+#define PING_ID 0x4e45
 
 /* counters */
 static unsigned long arp_replies, icmp_replies, udp_echoes, sink_count, ignored;
@@ -300,10 +308,17 @@ static void handle_icmp(const uint8_t *f, const uint8_t *ip, size_t ihl, size_t 
     size_t n = iplen - ihl, len;
     uint8_t *o = txf + 14 + 20;
 
-    if (n < 8 || ic[0] != 8 || ic[1] != 0)
+    if (n < 8 || ic[1] != 0)
         return;
     if (csum_fold(csum_add(0, ic, n)) != 0)
         return;                     /* a bad checksum: Linux drops it too */
+    if (ic[0] == 0) {               /* an echo reply: one of our pings? */
+        if (ping_ip && get32(ip + 12) == ping_ip && get16(ic + 4) == PING_ID)
+            ping_answered++;
+        return;
+    }
+    if (ic[0] != 8)
+        return;
     memcpy(o, ic, n);
     o[0] = 0;                       /* echo reply */
     put16(o + 2, 0);
@@ -340,6 +355,8 @@ static void handle_ipv4(const uint8_t *f, size_t len)
 
 /* ---------------------------------------------------------------- heartbeat */
 
+static void resolve(uint32_t ip, uint8_t *mac);
+
 static void hb_thread(void *arg)
 {
     uint8_t mac[6], *f;
@@ -352,11 +369,7 @@ static void hb_thread(void *arg)
         printk("netecho: hb: no memory\n");
         return;
     }
-    /* Resolve the receiver: a request every 200 ms until the reply is in the cache. */
-    while (!arp_lookup(hb_ip, mac)) {
-        send_arp(1, bcast, zero_mac, hb_ip);
-        sleep_until(monotonic_ns() + 200 * NSEC_PER_MSEC);
-    }
+    resolve(hb_ip, mac);        /* an ARP request every 200 ms until it is answered */
     printk("netecho: hb to %u.%u.%u.%u:%u at %lu/s\n", hb_ip >> 24, (hb_ip >> 16) & 255,
            (hb_ip >> 8) & 255, hb_ip & 255, hb_port, hb_rate);
     next = monotonic_ns();
@@ -382,6 +395,47 @@ static void hb_thread(void *arg)
             printk("netecho: hb %lu\n", seq);
     }
     printk("netecho: hb done\n");
+}
+
+/* ---------------------------------------------------------------- ping */
+
+static void resolve(uint32_t ip, uint8_t *mac)
+{
+    while (!arp_lookup(ip, mac)) {
+        send_arp(1, bcast, zero_mac, ip);
+        sleep_until(monotonic_ns() + 200 * NSEC_PER_MSEC);
+    }
+}
+
+static void ping_thread(void *arg)
+{
+    uint8_t mac[6], *f = alloc_page();
+    uint64_t next;
+
+    (void)arg;
+    if (!f) {
+        printk("netecho: ping: no memory\n");
+        return;
+    }
+    resolve(ping_ip, mac);
+    next = monotonic_ns();
+    for (unsigned long seq = 1; seq <= ping_count; seq++) {
+        uint8_t *ic = f + 14 + 20;
+        sleep_until(next);
+        next += 100 * NSEC_PER_MSEC;
+        ic[0] = 8;
+        ic[1] = 0;
+        put16(ic + 2, 0);
+        put16(ic + 4, PING_ID);
+        put16(ic + 6, (uint16_t)seq);
+        for (int i = 0; i < 56; i++)
+            ic[8 + i] = (uint8_t)(i + seq);
+        put16(ic + 2, csum_fold(csum_add(0, ic, 64)));
+        send_frame(f, ip_header(f, mac, ping_ip, IPPROTO_ICMP, 64));
+    }
+    sleep_until(monotonic_ns() + NSEC_PER_SEC);     /* the last answers */
+    printk("netecho: ping %u.%u.%u.%u: %lu sent, %lu answered\n", ping_ip >> 24,
+           (ping_ip >> 16) & 255, (ping_ip >> 8) & 255, ping_ip & 255, ping_count, ping_answered);
 }
 
 /* ---------------------------------------------------------------- main */
@@ -414,6 +468,13 @@ int app_main(const char *cmdline)
         hb_sport = (unsigned int)cmdline_get_ulong(cmdline, "hb_sport", 40001);
     }
 
+    if (cmdline_get_str(cmdline, "ping", buf, sizeof(buf)) > 0) {
+        const char *e;
+        if (parse_ip(buf, &e, &ping_ip) || *e)
+            app_fail("ping=%s: want A.B.C.D", buf);
+        ping_count = cmdline_get_ulong(cmdline, "ping_count", 5);
+    }
+
     nf = netfront_open(cmdline_find(cmdline, "vif", NULL) ? (int)cmdline_get_ulong(cmdline, "vif", 0)
                        : -1, 60 * NSEC_PER_SEC, &err);
     if (!nf)
@@ -431,6 +492,8 @@ int app_main(const char *cmdline)
     send_arp(1, bcast, zero_mac, my_ip);
     if (hb_port && !create_thread("netecho-hb", hb_thread, NULL))
         app_fail("cannot create the heartbeat thread");
+    if (ping_ip && !create_thread("netecho-ping", ping_thread, NULL))
+        app_fail("cannot create the ping thread");
 
     netfront_get_stats(nf, &st);
     connects = st.connects;

@@ -167,11 +167,19 @@ def test_sink_counts_and_reports(echo: Guest) -> None:
 
 
 def test_two_guests_ping_each_other(guest: Path, in_netns: str, nshost: object) -> None:  # noqa: F811
-    a = _start(nshost, in_netns, "necho-a", f"{NET}.11", f"hb={NET}.12:7 hb_rate=20 hb_count=20")
-    b = _start(nshost, in_netns, "necho-b", f"{NET}.12", f"hb={NET}.11:9 hb_rate=20 hb_count=20")
+    """Two netecho guests on one bridge: each resolves the other by ARP and pings
+    it (ICMP echo, 10 requests), a's heartbeats go to b's echo port (b sends them
+    back to a's port 40001, which a ignores) and b's to a's sink, which counts them."""
+    a = _start(nshost, in_netns, "necho-a", f"{NET}.11",
+               f"hb={NET}.12:7 hb_rate=20 hb_count=20 ping={NET}.12 ping_count=10")
+    b = _start(nshost, in_netns, "necho-b", f"{NET}.12",
+               f"hb={NET}.11:9 hb_rate=20 hb_count=20 ping={NET}.11 ping_count=10")
     try:
-        # a's heartbeats go to b's echo port (b answers them back to a: a ignores port 40001);
-        # b's go to a's sink, which counts them
+        out_a = a.wait(r"netecho: ping \S+: \d+ sent, \d+ answered", 60)
+        out_b = b.wait(r"netecho: ping \S+: \d+ sent, \d+ answered", 60)
+        for out, peer in ((out_a, f"{NET}.12"), (out_b, f"{NET}.11")):
+            m = re.search(rf"netecho: ping {re.escape(peer)}: 10 sent, (\d+) answered", out)
+            assert m and int(m.group(1)) >= 8, out[-2000:]  # (a quiet bridge: 10 expected)
         a.wait(r"netecho: hb done", 60)
         b.wait(r"netecho: hb done", 60)
         s = _udp()
@@ -179,6 +187,7 @@ def test_two_guests_ping_each_other(guest: Path, in_netns: str, nshost: object) 
         got = s.recvfrom(4096)[0].decode()
         s.close()
         assert "count=20 " in got, got + a.diag()
+        print(re.findall(r"netecho: ping .*", out_a + out_b))
     finally:
         a.sock.close()
         b.sock.close()
