@@ -135,6 +135,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxg_holds.restype = ctypes.c_uint32
     lib.pxg_copy.argtypes = [vp, vp, ctypes.c_int, ctypes.c_uint16, vp]
     lib.pxg_copy.restype = ctypes.c_int
+    lib.pxc_walk.argtypes = [vp, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int,
+                             vp, vp]
+    lib.pxc_walk.restype = ctypes.c_int
     lib.pxc_scan.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint16, vp,
                              ctypes.c_int, vp, vp]
     lib.pxc_scan.restype = ctypes.c_int

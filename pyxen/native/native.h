@@ -113,6 +113,8 @@ struct pxc_peer {
 /* out[] of pxc_copy */
 enum { PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT };
 
+int pxc_walk(const struct pxc_self *self, uint64_t l4, uint64_t va0, uint32_t npages, int write,
+             uint8_t **pages, uint64_t *pfns);
 int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
              uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own);
 int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
