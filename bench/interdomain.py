@@ -226,10 +226,13 @@ def _xs_client(d: _Daemon) -> XsClient:
 
 
 # --------------------------------------------------------------------- event round trip
-def _pingpong(d: _Daemon, app: Path, rounds: int, tag: str) -> dict[str, Any]:
-    """One pingpong run (A and B through xenstore); A's and B's figures."""
-    a_id, a_sock = d.create(app, f"bench-pp-a-{tag}", f"role=a rounds={rounds}")
-    b_id, b_sock = d.create(app, f"bench-pp-b-{tag}", f"role=b peer={a_id}")
+def _pingpong(d: _Daemon, app: Path, rounds: int, tag: str, wait: str = "block") -> dict[str, Any]:
+    """One pingpong run (A and B through xenstore); A's and B's figures.
+    ``wait``: how the guests wait for an event (guest/apps/pingpong.c):
+    "block" (the upcall wakes a sleeping thread) or "poll" (SCHEDOP_poll on
+    the masked port: no upcall, no iret)."""
+    a_id, a_sock = d.create(app, f"bench-pp-a-{tag}", f"role=a rounds={rounds} wait={wait}")
+    b_id, b_sock = d.create(app, f"bench-pp-b-{tag}", f"role=b peer={a_id} wait={wait}")
     a, b = Console("pingpong A", a_sock), Console("pingpong B", b_sock)
     deadline = time.monotonic() + 60 + rounds * 0.01
     line_a = a.wait_for("pingpong: done", deadline, fail_marker="pingpong: FAIL")
