@@ -164,6 +164,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxe_wake.restype = None
     lib.pxe_events.argtypes = [vp]
     lib.pxe_events.restype = ctypes.c_uint64
+    lib.pxe_set_out.argtypes = [vp, u32, i32]
+    lib.pxe_set_out.restype = None
+    lib.pxe_send.argtypes = [vp, vp, ctypes.c_uint64, ctypes.c_uint64]
+    lib.pxe_send.restype = i32
     f = lib.pxb_new
     f.argtypes = [vp, vp, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_int, ctypes.c_uint64,
                   ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]

@@ -381,3 +381,38 @@ uint64_t pxe_events(struct pxe_hub *h)
 {
     return __atomic_load_n(&h->events, __ATOMIC_RELAXED);
 }
+
+/*
+ * EVTCHNOP_send on an interdomain channel to another domain process, the
+ * whole hypercall in one call (no Python between the exit and the eventfd
+ * write): read the port from the guest's argument (the guest's page walk,
+ * pxc_walk, read access), and if it has an outbound eventfd registered
+ * (pxe_set_out: only while the port is bound interdomain to another process,
+ * pyxen/hv/evtchn.py) write it.  Anything else (a port without one, an
+ * argument that crosses a page or does not translate) returns -1 and Python
+ * does the hypercall, errors included.  Called with the GIL held (the table
+ * changes under the GIL too), so a registered fd is never closed under us.
+ */
+void pxe_set_out(struct pxe_hub *h, uint32_t port, int fd)
+{
+    if (port < PXE_MAX_PORTS)
+        h->out_fd[port] = fd >= 0 ? fd + 1 : 0;
+}
+
+int pxe_send(struct pxe_hub *h, const struct pxc_self *self, uint64_t l4, uint64_t va)
+{
+    uint8_t *page;
+    uint64_t pfns[5];
+    uint32_t port;
+    int fd;
+
+    if ((va & 4095) > 4096 - sizeof(port))
+        return -1;
+    if (pxc_walk(self, l4, va, 1, 0, &page, pfns) < 0)
+        return -1;
+    port = __atomic_load_n((uint32_t *)(page + (va & 4095)), __ATOMIC_RELAXED);
+    if (port >= PXE_MAX_PORTS || (fd = h->out_fd[port] - 1) < 0)
+        return -1;
+    efd_write(fd);
+    return 0;
+}

@@ -157,6 +157,7 @@ struct pxe_hub {
     uint64_t events;                 /* events the pump took (statistics) */
     uint32_t port_vcpu[PXE_MAX_PORTS];
     int port_fd[PXE_MAX_PORTS];      /* the watched eventfd + 1, 0: none (under lock) */
+    int out_fd[PXE_MAX_PORTS];       /* a send's eventfd + 1, 0: Python sends (GIL) */
     struct pxe_vcpu vcpus[PXE_MAX_VCPUS];
 };
 
@@ -171,5 +172,8 @@ int pxe_deliver(struct pxe_hub *h, uint32_t vcpu, uint8_t *si, uint8_t *vi);
 int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns);
 void pxe_wake(struct pxe_hub *h, uint32_t vcpu);
 uint64_t pxe_events(struct pxe_hub *h);
+struct pxc_self;
+void pxe_set_out(struct pxe_hub *h, uint32_t port, int fd);
+int pxe_send(struct pxe_hub *h, const struct pxc_self *self, uint64_t l4, uint64_t va);
 
 #endif
