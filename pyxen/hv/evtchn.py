@@ -351,6 +351,7 @@ class EventChannels:
         return out
 
 ENOENT_ = abi.ENOENT
+DEFAULT_POLL_NS = 200_000  # NativeEventHub's poll window bound (PYXEN_EVENT_POLL_US overrides)
 
 
 class NativeEventHub:
@@ -385,6 +386,10 @@ class NativeEventHub:
                                   types=ram + m.xenheap_offset(m.xh.types), nr_types=m.max_pages,
                                   domid=domain.domid)
         self._me_addr = ctypes.addressof(self._me)
+        # adaptive polling before a blocked vCPU sleeps (evt.c, KVM's halt
+        # polling): at most this long, only while its waits end that soon
+        us = os.environ.get("PYXEN_EVENT_POLL_US", "")
+        fast.pxe_set_poll(self.h, int(us) * 1000 if us.isdigit() else DEFAULT_POLL_NS)
         for v in domain.vcpus:  # running vCPUs can be kicked from now on
             t = v.thread
             if t is not None and t.is_alive() and t.native_id:
@@ -443,6 +448,12 @@ class NativeEventHub:
     @property
     def events(self) -> int:
         return int(self._fast.pxe_events(self.h))
+
+    def poll_stats(self) -> tuple[int, int]:
+        """(waits that polled before sleeping, of which found their event polling)."""
+        out = (ctypes.c_uint64 * 2)()
+        self._fast.pxe_poll_stats(self.h, out)
+        return int(out[0]), int(out[1])
 
 
 def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int, si_addr: int,

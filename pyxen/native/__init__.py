@@ -168,6 +168,10 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxe_set_out.restype = None
     lib.pxe_send.argtypes = [vp, vp, ctypes.c_uint64, ctypes.c_uint64]
     lib.pxe_send.restype = i32
+    lib.pxe_set_poll.argtypes = [vp, ctypes.c_uint64]
+    lib.pxe_set_poll.restype = None
+    lib.pxe_poll_stats.argtypes = [vp, vp]
+    lib.pxe_poll_stats.restype = None
     f = lib.pxb_new
     f.argtypes = [vp, vp, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_int, ctypes.c_uint64,
                   ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]

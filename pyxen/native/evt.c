@@ -44,6 +44,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "native.h"
@@ -342,6 +343,51 @@ static int any_fired(struct pxe_vcpu *v)
     return 0;
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Adaptive polling before sleeping, as KVM's halt polling does for a halted
+ * vCPU (virt/kvm/kvm_main.c, halt_poll_ns): waking a sleeping thread costs
+ * the host scheduler tens of microseconds on a busy machine, more than an
+ * event that comes soon takes to come.  So a vCPU whose recent waits ended
+ * soon looks for its event (without sleeping) for up to poll_ns first.  The
+ * window grows (10 us, then doubling, up to the hub's max_poll_ns) after a
+ * wait that slept but ended within the maximum, and drops to nothing after
+ * a wait longer than that: an idle vCPU, or one whose events are far apart,
+ * never polls, and only a vCPU in a fast exchange (a ring, a ping-pong)
+ * spends CPU on it.  What the guest sees is unchanged: it stays blocked
+ * until the event, exactly as if the thread had slept.
+ */
+#define PXE_POLL_START_NS 10000ull
+
+static int ready(struct pxe_vcpu *v, struct pollfd *pfd)
+{
+    int r;
+    if (any_fired(v))
+        return 1;
+    pfd[0].revents = pfd[1].revents = 0;
+    r = poll(pfd, 2, 0);
+    return r > 0 || (r < 0 && errno == EINTR);  /* a signal: Python looks, as after a sleep */
+}
+
+static void adapt(struct pxe_hub *h, struct pxe_vcpu *v, uint64_t waited, int polled_ok)
+{
+    uint64_t max = __atomic_load_n(&h->max_poll_ns, __ATOMIC_RELAXED);
+    if (polled_ok || !max)
+        return;
+    if (waited <= max) {
+        uint64_t n = v->poll_ns ? v->poll_ns * 2 : PXE_POLL_START_NS;
+        v->poll_ns = n < max ? n : max;
+    } else {
+        v->poll_ns = 0;
+    }
+}
+
 /* The vCPU's thread sleeps (GIL released: called through the CDLL view)
  * until an event arrives on any inbound eventfd, a port fires for it,
  * pxe_wake, a signal (a kick), or timeout_ns (< 0: none).  Returns 1 if
@@ -356,19 +402,53 @@ int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns)
     v = &h->vcpus[vcpu];
     __atomic_store_n(&v->waiting, 1, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&h->sleepers, 1, __ATOMIC_SEQ_CST);
+    pfd[0].fd = v->wake_fd;
+    pfd[1].fd = h->epfd_v;
+    pfd[0].events = pfd[1].events = POLLIN;
     if (!any_fired(v)) {
-        ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
-        pfd[0].fd = v->wake_fd;
-        pfd[1].fd = h->epfd_v;
-        pfd[0].events = pfd[1].events = POLLIN;
-        pfd[0].revents = pfd[1].revents = 0;
-        (void)poll(pfd, 2, ms);  /* EINTR (a kick): back to Python, which looks again */
+        uint64_t t0 = now_ns(), t, win = v->poll_ns;
+        int got = 0;
+        if (win && timeout_ns >= 0 && (uint64_t)timeout_ns < win)
+            win = (uint64_t)timeout_ns;
+        if (win) {
+            __atomic_fetch_add(&h->polled, 1, __ATOMIC_RELAXED);
+            do
+                got = ready(v, pfd);
+            while (!got && now_ns() - t0 < win);
+            if (got)
+                __atomic_fetch_add(&h->poll_hits, 1, __ATOMIC_RELAXED);
+        }
+        if (!got) {
+            int64_t left = timeout_ns;
+            if (left >= 0) {
+                t = now_ns() - t0;
+                left = (uint64_t)left > t ? left - (int64_t)t : 0;
+            }
+            ms = left < 0 ? -1 : (int)((left + 999999) / 1000000);
+            pfd[0].revents = pfd[1].revents = 0;
+            (void)poll(pfd, 2, ms);  /* EINTR (a kick): back to Python, which looks again */
+        }
+        adapt(h, v, now_ns() - t0, got);
     }
     __atomic_fetch_sub(&h->sleepers, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&v->waiting, 0, __ATOMIC_SEQ_CST);
     sweep(h, vcpu);
     efd_drain(v->wake_fd);
     return any_fired(v);
+}
+
+void pxe_set_poll(struct pxe_hub *h, uint64_t max_poll_ns)
+{
+    __atomic_store_n(&h->max_poll_ns, max_poll_ns, __ATOMIC_RELAXED);
+    if (!max_poll_ns)
+        for (uint32_t i = 0; i < h->nr_vcpus; i++)
+            h->vcpus[i].poll_ns = 0;
+}
+
+void pxe_poll_stats(struct pxe_hub *h, uint64_t *out)
+{
+    out[0] = __atomic_load_n(&h->polled, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&h->poll_hits, __ATOMIC_RELAXED);
 }
 
 void pxe_wake(struct pxe_hub *h, uint32_t vcpu)

@@ -143,6 +143,7 @@ struct pxe_vcpu {
     int waiting;                     /* 1 while it does */
     int tid;                         /* its thread (kernel tid), 0: not attached */
     uint8_t *immediate_exit;         /* &kvm_run.immediate_exit */
+    uint64_t poll_ns;                /* pxe_wait's adaptive poll before it sleeps */
 };
 
 struct pxe_hub {
@@ -155,6 +156,8 @@ struct pxe_hub {
     uint32_t si_pending, si_mask;    /* shared_info offsets (abi.SI_EVTCHN_*) */
     uint32_t vi_sel, vi_upcall;      /* vcpu_info offsets (abi.VI_*) */
     uint64_t events;                 /* events the pump took (statistics) */
+    uint64_t max_poll_ns;            /* bound of vcpus[].poll_ns, 0: never poll */
+    uint64_t polled, poll_hits;      /* waits that polled, and found their event (statistics) */
     uint32_t port_vcpu[PXE_MAX_PORTS];
     int port_fd[PXE_MAX_PORTS];      /* the watched eventfd + 1, 0: none (under lock) */
     int out_fd[PXE_MAX_PORTS];       /* a send's eventfd + 1, 0: Python sends (GIL) */
@@ -174,6 +177,8 @@ void pxe_wake(struct pxe_hub *h, uint32_t vcpu);
 uint64_t pxe_events(struct pxe_hub *h);
 struct pxc_self;
 void pxe_set_out(struct pxe_hub *h, uint32_t port, int fd);
+void pxe_set_poll(struct pxe_hub *h, uint64_t max_poll_ns);
+void pxe_poll_stats(struct pxe_hub *h, uint64_t *out);
 int pxe_send(struct pxe_hub *h, const struct pxc_self *self, uint64_t l4, uint64_t va);
 
 #endif
