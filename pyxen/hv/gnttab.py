@@ -84,7 +84,8 @@ ENTRIES_PER_FRAME = 512
 _PXG_E_RANGE, _PXG_E_PERM, _PXG_E_RDONLY, _PXG_E_FRAME, _PXG_E_BUSY, _PXG_E_TYPE = -1, -2, -3, -4, -5, -6
 DEFAULT_GRANT_FRAMES = 4
 # after another domain refused us its memory (it granted us nothing), ops on
-# it fail without asking its process again for this long
+# it fail without asking its process again until our guest hears something
+# new (GrantTables._news), and at most for this long
 REFUSAL_HOLD_S = 0.5
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -130,7 +131,8 @@ class GrantTables:
         self.stats = {"maps": 0, "unmaps": 0, "copies": 0, "copy_bytes": 0}
         self._pxg: int | None = None  # native holds (host_grants)
         self._host_wheld: set[int] = set()  # refs the Python host path holds writable
-        self._refused: dict[int, float] = {}  # peer domid -> until when it refused us
+        # peer domid -> (our _news() when it refused us, until when that refusal holds)
+        self._refused: dict[int, tuple[int, float]] = {}
         self._native_copy: _NativeCopy | None = None
 
     # ------------------------------------------------------------ granter side
@@ -196,20 +198,46 @@ class GrantTables:
             p = self.peers.get(domid)
             if p is not None:
                 return p
-            if time.monotonic() < self._refused.get(domid, 0.0):
+            held = self._refused.get(domid)
+            if held is not None and held[0] == self._news() and time.monotonic() < held[1]:
                 raise XenError(abi.EPERM, f"domain {domid} granted us nothing (asked just now)")
         try:
             p = d.directory.peer(domid, d.domid)
         except XenError as e:
-            if e.errno == abi.EPERM:  # ask again later, not on every op a guest sends
+            if e.errno == abi.EPERM:  # ask again after news, not on every op a guest sends
                 with self.lock:
-                    self._refused[domid] = time.monotonic() + REFUSAL_HOLD_S
+                    self._refused[domid] = (self._news(), time.monotonic() + REFUSAL_HOLD_S)
             raise
         with self.lock:
             q = self.peers.setdefault(domid, p)
         if q is not p:
             p.close()
         return q
+
+    def _news(self) -> int:
+        """A count that moves whenever our guest may have learnt something new:
+        events delivered to it (upcalls, and events from other domain
+        processes, which the native hub counts even when the guest polls).
+
+        Why this and not a generation of the granter's table: a granter's
+        guest grants by writing its table, with no hypercall, so nothing in
+        any hypervisor sees the change, and a domain that refused us never gave
+        us its memory, so we cannot read its table either.  What we can see is
+        the only way a guest learns that a grant now exists: an event (the
+        granter's notify, a xenstore reply or watch, a timer after a sleep).  So
+        a refusal stands for the ops a guest sends back to back (a batch of
+        maps asks once, not 96 times), and the first op after news asks
+        again: a retry after the grant, once the guest was told of it, succeeds
+        at once.  REFUSAL_HOLD_S still bounds a refusal for a guest that
+        learns some other way."""
+        d = self.domain
+        n = 0
+        for v in d.vcpus:
+            n += v.stats["events"]
+        hub = d.evtchn.hub
+        if hub is not None:
+            n += hub.events
+        return n
 
     def _peer_status(self, e: XenError) -> int:
         """A peer we cannot reach: gone (GNTST_bad_domain) or it granted us

@@ -139,3 +139,47 @@ def test_pingpong_with_guests_polling(host) -> None:  # noqa: ANN001
     assert re.search(rb"pingpong: role=b peer=%d connected port=\d+ gref=\d+" % a, out_b), out_b
     for s in (sa, sb):
         s.close()
+
+
+def test_a_refusal_stands_until_the_guest_hears_news(guest: Path) -> None:
+    """A granter's process that refused us its memory is not asked again for
+    ops sent back to back, but is asked again at once after our guest got an
+    event (the news that a grant exists comes that way): no timed hold."""
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+    a = create_domain(DomainSpec(name="gA", memory_mib=16, kernel=str(guest / "hello"), domid=41),
+                      start=False)
+    b = create_domain(DomainSpec(name="gB", memory_mib=16, kernel=str(guest / "hello"), domid=42),
+                      start=False)
+    real = b.directory
+    try:
+        asks: list[int] = []
+        refuse = [True]
+
+        class Refusing:
+            def peer(self, domid: int, requester: int = -1) -> object:
+                asks.append(domid)
+                if refuse[0]:
+                    raise XenError(abi.EPERM, f"domain {domid} granted {requester} nothing")
+                return real.peer(domid, requester)
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+        b.directory = Refusing()  # type: ignore[assignment]
+        for _ in range(5):  # back to back: asked once
+            with pytest.raises(XenError):
+                b.gnttab._find_peer(a.domid)
+        assert asks == [a.domid]
+        refuse[0] = False  # A's guest grants us something now...
+        with pytest.raises(XenError):
+            b.gnttab._find_peer(a.domid)  # ...but our guest has not heard of it
+        assert asks == [a.domid]
+        b.vcpus[0].stats["events"] += 1  # an event reached our guest (as deliver_event counts)
+        assert b.gnttab._find_peer(a.domid).domid == a.domid
+        assert asks == [a.domid, a.domid]
+    finally:
+        b.directory = real
+        for d in (b, a):
+            d.destroy()
+            d.close()
