@@ -360,8 +360,12 @@ static uint64_t now_ns(void)
  * wait that slept but ended within the maximum, and drops to nothing after
  * a wait longer than that: an idle vCPU, or one whose events are far apart,
  * never polls, and only a vCPU in a fast exchange (a ring, a ping-pong)
- * spends CPU on it.  What the guest sees is unchanged: it stays blocked
- * until the event, exactly as if the thread had slept.
+ * spends CPU on it.  Only waits ended by another domain's event (an
+ * inbound eventfd) open the window: a vCPU woken from this process (a
+ * backend's completion, a timer, xenstore) wakes through its wake_fd from a
+ * thread that may need the CPU the poll would take.  What the guest sees is
+ * unchanged: it stays blocked until the event, exactly as if the thread had
+ * slept.
  */
 #define PXE_POLL_START_NS 10000ull
 
@@ -375,16 +379,17 @@ static int ready(struct pxe_vcpu *v, struct pollfd *pfd)
     return r > 0 || (r < 0 && errno == EINTR);  /* a signal: Python looks, as after a sleep */
 }
 
-static void adapt(struct pxe_hub *h, struct pxe_vcpu *v, uint64_t waited, int polled_ok)
+/* After a wait of `waited` ns that slept (not ended by the poll): open or
+ * widen the window if another domain's event ended it within the bound,
+ * close it if the wait was longer than the bound. */
+static void adapt(struct pxe_hub *h, struct pxe_vcpu *v, uint64_t waited, int interdomain)
 {
     uint64_t max = __atomic_load_n(&h->max_poll_ns, __ATOMIC_RELAXED);
-    if (polled_ok || !max)
-        return;
-    if (waited <= max) {
+    if (!max || waited > max) {
+        v->poll_ns = 0;
+    } else if (interdomain) {
         uint64_t n = v->poll_ns ? v->poll_ns * 2 : PXE_POLL_START_NS;
         v->poll_ns = n < max ? n : max;
-    } else {
-        v->poll_ns = 0;
     }
 }
 
@@ -427,8 +432,8 @@ int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns)
             ms = left < 0 ? -1 : (int)((left + 999999) / 1000000);
             pfd[0].revents = pfd[1].revents = 0;
             (void)poll(pfd, 2, ms);  /* EINTR (a kick): back to Python, which looks again */
+            adapt(h, v, now_ns() - t0, (pfd[1].revents & POLLIN) && !(pfd[0].revents & POLLIN));
         }
-        adapt(h, v, now_ns() - t0, got);
     }
     __atomic_fetch_sub(&h->sleepers, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&v->waiting, 0, __ATOMIC_SEQ_CST);
