@@ -466,20 +466,21 @@ class GrantTables:
         while done < count:
             n = min(count - done, COPY_CHUNK)
             a = uop + done * COPY.size
-            if lib is None or not self._copy_native(v, lib, a, n):
-                for i in range(n):
-                    ai = a + i * COPY.size
-                    status = self.copy_one(v.copy_from_guest(ai, COPY.size))
-                    v.copy_to_guest(ai + 36, struct.pack("<h", status))
+            k = self._copy_native(v, lib, a, n) if lib is not None else 0
+            for i in range(k, n):  # what C left: all of it, or from an op that changed under it
+                ai = a + i * COPY.size
+                status = self.copy_one(v.copy_from_guest(ai, COPY.size))
+                v.copy_to_guest(ai + 36, struct.pack("<h", status))
             done += n
         return 0
 
-    def _copy_native(self, v: VCPU, lib: ctypes.PyDLL, uop: int, n: int) -> bool:
-        """``n`` copy ops at ``uop`` in one native call; False (nothing done)
-        if the chunk needs the Python path."""
+    def _copy_native(self, v: VCPU, lib: ctypes.PyDLL, uop: int, n: int) -> int:
+        """``n`` copy ops at ``uop`` in one native call: how many it did (0 if
+        the chunk needs the Python path; fewer than ``n`` if an op named a
+        granter the scan had not seen: the guest rewrote the array meanwhile)."""
         d = self.domain
         if d.dirty_logging:  # own pages written go to host_dirty: Python's business
-            return False
+            return 0
         nc = self._native_copy
         if nc is None:
             nc = self._native_copy = _NativeCopy(d)
@@ -487,7 +488,7 @@ class GrantTables:
         first = uop & 0xFFF
         npages = (first + n * COPY.size + 4095) >> 12
         if uop + n * COPY.size > 1 << 64 or npages > len(nc.pages):
-            return False
+            return 0
         page0 = uop - first
         nc.me.nr_pages = d.nr_pages
         # the page walk in C (mm.FrameTable.translate costs ~6 us a page);
@@ -495,15 +496,15 @@ class GrantTables:
         if lib.pxc_walk(nc.me_addr, v.current_l4, page0, npages, 1, nc.pages_addr, nc.walked_addr) < 0 \
                 or (d.free_pfns and not d.free_pfns.isdisjoint(nc.walked[:5 * npages])):
             if not self._walk_python(v, nc, page0, npages):
-                return False
+                return 0
         me = d.domid
         nd = lib.pxc_scan(nc.pages_addr, first, n, me, nc.domids_addr, len(nc.domids),
                           nc.own_addr, nc.n_own_addr)
         if nd < 0:
-            return False
+            return 0
         if d.free_pfns and nc.n_own.value and not d.free_pfns.isdisjoint(
                 u - M.MFN_BASE for u in nc.own[:nc.n_own.value]):
-            return False  # a gmfn the guest gave back: copy_one says bad_page
+            return 0  # a gmfn the guest gave back: copy_one says bad_page
         used: list[PeerMemory] = []
         out = nc.out
         try:
@@ -524,7 +525,7 @@ class GrantTables:
             for k in range(native.PXC_NOUT):
                 out[k] = 0
             with self.lock:
-                lib.pxc_copy(nc.me_addr, nc.peers_addr, nd, nc.pages_addr, first, n, nc.out_addr)
+                did = lib.pxc_copy(nc.me_addr, nc.peers_addr, nd, nc.pages_addr, first, n, nc.out_addr)
         finally:
             for p in used:
                 p.unuse()
@@ -533,7 +534,7 @@ class GrantTables:
         if out[native.PXC_GENERAL_ERRORS]:
             d.log(f"grant copy: {out[native.PXC_GENERAL_ERRORS]} of {n} ops refused with "
                   f"GNTST_general_error (the first: op {out[native.PXC_FIRST_GENERAL_ERROR]})")
-        return True
+        return int(did)
 
     def _walk_python(self, v: VCPU, nc: _NativeCopy, page0: int, npages: int) -> bool:
         """The op array's pages through the reference walk (frames beyond

@@ -476,8 +476,8 @@ static int side_acquire(const struct pxc_self *self, const struct pxc_peer *peer
     for (int k = 0; k < n_peers; k++)
         if (peers[k].domid == dom)
             p = &peers[k];
-    if (!p)
-        return GNTST_general_error;  /* not reached: the caller resolved every domid */
+    if (!p)  /* the op changed since pxc_scan (the guest wrote the array meanwhile) */
+        return PXC_UNKNOWN_PEER;
     if (p->err)
         return p->err;
     uint32_t ref = (uint32_t)u;  /* union { grant_ref_t ref; xen_pfn_t gmfn; } */
@@ -614,6 +614,11 @@ int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_pe
                                                !!(flags & GNTCOPY_dest_gref), 0, &dst);
                 }
             }
+            if (st == PXC_UNKNOWN_PEER) {  /* Python does this op and the rest */
+                side_undo(self, &src);
+                count = i;
+                break;
+            }
             if (st == GNTST_okay) {
                 memmove(dp->buf + d_off, sp->buf + s_off, len);
                 if (dp->p && dp->pfn < dp->p->max_pages)
@@ -636,7 +641,7 @@ int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_pe
         held_drop(self, &dst_c[k]);
         held_drop(self, &src_c[k]);
     }
-    return 0;
+    return (int)count;
 }
 
 /*

@@ -110,6 +110,8 @@ struct pxc_peer {
     int16_t err;             /* != 0: unreachable, the status of every op naming it */
 };
 
+/* side_acquire: a granter pxc_scan did not see (pxc_copy stops there) */
+#define PXC_UNKNOWN_PEER 1
 /* out[] of pxc_copy */
 enum { PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT };
 
@@ -117,6 +119,8 @@ int pxc_walk(const struct pxc_self *self, uint64_t l4, uint64_t va0, uint32_t np
              uint8_t **pages, uint64_t *pfns);
 int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
              uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own);
+/* Returns how many ops it did: fewer than count if an op named a granter
+ * the peers table lacks (Python does that op and the rest). */
 int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
              uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out);
 

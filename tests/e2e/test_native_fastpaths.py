@@ -183,3 +183,47 @@ def test_a_refusal_stands_until_the_guest_hears_news(guest: Path) -> None:
         for d in (b, a):
             d.destroy()
             d.close()
+
+
+@pytest.fixture
+def pair(guest: Path) -> Iterator[tuple[Domain, Domain]]:
+    """A granter and a copier, built, not started (test_grant_copy_native's world)."""
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+    if native.fast() is None:
+        pytest.skip(f"native library not available: {native.why_not()}")
+    a = create_domain(DomainSpec(name="cA", memory_mib=16, kernel=str(guest / "hello"), domid=21),
+                      start=False)
+    b = create_domain(DomainSpec(name="cB", memory_mib=16, kernel=str(guest / "hello"), domid=22),
+                      start=False)
+    yield a, b
+    for d in (b, a):
+        d.destroy()
+        d.close()
+
+
+def test_copy_whose_ops_change_under_it_matches_the_reference(
+        pair: tuple[Domain, Domain], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Op 0 copies over op 1, which then names a granter the native scan never
+    saw: C stops there and Python does the rest, so statuses and memory are
+    those of the reference (op by op, each op read when it is done, as Xen)."""
+    from tests.e2e.test_grant_copy_native import OPS_PFN, _run, _snapshot, _world
+    a, b = pair
+    _world(a, b)
+    S, SELF = G.GNTCOPY_source_gref, abi.DOMID_SELF
+    crafted = G.COPY.pack(8, 999, 0, M.MFN_BASE + 251, SELF, 0, 64, S, 0x5A5A)
+    b.machine.ram[250 * 4096:250 * 4096 + 40] = crafted
+    ops = [G.COPY.pack(M.MFN_BASE + 250, SELF, 0, M.MFN_BASE + OPS_PFN, SELF, 40, 40, 0, 0x5A5A),
+           G.COPY.pack(8, a.domid, 0, M.MFN_BASE + 251, SELF, 0, 64, S, 0x5A5A),
+           G.COPY.pack(9, a.domid, 0, M.MFN_BASE + 252, SELF, 0, 64, S, 0x5A5A)]
+    start = _snapshot(a, b)
+    results = []
+    for use_native in (True, False):
+        a.machine.ram[:] = start[0]
+        b.machine.ram[:] = start[1]
+        _run(b, ops, 0, use_native, monkeypatch)
+        ram = b.machine.ram
+        results.append(([struct.unpack_from("<h", ram, OPS_PFN * 4096 + i * 40 + 36)[0]
+                         for i in range(3)], _snapshot(a, b)))
+    assert results[0][0] == [G.GNTST_okay, G.GNTST_bad_domain, G.GNTST_okay]
+    assert results[0] == results[1]
