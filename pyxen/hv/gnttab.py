@@ -133,7 +133,9 @@ class GrantTables:
         self._host_wheld: set[int] = set()  # refs the Python host path holds writable
         # peer domid -> (our _news() when it refused us, until when that refusal holds)
         self._refused: dict[int, tuple[int, float]] = {}
-        self._native_copy: _NativeCopy | None = None
+        # the native copy's buffers, one set per vCPU (vCPU threads copy at once:
+        # between the walk that fills them and pxc_copy, Python may switch threads)
+        self._native_copy: dict[int, _NativeCopy] = {}
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -481,9 +483,9 @@ class GrantTables:
         d = self.domain
         if d.dirty_logging:  # own pages written go to host_dirty: Python's business
             return 0
-        nc = self._native_copy
+        nc = self._native_copy.get(v.id)
         if nc is None:
-            nc = self._native_copy = _NativeCopy(d)
+            nc = self._native_copy[v.id] = _NativeCopy(d)
         # the op array: every page it spans, writable (the statuses go back)
         first = uop & 0xFFF
         npages = (first + n * COPY.size + 4095) >> 12
