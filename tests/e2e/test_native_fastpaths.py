@@ -227,3 +227,51 @@ def test_copy_whose_ops_change_under_it_matches_the_reference(
                          for i in range(3)], _snapshot(a, b)))
     assert results[0][0] == [G.GNTST_okay, G.GNTST_bad_domain, G.GNTST_okay]
     assert results[0] == results[1]
+
+
+def test_send_in_c_follows_the_port_state(dom: Domain) -> None:
+    """The hub learns a port's outbound eventfd after a send in Python on an
+    interdomain channel to another process, and forgets it whenever the port
+    changes state: after the remote end closed, a send is Python's again and
+    is dropped (the port is unbound), as on Xen."""
+    import threading
+    hub = NativeEventHub(dom)
+    ev = dom.evtchn
+    ev.hub = hub
+    real = dom.directory
+    in_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    out_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    class Links:  # the part of ProcessDirectory the hub reads
+        lock = threading.Lock()
+        links: dict[int, tuple[int, int]] = {}
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    try:
+        port = ev.alloc_unbound(5)
+        ev.accept_interdomain(port, 5, 7, lambda: os.eventfd_write(out_fd, 1))
+        Links.links[port] = (in_fd, out_fd)
+        dom.directory = Links()  # type: ignore[assignment]
+        v = dom.vcpus[0]
+        arg = KVA + 300 * 4096
+        struct.pack_into("<I", dom.machine.ram, 300 * 4096, port)
+        assert not ev.send_fast(v, arg)  # not learnt yet
+        ev.send(port)  # Python's send: writes, and learns the fd
+        assert os.eventfd_read(out_fd) == 1
+        assert port in ev._out
+        assert ev.send_fast(v, arg)  # now C's
+        assert os.eventfd_read(out_fd) == 1
+        ev.remote_closed(port, 5)  # unbound again
+        assert port not in ev._out
+        assert not ev.send_fast(v, arg)
+        ev.send(port)  # dropped: nobody listening
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(out_fd)
+    finally:
+        dom.directory = real
+        ev.hub = None
+        native.fast().pxe_free(hub.h)  # type: ignore[union-attr]
+        os.close(in_fd)
+        os.close(out_fd)
