@@ -219,7 +219,10 @@ class GrantTables:
     def _news(self) -> int:
         """A count that moves whenever our guest may have learnt something new:
         events delivered to it (upcalls, and events from other domain
-        processes, which the native hub counts even when the guest polls).
+        processes, which the native hub counts even when the guest polls),
+        and its own sends (a xenstore request is one: the answer may name
+        the grant, and a guest that finds an event pending while it unmasks
+        runs its handler without an upcall).
 
         Why this and not a generation of the granter's table: a granter's
         guest grants by writing its table, with no hypercall, so nothing in
@@ -233,7 +236,7 @@ class GrantTables:
         at once.  REFUSAL_HOLD_S still bounds a refusal for a guest that
         learns some other way."""
         d = self.domain
-        n = 0
+        n = d.evtchn.sends
         for v in d.vcpus:
             n += v.stats["events"]
         hub = d.evtchn.hub
