@@ -872,3 +872,17 @@ def test_netecho_heartbeat_through_a_live_migration(lan: TwoHosts, guest) -> Non
         lan.b.destroy(d["domid"])
     finally:
         obs.kill()
+
+
+def test_move_gap_is_the_largest_gap_across_the_move() -> None:
+    """bench/migration.py's downtime from a heartbeat record (pure): the
+    largest gap that ends after the request and starts before migrate
+    returned, minus the period; a larger stall outside the move is not it."""
+    from bench.migration import move_gap_ms
+    ts = [i * 0.005 for i in range(20)]                          # 0 .. 0.095
+    ts += [0.395 + i * 0.005 for i in range(100)]                # a 300 ms stall before
+    ts += [0.925 + i * 0.005 for i in range(20)]                 # the move: 0.89 -> 0.925
+    beats = [(n + 1, 0, t) for n, t in enumerate(ts)]
+    assert move_gap_ms(beats, 0.8, 1.0, 5) == pytest.approx(30.0)   # not the 300 ms stall
+    assert move_gap_ms(beats, 0.05, 1.0, 5) == pytest.approx(295.0)  # a stall in the move counts
+    assert move_gap_ms(beats[:1], 0.0, 1.0, 5) != move_gap_ms(beats[:1], 0.0, 1.0, 5)  # nan
