@@ -147,7 +147,8 @@ def migrate_case(lan: Any, memory: int, wss: int, port: int, policy: dict[str, f
         st = dict(st, heartbeat={
             "period_ms": PERIOD_MS, "path": "netecho's UDP heartbeat seen by a third host",
             "arrivals": [[b[0], round(b[2] - t0, 6)] for b in beats],
-            "migrate_s": [0.0, round(t1 - t0, 6)], "lost": lost})
+            "migrate_s": [0.0, round(t1 - t0, 6)], "lost": lost,
+            "guest_ns": [b[1] for b in beats]})  # each one's t_ns (the guest's clock when sent)
         stats_file.write_text(json.dumps(st, indent=1))
     return {"memory_mib": memory, "wss_mib": wss, "downtime_ms": round(sw, 2),
             "largest_gap_ms": round(dt["largest_gap_s"] * 1000, 2), "heartbeats": len(beats),
