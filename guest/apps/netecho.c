@@ -20,6 +20,15 @@
  *   quiet=1          no per-heartbeat console lines (default: every 100th)
  *   ping=A.B.C.D     send ICMP echo requests there, ping_count=N of them (default 5)
  *                    10 a second; prints "netecho: ping A.B.C.D: N sent, M answered"
+ *   dirty=MiB        a writable working set (issue 11): a thread rewrites that many
+ *                    MiB over and over, as dirtier does (every 8-byte word gets a
+ *                    fresh counter value each pass, after checking it still holds
+ *                    the previous pass's: a lost or mixed-up page prints
+ *                    "netecho: dirty FAIL ..."), so one guest both heartbeats and
+ *                    dirties memory during a live migration
+ *   dirty_rate=R     at most R MiB/s (default 0: as fast as the vCPU goes); the
+ *                    thread yields every 64 KiB, so the heartbeat and the echo
+ *                    are served on time even at full speed
  *
  * A heartbeat's payload is one text line:
  *   "netecho-hb seq=<N> t_ns=<guest system time> wall=<unix s>.<ns>\n"
@@ -60,6 +69,9 @@ static uint32_t ping_ip;
 static unsigned long ping_count = 5;
 static volatile unsigned long ping_answered;
 #define PING_ID 0x4e45
+
+/* dirty */
+static unsigned long dirty_mib, dirty_rate;
 
 /* counters */
 static unsigned long arp_replies, icmp_replies, udp_echoes, sink_count, ignored;
@@ -438,6 +450,63 @@ static void ping_thread(void *arg)
            (ping_ip >> 16) & 255, (ping_ip >> 8) & 255, ping_ip & 255, ping_count, ping_answered);
 }
 
+/* ---------------------------------------------------------------- dirty */
+
+/*
+ * The writable working set.  Threads here are cooperative: this one calls
+ * schedule() after each 64 KiB chunk (schedule() wakes sleepers whose time
+ * has come, so the heartbeat thread runs within a chunk's time of its
+ * deadline even though the vCPU never idles).  Console lines: "netecho:
+ * dirty pass N done ns=T" for passes 1 and 2 and every 100th (a test waits
+ * for pass 2: the whole set written and checked once).
+ */
+static void dirty_thread(void *arg)
+{
+    unsigned long pages = dirty_mib * 256, chunk_words = 16 * (PAGE_SIZE / sizeof(uint64_t));
+    unsigned long words = pages * (PAGE_SIZE / sizeof(uint64_t));
+    volatile uint64_t *mem = alloc_pages(pages);
+    uint64_t counter = 0;
+
+    (void)arg;
+    if (!mem) {
+        printk("netecho: dirty: cannot allocate %lu MiB (%lu pages free)\n", dirty_mib,
+               mm_free_pages());
+        return;
+    }
+    printk("netecho: dirty mib=%lu rate=%lu MiB/s buffer=%p\n", dirty_mib, dirty_rate, (void *)mem);
+    for (unsigned long pass = 1;; pass++) {
+        /* the rate's schedule restarts each pass (bytes * 1e9 stays in 64 bits) */
+        uint64_t t0 = monotonic_ns(), first = counter - words + 1, done_bytes = 0;
+
+        for (unsigned long c = 0; c < words; c += chunk_words) {
+            unsigned long end = c + chunk_words < words ? c + chunk_words : words;
+            for (unsigned long i = c; i < end; i++) {
+                if (pass > 1 && mem[i] != first + i) {
+                    printk("netecho: dirty FAIL word %lu (page %lu) holds %lu, expected %lu\n", i,
+                           i / (PAGE_SIZE / sizeof(uint64_t)), (unsigned long)mem[i],
+                           (unsigned long)(first + i));
+                    return;
+                }
+                mem[i] = ++counter;
+            }
+            done_bytes += (end - c) * sizeof(uint64_t);
+            if (dirty_rate) {
+                /* ahead of R MiB/s: sleep until the schedule catches up */
+                uint64_t due = t0 + done_bytes * NSEC_PER_SEC / (dirty_rate << 20);
+                if (due > monotonic_ns())
+                    sleep_until(due);
+                else
+                    schedule();
+            } else {
+                schedule();
+            }
+        }
+        if (pass <= 2 || pass % 100 == 0)
+            printk("netecho: dirty pass %lu done ns=%lu\n", pass,
+                   (unsigned long)(monotonic_ns() - t0));
+    }
+}
+
 /* ---------------------------------------------------------------- main */
 
 int app_main(const char *cmdline)
@@ -474,6 +543,10 @@ int app_main(const char *cmdline)
             app_fail("ping=%s: want A.B.C.D", buf);
         ping_count = cmdline_get_ulong(cmdline, "ping_count", 5);
     }
+    dirty_mib = cmdline_get_ulong(cmdline, "dirty", 0);
+    dirty_rate = cmdline_get_ulong(cmdline, "dirty_rate", 0);
+    if (dirty_mib > (1UL << 20) || dirty_rate > (1UL << 30))
+        app_fail("dirty=%lu dirty_rate=%lu: out of range", dirty_mib, dirty_rate);
 
     nf = netfront_open(cmdline_find(cmdline, "vif", NULL) ? (int)cmdline_get_ulong(cmdline, "vif", 0)
                        : -1, 60 * NSEC_PER_SEC, &err);
@@ -494,6 +567,8 @@ int app_main(const char *cmdline)
         app_fail("cannot create the heartbeat thread");
     if (ping_ip && !create_thread("netecho-ping", ping_thread, NULL))
         app_fail("cannot create the ping thread");
+    if (dirty_mib && !create_thread("netecho-dirty", dirty_thread, NULL))
+        app_fail("cannot create the dirtying thread");
 
     netfront_get_stats(nf, &st);
     connects = st.connects;

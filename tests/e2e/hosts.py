@@ -275,7 +275,8 @@ def heartbeat_initrd(outdir: Path, guests: Path) -> Path:
 
 
 #: The observer on the outside host: records each heartbeat's arrival
-#: (seq, guest ns, host monotonic s) and every ARP frame (``garps``: a
+#: (seq, guest ns, host monotonic s) -- hbsend's binary datagrams or
+#: netecho's text line -- and every ARP frame (``garps``: a
 #: gratuitous one has sender IP = target IP) seen on the outside bridge's ports, until a line (or EOF) on
 #: stdin; then prints one JSON object.
 OBSERVER_PY = r"""
@@ -304,8 +305,11 @@ while True:
     r, _, _ = select.select([u, sys.stdin, *arps], [], [])
     t = time.monotonic()
     if u in r:
-        d = u.recv(64)
-        if len(d) >= 16:
+        d = u.recv(256)
+        if d.startswith(b"netecho-hb "):  # our guest's: "netecho-hb seq=N t_ns=T wall=..."
+            kv = dict(w.split(b"=", 1) for w in d.split()[1:] if b"=" in w)
+            beats.append((int(kv[b"seq"]), int(kv[b"t_ns"]), t))
+        elif len(d) >= 16:  # hbsend's: two little-endian u64, seq and ns
             seq, gns = struct.unpack("<QQ", d[:16])
             beats.append((seq, gns, t))
     for a in arps:
@@ -421,3 +425,91 @@ def guest_uptime(sh: Any) -> float:
     m = re.search(r"^(\d+\.\d+) \d+\.\d+\r?$", out, re.M)
     assert m, out
     return float(m.group(1))
+
+
+# --- our own guest on the LAN: netecho (issue 11, item 4) ---------------------------------
+
+NETECHO_CFG = ROOT / "examples" / "netecho.cfg"
+
+
+def netecho_overrides(name: str, mac: str, ip: str, extra: str = "", memory: int = 32) -> list[str]:
+    """examples/netecho.cfg's overrides for a netecho ``name`` at ``ip`` with
+    one vif ``mac`` on xenbr0 (the LAN's bridge on each host); ``extra`` is
+    more of netecho's options (``hb=``, ``hb_rate=``, ``dirty=``...)."""
+    return [f'name="{name}"', f'extra="ip={ip} {extra}"',
+            f"vif=['mac={mac},bridge=xenbr0']", f"memory={memory}"]
+
+
+class Observer:
+    """:data:`OBSERVER_PY` on the outside host, listening on ``port`` of
+    ``lan_ips[2]`` and watching ARP on both hosts' ports; :meth:`stop` ends it
+    and returns what it saw (``beats``: (seq, guest ns, host monotonic s))."""
+
+    def __init__(self, lan: TwoHosts, port: int) -> None:
+        self.p: subprocess.Popen[bytes] | None = lan.outside_run(
+            [sys.executable, "-c", OBSERVER_PY, lan.lan_ips[2], str(port), lan.lan_port(0),
+             lan.lan_port(1)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.p.stdout is not None
+        line = self.p.stdout.readline()
+        if not line.startswith(b"ready"):
+            self.kill()
+            raise RuntimeError(f"the observer did not start: {line!r}")
+
+    def stop(self, timeout: float = 60) -> dict[str, Any]:
+        import json
+        p, self.p = self.p, None
+        assert p is not None and p.stdin is not None and p.stdout is not None
+        try:
+            p.stdin.write(b"stop\n")
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        out = p.stdout.read()
+        p.wait(timeout)
+        return dict(json.loads(out))
+
+    def kill(self) -> None:
+        if self.p is not None:
+            self.p.kill()
+            self.p.wait(10)
+            self.p = None
+
+
+#: A client on the outside host: ``N`` UDP datagrams to IP:PORT, each waiting
+#: up to 1 s for its echo; prints JSON {"sent", "echoed"} (byte-exact echoes).
+UDP_PROBE_PY = r"""
+import json, os, socket, sys
+ip, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(1.0)
+ok = 0
+for i in range(n):
+    d = b"probe %d " % i + os.urandom(32)
+    s.sendto(d, (ip, port))
+    try:
+        while True:
+            got, src = s.recvfrom(2048)
+            if got == d and src == (ip, port):
+                ok += 1
+                break
+    except TimeoutError:
+        pass
+json.dump({"sent": n, "echoed": ok}, sys.stdout)
+"""
+
+
+def outside_udp_echo(lan: TwoHosts, ip: str, port: int = 7, n: int = 5) -> dict[str, int]:
+    """UDP echo of ``n`` datagrams from the outside host to ``ip:port``."""
+    import json
+    p = lan.outside_run([sys.executable, "-c", UDP_PROBE_PY, ip, str(port), str(n)],
+                        stdout=subprocess.PIPE)
+    out, _ = p.communicate(timeout=n * 2 + 30)
+    return dict(json.loads(out))
+
+
+def outside_ping(lan: TwoHosts, ip: str, busybox: Path, n: int = 3) -> str:
+    """``busybox ping`` from the outside host (the host may have no ping(8))."""
+    p = lan.outside_run([str(busybox), "ping", "-c", str(n), "-W", "5", ip],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=n * 5 + 30)
+    return out.decode(errors="replace")
