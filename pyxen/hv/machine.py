@@ -103,6 +103,54 @@ HC_PORT, TRAP_PORT, HELPER_PORT, SYSCALL_PORT = 0xF0, 0xF1, 0xF2, 0xF3
 SYSCALL_STUB_VA = 0xFFFF808000000000 + (511 << 30) + (511 << 21) + (511 << 12)
 
 MAX_VCPUS = 16
+
+# The `syscall` entry stub's page (PG_USER_CODE, user-readable, read-only),
+# one entry per vCPU (each vCPU's MSR_LSTAR points at its own), so an entry
+# knows its vCPU without reading anything the guest controls:
+#
+#   cmp $24,%rax; jne slow                  # vcpu_op (all 64 bits, as the table)
+#   cmp $3,%edi; jne slow                   # VCPUOP_is_up (int cmd)
+#   cmpl $0,ARMED_i(%rip); je slow          # this vCPU's word: see below
+#   cmp MAXV(%rip),%esi; jb slow            # unsigned vcpuid < max_vcpus: a real vCPU
+#   test $0x1f7100,%r11d; jnz slow          # TF IOPL NT RF VM AC VIF VIP all clear
+#   test $0x200,%r11d; jz slow              # and IF set (so RFLAGS can be r11 exactly)
+#   test $0x400,%r11d; jz 1f; std; jmp 2f   # DF = r11.DF
+#   1: cld
+#   2: mov %r11d,%eax; shr $11,%eax; and $1,%eax
+#      imul $0x7f,%eax,%eax; add $1,%al     # OF = r11.OF (0x7f + 1 overflows)
+#      movzbl %r11b,%eax; mov %al,%ah; sahf # SF ZF AF PF CF = r11's
+#      mov $-2,%rax; jmp *%rcx              # -ENOENT, back to the return RIP
+#   slow: out %al,$SYSCALL_PORT             # everything else: the domain process
+#
+# That is Xen's answer to VCPUOP_is_up for a vcpuid >= max_vcpus
+# (do_vcpu_op: domain_vcpu() is NULL → -ENOENT) returned as its sysret
+# returns: RIP = rcx, RFLAGS = r11 (= the saved flags, which pass Xen's
+# sanitising unchanged under the conditions tested), r11 and every other
+# register as they were.  Linux's xen_filter_cpu_maps asks it for each of
+# its NR_CPUS (8192) possible CPUs: 8192 exits of ~70 µs on PVM.  The fast
+# path runs only where `syscall` stays at CPL3 (PVM, platform-notes.md fact
+# 5; there CS and SS are the guest's and this code runs natively, as the
+# guest could run it itself: it has no privilege to misuse).  ARMED_i is
+# written by the domain process only (``set_syscall_fast``): nonzero while
+# vCPU i is in guest kernel mode, a `syscall` was seen arriving at CPL3, and
+# no upcall is pending (Xen delivers a pending event on a hypercall's return;
+# the fast path does not, so it stands aside whenever one may be pending).
+# The compat entry (CSTAR) is a bare `out`, which decodes the same in 32-bit
+# code.
+STUB_ENTRY = 0x80  # bytes per vCPU entry
+STUB_ARMED, STUB_MAXV, STUB_COMPAT = 0xC00, 0xD00, 0xE00  # offsets in the stub page
+
+
+def syscall_stub_code(entry_off: int, armed_off: int, maxv_off: int) -> bytes:
+    """The `syscall` entry at ``entry_off`` of the stub page (see above)."""
+    def disp(target: int, end: int) -> bytes:
+        return struct.pack("<i", target - (entry_off + end))
+    return (bytes.fromhex("4883f818" "7553" "83ff03" "754e" "833d") + disp(armed_off, 0x12) + b"\x00"
+            + bytes.fromhex("7445" "3b35") + disp(maxv_off, 0x1a)
+            + bytes.fromhex("723d" "41f7c300711f00" "7534" "41f7c300020000" "742b"
+                            "41f7c300040000" "7403" "fd" "eb01" "fc" "4489d8" "c1e80b" "83e001"
+                            "6bc07f" "0401" "410fb6c3" "88c4" "9e" "48c7c0feffffff" "ffe1")
+            + bytes([0xE6, SYSCALL_PORT]))
 # hypervisor area: fixed pages
 PG_HV_L3, PG_HV_L2, PG_HV_L1, PG_PERCPU_L1 = 0, 1, 2, 3
 PG_M2P_L3, PG_M2P_L2, PG_DM_L3, PG_CODE, PG_IDT, PG_ZERO = 4, 5, 6, 7, 8, 9
@@ -333,9 +381,12 @@ class Machine:
                 h = HV_VA + PG_CODE * 4096 + CODE_FAST_GP
             lo = (h & 0xFFFF) | (abi.HYPERVISOR_CS64 << 16) | (0x8E << 40) | (((h >> 16) & 0xFFFF) << 48)
             struct.pack_into("<QQ", hv, idt + v * 16, lo, h >> 32)
-        # the syscall entry stub: `out %al,$SYSCALL_PORT`, user-readable, read-only
+        # the syscall entry stubs (one per vCPU, see syscall_stub_code), user-readable, read-only
         ucode = PG_USER_CODE * 4096
-        hv[ucode:ucode + 2] = bytes([0xE6, SYSCALL_PORT])
+        for cpu in range(MAX_VCPUS):
+            entry = syscall_stub_code(cpu * STUB_ENTRY, STUB_ARMED + 4 * cpu, STUB_MAXV)
+            hv[ucode + cpu * STUB_ENTRY:ucode + cpu * STUB_ENTRY + len(entry)] = entry
+        hv[ucode + STUB_COMPAT:ucode + STUB_COMPAT + 2] = bytes([0xE6, SYSCALL_PORT])
         user_ro = PTE_P | PTE_US | PTE_A
         self._hv_put(PG_M2P_L3, 511, (base + PG_USER_L2 * 4096) | user_ro)
         self._hv_put(PG_USER_L2, 511, (base + PG_USER_L1 * 4096) | user_ro)
@@ -435,6 +486,21 @@ class Machine:
             idx = va_page0 + p - 512
             self._hv_put(PG_PERCPU_L1, idx, val)
             touch(HV_VA + PG_PERCPU_L1 * 4096 + idx * 8)
+
+    def syscall_stub_va(self, cpu: int) -> int:
+        """vCPU ``cpu``'s `syscall` entry (its MSR_LSTAR)."""
+        return SYSCALL_STUB_VA + cpu * STUB_ENTRY
+
+    @property
+    def syscall_compat_va(self) -> int:
+        """The compat-mode `syscall` entry (MSR_CSTAR): a bare `out`."""
+        return SYSCALL_STUB_VA + STUB_COMPAT
+
+    def set_syscall_fast(self, cpu: int, armed: bool, max_vcpus: int) -> None:
+        """Arm or disarm vCPU ``cpu``'s `syscall` fast path (is_up beyond max_vcpus)."""
+        off = PG_USER_CODE * 4096
+        struct.pack_into("<I", self.hv, off + STUB_MAXV, max_vcpus)
+        struct.pack_into("<I", self.hv, off + STUB_ARMED + 4 * cpu, 1 if armed else 0)
 
     @property
     def helper_va(self) -> int:

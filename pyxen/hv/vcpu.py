@@ -144,6 +144,10 @@ class VCPU:
         # in flight (deliver_event); after a hypercall or trap exit none can be
         self.run_interrupted = True
         self.n_hypercalls = 0
+        # the `syscall` stub's is_up fast path (machine.syscall_stub_code): armed
+        # by emulate.refresh_fast_path once a `syscall` was seen arriving at CPL3
+        self.syscall_cpl3 = False
+        self.syscall_fast_armed = False
         self.thread: threading.Thread | None = None
         # runstate
         self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
@@ -198,10 +202,13 @@ class VCPU:
         v.mark_sregs_dirty()
         # `syscall` enters the hypervisor's stub, which reports to SYSCALL_PORT;
         # sysret is never used, STAR's upper selector only mirrors Xen's flat ones
-        v.set_msrs({MSR_LSTAR: M.SYSCALL_STUB_VA, MSR_CSTAR: M.SYSCALL_STUB_VA,
+        # (each vCPU its own entry, so its fast path knows it).  IF is not masked:
+        # on PVM the stub runs at CPL3, where it could not set IF again when its
+        # fast path returns straight to the guest; no interrupt is ever injected
+        v.set_msrs({MSR_LSTAR: self.machine.syscall_stub_va(self.id),
+                    MSR_CSTAR: self.machine.syscall_compat_va,
                     MSR_STAR: (abi.HYPERVISOR_CS64 << 32) | (abi.FLAT_RING3_CS32 << 48),
-                    MSR_SYSCALL_MASK: X86_EFLAGS_TF | X86_EFLAGS_IF | 0x400 | X86_EFLAGS_NT
-                    | X86_EFLAGS_AC})
+                    MSR_SYSCALL_MASK: X86_EFLAGS_TF | 0x400 | X86_EFLAGS_NT | X86_EFLAGS_AC})
 
     def set_initial_state(self, rip: int, rsp: int, rsi: int, l4_mfn: int) -> None:
         r = self.kvm.regs
@@ -564,6 +571,8 @@ class VCPU:
             self.check_timers(self.domain.clock.system_time())
         if self.domain.mmu_pending or self.flush_requested:
             self.flush_mmu()
+        if self.syscall_fast_armed and self.vi_buf[self.vi_off + abi.VI_UPCALL_PENDING]:
+            emulate.syscall_fast_off(self)  # an upcall is pending: hypercalls must exit
         return True
 
     def _run_loop_nosync(self) -> None:
@@ -754,6 +763,8 @@ class VCPU:
             s.cs = GUEST_CS
             s.ss = GUEST_SS
             v.mark_sregs_dirty()
+        elif not self.syscall_cpl3:
+            self.syscall_cpl3 = True  # the stub runs at CPL3 here: its fast path may be armed
         r.rip = r.rcx
         r.rflags = (r.r11 & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF | 0x2
         v.mark_regs_dirty()
@@ -924,6 +935,7 @@ class VCPU:
         """Switch between guest kernel and guest user: page tables and GS base."""
         s = self.kvm.sregs
         self.kernel_mode = not self.kernel_mode
+        emulate.syscall_fast_off(self)  # re-armed after a hypercall in kernel mode
         l4 = self.current_l4
         if self.kernel_mode:
             self.gs_base_user = s.gs.base
@@ -1046,6 +1058,7 @@ class VCPU:
         r.rflags = (g.get("rflags", 0) & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) \
             | X86_EFLAGS_IF | 0x2
         self.kernel_mode = bool(c.flags & mstream.VGCF_in_kernel)
+        emulate.syscall_fast_off(self)
         self.failsafe_mask_events = bool(c.flags & mstream.VGCF_failsafe_disables_events)
         self.syscall_mask_events = bool(c.flags & mstream.VGCF_syscall_disables_events)
         s.cs = GUEST_CS
