@@ -148,6 +148,8 @@ class VCPU:
         # by emulate.refresh_fast_path once a `syscall` was seen arriving at CPL3
         self.syscall_cpl3 = False
         self.syscall_fast_armed = False
+        # the last hypercall was an mmu_update whose queued entries may wait (after_hypercall)
+        self.mmu_defer = False
         self.thread: threading.Thread | None = None
         # runstate
         self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
@@ -554,9 +556,28 @@ class VCPU:
         is told to attend.  Event delivery follows in the run loop, as Xen's
         test_all_events does after pv_hypercall.  The #GP fast path's
         permission word is rewritten: a base pointer, the virtual IOPL or a VM
-        assist may have changed (emulate.refresh_fast_path)."""
+        assist may have changed (emulate.refresh_fast_path).
+
+        Except after an mmu_update that changed only L1 entries whose old
+        frames are the domain's own, in a one-vCPU domain (``mmu_defer``, set
+        by Hypercalls.do_mmu_update): Xen's mmu_update does not flush the TLB
+        (the guest flushes when it needs to), so those entries stay queued
+        until the next hypercall that is not such an mmu_update, or any other
+        exit that attends; the one helper run then applies them all.  Until
+        then the guest may still see the old translations, as a TLB may hold
+        them on Xen; no frame changes type meanwhile (only L1 entries
+        changed), and every other exit runs the helper before the guest
+        resumes, so a frame never becomes a page table, descriptor page or
+        another domain's while a stale writable translation of it remains.
+        A #PF taken meanwhile is retried after the helper run first
+        (``exception``): the fault may be the stale translation's, which Xen's
+        spurious_page_fault would not deliver either."""
         emulate.refresh_fast_path(self)
-        if self.domain.mmu_pending or self.flush_requested:
+        if self.mmu_defer:
+            self.mmu_defer = False
+            if self.flush_requested:
+                self.attention = True
+        elif self.domain.mmu_pending or self.flush_requested:
             self.attention = True
 
     def _attend(self) -> bool:
@@ -721,6 +742,12 @@ class VCPU:
         v.mark_sregs_dirty()
         if cs & 3 != 3:
             raise GuestCrash(f"exception {vec} in hypervisor code at {rip:#x} (err={err})")
+        if self.domain.mmu_pending:
+            # L1 updates left queued (after_hypercall): apply them now; a #PF
+            # may be theirs (a stale translation), so the instruction runs again
+            self.flush_mmu()
+            if vec == 14:
+                return
         if vec == 14 and emulate.handle_m2p_fault(self, s.cr2):
             return  # a load from Xen's fixed M2P address (platform-notes.md)
         if vec == 14:
