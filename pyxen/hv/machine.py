@@ -171,9 +171,10 @@ HELPER_CODE = bytes.fromhex(
 
 # The #GP fast path (IDT vector 13): the hottest emulations of a Linux boot,
 # answered at CPL0 without leaving the guest (an exit to the domain process
-# costs ~50-90 µs here, the stub ~25 µs plus ~1 µs per emulated instruction:
-# docs/guests.md).  It answers exactly what emul-priv-op.c answers for a domU
-# in guest kernel mode with enough virtual IOPL, and only that:
+# costs ~50-90 µs here, the stub ~25 µs plus ~0.5-1 µs per emulated
+# instruction: docs/guests.md).  It answers exactly what emul-priv-op.c
+# answers for a domU in guest kernel mode with enough virtual IOPL, and only
+# that:
 #   * `cli` (fa) and `sti` (fb): accepted and ignored;
 #   * `in $imm8,%al` (e4 ib) from ports 0x40-0x43 and 0x61 (PIT and speaker,
 #     no vPIT for a domU: pv_pit_handler gives ~0): AL = 0xff;
@@ -181,55 +182,61 @@ HELPER_CODE = bytes.fromhex(
 # permission is one word per vCPU at the bottom of its hypervisor stack
 # (FAST_KCR3): the guest kernel's CR3 when the guest kernel's virtual IOPL
 # allows port I/O and its user page tables differ from the kernel's, else 1;
-# the stub compares it with CR3, so user mode and a stale word never match.
-# The vCPU rewrites it after each hypercall (``emulate.refresh_fast_path``).
-# Coming from CPL3 the frame is at RSP0 - 48, so the word is at a fixed
-# distance from RSP.  The RIP is read only when canonical: a #GP's RIP was
-# fetched from unless it is non-canonical (an iret there faults on the fetch).
-# Linux reads port 0x42 twice in a row (pit_verify_msb:
-# `e4 42 e4 42`), so after an `in $0x42,%al` the stub also carries out the
-# `in $0x42,%al` instructions that directly follow it in the same page: the
-# guest state afterwards is exactly that of running them one by one (each
-# sets AL to 0xff and has no other effect for a domU); not with RFLAGS.TF set.
+# the stub compares it with CR3 first, so user mode and a stale word never
+# match.  The vCPU rewrites it after each hypercall
+# (``emulate.refresh_fast_path``).  Coming from CPL3 the frame is at RSP0 -
+# 48, so the word is at a fixed distance from RSP.  The RIP is read only when
+# canonical (bits 63-47 equal: the sign-extended low half of its upper dword
+# is the dword): a #GP's RIP was fetched from unless it is non-canonical (an
+# iret there faults on the fetch); a byte after the faulting one is read only
+# when it belongs to the instruction (fetched) or lies in a page the
+# instruction was fetched from.  Linux's quick_pit_calibrate runs
+# pit_verify_msb (`e4 42 e4 42`) up to 50,000 times at boot, so that pair is
+# the first thing tested and is answered in one trap: after an
+# `in $0x42,%al` the stub also carries out an `in $0x42,%al` that directly
+# follows it (not with RFLAGS.TF set): the guest state afterwards is exactly
+# that of running them one by one (each sets AL to 0xff and has no other
+# effect for a domU).  ~30 emulated instructions for that pair (PVM emulates
+# every CPL0 instruction: they were 45 before the pair came first).
 # Anything else goes the slow way, exactly as the other vectors:
-# `push $13; out %al,$TRAP_PORT`.  Each emulated CPL0 instruction costs ~1 µs
-# on PVM, so the paths are short:
+# `push $13; out %al,$TRAP_PORT`:
 #
 #   push %rax; testb $3,24(%rsp); jz restore          # from guest CPL3 only
-#   mov 16(%rsp),%rax; sar $47,%rax; inc %rax          # a non-canonical RIP (an
-#   cmp $1,%rax; ja restore                            # iret there) is not read
-#   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in   # opcode at the guest RIP
-#   cmpb $0x42,1(%rax); je in_ones; movzbl 1(%rax),%eax
-#   cmp $0x61,%al; je in_ones; and $0xfc,%al; cmp $0x40,%al; jne restore
-# in_ones:
-#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore  # FAST_KCR3
-#   movb $0xff,(%rsp); mov 16(%rsp),%rax               # AL = 0xff
-#   testb $1,33(%rsp); jnz in_end_2                    # TF: this one only
-# more:                                                # RIP += 2, then look ahead
-#   add $2,%rax; test $0xfff,%eax; jz in_end           # next insn on a new page
-#   not %rax; test $0xfff,%eax; not %rax; jz in_end    # ... or across one
-#   cmpb $0xe4,(%rax); jne in_end; cmpb $0x42,1(%rax); je more
-# in_end:
-#   mov %rax,16(%rsp); jmp done
-# in_end_2:
-#   add $2,%rax; jmp in_end
+#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore  # FAST_KCR3: kernel, IOPL
+#   movswl 20(%rsp),%eax; cmp 20(%rsp),%eax; jne restore  # canonical RIP
+#   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in  # opcode at the guest RIP
+#   cmpb $0x42,1(%rax); jne other_port
+#   testb $1,33(%rsp); jnz one                        # TF: this one only
+#   add $3,%rax; test $0xffe,%eax; jz one_3           # RIP+2..3 in a fetched page?
+#   cmpw $0x42e4,-1(%rax); jne one_3                  # a second in $0x42,%al
+#   inc %rax                                          # RIP += 4
+# store_ff:
+#   mov %rax,16(%rsp); movb $0xff,(%rsp)              # RIP, AL = 0xff
+# done:
+#   andl $~0x10000,32(%rsp); incq -8128(%rsp)         # RF, FAST_COUNT (traps)
+#   pop %rax; add $8,%rsp; iretq                      # drop the error code
+# one_3:
+#   dec %rax; jmp store_ff                            # RIP += 2
+# other_port:
+#   movzbl 1(%rax),%eax; cmp $0x61,%al; je one_in
+#   and $0xfc,%al; cmp $0x40,%al; jne restore
+# one_in:
+#   mov 16(%rsp),%rax
+# one:
+#   add $2,%rax; jmp store_ff
 # not_in:
 #   cmpb $0xfa,(%rax); je cli_sti; cmpb $0xfb,(%rax); jne restore
 # cli_sti:
-#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore; addq $1,16(%rsp)
-# done:
-#   andl $~0x10000,32(%rsp); incq -8128(%rsp)          # RF, FAST_COUNT (traps)
-#   pop %rax; add $8,%rsp; iretq                       # drop the error code
+#   addq $1,16(%rsp); jmp done
 # restore:
 #   pop %rax; push $13; out %al,$0xf1
 CODE_FAST_GP = 0xA00
 FAST_GP_CODE = bytes.fromhex(
-    "50f6442418030f84b9000000488b44241048c1f82f48ffc04883f8010f87a3000000488b4424"
-    "108038e475658078014274120fb640013c61740a24fc3c400f85810000000f20d8483b842438"
-    "e0ffff7574c60424ff488b442410f644242101752a4883c002a9ff0f0000741848f7d0a9ff0f"
-    "000048f7d0740b8038e475068078014274dd4889442410eb234883c002ebf38038fa74058038"
-    "fb752a0f20d8483b842438e0ffff751d48834424100181642420fffffeff48ff842440e0ffff"
-    "584883c40848cf586a0de6f1")
+    "50f6442418030f84990000000f20d8483b842438e0ffff0f85880000000fbf4424143b44"
+    "2414757d488b4424108038e47561807801427542f644242101754e4883c003a9fe0f0000"
+    "742b668178ffe442752348ffc04889442410c60424ff81642420fffffeff48ff842440e0"
+    "ffff584883c40848cf48ffc8ebdb0fb640013c61740624fc3c40751d488b4424104883c0"
+    "02ebc28038fa74058038fb7508488344241001ebb9586a0de6f1")
 FAST_KCR3, FAST_COUNT = 0, 8  # offsets in the vCPU's lowest stack page (PC_STACK)
 FAST_NEVER = 1  # a FAST_KCR3 no CR3 equals: the fast path is off
 
