@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .. import abi
+from .. import abi, kvm
 from ..abi import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH, XenError
 from . import machine as M
 from . import trace
@@ -128,6 +128,13 @@ def get_debugreg(v: VCPU, reg: int) -> int:
     if reg in (5, 7):
         return int(v.dr7 | v.dr7_emul)
     return -abi.ENODEV
+
+
+def _sregs_pending(v: VCPU) -> bool:
+    """Special registers changed since the last KVM_RUN (not yet in KVM)."""
+    k = v.kvm
+    dirty = k.q[kvm.Q_DIRTY] if k.sync else k._dirty
+    return bool(dirty & kvm.KVM_SYNC_X86_SREGS)
 
 
 class Hypercalls:
@@ -455,8 +462,13 @@ class Hypercalls:
                         if old:
                             ft.put_type(old)
                     s = v.kvm.sregs
-                    if s.cr3 == arg1 << 12:
-                        v.flush_requested = True  # same CR3: KVM_SET_SREGS would not flush (fact 2)
+                    if s.cr3 == arg1 << 12 or _sregs_pending(v):
+                        # same CR3: KVM_SET_SREGS would not flush (fact 2); or the
+                        # CR3 KVM holds is not known (an earlier change not yet
+                        # applied, e.g. two base pointers in one batch): the helper
+                        v.kvm.sregs.cr3 = arg1 << 12
+                        v.kvm.mark_sregs_dirty()
+                        v.flush_requested = True
                     else:
                         # A new CR3 through KVM_SET_SREGS is a full reload (KVM resets
                         # the MMU context and syncs the new root as for `mov %cr3`),
