@@ -7,7 +7,10 @@ Used by the ``linux_boot`` and ``linux_guest_*`` benchmarks (bench/benchmarks.py
 and by hand to measure the boot.  Phases (as ``trace.Profile`` names them):
 ``builder`` (create_domain: unpack the bzImage, build the domain), ``kernel``
 (first guest entry to Linux's ``Run /init as init process``), ``userland``
-(from there to the busybox prompt).  The domain is created through a private
+(from there to the busybox prompt); ``cpu_to_init``/``cpu_to_prompt`` are the
+domain process's CPU seconds over the last two (guest execution and exits
+count, waiting for a CPU does not: steadier than wall time on a loaded
+machine).  The domain is created through a private
 pyxend, as ``pyxen create -c examples/linux.cfg`` does (Linux needs xenstore),
 without a disk."""
 
