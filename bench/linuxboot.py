@@ -7,7 +7,10 @@ Used by the ``linux_boot`` and ``linux_guest_*`` benchmarks (bench/benchmarks.py
 and by hand to measure the boot.  Phases (as ``trace.Profile`` names them):
 ``builder`` (create_domain: unpack the bzImage, build the domain), ``kernel``
 (first guest entry to Linux's ``Run /init as init process``), ``userland``
-(from there to the busybox prompt).  The domain is created through a private
+(from there to the busybox prompt); ``cpu_to_init``/``cpu_to_prompt`` are the
+domain process's CPU seconds over the last two (guest execution and exits
+count, waiting for a CPU does not: steadier than wall time on a loaded
+machine).  The domain is created through a private
 pyxend, as ``pyxen create -c examples/linux.cfg`` does (Linux needs xenstore),
 without a disk."""
 
@@ -44,6 +47,20 @@ class LinuxBoot:
     t_init: float | None = None  # "Run /init as init process" seen
     t_prompt: float | None = None  # first shell prompt seen
     buf: bytearray = field(default_factory=bytearray)
+    pid: int = 0  # the domain process
+    # CPU seconds (user + system, all threads) of the domain process at t_created,
+    # t_init, t_prompt: guest execution and exits count there (KVM runs the guest
+    # in the vCPU thread), waiting for a CPU under load does not
+    cpu: list[float] = field(default_factory=list)
+
+    def cpu_now(self) -> float:
+        """The domain process's CPU seconds so far (utime + stime), -1 if unknown."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return -1.0
 
     def _read(self, rx: re.Pattern[bytes], timeout: float, start: int = 0) -> re.Match[bytes]:
         end = time.monotonic() + timeout
@@ -68,8 +85,10 @@ class LinuxBoot:
             self.buf += b
             if self.t_init is None and INIT_RX.search(self.buf):
                 self.t_init = now
+                self.cpu.append(self.cpu_now())
             if self.t_init is not None and self.t_prompt is None and PROMPT_RX.search(self.buf):
                 self.t_prompt = now
+                self.cpu.append(self.cpu_now())
 
     def wait_prompt(self, timeout: float = 300) -> None:
         self._read(PROMPT_RX, timeout)
@@ -95,6 +114,11 @@ class LinuxBoot:
             if self.t_prompt is not None:
                 out["to_prompt"] = self.t_prompt - self.t_init
                 out["total"] = self.t_prompt - self.t0
+        c = self.cpu
+        if len(c) >= 2 and min(c) >= 0:
+            out["cpu_to_init"] = c[1] - c[0]
+            if len(c) >= 3:
+                out["cpu_to_prompt"] = c[2] - c[1]
         return out
 
     def poweroff(self, timeout: float = 60) -> None:
@@ -157,6 +181,9 @@ def boot(initrd: Path | None = None, memory_mib: int = 256, cmdline: str = CMDLI
         b.t0 = time.perf_counter()
         b.domid, b.sock = b.host.create_attached(cfg)  # type: ignore[attr-defined]
         b.t_created = time.perf_counter()
+        b.pid = next((int(d.get("pid") or 0) for d in b.host.list()  # type: ignore[attr-defined]
+                      if d["domid"] == b.domid), 0)
+        b.cpu.append(b.cpu_now())
         b.wait_prompt(timeout)
     except BaseException:
         b.close()

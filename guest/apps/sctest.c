@@ -334,6 +334,130 @@ static void test_event_after_syscall(void)
     unbind_evtchn(ipi.port);
 }
 
+/*
+ * VCPUOP_is_up through `syscall`, as Linux's xen_filter_cpu_maps asks it for
+ * each of its NR_CPUS possible CPUs: Xen's do_vcpu_op answers -ENOENT for a
+ * vcpuid >= max_vcpus (domain_vcpu() is NULL), whatever the command, and the
+ * answer comes back as Xen's sysret returns it: RIP = rcx, RFLAGS = r11 = the
+ * caller's flags (arithmetic flags, DF, AC as they were), every other
+ * register kept.  pyxen answers this one in the `syscall` stub without an
+ * exit where it can (machine.syscall_stub_code), which must not change any of
+ * it.  The vCPU count comes from the hypercall page (port path).
+ */
+struct sc_regs_out { unsigned long rax, rcx, r11, flags, rdi, rsi, rdx, r10, r8, r9, rbx; };
+
+static void sc_is_up_flags(unsigned long vcpuid, unsigned long flags, struct sc_regs_out *o)
+{
+    register unsigned long rax asm("rax") = __HYPERVISOR_vcpu_op;
+    register unsigned long rdi asm("rdi") = 3;          /* VCPUOP_is_up */
+    register unsigned long rsi asm("rsi") = vcpuid;
+    register unsigned long rdx asm("rdx") = HC_MAGIC1;
+    register unsigned long r10 asm("r10") = HC_MAGIC2;
+    register unsigned long r8 asm("r8") = HC_MAGIC1 ^ 1;
+    register unsigned long r9 asm("r9") = HC_MAGIC2 ^ 1;
+    register unsigned long rcx asm("rcx");
+    register unsigned long r11 asm("r11");
+    unsigned long rbx_out, fl_out;
+
+    asm volatile("pushfq\n\t"
+                 "push %[fl]\n\t"
+                 "popfq\n\t"
+                 "mov $0x1234abcd, %%ebx\n\t"
+                 "syscall\n\t"
+                 "1: pushfq\n\t"
+                 "pop %[flo]\n\t"
+                 "mov %%rbx, %[rbxo]\n\t"
+                 "popfq\n\t"
+                 "lea 1b(%%rip), %[rbxo2]\n\t"
+                 : "+r"(rax), "+r"(rdi), "+r"(rsi), "+r"(rdx), "+r"(r10), "+r"(r8), "+r"(r9),
+                   "=r"(rcx), "=r"(r11), [flo] "=&r"(fl_out), [rbxo] "=&r"(rbx_out),
+                   [rbxo2] "=&r"(o->flags)
+                 : [fl] "r"(flags)
+                 : "memory", "rbx", "cc");
+    /* o->flags held the label's address for a moment: compare rcx with it */
+    o->rcx = rcx == o->flags;
+    o->rax = rax; o->r11 = r11; o->flags = fl_out; o->rbx = rbx_out;
+    o->rdi = rdi; o->rsi = rsi; o->rdx = rdx; o->r10 = r10; o->r8 = r8; o->r9 = r9;
+}
+
+static void test_is_up(void)
+{
+    unsigned int n = 0;
+    while (n < 4096 && HYPERVISOR_vcpu_op(3 /* VCPUOP_is_up */, n, NULL) >= 0)
+        n++;
+    const unsigned long ids[] = { 0, n, n + 1, 8191, 0xffffffffUL, 0x100000000UL + n };
+    long port_rc[6], sc_rc[6];
+    int ok = n >= 1;
+    for (unsigned int i = 0; i < 6; i++) {
+        port_rc[i] = HYPERVISOR_vcpu_op(3, (unsigned int)ids[i], NULL);
+        sc_rc[i] = sc_hypercall3(__HYPERVISOR_vcpu_op, 3, ids[i], 0);
+        ok &= port_rc[i] == sc_rc[i];
+    }
+    ok &= sc_rc[0] == 1 && sc_rc[1] == -XEN_ENOENT && sc_rc[2] == -XEN_ENOENT &&
+          sc_rc[3] == -XEN_ENOENT && sc_rc[4] == -XEN_ENOENT && sc_rc[5] == -XEN_ENOENT;
+    check("syscall.is_up_beyond_max", ok,
+          "n=%u is_up(0)=%ld/%ld (n)=%ld/%ld (n+1)=%ld (8191)=%ld (~0u)=%ld (2^32+n)=%ld",
+          n, port_rc[0], sc_rc[0], port_rc[1], sc_rc[1], sc_rc[2], sc_rc[3], sc_rc[4], sc_rc[5]);
+
+    /* flags and registers, for vcpuids the answer is -ENOENT and 1 */
+    const unsigned long fls[] = { 0x202, 0x202 | 0xcd5, 0x202 | 0x800, 0x202 | 0x401,
+                                  0x202 | 0x40000 | 0x41, 0x202 | 0x200000 | 0x80 };
+    ok = 1;
+    char why[160] = "";
+    for (unsigned int i = 0; i < 6 && ok; i++) {
+        for (unsigned int j = 0; j < 2 && ok; j++) {
+            struct sc_regs_out o;
+            unsigned long id = j ? 8191 : 0;
+            sc_is_up_flags(id, fls[i], &o);
+            long want = j ? -XEN_ENOENT : 1;
+            ok = (long)o.rax == want && o.rcx && o.flags == fls[i] && o.r11 == fls[i] &&
+                 o.rdi == 3 && o.rsi == id && o.rdx == HC_MAGIC1 && o.r10 == HC_MAGIC2 &&
+                 o.r8 == (HC_MAGIC1 ^ 1) && o.r9 == (HC_MAGIC2 ^ 1) && o.rbx == 0x1234abcd;
+            if (!ok)
+                snprintf(why, sizeof(why), "id=%lu flags=0x%lx: rax=%ld rcx_ok=%lu rflags=0x%lx "
+                         "r11=0x%lx rdi=%lu rsi=%lu rbx=0x%lx", id, fls[i], (long)o.rax, o.rcx,
+                         o.flags, o.r11, o.rdi, o.rsi, o.rbx);
+        }
+    }
+    check("syscall.is_up_regs", ok, "%s", why);
+}
+
+/* An upcall pending when is_up (answered or not without an exit) is made is
+ * delivered when it returns, as after any hypercall: the event is made
+ * pending while masked, then unmasked without a hypercall. */
+static void test_is_up_event(void)
+{
+    struct evtchn_bind_ipi { uint32_t vcpu; evtchn_port_t port; } ipi = { 0, 0 };
+    struct evtchn_send send;
+    struct vcpu_info *vi = this_vcpu();
+    long rc, rc2;
+    unsigned long seen_before, seen;
+
+    rc = HYPERVISOR_event_channel_op(EVTCHNOP_bind_ipi, &ipi);
+    if (rc != 0) {
+        check("syscall.is_up_event", 0, "bind_ipi rc=%ld", rc);
+        return;
+    }
+    bind_evtchn(ipi.port, ipi_handler, NULL);
+    ipi_hits = 0;
+    (void)sc_hypercall3(__HYPERVISOR_vcpu_op, 3, 8191, 0);  /* arms the fast path, if any */
+    WRITE_ONCE(vi->evtchn_upcall_mask, 1);
+    barrier();
+    send.port = ipi.port;
+    rc = HYPERVISOR_event_channel_op(EVTCHNOP_send, &send);
+    (void)sc_hypercall3(__HYPERVISOR_vcpu_op, 3, 8191, 0);  /* masked: nothing delivered */
+    seen_before = ipi_hits;
+    barrier();
+    WRITE_ONCE(vi->evtchn_upcall_mask, 0);   /* unmask without a hypercall */
+    barrier();
+    rc2 = sc_hypercall3(__HYPERVISOR_vcpu_op, 3, 8191, 0);
+    seen = ipi_hits;    /* the first instruction after the syscall returned */
+    check("syscall.is_up_event", rc == 0 && rc2 == -XEN_ENOENT && seen_before == 0 && seen == 1,
+          "send rc=%ld is_up rc=%ld handler ran %lu times masked, %lu after", rc, rc2,
+          seen_before, seen);
+    unbind_evtchn(ipi.port);
+}
+
 /* SCHEDOP_block with `syscall`: sleeps until the timer event, which is delivered. */
 static void test_block(void)
 {
@@ -475,6 +599,8 @@ int app_main(const char *cmdline)
     test_multicall();
     test_iret();
     test_event_after_syscall();
+    test_is_up();
+    test_is_up_event();
     test_block();
     test_user_syscall();
     printk("sctest: done ok=%u fail=%u\n", n_ok, n_fail);

@@ -661,7 +661,13 @@ def refresh_fast_path(v: VCPU) -> None:
     """Rewrite the vCPU's fast-path word after anything that may change the
     kernel or user base pointer, the virtual IOPL or VM assists (hypercalls,
     an emulated CR3 write).  Called after every hypercall, so it returns at
-    once when none of its inputs changed (~0.3 µs)."""
+    once when none of its inputs changed (~0.3 µs).  Also arms or disarms the
+    `syscall` stub's is_up fast path (machine.syscall_stub_code): armed in
+    guest kernel mode with no upcall pending, where `syscall` arrives at CPL3."""
+    arm = v.kernel_mode and v.syscall_cpl3 and not v.vi_buf[v.vi_off + abi.VI_UPCALL_PENDING]
+    if arm != v.syscall_fast_armed:
+        v.syscall_fast_armed = arm
+        v.machine.set_syscall_fast(v.id, arm, len(v.domain.vcpus))
     key = (v.kernel_l4, v.user_l4, v.iopl, v.domain.vm_assist)
     if key == v.__dict__.get("_fast_key"):
         return
@@ -669,6 +675,14 @@ def refresh_fast_path(v: VCPU) -> None:
     w = fast_path_word(key[0], key[1], key[2],
                        bool(key[3] >> abi.VMASST_TYPE_architectural_iopl & 1))
     struct.pack_into("<Q", v.machine.hv, v.percpu["stack_off"] + FAST_KCR3, w)
+
+
+def syscall_fast_off(v: VCPU) -> None:
+    """Disarm the `syscall` stub's fast path (guest user mode, or an upcall
+    may be pending: machine.syscall_stub_code)."""
+    if v.syscall_fast_armed:
+        v.syscall_fast_armed = False
+        v.machine.set_syscall_fast(v.id, False, len(v.domain.vcpus))
 
 
 def fast_path_count(v: VCPU) -> int:

@@ -13,7 +13,7 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .. import abi
+from .. import abi, kvm
 from ..abi import EFAULT, EINVAL, ENOSYS, EPERM, ESRCH, XenError
 from . import machine as M
 from . import trace
@@ -128,6 +128,13 @@ def get_debugreg(v: VCPU, reg: int) -> int:
     if reg in (5, 7):
         return int(v.dr7 | v.dr7_emul)
     return -abi.ENODEV
+
+
+def _sregs_pending(v: VCPU) -> bool:
+    """Special registers changed since the last KVM_RUN (not yet in KVM)."""
+    k = v.kvm
+    dirty = k.q[kvm.Q_DIRTY] if k.sync else k._dirty
+    return bool(dirty & kvm.KVM_SYNC_X86_SREGS)
 
 
 class Hypercalls:
@@ -377,6 +384,11 @@ class Hypercalls:
         ft = self.domain.ft
         done = 0
         rc = 0
+        # Xen's mmu_update flushes no TLB: the guest flushes when it must.  So in
+        # a one-vCPU domain, when every entry was an L1 entry whose old frame is
+        # the domain's own, the vCPU's re-application of the entries (the MMU
+        # helper) waits for its next flush or other exit (VCPU.after_hypercall)
+        defer = len(self.domain.vcpus) == 1
         try:
             while done < count:
                 n = min(count - done, 256)
@@ -385,7 +397,8 @@ class Hypercalls:
                     cmd = ptr & 7
                     if cmd in (abi.MMU_NORMAL_PT_UPDATE, abi.MMU_PT_UPDATE_PRESERVE_AD,
                                abi.MMU_PT_UPDATE_NO_TRANSLATE):
-                        ft.mod_entry(ptr - cmd, val)
+                        if not ft.mod_entry(ptr - cmd, val):
+                            defer = False
                     elif cmd == abi.MMU_MACHPHYS_UPDATE:
                         mfn = ptr >> 12
                         if not ft.owns(mfn):
@@ -396,7 +409,9 @@ class Hypercalls:
                     done += 1
         except XenError as e:
             rc = -e.errno
+            defer = False
             self.domain.log(f"mmu_update #{done} failed: {e.why}")
+        v.mmu_defer = defer
         self._report_done(v, done_ptr, done)
         return rc
 
@@ -446,9 +461,20 @@ class Hypercalls:
                         old, v.kernel_l4 = v.kernel_l4, arg1
                         if old:
                             ft.put_type(old)
-                    v.kvm.sregs.cr3 = arg1 << 12
-                    v.kvm.mark_sregs_dirty()
-                    v.flush_requested = True
+                    s = v.kvm.sregs
+                    if s.cr3 == arg1 << 12 or _sregs_pending(v):
+                        # same CR3: KVM_SET_SREGS would not flush (fact 2); or the
+                        # CR3 KVM holds is not known (an earlier change not yet
+                        # applied, e.g. two base pointers in one batch): the helper
+                        v.kvm.sregs.cr3 = arg1 << 12
+                        v.kvm.mark_sregs_dirty()
+                        v.flush_requested = True
+                    else:
+                        # A new CR3 through KVM_SET_SREGS is a full reload (KVM resets
+                        # the MMU context and syncs the new root as for `mov %cr3`),
+                        # so no helper run: PTE writes still queued run it anyway
+                        s.cr3 = arg1 << 12
+                        v.kvm.mark_sregs_dirty()
                 elif cmd == abi.MMUEXT_NEW_USER_BASEPTR:
                     if arg1 != v.user_l4:
                         if arg1:
@@ -617,11 +643,15 @@ class Hypercalls:
 
     # ------------------------------------------------------------ multicall
     def do_multicall(self, v: VCPU, calls: int, n: int, *_: int) -> int:
-        for i in range(n & U32):  # any count, as Xen; a bad entry address ends it with EFAULT
-            addr = calls + i * abi.MULTICALL_ENTRY.size
-            op, _res, *args = abi.MULTICALL_ENTRY.unpack(v.copy_from_guest(addr, abi.MULTICALL_ENTRY.size))
-            res = self.call(v, op, tuple(args)) if op != abi.HYPERCALLS["multicall"] else -EINVAL
-            v.copy_to_guest(addr + 8, struct.pack("<q", res))
+        try:
+            for i in range(n & U32):  # any count, as Xen; a bad entry address ends it with EFAULT
+                addr = calls + i * abi.MULTICALL_ENTRY.size
+                op, _res, *args = abi.MULTICALL_ENTRY.unpack(
+                    v.copy_from_guest(addr, abi.MULTICALL_ENTRY.size))
+                res = self.call(v, op, tuple(args)) if op != abi.HYPERCALLS["multicall"] else -EINVAL
+                v.copy_to_guest(addr + 8, struct.pack("<q", res))
+        finally:
+            v.mmu_defer = False  # only a plain mmu_update may leave its entries for later
         return 0
 
     # ------------------------------------------------------------ scheduling, time

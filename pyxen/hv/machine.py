@@ -103,6 +103,54 @@ HC_PORT, TRAP_PORT, HELPER_PORT, SYSCALL_PORT = 0xF0, 0xF1, 0xF2, 0xF3
 SYSCALL_STUB_VA = 0xFFFF808000000000 + (511 << 30) + (511 << 21) + (511 << 12)
 
 MAX_VCPUS = 16
+
+# The `syscall` entry stub's page (PG_USER_CODE, user-readable, read-only),
+# one entry per vCPU (each vCPU's MSR_LSTAR points at its own), so an entry
+# knows its vCPU without reading anything the guest controls:
+#
+#   cmp $24,%rax; jne slow                  # vcpu_op (all 64 bits, as the table)
+#   cmp $3,%edi; jne slow                   # VCPUOP_is_up (int cmd)
+#   cmpl $0,ARMED_i(%rip); je slow          # this vCPU's word: see below
+#   cmp MAXV(%rip),%esi; jb slow            # unsigned vcpuid < max_vcpus: a real vCPU
+#   test $0x1f7100,%r11d; jnz slow          # TF IOPL NT RF VM AC VIF VIP all clear
+#   test $0x200,%r11d; jz slow              # and IF set (so RFLAGS can be r11 exactly)
+#   test $0x400,%r11d; jz 1f; std; jmp 2f   # DF = r11.DF
+#   1: cld
+#   2: mov %r11d,%eax; shr $11,%eax; and $1,%eax
+#      imul $0x7f,%eax,%eax; add $1,%al     # OF = r11.OF (0x7f + 1 overflows)
+#      movzbl %r11b,%eax; mov %al,%ah; sahf # SF ZF AF PF CF = r11's
+#      mov $-2,%rax; jmp *%rcx              # -ENOENT, back to the return RIP
+#   slow: out %al,$SYSCALL_PORT             # everything else: the domain process
+#
+# That is Xen's answer to VCPUOP_is_up for a vcpuid >= max_vcpus
+# (do_vcpu_op: domain_vcpu() is NULL → -ENOENT) returned as its sysret
+# returns: RIP = rcx, RFLAGS = r11 (= the saved flags, which pass Xen's
+# sanitising unchanged under the conditions tested), r11 and every other
+# register as they were.  Linux's xen_filter_cpu_maps asks it for each of
+# its NR_CPUS (8192) possible CPUs: 8192 exits of ~70 µs on PVM.  The fast
+# path runs only where `syscall` stays at CPL3 (PVM, platform-notes.md fact
+# 5; there CS and SS are the guest's and this code runs natively, as the
+# guest could run it itself: it has no privilege to misuse).  ARMED_i is
+# written by the domain process only (``set_syscall_fast``): nonzero while
+# vCPU i is in guest kernel mode, a `syscall` was seen arriving at CPL3, and
+# no upcall is pending (Xen delivers a pending event on a hypercall's return;
+# the fast path does not, so it stands aside whenever one may be pending).
+# The compat entry (CSTAR) is a bare `out`, which decodes the same in 32-bit
+# code.
+STUB_ENTRY = 0x80  # bytes per vCPU entry
+STUB_ARMED, STUB_MAXV, STUB_COMPAT = 0xC00, 0xD00, 0xE00  # offsets in the stub page
+
+
+def syscall_stub_code(entry_off: int, armed_off: int, maxv_off: int) -> bytes:
+    """The `syscall` entry at ``entry_off`` of the stub page (see above)."""
+    def disp(target: int, end: int) -> bytes:
+        return struct.pack("<i", target - (entry_off + end))
+    return (bytes.fromhex("4883f818" "7553" "83ff03" "754e" "833d") + disp(armed_off, 0x12) + b"\x00"
+            + bytes.fromhex("7445" "3b35") + disp(maxv_off, 0x1a)
+            + bytes.fromhex("723d" "41f7c300711f00" "7534" "41f7c300020000" "742b"
+                            "41f7c300040000" "7403" "fd" "eb01" "fc" "4489d8" "c1e80b" "83e001"
+                            "6bc07f" "0401" "410fb6c3" "88c4" "9e" "48c7c0feffffff" "ffe1")
+            + bytes([0xE6, SYSCALL_PORT]))
 # hypervisor area: fixed pages
 PG_HV_L3, PG_HV_L2, PG_HV_L1, PG_PERCPU_L1 = 0, 1, 2, 3
 PG_M2P_L3, PG_M2P_L2, PG_DM_L3, PG_CODE, PG_IDT, PG_ZERO = 4, 5, 6, 7, 8, 9
@@ -123,9 +171,10 @@ HELPER_CODE = bytes.fromhex(
 
 # The #GP fast path (IDT vector 13): the hottest emulations of a Linux boot,
 # answered at CPL0 without leaving the guest (an exit to the domain process
-# costs ~50-90 µs here, the stub ~25 µs plus ~1 µs per emulated instruction:
-# docs/guests.md).  It answers exactly what emul-priv-op.c answers for a domU
-# in guest kernel mode with enough virtual IOPL, and only that:
+# costs ~50-90 µs here, the stub ~25 µs plus ~0.5-1 µs per emulated
+# instruction: docs/guests.md).  It answers exactly what emul-priv-op.c
+# answers for a domU in guest kernel mode with enough virtual IOPL, and only
+# that:
 #   * `cli` (fa) and `sti` (fb): accepted and ignored;
 #   * `in $imm8,%al` (e4 ib) from ports 0x40-0x43 and 0x61 (PIT and speaker,
 #     no vPIT for a domU: pv_pit_handler gives ~0): AL = 0xff;
@@ -133,55 +182,61 @@ HELPER_CODE = bytes.fromhex(
 # permission is one word per vCPU at the bottom of its hypervisor stack
 # (FAST_KCR3): the guest kernel's CR3 when the guest kernel's virtual IOPL
 # allows port I/O and its user page tables differ from the kernel's, else 1;
-# the stub compares it with CR3, so user mode and a stale word never match.
-# The vCPU rewrites it after each hypercall (``emulate.refresh_fast_path``).
-# Coming from CPL3 the frame is at RSP0 - 48, so the word is at a fixed
-# distance from RSP.  The RIP is read only when canonical: a #GP's RIP was
-# fetched from unless it is non-canonical (an iret there faults on the fetch).
-# Linux reads port 0x42 twice in a row (pit_verify_msb:
-# `e4 42 e4 42`), so after an `in $0x42,%al` the stub also carries out the
-# `in $0x42,%al` instructions that directly follow it in the same page: the
-# guest state afterwards is exactly that of running them one by one (each
-# sets AL to 0xff and has no other effect for a domU); not with RFLAGS.TF set.
+# the stub compares it with CR3 first, so user mode and a stale word never
+# match.  The vCPU rewrites it after each hypercall
+# (``emulate.refresh_fast_path``).  Coming from CPL3 the frame is at RSP0 -
+# 48, so the word is at a fixed distance from RSP.  The RIP is read only when
+# canonical (bits 63-47 equal: the sign-extended low half of its upper dword
+# is the dword): a #GP's RIP was fetched from unless it is non-canonical (an
+# iret there faults on the fetch); a byte after the faulting one is read only
+# when it belongs to the instruction (fetched) or lies in a page the
+# instruction was fetched from.  Linux's quick_pit_calibrate runs
+# pit_verify_msb (`e4 42 e4 42`) up to 50,000 times at boot, so that pair is
+# the first thing tested and is answered in one trap: after an
+# `in $0x42,%al` the stub also carries out an `in $0x42,%al` that directly
+# follows it (not with RFLAGS.TF set): the guest state afterwards is exactly
+# that of running them one by one (each sets AL to 0xff and has no other
+# effect for a domU).  ~30 emulated instructions for that pair (PVM emulates
+# every CPL0 instruction: they were 45 before the pair came first).
 # Anything else goes the slow way, exactly as the other vectors:
-# `push $13; out %al,$TRAP_PORT`.  Each emulated CPL0 instruction costs ~1 µs
-# on PVM, so the paths are short:
+# `push $13; out %al,$TRAP_PORT`:
 #
 #   push %rax; testb $3,24(%rsp); jz restore          # from guest CPL3 only
-#   mov 16(%rsp),%rax; sar $47,%rax; inc %rax          # a non-canonical RIP (an
-#   cmp $1,%rax; ja restore                            # iret there) is not read
-#   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in   # opcode at the guest RIP
-#   cmpb $0x42,1(%rax); je in_ones; movzbl 1(%rax),%eax
-#   cmp $0x61,%al; je in_ones; and $0xfc,%al; cmp $0x40,%al; jne restore
-# in_ones:
-#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore  # FAST_KCR3
-#   movb $0xff,(%rsp); mov 16(%rsp),%rax               # AL = 0xff
-#   testb $1,33(%rsp); jnz in_end_2                    # TF: this one only
-# more:                                                # RIP += 2, then look ahead
-#   add $2,%rax; test $0xfff,%eax; jz in_end           # next insn on a new page
-#   not %rax; test $0xfff,%eax; not %rax; jz in_end    # ... or across one
-#   cmpb $0xe4,(%rax); jne in_end; cmpb $0x42,1(%rax); je more
-# in_end:
-#   mov %rax,16(%rsp); jmp done
-# in_end_2:
-#   add $2,%rax; jmp in_end
+#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore  # FAST_KCR3: kernel, IOPL
+#   movswl 20(%rsp),%eax; cmp 20(%rsp),%eax; jne restore  # canonical RIP
+#   mov 16(%rsp),%rax; cmpb $0xe4,(%rax); jne not_in  # opcode at the guest RIP
+#   cmpb $0x42,1(%rax); jne other_port
+#   testb $1,33(%rsp); jnz one                        # TF: this one only
+#   add $3,%rax; test $0xffe,%eax; jz one_3           # RIP+2..3 in a fetched page?
+#   cmpw $0x42e4,-1(%rax); jne one_3                  # a second in $0x42,%al
+#   inc %rax                                          # RIP += 4
+# store_ff:
+#   mov %rax,16(%rsp); movb $0xff,(%rsp)              # RIP, AL = 0xff
+# done:
+#   andl $~0x10000,32(%rsp); incq -8128(%rsp)         # RF, FAST_COUNT (traps)
+#   pop %rax; add $8,%rsp; iretq                      # drop the error code
+# one_3:
+#   dec %rax; jmp store_ff                            # RIP += 2
+# other_port:
+#   movzbl 1(%rax),%eax; cmp $0x61,%al; je one_in
+#   and $0xfc,%al; cmp $0x40,%al; jne restore
+# one_in:
+#   mov 16(%rsp),%rax
+# one:
+#   add $2,%rax; jmp store_ff
 # not_in:
 #   cmpb $0xfa,(%rax); je cli_sti; cmpb $0xfb,(%rax); jne restore
 # cli_sti:
-#   mov %cr3,%rax; cmp -8136(%rsp),%rax; jne restore; addq $1,16(%rsp)
-# done:
-#   andl $~0x10000,32(%rsp); incq -8128(%rsp)          # RF, FAST_COUNT (traps)
-#   pop %rax; add $8,%rsp; iretq                       # drop the error code
+#   addq $1,16(%rsp); jmp done
 # restore:
 #   pop %rax; push $13; out %al,$0xf1
 CODE_FAST_GP = 0xA00
 FAST_GP_CODE = bytes.fromhex(
-    "50f6442418030f84b9000000488b44241048c1f82f48ffc04883f8010f87a3000000488b4424"
-    "108038e475658078014274120fb640013c61740a24fc3c400f85810000000f20d8483b842438"
-    "e0ffff7574c60424ff488b442410f644242101752a4883c002a9ff0f0000741848f7d0a9ff0f"
-    "000048f7d0740b8038e475068078014274dd4889442410eb234883c002ebf38038fa74058038"
-    "fb752a0f20d8483b842438e0ffff751d48834424100181642420fffffeff48ff842440e0ffff"
-    "584883c40848cf586a0de6f1")
+    "50f6442418030f84990000000f20d8483b842438e0ffff0f85880000000fbf4424143b44"
+    "2414757d488b4424108038e47561807801427542f644242101754e4883c003a9fe0f0000"
+    "742b668178ffe442752348ffc04889442410c60424ff81642420fffffeff48ff842440e0"
+    "ffff584883c40848cf48ffc8ebdb0fb640013c61740624fc3c40751d488b4424104883c0"
+    "02ebc28038fa74058038fb7508488344241001ebb9586a0de6f1")
 FAST_KCR3, FAST_COUNT = 0, 8  # offsets in the vCPU's lowest stack page (PC_STACK)
 FAST_NEVER = 1  # a FAST_KCR3 no CR3 equals: the fast path is off
 
@@ -333,9 +388,12 @@ class Machine:
                 h = HV_VA + PG_CODE * 4096 + CODE_FAST_GP
             lo = (h & 0xFFFF) | (abi.HYPERVISOR_CS64 << 16) | (0x8E << 40) | (((h >> 16) & 0xFFFF) << 48)
             struct.pack_into("<QQ", hv, idt + v * 16, lo, h >> 32)
-        # the syscall entry stub: `out %al,$SYSCALL_PORT`, user-readable, read-only
+        # the syscall entry stubs (one per vCPU, see syscall_stub_code), user-readable, read-only
         ucode = PG_USER_CODE * 4096
-        hv[ucode:ucode + 2] = bytes([0xE6, SYSCALL_PORT])
+        for cpu in range(MAX_VCPUS):
+            entry = syscall_stub_code(cpu * STUB_ENTRY, STUB_ARMED + 4 * cpu, STUB_MAXV)
+            hv[ucode + cpu * STUB_ENTRY:ucode + cpu * STUB_ENTRY + len(entry)] = entry
+        hv[ucode + STUB_COMPAT:ucode + STUB_COMPAT + 2] = bytes([0xE6, SYSCALL_PORT])
         user_ro = PTE_P | PTE_US | PTE_A
         self._hv_put(PG_M2P_L3, 511, (base + PG_USER_L2 * 4096) | user_ro)
         self._hv_put(PG_USER_L2, 511, (base + PG_USER_L1 * 4096) | user_ro)
@@ -435,6 +493,21 @@ class Machine:
             idx = va_page0 + p - 512
             self._hv_put(PG_PERCPU_L1, idx, val)
             touch(HV_VA + PG_PERCPU_L1 * 4096 + idx * 8)
+
+    def syscall_stub_va(self, cpu: int) -> int:
+        """vCPU ``cpu``'s `syscall` entry (its MSR_LSTAR)."""
+        return SYSCALL_STUB_VA + cpu * STUB_ENTRY
+
+    @property
+    def syscall_compat_va(self) -> int:
+        """The compat-mode `syscall` entry (MSR_CSTAR): a bare `out`."""
+        return SYSCALL_STUB_VA + STUB_COMPAT
+
+    def set_syscall_fast(self, cpu: int, armed: bool, max_vcpus: int) -> None:
+        """Arm or disarm vCPU ``cpu``'s `syscall` fast path (is_up beyond max_vcpus)."""
+        off = PG_USER_CODE * 4096
+        struct.pack_into("<I", self.hv, off + STUB_MAXV, max_vcpus)
+        struct.pack_into("<I", self.hv, off + STUB_ARMED + 4 * cpu, 1 if armed else 0)
 
     @property
     def helper_va(self) -> int:

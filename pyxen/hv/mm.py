@@ -239,8 +239,12 @@ class FrameTable:
         self.stats["devalidated"] += 1
 
     # ------------------------------------------------------------ operations
-    def mod_entry(self, maddr: int, val: int) -> None:
-        """MMU_NORMAL_PT_UPDATE: ``*maddr = val``, checked."""
+    def mod_entry(self, maddr: int, val: int) -> bool:
+        """MMU_NORMAL_PT_UPDATE: ``*maddr = val``, checked.  Returns True when the
+        entry was one of a validated L1 and the entry it replaced mapped nothing
+        or a frame the domain owns: the only updates whose re-application by
+        the vCPU may wait for the guest's next flush (``VCPU.after_hypercall``;
+        they change no frame's type to a page-table type)."""
         if maddr & 7:
             raise XenError(EINVAL, f"misaligned PTE address {maddr:#x}")
         mfn = maddr >> 12
@@ -259,13 +263,14 @@ class FrameTable:
                 self._get_entry_ref(new, t)
             self.write_entry(maddr, new, old)
             self._put_entry_ref(old, t)
-            return
+            return t == PGT_L1 and (not old & _PAGE_PRESENT or self.owns((old & PADDR_MASK) >> 12))
         # not a page table: a plain checked write to a page the guest may write
         self.get_type(mfn, PGT_WRITABLE)
         try:
             self.write_entry(maddr, val, None)
         finally:
             self.put_type(mfn)
+        return False
 
     def ptwr_update(self, maddr: int, val: int, expect: int) -> bool:
         """Writable page tables (Xen's ``ptwr_emulated_update``): the guest kernel

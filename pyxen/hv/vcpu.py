@@ -144,6 +144,12 @@ class VCPU:
         # in flight (deliver_event); after a hypercall or trap exit none can be
         self.run_interrupted = True
         self.n_hypercalls = 0
+        # the `syscall` stub's is_up fast path (machine.syscall_stub_code): armed
+        # by emulate.refresh_fast_path once a `syscall` was seen arriving at CPL3
+        self.syscall_cpl3 = False
+        self.syscall_fast_armed = False
+        # the last hypercall was an mmu_update whose queued entries may wait (after_hypercall)
+        self.mmu_defer = False
         self.thread: threading.Thread | None = None
         # runstate
         self.runstate = abi.RUNSTATE_running if self.up else abi.RUNSTATE_offline
@@ -198,10 +204,13 @@ class VCPU:
         v.mark_sregs_dirty()
         # `syscall` enters the hypervisor's stub, which reports to SYSCALL_PORT;
         # sysret is never used, STAR's upper selector only mirrors Xen's flat ones
-        v.set_msrs({MSR_LSTAR: M.SYSCALL_STUB_VA, MSR_CSTAR: M.SYSCALL_STUB_VA,
+        # (each vCPU its own entry, so its fast path knows it).  IF is not masked:
+        # on PVM the stub runs at CPL3, where it could not set IF again when its
+        # fast path returns straight to the guest; no interrupt is ever injected
+        v.set_msrs({MSR_LSTAR: self.machine.syscall_stub_va(self.id),
+                    MSR_CSTAR: self.machine.syscall_compat_va,
                     MSR_STAR: (abi.HYPERVISOR_CS64 << 32) | (abi.FLAT_RING3_CS32 << 48),
-                    MSR_SYSCALL_MASK: X86_EFLAGS_TF | X86_EFLAGS_IF | 0x400 | X86_EFLAGS_NT
-                    | X86_EFLAGS_AC})
+                    MSR_SYSCALL_MASK: X86_EFLAGS_TF | 0x400 | X86_EFLAGS_NT | X86_EFLAGS_AC})
 
     def set_initial_state(self, rip: int, rsp: int, rsi: int, l4_mfn: int) -> None:
         r = self.kvm.regs
@@ -547,9 +556,28 @@ class VCPU:
         is told to attend.  Event delivery follows in the run loop, as Xen's
         test_all_events does after pv_hypercall.  The #GP fast path's
         permission word is rewritten: a base pointer, the virtual IOPL or a VM
-        assist may have changed (emulate.refresh_fast_path)."""
+        assist may have changed (emulate.refresh_fast_path).
+
+        Except after an mmu_update that changed only L1 entries whose old
+        frames are the domain's own, in a one-vCPU domain (``mmu_defer``, set
+        by Hypercalls.do_mmu_update): Xen's mmu_update does not flush the TLB
+        (the guest flushes when it needs to), so those entries stay queued
+        until the next hypercall that is not such an mmu_update, or any other
+        exit that attends; the one helper run then applies them all.  Until
+        then the guest may still see the old translations, as a TLB may hold
+        them on Xen; no frame changes type meanwhile (only L1 entries
+        changed), and every other exit runs the helper before the guest
+        resumes, so a frame never becomes a page table, descriptor page or
+        another domain's while a stale writable translation of it remains.
+        A #PF taken meanwhile is retried after the helper run first
+        (``exception``): the fault may be the stale translation's, which Xen's
+        spurious_page_fault would not deliver either."""
         emulate.refresh_fast_path(self)
-        if self.domain.mmu_pending or self.flush_requested:
+        if self.mmu_defer:
+            self.mmu_defer = False
+            if self.flush_requested:
+                self.attention = True
+        elif self.domain.mmu_pending or self.flush_requested:
             self.attention = True
 
     def _attend(self) -> bool:
@@ -564,6 +592,8 @@ class VCPU:
             self.check_timers(self.domain.clock.system_time())
         if self.domain.mmu_pending or self.flush_requested:
             self.flush_mmu()
+        if self.syscall_fast_armed and self.vi_buf[self.vi_off + abi.VI_UPCALL_PENDING]:
+            emulate.syscall_fast_off(self)  # an upcall is pending: hypercalls must exit
         return True
 
     def _run_loop_nosync(self) -> None:
@@ -712,6 +742,12 @@ class VCPU:
         v.mark_sregs_dirty()
         if cs & 3 != 3:
             raise GuestCrash(f"exception {vec} in hypervisor code at {rip:#x} (err={err})")
+        if self.domain.mmu_pending:
+            # L1 updates left queued (after_hypercall): apply them now; a #PF
+            # may be theirs (a stale translation), so the instruction runs again
+            self.flush_mmu()
+            if vec == 14:
+                return
         if vec == 14 and emulate.handle_m2p_fault(self, s.cr2):
             return  # a load from Xen's fixed M2P address (platform-notes.md)
         if vec == 14:
@@ -754,6 +790,8 @@ class VCPU:
             s.cs = GUEST_CS
             s.ss = GUEST_SS
             v.mark_sregs_dirty()
+        elif not self.syscall_cpl3:
+            self.syscall_cpl3 = True  # the stub runs at CPL3 here: its fast path may be armed
         r.rip = r.rcx
         r.rflags = (r.r11 & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) | X86_EFLAGS_IF | 0x2
         v.mark_regs_dirty()
@@ -924,6 +962,7 @@ class VCPU:
         """Switch between guest kernel and guest user: page tables and GS base."""
         s = self.kvm.sregs
         self.kernel_mode = not self.kernel_mode
+        emulate.syscall_fast_off(self)  # re-armed after a hypercall in kernel mode
         l4 = self.current_l4
         if self.kernel_mode:
             self.gs_base_user = s.gs.base
@@ -1046,6 +1085,7 @@ class VCPU:
         r.rflags = (g.get("rflags", 0) & X86_EFLAGS_ALL & ~(X86_EFLAGS_IOPL | X86_EFLAGS_VM)) \
             | X86_EFLAGS_IF | 0x2
         self.kernel_mode = bool(c.flags & mstream.VGCF_in_kernel)
+        emulate.syscall_fast_off(self)
         self.failsafe_mask_events = bool(c.flags & mstream.VGCF_failsafe_disables_events)
         self.syscall_mask_events = bool(c.flags & mstream.VGCF_syscall_disables_events)
         s.cs = GUEST_CS

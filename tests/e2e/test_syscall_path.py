@@ -27,7 +27,8 @@ CHECKS = [
     "syscall.update_va_mapping_same_as_page",
     "syscall.mmu_update_immediate", "syscall.multicall", "syscall.iret",
     "syscall.iret_in_syscall",
-    "syscall.event_delivery", "syscall.sched_block",
+    "syscall.event_delivery", "syscall.is_up_beyond_max", "syscall.is_up_regs",
+    "syscall.is_up_event", "syscall.sched_block",
     "syscall.from_user_bounce", "syscall.from_user_df",
 ]
 
