@@ -139,6 +139,9 @@ def _shell(s: socket.socket, buf: bytes, cmd: str, answer: str, timeout: float =
     return read_until(s, answer.encode(), timeout, buf)
 
 
+KMSG = re.compile(r"\[ *\d+\.\d{6}\] [^\n]*\n")
+
+
 class Shell:
     """Debian's busybox ash on the guest's hvc0, through pyxen's console socket.
 
@@ -160,7 +163,9 @@ class Shell:
         start = len(self.buf)
         self.s.sendall(f'echo "@@""start{self.n}"; {cmd}; echo "@@""done{self.n}"\n'.encode())
         self.buf = read_until(self.s, rf"^@@done{self.n}\r?$".encode(), timeout, self.buf)
-        out = self.buf[start:].decode(errors="replace")
+        # the kernel prints to hvc0 too (a loaded machine: "clocksource: Long
+        # readout interval"...): a printk line, wherever it lands, is cut out
+        out = KMSG.sub("", self.buf[start:].decode(errors="replace"))
         m = re.search(rf"^@@start{self.n}\r?\n(.*)^@@done{self.n}\r?$", out, re.M | re.S)
         assert m, out
         return m.group(1)
