@@ -96,13 +96,29 @@ def nshost(netns: str, tmp_path: Path) -> Iterator[object]:
             shutil.rmtree(rd, ignore_errors=True)
 
 
+IPERF_TREE = GUESTS / "iperf3"
+
+
 @pytest.fixture(scope="module")
 def net_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test initramfs, with iperf3 and its libraries when fetch-guests fetched them."""
     need(VMLINUZ, INITRD)
     out = tmp_path_factory.mktemp("initrd") / "initrd-net.img"
-    _run(sys.executable, str(ROOT / "tools" / "mkinitramfs"), "--guests", str(GUESTS), "-o", str(out),
+    iperf = ["--iperf3"] if (IPERF_TREE / "usr" / "bin" / "iperf3").exists() else []
+    _run(sys.executable, str(ROOT / "tools" / "mkinitramfs"), "--guests", str(GUESTS), *iperf, "-o", str(out),
          timeout=120)
     return out
+
+
+@pytest.fixture
+def iperf3(net_initrd: Path) -> str:
+    """The host's iperf3; the guest's is in net_initrd (skips loudly when either is missing)."""
+    host = shutil.which("iperf3")
+    if host is None:
+        pytest.skip("SKIPPED LOUDLY: the host has no iperf3 (apt-get install iperf3)")
+    if not (IPERF_TREE / "usr" / "bin" / "iperf3").exists():
+        pytest.skip(f"SKIPPED LOUDLY: no {IPERF_TREE}/usr/bin/iperf3: rerun tools/fetch-guests")
+    return host
 
 
 def _boot(host: object, initrd: Path, name: str, vifs: list[str], memory: int = 256) -> tuple[int, Shell]:
@@ -219,6 +235,77 @@ def test_two_guests_on_one_bridge(nshost: object, netns: str, net_initrd: Path) 
     secs = time.monotonic() - t0
     assert m.group(1) in b.run("sha256sum /tmp/g", timeout=120)
     print(f"HTTP guest -> guest: {mib} MiB in {secs:.2f} s ({mib / secs:.1f} MiB/s)")
+
+
+def _iperf_json(r: subprocess.CompletedProcess[str], server: bool = False) -> dict:
+    """iperf3 -J's report, checked: no error, bytes received (and sent, by a client)."""
+    import json
+    try:
+        rep = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"iperf3 rc={r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}") from None
+    assert r.returncode == 0 and "error" not in rep, (r.returncode, rep.get("error"), r.stderr)
+    end = rep["end"]
+    assert (server or end["sum_sent"]["bytes"] > 0) and end["sum_received"]["bytes"] > 0, end
+    return rep
+
+
+def _guest_iperf_client(sh: Shell, server: str, extra: str = "") -> float:
+    """iperf3 run as a client in the guest; the receiver's rate in Mbit/s (checked: no error)."""
+    out = sh.run(f"iperf3 -c {server} -t 2 --connect-timeout 5000 -f m {extra} 2>&1; echo iperf-rc=$?",
+                 timeout=90)
+    assert "iperf-rc=0" in out and "error" not in out, out
+    m = re.search(r"([\d.]+) Mbits/sec\s+receiver", out)
+    assert m and float(m.group(1)) > 0, out
+    return float(m.group(1))
+
+
+def test_iperf3_tcp_host_and_guests(nshost: object, netns: str, net_initrd: Path, iperf3: str) -> None:
+    """iperf3 TCP streams host -> guest, guest -> host (both as client and
+    as server in the guest) and guest -> guest: each completes without an
+    error and moves data (no speed is asserted)."""
+    da, a = _boot(nshost, net_initrd, "ipa", ["bridge=xenbr0"], memory=384)
+    _db, b = _boot(nshost, net_initrd, "ipb", ["bridge=xenbr0"], memory=384)
+    _ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "xenbr0")
+    _ns(netns, "ip", "link", "set", "xenbr0", "up")
+    _guest_up(a, f"{NET}.21")
+    _guest_up(b, f"{NET}.22")
+    assert "iperf 3" in a.run("iperf3 --version"), a.run("ls -l /usr/bin/iperf3 /lib/x86_64-linux-gnu")
+    out = a.run(f"ping -c 2 -W 5 {HOST_IP}", timeout=60)
+    assert re.search(r"2 packets transmitted, [12] packets received", out), _diag(nshost, netns, a, out)
+    a.run("iperf3 -s -D")
+    rates: dict[str, float] = {}
+    # host -> guest and guest -> host (-R: the guest's server sends), the host the client
+    for name, extra in (("host -> guest", []), ("guest -> host (-R)", ["-R"])):
+        for _ in range(50):  # the daemon may not listen yet
+            r = _ns(netns, iperf3, "-c", f"{NET}.21", "-t", "2", "--connect-timeout", "5000", "-J", *extra,
+                    timeout=90)
+            if "Connection refused" not in r.stdout:
+                break
+            time.sleep(0.2)
+        rep = _iperf_json(r)
+        rates[name] = rep["end"]["sum_received"]["bits_per_second"] / 1e6
+    # guest -> host with the guest the client, the host the server (one test, then it exits)
+    srv = subprocess.Popen(["ip", "netns", "exec", netns, iperf3, "-s", "-1", "-B", HOST_IP, "-J"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        rates["guest -> host"] = _guest_iperf_client(a, HOST_IP)
+        out, err = srv.communicate(timeout=30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(10)
+    _iperf_json(subprocess.CompletedProcess(srv.args, srv.returncode, out, err), server=True)
+    # guest -> guest: b's client to a's server, and back (-R)
+    rates["guest -> guest"] = _guest_iperf_client(b, f"{NET}.21")
+    rates["guest -> guest (-R)"] = _guest_iperf_client(b, f"{NET}.21", "-R")
+    print("iperf3 TCP, Mbit/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    [listed] = nshost.network_list(da)  # type: ignore[attr-defined]
+    st = listed["stats"]
+    assert st["tx_errors"] == st["rx_errors"] == 0, st
+    bad = [ln for ln in nshost.dmesg() if "netback" in ln and ("protocol error" in ln or "Traceback" in ln)]  # type: ignore[attr-defined]
+    assert not bad, bad
 
 
 # --- netback against a frontend played by the test (so it can misbehave) ------------------------
