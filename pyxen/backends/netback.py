@@ -137,7 +137,7 @@ def set_offload(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
-def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC) -> None:
+def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC, up: bool = True) -> None:
     """Bridge mode (Xen's vif-bridge): create ``bridge`` if it is missing, put
     the TAP in it, bring both up.  Netlink through pyroute2.  No bridge: the
     TAP is only brought up (route/NAT setups configure it themselves)."""
@@ -163,9 +163,42 @@ def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC) -> None:
                     br = ipr.link_lookup(ifname=bridge)
                 ipr.link("set", index=br[0], state="up")
                 ipr.link("set", index=idx[0], master=br[0])
-            ipr.link("set", index=idx[0], state="up")
+            if up:
+                ipr.link("set", index=idx[0], state="up")
     except NetlinkError as e:
         raise NetError(f"bridge {bridge}, TAP {tap}: {e}") from None
+
+
+#: libxl's LIBXL_HOTPLUG_TIMEOUT (seconds a hotplug script may take)
+HOTPLUG_TIMEOUT = 40
+
+
+def hotplug_env(script: str, domid: int, devid: int, vif: str, gatewaydev: str = "") -> dict[str, str]:
+    """The environment libxl gives a vif hotplug script (libxl_linux.c's
+    get_hotplug_env for a PV vif), on top of ours (PATH, and XENSTORED_PATH
+    added by the caller so that xenstore-read reaches pyxen's xenstored)."""
+    return {"script": script, "XENBUS_TYPE": "vif", "XENBUS_PATH": f"backend/vif/{domid}/{devid}",
+            "XENBUS_BASE_PATH": "backend", "netdev": gatewaydev, "vif": vif}
+
+
+def run_hotplug(script: str, action: str, env: dict[str, str], timeout: float = HOTPLUG_TIMEOUT) -> None:
+    """Run a vif hotplug script as libxl does: ``SCRIPT online|offline
+    type_if=vif`` with :func:`hotplug_env`'s variables; NetError naming the
+    script, the action and what it said when it fails or takes too long."""
+    import subprocess
+    try:
+        p = subprocess.run([script, action, "type_if=vif"], env={**os.environ, **env}, capture_output=True,
+                           text=True, errors="replace", timeout=timeout, stdin=subprocess.DEVNULL,
+                           close_fds=True)
+    except subprocess.TimeoutExpired:
+        raise NetError(f"hotplug script {script} {action}: still running after {timeout:g} s") from None
+    except OSError as e:
+        raise NetError(f"hotplug script {script} {action}: cannot run it: {e.strerror}") from None
+    if p.returncode != 0:
+        said = (p.stderr.strip() or p.stdout.strip()).splitlines()[-3:]
+        how = f"exit status {p.returncode}" if p.returncode > 0 else f"killed by signal {-p.returncode}"
+        raise NetError(f"hotplug script {script} {action} failed ({how})"
+                       + (": " + " / ".join(said) if said else ""))
 
 
 class GrantCopier:
@@ -234,8 +267,10 @@ class NetBack:
     """One virtual network interface of one domain."""
 
     def __init__(self, domain: Domain, xs: XsClient, devid: int, mac: str, bridge: str | None = "xenbr0",
-                 ifname: str = "") -> None:
+                 ifname: str = "", script: str = "") -> None:
         self.domain = domain
+        self.script = script  # script=: a hotplug script does what bridge mode would (vif-bridge's job)
+        self.script_online = False
         self.xs = xs
         self.devid = devid
         self.mac = mac
@@ -293,7 +328,11 @@ class NetBack:
         InitWait, watch the frontend."""
         self.tap = open_tap(self.ifname)
         try:
-            bridge_attach(self.ifname, self.bridge)
+            if self.script:
+                bridge_attach(self.ifname, None, up=False)  # the host MAC; the script does the rest
+                self._hotplug("online")
+            else:
+                bridge_attach(self.ifname, self.bridge)
         except NetError:
             os.close(self.tap)
             self.tap = -1
@@ -312,6 +351,28 @@ class NetBack:
         xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
         self.thread = threading.Thread(target=self._service, name=f"netback-{self.devid}", daemon=True)
         self.thread.start()
+
+    def _hotplug(self, action: str) -> None:
+        """Run the vif's hotplug script (script=) as libxl runs vif-bridge: on
+        failure the backend gets Xen's ``hotplug-error``/``hotplug-status=error``
+        nodes and NetError names the script."""
+        env = hotplug_env(self.script, self.domain.domid, self.devid, self.ifname,
+                          self.xs.try_read(f"{self.be}/gatewaydev") or "")
+        try:
+            env["XENSTORED_PATH"] = str(self.xs.sock.getpeername())
+        except OSError:
+            pass
+        try:
+            run_hotplug(self.script, action, env)
+        except NetError as e:
+            if action == "online":
+                try:
+                    self.xs.write(f"{self.be}/hotplug-error", str(e))
+                    self.xs.write(f"{self.be}/hotplug-status", "error")
+                except XsError:
+                    pass
+            raise
+        self.script_online = action == "online"
 
     def reconnect_xenstore(self, xs: XsClient) -> None:
         """A new xenstore connection (the daemon restarted): watch again."""
@@ -741,6 +802,12 @@ class NetBack:
         if self.thread is not None:
             self.thread.join(5)
         os.close(self.up_fd)
+        if self.script_online:  # as libxl when the device goes: SCRIPT offline
+            try:
+                self._hotplug("offline")
+            except NetError as e:
+                self.domain.log(f"netback {self.ifname}: {e}", always=True)
+            self.script_online = False
         if self.tap >= 0:
             os.close(self.tap)  # the TAP goes with its last fd (it was not made persistent)
             self.tap = -1

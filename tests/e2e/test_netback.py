@@ -308,6 +308,75 @@ def test_iperf3_tcp_host_and_guests(nshost: object, netns: str, net_initrd: Path
     assert not bad, bad
 
 
+HOTPLUG_SCRIPT = """#!/bin/sh
+# a vif hotplug script of the test's own: logs how it was run, then does vif-bridge's job
+log={log}
+echo "args: $*" >>"$log"
+echo "env: script=$script XENBUS_TYPE=$XENBUS_TYPE XENBUS_PATH=$XENBUS_PATH" \\
+  "XENBUS_BASE_PATH=$XENBUS_BASE_PATH vif=$vif netdev=$netdev" >>"$log"
+case "$1" in
+  online)
+    ip link show xenbr0 >/dev/null 2>&1 || ip link add xenbr0 type bridge
+    ip link set xenbr0 up
+    ip link set "$vif" master xenbr0 up ;;
+  offline)
+    ip link set "$vif" down 2>/dev/null || true ;;
+esac
+"""
+
+
+def test_vif_script_runs_like_vif_bridge(nshost: object, netns: str, net_initrd: Path,
+                                         tmp_path: Path) -> None:
+    """script=: the script runs as libxl runs vif-bridge (``online``/``offline``,
+    ``type_if=vif``, XENBUS_PATH, vif, ...) and does the bridging; a failing one
+    is reported by name and its vif is not attached."""
+    log = tmp_path / "hotplug.log"
+    script = tmp_path / "my-vif-script"
+    script.write_text(HOTPLUG_SCRIPT.format(log=log))
+    script.chmod(0o755)
+    domid, sh = _boot(nshost, net_initrd, "netscript", [f"bridge=xenbr0,script={script}"])
+    text = log.read_text()
+    assert "args: online type_if=vif" in text, text
+    assert (f"env: script={script} XENBUS_TYPE=vif XENBUS_PATH=backend/vif/{domid}/0 "
+            f"XENBUS_BASE_PATH=backend vif=vif{domid}.0 netdev=") in text, text
+    assert f"vif{domid}.0" in _ns(netns, "ip", "-o", "link", "show", "master", "xenbr0").stdout
+    _ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "xenbr0")
+    _guest_up(sh, f"{NET}.31")
+    out = sh.run(f"ping -c 2 -W 5 {HOST_IP}", timeout=60)
+    assert re.search(r"2 packets transmitted, [12] packets received", out), _diag(nshost, netns, sh, out)
+    # a script that fails: the attach fails and says which script and what it printed
+    from pyxen.toolstack.api import vif_to_dict
+    from pyxen.toolstack.xlcfg import parse_vif_spec
+    bad = tmp_path / "failing-vif-script"
+    bad.write_text("#!/bin/sh\necho 'no bridge for you' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    with pytest.raises(Exception) as ei:
+        nshost.network_attach(domid, vif_to_dict(parse_vif_spec(f"bridge=xenbr0,script={bad}")[0], 1))  # type: ignore[attr-defined]
+    msg = str(ei.value)
+    assert str(bad) in msg and "online" in msg and "exit status 3" in msg and "no bridge for you" in msg, msg
+    assert [v["devid"] for v in nshost.network_list(domid)] == [0]  # type: ignore[attr-defined]
+    # the domain goes: the script runs "offline"
+    nshost.destroy(domid)  # type: ignore[attr-defined]
+    _wait(lambda: "args: offline type_if=vif" in log.read_text(), "the script's offline run", 30)
+
+
+def test_vif_script_config_errors(tmp_path: Path) -> None:
+    """A script= that does not exist or cannot run names the file, line and script."""
+    from pyxen.toolstack.xlcfg import ConfigError, load_domain_config, vif_script_path
+    assert vif_script_path("vif-bridge") in ("", "/etc/xen/scripts/vif-bridge")  # Xen's default: bridge mode
+    assert vif_script_path("vif-custom") == "/etc/xen/scripts/vif-custom"
+    cfg = tmp_path / "d.cfg"
+    noexec = tmp_path / "noexec.sh"
+    noexec.write_text("#!/bin/sh\n")
+    for script, why in ((tmp_path / "missing.sh", "no such file"), (noexec, "is not executable"),
+                        ("", "empty script")):
+        cfg.write_text(f'name="x"\nkernel="{tmp_path}/k"\nmemory=16\nvif=["bridge=xenbr0,script={script}"]\n')
+        (tmp_path / "k").write_bytes(b"")
+        with pytest.raises(ConfigError) as ei:
+            load_domain_config(cfg)
+        assert f"{cfg}:4" in str(ei.value) and why in str(ei.value), str(ei.value)
+
+
 # --- netback against a frontend played by the test (so it can misbehave) ------------------------
 # The domain is built but not run; the test writes its rings, grants and xenstore
 # nodes exactly as a netfront would.  The test thread enters a fresh network
