@@ -65,6 +65,11 @@ BACKEND_DOMID = 0
 BUDGET = 64
 #: without feature-rx-notify the frontend never tells us it posted RX buffers: poll
 RX_POLL_S = 0.01
+#: the C service loop (pxn_serve) gives the thread back to Python this often (ms)
+SERVE_MS = 20
+#: RX interrupt coalescing in the C loop: hold an owed RX event this long (µs) while
+#: frames keep coming (at most 8 frames; never when the ring is out of buffers); 0: off
+RX_COALESCE_US = int(os.environ.get("PYXEN_NET_RX_COALESCE_US", "150"))
 TAP_READ = 65536 + N.VNET_HDR.size + 64
 
 #: serve connected rings with the C data path (pyxen/native/net.c) when it loads
@@ -97,6 +102,11 @@ def _native_lib(anyway: bool = False) -> ctypes.CDLL | None:
         lib.pxn_msg.restype = ctypes.c_char_p
         lib.pxn_stats.argtypes = [vp, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
         lib.pxn_stats.restype = None
+        lib.pxn_stop.argtypes = [vp]
+        lib.pxn_stop.restype = None
+        ci = ctypes.c_int
+        lib.pxn_serve.argtypes = [vp, ci, ci, ci, ci, ci, ci, ci]
+        lib.pxn_serve.restype = ci
         _declared.add(id(lib))
     return lib
 
@@ -301,6 +311,8 @@ class NetBack:
         self.dev: int | None = None  # struct pxn *, while the C data path serves the rings
         self.native_why = ""  # why the Python data path serves them, if it does
         self._native_totals = dict.fromkeys(_NATIVE_STATS, 0)  # earlier connections'
+        # (port, eventfd) the domain's native event hub watches: net.c signals the guest itself
+        self._efds: list[tuple[int, int]] = []
 
     @property
     def stats(self) -> dict[str, int]:
@@ -534,6 +546,38 @@ class NetBack:
             self.native_why = "pxn_new failed"
             return
         self.dev, self.native_why = dev, ""
+        self._watch_ports()
+
+    def _watch_ports(self) -> None:
+        """Events to the guest without Python: an eventfd per port, watched by the
+        domain's native event hub (evt.c), which marks the port pending for its
+        vCPU and wakes or kicks it; net.c's service loop writes it.  Without the
+        hub (PYXEN_NATIVE_EVENTS=0) Python sends them, round by round."""
+        ev = self.domain.evtchn
+        hub = ev.native_hub()
+        if hub is None:
+            return
+        try:
+            for port in dict.fromkeys((self.tx_port, self.rx_port)):
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                try:
+                    hub.watch(port, fd, ev.notify_vcpu(port))
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._efds.append((port, fd))
+        except OSError as e:
+            self.domain.log(f"netback {self.ifname}: events through Python: {e}")
+            self._unwatch_ports()
+
+    def _unwatch_ports(self) -> None:
+        hub = self.domain.evtchn.hub
+        for port, fd in self._efds:
+            if hub is not None:
+                hub.unwatch_close(port, fd)  # closes fd
+            else:
+                os.close(fd)
+        self._efds = []
 
     def _unmap(self, maps: list[tuple[mmap.mmap, memoryview, int]]) -> None:
         for m, v, ref in maps:
@@ -544,8 +588,13 @@ class NetBack:
     def _disconnect(self) -> None:
         if self.tx is None:
             return
+        dev, lib = self.dev, _native_lib(anyway=True)
+        if dev is not None and lib is not None:
+            lib.pxn_stop(dev)  # net.c's service loop returns (and stays out: stop is sticky)
+            self._wake()
         with self.proc_lock:  # the service thread is out of the rings
             d = self.domain
+            self._unwatch_ports()
             for port in {self.tx_port, self.rx_port}:
                 d.evtchn.remote_closed(port, BACKEND_DOMID)
             self.tx = self.rx = None
@@ -601,7 +650,10 @@ class NetBack:
                     if self.tx is None or self.rx is None:
                         self._drain_tap()
                         continue
-                    if self.dev is not None:
+                    if self.dev is not None and self._efds:
+                        self._native_serve(self.dev)
+                        busy = not self.stop  # straight back in: the rings may hold work
+                    elif self.dev is not None:
                         busy = self._native_round(self.dev)
                     else:
                         busy = self._tx_round(self.tx)
@@ -611,6 +663,20 @@ class NetBack:
                     self._fail(f"protocol error: {e}")
             except Exception as e:  # noqa: BLE001 - never let a guest kill the backend
                 self.domain.log(f"netback {self.ifname}: {e!r}\n{traceback.format_exc()}")
+
+    def _native_serve(self, dev: int) -> None:
+        """net.c's own loop (pxn_serve) for up to SERVE_MS, the GIL released: it
+        sleeps on our eventfd and the TAP, runs the rounds and signals the guest
+        through the hub's eventfds; back here for a fatal error, a stop, or to
+        let the control plane take proc_lock."""
+        lib = _native_lib(anyway=True)
+        assert lib is not None
+        tx_fd = self._efds[0][1]
+        rx_fd = self._efds[-1][1]
+        r = lib.pxn_serve(dev, self.up_fd, tx_fd, rx_fd, BUDGET, int(self.fe_feat.rx_notify), SERVE_MS,
+                          RX_COALESCE_US)
+        if r & _PXN_FATAL:
+            raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
 
     def _native_round(self, dev: int) -> bool:
         """One round of each direction in C (net.c), the GIL released."""
