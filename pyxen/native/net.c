@@ -61,6 +61,7 @@
 #define PXN_MORE 2
 #define PXN_FATAL 4
 #define PXN_STALLED 8
+#define PXN_WORK 16     /* the round took requests (pxn_serve's TX polling) */
 
 /* pxn_stats order (netback.py _NATIVE_STATS) */
 enum { S_TXP, S_TXB, S_TXDROP, S_TXERR, S_RXP, S_RXB, S_RXDROP, S_RXERR, S_N };
@@ -78,6 +79,7 @@ struct pxn {
     uint16_t me;
     int feat;
     int stop;          /* pxn_stop: pxn_serve returns */
+    int tx_noarm;      /* pxn_serve polls the TX ring: an empty round leaves req_event alone */
     uint32_t tx_cons, tx_pvt, rx_cons, rx_pvt;
     uint8_t *txbuf;    /* VNET_LEN + 64 KiB */
     uint8_t *rxbuf;    /* a frame read from the TAP, VNET_LEN first */
@@ -251,6 +253,8 @@ int pxn_tx_round(struct pxn *n, int budget)
             return res | PXN_FATAL;
         }
         if (avail == 0) {
+            if (n->tx_noarm)
+                break;  /* pxn_serve arms it once the ring stayed empty for a while */
             wr32(n->tx + 4, n->tx_cons + 1);  /* RING_FINAL_CHECK_FOR_REQUESTS */
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             if (unconsumed(n->tx, n->tx_cons, n->tx_pvt) != 0)
@@ -406,7 +410,17 @@ int pxn_tx_round(struct pxn *n, int budget)
         res |= PXN_NOTIFY;
     if (sent >= budget)
         res |= PXN_MORE;
+    if (sent)
+        res |= PXN_WORK;
     return res;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS on the TX ring: 1 if requests came meanwhile. */
+static int tx_arm(struct pxn *n)
+{
+    wr32(n->tx + 4, n->tx_cons + 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return unconsumed(n->tx, n->tx_cons, n->tx_pvt) != 0;
 }
 
 /* Make a frame just read fit for the frontend; 0 = keep it, -1 = drop it. */
@@ -571,6 +585,9 @@ static void efd_signal(int fd)
     while (r < 0 && errno == EINTR);
 }
 
+/* TX polling: how often pxn_serve looks at an unarmed TX ring */
+#define TX_POLL_STEP_NS 30000
+
 static int64_t mono_ns(void)
 {
     struct timespec t;
@@ -598,15 +615,22 @@ static int64_t mono_ns(void)
  * the frontend never says it posted RX buffers, poll every 10 ms while stalled.
  */
 int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int rx_notify, int max_ms,
-              int coalesce_us)
+              int coalesce_us, int tx_poll_us)
 {
-    int64_t end = mono_ns() + (int64_t)max_ms * 1000000, owed_at = 0;
-    int busy = 1, stalled = 0, owed = 0;
+    int64_t end = mono_ns() + (int64_t)max_ms * 1000000, owed_at = 0, tx_idle_at = mono_ns();
+    int busy = 1, stalled = 0, owed = 0, tx_armed = tx_poll_us <= 0;
     uint64_t owed_frames = 0;
+    n->tx_noarm = tx_poll_us > 0;
     while (!__atomic_load_n(&n->stop, __ATOMIC_SEQ_CST)) {
         int64_t now = mono_ns(), left = end - now;
         if (left <= 0)
             break;
+        if (!busy && !tx_armed && now - tx_idle_at >= (int64_t)tx_poll_us * 1000) {
+            if (tx_arm(n))  /* the TX ring stayed empty: ask for events again */
+                busy = 1;
+            else
+                tx_armed = 1;
+        }
         if (!busy) {
             struct pollfd p[2] = { { up_fd, POLLIN, 0 }, { n->tap, POLLIN, 0 } };
             int64_t wait = stalled && !rx_notify ? 10000000 : left;
@@ -614,6 +638,8 @@ int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int 
                 int64_t hold = owed_at + (int64_t)coalesce_us * 1000 - now;
                 wait = hold < wait ? hold : wait;
             }
+            if (!tx_armed && wait > TX_POLL_STEP_NS)
+                wait = TX_POLL_STEP_NS;  /* polling the TX ring: look again soon */
             if (wait < 0)
                 wait = 0;
             struct timespec ts = { (time_t)(wait / 1000000000), (long)(wait % 1000000000) };
@@ -630,6 +656,11 @@ int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int 
         if (r & PXN_NOTIFY)
             efd_signal(tx_efd);
         busy = (r & PXN_MORE) != 0;
+        if (r & PXN_WORK) {
+            tx_idle_at = mono_ns();
+            if (tx_poll_us > 0)
+                tx_armed = 0;  /* req_event is behind now: the frontend stops notifying */
+        }
         uint64_t before = n->st[S_RXP] + n->st[S_RXERR], bytes_before = n->st[S_RXB];
         r = pxn_rx_round(n, budget);
         if (r & PXN_FATAL)
@@ -654,5 +685,8 @@ int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int 
     }
     if (owed)
         efd_signal(rx_efd);
+    n->tx_noarm = 0;
+    if (!tx_armed && tx_arm(n))
+        (void)!write(up_fd, &(uint64_t){1}, 8);  /* requests came: Python calls us straight back */
     return 0;
 }
