@@ -154,7 +154,8 @@ class _Setup:
                     self.boot_failures.append(str(e)[-1500:])
                     ctx.log(f"LOUDLY: guest {i} did not reach its shell (attempt {attempt}): "
                             f"{str(e).strip().splitlines()[-1][-200:]}")
-                    b.sock.close() if b.sock else None
+                    if b.sock is not None:
+                        b.sock.close()
                     try:
                         self.host.destroy(domid)
                     except Exception:  # noqa: BLE001 - already gone
