@@ -65,6 +65,15 @@ BACKEND_DOMID = 0
 BUDGET = 64
 #: without feature-rx-notify the frontend never tells us it posted RX buffers: poll
 RX_POLL_S = 0.01
+#: the C service loop (pxn_serve) gives the thread back to Python this often (ms)
+SERVE_MS = 20
+#: RX interrupt coalescing in the C loop: hold an owed RX event this long (µs) while
+#: frames keep coming (at most 8 frames; never when the ring is out of buffers); 0: off
+RX_COALESCE_US = int(os.environ.get("PYXEN_NET_RX_COALESCE_US", "150"))
+#: NAPI-style TX polling in the C loop: after the TX ring empties, look at it every
+#: 30 µs for this long (µs) before asking the frontend for events again, so that a
+#: guest sending steadily needs no EVTCHNOP_send (an exit, ~120 µs) per batch; 0: off
+TX_POLL_US = int(os.environ.get("PYXEN_NET_TX_POLL_US", "200"))
 TAP_READ = 65536 + N.VNET_HDR.size + 64
 
 #: serve connected rings with the C data path (pyxen/native/net.c) when it loads
@@ -97,6 +106,11 @@ def _native_lib(anyway: bool = False) -> ctypes.CDLL | None:
         lib.pxn_msg.restype = ctypes.c_char_p
         lib.pxn_stats.argtypes = [vp, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int]
         lib.pxn_stats.restype = None
+        lib.pxn_stop.argtypes = [vp]
+        lib.pxn_stop.restype = None
+        ci = ctypes.c_int
+        lib.pxn_serve.argtypes = [vp, ci, ci, ci, ci, ci, ci, ci, ci]
+        lib.pxn_serve.restype = ci
         _declared.add(id(lib))
     return lib
 
@@ -137,7 +151,7 @@ def set_offload(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
-def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC) -> None:
+def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC, up: bool = True) -> None:
     """Bridge mode (Xen's vif-bridge): create ``bridge`` if it is missing, put
     the TAP in it, bring both up.  Netlink through pyroute2.  No bridge: the
     TAP is only brought up (route/NAT setups configure it themselves)."""
@@ -163,9 +177,42 @@ def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC) -> None:
                     br = ipr.link_lookup(ifname=bridge)
                 ipr.link("set", index=br[0], state="up")
                 ipr.link("set", index=idx[0], master=br[0])
-            ipr.link("set", index=idx[0], state="up")
+            if up:
+                ipr.link("set", index=idx[0], state="up")
     except NetlinkError as e:
         raise NetError(f"bridge {bridge}, TAP {tap}: {e}") from None
+
+
+#: libxl's LIBXL_HOTPLUG_TIMEOUT (seconds a hotplug script may take)
+HOTPLUG_TIMEOUT = 40
+
+
+def hotplug_env(script: str, domid: int, devid: int, vif: str, gatewaydev: str = "") -> dict[str, str]:
+    """The environment libxl gives a vif hotplug script (libxl_linux.c's
+    get_hotplug_env for a PV vif), on top of ours (PATH, and XENSTORED_PATH
+    added by the caller so that xenstore-read reaches pyxen's xenstored)."""
+    return {"script": script, "XENBUS_TYPE": "vif", "XENBUS_PATH": f"backend/vif/{domid}/{devid}",
+            "XENBUS_BASE_PATH": "backend", "netdev": gatewaydev, "vif": vif}
+
+
+def run_hotplug(script: str, action: str, env: dict[str, str], timeout: float = HOTPLUG_TIMEOUT) -> None:
+    """Run a vif hotplug script as libxl does: ``SCRIPT online|offline
+    type_if=vif`` with :func:`hotplug_env`'s variables; NetError naming the
+    script, the action and what it said when it fails or takes too long."""
+    import subprocess
+    try:
+        p = subprocess.run([script, action, "type_if=vif"], env={**os.environ, **env}, capture_output=True,
+                           text=True, errors="replace", timeout=timeout, stdin=subprocess.DEVNULL,
+                           close_fds=True)
+    except subprocess.TimeoutExpired:
+        raise NetError(f"hotplug script {script} {action}: still running after {timeout:g} s") from None
+    except OSError as e:
+        raise NetError(f"hotplug script {script} {action}: cannot run it: {e.strerror}") from None
+    if p.returncode != 0:
+        said = (p.stderr.strip() or p.stdout.strip()).splitlines()[-3:]
+        how = f"exit status {p.returncode}" if p.returncode > 0 else f"killed by signal {-p.returncode}"
+        raise NetError(f"hotplug script {script} {action} failed ({how})"
+                       + (": " + " / ".join(said) if said else ""))
 
 
 def preload() -> None:
@@ -246,8 +293,10 @@ class NetBack:
     """One virtual network interface of one domain."""
 
     def __init__(self, domain: Domain, xs: XsClient, devid: int, mac: str, bridge: str | None = "xenbr0",
-                 ifname: str = "") -> None:
+                 ifname: str = "", script: str = "") -> None:
         self.domain = domain
+        self.script = script  # script=: a hotplug script does what bridge mode would (vif-bridge's job)
+        self.script_online = False
         self.xs = xs
         self.devid = devid
         self.mac = mac
@@ -278,6 +327,8 @@ class NetBack:
         self.dev: int | None = None  # struct pxn *, while the C data path serves the rings
         self.native_why = ""  # why the Python data path serves them, if it does
         self._native_totals = dict.fromkeys(_NATIVE_STATS, 0)  # earlier connections'
+        # (port, eventfd) the domain's native event hub watches: net.c signals the guest itself
+        self._efds: list[tuple[int, int]] = []
 
     @property
     def stats(self) -> dict[str, int]:
@@ -305,7 +356,11 @@ class NetBack:
         InitWait, watch the frontend."""
         self.tap = open_tap(self.ifname)
         try:
-            bridge_attach(self.ifname, self.bridge)
+            if self.script:
+                bridge_attach(self.ifname, None, up=False)  # the host MAC; the script does the rest
+                self._hotplug("online")
+            else:
+                bridge_attach(self.ifname, self.bridge)
         except NetError:
             os.close(self.tap)
             self.tap = -1
@@ -324,6 +379,28 @@ class NetBack:
         xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
         self.thread = threading.Thread(target=self._service, name=f"netback-{self.devid}", daemon=True)
         self.thread.start()
+
+    def _hotplug(self, action: str) -> None:
+        """Run the vif's hotplug script (script=) as libxl runs vif-bridge: on
+        failure the backend gets Xen's ``hotplug-error``/``hotplug-status=error``
+        nodes and NetError names the script."""
+        env = hotplug_env(self.script, self.domain.domid, self.devid, self.ifname,
+                          self.xs.try_read(f"{self.be}/gatewaydev") or "")
+        try:
+            env["XENSTORED_PATH"] = str(self.xs.sock.getpeername())
+        except OSError:
+            pass
+        try:
+            run_hotplug(self.script, action, env)
+        except NetError as e:
+            if action == "online":
+                try:
+                    self.xs.write(f"{self.be}/hotplug-error", str(e))
+                    self.xs.write(f"{self.be}/hotplug-status", "error")
+                except XsError:
+                    pass
+            raise
+        self.script_online = action == "online"
 
     def reconnect_xenstore(self, xs: XsClient) -> None:
         """A new xenstore connection (the daemon restarted): watch again."""
@@ -485,6 +562,38 @@ class NetBack:
             self.native_why = "pxn_new failed"
             return
         self.dev, self.native_why = dev, ""
+        self._watch_ports()
+
+    def _watch_ports(self) -> None:
+        """Events to the guest without Python: an eventfd per port, watched by the
+        domain's native event hub (evt.c), which marks the port pending for its
+        vCPU and wakes or kicks it; net.c's service loop writes it.  Without the
+        hub (PYXEN_NATIVE_EVENTS=0) Python sends them, round by round."""
+        ev = self.domain.evtchn
+        hub = ev.native_hub()
+        if hub is None:
+            return
+        try:
+            for port in dict.fromkeys((self.tx_port, self.rx_port)):
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                try:
+                    hub.watch(port, fd, ev.notify_vcpu(port))
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._efds.append((port, fd))
+        except OSError as e:
+            self.domain.log(f"netback {self.ifname}: events through Python: {e}")
+            self._unwatch_ports()
+
+    def _unwatch_ports(self) -> None:
+        hub = self.domain.evtchn.hub
+        for port, fd in self._efds:
+            if hub is not None:
+                hub.unwatch_close(port, fd)  # closes fd
+            else:
+                os.close(fd)
+        self._efds = []
 
     def _unmap(self, maps: list[tuple[mmap.mmap, memoryview, int]]) -> None:
         for m, v, ref in maps:
@@ -495,8 +604,13 @@ class NetBack:
     def _disconnect(self) -> None:
         if self.tx is None:
             return
+        dev, lib = self.dev, _native_lib(anyway=True)
+        if dev is not None and lib is not None:
+            lib.pxn_stop(dev)  # net.c's service loop returns (and stays out: stop is sticky)
+            self._wake()
         with self.proc_lock:  # the service thread is out of the rings
             d = self.domain
+            self._unwatch_ports()
             for port in {self.tx_port, self.rx_port}:
                 d.evtchn.remote_closed(port, BACKEND_DOMID)
             self.tx = self.rx = None
@@ -552,7 +666,10 @@ class NetBack:
                     if self.tx is None or self.rx is None:
                         self._drain_tap()
                         continue
-                    if self.dev is not None:
+                    if self.dev is not None and self._efds:
+                        self._native_serve(self.dev)
+                        busy = not self.stop  # straight back in: the rings may hold work
+                    elif self.dev is not None:
                         busy = self._native_round(self.dev)
                     else:
                         busy = self._tx_round(self.tx)
@@ -562,6 +679,20 @@ class NetBack:
                     self._fail(f"protocol error: {e}")
             except Exception as e:  # noqa: BLE001 - never let a guest kill the backend
                 self.domain.log(f"netback {self.ifname}: {e!r}\n{traceback.format_exc()}")
+
+    def _native_serve(self, dev: int) -> None:
+        """net.c's own loop (pxn_serve) for up to SERVE_MS, the GIL released: it
+        sleeps on our eventfd and the TAP, runs the rounds and signals the guest
+        through the hub's eventfds; back here for a fatal error, a stop, or to
+        let the control plane take proc_lock."""
+        lib = _native_lib(anyway=True)
+        assert lib is not None
+        tx_fd = self._efds[0][1]
+        rx_fd = self._efds[-1][1]
+        r = lib.pxn_serve(dev, self.up_fd, tx_fd, rx_fd, BUDGET, int(self.fe_feat.rx_notify), SERVE_MS,
+                          RX_COALESCE_US, TX_POLL_US)
+        if r & _PXN_FATAL:
+            raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
 
     def _native_round(self, dev: int) -> bool:
         """One round of each direction in C (net.c), the GIL released."""
@@ -753,6 +884,12 @@ class NetBack:
         if self.thread is not None:
             self.thread.join(5)
         os.close(self.up_fd)
+        if self.script_online:  # as libxl when the device goes: SCRIPT offline
+            try:
+                self._hotplug("offline")
+            except NetError as e:
+                self.domain.log(f"netback {self.ifname}: {e}", always=True)
+            self.script_online = False
         if self.tap >= 0:
             os.close(self.tap)  # the TAP goes with its last fd (it was not made persistent)
             self.tap = -1

@@ -12,10 +12,12 @@
  * event suppression) and Linux's include/uapi/linux/virtio_net.h.
  */
 #include <errno.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "native.h"
@@ -59,6 +61,7 @@
 #define PXN_MORE 2
 #define PXN_FATAL 4
 #define PXN_STALLED 8
+#define PXN_WORK 16     /* the round took requests (pxn_serve's TX polling) */
 
 /* pxn_stats order (netback.py _NATIVE_STATS) */
 enum { S_TXP, S_TXB, S_TXDROP, S_TXERR, S_RXP, S_RXB, S_RXDROP, S_RXERR, S_N };
@@ -75,6 +78,8 @@ struct pxn {
     int tap;
     uint16_t me;
     int feat;
+    int stop;          /* pxn_stop: pxn_serve returns */
+    int tx_noarm;      /* pxn_serve polls the TX ring: an empty round leaves req_event alone */
     uint32_t tx_cons, tx_pvt, rx_cons, rx_pvt;
     uint8_t *txbuf;    /* VNET_LEN + 64 KiB */
     uint8_t *rxbuf;    /* a frame read from the TAP, VNET_LEN first */
@@ -248,6 +253,8 @@ int pxn_tx_round(struct pxn *n, int budget)
             return res | PXN_FATAL;
         }
         if (avail == 0) {
+            if (n->tx_noarm)
+                break;  /* pxn_serve arms it once the ring stayed empty for a while */
             wr32(n->tx + 4, n->tx_cons + 1);  /* RING_FINAL_CHECK_FOR_REQUESTS */
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
             if (unconsumed(n->tx, n->tx_cons, n->tx_pvt) != 0)
@@ -403,7 +410,17 @@ int pxn_tx_round(struct pxn *n, int budget)
         res |= PXN_NOTIFY;
     if (sent >= budget)
         res |= PXN_MORE;
+    if (sent)
+        res |= PXN_WORK;
     return res;
+}
+
+/* RING_FINAL_CHECK_FOR_REQUESTS on the TX ring: 1 if requests came meanwhile. */
+static int tx_arm(struct pxn *n)
+{
+    wr32(n->tx + 4, n->tx_cons + 1);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return unconsumed(n->tx, n->tx_cons, n->tx_pvt) != 0;
 }
 
 /* Make a frame just read fit for the frontend; 0 = keep it, -1 = drop it. */
@@ -551,4 +568,125 @@ int pxn_rx_round(struct pxn *n, int budget)
     if (done >= budget)
         res |= PXN_MORE;
     return res;
+}
+
+/* Ask pxn_serve to return (the caller then wakes it through its up_fd). */
+void pxn_stop(struct pxn *n)
+{
+    __atomic_store_n(&n->stop, 1, __ATOMIC_SEQ_CST);
+}
+
+static void efd_signal(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r;
+    do
+        r = write(fd, &one, sizeof(one));
+    while (r < 0 && errno == EINTR);
+}
+
+/* TX polling: how often pxn_serve looks at an unarmed TX ring */
+#define TX_POLL_STEP_NS 30000
+
+static int64_t mono_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/*
+ * The vif's service loop in C: sleep on up_fd (the guest's events, posted by
+ * Python's evtchn callback) and the TAP, run a TX and an RX round, and signal
+ * the guest by writing the eventfd the domain's native event hub (evt.c)
+ * watches for that port -- no Python and no GIL per packet or per event.
+ *
+ * RX interrupt coalescing (coalesce_us > 0): an RX event the frontend asked
+ * for (rsp_event crossed: owed from then on, whatever later pushes say) is
+ * held while frames keep coming, for at most coalesce_us or 8 frames, and
+ * sent at once when the ring runs out of buffers (the frontend must run to
+ * post more) or when the frames are small (ACKs: holding them slows the
+ * guest's own sending).  Each event costs the guest three exits (a kick, its iret, often
+ * a forced callback), ~200 us here, so fewer events leave it more time for
+ * the frames themselves.
+ *
+ * Returns after max_ms (so that Python's locks are released now and then),
+ * at pxn_stop, or with PXN_FATAL (the message in pxn_msg).  rx_notify = 0:
+ * the frontend never says it posted RX buffers, poll every 10 ms while stalled.
+ */
+int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int rx_notify, int max_ms,
+              int coalesce_us, int tx_poll_us)
+{
+    int64_t end = mono_ns() + (int64_t)max_ms * 1000000, owed_at = 0, tx_idle_at = mono_ns();
+    int busy = 1, stalled = 0, owed = 0, tx_armed = tx_poll_us <= 0;
+    uint64_t owed_frames = 0;
+    n->tx_noarm = tx_poll_us > 0;
+    while (!__atomic_load_n(&n->stop, __ATOMIC_SEQ_CST)) {
+        int64_t now = mono_ns(), left = end - now;
+        if (left <= 0)
+            break;
+        if (!busy && !tx_armed && now - tx_idle_at >= (int64_t)tx_poll_us * 1000) {
+            if (tx_arm(n))  /* the TX ring stayed empty: ask for events again */
+                busy = 1;
+            else
+                tx_armed = 1;
+        }
+        if (!busy) {
+            struct pollfd p[2] = { { up_fd, POLLIN, 0 }, { n->tap, POLLIN, 0 } };
+            int64_t wait = stalled && !rx_notify ? 10000000 : left;
+            if (owed) {
+                int64_t hold = owed_at + (int64_t)coalesce_us * 1000 - now;
+                wait = hold < wait ? hold : wait;
+            }
+            if (!tx_armed && wait > TX_POLL_STEP_NS)
+                wait = TX_POLL_STEP_NS;  /* polling the TX ring: look again soon */
+            if (wait < 0)
+                wait = 0;
+            struct timespec ts = { (time_t)(wait / 1000000000), (long)(wait % 1000000000) };
+            if (ppoll(p, stalled ? 1 : 2, &ts, NULL) < 0 && errno != EINTR)
+                break;
+        }
+        uint64_t v;
+        (void)!read(up_fd, &v, sizeof(v));  /* non-blocking: EAGAIN when nothing came */
+        if (__atomic_load_n(&n->stop, __ATOMIC_SEQ_CST))
+            break;
+        int r = pxn_tx_round(n, budget);
+        if (r & PXN_FATAL)
+            return r;
+        if (r & PXN_NOTIFY)
+            efd_signal(tx_efd);
+        busy = (r & PXN_MORE) != 0;
+        if (r & PXN_WORK) {
+            tx_idle_at = mono_ns();
+            if (tx_poll_us > 0)
+                tx_armed = 0;  /* req_event is behind now: the frontend stops notifying */
+        }
+        uint64_t before = n->st[S_RXP] + n->st[S_RXERR], bytes_before = n->st[S_RXB];
+        r = pxn_rx_round(n, budget);
+        if (r & PXN_FATAL)
+            return r;
+        uint64_t frames = n->st[S_RXP] + n->st[S_RXERR] - before;
+        /* small frames (ACKs, requests) are not held: a late ACK slows the guest's
+         * own sending more than the event costs */
+        int small = frames && (n->st[S_RXB] - bytes_before) < frames * 2048u;
+        if ((r & PXN_NOTIFY) && !owed) {
+            owed = 1;
+            owed_at = mono_ns();
+            owed_frames = 0;
+        }
+        owed_frames += frames;
+        stalled = (r & PXN_STALLED) != 0;
+        busy = busy || (r & PXN_MORE);
+        if (owed && (coalesce_us <= 0 || stalled || small || owed_frames >= 8 ||
+                     mono_ns() - owed_at >= (int64_t)coalesce_us * 1000)) {
+            efd_signal(rx_efd);
+            owed = 0;
+        }
+    }
+    if (owed)
+        efd_signal(rx_efd);
+    n->tx_noarm = 0;
+    if (!tx_armed && tx_arm(n))
+        (void)!write(up_fd, &(uint64_t){1}, 8);  /* requests came: Python calls us straight back */
+    return 0;
 }

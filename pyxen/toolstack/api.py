@@ -21,7 +21,7 @@ from typing import Any
 
 from . import paths
 from .proto import Conn, ProtocolError
-from .xlcfg import ConfigError, DiskSpec, DomainConfig, VifSpec, load_domain_config
+from .xlcfg import ConfigError, DiskSpec, DomainConfig, VifSpec, load_domain_config, vif_script_path
 
 
 class PyxenError(Exception):
@@ -89,7 +89,8 @@ def vif_to_dict(v: VifSpec, devid: int | None = None) -> dict[str, Any]:
     did = v.devid if devid is None else devid
     return {"spec": v.spec, "devid": int(did or 0), "mac": v.mac or random_mac(),
             "bridge": v.bridge or "xenbr0", "vifname": v.options.get("vifname", ""),
-            "ip": v.ip or "", "rate": v.options.get("rate", "")}
+            "ip": v.ip or "", "rate": v.options.get("rate", ""),
+            "script": vif_script_path(v.options.get("script", ""))}
 
 
 class Host:

@@ -793,7 +793,7 @@ class DomainProcess:
         assert d is not None
         devid = int(vif["devid"])
         nb = NetBack(d, self._xs(), devid, str(vif["mac"]), str(vif.get("bridge") or "xenbr0"),
-                     str(vif.get("vifname") or ""))
+                     str(vif.get("vifname") or ""), script=str(vif.get("script") or ""))
         try:
             nb.start()
         except (NetError, OSError) as e:

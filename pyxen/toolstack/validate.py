@@ -37,7 +37,7 @@ ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy
 SPEC_KEYS = {"name", "memory_mib", "maxmem_mib", "vcpus", "maxvcpus", "kernel", "cmdline",
              "ramdisk", "uuid", "extra", "domid"}
 EXTRA_KEYS = {"disks", "disk_secrets", "paused", "actions", "vifs"}
-VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip", "rate"}
+VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip", "rate", "script"}
 DISK_KEYS = {"spec", "vdev", "devid", "target", "format", "readwrite"}
 
 
@@ -175,9 +175,12 @@ def vif(v: object) -> dict[str, Any]:
             parse_vif_rate(rate)
         except ValueError as e:
             raise RequestError(f"vif {spec_!r}: {e}") from None
+    script = string("vif script", v.get("script") or "", 4096)
+    if script and (not script.startswith("/") or "\0" in script):
+        raise RequestError(f"vif {spec_!r}: script {script!r} is not an absolute path")
     return {"spec": spec_, "devid": integer("vif devid", v.get("devid", 0), 0, (1 << 16) - 1),
             "mac": ms.mac, "bridge": ms.bridge, "vifname": ms.options.get("vifname", ""),
-            "ip": string("vif ip", v.get("ip") or "", 1024), "rate": rate}
+            "ip": string("vif ip", v.get("ip") or "", 1024), "rate": rate, "script": script}
 
 
 def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:

@@ -21,6 +21,7 @@ the right place.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import uuid as uuidlib
 from collections.abc import Iterator, Sequence
@@ -1169,6 +1170,37 @@ def parse_vif_rate(rate: str) -> tuple[int, int]:
     return bps * usecs // 1_000_000, usecs
 
 
+#: where libxl looks for a hotplug script named without a directory (XEN_SCRIPT_DIR)
+XEN_SCRIPT_DIR = "/etc/xen/scripts"
+#: the script libxl runs by default: pyxen's netback does its work itself (bridge mode)
+DEFAULT_VIF_SCRIPT = "vif-bridge"
+
+
+def vif_script_path(script: str) -> str:
+    """The hotplug script pyxen runs for ``script=`` (its absolute path), or ""
+    for none.  As libxl (libxl__device_nic_setdefault): a name without a
+    leading '/' is in XEN_SCRIPT_DIR.  Xen's default ``vif-bridge``, when no
+    such file is installed, is pyxen's own bridge mode: "" (so xl configs that
+    name it keep working)."""
+    if not script:
+        return ""
+    path = script if script.startswith("/") else os.path.join(XEN_SCRIPT_DIR, script)
+    if os.path.basename(path) == DEFAULT_VIF_SCRIPT and not os.path.exists(path):
+        return ""
+    return path
+
+
+def check_vif_script(script: str) -> str:
+    """``vif_script_path`` of ``script=``, checked: an executable file (ValueError
+    naming it otherwise, so that a config load says which line is wrong)."""
+    path = vif_script_path(script)
+    if path and not os.path.isfile(path):
+        raise ValueError(f"script '{script}': no such file ({path})")
+    if path and not os.access(path, os.X_OK):
+        raise ValueError(f"script '{script}': {path} is not executable")
+    return path
+
+
 def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
     """Parse one NET_SPEC_STRING; returns (spec, warnings about it).
 
@@ -1235,6 +1267,8 @@ def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
                 raise ValueError(f"bad IP address '{addr}'") from None
     if "rate" in opts:
         parse_vif_rate(opts["rate"])
+    if "script" in opts and (not opts["script"] or "\0" in opts["script"]):
+        raise ValueError("empty script (give a hotplug script's path or name)")
     if "netdev" in opts:
         warnings.append("vif option 'netdev' is deprecated, use gatewaydev")
     return VifSpec(spec=spec, options=opts, mac=mac, bridge=opts.get("bridge"),
@@ -1613,7 +1647,12 @@ class _Loader:
                     raise s.error(f"'{a.text}': MAC {v.mac} is used twice (also by "
                                   f"'{macs[v.mac].text}')", a)
                 macs[v.mac] = a
-            for opt in ("script", "model", "gatewaydev", "vlan", "accel", "backend"):
+            if "script" in v.options:
+                try:
+                    check_vif_script(v.options["script"])
+                except ValueError as e:
+                    raise s.error(f"'{a.text}': {e}", a) from None
+            for opt in ("model", "gatewaydev", "vlan", "accel", "backend"):
                 if opt in v.options:
                     self.warn(s, f"vif '{a.text}': option '{opt}' is not supported by pyxen yet; ignored", a)
             if v.type == "ioemu":

@@ -103,7 +103,7 @@ def write_vif(xsd: Xenstored, domid: int, vif: dict[str, Any]) -> None:
     be = f"/local/domain/0/backend/vif/{domid}/{devid}"
     be_vals = {"frontend": fe, "frontend-id": str(domid), "online": "1", "state": "1",
                "handle": str(devid), "mac": str(vif["mac"]), "bridge": str(vif.get("bridge") or ""),
-               "script": "/etc/xen/scripts/vif-bridge", "type": "vif"}
+               "script": str(vif.get("script") or "/etc/xen/scripts/vif-bridge"), "type": "vif"}
     if vif.get("ip"):
         be_vals["ip"] = str(vif["ip"])
     if vif.get("rate"):  # libxl: "BYTES_PER_INTERVAL,INTERVAL_USECS", netback's credit limiter

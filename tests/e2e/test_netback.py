@@ -96,13 +96,29 @@ def nshost(netns: str, tmp_path: Path) -> Iterator[object]:
             shutil.rmtree(rd, ignore_errors=True)
 
 
+IPERF_TREE = GUESTS / "iperf3"
+
+
 @pytest.fixture(scope="module")
 def net_initrd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test initramfs, with iperf3 and its libraries when fetch-guests fetched them."""
     need(VMLINUZ, INITRD)
     out = tmp_path_factory.mktemp("initrd") / "initrd-net.img"
-    _run(sys.executable, str(ROOT / "tools" / "mkinitramfs"), "--guests", str(GUESTS), "-o", str(out),
+    iperf = ["--iperf3"] if (IPERF_TREE / "usr" / "bin" / "iperf3").exists() else []
+    _run(sys.executable, str(ROOT / "tools" / "mkinitramfs"), "--guests", str(GUESTS), *iperf, "-o", str(out),
          timeout=120)
     return out
+
+
+@pytest.fixture
+def iperf3(net_initrd: Path) -> str:
+    """The host's iperf3; the guest's is in net_initrd (skips loudly when either is missing)."""
+    host = shutil.which("iperf3")
+    if host is None:
+        pytest.skip("SKIPPED LOUDLY: the host has no iperf3 (apt-get install iperf3)")
+    if not (IPERF_TREE / "usr" / "bin" / "iperf3").exists():
+        pytest.skip(f"SKIPPED LOUDLY: no {IPERF_TREE}/usr/bin/iperf3: rerun tools/fetch-guests")
+    return host
 
 
 def _boot(host: object, initrd: Path, name: str, vifs: list[str], memory: int = 256) -> tuple[int, Shell]:
@@ -219,6 +235,146 @@ def test_two_guests_on_one_bridge(nshost: object, netns: str, net_initrd: Path) 
     secs = time.monotonic() - t0
     assert m.group(1) in b.run("sha256sum /tmp/g", timeout=120)
     print(f"HTTP guest -> guest: {mib} MiB in {secs:.2f} s ({mib / secs:.1f} MiB/s)")
+
+
+def _iperf_json(r: subprocess.CompletedProcess[str], server: bool = False) -> dict:
+    """iperf3 -J's report, checked: no error, bytes received (and sent, by a client)."""
+    import json
+    try:
+        rep = json.loads(r.stdout)
+    except ValueError:
+        raise AssertionError(f"iperf3 rc={r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}") from None
+    assert r.returncode == 0 and "error" not in rep, (r.returncode, rep.get("error"), r.stderr)
+    end = rep["end"]
+    assert (server or end["sum_sent"]["bytes"] > 0) and end["sum_received"]["bytes"] > 0, end
+    return rep
+
+
+def _guest_iperf_client(sh: Shell, server: str, extra: str = "") -> float:
+    """iperf3 run as a client in the guest; the receiver's rate in Mbit/s (checked: no error)."""
+    out = sh.run(f"iperf3 -c {server} -t 2 --connect-timeout 5000 -f m {extra} 2>&1; echo iperf-rc=$?",
+                 timeout=90)
+    assert "iperf-rc=0" in out and "error" not in out, out
+    m = re.search(r"([\d.]+) Mbits/sec\s+receiver", out)
+    assert m and float(m.group(1)) > 0, out
+    return float(m.group(1))
+
+
+def test_iperf3_tcp_host_and_guests(nshost: object, netns: str, net_initrd: Path, iperf3: str) -> None:
+    """iperf3 TCP streams host -> guest, guest -> host (both as client and
+    as server in the guest) and guest -> guest: each completes without an
+    error and moves data (no speed is asserted)."""
+    da, a = _boot(nshost, net_initrd, "ipa", ["bridge=xenbr0"], memory=384)
+    _db, b = _boot(nshost, net_initrd, "ipb", ["bridge=xenbr0"], memory=384)
+    _ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "xenbr0")
+    _ns(netns, "ip", "link", "set", "xenbr0", "up")
+    _guest_up(a, f"{NET}.21")
+    _guest_up(b, f"{NET}.22")
+    assert "iperf 3" in a.run("iperf3 --version"), a.run("ls -l /usr/bin/iperf3 /lib/x86_64-linux-gnu")
+    out = a.run(f"ping -c 2 -W 5 {HOST_IP}", timeout=60)
+    assert re.search(r"2 packets transmitted, [12] packets received", out), _diag(nshost, netns, a, out)
+    a.run("iperf3 -s -D")
+    rates: dict[str, float] = {}
+    # host -> guest and guest -> host (-R: the guest's server sends), the host the client
+    for name, extra in (("host -> guest", []), ("guest -> host (-R)", ["-R"])):
+        for _ in range(50):  # the daemon may not listen yet
+            r = _ns(netns, iperf3, "-c", f"{NET}.21", "-t", "2", "--connect-timeout", "5000", "-J", *extra,
+                    timeout=90)
+            if "Connection refused" not in r.stdout:
+                break
+            time.sleep(0.2)
+        rep = _iperf_json(r)
+        rates[name] = rep["end"]["sum_received"]["bits_per_second"] / 1e6
+    # guest -> host with the guest the client, the host the server (one test, then it exits)
+    srv = subprocess.Popen(["ip", "netns", "exec", netns, iperf3, "-s", "-1", "-B", HOST_IP, "-J"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        rates["guest -> host"] = _guest_iperf_client(a, HOST_IP)
+        out, err = srv.communicate(timeout=30)
+    finally:
+        if srv.poll() is None:
+            srv.kill()
+            srv.wait(10)
+    _iperf_json(subprocess.CompletedProcess(srv.args, srv.returncode, out, err), server=True)
+    # guest -> guest: b's client to a's server, and back (-R)
+    rates["guest -> guest"] = _guest_iperf_client(b, f"{NET}.21")
+    rates["guest -> guest (-R)"] = _guest_iperf_client(b, f"{NET}.21", "-R")
+    print("iperf3 TCP, Mbit/s: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
+    [listed] = nshost.network_list(da)  # type: ignore[attr-defined]
+    st = listed["stats"]
+    assert st["tx_errors"] == st["rx_errors"] == 0, st
+    bad = [ln for ln in nshost.dmesg() if "netback" in ln and ("protocol error" in ln or "Traceback" in ln)]  # type: ignore[attr-defined]
+    assert not bad, bad
+
+
+HOTPLUG_SCRIPT = """#!/bin/sh
+# a vif hotplug script of the test's own: logs how it was run, then does vif-bridge's job
+log={log}
+echo "args: $*" >>"$log"
+echo "env: script=$script XENBUS_TYPE=$XENBUS_TYPE XENBUS_PATH=$XENBUS_PATH" \\
+  "XENBUS_BASE_PATH=$XENBUS_BASE_PATH vif=$vif netdev=$netdev" >>"$log"
+case "$1" in
+  online)
+    ip link show xenbr0 >/dev/null 2>&1 || ip link add xenbr0 type bridge
+    ip link set xenbr0 up
+    ip link set "$vif" master xenbr0 up ;;
+  offline)
+    ip link set "$vif" down 2>/dev/null || true ;;
+esac
+"""
+
+
+def test_vif_script_runs_like_vif_bridge(nshost: object, netns: str, net_initrd: Path,
+                                         tmp_path: Path) -> None:
+    """script=: the script runs as libxl runs vif-bridge (``online``/``offline``,
+    ``type_if=vif``, XENBUS_PATH, vif, ...) and does the bridging; a failing one
+    is reported by name and its vif is not attached."""
+    log = tmp_path / "hotplug.log"
+    script = tmp_path / "my-vif-script"
+    script.write_text(HOTPLUG_SCRIPT.format(log=log))
+    script.chmod(0o755)
+    domid, sh = _boot(nshost, net_initrd, "netscript", [f"bridge=xenbr0,script={script}"])
+    text = log.read_text()
+    assert "args: online type_if=vif" in text, text
+    assert (f"env: script={script} XENBUS_TYPE=vif XENBUS_PATH=backend/vif/{domid}/0 "
+            f"XENBUS_BASE_PATH=backend vif=vif{domid}.0 netdev=") in text, text
+    assert f"vif{domid}.0" in _ns(netns, "ip", "-o", "link", "show", "master", "xenbr0").stdout
+    _ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "xenbr0")
+    _guest_up(sh, f"{NET}.31")
+    out = sh.run(f"ping -c 2 -W 5 {HOST_IP}", timeout=60)
+    assert re.search(r"2 packets transmitted, [12] packets received", out), _diag(nshost, netns, sh, out)
+    # a script that fails: the attach fails and says which script and what it printed
+    from pyxen.toolstack.api import vif_to_dict
+    from pyxen.toolstack.xlcfg import parse_vif_spec
+    bad = tmp_path / "failing-vif-script"
+    bad.write_text("#!/bin/sh\necho 'no bridge for you' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    with pytest.raises(Exception) as ei:
+        nshost.network_attach(domid, vif_to_dict(parse_vif_spec(f"bridge=xenbr0,script={bad}")[0], 1))  # type: ignore[attr-defined]
+    msg = str(ei.value)
+    assert str(bad) in msg and "online" in msg and "exit status 3" in msg and "no bridge for you" in msg, msg
+    assert [v["devid"] for v in nshost.network_list(domid)] == [0]  # type: ignore[attr-defined]
+    # the domain goes: the script runs "offline"
+    nshost.destroy(domid)  # type: ignore[attr-defined]
+    _wait(lambda: "args: offline type_if=vif" in log.read_text(), "the script's offline run", 30)
+
+
+def test_vif_script_config_errors(tmp_path: Path) -> None:
+    """A script= that does not exist or cannot run names the file, line and script."""
+    from pyxen.toolstack.xlcfg import ConfigError, load_domain_config, vif_script_path
+    assert vif_script_path("vif-bridge") in ("", "/etc/xen/scripts/vif-bridge")  # Xen's default: bridge mode
+    assert vif_script_path("vif-custom") == "/etc/xen/scripts/vif-custom"
+    cfg = tmp_path / "d.cfg"
+    noexec = tmp_path / "noexec.sh"
+    noexec.write_text("#!/bin/sh\n")
+    for script, why in ((tmp_path / "missing.sh", "no such file"), (noexec, "is not executable"),
+                        ("", "empty script")):
+        cfg.write_text(f'name="x"\nkernel="{tmp_path}/k"\nmemory=16\nvif=["bridge=xenbr0,script={script}"]\n')
+        (tmp_path / "k").write_bytes(b"")
+        with pytest.raises(ConfigError) as ei:
+            load_domain_config(cfg)
+        assert f"{cfg}:4" in str(ei.value) and why in str(ei.value), str(ei.value)
 
 
 # --- netback against a frontend played by the test (so it can misbehave) ------------------------
