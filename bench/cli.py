@@ -11,6 +11,7 @@ from . import block as _block  # noqa: F401 - registers the block-device benchma
 from . import interdomain as _interdomain  # noqa: F401 - registers the inter-domain benchmarks
 from . import linux as _linux  # noqa: F401 - registers Linux's boot and in-guest benchmarks
 from . import migration as _migration  # noqa: F401 - registers the live-migration benchmarks
+from . import net as _net  # noqa: F401 - registers the network benchmarks (netecho)
 from . import netperf as _netperf  # noqa: F401 - registers the iperf3 TCP stream benchmarks (vs veth)
 from .lib import BENCHMARKS, Context, Result, format_table, run_one, write_json
 

@@ -8,7 +8,7 @@
  *       then holds the grants (sleeping) until destroyed, or for hold_s
  *       seconds (default 600), after which it revokes them and powers off.
  *
- *   role=copy [mib=64] [batch=16] (batch: 1..512 ops per hypercall)
+ *   role=copy [mib=64] [batch=16] (batch: 1..4096 ops per hypercall)
  *       waits (up to 120 s) for its own XenStore key data/gntbench/offer =
  *       "<src domid> <first ref> <pages>" (the toolstack writes it after
  *       reading the src's offer line), copies one batch as a warm-up and
@@ -28,7 +28,7 @@
 const char app_name[] = "gntbench";
 
 #define MAX_PAGES       256
-#define MAX_BATCH       512
+#define MAX_BATCH       4096
 #define CHUNK           PAGE_SIZE
 #define OFFER_TIMEOUT   (120 * NSEC_PER_SEC)
 

@@ -45,6 +45,9 @@ for f in "$@"; do
             objdump -d --no-show-raw-insn --start-address=0x$hp_end "$f") |
            grep -E '^ *ffffffff[0-9a-f]+:' |
            grep -E '[[:space:]](int|int3|syscall|sysenter|cli|sti|hlt|lgdt|lidt|invlpg|wrmsr|rdmsr|iretq|in|out)([[:space:]]|$)|%cr[0-9]|%xmm|%ymm|%st' )
+    # Conformance tests of Xen's emulation execute these on purpose (the
+    # hypervisor must emulate or fault them as Xen does): PRIV_OK names them.
+    case " ${PRIV_OK:-} " in *" $(basename "$f") "*) bad="";; esac
     [ -z "$bad" ] || fail "forbidden instructions:
 $bad"
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from .. import abi, kvm, native
 from ..abi import EEXIST, EINVAL, ENOSPC, ENOSYS, EPERM, ESRCH, XenError
 from . import atomic
+from . import machine as M
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -62,6 +63,9 @@ class EventChannels:
         self.sends = 0
         self.hub: NativeEventHub | None = None
         self._hub_tried = False
+        # ports whose sends the hub does in C (send_fast): port -> our dup of
+        # the channel's outbound eventfd, dropped when the port changes state
+        self._out: dict[int, int] = {}
 
     def native_hub(self) -> NativeEventHub | None:
         """The domain's native event pump (evt.c), started on first use by the
@@ -138,6 +142,7 @@ class EventChannels:
             ch = self._get(port)
             if ch.state == ST_VIRQ:
                 self.virq_ports.pop((ch.vcpu, ch.virq), None)
+            self._forget_out(port)
             self.ports[port] = Channel()
         if ch.state == ST_INTERDOMAIN and not ch.backend_local:
             try:  # the other end becomes unbound again, as in Xen
@@ -162,6 +167,7 @@ class EventChannels:
                 self.ports[lport] = Channel()
             raise
         with self.lock:
+            self._forget_out(lport)
             self.ports[lport] = Channel(ST_INTERDOMAIN, 0, remote_dom, remote_port, backend=notify)
         # as Xen's evtchn_bind_interdomain: the new port starts pending, so a
         # notification the other side sent before we bound is not lost
@@ -178,6 +184,7 @@ class EventChannels:
             if ch.state != ST_UNBOUND or ch.remote_dom not in (from_dom, abi.DOMID_SELF):
                 raise XenError(EINVAL, f"port {port} of domain {self.domain.domid} is not "
                                        f"waiting for domain {from_dom}")
+            self._forget_out(port)
             self.ports[port] = Channel(ST_INTERDOMAIN, ch.vcpu, from_dom, from_port, backend=notify)
             if self.hub is not None:
                 self.hub.bind_vcpu(port, ch.vcpu)
@@ -188,6 +195,7 @@ class EventChannels:
             if 0 < port < len(self.ports):
                 ch = self.ports[port]
                 if ch.state == ST_INTERDOMAIN and ch.remote_dom == from_dom:
+                    self._forget_out(port)
                     self.ports[port] = Channel(ST_UNBOUND, ch.vcpu, from_dom)
 
     def peer_gone(self, domid: int) -> None:
@@ -195,6 +203,7 @@ class EventChannels:
         with self.lock:
             for p, ch in enumerate(self.ports):
                 if ch.state == ST_INTERDOMAIN and ch.remote_dom == domid and not ch.backend_local:
+                    self._forget_out(p)
                     self.ports[p] = Channel(ST_UNBOUND, ch.vcpu, domid)
 
     def bind_vcpu(self, port: int, vcpu: int) -> None:
@@ -234,12 +243,64 @@ class EventChannels:
                     self.close(p)
 
     # ------------------------------------------------------------ delivery
+    def send_fast(self, v: VCPU, arg: int) -> bool:
+        """EVTCHNOP_send of the port at guest address ``arg`` done entirely in
+        C (``pxe_send``) when the port is bound to another domain process and
+        its eventfd is registered (:meth:`_learn_out`): no Python between the
+        exit and the eventfd write.  False: nothing done, :meth:`send` decides
+        (every error, every other kind of port).  Frames the guest gave back
+        make the C page walk's answer incomplete: then never."""
+        hub = self.hub
+        if hub is None or not self._out or self.domain.free_pfns:
+            return False
+        if not hub.send(v, arg):
+            return False
+        self.sends += 1
+        return True
+
+    def _learn_out(self, port: int) -> None:
+        """After a send in Python on an interdomain channel to another domain
+        process: give the hub a duplicate of the channel's outbound eventfd so
+        the next sends are C's.  Read under the directory's lock, which it
+        holds while it forgets the channel's eventfds (it closes them after),
+        so the number we duplicate is still the channel's."""
+        hub = self.hub
+        links = getattr(self.domain.directory, "links", None)
+        dlock = getattr(self.domain.directory, "lock", None)
+        if hub is None or not isinstance(links, dict) or dlock is None:
+            return
+        with dlock:
+            fds = links.get(port)
+            if fds is None:
+                return
+            try:
+                fd = os.dup(fds[1])  # (not inheritable)
+            except OSError:
+                return
+        with self.lock:
+            ch = self.ports[port] if 0 < port < len(self.ports) else None
+            if ch is None or ch.state != ST_INTERDOMAIN or ch.backend_local or port in self._out:
+                os.close(fd)
+                return
+            self._out[port] = fd
+            hub.set_out(port, fd)
+
+    def _forget_out(self, port: int) -> None:
+        """``port`` changes state: its sends go back to Python (under self.lock)."""
+        fd = self._out.pop(port, None)
+        if fd is not None:
+            if self.hub is not None:
+                self.hub.set_out(port, -1)
+            os.close(fd)
+
     def send(self, port: int) -> None:
         ch = self._get(port)
         self.sends += 1
         if ch.state == ST_INTERDOMAIN:
             if ch.backend is not None:
                 ch.backend()
+                if not ch.backend_local and self.hub is not None and port not in self._out:
+                    self._learn_out(port)
             return
         if ch.state == ST_RESERVED:
             raise XenError(EINVAL, f"port {port} is not bound yet")
@@ -290,6 +351,7 @@ class EventChannels:
         return out
 
 ENOENT_ = abi.ENOENT
+DEFAULT_POLL_NS = 200_000  # NativeEventHub's poll window bound (PYXEN_EVENT_POLL_US overrides)
 
 
 class NativeEventHub:
@@ -318,6 +380,16 @@ class NativeEventHub:
             raise OSError("pxe_new failed (eventfd, epoll or thread)")
         self._attached = [0] * n
         self._off_ie = kvm.Run.immediate_exit.offset
+        m = domain.machine  # the guest's page walk for pxe_send (gnt.c pxc_walk)
+        ram = atomic.address_of(m.ram)
+        self._me = native.PxcSelf(ram=ram, nr_pages=domain.nr_pages, mfn_base=M.MFN_BASE,
+                                  types=ram + m.xenheap_offset(m.xh.types), nr_types=m.max_pages,
+                                  domid=domain.domid)
+        self._me_addr = ctypes.addressof(self._me)
+        # adaptive polling before a blocked vCPU sleeps (evt.c, KVM's halt
+        # polling): at most this long, only while its waits end that soon
+        us = os.environ.get("PYXEN_EVENT_POLL_US", "")
+        fast.pxe_set_poll(self.h, int(us) * 1000 if us.isdigit() else DEFAULT_POLL_NS)
         for v in domain.vcpus:  # running vCPUs can be kicked from now on
             t = v.thread
             if t is not None and t.is_alive() and t.native_id:
@@ -363,9 +435,25 @@ class NativeEventHub:
     def wake(self, vcpu: int) -> None:
         self._fast.pxe_wake(self.h, vcpu)
 
+    def set_out(self, port: int, fd: int) -> None:
+        """Sends on ``port`` write eventfd ``fd`` from C (-1: Python sends)."""
+        self._fast.pxe_set_out(self.h, port, fd)
+
+    def send(self, v: VCPU, arg: int) -> bool:
+        """EVTCHNOP_send with its argument at guest address ``arg``, in C; False
+        if C left it to Python (evt.c pxe_send)."""
+        self._me.nr_pages = self.domain.nr_pages
+        return self._fast.pxe_send(self.h, self._me_addr, v.current_l4, arg) == 0
+
     @property
     def events(self) -> int:
         return int(self._fast.pxe_events(self.h))
+
+    def poll_stats(self) -> tuple[int, int]:
+        """(waits that polled before sleeping, of which found their event polling)."""
+        out = (ctypes.c_uint64 * 2)()
+        self._fast.pxe_poll_stats(self.h, out)
+        return int(out[0]), int(out[1])
 
 
 def set_pending_bits(si: memoryview, vi: memoryview, vo: int, port: int, si_addr: int,

@@ -84,7 +84,8 @@ ENTRIES_PER_FRAME = 512
 _PXG_E_RANGE, _PXG_E_PERM, _PXG_E_RDONLY, _PXG_E_FRAME, _PXG_E_BUSY, _PXG_E_TYPE = -1, -2, -3, -4, -5, -6
 DEFAULT_GRANT_FRAMES = 4
 # after another domain refused us its memory (it granted us nothing), ops on
-# it fail without asking its process again for this long
+# it fail without asking its process again until our guest hears something
+# new (GrantTables._news), and at most for this long
 REFUSAL_HOLD_S = 0.5
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -130,8 +131,11 @@ class GrantTables:
         self.stats = {"maps": 0, "unmaps": 0, "copies": 0, "copy_bytes": 0}
         self._pxg: int | None = None  # native holds (host_grants)
         self._host_wheld: set[int] = set()  # refs the Python host path holds writable
-        self._refused: dict[int, float] = {}  # peer domid -> until when it refused us
-        self._native_copy: _NativeCopy | None = None
+        # peer domid -> (our _news() when it refused us, until when that refusal holds)
+        self._refused: dict[int, tuple[int, float]] = {}
+        # the native copy's buffers, one set per vCPU (vCPU threads copy at once:
+        # between the walk that fills them and pxc_copy, Python may switch threads)
+        self._native_copy: dict[int, _NativeCopy] = {}
 
     # ------------------------------------------------------------ granter side
     def frame_mfns(self) -> list[int]:
@@ -196,20 +200,49 @@ class GrantTables:
             p = self.peers.get(domid)
             if p is not None:
                 return p
-            if time.monotonic() < self._refused.get(domid, 0.0):
+            held = self._refused.get(domid)
+            if held is not None and held[0] == self._news() and time.monotonic() < held[1]:
                 raise XenError(abi.EPERM, f"domain {domid} granted us nothing (asked just now)")
         try:
             p = d.directory.peer(domid, d.domid)
         except XenError as e:
-            if e.errno == abi.EPERM:  # ask again later, not on every op a guest sends
+            if e.errno == abi.EPERM:  # ask again after news, not on every op a guest sends
                 with self.lock:
-                    self._refused[domid] = time.monotonic() + REFUSAL_HOLD_S
+                    self._refused[domid] = (self._news(), time.monotonic() + REFUSAL_HOLD_S)
             raise
         with self.lock:
             q = self.peers.setdefault(domid, p)
         if q is not p:
             p.close()
         return q
+
+    def _news(self) -> int:
+        """A count that moves whenever our guest may have learnt something new:
+        events delivered to it (upcalls, and events from other domain
+        processes, which the native hub counts even when the guest polls),
+        and its own sends (a xenstore request is one: the answer may name
+        the grant, and a guest that finds an event pending while it unmasks
+        runs its handler without an upcall).
+
+        Why this and not a generation of the granter's table: a granter's
+        guest grants by writing its table, with no hypercall, so nothing in
+        any hypervisor sees the change, and a domain that refused us never gave
+        us its memory, so we cannot read its table either.  What we can see is
+        the only way a guest learns that a grant now exists: an event (the
+        granter's notify, a xenstore reply or watch, a timer after a sleep).  So
+        a refusal stands for the ops a guest sends back to back (a batch of
+        maps asks once, not 96 times), and the first op after news asks
+        again: a retry after the grant, once the guest was told of it, succeeds
+        at once.  REFUSAL_HOLD_S still bounds a refusal for a guest that
+        learns some other way."""
+        d = self.domain
+        n = d.evtchn.sends
+        for v in d.vcpus:
+            n += v.stats["events"]
+        hub = d.evtchn.hub
+        if hub is not None:
+            n += hub.events
+        return n
 
     def _peer_status(self, e: XenError) -> int:
         """A peer we cannot reach: gone (GNTST_bad_domain) or it granted us
@@ -438,47 +471,45 @@ class GrantTables:
         while done < count:
             n = min(count - done, COPY_CHUNK)
             a = uop + done * COPY.size
-            if lib is None or not self._copy_native(v, lib, a, n):
-                for i in range(n):
-                    ai = a + i * COPY.size
-                    status = self.copy_one(v.copy_from_guest(ai, COPY.size))
-                    v.copy_to_guest(ai + 36, struct.pack("<h", status))
+            k = self._copy_native(v, lib, a, n) if lib is not None else 0
+            for i in range(k, n):  # what C left: all of it, or from an op that changed under it
+                ai = a + i * COPY.size
+                status = self.copy_one(v.copy_from_guest(ai, COPY.size))
+                v.copy_to_guest(ai + 36, struct.pack("<h", status))
             done += n
         return 0
 
-    def _copy_native(self, v: VCPU, lib: ctypes.PyDLL, uop: int, n: int) -> bool:
-        """``n`` copy ops at ``uop`` in one native call; False (nothing done)
-        if the chunk needs the Python path."""
+    def _copy_native(self, v: VCPU, lib: ctypes.PyDLL, uop: int, n: int) -> int:
+        """``n`` copy ops at ``uop`` in one native call: how many it did (0 if
+        the chunk needs the Python path; fewer than ``n`` if an op named a
+        granter the scan had not seen: the guest rewrote the array meanwhile)."""
         d = self.domain
         if d.dirty_logging:  # own pages written go to host_dirty: Python's business
-            return False
-        nc = self._native_copy
+            return 0
+        nc = self._native_copy.get(v.id)
         if nc is None:
-            nc = self._native_copy = _NativeCopy(d)
+            nc = self._native_copy[v.id] = _NativeCopy(d)
         # the op array: every page it spans, writable (the statuses go back)
         first = uop & 0xFFF
         npages = (first + n * COPY.size + 4095) >> 12
         if uop + n * COPY.size > 1 << 64 or npages > len(nc.pages):
-            return False
-        ft, l4, ram_end = d.ft, v.current_l4, len(d.machine.ram)
-        base = M.MFN_BASE << 12
+            return 0
         page0 = uop - first
-        for k in range(npages):
-            ma = ft.translate(l4, page0 + (k << 12), True)
-            if ma is None:
-                return False
-            off = (ma & ~0xFFF) - base
-            if not 0 <= off <= ram_end - 4096:
-                return False
-            nc.pages[k] = nc.ram + off
+        nc.me.nr_pages = d.nr_pages
+        # the page walk in C (mm.FrameTable.translate costs ~6 us a page);
+        # anything unusual there: Python's own walk decides
+        if lib.pxc_walk(nc.me_addr, v.current_l4, page0, npages, 1, nc.pages_addr, nc.walked_addr) < 0 \
+                or (d.free_pfns and not d.free_pfns.isdisjoint(nc.walked[:5 * npages])):
+            if not self._walk_python(v, nc, page0, npages):
+                return 0
         me = d.domid
         nd = lib.pxc_scan(nc.pages_addr, first, n, me, nc.domids_addr, len(nc.domids),
                           nc.own_addr, nc.n_own_addr)
         if nd < 0:
-            return False
+            return 0
         if d.free_pfns and nc.n_own.value and not d.free_pfns.isdisjoint(
                 u - M.MFN_BASE for u in nc.own[:nc.n_own.value]):
-            return False  # a gmfn the guest gave back: copy_one says bad_page
+            return 0  # a gmfn the guest gave back: copy_one says bad_page
         used: list[PeerMemory] = []
         out = nc.out
         try:
@@ -496,11 +527,10 @@ class GrantTables:
                 pv.domid = dom
                 pv.nr_refs = p.grant_frames * ENTRIES_PER_FRAME
                 nc.peers[k] = pv
-            nc.me.nr_pages = d.nr_pages
             for k in range(native.PXC_NOUT):
                 out[k] = 0
             with self.lock:
-                lib.pxc_copy(nc.me_addr, nc.peers_addr, nd, nc.pages_addr, first, n, nc.out_addr)
+                did = lib.pxc_copy(nc.me_addr, nc.peers_addr, nd, nc.pages_addr, first, n, nc.out_addr)
         finally:
             for p in used:
                 p.unuse()
@@ -509,6 +539,22 @@ class GrantTables:
         if out[native.PXC_GENERAL_ERRORS]:
             d.log(f"grant copy: {out[native.PXC_GENERAL_ERRORS]} of {n} ops refused with "
                   f"GNTST_general_error (the first: op {out[native.PXC_FIRST_GENERAL_ERROR]})")
+        return int(did)
+
+    def _walk_python(self, v: VCPU, nc: _NativeCopy, page0: int, npages: int) -> bool:
+        """The op array's pages through the reference walk (frames beyond
+        nr_pages, the guest's given-back frames); False if one faults."""
+        d = self.domain
+        ft, l4, ram_end = d.ft, v.current_l4, len(d.machine.ram)
+        base = M.MFN_BASE << 12
+        for k in range(npages):
+            ma = ft.translate(l4, page0 + (k << 12), True)
+            if ma is None:
+                return False
+            off = (ma & ~0xFFF) - base
+            if not 0 <= off <= ram_end - 4096:
+                return False
+            nc.pages[k] = nc.ram + off
         return True
 
     def _copy_side(self, u: int, dom: int, is_ref: bool, reading: bool,
@@ -714,7 +760,9 @@ class GrantTables:
                     "mappings": len(self.maptrack)}
 
 
-COPY_CHUNK = 256  # copy ops per native call (their array spans at most 4 pages)
+# copy ops per native call (their array spans at most 41 pages): one call for
+# the batches guests send, bounded so a huge count needs no huge buffers
+COPY_CHUNK = 4096
 _COPY_MAX_PEERS = 8  # granters per chunk on the native path
 
 
@@ -730,6 +778,8 @@ class _NativeCopy:
                                  nr_types=m.max_pages, domid=d.domid)
         self.pages = (ctypes.c_void_p * ((COPY_CHUNK * COPY.size + 4095) // 4096 + 1))()
         self.domids = (ctypes.c_uint16 * _COPY_MAX_PEERS)()
+        self.walked = (ctypes.c_uint64 * (5 * len(self.pages)))()  # pxc_walk's frames
+        self.walked_addr = ctypes.addressof(self.walked)
         self.own = (ctypes.c_uint64 * (2 * COPY_CHUNK))()
         self.n_own = ctypes.c_uint32()
         self.peers = (native.PxcPeer * _COPY_MAX_PEERS)()

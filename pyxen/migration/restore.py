@@ -203,8 +203,13 @@ class _Restorer:
         if not t.level:
             return False if cur_pt else None
         if not cur_pt:
-            return False if cnt else None  # typed otherwise (writable, GDT): conflict
-        if cur != t.level or bool(t.pinned) != bool(ft.pinned[i]):
+            # becoming a table while the image still maps it writable (Linux's
+            # xen_mm_pin_all before a suspend makes a process's tables read-only
+            # and pins them: the L1 that drops the writable mapping may come
+            # later in the round): plain data until END pins its tree, which
+            # needs that mapping gone by then.  Typed otherwise (GDT): conflict
+            return None if not cnt or cur == mm.PGT_WRITABLE else False
+        if cur != t.level:
             return False
         old = ft.read_table(pfn + M.MFN_BASE)
         new = struct.unpack("<512Q", page)
@@ -225,6 +230,9 @@ class _Restorer:
                 return False  # entries before this one are applied: memory matches the refs
             struct.pack_into("<Q", ram, base + idx * 8, a)
             ft._put_entry_ref(o, lv)  # noqa: SLF001
+        if ft.pinned[i] and not t.pinned:  # unpinned since: drop the pin's reference
+            ft.unpin(pfn + M.MFN_BASE)
+        # (pinned since: END's restore_pins takes the pin, the table is valid)
         self.stats_prevalidated["diffs"] += 1
         return True
 
@@ -311,6 +319,10 @@ class _Restorer:
                 self._teardown()
             elif done:
                 self.types[pfn] = t.level
+                if t.pinned:
+                    self.pins[pfn] = t.level
+                else:
+                    self.pins.pop(pfn, None)
                 self.seen.add(pfn)
                 self.xtab.discard(pfn)
                 self.stats.pages += 1
@@ -391,14 +403,27 @@ class _Restorer:
         # page tables: pins (each validates its tree; tables pre-validated
         # during the live rounds are pinned already, if they still stand)
         self.prevalidated_at_end = False
+        pins = [(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()]
         if self.prevalidated:
             ft = d.ft
-            pinned = set(self._pinned_pfns())
-            if pinned != set(self.pins) or any(ft.count[self._ft_index(p)] for p in d.free_pfns):
+            if any(ft.count[self._ft_index(p)] for p in d.free_pfns):
                 self._teardown()
+            else:  # what the stream no longer pins goes; new pins are taken below
+                for pfn in set(self._pinned_pfns()) - set(self.pins):
+                    ft.unpin(pfn + M.MFN_BASE)
             self.prevalidated_at_end = self.prevalidated
         try:
-            d.ft.restore_pins([(pfn + M.MFN_BASE, lv) for pfn, lv in self.pins.items()])
+            try:
+                d.ft.restore_pins(pins)
+            except XenError:
+                if not self.prevalidated:
+                    raise
+                # a new pin does not validate over the live rounds' state (a
+                # frame still typed from them): validate everything anew, as
+                # a plain restore does; a real fault fails there too
+                self._teardown()
+                self.prevalidated_at_end = False
+                d.ft.restore_pins(pins)
         except XenError as e:
             raise S.StreamError(f"a pinned page table does not validate: {e.why or e}") from None
         self.stats.pinned = len(self.pins)

@@ -135,6 +135,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxg_holds.restype = ctypes.c_uint32
     lib.pxg_copy.argtypes = [vp, vp, ctypes.c_int, ctypes.c_uint16, vp]
     lib.pxg_copy.restype = ctypes.c_int
+    lib.pxc_walk.argtypes = [vp, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int,
+                             vp, vp]
+    lib.pxc_walk.restype = ctypes.c_int
     lib.pxc_scan.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint16, vp,
                              ctypes.c_int, vp, vp]
     lib.pxc_scan.restype = ctypes.c_int
@@ -161,6 +164,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pxe_wake.restype = None
     lib.pxe_events.argtypes = [vp]
     lib.pxe_events.restype = ctypes.c_uint64
+    lib.pxe_set_out.argtypes = [vp, u32, i32]
+    lib.pxe_set_out.restype = None
+    lib.pxe_send.argtypes = [vp, vp, ctypes.c_uint64, ctypes.c_uint64]
+    lib.pxe_send.restype = i32
+    lib.pxe_set_poll.argtypes = [vp, ctypes.c_uint64]
+    lib.pxe_set_poll.restype = None
+    lib.pxe_poll_stats.argtypes = [vp, vp]
+    lib.pxe_poll_stats.restype = None
     f = lib.pxb_new
     f.argtypes = [vp, vp, ctypes.c_uint32, ctypes.c_uint16, ctypes.c_int, ctypes.c_uint64,
                   ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int]

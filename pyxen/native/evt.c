@@ -44,6 +44,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "native.h"
@@ -342,6 +343,56 @@ static int any_fired(struct pxe_vcpu *v)
     return 0;
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Adaptive polling before sleeping, as KVM's halt polling does for a halted
+ * vCPU (virt/kvm/kvm_main.c, halt_poll_ns): waking a sleeping thread costs
+ * the host scheduler tens of microseconds on a busy machine, more than an
+ * event that comes soon takes to come.  So a vCPU whose recent waits ended
+ * soon looks for its event (without sleeping) for up to poll_ns first.  The
+ * window grows (10 us, then doubling, up to the hub's max_poll_ns) after a
+ * wait that slept but ended within the maximum, and drops to nothing after
+ * a wait longer than that: an idle vCPU, or one whose events are far apart,
+ * never polls, and only a vCPU in a fast exchange (a ring, a ping-pong)
+ * spends CPU on it.  Only waits ended by another domain's event (an
+ * inbound eventfd) open the window: a vCPU woken from this process (a
+ * backend's completion, a timer, xenstore) wakes through its wake_fd from a
+ * thread that may need the CPU the poll would take.  What the guest sees is
+ * unchanged: it stays blocked until the event, exactly as if the thread had
+ * slept.
+ */
+#define PXE_POLL_START_NS 10000ull
+
+static int ready(struct pxe_vcpu *v, struct pollfd *pfd)
+{
+    int r;
+    if (any_fired(v))
+        return 1;
+    pfd[0].revents = pfd[1].revents = 0;
+    r = poll(pfd, 2, 0);
+    return r > 0 || (r < 0 && errno == EINTR);  /* a signal: Python looks, as after a sleep */
+}
+
+/* After a wait of `waited` ns that slept (not ended by the poll): open or
+ * widen the window if another domain's event ended it within the bound,
+ * close it if the wait was longer than the bound. */
+static void adapt(struct pxe_hub *h, struct pxe_vcpu *v, uint64_t waited, int interdomain)
+{
+    uint64_t max = __atomic_load_n(&h->max_poll_ns, __ATOMIC_RELAXED);
+    if (!max || waited > max) {
+        v->poll_ns = 0;
+    } else if (interdomain) {
+        uint64_t n = v->poll_ns ? v->poll_ns * 2 : PXE_POLL_START_NS;
+        v->poll_ns = n < max ? n : max;
+    }
+}
+
 /* The vCPU's thread sleeps (GIL released: called through the CDLL view)
  * until an event arrives on any inbound eventfd, a port fires for it,
  * pxe_wake, a signal (a kick), or timeout_ns (< 0: none).  Returns 1 if
@@ -356,19 +407,53 @@ int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns)
     v = &h->vcpus[vcpu];
     __atomic_store_n(&v->waiting, 1, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&h->sleepers, 1, __ATOMIC_SEQ_CST);
+    pfd[0].fd = v->wake_fd;
+    pfd[1].fd = h->epfd_v;
+    pfd[0].events = pfd[1].events = POLLIN;
     if (!any_fired(v)) {
-        ms = timeout_ns < 0 ? -1 : (int)((timeout_ns + 999999) / 1000000);
-        pfd[0].fd = v->wake_fd;
-        pfd[1].fd = h->epfd_v;
-        pfd[0].events = pfd[1].events = POLLIN;
-        pfd[0].revents = pfd[1].revents = 0;
-        (void)poll(pfd, 2, ms);  /* EINTR (a kick): back to Python, which looks again */
+        uint64_t t0 = now_ns(), t, win = v->poll_ns;
+        int got = 0;
+        if (win && timeout_ns >= 0 && (uint64_t)timeout_ns < win)
+            win = (uint64_t)timeout_ns;
+        if (win) {
+            __atomic_fetch_add(&h->polled, 1, __ATOMIC_RELAXED);
+            do
+                got = ready(v, pfd);
+            while (!got && now_ns() - t0 < win);
+            if (got)
+                __atomic_fetch_add(&h->poll_hits, 1, __ATOMIC_RELAXED);
+        }
+        if (!got) {
+            int64_t left = timeout_ns;
+            if (left >= 0) {
+                t = now_ns() - t0;
+                left = (uint64_t)left > t ? left - (int64_t)t : 0;
+            }
+            ms = left < 0 ? -1 : (int)((left + 999999) / 1000000);
+            pfd[0].revents = pfd[1].revents = 0;
+            (void)poll(pfd, 2, ms);  /* EINTR (a kick): back to Python, which looks again */
+            adapt(h, v, now_ns() - t0, (pfd[1].revents & POLLIN) && !(pfd[0].revents & POLLIN));
+        }
     }
     __atomic_fetch_sub(&h->sleepers, 1, __ATOMIC_SEQ_CST);
     __atomic_store_n(&v->waiting, 0, __ATOMIC_SEQ_CST);
     sweep(h, vcpu);
     efd_drain(v->wake_fd);
     return any_fired(v);
+}
+
+void pxe_set_poll(struct pxe_hub *h, uint64_t max_poll_ns)
+{
+    __atomic_store_n(&h->max_poll_ns, max_poll_ns, __ATOMIC_RELAXED);
+    if (!max_poll_ns)
+        for (uint32_t i = 0; i < h->nr_vcpus; i++)
+            h->vcpus[i].poll_ns = 0;
+}
+
+void pxe_poll_stats(struct pxe_hub *h, uint64_t *out)
+{
+    out[0] = __atomic_load_n(&h->polled, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&h->poll_hits, __ATOMIC_RELAXED);
 }
 
 void pxe_wake(struct pxe_hub *h, uint32_t vcpu)
@@ -380,4 +465,39 @@ void pxe_wake(struct pxe_hub *h, uint32_t vcpu)
 uint64_t pxe_events(struct pxe_hub *h)
 {
     return __atomic_load_n(&h->events, __ATOMIC_RELAXED);
+}
+
+/*
+ * EVTCHNOP_send on an interdomain channel to another domain process, the
+ * whole hypercall in one call (no Python between the exit and the eventfd
+ * write): read the port from the guest's argument (the guest's page walk,
+ * pxc_walk, read access), and if it has an outbound eventfd registered
+ * (pxe_set_out: only while the port is bound interdomain to another process,
+ * pyxen/hv/evtchn.py) write it.  Anything else (a port without one, an
+ * argument that crosses a page or does not translate) returns -1 and Python
+ * does the hypercall, errors included.  Called with the GIL held (the table
+ * changes under the GIL too), so a registered fd is never closed under us.
+ */
+void pxe_set_out(struct pxe_hub *h, uint32_t port, int fd)
+{
+    if (port < PXE_MAX_PORTS)
+        h->out_fd[port] = fd >= 0 ? fd + 1 : 0;
+}
+
+int pxe_send(struct pxe_hub *h, const struct pxc_self *self, uint64_t l4, uint64_t va)
+{
+    uint8_t *page;
+    uint64_t pfns[5];
+    uint32_t port;
+    int fd;
+
+    if ((va & 4095) > 4096 - sizeof(port))
+        return -1;
+    if (pxc_walk(self, l4, va, 1, 0, &page, pfns) < 0)
+        return -1;
+    port = __atomic_load_n((uint32_t *)(page + (va & 4095)), __ATOMIC_RELAXED);
+    if (port >= PXE_MAX_PORTS || (fd = h->out_fd[port] - 1) < 0)
+        return -1;
+    efd_write(fd);
+    return 0;
 }

@@ -338,20 +338,77 @@ struct copy_op {
 };
 _Static_assert(sizeof(struct copy_op) == PXC_OP_SIZE, "struct gnttab_copy is 40 bytes");
 
+/* Op i of the array: a pointer straight into guest memory when the op lies
+ * within one page (the common case), else a copy in `tmp`. */
+static struct copy_op *op_at(uint8_t *const *pages, uint32_t first_off, uint32_t i,
+                             struct copy_op *tmp)
+{
+    uint64_t x = (uint64_t)first_off + (uint64_t)i * PXC_OP_SIZE;
+    if ((x & 4095) <= 4096 - PXC_OP_SIZE)
+        return (struct copy_op *)(pages[x >> 12] + (x & 4095));
+    ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE, tmp, sizeof(*tmp), 0);
+    return tmp;
+}
+
+/*
+ * The guest's page walk for the op array (mm.FrameTable.translate, the
+ * reference, in C: it costs Python ~6 us a page): for each of `npages`
+ * pages from va0, the four levels must be present, user and (for `write`)
+ * writable, every table and the page itself one of the domain's RAM frames
+ * (pfn < nr_pages).  pages[k] gets the page's host address; pfns[5k..5k+4]
+ * the frames walked (Python checks them against the frames the guest gave
+ * back).  -1 when anything is unusual (a fault, a frame that is not plain
+ * RAM): Python then walks itself and decides.
+ */
+#define PTE_P 1ull
+#define PTE_RW 2ull
+#define PTE_U 4ull
+#define PTE_ADDR 0x000FFFFFFFFFF000ull
+int pxc_walk(const struct pxc_self *self, uint64_t l4, uint64_t va0, uint32_t npages, int write,
+             uint8_t **pages, uint64_t *pfns)
+{
+    static const int shifts[4] = { 39, 30, 21, 12 };
+    for (uint32_t k = 0; k < npages; k++) {
+        uint64_t va = (va0 & ~4095ull) + ((uint64_t)k << 12), table = l4;
+        if (va >= 0x0000800000000000ull && va < 0xFFFF800000000000ull)
+            return -1;
+        for (int lv = 0; lv < 4; lv++) {
+            uint64_t pfn = table - self->mfn_base, e;
+            if (table < self->mfn_base || pfn >= self->nr_pages)
+                return -1;
+            pfns[5 * k + lv] = pfn;
+            e = __atomic_load_n((uint64_t *)(self->ram + (pfn << 12)) + ((va >> shifts[lv]) & 511),
+                                __ATOMIC_RELAXED);
+            if ((e & (PTE_P | PTE_U)) != (PTE_P | PTE_U) || (write && !(e & PTE_RW)))
+                return -1;
+            table = (e & PTE_ADDR) >> 12;
+        }
+        if (table < self->mfn_base || table - self->mfn_base >= self->nr_pages)
+            return -1;
+        pfns[5 * k + 4] = table - self->mfn_base;
+        pages[k] = self->ram + ((table - self->mfn_base) << 12);
+    }
+    return 0;
+}
+
 int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
              uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own)
 {
     int nd = 0;
     uint32_t no = 0;
+    uint64_t seen[64];  /* own frames already listed (a direct-mapped filter: fewer repeats) */
+    memset(seen, 0xFF, sizeof(seen));
     for (uint32_t i = 0; i < count; i++) {
-        struct copy_op op;
-        ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE, &op, sizeof(op), 0);
-        if ((uint32_t)op.s_off + op.len > 4096 || (uint32_t)op.d_off + op.len > 4096)
+        struct copy_op tmp, o, *op = op_at(pages, first_off, i, &tmp);
+        memcpy(&o, op, sizeof(o));
+        __asm__ volatile("" : : "r"(&o) : "memory");
+        op = &o;
+        if ((uint32_t)op->s_off + op->len > 4096 || (uint32_t)op->d_off + op->len > 4096)
             continue;
         for (int side = 0; side < 2; side++) {
-            uint16_t dom = side ? op.d_dom : op.s_dom;
-            uint64_t u = side ? op.d_u : op.s_u;
-            if (op.flags & (side ? GNTCOPY_dest_gref : GNTCOPY_source_gref)) {
+            uint16_t dom = side ? op->d_dom : op->s_dom;
+            uint64_t u = side ? op->d_u : op->s_u;
+            if (op->flags & (side ? GNTCOPY_dest_gref : GNTCOPY_source_gref)) {
                 int k;
                 if (dom == DOMID_SELF)
                     dom = me;
@@ -363,7 +420,10 @@ int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t
                     domids[nd++] = dom;
                 }
             } else if (dom == DOMID_SELF || dom == me) {
-                own_pfns[no++] = u;
+                if (seen[u & 63] != u) {
+                    seen[u & 63] = u;
+                    own_pfns[no++] = u;
+                }
             }
         }
     }
@@ -416,8 +476,8 @@ static int side_acquire(const struct pxc_self *self, const struct pxc_peer *peer
     for (int k = 0; k < n_peers; k++)
         if (peers[k].domid == dom)
             p = &peers[k];
-    if (!p)
-        return GNTST_general_error;  /* not reached: the caller resolved every domid */
+    if (!p)  /* the op changed since pxc_scan (the guest wrote the array meanwhile) */
+        return PXC_UNKNOWN_PEER;
     if (p->err)
         return p->err;
     uint32_t ref = (uint32_t)u;  /* union { grant_ref_t ref; xen_pfn_t gmfn; } */
@@ -455,41 +515,133 @@ static int side_acquire(const struct pxc_self *self, const struct pxc_peer *peer
     return GNTST_okay;
 }
 
+/*
+ * Holds kept across the ops of one batch.  Xen's gnttab_copy keeps a side's
+ * buffer (the grant acquired, the page typed) from one op to the next while
+ * they name the same grant or frame (gnttab_copy_buf_valid) and releases it
+ * when they change or the batch ends.  Here the same holds are kept in a
+ * small direct-mapped cache of recent sides, so a batch cycling over a few
+ * grants does not pay two compare-and-swaps a side per op: a source grant
+ * (GTF_reading set and counted) and an own destination frame (its writable
+ * type hold).  A hit does what Xen's cached buffer does: no new checks (the
+ * hold keeps the entry's status bit, or the page's writable type, in place:
+ * the granter cannot end its grant, nor the guest make the page a page
+ * table, while it is held).  Everything is released, as Xen does, before the
+ * hypercall returns.  Writable grant sides (rare for a guest: netback's
+ * copies into guests are pxg_copy) are taken and released per op.
+ */
+#define PXC_CACHE 64
+struct held {
+    struct side s;     /* s.buf == NULL: empty */
+    uint64_t key;
+};
+
+static uint64_t gref_key(const struct pxc_self *self, uint64_t u, uint16_t dom)
+{
+    if (dom == DOMID_SELF)
+        dom = self->domid;
+    return ((uint64_t)dom << 32) | (uint32_t)u;
+}
+
+static void held_drop(const struct pxc_self *self, struct held *h)
+{
+    if (h->s.buf)
+        side_undo(self, &h->s);
+    h->s.buf = NULL;
+}
+
 int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
              uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out)
 {
+    struct held src_c[PXC_CACHE], dst_c[PXC_CACHE];
+    for (int k = 0; k < PXC_CACHE; k++)
+        src_c[k].s.buf = dst_c[k].s.buf = NULL;
     for (uint32_t i = 0; i < count; i++) {
-        struct copy_op op;
+        struct copy_op tmp, o, *op = op_at(pages, first_off, i, &tmp);
         struct side src, dst;
+        const struct side *sp = &src, *dp = &dst;
         int16_t st;
 
-        ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE, &op, sizeof(op), 0);
+        /* read once: the guest's other vCPUs may write the array meanwhile */
+        memcpy(&o, op, sizeof(o));
+        __asm__ volatile("" : : "r"(&o) : "memory");
+        uint16_t len = o.len, s_off = o.s_off, d_off = o.d_off, flags = o.flags;
+        uint16_t s_dom = o.s_dom, d_dom = o.d_dom;
+        uint64_t s_u = o.s_u, d_u = o.d_u;
+
         memset(&src, 0, sizeof(src));
         memset(&dst, 0, sizeof(dst));
-        if ((uint32_t)op.s_off + op.len > 4096 || (uint32_t)op.d_off + op.len > 4096) {
+        if ((uint32_t)s_off + len > 4096 || (uint32_t)d_off + len > 4096) {
             st = GNTST_bad_copy_arg;
         } else {
-            st = (int16_t)side_acquire(self, peers, n_peers, op.s_u, op.s_dom,
-                                       !!(op.flags & GNTCOPY_source_gref), 1, &src);
-            if (st == GNTST_okay)
-                st = (int16_t)side_acquire(self, peers, n_peers, op.d_u, op.d_dom,
-                                           !!(op.flags & GNTCOPY_dest_gref), 0, &dst);
+            st = GNTST_okay;
+            if (flags & GNTCOPY_source_gref) {
+                uint64_t key = gref_key(self, s_u, s_dom);
+                struct held *h = &src_c[(key ^ (key >> 32) * 7) % PXC_CACHE];
+                if (h->s.buf && h->key == key) {
+                    sp = &h->s;
+                } else {
+                    st = (int16_t)side_acquire(self, peers, n_peers, s_u, s_dom, 1, 1, &src);
+                    if (st == GNTST_okay) {  /* keep it for the next ops */
+                        held_drop(self, h);
+                        h->s = src;
+                        h->key = key;
+                        memset(&src, 0, sizeof(src));
+                        sp = &h->s;
+                    }
+                }
+            } else {
+                st = (int16_t)side_acquire(self, peers, n_peers, s_u, s_dom, 0, 1, &src);
+            }
             if (st == GNTST_okay) {
-                memmove(dst.buf + op.d_off, src.buf + op.s_off, op.len);
-                if (dst.p && dst.pfn < dst.p->max_pages)
-                    __atomic_fetch_or(&dst.p->dirty[dst.pfn >> 6], 1ull << (dst.pfn & 63),
+                if (!(flags & GNTCOPY_dest_gref) && (d_dom == DOMID_SELF || d_dom == self->domid)
+                    && d_u >= self->mfn_base && d_u - self->mfn_base < self->nr_pages) {
+                    struct held *h = &dst_c[d_u % PXC_CACHE];
+                    if (h->s.buf && h->key == d_u) {
+                        dp = &h->s;
+                    } else {
+                        st = (int16_t)side_acquire(self, peers, n_peers, d_u, d_dom, 0, 0, &dst);
+                        if (st == GNTST_okay) {
+                            held_drop(self, h);
+                            h->s = dst;
+                            h->key = d_u;
+                            memset(&dst, 0, sizeof(dst));
+                            dp = &h->s;
+                        }
+                    }
+                } else {
+                    st = (int16_t)side_acquire(self, peers, n_peers, d_u, d_dom,
+                                               !!(flags & GNTCOPY_dest_gref), 0, &dst);
+                }
+            }
+            if (st == PXC_UNKNOWN_PEER) {  /* Python does this op and the rest */
+                side_undo(self, &src);
+                count = i;
+                break;
+            }
+            if (st == GNTST_okay) {
+                memmove(dp->buf + d_off, sp->buf + s_off, len);
+                if (dp->p && dp->pfn < dp->p->max_pages)
+                    __atomic_fetch_or(&dp->p->dirty[dp->pfn >> 6], 1ull << (dp->pfn & 63),
                                       __ATOMIC_SEQ_CST);
                 out[PXC_COPIES]++;
-                out[PXC_BYTES] += op.len;
+                out[PXC_BYTES] += len;
             }
             side_undo(self, &dst);
             side_undo(self, &src);
         }
         if (st == GNTST_general_error && !out[PXC_GENERAL_ERRORS]++)
             out[PXC_FIRST_GENERAL_ERROR] = i;
-        ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE + PXC_STATUS_OFF, &st, 2, 1);
+        if (op != &tmp)
+            __atomic_store_n(&op->status, st, __ATOMIC_RELAXED);
+        else
+            ops_rw(pages, first_off, (uint64_t)i * PXC_OP_SIZE + PXC_STATUS_OFF, &st, 2, 1);
     }
-    return 0;
+    for (int k = PXC_CACHE - 1; k >= 0; k--) {
+        held_drop(self, &dst_c[k]);
+        held_drop(self, &src_c[k]);
+    }
+    return (int)count;
 }
 
 /*

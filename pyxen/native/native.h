@@ -110,11 +110,17 @@ struct pxc_peer {
     int16_t err;             /* != 0: unreachable, the status of every op naming it */
 };
 
+/* side_acquire: a granter pxc_scan did not see (pxc_copy stops there) */
+#define PXC_UNKNOWN_PEER 1
 /* out[] of pxc_copy */
 enum { PXC_COPIES, PXC_BYTES, PXC_GENERAL_ERRORS, PXC_FIRST_GENERAL_ERROR, PXC_NOUT };
 
+int pxc_walk(const struct pxc_self *self, uint64_t l4, uint64_t va0, uint32_t npages, int write,
+             uint8_t **pages, uint64_t *pfns);
 int pxc_scan(uint8_t *const *pages, uint32_t first_off, uint32_t count, uint16_t me,
              uint16_t *domids, int max_domids, uint64_t *own_pfns, uint32_t *n_own);
+/* Returns how many ops it did: fewer than count if an op named a granter
+ * the peers table lacks (Python does that op and the rest). */
 int pxc_copy(const struct pxc_self *self, const struct pxc_peer *peers, int n_peers,
              uint8_t *const *pages, uint32_t first_off, uint32_t count, uint64_t *out);
 
@@ -141,6 +147,7 @@ struct pxe_vcpu {
     int waiting;                     /* 1 while it does */
     int tid;                         /* its thread (kernel tid), 0: not attached */
     uint8_t *immediate_exit;         /* &kvm_run.immediate_exit */
+    uint64_t poll_ns;                /* pxe_wait's adaptive poll before it sleeps */
 };
 
 struct pxe_hub {
@@ -153,8 +160,11 @@ struct pxe_hub {
     uint32_t si_pending, si_mask;    /* shared_info offsets (abi.SI_EVTCHN_*) */
     uint32_t vi_sel, vi_upcall;      /* vcpu_info offsets (abi.VI_*) */
     uint64_t events;                 /* events the pump took (statistics) */
+    uint64_t max_poll_ns;            /* bound of vcpus[].poll_ns, 0: never poll */
+    uint64_t polled, poll_hits;      /* waits that polled, and found their event (statistics) */
     uint32_t port_vcpu[PXE_MAX_PORTS];
     int port_fd[PXE_MAX_PORTS];      /* the watched eventfd + 1, 0: none (under lock) */
+    int out_fd[PXE_MAX_PORTS];       /* a send's eventfd + 1, 0: Python sends (GIL) */
     struct pxe_vcpu vcpus[PXE_MAX_VCPUS];
 };
 
@@ -169,5 +179,10 @@ int pxe_deliver(struct pxe_hub *h, uint32_t vcpu, uint8_t *si, uint8_t *vi);
 int pxe_wait(struct pxe_hub *h, uint32_t vcpu, int64_t timeout_ns);
 void pxe_wake(struct pxe_hub *h, uint32_t vcpu);
 uint64_t pxe_events(struct pxe_hub *h);
+struct pxc_self;
+void pxe_set_out(struct pxe_hub *h, uint32_t port, int fd);
+void pxe_set_poll(struct pxe_hub *h, uint64_t max_poll_ns);
+void pxe_poll_stats(struct pxe_hub *h, uint64_t *out);
+int pxe_send(struct pxe_hub *h, const struct pxc_self *self, uint64_t l4, uint64_t va);
 
 #endif

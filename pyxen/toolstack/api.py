@@ -239,12 +239,14 @@ class Host:
                 **dict(r.get("stats") or {})}
 
     def migrate(self, dom: int | str, tcp: str | None = None, cmd: list[str] | None = None,
-                **policy: float) -> dict[str, Any]:
+                key: bytes | None = None, **policy: float) -> dict[str, Any]:
         """``xl migrate``: send the domain live to a receiver, either a
         ``pyxen migrate-receive --listen`` at ``tcp`` ("HOST:PORT") or the
         command ``cmd`` (e.g. ``["ssh", HOST, "pyxen", "migrate-receive"]``),
         whose stdin/stdout carry the stream.  ``policy``: min_rate and
         max_rate (Mbit/s), max_rounds, few_pages, timeout (s to suspend).
+        ``key``: the pre-shared key of a receiver started with ``--key``
+        (pyxen/migration/auth.py: both ends prove they hold it).
         The domain is gone here once the destination runs it; on failure it
         keeps running here.  Returns the stats (per-round figures) and the
         destination's domid."""
@@ -253,6 +255,8 @@ class Host:
             req["tcp"] = tcp
         if cmd is not None:
             req["cmd"] = list(cmd)
+        if key is not None:
+            req["key"] = key.hex()
         r = self._call(**req)
         return {"stats": r.get("stats") or {}, "remote_domid": r.get("remote_domid")}
 

@@ -330,6 +330,13 @@ def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
     dom = _dom(a)
     policy = {k: v for k, v in (("min_rate", a.min_rate), ("max_rate", a.max_rate),
                                 ("max_rounds", a.max_rounds), ("timeout", a.timeout)) if v is not None}
+    key = None
+    if a.key:
+        from ..migration import auth
+        try:
+            key = auth.load_key(a.key)
+        except auth.AuthError as e:
+            return _err(f"migrate: {e}")
     if a.tcp:
         target = {"tcp": a.tcp}
     elif a.host:
@@ -338,7 +345,8 @@ def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
         return _err("migrate: give the destination HOST (or --tcp HOST:PORT)")
     bar = _ProgressLine(h, dom, "migrating")
     try:
-        r = h.migrate(dom, tcp=target.get("tcp"), cmd=target.get("cmd"), **policy)  # type: ignore[arg-type]
+        r = h.migrate(dom, tcp=target.get("tcp"), cmd=target.get("cmd"), key=key,  # type: ignore[arg-type]
+                      **policy)
     finally:
         bar.close()
     st = r["stats"]
@@ -366,19 +374,44 @@ def cmd_migrate_receive(h: Host, a: argparse.Namespace) -> int:
     import json
     import socket as _socket
 
+    from ..migration import auth, stream
     from ..migration import protocol as P
-    from ..migration import stream
     lsock = conn = None
+    key = None
+    if a.key:
+        try:
+            key = auth.load_key(a.key)
+        except auth.AuthError as e:
+            return _err(f"migrate-receive: {e}")
     if a.listen:
         host, _, port = a.listen.rpartition(":")
-        lsock = _socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
-        print(f"migrate-receive: listening on {a.listen}", file=sys.stderr, flush=True)
-        conn, _peer = lsock.accept()
+        try:
+            lsock = _socket.create_server((host.strip("[]"), int(port)), reuse_port=False)
+        except (OSError, ValueError) as e:
+            return _err(f"migrate-receive: cannot listen on {a.listen}: {getattr(e, 'strerror', None) or e}")
+        print(f"migrate-receive: listening on {a.listen}"
+              + ("" if key else " (no --key: whoever connects first is trusted)"),
+              file=sys.stderr, flush=True)
+        while True:
+            conn, peer = lsock.accept()
+            P.tune_socket(conn)
+            if key is None:
+                break
+            try:
+                auth.receiver(conn.fileno(), conn.fileno(), key)
+                break
+            except P.ProtocolError as e:  # an impostor does not end the wait for the real sender
+                print(f"migrate-receive: {peer[0]}:{peer[1]}: {e}", file=sys.stderr, flush=True)
+                conn.close()
         lsock.close()
-        P.tune_socket(conn)
         rfd = wfd = conn.fileno()
     else:
         rfd, wfd = sys.stdin.fileno(), sys.stdout.fileno()
+        if key is not None:
+            try:
+                auth.receiver(rfd, wfd, key)
+            except P.ProtocolError as e:
+                return _err(f"migrate-receive: {e}")
     try:
         P.write_all(wfd, P.BANNER)
         hdr, _raw = P.read_xl_header(rfd, 120)
@@ -497,6 +530,8 @@ def commands() -> dict[str, argparse.ArgumentParser]:
                     help="the command that reaches HOST (default ssh): runs SSH HOST pyxen migrate-receive")
     mg.add_argument("--receiver", default="pyxen migrate-receive", help=argparse.SUPPRESS)
     mg.add_argument("--tcp", metavar="HOST:PORT", help="send to pyxen migrate-receive --listen there")
+    mg.add_argument("--key", metavar="FILE",
+                    help="pre-shared key: both ends prove they hold it (migrate-receive --key)")
     mg.add_argument("--stats", metavar="FILE", help="write the per-round figures (JSON) to FILE")
     mg.add_argument("--min-rate", type=float, help="Mbit/s of the first round (default 1000)")
     mg.add_argument("--max-rate", type=float,
@@ -506,6 +541,8 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     mr = new("migrate-receive", "receive a live migration (stdin/stdout, or --listen)",
              cmd_migrate_receive)
     mr.add_argument("--listen", metavar="ADDR:PORT", help="accept one TCP connection there")
+    mr.add_argument("--key", metavar="FILE",
+                    help="pre-shared key (chmod 600, >= 16 bytes): only a sender holding it is accepted")
     sd = new("stream", "inspect a save file or migration stream: dump FILE", cmd_stream)
     sd.add_argument("action", choices=["dump"])
     sd.add_argument("file")

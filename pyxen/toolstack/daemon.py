@@ -78,8 +78,13 @@ class Record:
 
 
 class Daemon:
-    def __init__(self, rundir: Path) -> None:
+    def __init__(self, rundir: Path, memory_mib: int = 0) -> None:
         self.rundir = rundir
+        # --memory: the RAM this host has for its domains, as a Xen host has a
+        # fixed amount; a create, restore or migration reservation that needs
+        # more than is left is refused before anything is built (0: only
+        # MemAvailable limits, hostmem.size_problem)
+        self.memory_mib = memory_mib
         self.lock = threading.RLock()
         self.domains: dict[int, Record] = {}
         self.dmesg: list[str] = []
@@ -163,6 +168,9 @@ class Daemon:
             for r in self.domains.values():
                 if r.name == name:
                     raise ValueError(f"domain with name {name!r} already exists (domid {r.domid})")
+            short = self._short_of_memory(spec)
+            if short:
+                raise ValueError(short)
             domid = self._alloc_domid()
             spec = dict(spec, domid=domid)
             spec["extra"] = dict(spec.get("extra") or {}, actions=actions)
@@ -202,6 +210,22 @@ class Daemon:
         self.request(rec, "start", timeout=30, paused=bool((spec.get("extra") or {}).get("paused")))
         self.log(f"created domain {domid} ({name}), pid {rec.pid}")
         return rec
+
+    def _short_of_memory(self, spec: dict[str, Any]) -> str | None:
+        """Why this host (``--memory``) cannot hold the domain ``spec`` next
+        to the ones it has, or None.  Each domain counts its maxmem (what it
+        may balloon up to), as Xen's reservation of a domain's memory."""
+        if not self.memory_mib:
+            return None
+
+        def size(s: dict[str, Any]) -> int:
+            return max(int(s.get("memory_mib") or 0), int(s.get("maxmem_mib") or 0))
+        used = sum(size(r.spec) for r in self.domains.values())
+        need = size(spec)
+        if used + need <= self.memory_mib:
+            return None
+        return (f"memory: the domain needs {need} MiB and this host has {self.memory_mib - used} MiB "
+                f"free ({self.memory_mib} MiB for domains, pyxend --memory; {used} MiB in use)")
 
     def _introduce(self, rec: Record) -> None:
         """As libxl: the domain's xenstore entries exist before it runs."""
@@ -825,6 +849,11 @@ class Daemon:
             if not isinstance(cmd, list) or not cmd or len(cmd) > 64:
                 raise RequestError("cmd must be a non-empty list of strings")
             kw["cmd"] = [validate.string("cmd", c, 4096) for c in cmd]
+        if req.get("key") is not None:
+            k = validate.string("key", req.get("key"), 8192)
+            if len(k) < 32 or len(k) % 2 or any(c not in "0123456789abcdef" for c in k):
+                raise RequestError("key must be at least 16 bytes in lower-case hex")
+            kw["key"] = k
         for key, lo, hi in (("min_rate", 1, 1e6), ("max_rate", 1, 1e6), ("max_rounds", 1, 1000),
                             ("few_pages", 0, 1 << 30), ("timeout", 0.1, 3600)):
             v = req.get(key)
@@ -847,7 +876,7 @@ class Daemon:
         if reply.get("ok") and "stats" not in reply:  # _domain_gone's answer: the process died
             raise RuntimeError(f"domain {rec.domid}'s process exited during the migration")
         if not reply.get("ok"):
-            if reply.get("suspended"):
+            if reply.get("suspended") and not reply.get("undefined"):
                 self._xs_resumed(rec.domid)
             raise RuntimeError(str(reply.get("error", "migration failed")))
         self.log(f"domain {rec.domid} ({rec.name}) migrated: the destination runs it "
@@ -886,7 +915,9 @@ class Daemon:
         spec = {k: v for k, v in spec.items() if k != "domid"}
         extra = dict(spec.get("extra") or {})
         acts = extra.pop("actions", None)
-        extra = {k: v for k, v in extra.items() if k == "disks"}
+        # the disks and the vifs go with the guest (issue 11: the destination
+        # makes each vif's backend on its own bridge, same MAC and devid)
+        extra = {k: v for k, v in extra.items() if k in ("disks", "vifs")}
         if paused:
             extra["paused"] = True
         spec["extra"] = extra
@@ -1040,6 +1071,8 @@ class Daemon:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pyxend", description="pyxen host daemon")
     ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--memory", type=int, default=0, metavar="MIB",
+                    help="RAM this host gives its domains in all (default: no limit but MemAvailable)")
     args = ap.parse_args(argv)
     # everything we, the zygote and the domain processes create (sockets, logs,
     # xenstore.json, console logs) is for the owner only, whatever the umask
@@ -1061,7 +1094,7 @@ def main(argv: list[str] | None = None) -> None:
     os.ftruncate(lockfd, 0)
     os.write(lockfd, str(os.getpid()).encode())
     signal.signal(signal.SIGTERM, lambda *_: d.quit.set())
-    d = Daemon(rundir)
+    d = Daemon(rundir, memory_mib=max(0, args.memory))
     d.serve()
 
 

@@ -435,6 +435,7 @@ class DomainProcess:
         commit: dict[str, float] = {}
         rounds: list[dict[str, Any]] = []
         remote = -1
+        go_sent = False  # after "go" a failure leaves the domain's state undefined (xl's failed_badly)
         try:
             if "tcp" in msg:
                 host, _, port = str(msg["tcp"]).rpartition(":")
@@ -451,7 +452,15 @@ class DomainProcess:
                 rfd = proc.stdout.fileno()
                 wfile = os.fdopen(os.dup(proc.stdin.fileno()), "wb", buffering=1 << 20)
                 proc.stdin.close()
-            P.expect(rfd, P.BANNER, 60, "receiver's banner")
+            if msg.get("key"):
+                from ..migration import auth
+                auth.sender(rfd, wfile.fileno(), bytes.fromhex(str(msg["key"])))
+            banner = P.read_line(rfd, 60, "receiver's banner")
+            if banner.startswith(b"pyxen migration: auth "):
+                raise P.ProtocolError("the receiver asks for the migration key (it was started with --key): "
+                                      "give pyxen migrate --key FILE")
+            if banner != P.BANNER:
+                raise P.ProtocolError(f"expected the receiver's banner {P.BANNER!r}, got {banner[:120]!r}")
             # the xl header first: the destination reserves the domain it describes
             from ..migration import stream as S
             cfg = json.dumps(SV.xl_config(d)).encode() + b"\0"
@@ -477,6 +486,7 @@ class DomainProcess:
             t_ready = time.monotonic()
             wfile.write(P.GO)
             wfile.flush()
+            go_sent = True
             P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
             rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
             commit = {"end_to_ready_ms": (t_ready - t_end) * 1000,
@@ -490,6 +500,17 @@ class DomainProcess:
             from .. import abi
             suspended = d.shutdown_reason == abi.SHUTDOWN_suspend
             note = "it keeps running"
+            if go_sent and suspended:
+                # the destination may run it already: two copies would corrupt
+                # its disks, so it is not resumed here (as xl's failed_badly)
+                note = (f"the destination was cleared to unpause it (domain {remote} there) but "
+                        "its report did not arrive: the domain's state is undefined; it stays "
+                        "suspended here: check the destination, then destroy one of the two")
+                d.log(f"migration failed during the final handshake: {why}; {note}", always=True)
+                self.event(reply=rid, ok=False, suspended=True, undefined=True,
+                           error=f"migration failed during the final handshake: {why} ({note})")
+                self._close_channel(conn, proc)
+                return
             if suspended:
                 try:
                     d.resume_after_suspend(True)
@@ -644,6 +665,9 @@ class DomainProcess:
                 self.domain = Domain(self.spec, self.on_console, self.on_state, self.on_log,
                                      self.directory)
             elif restore is not None:
+                if self.spec.extra.get("vifs"):  # (in parallel with reading the file)
+                    from ..backends import netback
+                    threading.Thread(target=netback.preload, daemon=True).start()
                 self.domain = self._restore(str(restore))
             else:
                 self.domain = create_domain(self.spec, console_sink=self.on_console,
@@ -665,6 +689,9 @@ class DomainProcess:
             self.event(event="error", error=str(e))
             os._exit(1)
         if self.incoming:
+            if self.spec.extra.get("vifs"):  # the TAPs are made once the guest is down: be ready
+                from ..backends import netback
+                threading.Thread(target=netback.preload, daemon=True).start()
             self.event(event="reserved", domid=self.domid, **self._memory())
             self.sel.register(lsock, selectors.EVENT_READ, self._accept)
             self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)

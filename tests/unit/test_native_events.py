@@ -164,3 +164,52 @@ def test_sleeper_takes_another_vcpus_event_and_kicks_it(lib: ctypes.PyDLL, hub: 
         lib.pxe_attach(hub, 1, 0, None)
         signal.signal(signal.SIGUSR1, old)
         lib.pxe_unwatch(hub, 9, fd)
+
+
+def test_poll_window_opens_for_other_domains_events_and_closes_after_long_waits(
+        lib: ctypes.PyDLL, hub: int) -> None:
+    """Adaptive polling before a sleep (KVM's halt polling): off by default;
+    a sleep ended by another domain's event (an inbound eventfd) within the
+    bound opens the window (the next wait polls first); timeouts and wakes
+    from this process do not; a wait longer than the bound closes it.  No
+    timing is asserted: the event is retried until one lands in a sleep."""
+    slow = native.lib()
+    assert slow is not None
+    stats = (ctypes.c_uint64 * 2)()
+
+    def polled() -> int:
+        lib.pxe_poll_stats(hub, stats)
+        return int(stats[0])
+
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        assert lib.pxe_watch(hub, 9, fd, 0) == 0
+        for bound in (0, int(10e9)):
+            lib.pxe_set_poll(hub, bound)
+            assert slow.pxe_wait(hub, 0, int(2e6)) == 0  # timeouts open nothing
+            lib.pxe_wake(hub, 0)
+            assert slow.pxe_wait(hub, 0, int(30e9)) == 0  # nor does a wake from this process
+            assert slow.pxe_wait(hub, 0, int(2e6)) == 0
+            assert polled() == 0
+        opened = False
+        for _ in range(50):  # an event from "another domain" while vCPU 0 sleeps
+            t = threading.Timer(0.02, os.eventfd_write, (fd, 1))
+            t.start()
+            assert slow.pxe_wait(hub, 0, int(30e9)) == 1
+            t.join()
+            si, vi, sa, va = _pages()
+            assert lib.pxe_deliver(hub, 0, sa, va) == 1
+            assert si[abi.SI_EVTCHN_PENDING + 1] == 1 << 1  # port 9: byte 1, bit 1
+            n = polled()
+            assert slow.pxe_wait(hub, 0, int(2e6)) == 0
+            if polled() == n + 1:
+                opened = True
+                break
+        assert opened
+        lib.pxe_set_poll(hub, int(1e6))  # now a 20 ms wait is longer than the bound
+        assert slow.pxe_wait(hub, 0, int(20e6)) == 0  # polls (window open), sleeps, closes it
+        n = polled()
+        assert slow.pxe_wait(hub, 0, int(2e6)) == 0
+        assert polled() == n
+    finally:
+        lib.pxe_unwatch(hub, 9, fd)
