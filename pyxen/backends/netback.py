@@ -251,12 +251,17 @@ def link_up(name: str) -> None:
     socket opened ahead, through a ctypes.PyDLL, which keeps the GIL: a few
     microseconds of kernel work, instead of a wait of up to a switch interval
     to get the GIL back after each system call while other threads of the
-    process run Python."""
+    process run Python.  The socket belongs to the network namespace it was
+    made in: a thread that moved to another one (tests do) gets a new one."""
+    global _ctl
     _prepare_link_up()
     assert _libc_gil is not None and _ctl is not None
     buf = ctypes.create_string_buffer(bytes(_ifreq(name)), _IFREQ)
     if _libc_gil.ioctl(_ctl.fileno(), SIOCGIFFLAGS, buf) < 0:
-        raise NetError(f"{name}: no such interface: {os.strerror(ctypes.get_errno())}")
+        _ctl.close()
+        _ctl = _ctl_socket()
+        if _libc_gil.ioctl(_ctl.fileno(), SIOCGIFFLAGS, buf) < 0:
+            raise NetError(f"{name}: no such interface: {os.strerror(ctypes.get_errno())}")
     fl = struct.unpack_from("H", buf.raw, 16)[0]
     if fl & IFF_UP:
         return
