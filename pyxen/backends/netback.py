@@ -4,7 +4,8 @@ One :class:`NetBack` per vif, living in the domain's own process (as
 blkback), so it reaches the guest's granted pages directly.  Its host end is
 a TAP device (``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``) named ``vifD.N`` as
 Xen's, attached to a Linux bridge (bridge mode: the bridge is created when
-missing, everything is brought up, through netlink with ``pyroute2``).  The
+missing, everything is brought up, through netlink with ``pyroute2``; at a
+migration's commitment the prepared TAP is brought up by one ioctl).  The
 TAP's ``virtio_net_hdr`` carries checksum and GSO state both ways, so a
 64 KiB TCP segment crosses as one frame and nothing is segmented or
 checksummed in software.
@@ -44,6 +45,7 @@ import fcntl
 import mmap
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -151,36 +153,134 @@ def set_offload(fd: int, flags: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
 
-def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC, up: bool = True) -> None:
-    """Bridge mode (Xen's vif-bridge): create ``bridge`` if it is missing, put
-    the TAP in it, bring both up.  Netlink through pyroute2.  No bridge: the
-    TAP is only brought up (route/NAT setups configure it themselves)."""
+# linux/sockios.h, linux/if.h: the one link change inside a migration's
+# downtime (bringing a prepared TAP up at commitment) is a plain interface
+# ioctl made with the GIL held: pyroute2's asyncio round trips each give the
+# GIL away and wait up to a switch interval (5 ms) to get it back while other
+# threads of the domain process run Python (measured: 5-8 ms alone, 35-230 ms
+# beside one or two busy threads).  Everything else uses pyroute2.
+SIOCGIFFLAGS, SIOCSIFFLAGS = 0x8913, 0x8914
+IFF_UP = 0x1
+_IFREQ = 40  # struct ifreq: a 16-byte name and a 24-byte union
+_libc_gil: ctypes.PyDLL | None = None
+_ctl: socket.socket | None = None  # link_up's socket, kept open (made by tap_prepare)
+
+
+def _ifreq(name: str, data: bytes = b"") -> bytearray:
+    if len(name.encode()) > 15:
+        raise NetError(f"interface name {name!r} is longer than 15 bytes")
+    return bytearray(struct.pack("16s", name.encode()) + data.ljust(_IFREQ - 16, b"\0"))
+
+
+def _ctl_socket() -> socket.socket:
+    """Any socket reaches the interface ioctls (dev_ioctl); AF_UNIX needs no IP stack."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+
+def _prepare_link_up() -> None:
+    """What :func:`link_up` needs, made ahead: libc through a GIL-keeping
+    ctypes.PyDLL and an open socket (making or closing one gives the GIL away)."""
+    global _libc_gil, _ctl
+    if _libc_gil is None:
+        lib = ctypes.PyDLL(None, use_errno=True)
+        lib.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_char_p]
+        lib.ioctl.restype = ctypes.c_int
+        _libc_gil = lib
+    if _ctl is None:
+        _ctl = _ctl_socket()
+
+
+def tap_prepare(tap: str, bridge: str | None, mac: str = HOST_MAC) -> None:
+    """Everything of bridge mode (Xen's vif-bridge) except bringing the TAP up:
+    its MAC, ``bridge`` created when missing and up, the TAP in it, through
+    netlink with pyroute2.  A port that is down is disabled in the bridge:
+    nothing is forwarded to or from it, the bridge learns nothing through it,
+    so a migration's destination can do this at the reservation while the
+    source's copy of the guest (its MAC) still runs on the segment;
+    :func:`link_up` at commitment is then a single ioctl.  pyroute2's round
+    trips each give the GIL away (5-8 ms alone, 35-230 ms beside busy
+    threads): fine here, off the downtime.  No bridge: only the MAC
+    (route/NAT setups and hotplug scripts configure the rest)."""
     try:
         from pyroute2 import IPRoute  # type: ignore[import-untyped]
         from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
     except ImportError:
         raise NetError("pyroute2 is needed for vifs (pip install pyroute2)") from None
+    _prepare_link_up()
     try:
         with IPRoute() as ipr:
             idx = ipr.link_lookup(ifname=tap)
             if not idx:
                 raise NetError(f"TAP {tap} vanished")
             ipr.link("set", index=idx[0], address=mac)
-            if bridge:
+            if not bridge:
+                return
+            br = ipr.link_lookup(ifname=bridge)
+            if not br:
+                try:
+                    ipr.link("add", ifname=bridge, kind="bridge")
+                except NetlinkError as e:
+                    if e.code != 17:  # EEXIST: another vif made it just now
+                        raise
                 br = ipr.link_lookup(ifname=bridge)
-                if not br:
-                    try:
-                        ipr.link("add", ifname=bridge, kind="bridge")
-                    except NetlinkError as e:
-                        if e.code != 17:  # EEXIST: another vif made it just now
-                            raise
-                    br = ipr.link_lookup(ifname=bridge)
-                ipr.link("set", index=br[0], state="up")
-                ipr.link("set", index=idx[0], master=br[0])
-            if up:
-                ipr.link("set", index=idx[0], state="up")
+            ipr.link("set", index=br[0], state="up")
+            ipr.link("set", index=idx[0], master=br[0])
     except NetlinkError as e:
         raise NetError(f"bridge {bridge}, TAP {tap}: {e}") from None
+
+
+def link_up(name: str) -> None:
+    """Bring an interface up (a prepared TAP at commitment).  Two ioctls on a
+    socket opened ahead, through a ctypes.PyDLL, which keeps the GIL: a few
+    microseconds of kernel work, instead of a wait of up to a switch interval
+    to get the GIL back after each system call while other threads of the
+    process run Python.  The socket belongs to the network namespace it was
+    made in: a thread that moved to another one (tests do) gets a new one."""
+    global _ctl
+    _prepare_link_up()
+    assert _libc_gil is not None and _ctl is not None
+    buf = ctypes.create_string_buffer(bytes(_ifreq(name)), _IFREQ)
+    if _libc_gil.ioctl(_ctl.fileno(), SIOCGIFFLAGS, buf) < 0:
+        _ctl.close()
+        _ctl = _ctl_socket()
+        if _libc_gil.ioctl(_ctl.fileno(), SIOCGIFFLAGS, buf) < 0:
+            raise NetError(f"{name}: no such interface: {os.strerror(ctypes.get_errno())}")
+    fl = struct.unpack_from("H", buf.raw, 16)[0]
+    if fl & IFF_UP:
+        return
+    struct.pack_into("H", buf, 16, fl | IFF_UP)
+    if _libc_gil.ioctl(_ctl.fileno(), SIOCSIFFLAGS, buf) < 0:
+        raise NetError(f"{name}: cannot bring it up: {os.strerror(ctypes.get_errno())}")
+
+
+def bridge_attach(tap: str, bridge: str | None, mac: str = HOST_MAC, up: bool = True) -> None:
+    """Bridge mode (Xen's vif-bridge): create ``bridge`` if it is missing, put
+    the TAP in it, bring both up (:func:`tap_prepare`, then :func:`link_up`).
+    No bridge: the TAP is only brought up (route/NAT setups configure it
+    themselves)."""
+    tap_prepare(tap, bridge, mac)
+    if up:
+        link_up(tap)
+
+
+def vif_name(domid: int, devid: int, ifname: str = "") -> str:
+    """The host end's name: the config's ``vifname``, else Xen's ``vifD.N``."""
+    return ifname or f"vif{domid}.{devid}"
+
+
+def make_tap(domid: int, devid: int, bridge: str | None, ifname: str = "", script: str = "") -> int:
+    """The host end of a vif made ahead (a migration's reservation, a restore
+    while its file is read): the TAP, on its bridge but down (:func:`tap_prepare`;
+    with a hotplug script only its MAC: the script runs when Xen runs it, at
+    :meth:`NetBack.start`).  Its fd, for ``NetBack(tap=)``."""
+    name = vif_name(domid, devid, ifname)
+    fd = open_tap(name)
+    try:
+        tap_prepare(name, None if script else bridge)
+    except NetError:
+        os.close(fd)
+        raise
+    return fd
 
 
 #: libxl's LIBXL_HOTPLUG_TIMEOUT (seconds a hotplug script may take)
@@ -213,18 +313,6 @@ def run_hotplug(script: str, action: str, env: dict[str, str], timeout: float = 
         how = f"exit status {p.returncode}" if p.returncode > 0 else f"killed by signal {-p.returncode}"
         raise NetError(f"hotplug script {script} {action} failed ({how})"
                        + (": " + " / ".join(said) if said else ""))
-
-
-def preload() -> None:
-    """Import the netlink library (pyroute2) now.  Its first import takes
-    ~0.3 s; a live migration's destination calls this while the stream is
-    still coming in, so that making the vifs' TAPs after the last round
-    (while the guest is down) does not pay for it.  Missing: nothing to do
-    (``bridge_attach`` says so when a vif is made)."""
-    try:
-        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # noqa: F401
-    except ImportError:
-        pass
 
 
 class GrantCopier:
@@ -293,7 +381,8 @@ class NetBack:
     """One virtual network interface of one domain."""
 
     def __init__(self, domain: Domain, xs: XsClient, devid: int, mac: str, bridge: str | None = "xenbr0",
-                 ifname: str = "", script: str = "") -> None:
+                 ifname: str = "", script: str = "", tap: int = -1) -> None:
+        """``tap``: the TAP already made by :func:`make_tap` (ours to close)."""
         self.domain = domain
         self.script = script  # script=: a hotplug script does what bridge mode would (vif-bridge's job)
         self.script_online = False
@@ -301,12 +390,12 @@ class NetBack:
         self.devid = devid
         self.mac = mac
         self.bridge = bridge
-        self.ifname = ifname or f"vif{domain.domid}.{devid}"
+        self.ifname = vif_name(domain.domid, devid, ifname)
         self.fe = f"/local/domain/{domain.domid}/device/vif/{devid}"
         self.be = f"/local/domain/{BACKEND_DOMID}/backend/vif/{domain.domid}/{devid}"
         self.token = f"netback-{domain.domid}-{devid}"
         self.state = N.STATE_INITIALISING
-        self.tap = -1
+        self.tap = tap
         self.tx: N.BackRing | None = None
         self.rx: N.BackRing | None = None
         self.maps: list[tuple[mmap.mmap, memoryview, int]] = []  # (mapping, view, ref) per ring
@@ -352,17 +441,20 @@ class NetBack:
 
     # ------------------------------------------------------------ xenstore
     def start(self) -> None:
-        """Make the TAP and put it on the bridge, advertise our features, go
-        InitWait, watch the frontend."""
-        self.tap = open_tap(self.ifname)
+        """Make the TAP and put it on the bridge (unless :func:`make_tap` did,
+        then only bring it up: one ioctl), or run the hotplug script; advertise
+        our features, go InitWait, watch the frontend."""
         try:
+            if self.tap < 0:
+                self.tap = open_tap(self.ifname)
+                tap_prepare(self.ifname, None if self.script else self.bridge)
             if self.script:
-                bridge_attach(self.ifname, None, up=False)  # the host MAC; the script does the rest
-                self._hotplug("online")
+                self._hotplug("online")  # the script does the rest, when Xen runs it
             else:
-                bridge_attach(self.ifname, self.bridge)
+                link_up(self.ifname)
         except NetError:
-            os.close(self.tap)
+            if self.tap >= 0:
+                os.close(self.tap)
             self.tap = -1
             raise
         xs, be = self.xs, self.be

@@ -28,7 +28,7 @@ from .. import kvm
 from ..abi import XenError
 from ..backends.blkback import BlkBack
 from ..backends.console import ConsoleLog
-from ..backends.netback import NetBack, NetError
+from ..backends.netback import NetBack, NetError, make_tap
 from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
@@ -69,11 +69,16 @@ class DomainProcess:
         self.disks: dict[int, tuple[dict[str, Any], BlockImage]] = {}  # devid -> (disk, image)
         self.blkbacks: dict[int, BlkBack] = {}
         self.netbacks: dict[int, NetBack] = {}
+        # TAPs made ahead (incoming migration, restore): devid -> fd, for _start_netback
+        self.early_taps: dict[int, int] = {}
+        self.tap_maker: threading.Thread | None = None
         self.xs: XsClient | None = None
         self.daemon_lost = 0.0  # when the daemon connection was lost (0: connected)
         self.sel = selectors.DefaultSelector()
         self.incoming = False  # an incoming migration's domain waits for its stream
         self.started = threading.Event()  # the daemon's "start" came
+        # an incoming migration's timeline after END (logged with its report)
+        self.stamps: list[tuple[str, float]] | None = None
 
     # ------------------------------------------------------------ events to the daemon
     def event(self, **kw: Any) -> None:
@@ -259,11 +264,16 @@ class DomainProcess:
             elif op == "info":
                 reply["info"] = d.info()
             elif op == "start":
+                st = self.stamps.append if self.stamps is not None else (lambda _: None)
+                st(("start", time.monotonic()))
                 self._connect_xenstore()
+                st(("xenstore ring relayed", time.monotonic()))
                 for devid in list(self.disks):
                     self._start_blkback(devid)
+                st(("blkbacks", time.monotonic()))
                 for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
                     self._start_netback(dict(vif))
+                st(("netbacks", time.monotonic()))
                 if not msg.get("paused"):
                     d.unpause()
                 self.started.set()
@@ -584,6 +594,7 @@ class DomainProcess:
             P.write_all(wfd, P.RESERVED + str(self.domid).encode() + b"\n")
             rf = os.fdopen(rfd, "rb", buffering=1 << 20)
             stamps: list[tuple[str, float]] = []
+            self.stamps = stamps
             stats = R.restore_into(d, S.iter_stream(rf, "migration stream", decode_pages=False),
                                    self._progress(),
                                    stamp=lambda what: stamps.append((what, time.monotonic())),
@@ -634,6 +645,9 @@ class DomainProcess:
                 nb.close()  # the TAP goes with its fd
             except Exception:  # noqa: BLE001
                 pass
+        for fd in list(self.early_taps.values()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         try:
             os.unlink(paths.domain_socket(self.rundir, self.domid))
         except OSError:
@@ -665,9 +679,7 @@ class DomainProcess:
                 self.domain = Domain(self.spec, self.on_console, self.on_state, self.on_log,
                                      self.directory)
             elif restore is not None:
-                if self.spec.extra.get("vifs"):  # (in parallel with reading the file)
-                    from ..backends import netback
-                    threading.Thread(target=netback.preload, daemon=True).start()
+                self._make_taps_ahead()  # (in parallel with reading the file)
                 self.domain = self._restore(str(restore))
             else:
                 self.domain = create_domain(self.spec, console_sink=self.on_console,
@@ -689,9 +701,7 @@ class DomainProcess:
             self.event(event="error", error=str(e))
             os._exit(1)
         if self.incoming:
-            if self.spec.extra.get("vifs"):  # the TAPs are made once the guest is down: be ready
-                from ..backends import netback
-                threading.Thread(target=netback.preload, daemon=True).start()
+            self._make_taps_ahead()  # while the stream comes: at commitment only "up" is left
             self.event(event="reserved", domid=self.domid, **self._memory())
             self.sel.register(lsock, selectors.EVENT_READ, self._accept)
             self.sel.register(self.daemon.sock, selectors.EVENT_READ, self._command)
@@ -784,6 +794,29 @@ class DomainProcess:
         bb.start()
         self.blkbacks[devid] = bb
 
+    def _make_taps_ahead(self) -> None:
+        """Make the config's vifs' TAPs, on their bridges but down, in a thread
+        (:func:`netback.make_tap`): a migration's destination does it at the
+        reservation, a restore while reading its file, so that starting the
+        netbacks after END is one ioctl per vif (hotplug scripts still run
+        then, when Xen's toolstack runs them).  A TAP that cannot be made here
+        is tried again, and reported, by :meth:`_start_netback`."""
+        vifs = [dict(v) for v in self.spec.extra.get("vifs") or []]  # type: ignore[attr-defined]
+        if not vifs:
+            return
+
+        def make() -> None:
+            for vif in vifs:
+                devid = int(vif["devid"])
+                try:
+                    self.early_taps[devid] = make_tap(
+                        self.domid, devid, str(vif.get("bridge") or "xenbr0"),
+                        str(vif.get("vifname") or ""), str(vif.get("script") or ""))
+                except (NetError, OSError) as e:
+                    self.on_log(f"domain {self.domid}: vif {devid}: made at start instead: {e}")
+        self.tap_maker = threading.Thread(target=make, name="make-taps", daemon=True)
+        self.tap_maker.start()
+
     def _start_netback(self, vif: dict[str, Any], strict: bool = False) -> None:
         """The host end of a vif: a TAP on the bridge (in this process's
         network namespace: the daemon's), then the netif handshake.  A vif
@@ -792,8 +825,11 @@ class DomainProcess:
         d = self.domain
         assert d is not None
         devid = int(vif["devid"])
+        if self.tap_maker is not None:
+            self.tap_maker.join(30)
         nb = NetBack(d, self._xs(), devid, str(vif["mac"]), str(vif.get("bridge") or "xenbr0"),
-                     str(vif.get("vifname") or ""), script=str(vif.get("script") or ""))
+                     str(vif.get("vifname") or ""), script=str(vif.get("script") or ""),
+                     tap=self.early_taps.pop(devid, -1))
         try:
             nb.start()
         except (NetError, OSError) as e:
