@@ -164,8 +164,11 @@ class Shell:
         self.s.sendall(f'echo "@@""start{self.n}"; {cmd}; echo "@@""done{self.n}"\n'.encode())
         self.buf = read_until(self.s, rf"^@@done{self.n}\r?$".encode(), timeout, self.buf)
         # the kernel prints to hvc0 too (a loaded machine: "clocksource: Long
-        # readout interval"...): a printk line, wherever it lands, is cut out
-        out = KMSG.sub("", self.buf[start:].decode(errors="replace"))
+        # readout interval"...): a printk line, wherever it lands, is cut out,
+        # unless the command reads the kernel log itself
+        out = self.buf[start:].decode(errors="replace")
+        if "dmesg" not in cmd:
+            out = KMSG.sub("", out)
         m = re.search(rf"^@@start{self.n}\r?\n(.*)^@@done{self.n}\r?$", out, re.M | re.S)
         assert m, out
         return m.group(1)
