@@ -50,18 +50,6 @@ def ticks(text: str) -> list[tuple[int, int]]:
     return [(int(n), int(t)) for n, t in TICK.findall(text)]
 
 
-@pytest.fixture
-def two(guest) -> Iterator[TwoHosts]:  # noqa: ANN001 - conftest's fixture (builds the guest)
-    why = can_make_namespaces()
-    if why:
-        pytest.skip(f"SKIPPED LOUDLY: two hosts in network namespaces: {why}")
-    t = TwoHosts()
-    try:
-        yield t
-    finally:
-        t.close()
-
-
 def wait_for(pred, timeout: float = 20.0, what: str = "condition"):  # noqa: ANN001, ANN201
     end = time.monotonic() + timeout
     while True:

@@ -10,28 +10,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT
-from tests.e2e.hosts import TwoHosts, can_make_namespaces
+from tests.e2e.hosts import TwoHosts
 
 TICKER = ROOT / "examples" / "ticker.cfg"
 _port = iter(range(9400 + (time.monotonic_ns() // 1000) % 500, 65000))
-
-
-@pytest.fixture
-def two(guest) -> Iterator[TwoHosts]:  # noqa: ANN001 - conftest's fixture (builds the guest)
-    why = can_make_namespaces()
-    if why:
-        pytest.skip(f"SKIPPED LOUDLY: two hosts in network namespaces: {why}")
-    t = TwoHosts()
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 def key_file(p: Path, data: bytes) -> Path:
@@ -59,6 +44,12 @@ def keyed_receiver(two: TwoHosts, port: int, key: Path | None) -> subprocess.Pop
     return p
 
 
+def stop(p: subprocess.Popen[bytes]) -> None:
+    if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
 def test_only_the_key_holder_migrates(two: TwoHosts, tmp_path: Path) -> None:
     good = key_file(tmp_path / "good", os.urandom(32))
     bad = key_file(tmp_path / "bad", os.urandom(32))
@@ -84,9 +75,7 @@ def test_only_the_key_holder_migrates(two: TwoHosts, tmp_path: Path) -> None:
         [d] = [d for d in two.b.list() if d["name"] == "ticker"]
         two.b.destroy(d["domid"])
     finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait()
+        stop(rx)
 
 
 def test_keyed_sender_refuses_an_unauthenticated_receiver(two: TwoHosts, tmp_path: Path) -> None:
@@ -101,9 +90,7 @@ def test_keyed_sender_refuses_an_unauthenticated_receiver(two: TwoHosts, tmp_pat
         assert rx.wait(60) != 0, "the receiver got no domain"
         assert two.b.list() == []
     finally:
-        if rx.poll() is None:
-            rx.kill()
-            rx.wait()
+        stop(rx)
     two.a.destroy(dom)
 
 
