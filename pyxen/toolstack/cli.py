@@ -322,6 +322,18 @@ def cmd_restore(h: Host, a: argparse.Namespace) -> int:
     return 0
 
 
+def _migration_key(a: argparse.Namespace, verb: str) -> bytes | None:
+    """``--key FILE``'s key (pyxen/migration/auth.py), or None; a bad file is
+    a one-line error naming it."""
+    if not a.key:
+        return None
+    from ..migration import auth
+    try:
+        return auth.load_key(a.key)
+    except auth.AuthError as e:
+        raise PyxenError(f"{verb}: {e}") from None
+
+
 def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
     """``pyxen migrate [-s SSH] [--tcp HOST:PORT] DOM [HOST]``: live relocation
     (as ``xl migrate``: ``ssh HOST pyxen migrate-receive`` by default)."""
@@ -330,13 +342,7 @@ def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
     dom = _dom(a)
     policy = {k: v for k, v in (("min_rate", a.min_rate), ("max_rate", a.max_rate),
                                 ("max_rounds", a.max_rounds), ("timeout", a.timeout)) if v is not None}
-    key = None
-    if a.key:
-        from ..migration import auth
-        try:
-            key = auth.load_key(a.key)
-        except auth.AuthError as e:
-            return _err(f"migrate: {e}")
+    key = _migration_key(a, "migrate")
     if a.tcp:
         target = {"tcp": a.tcp}
     elif a.host:
@@ -377,12 +383,7 @@ def cmd_migrate_receive(h: Host, a: argparse.Namespace) -> int:
     from ..migration import auth, stream
     from ..migration import protocol as P
     lsock = conn = None
-    key = None
-    if a.key:
-        try:
-            key = auth.load_key(a.key)
-        except auth.AuthError as e:
-            return _err(f"migrate-receive: {e}")
+    key = _migration_key(a, "migrate-receive")
     if a.listen:
         host, _, port = a.listen.rpartition(":")
         try:
