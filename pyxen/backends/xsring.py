@@ -42,6 +42,7 @@ THROTTLE = 64 << 10
 # how long the notifying vCPU waits for the daemon's reply to requests it just sent
 # (`XenstoreRing._await_reply`); 0 leaves every reply to the socket's owner
 REPLY_WAIT = 0.0015
+HEADER_SIZE = 16                # struct xsd_sockmsg
 
 
 def take_requests(page: memoryview) -> bytes | None:
@@ -96,6 +97,8 @@ class XenstoreRing:
         self.held = False           # the daemon's socket was left unread: the guest is behind
         self.daemon_eof = False
         self.reply_wait = REPLY_WAIT
+        self._hdr = bytearray()     # a request header taken in part (`_frame`)
+        self._body_left = 0         # payload bytes of the current request not taken yet
         struct.pack_into("<III", page, OFF_FEATURES, 0, XENSTORE_CONNECTED, XENSTORE_ERROR_NONE)
 
     def _fail(self, why: int) -> None:
@@ -113,21 +116,21 @@ class XenstoreRing:
         with self.lock:
             if self.broken:
                 return
-            sent = self._take_requests()
+            taken = self._take_requests()
             notify = self._push_guest()
             if self.held and len(self.to_guest) < THROTTLE:
                 # the guest made room: carry on from the daemon's socket here, at once,
                 # rather than when the socket's owner polls it again
                 notify = self._pull_daemon() or notify
-            if sent and not notify and self.reply_wait > 0 and not self.held:
+            if taken and self._at_boundary() and not notify and self.reply_wait > 0 and not self.held:
                 notify = self._await_reply()
         if notify:
             self.notify_guest()
 
     def _await_reply(self) -> bool:
         """Wait up to `reply_wait` seconds, in the notifying vCPU's thread, for the
-        daemon's answer to the requests just sent, and put it in the ring (the
-        caller then marks the port pending from its own thread).  A guest that
+        daemon's answer to the requests just sent (whole ones: see `_frame`),
+        and put it in the ring (the caller then marks the port pending from its own thread).  A guest that
         sent a request waits for its reply anyway (it has nothing else to do
         until then: Linux's xenbus and ours block on it), and this way the
         reply reaches it without two more thread wake-ups (the socket's owner,
@@ -187,8 +190,35 @@ class XenstoreRing:
             self._fail(XENSTORE_ERROR_RINGIDX)
             return False
         self.to_daemon += data
+        self._frame(data)
         self._flush_daemon()
         return bool(data)
+
+    def _frame(self, data: bytes) -> None:
+        """Follow the xs_wire framing of the guest's request stream (header
+        ``type, req_id, tx_id, len``, then ``len`` bytes), so that `_await_reply`
+        waits only once a whole request went out: Linux's xenbus writes a
+        request's header and its payload as separate chunks, each with its own
+        notification, and no reply can come before the payload.  A length that
+        xenstored will refuse just keeps the stream "inside a request" (no
+        waiting) until the daemon drops the connection."""
+        i, n = 0, len(data)
+        while i < n:
+            if self._body_left:
+                k = min(self._body_left, n - i)
+                self._body_left -= k
+                i += k
+                continue
+            take = data[i:i + HEADER_SIZE - len(self._hdr)]
+            self._hdr += take
+            i += len(take)
+            if len(self._hdr) == HEADER_SIZE:
+                self._body_left = struct.unpack_from("<I", self._hdr, 12)[0]
+                self._hdr.clear()
+
+    def _at_boundary(self) -> bool:
+        """Do the requests taken so far end with a whole message?"""
+        return not self._hdr and not self._body_left
 
     @property
     def wants_daemon_data(self) -> bool:
