@@ -184,7 +184,11 @@ class DomainSocket:
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
 
+        me = threading.get_ident()
+
         def on_output() -> None:
+            if threading.get_ident() == me:
+                return  # our own feed(): the loop takes the output right after it
             try:
                 os.write(wake_w, b"x")
             except OSError:

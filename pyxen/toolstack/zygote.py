@@ -10,6 +10,7 @@ itself).  Requests and replies are JSON lines on stdin/stdout.
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
 import signal
@@ -18,6 +19,33 @@ import time
 
 from .. import kvm, native
 from . import domproc  # noqa: F401 - imported to be warm in every child
+
+# What a domain process imports lazily, on its first vif (pyroute2, ~0.3 s: its
+# first TAP, or a migration's destination making the TAPs while the guest is
+# down), its first qcow2 disk, its first save/restore or live migration
+# (~50 ms).  Imported here once, before forking, so no child pays for them.
+# None of them starts a thread at import (fork stays safe); a module that is
+# missing is skipped (the child reports it where it needs it).
+PRELOAD = (
+    "pyroute2", "pyroute2.netlink.exceptions",
+    "pyxen.storage.qcow2", "pyxen.storage.open", "pyxen.toolstack.xlcfg",
+    "pyxen.migration.stream", "pyxen.migration.protocol", "pyxen.migration.auth",
+    "pyxen.migration.save", "pyxen.migration.restore", "pyxen.migration.live",
+    "subprocess",
+)
+
+
+def preload() -> None:
+    """Import `PRELOAD` (in the zygote, before any fork)."""
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    try:  # the name netback's bridge_attach looks up first, resolved once here too
+        from pyroute2 import IPRoute  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        pass
 
 
 def main() -> None:
@@ -28,6 +56,7 @@ def main() -> None:
     except OSError:
         pass  # reported by the child that tries to create a domain
     native.lib()  # the native data path, built (first time) and loaded once for every child
+    preload()
     gc.collect()
     gc.freeze()  # keep the collector from touching (and un-sharing) inherited objects
     out = sys.stdout
