@@ -24,6 +24,7 @@
 #include "mm.h"
 #include "sched.h"
 #include "xenbus.h"
+#include "xenbus_front.h"
 #include "xtime.h"
 
 #define MAX_DEVS            4
@@ -87,6 +88,7 @@ struct blkfront_dev {
     int used;
     unsigned int devid;
     char name[16];
+    char tag[32];               /* "blkfront: <name>": log prefix */
     char node[40];              /* "device/vbd/<devid>" */
     char backend[128];
     domid_t backend_id;
@@ -1070,12 +1072,9 @@ static int alloc_pool(struct blkfront_dev *d, unsigned int cap)
 /* ---------------------------------------------------------------- */
 /* XenStore helpers (thread context) */
 
-static int be_read(struct blkfront_dev *d, const char *key, char *buf, size_t size)
-{
-    char path[192];
-    snprintf(path, sizeof(path), "%s/%s", d->backend, key);
-    return xenbus_read(XBT_NIL, path, buf, size);
-}
+/* The backend's key, the frontend's node (helpers in xenbus_front.c). */
+#define be_read(d, key, buf, size) xenbus_node_read((d)->backend, key, buf, size)
+#define fe_printf(d, t, ...) xenbus_node_printf(t, (d)->node, __VA_ARGS__)
 
 static unsigned long be_ulong(struct blkfront_dev *d, const char *key, unsigned long dflt)
 {
@@ -1091,29 +1090,7 @@ static unsigned long be_ulong(struct blkfront_dev *d, const char *key, unsigned 
 
 static int read_be_state(struct blkfront_dev *d)
 {
-    char buf[16];
-    const char *end;
-    unsigned long v;
-
-    if (!d->backend[0] || be_read(d, "state", buf, sizeof(buf)) <= 0)
-        return XenbusStateUnknown;
-    v = simple_strtoul(buf, &end, 10);
-    return end == buf ? XenbusStateUnknown : (int)v;
-}
-
-static int fe_printf(struct blkfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...) __printf(4, 5);
-static int fe_printf(struct blkfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...)
-{
-    char path[96], val[64];
-    va_list ap;
-
-    snprintf(path, sizeof(path), "%s/%s", d->node, key);
-    va_start(ap, fmt);
-    vsnprintf(val, sizeof(val), fmt, ap);
-    va_end(ap);
-    return xenbus_write(t, path, val);
+    return xenbus_node_state(d->backend, XenbusStateUnknown);
 }
 
 static void fe_rm(struct blkfront_dev *d, xenbus_transaction_t t, const char *key)
@@ -1125,13 +1102,8 @@ static void fe_rm(struct blkfront_dev *d, xenbus_transaction_t t, const char *ke
 
 static int switch_state(struct blkfront_dev *d, int state)
 {
-    int rc = fe_printf(d, XBT_NIL, "state", "%d", state);
+    int rc = xenbus_front_switch(d->tag, d->node, &d->fe_state, state);
 
-    if (rc)
-        printk("blkfront: %s: writing state %s: %s\n", d->name, xenbus_state_name(state),
-               xenbus_strerror(rc));
-    else
-        d->fe_state = state;
     waitq_wake_all(&waiters);
     return rc;
 }
@@ -1487,44 +1459,15 @@ static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
 
 static int watch_backend(struct blkfront_dev *d)
 {
-    char path[192];
-    int rc;
-
-    if (d->be_watch_on) {
-        xenbus_unwatch(&d->be_watch);
-        d->be_watch_on = 0;
-    }
-    snprintf(path, sizeof(path), "%s/state", d->backend);
-    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
-    if (!rc)
-        d->be_watch_on = 1;
-    else
-        printk("blkfront: %s: watch %s: %s\n", d->name, path, xenbus_strerror(rc));
-    return rc;
+    return xenbus_front_watch_backend(d->tag, &d->be_watch, &d->be_watch_on, d->backend,
+                                      kick_cb, d);
 }
 
 /* Read backend and backend-id; 0, or -errno (-XEN_ENOENT: no device). */
 static int read_frontend(struct blkfront_dev *d, int *changed)
 {
-    char path[96], buf[128];
-    unsigned long id;
-    int rc;
-
-    *changed = 0;
-    snprintf(path, sizeof(path), "%s/backend", d->node);
-    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
-    if (rc < 0)
-        return rc;
-    snprintf(path, sizeof(path), "%s/backend-id", d->node);
-    rc = xenbus_read_ulong(XBT_NIL, path, &id);
-    if (rc < 0)
-        return rc;
-    if (strcmp(buf, d->backend) || id != d->backend_id) {
-        strncpy_z(d->backend, buf, sizeof(d->backend));
-        d->backend_id = (domid_t)id;
-        *changed = 1;
-    }
-    return 0;
+    return xenbus_front_read_backend(d->node, d->backend, sizeof(d->backend), &d->backend_id,
+                                     changed);
 }
 
 static void device_removed(struct blkfront_dev *d)
@@ -1560,14 +1503,9 @@ static void step(struct blkfront_dev *d)
     if (rc < 0)
         return;
     if (d->gone) {
-        char buf[16];
-        char path[64];
-        snprintf(path, sizeof(path), "%s/state", d->node);
         d->gone = 0;
         d->fatal = 0;
-        d->fe_state = XenbusStateInitialising;
-        if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
-            d->fe_state = (int)simple_strtoul(buf, NULL, 10);
+        d->fe_state = xenbus_node_state(d->node, XenbusStateInitialising);
         dlog(d, "blkfront: %s: device is back, backend %s\n", d->name, d->backend);
         changed = 1;
     }
@@ -1735,9 +1673,8 @@ static int find_vbd(const char *vdev, unsigned int *devid, uint64_t deadline)
 {
     static struct xenbus_watch vbd_watch;
     static char list[1024];
-    unsigned long seen = 0;
     unsigned int want = 0;
-    int rc, n, watching = 0;
+    int rc;
 
     if (vdev && *vdev) {
         rc = blkfront_parse_vdev(vdev, &want);
@@ -1746,51 +1683,8 @@ static int find_vbd(const char *vdev, unsigned int *devid, uint64_t deadline)
             return rc;
         }
     }
-    for (;;) {
-        n = xenbus_directory(XBT_NIL, "device/vbd", list, sizeof(list));
-        if (n > 0) {
-            const char *p = list;
-            unsigned long best = ~0UL;
-            for (int i = 0; i < n; i++, p += strlen(p) + 1) {
-                const char *end;
-                unsigned long id = simple_strtoul(p, &end, 10);
-                if (*end || end == p)
-                    continue;
-                if (vdev && *vdev ? id == want : id < best)
-                    best = id;
-            }
-            if (best != ~0UL) {
-                char path[64];
-                /* Wait until "backend" is there too. */
-                snprintf(path, sizeof(path), "device/vbd/%lu/backend", best);
-                if (xenbus_read(XBT_NIL, path, list, sizeof(list)) > 0) {
-                    *devid = (unsigned int)best;
-                    rc = 0;
-                    break;
-                }
-            }
-        } else if (n < 0 && n != -XEN_ENOENT) {
-            printk("blkfront: listing device/vbd: %s\n", xenbus_strerror(n));
-            rc = n;
-            break;
-        }
-        if (monotonic_ns() >= deadline) {
-            rc = -XEN_ENOENT;
-            break;
-        }
-        if (!watching) {
-            if (xenbus_watch(&vbd_watch, "device/vbd", NULL, NULL) == 0)
-                watching = 1;
-            seen = vbd_watch.events;
-        }
-        if (watching)
-            xenbus_watch_wait(&vbd_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
-        else
-            msleep(100);
-    }
-    if (watching)
-        xenbus_unwatch(&vbd_watch);
-    return rc;
+    return xenbus_front_find("blkfront", "device/vbd", vdev && *vdev ? (long)want : -1, devid,
+                             deadline, &vbd_watch, list, sizeof(list));
 }
 
 static int open_done(void *arg)
@@ -1864,19 +1758,14 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
     d->free_shadow = -1;
     d->be_state = -1;
     blkfront_devid_name(devid, d->name, sizeof(d->name));
+    snprintf(d->tag, sizeof(d->tag), "blkfront: %s", d->name);
     snprintf(d->node, sizeof(d->node), "device/vbd/%u", devid);
     rc = read_frontend(d, &changed);
     if (rc) {
         printk("blkfront: %s: reading %s: %s\n", d->name, d->node, xenbus_strerror(rc));
         goto out_free;
     }
-    {
-        char path[64], buf[16];
-        snprintf(path, sizeof(path), "%s/state", d->node);
-        d->fe_state = XenbusStateUnknown;
-        if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
-            d->fe_state = (int)simple_strtoul(buf, NULL, 10);
-    }
+    d->fe_state = xenbus_node_state(d->node, XenbusStateUnknown);
     dlog(d, "blkfront: %s: %s, backend %s (dom %u), state %s\n", d->name, d->node,
          d->backend, d->backend_id, xenbus_state_name(d->fe_state));
     if (d->fe_state != XenbusStateInitialising && d->fe_state != XenbusStateClosed)

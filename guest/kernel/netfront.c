@@ -26,6 +26,7 @@
 #include "mm.h"
 #include "sched.h"
 #include "xenbus.h"
+#include "xenbus_front.h"
 #include "xtime.h"
 
 #define NTX 128U                /* TX buffers (pages) = TX requests in flight */
@@ -45,6 +46,7 @@ struct buf {
 struct netfront_dev {
     int used;
     unsigned int devid;
+    char tag[24];               /* "netfront: vif<devid>": log prefix */
     char node[40];              /* "device/vif/<devid>" */
     char backend[128];
     domid_t backend_id;
@@ -123,30 +125,29 @@ static void bad(struct netfront_dev *d, const char *fmt, ...)
 /* ---------------------------------------------------------------- */
 /* Rings (events masked) */
 
-static void push_tx(struct netfront_dev *d)
+/* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY on either ring (they share the header layout). */
+static void push_ring(struct netfront_dev *d, volatile uint32_t *req_prod,
+                      volatile uint32_t *req_event, uint32_t newp)
 {
-    uint32_t old = d->tx->req_prod, newp = d->tx_prod_pvt;
+    uint32_t old = *req_prod;
 
     wmb();
-    WRITE_ONCE(d->tx->req_prod, newp);
+    *req_prod = newp;
     mb();
-    if ((uint32_t)(newp - READ_ONCE(d->tx->req_event)) < (uint32_t)(newp - old)) {
+    if ((uint32_t)(newp - *req_event) < (uint32_t)(newp - old)) {
         d->st.notifies++;
         notify_remote_via_evtchn((evtchn_port_t)d->port);
     }
 }
 
+static void push_tx(struct netfront_dev *d)
+{
+    push_ring(d, &d->tx->req_prod, &d->tx->req_event, d->tx_prod_pvt);
+}
+
 static void push_rx(struct netfront_dev *d)
 {
-    uint32_t old = d->rx->req_prod, newp = d->rx_prod_pvt;
-
-    wmb();
-    WRITE_ONCE(d->rx->req_prod, newp);
-    mb();
-    if ((uint32_t)(newp - READ_ONCE(d->rx->req_event)) < (uint32_t)(newp - old)) {
-        d->st.notifies++;
-        notify_remote_via_evtchn((evtchn_port_t)d->port);
-    }
+    push_ring(d, &d->rx->req_prod, &d->rx->req_event, d->rx_prod_pvt);
 }
 
 static void post_rx(struct netfront_dev *d, uint16_t id)
@@ -202,49 +203,19 @@ static void net_event(evtchn_port_t port, struct pt_regs *regs, void *data)
 /* ---------------------------------------------------------------- */
 /* Xenstore helpers (device thread) */
 
-static int be_read(struct netfront_dev *d, const char *key, char *buf, size_t size)
-{
-    char path[192];
-    snprintf(path, sizeof(path), "%s/%s", d->backend, key);
-    return xenbus_read(XBT_NIL, path, buf, size);
-}
+/* The backend's key, the frontend's node (helpers in xenbus_front.c). */
+#define be_read(d, key, buf, size) xenbus_node_read((d)->backend, key, buf, size)
+#define fe_printf(d, t, ...) xenbus_node_printf(t, (d)->node, __VA_ARGS__)
 
 static int read_be_state(struct netfront_dev *d)
 {
-    char buf[16];
-    const char *end;
-    unsigned long v;
-
-    if (!d->backend[0] || be_read(d, "state", buf, sizeof(buf)) <= 0)
-        return XenbusStateUnknown;
-    v = simple_strtoul(buf, &end, 10);
-    return end == buf ? XenbusStateUnknown : (int)v;
-}
-
-static int fe_printf(struct netfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...) __printf(4, 5);
-static int fe_printf(struct netfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...)
-{
-    char path[96], val[64];
-    va_list ap;
-
-    snprintf(path, sizeof(path), "%s/%s", d->node, key);
-    va_start(ap, fmt);
-    vsnprintf(val, sizeof(val), fmt, ap);
-    va_end(ap);
-    return xenbus_write(t, path, val);
+    return xenbus_node_state(d->backend, XenbusStateUnknown);
 }
 
 static int switch_state(struct netfront_dev *d, int state)
 {
-    int rc = fe_printf(d, XBT_NIL, "state", "%d", state);
+    int rc = xenbus_front_switch(d->tag, d->node, &d->fe_state, state);
 
-    if (rc)
-        printk("netfront: vif%u: writing state %s: %s\n", d->devid, xenbus_state_name(state),
-               xenbus_strerror(rc));
-    else
-        d->fe_state = state;
     waitq_wake_all(&waiters);
     return rc;
 }
@@ -521,50 +492,23 @@ static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
 
 static int watch_backend(struct netfront_dev *d)
 {
-    char path[192];
-    int rc;
-
-    if (d->be_watch_on) {
-        xenbus_unwatch(&d->be_watch);
-        d->be_watch_on = 0;
-    }
-    snprintf(path, sizeof(path), "%s/state", d->backend);
-    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
-    if (rc)
-        printk("netfront: vif%u: watch %s: %s\n", d->devid, path, xenbus_strerror(rc));
-    else
-        d->be_watch_on = 1;
-    return rc;
+    return xenbus_front_watch_backend(d->tag, &d->be_watch, &d->be_watch_on, d->backend,
+                                      kick_cb, d);
 }
 
 /* backend, backend-id and mac from the frontend directory: 0, or -errno
  * (-XEN_ENOENT: the device is not there). */
 static int read_frontend(struct netfront_dev *d, int *changed)
 {
-    char path[96], buf[128];
+    char buf[128];
     uint8_t mac[6];
-    unsigned long id;
     int rc;
 
-    *changed = 0;
-    snprintf(path, sizeof(path), "%s/backend", d->node);
-    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    rc = xenbus_front_read_backend(d->node, d->backend, sizeof(d->backend), &d->backend_id,
+                                   changed);
     if (rc < 0)
         return rc;
-    if (strcmp(buf, d->backend)) {
-        strncpy_z(d->backend, buf, sizeof(d->backend));
-        *changed = 1;
-    }
-    snprintf(path, sizeof(path), "%s/backend-id", d->node);
-    rc = xenbus_read_ulong(XBT_NIL, path, &id);
-    if (rc < 0)
-        return rc;
-    if ((domid_t)id != d->backend_id) {
-        d->backend_id = (domid_t)id;
-        *changed = 1;
-    }
-    snprintf(path, sizeof(path), "%s/mac", d->node);
-    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    rc = xenbus_node_read(d->node, "mac", buf, sizeof(buf));
     if (rc < 0)
         return rc;
     if (netfront_parse_mac(buf, mac)) {
@@ -578,15 +522,7 @@ static int read_frontend(struct netfront_dev *d, int *changed)
 /* Our state node as the store has it (the toolstack may have reset it). */
 static int read_fe_store_state(struct netfront_dev *d)
 {
-    char path[64], buf[16];
-    const char *end;
-    unsigned long v;
-
-    snprintf(path, sizeof(path), "%s/state", d->node);
-    if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) <= 0)
-        return XenbusStateUnknown;
-    v = simple_strtoul(buf, &end, 10);
-    return end == buf ? XenbusStateUnknown : (int)v;
+    return xenbus_node_state(d->node, XenbusStateUnknown);
 }
 
 static void step(struct netfront_dev *d)
@@ -730,53 +666,9 @@ static int find_vif(int want, unsigned int *devid, uint64_t deadline)
 {
     static struct xenbus_watch vif_watch;
     static char list[512];
-    unsigned long seen = 0;
-    int rc, n, watching = 0;
 
-    for (;;) {
-        n = xenbus_directory(XBT_NIL, "device/vif", list, sizeof(list));
-        if (n > 0) {
-            const char *p = list;
-            unsigned long best = ~0UL;
-            for (int i = 0; i < n; i++, p += strlen(p) + 1) {
-                const char *end;
-                unsigned long id = simple_strtoul(p, &end, 10);
-                if (*end || end == p)
-                    continue;
-                if (want >= 0 ? id == (unsigned long)want : id < best)
-                    best = id;
-            }
-            if (best != ~0UL) {
-                char path[64];
-                snprintf(path, sizeof(path), "device/vif/%lu/backend", best);
-                if (xenbus_read(XBT_NIL, path, list, sizeof(list)) > 0) {
-                    *devid = (unsigned int)best;
-                    rc = 0;
-                    break;
-                }
-            }
-        } else if (n < 0 && n != -XEN_ENOENT) {
-            printk("netfront: listing device/vif: %s\n", xenbus_strerror(n));
-            rc = n;
-            break;
-        }
-        if (monotonic_ns() >= deadline) {
-            rc = -XEN_ENOENT;
-            break;
-        }
-        if (!watching) {
-            if (xenbus_watch(&vif_watch, "device/vif", NULL, NULL) == 0)
-                watching = 1;
-            seen = vif_watch.events;
-        }
-        if (watching)
-            xenbus_watch_wait(&vif_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
-        else
-            msleep(100);
-    }
-    if (watching)
-        xenbus_unwatch(&vif_watch);
-    return rc;
+    return xenbus_front_find("netfront", "device/vif", want, devid, deadline, &vif_watch, list,
+                             sizeof(list));
 }
 
 static int is_connected(void *arg)
@@ -801,9 +693,8 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
     struct netfront_dev *d = NULL;
     uint64_t deadline = monotonic_ns() + (timeout_ns ? timeout_ns : 30 * NSEC_PER_SEC);
     char path[192], buf[128];
-    unsigned long id;
     unsigned int devid;
-    int rc;
+    int rc, changed;
 
     if (!xenbus_available()) {
         printk("netfront: no xenstore, so no network interfaces\n");
@@ -832,16 +723,12 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
     d->devid = devid;
     d->port = -1;
     d->be_state = -1;
+    snprintf(d->tag, sizeof(d->tag), "netfront: vif%u", devid);
     snprintf(d->node, sizeof(d->node), "device/vif/%u", devid);
-    snprintf(path, sizeof(path), "%s/backend", d->node);
-    rc = xenbus_read(XBT_NIL, path, d->backend, sizeof(d->backend));
+    rc = xenbus_front_read_backend(d->node, d->backend, sizeof(d->backend), &d->backend_id,
+                                   &changed);
     if (rc < 0)
         goto out_free;
-    snprintf(path, sizeof(path), "%s/backend-id", d->node);
-    rc = xenbus_read_ulong(XBT_NIL, path, &id);
-    if (rc < 0)
-        goto out_free;
-    d->backend_id = (domid_t)id;
     snprintf(path, sizeof(path), "%s/mac", d->node);
     rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
     if (rc < 0 || netfront_parse_mac(buf, d->mac)) {
@@ -849,10 +736,7 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
         rc = rc < 0 ? rc : -XEN_EINVAL;
         goto out_free;
     }
-    snprintf(path, sizeof(path), "%s/state", d->node);
-    d->fe_state = XenbusStateUnknown;
-    if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
-        d->fe_state = (int)simple_strtoul(buf, NULL, 10);
+    d->fe_state = xenbus_node_state(d->node, XenbusStateUnknown);
     printk("netfront: vif%u: backend %s (dom %u), mac %02x:%02x:%02x:%02x:%02x:%02x\n", devid,
            d->backend, d->backend_id, d->mac[0], d->mac[1], d->mac[2], d->mac[3], d->mac[4],
            d->mac[5]);

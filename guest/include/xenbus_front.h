@@ -1,0 +1,58 @@
+/*
+ * xenbus_front.h - the xenbus plumbing a PV frontend driver needs, shared by
+ * blkfront and netfront so the protocol lives in one place: finding the
+ * device under device/<class>, reading the backend path and domain from the
+ * frontend directory, reading and switching XenbusState nodes, writing keys
+ * under a node, and watching the backend's state node.
+ *
+ * All calls may block on the store: thread context only.  `who` is the
+ * driver's log prefix for the device ("blkfront: xvda", "netfront: vif0").
+ */
+#ifndef PYXEN_XENBUS_FRONT_H
+#define PYXEN_XENBUS_FRONT_H
+
+#include "kernel.h"
+#include "xenbus.h"
+
+/* "<dir>/<key>" read: xenbus_read's result. */
+int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size);
+
+/* "<dir>/<key>" written with a printf-formatted value, in transaction t. */
+int xenbus_node_printf(xenbus_transaction_t t, const char *dir, const char *key,
+                       const char *fmt, ...) __printf(4, 5);
+
+/* "<dir>/state" as a XenbusState number: dflt when it is absent or not a number. */
+int xenbus_node_state(const char *dir, int dflt);
+
+/*
+ * Write "<node>/state" = state; on success *fe_state = state, on failure the
+ * error is logged.  Returns 0 or -errno.  (The caller wakes its waiters.)
+ */
+int xenbus_front_switch(const char *who, const char *node, int *fe_state, int state);
+
+/*
+ * The frontend directory's backend and backend-id.  0, or -errno
+ * (-XEN_ENOENT: the device is not there); *changed = 1 when either differs
+ * from what *backend / *backend_id held (both then take the new values).
+ */
+int xenbus_front_read_backend(const char *node, char *backend, size_t size,
+                              domid_t *backend_id, int *changed);
+
+/*
+ * (Re)watch "<backend>/state" with cb(data); *on tells whether w is
+ * registered (an old registration is dropped first).  0 or -errno (logged).
+ */
+int xenbus_front_watch_backend(const char *who, struct xenbus_watch *w, int *on,
+                               const char *backend,
+                               xenbus_watch_cb cb, void *data);
+
+/*
+ * Pick a device under dir ("device/vbd"): number want, or the lowest when
+ * want < 0, once its "backend" key is there.  Waits (watching dir) until
+ * deadline: 0 and *devid, -XEN_ENOENT, or the store's error (logged with
+ * drv, "blkfront").  w and list (the directory listing) are the caller's.
+ */
+int xenbus_front_find(const char *drv, const char *dir, long want, unsigned int *devid,
+                      uint64_t deadline, struct xenbus_watch *w, char *list, size_t size);
+
+#endif

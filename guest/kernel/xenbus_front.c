@@ -1,0 +1,153 @@
+/*
+ * xenbus_front.c - frontend-side xenbus plumbing shared by blkfront and
+ * netfront (see xenbus_front.h): one copy of the device lookup, the
+ * backend/backend-id read, the XenbusState reads and switch, and the
+ * backend state watch, so both drivers follow the protocol the same way.
+ */
+#include "xenbus_front.h"
+#include "blkfront.h"           /* xenbus_state_name, enum xenbus_state */
+#include "sched.h"
+#include "xtime.h"
+
+int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size)
+{
+    char path[192];
+
+    snprintf(path, sizeof(path), "%s/%s", dir, key);
+    return xenbus_read(XBT_NIL, path, buf, size);
+}
+
+int xenbus_node_printf(xenbus_transaction_t t, const char *dir, const char *key,
+                       const char *fmt, ...)
+{
+    char path[192], val[64];
+    va_list ap;
+
+    snprintf(path, sizeof(path), "%s/%s", dir, key);
+    va_start(ap, fmt);
+    vsnprintf(val, sizeof(val), fmt, ap);
+    va_end(ap);
+    return xenbus_write(t, path, val);
+}
+
+int xenbus_node_state(const char *dir, int dflt)
+{
+    char buf[16];
+    const char *end;
+    unsigned long v;
+
+    if (!dir[0] || xenbus_node_read(dir, "state", buf, sizeof(buf)) <= 0)
+        return dflt;
+    v = simple_strtoul(buf, &end, 10);
+    return end == buf ? dflt : (int)v;
+}
+
+int xenbus_front_switch(const char *who, const char *node, int *fe_state, int state)
+{
+    int rc = xenbus_node_printf(XBT_NIL, node, "state", "%d", state);
+
+    if (rc)
+        printk("%s: writing state %s: %s\n", who, xenbus_state_name(state),
+               xenbus_strerror(rc));
+    else
+        *fe_state = state;
+    return rc;
+}
+
+int xenbus_front_read_backend(const char *node, char *backend, size_t size,
+                              domid_t *backend_id, int *changed)
+{
+    char buf[128];
+    unsigned long id;
+    int rc;
+
+    *changed = 0;
+    rc = xenbus_node_read(node, "backend", buf, sizeof(buf));
+    if (rc < 0)
+        return rc;
+    {
+        char path[96];
+        snprintf(path, sizeof(path), "%s/backend-id", node);
+        rc = xenbus_read_ulong(XBT_NIL, path, &id);
+    }
+    if (rc < 0)
+        return rc;
+    if (strcmp(buf, backend) || (domid_t)id != *backend_id) {
+        strncpy_z(backend, buf, size);
+        *backend_id = (domid_t)id;
+        *changed = 1;
+    }
+    return 0;
+}
+
+int xenbus_front_watch_backend(const char *who, struct xenbus_watch *w, int *on,
+                               const char *backend, xenbus_watch_cb cb, void *data)
+{
+    char path[192];
+    int rc;
+
+    if (*on) {
+        xenbus_unwatch(w);
+        *on = 0;
+    }
+    snprintf(path, sizeof(path), "%s/state", backend);
+    rc = xenbus_watch(w, path, cb, data);
+    if (rc)
+        printk("%s: watch %s: %s\n", who, path, xenbus_strerror(rc));
+    else
+        *on = 1;
+    return rc;
+}
+
+int xenbus_front_find(const char *drv, const char *dir, long want, unsigned int *devid,
+                      uint64_t deadline, struct xenbus_watch *w, char *list, size_t size)
+{
+    unsigned long seen = 0;
+    int rc, n, watching = 0;
+
+    for (;;) {
+        n = xenbus_directory(XBT_NIL, dir, list, size);
+        if (n > 0) {
+            const char *p = list;
+            unsigned long best = ~0UL;
+            for (int i = 0; i < n; i++, p += strlen(p) + 1) {
+                const char *end;
+                unsigned long id = simple_strtoul(p, &end, 10);
+                if (*end || end == p)
+                    continue;
+                if (want >= 0 ? id == (unsigned long)want : id < best)
+                    best = id;
+            }
+            if (best != ~0UL) {
+                char path[64];
+                /* Wait until "backend" is there too. */
+                snprintf(path, sizeof(path), "%s/%lu/backend", dir, best);
+                if (xenbus_read(XBT_NIL, path, list, size) > 0) {
+                    *devid = (unsigned int)best;
+                    rc = 0;
+                    break;
+                }
+            }
+        } else if (n < 0 && n != -XEN_ENOENT) {
+            printk("%s: listing %s: %s\n", drv, dir, xenbus_strerror(n));
+            rc = n;
+            break;
+        }
+        if (monotonic_ns() >= deadline) {
+            rc = -XEN_ENOENT;
+            break;
+        }
+        if (!watching) {
+            if (xenbus_watch(w, dir, NULL, NULL) == 0)
+                watching = 1;
+            seen = w->events;
+        }
+        if (watching)
+            xenbus_watch_wait(w, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
+        else
+            msleep(100);
+    }
+    if (watching)
+        xenbus_unwatch(w);
+    return rc;
+}
