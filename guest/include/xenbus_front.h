@@ -55,4 +55,17 @@ int xenbus_front_watch_backend(const char *who, struct xenbus_watch *w, int *on,
 int xenbus_front_find(const char *drv, const char *dir, long want, unsigned int *devid,
                       uint64_t deadline, struct xenbus_watch *w, char *list, size_t size);
 
+/*
+ * The store and the grant table are there: 0, or -XEN_ENODEV / -XEN_ENOSYS
+ * (logged as "<drv>: no xenstore, so no <what>").
+ */
+int xenbus_front_ready(const char *drv, const char *what);
+
+/*
+ * Publish a frontend's keys in one transaction: write(t, arg) writes them;
+ * its error aborts the transaction, a commit that conflicted (-XEN_EAGAIN)
+ * runs it again.  0 or -errno.
+ */
+int xenbus_front_publish(int (*write)(xenbus_transaction_t t, void *arg), void *arg);
+
 #endif

@@ -1168,11 +1168,49 @@ static void teardown(struct blkfront_dev *d)
         dlog(d, "blkfront: %s: %u requests in flight will be sent again\n", d->name, lost);
 }
 
+/* The ring's keys (one transaction: xenbus_front_publish). */
+static int write_keys(xenbus_transaction_t t, void *arg)
+{
+    struct blkfront_dev *d = arg;
+    unsigned int pages = d->ring_pages;
+    int rc;
+
+    if (pages == 1) {
+        rc = fe_printf(d, t, "ring-ref", "%u", d->ring_ref[0]);
+        if (!rc && d->wrote_multi) {
+            fe_rm(d, t, "ring-page-order");
+            fe_rm(d, t, "num-ring-pages");
+            for (unsigned int i = 0; i < MAX_RING_PAGES; i++) {
+                char key[16];
+                snprintf(key, sizeof(key), "ring-ref%u", i);
+                fe_rm(d, t, key);
+            }
+        }
+    } else {
+        rc = fe_printf(d, t, "ring-page-order", "%u", d->info.ring_order);
+        if (!rc)
+            rc = fe_printf(d, t, "num-ring-pages", "%u", pages);   /* blkif.h note 3 */
+        for (unsigned int i = 0; !rc && i < pages; i++) {
+            char key[16];
+            snprintf(key, sizeof(key), "ring-ref%u", i);
+            rc = fe_printf(d, t, key, "%u", d->ring_ref[i]);
+        }
+        if (!rc && d->wrote_single)
+            fe_rm(d, t, "ring-ref");
+    }
+    if (!rc)
+        rc = fe_printf(d, t, "event-channel", "%d", d->port);
+    if (!rc)
+        rc = fe_printf(d, t, "protocol", "%s", XEN_IO_PROTO_ABI_X86_64);
+    if (!rc)
+        rc = fe_printf(d, t, "feature-persistent", "%d", d->opts.persistent ? 1 : 0);
+    return rc;
+}
+
 /* Allocate, grant and publish the ring; switch to Initialised. */
 static int talk_to_backend(struct blkfront_dev *d)
 {
     unsigned long be_order, be_pages, order;
-    xenbus_transaction_t t;
     unsigned int pages;
     int rc, port;
 
@@ -1236,46 +1274,7 @@ static int talk_to_backend(struct blkfront_dev *d)
     }
     d->port = port;
 
-again:
-    rc = xenbus_transaction_start(&t);
-    if (rc)
-        goto fail;
-    if (pages == 1) {
-        rc = fe_printf(d, t, "ring-ref", "%u", d->ring_ref[0]);
-        if (!rc && d->wrote_multi) {
-            fe_rm(d, t, "ring-page-order");
-            fe_rm(d, t, "num-ring-pages");
-            for (unsigned int i = 0; i < MAX_RING_PAGES; i++) {
-                char key[16];
-                snprintf(key, sizeof(key), "ring-ref%u", i);
-                fe_rm(d, t, key);
-            }
-        }
-    } else {
-        rc = fe_printf(d, t, "ring-page-order", "%lu", order);
-        if (!rc)
-            rc = fe_printf(d, t, "num-ring-pages", "%u", pages);   /* blkif.h note 3 */
-        for (unsigned int i = 0; !rc && i < pages; i++) {
-            char key[16];
-            snprintf(key, sizeof(key), "ring-ref%u", i);
-            rc = fe_printf(d, t, key, "%u", d->ring_ref[i]);
-        }
-        if (!rc && d->wrote_single)
-            fe_rm(d, t, "ring-ref");
-    }
-    if (!rc)
-        rc = fe_printf(d, t, "event-channel", "%d", port);
-    if (!rc)
-        rc = fe_printf(d, t, "protocol", "%s", XEN_IO_PROTO_ABI_X86_64);
-    if (!rc)
-        rc = fe_printf(d, t, "feature-persistent", "%d", d->opts.persistent ? 1 : 0);
-    if (rc) {
-        xenbus_transaction_end(t, 1);
-        goto fail;
-    }
-    rc = xenbus_transaction_end(t, 0);
-    if (rc == -XEN_EAGAIN)
-        goto again;
+    rc = xenbus_front_publish(write_keys, d);
     if (rc)
         goto fail;
     if (pages == 1)
@@ -1720,16 +1719,9 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
         o.coalesce = 1;
     deadline = monotonic_ns() + o.timeout_ns;
 
-    if (!xenbus_available()) {
-        printk("blkfront: no xenstore, so no block devices\n");
-        rc = -XEN_ENODEV;
+    rc = xenbus_front_ready("blkfront", "block devices");
+    if (rc)
         goto out;
-    }
-    if (!gnttab_ready()) {
-        printk("blkfront: no grant table\n");
-        rc = -XEN_ENOSYS;
-        goto out;
-    }
     rc = find_vbd(vdev, &devid, deadline);
     if (rc) {
         printk("blkfront: no virtual block device%s%s under device/vbd\n",

@@ -321,6 +321,17 @@ static void lose_connection(struct netfront_dev *d)
     waitq_wake_all(&waiters);
 }
 
+/* A ring page: its grant ended (or deferred, page and all); returns NULL. */
+static void *end_ring(void *ring, grant_ref_t ref)
+{
+    struct buf b = { ring, ref, 1 };
+
+    end_grant(&b);
+    if (b.va)
+        free_pages(ring, 1);
+    return NULL;
+}
+
 /*
  * Take the connection down.  lost: the channel is already gone (a restored
  * domain's channels are all closed, and its port number may since belong to
@@ -338,20 +349,10 @@ static void teardown(struct netfront_dev *d, int lost)
         d->port = -1;
     }
     irq_restore(flags);
-    if (d->tx) {
-        struct buf b = { d->tx, d->tx_ref, 1 };
-        end_grant(&b);
-        if (b.va)
-            free_pages(d->tx, 1);
-        d->tx = NULL;
-    }
-    if (d->rx) {
-        struct buf b = { d->rx, d->rx_ref, 1 };
-        end_grant(&b);
-        if (b.va)
-            free_pages(d->rx, 1);
-        d->rx = NULL;
-    }
+    if (d->tx)
+        d->tx = end_ring(d->tx, d->tx_ref);
+    if (d->rx)
+        d->rx = end_ring(d->rx, d->rx_ref);
     for (unsigned int i = 0; i < NTX; i++)
         end_grant(&d->txb[i]);
     for (unsigned int i = 0; i < NRX; i++)
@@ -376,10 +377,32 @@ static int grant_buf(struct netfront_dev *d, struct buf *b, int readonly)
     return 0;
 }
 
+/* The frontend's keys (one transaction: xenbus_front_publish). */
+static int write_keys(xenbus_transaction_t t, void *arg)
+{
+    struct netfront_dev *d = arg;
+    int rc = fe_printf(d, t, "tx-ring-ref", "%u", d->tx_ref);
+
+    if (!rc)
+        rc = fe_printf(d, t, "rx-ring-ref", "%u", d->rx_ref);
+    if (!rc)
+        rc = fe_printf(d, t, "event-channel", "%d", d->port);
+    if (!rc)
+        rc = fe_printf(d, t, "request-rx-copy", "1");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-rx-notify", "1");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-no-csum-offload", "1");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-sg", "0");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-gso-tcpv4", "0");
+    return rc;
+}
+
 /* Rings, buffers and channel; keys in one transaction; Connected. */
 static int talk_to_backend(struct netfront_dev *d)
 {
-    xenbus_transaction_t t;
     unsigned long flags;
     int rc, port;
 
@@ -434,32 +457,7 @@ static int talk_to_backend(struct netfront_dev *d)
     d->rx->req_prod = d->rx_prod_pvt;
     irq_restore(flags);
 
-again:
-    rc = xenbus_transaction_start(&t);
-    if (rc)
-        goto fail;
-    rc = fe_printf(d, t, "tx-ring-ref", "%u", d->tx_ref);
-    if (!rc)
-        rc = fe_printf(d, t, "rx-ring-ref", "%u", d->rx_ref);
-    if (!rc)
-        rc = fe_printf(d, t, "event-channel", "%d", port);
-    if (!rc)
-        rc = fe_printf(d, t, "request-rx-copy", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-rx-notify", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-no-csum-offload", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-sg", "0");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-gso-tcpv4", "0");
-    if (rc) {
-        xenbus_transaction_end(t, 1);
-        goto fail;
-    }
-    rc = xenbus_transaction_end(t, 0);
-    if (rc == -XEN_EAGAIN)
-        goto again;
+    rc = xenbus_front_publish(write_keys, d);
     if (rc)
         goto fail;
     rc = switch_state(d, XenbusStateConnected);
@@ -696,16 +694,9 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
     unsigned int devid;
     int rc, changed;
 
-    if (!xenbus_available()) {
-        printk("netfront: no xenstore, so no network interfaces\n");
-        rc = -XEN_ENODEV;
+    rc = xenbus_front_ready("netfront", "network interfaces");
+    if (rc)
         goto out;
-    }
-    if (!gnttab_ready()) {
-        printk("netfront: no grant table\n");
-        rc = -XEN_ENOSYS;
-        goto out;
-    }
     rc = find_vif(want, &devid, deadline);
     if (rc) {
         printk("netfront: no virtual network interface under device/vif\n");
@@ -798,6 +789,14 @@ static int tx_room(void *arg)
     return d->ntx_free > 0;
 }
 
+/* Events masked: are the rings usable?  (A reset channel is found here, see channel_reset.) */
+static int rings_usable(struct netfront_dev *d)
+{
+    if (d->connected && channel_reset(d))
+        lose_connection(d);
+    return d->connected;
+}
+
 int netfront_xmit(struct netfront_dev *d, const void *frame, size_t len, uint64_t deadline_ns)
 {
     struct netif_tx_request *req;
@@ -808,9 +807,7 @@ int netfront_xmit(struct netfront_dev *d, const void *frame, size_t len, uint64_
         return -XEN_EINVAL;
     for (;;) {
         flags = irq_save();
-        if (d->connected && channel_reset(d))
-            lose_connection(d);
-        if (!d->connected) {
+        if (!rings_usable(d)) {
             irq_restore(flags);
             return -XEN_ENODEV;
         }
@@ -914,9 +911,7 @@ int netfront_recv(struct netfront_dev *d, void *buf, size_t size, uint64_t deadl
 
     for (;;) {
         flags = irq_save();
-        if (d->connected && channel_reset(d))
-            lose_connection(d);
-        if (!d->connected) {
+        if (!rings_usable(d)) {
             irq_restore(flags);
             if (!deadline_ns || monotonic_ns() >= deadline_ns)
                 return -XEN_ENODEV;

@@ -5,6 +5,7 @@
  * backend state watch, so both drivers follow the protocol the same way.
  */
 #include "xenbus_front.h"
+#include "gnttab.h"
 #include "blkfront.h"           /* xenbus_state_name, enum xenbus_state */
 #include "sched.h"
 #include "xtime.h"
@@ -149,5 +150,37 @@ int xenbus_front_find(const char *drv, const char *dir, long want, unsigned int 
     }
     if (watching)
         xenbus_unwatch(w);
+    return rc;
+}
+
+int xenbus_front_ready(const char *drv, const char *what)
+{
+    if (!xenbus_available()) {
+        printk("%s: no xenstore, so no %s\n", drv, what);
+        return -XEN_ENODEV;
+    }
+    if (!gnttab_ready()) {
+        printk("%s: no grant table\n", drv);
+        return -XEN_ENOSYS;
+    }
+    return 0;
+}
+
+int xenbus_front_publish(int (*write)(xenbus_transaction_t t, void *arg), void *arg)
+{
+    xenbus_transaction_t t;
+    int rc;
+
+    do {
+        rc = xenbus_transaction_start(&t);
+        if (rc)
+            return rc;
+        rc = write(t, arg);
+        if (rc) {
+            xenbus_transaction_end(t, 1);
+            return rc;
+        }
+        rc = xenbus_transaction_end(t, 0);
+    } while (rc == -XEN_EAGAIN);
     return rc;
 }
