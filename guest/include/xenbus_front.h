@@ -3,9 +3,10 @@
  * blkfront and netfront so the protocol lives in one place: finding the
  * device under device/<class>, reading the backend path and domain from the
  * frontend directory, reading and switching XenbusState nodes, writing keys
- * under a node, and watching the backend's state node.
+ * under a node (in one transaction), watching the backend's state node, and
+ * ending ring and buffer grants the backend may still hold (deferred list).
  *
- * All calls may block on the store: thread context only.  `who` is the
+ * The store calls may block: thread context only.  `who` is the
  * driver's log prefix for the device ("blkfront: xvda", "netfront: vif0").
  */
 #ifndef PYXEN_XENBUS_FRONT_H
@@ -13,6 +14,7 @@
 
 #include "kernel.h"
 #include "xenbus.h"
+#include "gnttab.h"
 
 /* "<dir>/<key>" read: xenbus_read's result. */
 int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size);
@@ -67,5 +69,19 @@ int xenbus_front_ready(const char *drv, const char *what);
  * runs it again.  0 or -errno.
  */
 int xenbus_front_publish(int (*write)(xenbus_transaction_t t, void *arg), void *arg);
+
+/*
+ * Grants a backend still had in use when a frontend let go of them (it may
+ * unmap later than we tear down): one list for all frontends.  The ref and
+ * the page (or NULL) stay out of use until the access is ended; the device
+ * threads retry while xenbus_front_deferred() is non-zero.  Safe with
+ * events masked or in an event handler; a full list leaks the entry.
+ */
+void xenbus_front_defer_end(grant_ref_t ref, void *page);
+void xenbus_front_retry_deferred(void);     /* thread context (frees pages) */
+unsigned int xenbus_front_deferred(void);
+
+/* End the grants of a ring's pages: each page is freed, or deferred with its ref. */
+void xenbus_front_end_ring(void *ring, unsigned int pages, const grant_ref_t *refs);
 
 #endif

@@ -39,7 +39,6 @@
 #define DEFAULT_POOL        1024        /* persistent pages, unless grants= says */
 #define DEFAULT_TIMEOUT     (30 * NSEC_PER_SEC)
 #define DRAIN_TIMEOUT       (5 * NSEC_PER_SEC)
-#define DEFERRED_MAX        4096
 
 _Static_assert(MAX_IND_PAGES <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, "indirect pages");
 
@@ -77,11 +76,6 @@ struct shadow {
     void *ind_page[MAX_IND_PAGES];      /* our pages (non-persistent) */
     grant_ref_t ind_ref[MAX_IND_PAGES];
     int32_t ind_pg[MAX_IND_PAGES];      /* persistent pool index, or -1 */
-};
-
-struct deferred {               /* grants the backend still had in use */
-    grant_ref_t ref;
-    void *page;                 /* freed once the grant is ended, or NULL */
 };
 
 struct blkfront_dev {
@@ -136,9 +130,6 @@ struct blkfront_dev {
 };
 
 static struct blkfront_dev devs[MAX_DEVS];
-static struct deferred deferred[DEFERRED_MAX];
-static unsigned int ndeferred;
-static unsigned long deferred_leaked;
 
 static const char *const state_names[] = {
     "Unknown", "Initialising", "InitWait", "Initialised", "Connected", "Closing",
@@ -270,45 +261,13 @@ int blkfront_parse_vdev(const char *s, unsigned int *devid)
 /* ---------------------------------------------------------------- */
 /* Grants we could not end yet */
 
-static void defer_end(grant_ref_t ref, void *page)
-{
-    if (ndeferred < DEFERRED_MAX) {
-        deferred[ndeferred].ref = ref;
-        deferred[ndeferred].page = page;
-        ndeferred++;
-    } else {
-        deferred_leaked++;      /* the ref and the page stay out of use */
-    }
-}
-
-/* Thread context (frees pages). */
-static void retry_deferred(void)
-{
-    unsigned int i = 0;
-
-    while (i < ndeferred) {
-        unsigned long flags = irq_save();
-        struct deferred e = deferred[i];
-        int rc = gnttab_end_access(e.ref);
-        if (rc == -XEN_EBUSY) {
-            irq_restore(flags);
-            i++;
-            continue;
-        }
-        deferred[i] = deferred[--ndeferred];
-        irq_restore(flags);
-        if (e.page)
-            free_pages(e.page, 1);
-    }
-}
-
 /* End access to ref now if the backend is done with it, else later. */
 static void end_or_defer(struct blkfront_dev *d, grant_ref_t ref, int count_busy)
 {
     if (gnttab_end_access(ref) == -XEN_EBUSY) {
         if (count_busy)
             d->st.grant_busy++;
-        defer_end(ref, NULL);
+        xenbus_front_defer_end(ref, NULL);
     }
 }
 
@@ -351,7 +310,7 @@ static void quarantine_ref(grant_ref_t ref)
     unsigned long flags = irq_save();
 
     if (gnttab_end_access(ref) == -XEN_EBUSY)
-        defer_end(ref, NULL);           /* still in use: it can't be reused anyway */
+        xenbus_front_defer_end(ref, NULL);           /* still in use: it can't be reused anyway */
     else
         park_freed();
     irq_restore(flags);
@@ -371,7 +330,7 @@ static void release_quarantine(void)
             continue;
         }
         if (gnttab_end_access(quarantine[i].ref) == -XEN_EBUSY)
-            defer_end(quarantine[i].ref, NULL);
+            xenbus_front_defer_end(quarantine[i].ref, NULL);
         quarantine[i] = quarantine[--nquarantine];
         irq_restore(flags);
     }
@@ -1023,7 +982,7 @@ static void free_pool(struct blkfront_dev *d, int park)
         unsigned long flags = irq_save();
         int busy = gnttab_end_access(d->pool[i].ref) == -XEN_EBUSY;
         if (busy)
-            defer_end(d->pool[i].ref, d->pool[i].va);
+            xenbus_front_defer_end(d->pool[i].ref, d->pool[i].va);
         else if (park)
             park_freed();
         irq_restore(flags);
@@ -1113,13 +1072,7 @@ static int switch_state(struct blkfront_dev *d, int state)
 
 static void free_ring(struct blkfront_dev *d)
 {
-    for (unsigned int i = 0; i < d->ring_pages; i++) {
-        void *pg = (char *)d->sring + i * PAGE_SIZE;
-        if (gnttab_end_access(d->ring_ref[i]) == -XEN_EBUSY)
-            defer_end(d->ring_ref[i], pg);
-        else
-            free_pages(pg, 1);
-    }
+    xenbus_front_end_ring(d->sring, d->ring_pages, d->ring_ref);
     d->sring = NULL;
     d->ring_pages = 0;
 }
@@ -1605,7 +1558,7 @@ static void dev_thread(void *arg)
     struct kick_wait k = { d, 0 };
 
     for (;;) {
-        uint64_t dl = ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC
+        uint64_t dl = xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC
                     : nquarantine ? monotonic_ns() + NSEC_PER_SEC : 0;
         waitq_wait(&waiters, kicked, &k, dl);
         if (d->exiting)
@@ -1614,8 +1567,8 @@ static void dev_thread(void *arg)
         dev_lock(d);
         step(d);
         dev_unlock(d);
-        if (ndeferred)
-            retry_deferred();
+        if (xenbus_front_deferred())
+            xenbus_front_retry_deferred();
         if (nquarantine)
             release_quarantine();
     }
@@ -1851,7 +1804,7 @@ void blkfront_close(struct blkfront_dev *d)
     if (d->fe_watch_on)
         xenbus_unwatch(&d->fe_watch);
     d->be_watch_on = d->fe_watch_on = 0;
-    retry_deferred();
+    xenbus_front_retry_deferred();
     free_shadows(d);
     d->used = 0;
 }

@@ -223,44 +223,13 @@ static int switch_state(struct netfront_dev *d, int state)
 /* ---------------------------------------------------------------- */
 /* Setup and teardown (device thread) */
 
-/*
- * Grants the backend still held when we took a connection down (it may be
- * slower to unmap than we are to tear down): their pages are freed only
- * once the access is ended; the device thread retries every 100 ms.
- */
-#define DEFERRED_MAX 1024
-static struct { grant_ref_t ref; void *page; } deferred[DEFERRED_MAX];
-static unsigned int ndeferred;
-static unsigned long deferred_leaked;
-
-static void retry_deferred(void)
-{
-    unsigned int i = 0;
-
-    while (i < ndeferred) {
-        if (gnttab_end_access(deferred[i].ref) == -XEN_EBUSY) {
-            i++;
-            continue;
-        }
-        if (deferred[i].page)
-            free_pages(deferred[i].page, 1);
-        deferred[i] = deferred[--ndeferred];
-    }
-}
-
 /* End a grant; a page the backend still holds is handed to the deferred list. */
 static void end_grant(struct buf *b)
 {
     if (!b->granted)
         return;
     if (gnttab_end_access(b->ref) == -XEN_EBUSY) {
-        if (ndeferred < DEFERRED_MAX) {
-            deferred[ndeferred].ref = b->ref;
-            deferred[ndeferred].page = b->va;
-            ndeferred++;
-        } else {
-            deferred_leaked++;  /* the ref and the page stay out of use */
-        }
+        xenbus_front_defer_end(b->ref, b->va);
         b->va = NULL;           /* never reused by us */
     }
     b->granted = 0;
@@ -321,17 +290,6 @@ static void lose_connection(struct netfront_dev *d)
     waitq_wake_all(&waiters);
 }
 
-/* A ring page: its grant ended (or deferred, page and all); returns NULL. */
-static void *end_ring(void *ring, grant_ref_t ref)
-{
-    struct buf b = { ring, ref, 1 };
-
-    end_grant(&b);
-    if (b.va)
-        free_pages(ring, 1);
-    return NULL;
-}
-
 /*
  * Take the connection down.  lost: the channel is already gone (a restored
  * domain's channels are all closed, and its port number may since belong to
@@ -350,9 +308,11 @@ static void teardown(struct netfront_dev *d, int lost)
     }
     irq_restore(flags);
     if (d->tx)
-        d->tx = end_ring(d->tx, d->tx_ref);
+        xenbus_front_end_ring(d->tx, 1, &d->tx_ref);
     if (d->rx)
-        d->rx = end_ring(d->rx, d->rx_ref);
+        xenbus_front_end_ring(d->rx, 1, &d->rx_ref);
+    d->tx = NULL;
+    d->rx = NULL;
     for (unsigned int i = 0; i < NTX; i++)
         end_grant(&d->txb[i]);
     for (unsigned int i = 0; i < NRX; i++)
@@ -647,13 +607,14 @@ static void dev_thread(void *arg)
     struct kick_wait k = { d, 0 };
 
     for (;;) {
-        waitq_wait(&waiters, kicked, &k, ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
+        waitq_wait(&waiters, kicked, &k,
+                   xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
         if (k.seen != d->kicks) {
             k.seen = d->kicks;
             step(d);
         }
-        if (ndeferred)
-            retry_deferred();
+        if (xenbus_front_deferred())
+            xenbus_front_retry_deferred();
     }
 }
 

@@ -1,11 +1,13 @@
 /*
  * xenbus_front.c - frontend-side xenbus plumbing shared by blkfront and
  * netfront (see xenbus_front.h): one copy of the device lookup, the
- * backend/backend-id read, the XenbusState reads and switch, and the
- * backend state watch, so both drivers follow the protocol the same way.
+ * backend/backend-id read, the XenbusState reads and switch, the backend
+ * state watch, the keys' transaction, and the grants a backend still held
+ * at teardown, so both drivers follow the protocol the same way.
  */
 #include "xenbus_front.h"
-#include "gnttab.h"
+#include "events.h"
+#include "mm.h"
 #include "blkfront.h"           /* xenbus_state_name, enum xenbus_state */
 #include "sched.h"
 #include "xtime.h"
@@ -183,4 +185,60 @@ int xenbus_front_publish(int (*write)(xenbus_transaction_t t, void *arg), void *
         rc = xenbus_transaction_end(t, 0);
     } while (rc == -XEN_EAGAIN);
     return rc;
+}
+
+#define DEFERRED_MAX 5120
+static struct { grant_ref_t ref; void *page; } deferred[DEFERRED_MAX];
+static unsigned int ndeferred;
+static unsigned long deferred_leaked;
+
+void xenbus_front_defer_end(grant_ref_t ref, void *page)
+{
+    unsigned long flags = irq_save();
+
+    if (ndeferred < DEFERRED_MAX) {
+        deferred[ndeferred].ref = ref;
+        deferred[ndeferred].page = page;
+        ndeferred++;
+    } else {
+        deferred_leaked++;      /* the ref and the page stay out of use */
+    }
+    irq_restore(flags);
+}
+
+void xenbus_front_retry_deferred(void)
+{
+    unsigned int i = 0;
+
+    while (i < ndeferred) {
+        unsigned long flags = irq_save();
+        grant_ref_t ref = deferred[i].ref;
+        void *page = deferred[i].page;
+
+        if (gnttab_end_access(ref) == -XEN_EBUSY) {
+            irq_restore(flags);
+            i++;
+            continue;
+        }
+        deferred[i] = deferred[--ndeferred];
+        irq_restore(flags);
+        if (page)
+            free_pages(page, 1);
+    }
+}
+
+unsigned int xenbus_front_deferred(void)
+{
+    return ndeferred;
+}
+
+void xenbus_front_end_ring(void *ring, unsigned int pages, const grant_ref_t *refs)
+{
+    for (unsigned int i = 0; i < pages; i++) {
+        void *pg = (char *)ring + i * PAGE_SIZE;
+        if (gnttab_end_access(refs[i]) == -XEN_EBUSY)
+            xenbus_front_defer_end(refs[i], pg);
+        else
+            free_pages(pg, 1);
+    }
 }
