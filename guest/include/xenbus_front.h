@@ -15,6 +15,19 @@
 #include "kernel.h"
 #include "xenbus.h"
 #include "gnttab.h"
+#include "sched.h"
+
+/*
+ * What a frontend's watches poke: kicks counts the events its device thread
+ * has yet to look at, wq (the driver's wait queue) is woken.
+ */
+struct xenbus_front_kick {
+    volatile unsigned long kicks;
+    struct waitq *wq;
+};
+void xenbus_front_kick(struct xenbus_front_kick *k);   /* events masked or not */
+/* A watch callback: data is the device's struct xenbus_front_kick. */
+void xenbus_front_kick_cb(struct xenbus_watch *w, const char *path, void *data);
 
 /* "<dir>/<key>" read: xenbus_read's result. */
 int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size);

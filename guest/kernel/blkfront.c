@@ -95,7 +95,7 @@ struct blkfront_dev {
     struct thread *thread;
     struct xenbus_watch fe_watch, be_watch;
     int be_watch_on, fe_watch_on;
-    volatile unsigned long kicks;
+    struct xenbus_front_kick kick;  /* watches and events -> device thread */
     int lock;                   /* sleeping mutex over the state machine */
     int wrote_multi, wrote_single;
 
@@ -1401,18 +1401,10 @@ static void dev_unlock(struct blkfront_dev *d)
     waitq_wake_all(&waiters);
 }
 
-static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
-{
-    struct blkfront_dev *d = data;
-    (void)w; (void)path;
-    d->kicks++;
-    waitq_wake_all(&waiters);
-}
-
 static int watch_backend(struct blkfront_dev *d)
 {
     return xenbus_front_watch_backend(d->tag, &d->be_watch, &d->be_watch_on, d->backend,
-                                      kick_cb, d);
+                                      xenbus_front_kick_cb, &d->kick);
 }
 
 /* Read backend and backend-id; 0, or -errno (-XEN_ENOENT: no device). */
@@ -1549,7 +1541,7 @@ struct kick_wait {
 static int kicked(void *arg)
 {
     struct kick_wait *k = arg;
-    return k->d->kicks != k->seen || k->d->exiting;
+    return k->d->kick.kicks != k->seen || k->d->exiting;
 }
 
 static void dev_thread(void *arg)
@@ -1563,7 +1555,7 @@ static void dev_thread(void *arg)
         waitq_wait(&waiters, kicked, &k, dl);
         if (d->exiting)
             break;
-        k.seen = d->kicks;
+        k.seen = d->kick.kicks;
         dev_lock(d);
         step(d);
         dev_unlock(d);
@@ -1697,6 +1689,7 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
     }
     memset(d, 0, sizeof(*d));
     d->used = 1;
+    d->kick.wq = &waiters;
     d->devid = devid;
     d->opts = o;
     d->port = -1;
@@ -1716,7 +1709,7 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
     if (d->fe_state != XenbusStateInitialising && d->fe_state != XenbusStateClosed)
         switch_state(d, XenbusStateInitialising);   /* a previous user's leftovers */
 
-    rc = xenbus_watch(&d->fe_watch, d->node, kick_cb, d);
+    rc = xenbus_watch(&d->fe_watch, d->node, xenbus_front_kick_cb, &d->kick);
     if (rc) {
         printk("blkfront: %s: watch %s: %s\n", d->name, d->node, xenbus_strerror(rc));
         goto out_free;
@@ -1724,7 +1717,7 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
     d->fe_watch_on = 1;
     if (watch_backend(d))
         goto out_unwatch;
-    d->kicks++;
+    xenbus_front_kick(&d->kick);
     d->thread = create_thread("blkfront", dev_thread, d);
     if (!d->thread) {
         rc = -XEN_ENOMEM;

@@ -58,7 +58,7 @@ struct netfront_dev {
     struct thread *thread;
     struct xenbus_watch fe_watch, be_watch;
     int be_watch_on;
-    volatile unsigned long kicks;
+    struct xenbus_front_kick kick;  /* watches and events -> device thread */
 
     /* rings (events masked) */
     volatile int connected;     /* both ends Connected: the rings may be used */
@@ -286,8 +286,7 @@ static int channel_reset(struct netfront_dev *d)
 static void lose_connection(struct netfront_dev *d)
 {
     d->connected = 0;
-    d->kicks++;
-    waitq_wake_all(&waiters);
+    xenbus_front_kick(&d->kick);
 }
 
 /*
@@ -440,18 +439,10 @@ fail:
     return rc;
 }
 
-static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
-{
-    struct netfront_dev *d = data;
-    (void)w; (void)path;
-    d->kicks++;
-    waitq_wake_all(&waiters);
-}
-
 static int watch_backend(struct netfront_dev *d)
 {
     return xenbus_front_watch_backend(d->tag, &d->be_watch, &d->be_watch_on, d->backend,
-                                      kick_cb, d);
+                                      xenbus_front_kick_cb, &d->kick);
 }
 
 /* backend, backend-id and mac from the frontend directory: 0, or -errno
@@ -598,7 +589,7 @@ struct kick_wait {
 static int kicked(void *arg)
 {
     struct kick_wait *k = arg;
-    return k->d->kicks != k->seen;
+    return k->d->kick.kicks != k->seen;
 }
 
 static void dev_thread(void *arg)
@@ -609,8 +600,8 @@ static void dev_thread(void *arg)
     for (;;) {
         waitq_wait(&waiters, kicked, &k,
                    xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
-        if (k.seen != d->kicks) {
-            k.seen = d->kicks;
+        if (k.seen != d->kick.kicks) {
+            k.seen = d->kick.kicks;
             step(d);
         }
         if (xenbus_front_deferred())
@@ -672,6 +663,7 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
     }
     memset(d, 0, sizeof(*d));
     d->used = 1;
+    d->kick.wq = &waiters;
     d->devid = devid;
     d->port = -1;
     d->be_state = -1;
@@ -694,7 +686,7 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
            d->mac[5]);
     if (d->fe_state != XenbusStateInitialising)
         switch_state(d, XenbusStateInitialising);   /* a previous user's leftovers */
-    rc = xenbus_watch(&d->fe_watch, d->node, kick_cb, d);
+    rc = xenbus_watch(&d->fe_watch, d->node, xenbus_front_kick_cb, &d->kick);
     if (rc) {
         printk("netfront: vif%u: watch %s: %s\n", devid, d->node, xenbus_strerror(rc));
         goto out_free;
@@ -704,7 +696,7 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
         xenbus_unwatch(&d->fe_watch);
         goto out_free;
     }
-    d->kicks++;
+    xenbus_front_kick(&d->kick);
     d->thread = create_thread("netfront", dev_thread, d);
     if (!d->thread) {
         rc = -XEN_ENOMEM;

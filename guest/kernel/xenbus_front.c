@@ -12,6 +12,18 @@
 #include "sched.h"
 #include "xtime.h"
 
+void xenbus_front_kick(struct xenbus_front_kick *k)
+{
+    k->kicks++;
+    waitq_wake_all(k->wq);
+}
+
+void xenbus_front_kick_cb(struct xenbus_watch *w, const char *path, void *data)
+{
+    (void)w; (void)path;
+    xenbus_front_kick(data);
+}
+
 int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size)
 {
     char path[192];
