@@ -29,6 +29,14 @@ void xenbus_front_kick(struct xenbus_front_kick *k);   /* events masked or not *
 /* A watch callback: data is the device's struct xenbus_front_kick. */
 void xenbus_front_kick_cb(struct xenbus_watch *w, const char *path, void *data);
 
+/* The device thread's wait: until kicked past seen, or *stop (when given) is set. */
+struct xenbus_front_wait {
+    struct xenbus_front_kick *kick;
+    unsigned long seen;
+    const int *stop;
+};
+int xenbus_front_kicked(void *arg);         /* a waitq_wait condition on a xenbus_front_wait */
+
 /* "<dir>/<key>" read: xenbus_read's result. */
 int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size);
 

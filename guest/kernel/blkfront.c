@@ -1533,26 +1533,15 @@ static void step(struct blkfront_dev *d)
     }
 }
 
-struct kick_wait {
-    struct blkfront_dev *d;
-    unsigned long seen;
-};
-
-static int kicked(void *arg)
-{
-    struct kick_wait *k = arg;
-    return k->d->kick.kicks != k->seen || k->d->exiting;
-}
-
 static void dev_thread(void *arg)
 {
     struct blkfront_dev *d = arg;
-    struct kick_wait k = { d, 0 };
+    struct xenbus_front_wait k = { &d->kick, 0, &d->exiting };
 
     for (;;) {
         uint64_t dl = xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC
                     : nquarantine ? monotonic_ns() + NSEC_PER_SEC : 0;
-        waitq_wait(&waiters, kicked, &k, dl);
+        waitq_wait(&waiters, xenbus_front_kicked, &k, dl);
         if (d->exiting)
             break;
         k.seen = d->kick.kicks;

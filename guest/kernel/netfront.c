@@ -581,24 +581,13 @@ static void step(struct netfront_dev *d)
     }
 }
 
-struct kick_wait {
-    struct netfront_dev *d;
-    unsigned long seen;
-};
-
-static int kicked(void *arg)
-{
-    struct kick_wait *k = arg;
-    return k->d->kick.kicks != k->seen;
-}
-
 static void dev_thread(void *arg)
 {
     struct netfront_dev *d = arg;
-    struct kick_wait k = { d, 0 };
+    struct xenbus_front_wait k = { &d->kick, 0, NULL };
 
     for (;;) {
-        waitq_wait(&waiters, kicked, &k,
+        waitq_wait(&waiters, xenbus_front_kicked, &k,
                    xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
         if (k.seen != d->kick.kicks) {
             k.seen = d->kick.kicks;

@@ -24,6 +24,13 @@ void xenbus_front_kick_cb(struct xenbus_watch *w, const char *path, void *data)
     xenbus_front_kick(data);
 }
 
+int xenbus_front_kicked(void *arg)
+{
+    const struct xenbus_front_wait *w = arg;
+
+    return w->kick->kicks != w->seen || (w->stop && READ_ONCE(*w->stop));
+}
+
 int xenbus_node_read(const char *dir, const char *key, char *buf, size_t size)
 {
     char path[192];
