@@ -24,6 +24,7 @@
 #include "mm.h"
 #include "sched.h"
 #include "xenbus.h"
+#include "xenbus_front.h"
 #include "xtime.h"
 
 #define MAX_DEVS            4
@@ -38,7 +39,6 @@
 #define DEFAULT_POOL        1024        /* persistent pages, unless grants= says */
 #define DEFAULT_TIMEOUT     (30 * NSEC_PER_SEC)
 #define DRAIN_TIMEOUT       (5 * NSEC_PER_SEC)
-#define DEFERRED_MAX        4096
 
 _Static_assert(MAX_IND_PAGES <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST, "indirect pages");
 
@@ -78,15 +78,11 @@ struct shadow {
     int32_t ind_pg[MAX_IND_PAGES];      /* persistent pool index, or -1 */
 };
 
-struct deferred {               /* grants the backend still had in use */
-    grant_ref_t ref;
-    void *page;                 /* freed once the grant is ended, or NULL */
-};
-
 struct blkfront_dev {
     int used;
     unsigned int devid;
     char name[16];
+    char tag[32];               /* "blkfront: <name>": log prefix */
     char node[40];              /* "device/vbd/<devid>" */
     char backend[128];
     domid_t backend_id;
@@ -99,7 +95,7 @@ struct blkfront_dev {
     struct thread *thread;
     struct xenbus_watch fe_watch, be_watch;
     int be_watch_on, fe_watch_on;
-    volatile unsigned long kicks;
+    struct xenbus_front_kick kick;  /* watches and events -> device thread */
     int lock;                   /* sleeping mutex over the state machine */
     int wrote_multi, wrote_single;
 
@@ -134,9 +130,6 @@ struct blkfront_dev {
 };
 
 static struct blkfront_dev devs[MAX_DEVS];
-static struct deferred deferred[DEFERRED_MAX];
-static unsigned int ndeferred;
-static unsigned long deferred_leaked;
 
 static const char *const state_names[] = {
     "Unknown", "Initialising", "InitWait", "Initialised", "Connected", "Closing",
@@ -268,45 +261,13 @@ int blkfront_parse_vdev(const char *s, unsigned int *devid)
 /* ---------------------------------------------------------------- */
 /* Grants we could not end yet */
 
-static void defer_end(grant_ref_t ref, void *page)
-{
-    if (ndeferred < DEFERRED_MAX) {
-        deferred[ndeferred].ref = ref;
-        deferred[ndeferred].page = page;
-        ndeferred++;
-    } else {
-        deferred_leaked++;      /* the ref and the page stay out of use */
-    }
-}
-
-/* Thread context (frees pages). */
-static void retry_deferred(void)
-{
-    unsigned int i = 0;
-
-    while (i < ndeferred) {
-        unsigned long flags = irq_save();
-        struct deferred e = deferred[i];
-        int rc = gnttab_end_access(e.ref);
-        if (rc == -XEN_EBUSY) {
-            irq_restore(flags);
-            i++;
-            continue;
-        }
-        deferred[i] = deferred[--ndeferred];
-        irq_restore(flags);
-        if (e.page)
-            free_pages(e.page, 1);
-    }
-}
-
 /* End access to ref now if the backend is done with it, else later. */
 static void end_or_defer(struct blkfront_dev *d, grant_ref_t ref, int count_busy)
 {
     if (gnttab_end_access(ref) == -XEN_EBUSY) {
         if (count_busy)
             d->st.grant_busy++;
-        defer_end(ref, NULL);
+        xenbus_front_defer_end(ref, NULL);
     }
 }
 
@@ -349,7 +310,7 @@ static void quarantine_ref(grant_ref_t ref)
     unsigned long flags = irq_save();
 
     if (gnttab_end_access(ref) == -XEN_EBUSY)
-        defer_end(ref, NULL);           /* still in use: it can't be reused anyway */
+        xenbus_front_defer_end(ref, NULL);           /* still in use: it can't be reused anyway */
     else
         park_freed();
     irq_restore(flags);
@@ -369,7 +330,7 @@ static void release_quarantine(void)
             continue;
         }
         if (gnttab_end_access(quarantine[i].ref) == -XEN_EBUSY)
-            defer_end(quarantine[i].ref, NULL);
+            xenbus_front_defer_end(quarantine[i].ref, NULL);
         quarantine[i] = quarantine[--nquarantine];
         irq_restore(flags);
     }
@@ -1021,7 +982,7 @@ static void free_pool(struct blkfront_dev *d, int park)
         unsigned long flags = irq_save();
         int busy = gnttab_end_access(d->pool[i].ref) == -XEN_EBUSY;
         if (busy)
-            defer_end(d->pool[i].ref, d->pool[i].va);
+            xenbus_front_defer_end(d->pool[i].ref, d->pool[i].va);
         else if (park)
             park_freed();
         irq_restore(flags);
@@ -1070,12 +1031,9 @@ static int alloc_pool(struct blkfront_dev *d, unsigned int cap)
 /* ---------------------------------------------------------------- */
 /* XenStore helpers (thread context) */
 
-static int be_read(struct blkfront_dev *d, const char *key, char *buf, size_t size)
-{
-    char path[192];
-    snprintf(path, sizeof(path), "%s/%s", d->backend, key);
-    return xenbus_read(XBT_NIL, path, buf, size);
-}
+/* The backend's key, the frontend's node (helpers in xenbus_front.c). */
+#define be_read(d, key, buf, size) xenbus_node_read((d)->backend, key, buf, size)
+#define fe_printf(d, t, ...) xenbus_node_printf(t, (d)->node, __VA_ARGS__)
 
 static unsigned long be_ulong(struct blkfront_dev *d, const char *key, unsigned long dflt)
 {
@@ -1091,29 +1049,7 @@ static unsigned long be_ulong(struct blkfront_dev *d, const char *key, unsigned 
 
 static int read_be_state(struct blkfront_dev *d)
 {
-    char buf[16];
-    const char *end;
-    unsigned long v;
-
-    if (!d->backend[0] || be_read(d, "state", buf, sizeof(buf)) <= 0)
-        return XenbusStateUnknown;
-    v = simple_strtoul(buf, &end, 10);
-    return end == buf ? XenbusStateUnknown : (int)v;
-}
-
-static int fe_printf(struct blkfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...) __printf(4, 5);
-static int fe_printf(struct blkfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...)
-{
-    char path[96], val[64];
-    va_list ap;
-
-    snprintf(path, sizeof(path), "%s/%s", d->node, key);
-    va_start(ap, fmt);
-    vsnprintf(val, sizeof(val), fmt, ap);
-    va_end(ap);
-    return xenbus_write(t, path, val);
+    return xenbus_node_state(d->backend, XenbusStateUnknown);
 }
 
 static void fe_rm(struct blkfront_dev *d, xenbus_transaction_t t, const char *key)
@@ -1125,13 +1061,8 @@ static void fe_rm(struct blkfront_dev *d, xenbus_transaction_t t, const char *ke
 
 static int switch_state(struct blkfront_dev *d, int state)
 {
-    int rc = fe_printf(d, XBT_NIL, "state", "%d", state);
+    int rc = xenbus_front_switch(d->tag, d->node, &d->fe_state, state);
 
-    if (rc)
-        printk("blkfront: %s: writing state %s: %s\n", d->name, xenbus_state_name(state),
-               xenbus_strerror(rc));
-    else
-        d->fe_state = state;
     waitq_wake_all(&waiters);
     return rc;
 }
@@ -1141,13 +1072,7 @@ static int switch_state(struct blkfront_dev *d, int state)
 
 static void free_ring(struct blkfront_dev *d)
 {
-    for (unsigned int i = 0; i < d->ring_pages; i++) {
-        void *pg = (char *)d->sring + i * PAGE_SIZE;
-        if (gnttab_end_access(d->ring_ref[i]) == -XEN_EBUSY)
-            defer_end(d->ring_ref[i], pg);
-        else
-            free_pages(pg, 1);
-    }
+    xenbus_front_end_ring(d->sring, d->ring_pages, d->ring_ref);
     d->sring = NULL;
     d->ring_pages = 0;
 }
@@ -1196,11 +1121,49 @@ static void teardown(struct blkfront_dev *d)
         dlog(d, "blkfront: %s: %u requests in flight will be sent again\n", d->name, lost);
 }
 
+/* The ring's keys (one transaction: xenbus_front_publish). */
+static int write_keys(xenbus_transaction_t t, void *arg)
+{
+    struct blkfront_dev *d = arg;
+    unsigned int pages = d->ring_pages;
+    int rc;
+
+    if (pages == 1) {
+        rc = fe_printf(d, t, "ring-ref", "%u", d->ring_ref[0]);
+        if (!rc && d->wrote_multi) {
+            fe_rm(d, t, "ring-page-order");
+            fe_rm(d, t, "num-ring-pages");
+            for (unsigned int i = 0; i < MAX_RING_PAGES; i++) {
+                char key[16];
+                snprintf(key, sizeof(key), "ring-ref%u", i);
+                fe_rm(d, t, key);
+            }
+        }
+    } else {
+        rc = fe_printf(d, t, "ring-page-order", "%u", d->info.ring_order);
+        if (!rc)
+            rc = fe_printf(d, t, "num-ring-pages", "%u", pages);   /* blkif.h note 3 */
+        for (unsigned int i = 0; !rc && i < pages; i++) {
+            char key[16];
+            snprintf(key, sizeof(key), "ring-ref%u", i);
+            rc = fe_printf(d, t, key, "%u", d->ring_ref[i]);
+        }
+        if (!rc && d->wrote_single)
+            fe_rm(d, t, "ring-ref");
+    }
+    if (!rc)
+        rc = fe_printf(d, t, "event-channel", "%d", d->port);
+    if (!rc)
+        rc = fe_printf(d, t, "protocol", "%s", XEN_IO_PROTO_ABI_X86_64);
+    if (!rc)
+        rc = fe_printf(d, t, "feature-persistent", "%d", d->opts.persistent ? 1 : 0);
+    return rc;
+}
+
 /* Allocate, grant and publish the ring; switch to Initialised. */
 static int talk_to_backend(struct blkfront_dev *d)
 {
     unsigned long be_order, be_pages, order;
-    xenbus_transaction_t t;
     unsigned int pages;
     int rc, port;
 
@@ -1264,46 +1227,7 @@ static int talk_to_backend(struct blkfront_dev *d)
     }
     d->port = port;
 
-again:
-    rc = xenbus_transaction_start(&t);
-    if (rc)
-        goto fail;
-    if (pages == 1) {
-        rc = fe_printf(d, t, "ring-ref", "%u", d->ring_ref[0]);
-        if (!rc && d->wrote_multi) {
-            fe_rm(d, t, "ring-page-order");
-            fe_rm(d, t, "num-ring-pages");
-            for (unsigned int i = 0; i < MAX_RING_PAGES; i++) {
-                char key[16];
-                snprintf(key, sizeof(key), "ring-ref%u", i);
-                fe_rm(d, t, key);
-            }
-        }
-    } else {
-        rc = fe_printf(d, t, "ring-page-order", "%lu", order);
-        if (!rc)
-            rc = fe_printf(d, t, "num-ring-pages", "%u", pages);   /* blkif.h note 3 */
-        for (unsigned int i = 0; !rc && i < pages; i++) {
-            char key[16];
-            snprintf(key, sizeof(key), "ring-ref%u", i);
-            rc = fe_printf(d, t, key, "%u", d->ring_ref[i]);
-        }
-        if (!rc && d->wrote_single)
-            fe_rm(d, t, "ring-ref");
-    }
-    if (!rc)
-        rc = fe_printf(d, t, "event-channel", "%d", port);
-    if (!rc)
-        rc = fe_printf(d, t, "protocol", "%s", XEN_IO_PROTO_ABI_X86_64);
-    if (!rc)
-        rc = fe_printf(d, t, "feature-persistent", "%d", d->opts.persistent ? 1 : 0);
-    if (rc) {
-        xenbus_transaction_end(t, 1);
-        goto fail;
-    }
-    rc = xenbus_transaction_end(t, 0);
-    if (rc == -XEN_EAGAIN)
-        goto again;
+    rc = xenbus_front_publish(write_keys, d);
     if (rc)
         goto fail;
     if (pages == 1)
@@ -1477,54 +1401,17 @@ static void dev_unlock(struct blkfront_dev *d)
     waitq_wake_all(&waiters);
 }
 
-static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
-{
-    struct blkfront_dev *d = data;
-    (void)w; (void)path;
-    d->kicks++;
-    waitq_wake_all(&waiters);
-}
-
 static int watch_backend(struct blkfront_dev *d)
 {
-    char path[192];
-    int rc;
-
-    if (d->be_watch_on) {
-        xenbus_unwatch(&d->be_watch);
-        d->be_watch_on = 0;
-    }
-    snprintf(path, sizeof(path), "%s/state", d->backend);
-    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
-    if (!rc)
-        d->be_watch_on = 1;
-    else
-        printk("blkfront: %s: watch %s: %s\n", d->name, path, xenbus_strerror(rc));
-    return rc;
+    return xenbus_front_watch_backend(d->tag, &d->be_watch, &d->be_watch_on, d->backend,
+                                      xenbus_front_kick_cb, &d->kick);
 }
 
 /* Read backend and backend-id; 0, or -errno (-XEN_ENOENT: no device). */
 static int read_frontend(struct blkfront_dev *d, int *changed)
 {
-    char path[96], buf[128];
-    unsigned long id;
-    int rc;
-
-    *changed = 0;
-    snprintf(path, sizeof(path), "%s/backend", d->node);
-    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
-    if (rc < 0)
-        return rc;
-    snprintf(path, sizeof(path), "%s/backend-id", d->node);
-    rc = xenbus_read_ulong(XBT_NIL, path, &id);
-    if (rc < 0)
-        return rc;
-    if (strcmp(buf, d->backend) || id != d->backend_id) {
-        strncpy_z(d->backend, buf, sizeof(d->backend));
-        d->backend_id = (domid_t)id;
-        *changed = 1;
-    }
-    return 0;
+    return xenbus_front_read_backend(d->node, d->backend, sizeof(d->backend), &d->backend_id,
+                                     changed);
 }
 
 static void device_removed(struct blkfront_dev *d)
@@ -1560,14 +1447,9 @@ static void step(struct blkfront_dev *d)
     if (rc < 0)
         return;
     if (d->gone) {
-        char buf[16];
-        char path[64];
-        snprintf(path, sizeof(path), "%s/state", d->node);
         d->gone = 0;
         d->fatal = 0;
-        d->fe_state = XenbusStateInitialising;
-        if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
-            d->fe_state = (int)simple_strtoul(buf, NULL, 10);
+        d->fe_state = xenbus_node_state(d->node, XenbusStateInitialising);
         dlog(d, "blkfront: %s: device is back, backend %s\n", d->name, d->backend);
         changed = 1;
     }
@@ -1651,34 +1533,23 @@ static void step(struct blkfront_dev *d)
     }
 }
 
-struct kick_wait {
-    struct blkfront_dev *d;
-    unsigned long seen;
-};
-
-static int kicked(void *arg)
-{
-    struct kick_wait *k = arg;
-    return k->d->kicks != k->seen || k->d->exiting;
-}
-
 static void dev_thread(void *arg)
 {
     struct blkfront_dev *d = arg;
-    struct kick_wait k = { d, 0 };
+    struct xenbus_front_wait k = { &d->kick, 0, &d->exiting };
 
     for (;;) {
-        uint64_t dl = ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC
+        uint64_t dl = xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC
                     : nquarantine ? monotonic_ns() + NSEC_PER_SEC : 0;
-        waitq_wait(&waiters, kicked, &k, dl);
+        waitq_wait(&waiters, xenbus_front_kicked, &k, dl);
         if (d->exiting)
             break;
-        k.seen = d->kicks;
+        k.seen = d->kick.kicks;
         dev_lock(d);
         step(d);
         dev_unlock(d);
-        if (ndeferred)
-            retry_deferred();
+        if (xenbus_front_deferred())
+            xenbus_front_retry_deferred();
         if (nquarantine)
             release_quarantine();
     }
@@ -1735,9 +1606,8 @@ static int find_vbd(const char *vdev, unsigned int *devid, uint64_t deadline)
 {
     static struct xenbus_watch vbd_watch;
     static char list[1024];
-    unsigned long seen = 0;
     unsigned int want = 0;
-    int rc, n, watching = 0;
+    int rc;
 
     if (vdev && *vdev) {
         rc = blkfront_parse_vdev(vdev, &want);
@@ -1746,51 +1616,8 @@ static int find_vbd(const char *vdev, unsigned int *devid, uint64_t deadline)
             return rc;
         }
     }
-    for (;;) {
-        n = xenbus_directory(XBT_NIL, "device/vbd", list, sizeof(list));
-        if (n > 0) {
-            const char *p = list;
-            unsigned long best = ~0UL;
-            for (int i = 0; i < n; i++, p += strlen(p) + 1) {
-                const char *end;
-                unsigned long id = simple_strtoul(p, &end, 10);
-                if (*end || end == p)
-                    continue;
-                if (vdev && *vdev ? id == want : id < best)
-                    best = id;
-            }
-            if (best != ~0UL) {
-                char path[64];
-                /* Wait until "backend" is there too. */
-                snprintf(path, sizeof(path), "device/vbd/%lu/backend", best);
-                if (xenbus_read(XBT_NIL, path, list, sizeof(list)) > 0) {
-                    *devid = (unsigned int)best;
-                    rc = 0;
-                    break;
-                }
-            }
-        } else if (n < 0 && n != -XEN_ENOENT) {
-            printk("blkfront: listing device/vbd: %s\n", xenbus_strerror(n));
-            rc = n;
-            break;
-        }
-        if (monotonic_ns() >= deadline) {
-            rc = -XEN_ENOENT;
-            break;
-        }
-        if (!watching) {
-            if (xenbus_watch(&vbd_watch, "device/vbd", NULL, NULL) == 0)
-                watching = 1;
-            seen = vbd_watch.events;
-        }
-        if (watching)
-            xenbus_watch_wait(&vbd_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
-        else
-            msleep(100);
-    }
-    if (watching)
-        xenbus_unwatch(&vbd_watch);
-    return rc;
+    return xenbus_front_find("blkfront", "device/vbd", vdev && *vdev ? (long)want : -1, devid,
+                             deadline, &vbd_watch, list, sizeof(list));
 }
 
 static int open_done(void *arg)
@@ -1826,16 +1653,9 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
         o.coalesce = 1;
     deadline = monotonic_ns() + o.timeout_ns;
 
-    if (!xenbus_available()) {
-        printk("blkfront: no xenstore, so no block devices\n");
-        rc = -XEN_ENODEV;
+    rc = xenbus_front_ready("blkfront", "block devices");
+    if (rc)
         goto out;
-    }
-    if (!gnttab_ready()) {
-        printk("blkfront: no grant table\n");
-        rc = -XEN_ENOSYS;
-        goto out;
-    }
     rc = find_vbd(vdev, &devid, deadline);
     if (rc) {
         printk("blkfront: no virtual block device%s%s under device/vbd\n",
@@ -1858,31 +1678,27 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
     }
     memset(d, 0, sizeof(*d));
     d->used = 1;
+    d->kick.wq = &waiters;
     d->devid = devid;
     d->opts = o;
     d->port = -1;
     d->free_shadow = -1;
     d->be_state = -1;
     blkfront_devid_name(devid, d->name, sizeof(d->name));
+    snprintf(d->tag, sizeof(d->tag), "blkfront: %s", d->name);
     snprintf(d->node, sizeof(d->node), "device/vbd/%u", devid);
     rc = read_frontend(d, &changed);
     if (rc) {
         printk("blkfront: %s: reading %s: %s\n", d->name, d->node, xenbus_strerror(rc));
         goto out_free;
     }
-    {
-        char path[64], buf[16];
-        snprintf(path, sizeof(path), "%s/state", d->node);
-        d->fe_state = XenbusStateUnknown;
-        if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
-            d->fe_state = (int)simple_strtoul(buf, NULL, 10);
-    }
+    d->fe_state = xenbus_node_state(d->node, XenbusStateUnknown);
     dlog(d, "blkfront: %s: %s, backend %s (dom %u), state %s\n", d->name, d->node,
          d->backend, d->backend_id, xenbus_state_name(d->fe_state));
     if (d->fe_state != XenbusStateInitialising && d->fe_state != XenbusStateClosed)
         switch_state(d, XenbusStateInitialising);   /* a previous user's leftovers */
 
-    rc = xenbus_watch(&d->fe_watch, d->node, kick_cb, d);
+    rc = xenbus_watch(&d->fe_watch, d->node, xenbus_front_kick_cb, &d->kick);
     if (rc) {
         printk("blkfront: %s: watch %s: %s\n", d->name, d->node, xenbus_strerror(rc));
         goto out_free;
@@ -1890,7 +1706,7 @@ struct blkfront_dev *blkfront_open(const char *vdev, const struct blkfront_opts 
     d->fe_watch_on = 1;
     if (watch_backend(d))
         goto out_unwatch;
-    d->kicks++;
+    xenbus_front_kick(&d->kick);
     d->thread = create_thread("blkfront", dev_thread, d);
     if (!d->thread) {
         rc = -XEN_ENOMEM;
@@ -1970,7 +1786,7 @@ void blkfront_close(struct blkfront_dev *d)
     if (d->fe_watch_on)
         xenbus_unwatch(&d->fe_watch);
     d->be_watch_on = d->fe_watch_on = 0;
-    retry_deferred();
+    xenbus_front_retry_deferred();
     free_shadows(d);
     d->used = 0;
 }

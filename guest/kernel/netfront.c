@@ -26,6 +26,7 @@
 #include "mm.h"
 #include "sched.h"
 #include "xenbus.h"
+#include "xenbus_front.h"
 #include "xtime.h"
 
 #define NTX 128U                /* TX buffers (pages) = TX requests in flight */
@@ -45,6 +46,7 @@ struct buf {
 struct netfront_dev {
     int used;
     unsigned int devid;
+    char tag[24];               /* "netfront: vif<devid>": log prefix */
     char node[40];              /* "device/vif/<devid>" */
     char backend[128];
     domid_t backend_id;
@@ -56,7 +58,7 @@ struct netfront_dev {
     struct thread *thread;
     struct xenbus_watch fe_watch, be_watch;
     int be_watch_on;
-    volatile unsigned long kicks;
+    struct xenbus_front_kick kick;  /* watches and events -> device thread */
 
     /* rings (events masked) */
     volatile int connected;     /* both ends Connected: the rings may be used */
@@ -123,30 +125,29 @@ static void bad(struct netfront_dev *d, const char *fmt, ...)
 /* ---------------------------------------------------------------- */
 /* Rings (events masked) */
 
-static void push_tx(struct netfront_dev *d)
+/* RING_PUSH_REQUESTS_AND_CHECK_NOTIFY on either ring (they share the header layout). */
+static void push_ring(struct netfront_dev *d, volatile uint32_t *req_prod,
+                      volatile uint32_t *req_event, uint32_t newp)
 {
-    uint32_t old = d->tx->req_prod, newp = d->tx_prod_pvt;
+    uint32_t old = *req_prod;
 
     wmb();
-    WRITE_ONCE(d->tx->req_prod, newp);
+    *req_prod = newp;
     mb();
-    if ((uint32_t)(newp - READ_ONCE(d->tx->req_event)) < (uint32_t)(newp - old)) {
+    if ((uint32_t)(newp - *req_event) < (uint32_t)(newp - old)) {
         d->st.notifies++;
         notify_remote_via_evtchn((evtchn_port_t)d->port);
     }
 }
 
+static void push_tx(struct netfront_dev *d)
+{
+    push_ring(d, &d->tx->req_prod, &d->tx->req_event, d->tx_prod_pvt);
+}
+
 static void push_rx(struct netfront_dev *d)
 {
-    uint32_t old = d->rx->req_prod, newp = d->rx_prod_pvt;
-
-    wmb();
-    WRITE_ONCE(d->rx->req_prod, newp);
-    mb();
-    if ((uint32_t)(newp - READ_ONCE(d->rx->req_event)) < (uint32_t)(newp - old)) {
-        d->st.notifies++;
-        notify_remote_via_evtchn((evtchn_port_t)d->port);
-    }
+    push_ring(d, &d->rx->req_prod, &d->rx->req_event, d->rx_prod_pvt);
 }
 
 static void post_rx(struct netfront_dev *d, uint16_t id)
@@ -202,49 +203,19 @@ static void net_event(evtchn_port_t port, struct pt_regs *regs, void *data)
 /* ---------------------------------------------------------------- */
 /* Xenstore helpers (device thread) */
 
-static int be_read(struct netfront_dev *d, const char *key, char *buf, size_t size)
-{
-    char path[192];
-    snprintf(path, sizeof(path), "%s/%s", d->backend, key);
-    return xenbus_read(XBT_NIL, path, buf, size);
-}
+/* The backend's key, the frontend's node (helpers in xenbus_front.c). */
+#define be_read(d, key, buf, size) xenbus_node_read((d)->backend, key, buf, size)
+#define fe_printf(d, t, ...) xenbus_node_printf(t, (d)->node, __VA_ARGS__)
 
 static int read_be_state(struct netfront_dev *d)
 {
-    char buf[16];
-    const char *end;
-    unsigned long v;
-
-    if (!d->backend[0] || be_read(d, "state", buf, sizeof(buf)) <= 0)
-        return XenbusStateUnknown;
-    v = simple_strtoul(buf, &end, 10);
-    return end == buf ? XenbusStateUnknown : (int)v;
-}
-
-static int fe_printf(struct netfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...) __printf(4, 5);
-static int fe_printf(struct netfront_dev *d, xenbus_transaction_t t, const char *key,
-                     const char *fmt, ...)
-{
-    char path[96], val[64];
-    va_list ap;
-
-    snprintf(path, sizeof(path), "%s/%s", d->node, key);
-    va_start(ap, fmt);
-    vsnprintf(val, sizeof(val), fmt, ap);
-    va_end(ap);
-    return xenbus_write(t, path, val);
+    return xenbus_node_state(d->backend, XenbusStateUnknown);
 }
 
 static int switch_state(struct netfront_dev *d, int state)
 {
-    int rc = fe_printf(d, XBT_NIL, "state", "%d", state);
+    int rc = xenbus_front_switch(d->tag, d->node, &d->fe_state, state);
 
-    if (rc)
-        printk("netfront: vif%u: writing state %s: %s\n", d->devid, xenbus_state_name(state),
-               xenbus_strerror(rc));
-    else
-        d->fe_state = state;
     waitq_wake_all(&waiters);
     return rc;
 }
@@ -252,44 +223,13 @@ static int switch_state(struct netfront_dev *d, int state)
 /* ---------------------------------------------------------------- */
 /* Setup and teardown (device thread) */
 
-/*
- * Grants the backend still held when we took a connection down (it may be
- * slower to unmap than we are to tear down): their pages are freed only
- * once the access is ended; the device thread retries every 100 ms.
- */
-#define DEFERRED_MAX 1024
-static struct { grant_ref_t ref; void *page; } deferred[DEFERRED_MAX];
-static unsigned int ndeferred;
-static unsigned long deferred_leaked;
-
-static void retry_deferred(void)
-{
-    unsigned int i = 0;
-
-    while (i < ndeferred) {
-        if (gnttab_end_access(deferred[i].ref) == -XEN_EBUSY) {
-            i++;
-            continue;
-        }
-        if (deferred[i].page)
-            free_pages(deferred[i].page, 1);
-        deferred[i] = deferred[--ndeferred];
-    }
-}
-
 /* End a grant; a page the backend still holds is handed to the deferred list. */
 static void end_grant(struct buf *b)
 {
     if (!b->granted)
         return;
     if (gnttab_end_access(b->ref) == -XEN_EBUSY) {
-        if (ndeferred < DEFERRED_MAX) {
-            deferred[ndeferred].ref = b->ref;
-            deferred[ndeferred].page = b->va;
-            ndeferred++;
-        } else {
-            deferred_leaked++;  /* the ref and the page stay out of use */
-        }
+        xenbus_front_defer_end(b->ref, b->va);
         b->va = NULL;           /* never reused by us */
     }
     b->granted = 0;
@@ -346,8 +286,7 @@ static int channel_reset(struct netfront_dev *d)
 static void lose_connection(struct netfront_dev *d)
 {
     d->connected = 0;
-    d->kicks++;
-    waitq_wake_all(&waiters);
+    xenbus_front_kick(&d->kick);
 }
 
 /*
@@ -367,20 +306,12 @@ static void teardown(struct netfront_dev *d, int lost)
         d->port = -1;
     }
     irq_restore(flags);
-    if (d->tx) {
-        struct buf b = { d->tx, d->tx_ref, 1 };
-        end_grant(&b);
-        if (b.va)
-            free_pages(d->tx, 1);
-        d->tx = NULL;
-    }
-    if (d->rx) {
-        struct buf b = { d->rx, d->rx_ref, 1 };
-        end_grant(&b);
-        if (b.va)
-            free_pages(d->rx, 1);
-        d->rx = NULL;
-    }
+    if (d->tx)
+        xenbus_front_end_ring(d->tx, 1, &d->tx_ref);
+    if (d->rx)
+        xenbus_front_end_ring(d->rx, 1, &d->rx_ref);
+    d->tx = NULL;
+    d->rx = NULL;
     for (unsigned int i = 0; i < NTX; i++)
         end_grant(&d->txb[i]);
     for (unsigned int i = 0; i < NRX; i++)
@@ -405,10 +336,32 @@ static int grant_buf(struct netfront_dev *d, struct buf *b, int readonly)
     return 0;
 }
 
+/* The frontend's keys (one transaction: xenbus_front_publish). */
+static int write_keys(xenbus_transaction_t t, void *arg)
+{
+    struct netfront_dev *d = arg;
+    int rc = fe_printf(d, t, "tx-ring-ref", "%u", d->tx_ref);
+
+    if (!rc)
+        rc = fe_printf(d, t, "rx-ring-ref", "%u", d->rx_ref);
+    if (!rc)
+        rc = fe_printf(d, t, "event-channel", "%d", d->port);
+    if (!rc)
+        rc = fe_printf(d, t, "request-rx-copy", "1");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-rx-notify", "1");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-no-csum-offload", "1");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-sg", "0");
+    if (!rc)
+        rc = fe_printf(d, t, "feature-gso-tcpv4", "0");
+    return rc;
+}
+
 /* Rings, buffers and channel; keys in one transaction; Connected. */
 static int talk_to_backend(struct netfront_dev *d)
 {
-    xenbus_transaction_t t;
     unsigned long flags;
     int rc, port;
 
@@ -463,32 +416,7 @@ static int talk_to_backend(struct netfront_dev *d)
     d->rx->req_prod = d->rx_prod_pvt;
     irq_restore(flags);
 
-again:
-    rc = xenbus_transaction_start(&t);
-    if (rc)
-        goto fail;
-    rc = fe_printf(d, t, "tx-ring-ref", "%u", d->tx_ref);
-    if (!rc)
-        rc = fe_printf(d, t, "rx-ring-ref", "%u", d->rx_ref);
-    if (!rc)
-        rc = fe_printf(d, t, "event-channel", "%d", port);
-    if (!rc)
-        rc = fe_printf(d, t, "request-rx-copy", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-rx-notify", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-no-csum-offload", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-sg", "0");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-gso-tcpv4", "0");
-    if (rc) {
-        xenbus_transaction_end(t, 1);
-        goto fail;
-    }
-    rc = xenbus_transaction_end(t, 0);
-    if (rc == -XEN_EAGAIN)
-        goto again;
+    rc = xenbus_front_publish(write_keys, d);
     if (rc)
         goto fail;
     rc = switch_state(d, XenbusStateConnected);
@@ -511,60 +439,25 @@ fail:
     return rc;
 }
 
-static void kick_cb(struct xenbus_watch *w, const char *path, void *data)
-{
-    struct netfront_dev *d = data;
-    (void)w; (void)path;
-    d->kicks++;
-    waitq_wake_all(&waiters);
-}
-
 static int watch_backend(struct netfront_dev *d)
 {
-    char path[192];
-    int rc;
-
-    if (d->be_watch_on) {
-        xenbus_unwatch(&d->be_watch);
-        d->be_watch_on = 0;
-    }
-    snprintf(path, sizeof(path), "%s/state", d->backend);
-    rc = xenbus_watch(&d->be_watch, path, kick_cb, d);
-    if (rc)
-        printk("netfront: vif%u: watch %s: %s\n", d->devid, path, xenbus_strerror(rc));
-    else
-        d->be_watch_on = 1;
-    return rc;
+    return xenbus_front_watch_backend(d->tag, &d->be_watch, &d->be_watch_on, d->backend,
+                                      xenbus_front_kick_cb, &d->kick);
 }
 
 /* backend, backend-id and mac from the frontend directory: 0, or -errno
  * (-XEN_ENOENT: the device is not there). */
 static int read_frontend(struct netfront_dev *d, int *changed)
 {
-    char path[96], buf[128];
+    char buf[128];
     uint8_t mac[6];
-    unsigned long id;
     int rc;
 
-    *changed = 0;
-    snprintf(path, sizeof(path), "%s/backend", d->node);
-    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    rc = xenbus_front_read_backend(d->node, d->backend, sizeof(d->backend), &d->backend_id,
+                                   changed);
     if (rc < 0)
         return rc;
-    if (strcmp(buf, d->backend)) {
-        strncpy_z(d->backend, buf, sizeof(d->backend));
-        *changed = 1;
-    }
-    snprintf(path, sizeof(path), "%s/backend-id", d->node);
-    rc = xenbus_read_ulong(XBT_NIL, path, &id);
-    if (rc < 0)
-        return rc;
-    if ((domid_t)id != d->backend_id) {
-        d->backend_id = (domid_t)id;
-        *changed = 1;
-    }
-    snprintf(path, sizeof(path), "%s/mac", d->node);
-    rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
+    rc = xenbus_node_read(d->node, "mac", buf, sizeof(buf));
     if (rc < 0)
         return rc;
     if (netfront_parse_mac(buf, mac)) {
@@ -578,15 +471,7 @@ static int read_frontend(struct netfront_dev *d, int *changed)
 /* Our state node as the store has it (the toolstack may have reset it). */
 static int read_fe_store_state(struct netfront_dev *d)
 {
-    char path[64], buf[16];
-    const char *end;
-    unsigned long v;
-
-    snprintf(path, sizeof(path), "%s/state", d->node);
-    if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) <= 0)
-        return XenbusStateUnknown;
-    v = simple_strtoul(buf, &end, 10);
-    return end == buf ? XenbusStateUnknown : (int)v;
+    return xenbus_node_state(d->node, XenbusStateUnknown);
 }
 
 static void step(struct netfront_dev *d)
@@ -696,30 +581,20 @@ static void step(struct netfront_dev *d)
     }
 }
 
-struct kick_wait {
-    struct netfront_dev *d;
-    unsigned long seen;
-};
-
-static int kicked(void *arg)
-{
-    struct kick_wait *k = arg;
-    return k->d->kicks != k->seen;
-}
-
 static void dev_thread(void *arg)
 {
     struct netfront_dev *d = arg;
-    struct kick_wait k = { d, 0 };
+    struct xenbus_front_wait k = { &d->kick, 0, NULL };
 
     for (;;) {
-        waitq_wait(&waiters, kicked, &k, ndeferred ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
-        if (k.seen != d->kicks) {
-            k.seen = d->kicks;
+        waitq_wait(&waiters, xenbus_front_kicked, &k,
+                   xenbus_front_deferred() ? monotonic_ns() + 100 * NSEC_PER_MSEC : 0);
+        if (k.seen != d->kick.kicks) {
+            k.seen = d->kick.kicks;
             step(d);
         }
-        if (ndeferred)
-            retry_deferred();
+        if (xenbus_front_deferred())
+            xenbus_front_retry_deferred();
     }
 }
 
@@ -730,53 +605,9 @@ static int find_vif(int want, unsigned int *devid, uint64_t deadline)
 {
     static struct xenbus_watch vif_watch;
     static char list[512];
-    unsigned long seen = 0;
-    int rc, n, watching = 0;
 
-    for (;;) {
-        n = xenbus_directory(XBT_NIL, "device/vif", list, sizeof(list));
-        if (n > 0) {
-            const char *p = list;
-            unsigned long best = ~0UL;
-            for (int i = 0; i < n; i++, p += strlen(p) + 1) {
-                const char *end;
-                unsigned long id = simple_strtoul(p, &end, 10);
-                if (*end || end == p)
-                    continue;
-                if (want >= 0 ? id == (unsigned long)want : id < best)
-                    best = id;
-            }
-            if (best != ~0UL) {
-                char path[64];
-                snprintf(path, sizeof(path), "device/vif/%lu/backend", best);
-                if (xenbus_read(XBT_NIL, path, list, sizeof(list)) > 0) {
-                    *devid = (unsigned int)best;
-                    rc = 0;
-                    break;
-                }
-            }
-        } else if (n < 0 && n != -XEN_ENOENT) {
-            printk("netfront: listing device/vif: %s\n", xenbus_strerror(n));
-            rc = n;
-            break;
-        }
-        if (monotonic_ns() >= deadline) {
-            rc = -XEN_ENOENT;
-            break;
-        }
-        if (!watching) {
-            if (xenbus_watch(&vif_watch, "device/vif", NULL, NULL) == 0)
-                watching = 1;
-            seen = vif_watch.events;
-        }
-        if (watching)
-            xenbus_watch_wait(&vif_watch, &seen, MIN(deadline, monotonic_ns() + NSEC_PER_SEC));
-        else
-            msleep(100);
-    }
-    if (watching)
-        xenbus_unwatch(&vif_watch);
-    return rc;
+    return xenbus_front_find("netfront", "device/vif", want, devid, deadline, &vif_watch, list,
+                             sizeof(list));
 }
 
 static int is_connected(void *arg)
@@ -801,20 +632,12 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
     struct netfront_dev *d = NULL;
     uint64_t deadline = monotonic_ns() + (timeout_ns ? timeout_ns : 30 * NSEC_PER_SEC);
     char path[192], buf[128];
-    unsigned long id;
     unsigned int devid;
-    int rc;
+    int rc, changed;
 
-    if (!xenbus_available()) {
-        printk("netfront: no xenstore, so no network interfaces\n");
-        rc = -XEN_ENODEV;
+    rc = xenbus_front_ready("netfront", "network interfaces");
+    if (rc)
         goto out;
-    }
-    if (!gnttab_ready()) {
-        printk("netfront: no grant table\n");
-        rc = -XEN_ENOSYS;
-        goto out;
-    }
     rc = find_vif(want, &devid, deadline);
     if (rc) {
         printk("netfront: no virtual network interface under device/vif\n");
@@ -829,19 +652,16 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
     }
     memset(d, 0, sizeof(*d));
     d->used = 1;
+    d->kick.wq = &waiters;
     d->devid = devid;
     d->port = -1;
     d->be_state = -1;
+    snprintf(d->tag, sizeof(d->tag), "netfront: vif%u", devid);
     snprintf(d->node, sizeof(d->node), "device/vif/%u", devid);
-    snprintf(path, sizeof(path), "%s/backend", d->node);
-    rc = xenbus_read(XBT_NIL, path, d->backend, sizeof(d->backend));
+    rc = xenbus_front_read_backend(d->node, d->backend, sizeof(d->backend), &d->backend_id,
+                                   &changed);
     if (rc < 0)
         goto out_free;
-    snprintf(path, sizeof(path), "%s/backend-id", d->node);
-    rc = xenbus_read_ulong(XBT_NIL, path, &id);
-    if (rc < 0)
-        goto out_free;
-    d->backend_id = (domid_t)id;
     snprintf(path, sizeof(path), "%s/mac", d->node);
     rc = xenbus_read(XBT_NIL, path, buf, sizeof(buf));
     if (rc < 0 || netfront_parse_mac(buf, d->mac)) {
@@ -849,16 +669,13 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
         rc = rc < 0 ? rc : -XEN_EINVAL;
         goto out_free;
     }
-    snprintf(path, sizeof(path), "%s/state", d->node);
-    d->fe_state = XenbusStateUnknown;
-    if (xenbus_read(XBT_NIL, path, buf, sizeof(buf)) > 0)
-        d->fe_state = (int)simple_strtoul(buf, NULL, 10);
+    d->fe_state = xenbus_node_state(d->node, XenbusStateUnknown);
     printk("netfront: vif%u: backend %s (dom %u), mac %02x:%02x:%02x:%02x:%02x:%02x\n", devid,
            d->backend, d->backend_id, d->mac[0], d->mac[1], d->mac[2], d->mac[3], d->mac[4],
            d->mac[5]);
     if (d->fe_state != XenbusStateInitialising)
         switch_state(d, XenbusStateInitialising);   /* a previous user's leftovers */
-    rc = xenbus_watch(&d->fe_watch, d->node, kick_cb, d);
+    rc = xenbus_watch(&d->fe_watch, d->node, xenbus_front_kick_cb, &d->kick);
     if (rc) {
         printk("netfront: vif%u: watch %s: %s\n", devid, d->node, xenbus_strerror(rc));
         goto out_free;
@@ -868,7 +685,7 @@ struct netfront_dev *netfront_open(int want, uint64_t timeout_ns, int *err)
         xenbus_unwatch(&d->fe_watch);
         goto out_free;
     }
-    d->kicks++;
+    xenbus_front_kick(&d->kick);
     d->thread = create_thread("netfront", dev_thread, d);
     if (!d->thread) {
         rc = -XEN_ENOMEM;
@@ -914,6 +731,14 @@ static int tx_room(void *arg)
     return d->ntx_free > 0;
 }
 
+/* Events masked: are the rings usable?  (A reset channel is found here, see channel_reset.) */
+static int rings_usable(struct netfront_dev *d)
+{
+    if (d->connected && channel_reset(d))
+        lose_connection(d);
+    return d->connected;
+}
+
 int netfront_xmit(struct netfront_dev *d, const void *frame, size_t len, uint64_t deadline_ns)
 {
     struct netif_tx_request *req;
@@ -924,9 +749,7 @@ int netfront_xmit(struct netfront_dev *d, const void *frame, size_t len, uint64_
         return -XEN_EINVAL;
     for (;;) {
         flags = irq_save();
-        if (d->connected && channel_reset(d))
-            lose_connection(d);
-        if (!d->connected) {
+        if (!rings_usable(d)) {
             irq_restore(flags);
             return -XEN_ENODEV;
         }
@@ -1030,9 +853,7 @@ int netfront_recv(struct netfront_dev *d, void *buf, size_t size, uint64_t deadl
 
     for (;;) {
         flags = irq_save();
-        if (d->connected && channel_reset(d))
-            lose_connection(d);
-        if (!d->connected) {
+        if (!rings_usable(d)) {
             irq_restore(flags);
             if (!deadline_ns || monotonic_ns() >= deadline_ns)
                 return -XEN_ENODEV;
