@@ -434,20 +434,16 @@ def test_migrate_over_a_command(two: TwoHosts) -> None:
     assert two.a.list() == []
 
 
-def test_live_rounds_revalidate_tables_in_process(run_guest) -> None:  # noqa: ANN001
-    """The receiver's side alone, on a stream with live rounds made from a
-    save: after round 1 its tables are validated; a later round changes an L1
-    entry and changes it back (applied entry by entry, references moved);
-    then the L4 comes unpinned (its pin reference is dropped) and pinned
-    again in the stop-and-copy; END takes that pin, validating its tree.
-    The ticker runs on from the result and the frame table audits clean."""
+def saved_ticker(run_guest, suspend_at: int) -> tuple[bytes, int, dict]:  # noqa: ANN001
+    """A ticker run in-process until it suspends itself, saved: the stream,
+    the offset of its X86_TSC_INFO (where extra live-round records go in) and
+    its pages with data, pfn -> (type, bytes)."""
     import io
-    import struct as st
 
     from pyxen import abi
-    from pyxen.migration import restore, save
+    from pyxen.migration import save
     from pyxen.migration import stream as S
-    g = run_guest("ticker", "period_ms=50 suspend_at=4")
+    g = run_guest("ticker", f"period_ms=50 suspend_at={suspend_at}")
     end = time.monotonic() + 10
     while g.domain.shutdown_reason != abi.SHUTDOWN_suspend:
         assert time.monotonic() < end, g.output
@@ -465,6 +461,22 @@ def test_live_rounds_revalidate_tables_in_process(run_guest) -> None:  # noqa: A
             for pfn, t in it.value.pfns:
                 if t.has_data:
                     pages[pfn] = (t, next(data))
+    return raw, tail, pages
+
+
+def test_live_rounds_revalidate_tables_in_process(run_guest) -> None:  # noqa: ANN001
+    """The receiver's side alone, on a stream with live rounds made from a
+    save: after round 1 its tables are validated; a later round changes an L1
+    entry and changes it back (applied entry by entry, references moved);
+    then the L4 comes unpinned (its pin reference is dropped) and pinned
+    again in the stop-and-copy; END takes that pin, validating its tree.
+    The ticker runs on from the result and the frame table audits clean."""
+    import io
+    import struct as st
+
+    from pyxen.migration import restore
+    from pyxen.migration import stream as S
+    raw, tail, pages = saved_ticker(run_guest, 4)
     l4 = next(p for p, (t, _) in pages.items() if t == S.PageType.L4TAB_PIN)
     l1 = next(p for p, (t, _) in pages.items() if t == S.PageType.L1TAB)
     orig = pages[l1][1]
@@ -509,27 +521,9 @@ def test_live_round_page_table_mapping_foreign_frame_refused(run_guest) -> None:
     import io
     import struct as st
 
-    from pyxen import abi
-    from pyxen.migration import restore, save
+    from pyxen.migration import restore
     from pyxen.migration import stream as S
-    g = run_guest("ticker", "period_ms=50 suspend_at=2")
-    end = time.monotonic() + 10
-    while g.domain.shutdown_reason != abi.SHUTDOWN_suspend:
-        assert time.monotonic() < end, g.output
-        time.sleep(0.02)
-    buf = io.BytesIO()
-    save.save_domain(g.domain, buf)
-    g.domain.destroy()
-    raw = buf.getvalue()
-    items = list(S.iter_stream(io.BytesIO(raw)))
-    tail = next(it.offset for it in items if it.rtype == S.Rec.X86_TSC_INFO and it.layer == "libxc")
-    pages: dict[int, tuple[S.PageType, bytes]] = {}
-    for it in items:
-        if it.rtype == S.Rec.PAGE_DATA and it.layer == "libxc":
-            data = iter(it.value.data)
-            for pfn, t in it.value.pfns:
-                if t.has_data:
-                    pages[pfn] = (t, next(data))
+    raw, tail, pages = saved_ticker(run_guest, 2)
     l1 = next(p for p, (t, _) in pages.items() if t == S.PageType.L1TAB)
     l4 = next(p for p, (t, _) in pages.items() if t == S.PageType.L4TAB_PIN)
     ents = list(st.unpack("<512Q", pages[l1][1]))
