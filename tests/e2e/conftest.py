@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,3 +23,22 @@ def two(guest) -> Iterator[TwoHosts]:  # noqa: ANN001 - tests/conftest.py's fixt
         yield t
     finally:
         t.close()
+
+
+@pytest.fixture
+def pair(guest: Path) -> Iterator[tuple[Any, Any]]:
+    """Two domains of the hello guest, built and not started (domids 21 and
+    22): a granter and a copier for the native grant-copy tests."""
+    from pyxen import native
+    from pyxen.domctl import create_domain
+    from pyxen.hv.domain import DomainSpec
+    if native.fast() is None:
+        pytest.skip(f"native library not available: {native.why_not()}")
+    a = create_domain(DomainSpec(name="cA", memory_mib=16, kernel=str(guest / "hello"), domid=21),
+                      start=False)
+    b = create_domain(DomainSpec(name="cB", memory_mib=16, kernel=str(guest / "hello"), domid=22),
+                      start=False)
+    yield a, b
+    for d in (b, a):
+        d.destroy()
+        d.close()

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import random
 import struct
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from pyxen import abi, native
+from pyxen import abi
 from pyxen.hv import gnttab as G
 from pyxen.hv import machine as M
 from pyxen.hv.domain import Domain
@@ -28,22 +26,6 @@ KVA = 0xFFFFFFFF80000000  # the initial mapping: pfn N at KVA + N * 4096
 OPS_PFN = 220  # B's op array lives here (two pages: it straddles)
 SRC_PFNS = range(300, 308)  # A's granted pages
 TABLE_REFS = 32
-
-
-@pytest.fixture
-def pair(guest: Path) -> Iterator[tuple[Domain, Domain]]:
-    from pyxen.domctl import create_domain
-    from pyxen.hv.domain import DomainSpec
-    if native.fast() is None:
-        pytest.skip(f"native library not available: {native.why_not()}")
-    a = create_domain(DomainSpec(name="cA", memory_mib=16, kernel=str(guest / "hello"), domid=21),
-                      start=False)
-    b = create_domain(DomainSpec(name="cB", memory_mib=16, kernel=str(guest / "hello"), domid=22),
-                      start=False)
-    yield a, b
-    for d in (b, a):
-        d.destroy()
-        d.close()
 
 
 def _grant(a: Domain, ref: int, flags: int, domid: int, frame: int) -> None:

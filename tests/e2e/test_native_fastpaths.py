@@ -185,23 +185,6 @@ def test_a_refusal_stands_until_the_guest_hears_news(guest: Path) -> None:
             d.close()
 
 
-@pytest.fixture
-def pair(guest: Path) -> Iterator[tuple[Domain, Domain]]:
-    """A granter and a copier, built, not started (test_grant_copy_native's world)."""
-    from pyxen.domctl import create_domain
-    from pyxen.hv.domain import DomainSpec
-    if native.fast() is None:
-        pytest.skip(f"native library not available: {native.why_not()}")
-    a = create_domain(DomainSpec(name="cA", memory_mib=16, kernel=str(guest / "hello"), domid=21),
-                      start=False)
-    b = create_domain(DomainSpec(name="cB", memory_mib=16, kernel=str(guest / "hello"), domid=22),
-                      start=False)
-    yield a, b
-    for d in (b, a):
-        d.destroy()
-        d.close()
-
-
 def test_copy_whose_ops_change_under_it_matches_the_reference(
         pair: tuple[Domain, Domain], monkeypatch: pytest.MonkeyPatch) -> None:
     """Op 0 copies over op 1, which then names a granter the native scan never
