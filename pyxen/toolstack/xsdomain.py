@@ -70,6 +70,22 @@ def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: 
         xsd.set_perms(f"{dp}/control/{node}", rw)
 
 
+def _write_device(xsd: Xenstored, domid: int, be: str, be_vals: dict[str, str], fe: str,
+                  fe_vals: dict[str, str]) -> None:
+    """A split device's two directories as libxl writes them: the backend's
+    owned by dom0 and readable by the guest, the frontend's owned by the
+    guest and readable by dom0 (its state node too)."""
+    xsd.write(be, "")
+    xsd.set_perms(be, ["n0", f"r{domid}"])
+    for k, v in be_vals.items():
+        xsd.write(f"{be}/{k}", v)
+    xsd.write(fe, "")
+    xsd.set_perms(fe, [f"n{domid}", "r0"])
+    for k, v in fe_vals.items():
+        xsd.write(f"{fe}/{k}", v)
+    xsd.set_perms(f"{fe}/state", [f"n{domid}", "r0"])
+
+
 def write_vbd(xsd: Xenstored, domid: int, disk: dict[str, Any]) -> None:
     """libxl's nodes for a virtual block device, both ends in Initialising."""
     devid = int(disk["devid"])
@@ -83,15 +99,7 @@ def write_vbd(xsd: Xenstored, domid: int, disk: dict[str, Any]) -> None:
                "device-type": "disk", "removable": "0", "bootable": "1"}
     fe_vals = {"backend": be, "backend-id": "0", "virtual-device": str(devid),
                "device-type": "disk", "state": "1"}
-    xsd.write(be, "")
-    xsd.set_perms(be, ["n0", f"r{domid}"])
-    for k, v in be_vals.items():
-        xsd.write(f"{be}/{k}", v)
-    xsd.write(fe, "")
-    xsd.set_perms(fe, [f"n{domid}", "r0"])
-    for k, v in fe_vals.items():
-        xsd.write(f"{fe}/{k}", v)
-    xsd.set_perms(f"{fe}/state", [f"n{domid}", "r0"])
+    _write_device(xsd, domid, be, be_vals, fe, fe_vals)
 
 
 def write_vif(xsd: Xenstored, domid: int, vif: dict[str, Any]) -> None:
@@ -112,15 +120,7 @@ def write_vif(xsd: Xenstored, domid: int, vif: dict[str, Any]) -> None:
         be_vals["rate"] = f"{nbytes},{usecs}"
     fe_vals = {"backend": be, "backend-id": "0", "state": "1", "handle": str(devid),
                "mac": str(vif["mac"])}
-    xsd.write(be, "")
-    xsd.set_perms(be, ["n0", f"r{domid}"])
-    for k, v in be_vals.items():
-        xsd.write(f"{be}/{k}", v)
-    xsd.write(fe, "")
-    xsd.set_perms(fe, [f"n{domid}", "r0"])
-    for k, v in fe_vals.items():
-        xsd.write(f"{fe}/{k}", v)
-    xsd.set_perms(f"{fe}/state", [f"n{domid}", "r0"])
+    _write_device(xsd, domid, be, be_vals, fe, fe_vals)
 
 
 class DomainSocket:
