@@ -439,12 +439,18 @@ static void test_vcpu_op(void)
     bind_evtchn(timer_port, timer_count_handler, NULL);
 
     h0 = timer_hits;
+    t0 = monotonic_ns();
     rc = hc_vcpu_op(VCPUOP_set_periodic_timer, 0, &per);
     msleep(100);
     n = timer_hits - h0;
-    /* 10 periodic ticks; msleep's own one-shot may add one. */
-    check("vcpu_op.set_periodic_timer", rc == 0 && n >= 7 && n <= 13,
-          "rc=%ld events in 100 ms=%lu", rc, n);
+    t_fire = (monotonic_ns() - t0) / (10 * NSEC_PER_MSEC); /* periods elapsed */
+    /* ~10 periodic ticks; msleep's own one-shot may add one.  Xen does not
+     * catch up missed ticks (vcpu_periodic_timer_work: the next one is
+     * now + period), so a host that stalls the vCPU (a loaded machine) sees
+     * fewer: at least 3 prove the timer is periodic, and never more than one
+     * per period elapsed plus msleep's. */
+    check("vcpu_op.set_periodic_timer", rc == 0 && n >= 3 && n <= t_fire + 2,
+          "rc=%ld events=%lu in %lu periods", rc, n, (unsigned long)t_fire);
 
     rc = hc_vcpu_op(VCPUOP_stop_periodic_timer, 0, NULL);
     msleep(5);
