@@ -379,27 +379,41 @@ def _memcpy(tool: Path, mib: int) -> dict[str, Any]:
             "ns": int(kv["ns"])}
 
 
+def _copy_runs(ctx: Context, mib: int, batches: dict[str, int]) -> tuple[list[dict[str, Any]],
+                                                                        dict[str, list[dict[str, Any]]]]:
+    """memcpy and grant-copy runs side by side (1 in quick mode, else 2): each
+    run does memcpy first, then one gntbench copier per ``batches`` entry
+    (tag -> ops per hypercall), all on one daemon.  Returns the memcpy runs and
+    the grant-copy runs by tag."""
+    ctx.require_kvm()
+    app = ctx.guest_app("gntbench")
+    tool = ctx.cc("memcpy_bench", "c/memcpy_bench.c")
+    mc: list[dict[str, Any]] = []
+    gc: dict[str, list[dict[str, Any]]] = {tag: [] for tag in batches}
+    with _Daemon(ctx) as d:
+        xs = _xs_client(d)
+        try:
+            for i in range(1 if ctx.quick else 2):
+                mc.append(_memcpy(tool, mib))
+                for tag, batch in batches.items():
+                    gc[tag].append(_grant_copy(d, xs, app, mib, f"{tag}{i}", batch=batch))
+        finally:
+            xs.close()
+    return mc, gc
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(runs, key=lambda r: r["mb_per_s"])
+
+
 @benchmark("grant_copy_throughput", unit="MB/s")
 def grant_copy_throughput(ctx: Context) -> Result:
     """GNTTABOP_copy of 4 KiB chunks from pages another guest granted, 16 ops per
     hypercall (guest gntbench), MB/s vs memcpy of the same chunks (bench/c/memcpy_bench.c)."""
-    ctx.require_kvm()
-    app = ctx.guest_app("gntbench")
-    tool = ctx.cc("memcpy_bench", "c/memcpy_bench.c")
     mib = 64 if ctx.quick else 256
-    runs = 1 if ctx.quick else 2
-    gc: list[dict[str, Any]] = []
-    mc: list[dict[str, Any]] = []
-    with _Daemon(ctx) as d:
-        xs = _xs_client(d)
-        try:
-            for i in range(runs):
-                mc.append(_memcpy(tool, mib))
-                gc.append(_grant_copy(d, xs, app, mib, str(i)))
-        finally:
-            xs.close()
-    best_gc = max(gc, key=lambda r: r["mb_per_s"])
-    best_mc = max(mc, key=lambda r: r["mb_per_s"])
+    mc, runs = _copy_runs(ctx, mib, {"": GNT_BATCH})
+    gc = runs[""]
+    best_gc, best_mc = _best(gc), _best(mc)
     ctx.log(f"grant copy {best_gc['mb_per_s']:.0f} MB/s ({best_gc['per_op_us']:.1f} µs/op), "
             f"memcpy {best_mc['mb_per_s']:.0f} MB/s")
     return compare(best_gc["mb_per_s"], best_mc["mb_per_s"], stat="best", mib=mib, chunk=4096,
@@ -422,26 +436,10 @@ def grant_copy_batch(ctx: Context) -> Result:
     runs at about memcpy speed in C (docs/interdomain.md), so the batch size
     decides: 256 ops (1 MiB, ~20 µs of memcpy) stay below the target whatever
     the copy costs; the 256-op figure is in the details."""
-    ctx.require_kvm()
-    app = ctx.guest_app("gntbench")
-    tool = ctx.cc("memcpy_bench", "c/memcpy_bench.c")
     mib = 256 if ctx.quick else 1024
-    runs = 1 if ctx.quick else 2
-    gc: list[dict[str, Any]] = []
-    mid: list[dict[str, Any]] = []
-    mc: list[dict[str, Any]] = []
-    with _Daemon(ctx) as d:
-        xs = _xs_client(d)
-        try:
-            for i in range(runs):
-                mc.append(_memcpy(tool, mib))
-                gc.append(_grant_copy(d, xs, app, mib, f"big{i}", batch=GNT_BIG_BATCH))
-                mid.append(_grant_copy(d, xs, app, mib, f"mid{i}", batch=GNT_MID_BATCH))
-        finally:
-            xs.close()
-    best_gc = max(gc, key=lambda r: r["mb_per_s"])
-    best_mid = max(mid, key=lambda r: r["mb_per_s"])
-    best_mc = max(mc, key=lambda r: r["mb_per_s"])
+    mc, runs = _copy_runs(ctx, mib, {"big": GNT_BIG_BATCH, "mid": GNT_MID_BATCH})
+    gc, mid = runs["big"], runs["mid"]
+    best_gc, best_mid, best_mc = _best(gc), _best(mid), _best(mc)
     ctx.log(f"grant copy, {GNT_BIG_BATCH} ops per call: {best_gc['mb_per_s']:.0f} MB/s "
             f"({best_gc['per_call_us']:.1f} µs per call); {GNT_MID_BATCH} ops per call: "
             f"{best_mid['mb_per_s']:.0f} MB/s ({best_mid['per_call_us']:.1f} µs per call); "
