@@ -48,6 +48,7 @@ import ipaddress
 import os
 import socket
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
 BRIDGE, ROUTE, NAT = "bridge", "route", "nat"
@@ -89,7 +90,7 @@ def parse_ips(ip: str) -> list[ipaddress.IPv4Network]:
     return out
 
 
-def nat_addresses(domid: int, devid: int, ip: str = "") -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+def nat_addresses(domid: int, devid: int, ip: str = "") -> tuple[IPv4Address, IPv4Address]:
     """(the guest's address, the vif's "router" address) as vif-nat computes
     them: ``ip=`` (its first entry) or ``10.(domid/256).(domid%256).(devid+1)``,
     and the same with 127 added to the last byte (vif-nat's awk
