@@ -223,8 +223,11 @@ def apply(p: Plan) -> None:
             _sysctl(f"conf/{p.vif}/proxy_arp", "1")
             _sysctl(f"conf/{p.vif}/rp_filter", "1")
             _sysctl("ip_forward", "1")
+            # replace, not add: a guest relocated within this host has its
+            # routes on the source's vif until that one goes (the same metric:
+            # no other route of the host's is touched)
             for net in p.routes:
-                ipr.route("add", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx[0],
+                ipr.route("replace", dst=str(net.network_address), dst_len=net.prefixlen, oif=idx[0],
                           prefsrc=str(p.address), priority=ROUTE_METRIC)
         if p.masquerade:
             _nft_add(p)
