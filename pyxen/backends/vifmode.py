@@ -316,6 +316,11 @@ def _nft_add(p: Plan) -> None:
     nat hook postrouting priority srcnat; policy accept; RULES } }``."""
     nft = _nft()
     try:
+        try:  # a table left by a vif of this name whose process was killed: made afresh
+            nft.table("del", name=p.nft_table)
+        except Exception as e:  # noqa: BLE001 - NetlinkError ENOENT: none (the usual case)
+            if getattr(e, "code", 2) != 2:
+                raise
         nft.table("add", name=p.nft_table)
         nft.chain("add", table=p.nft_table, name="postrouting", hook="postrouting", type="nat",
                   priority=NAT_POSTROUTING_PRIORITY, policy=NF_ACCEPT)

@@ -94,6 +94,13 @@ def _settled(ns: str, domid: int, *gone: str) -> str:
     return out
 
 
+def _in_echos(ns: str) -> int:
+    """ICMP echo requests the namespace has received (/proc/net/snmp's Icmp InEchos)."""
+    snmp = _ns(ns, "cat", "/proc/net/snmp").stdout
+    lines = [ln.split() for ln in snmp.splitlines() if ln.startswith("Icmp:")]
+    return int(lines[1][lines[0].index("InEchos")])
+
+
 def _ping(sh: Shell, addr: str) -> str:
     return sh.run(f"ping -c 3 -W 5 {addr}", timeout=60)
 
@@ -142,6 +149,15 @@ def test_route_mode(nshost: object, netns: str, peer: str, initrd_net: Path) -> 
     _run("ip", "-n", peer, "route", "add", "10.33.0.0/24", "via", HOST_UP)
     out = _ping(sh, PEER)
     assert re.search(PINGED, out), _diag(nshost, netns, sh, out)
+    # a source address not routed to the vif is not forwarded (strict rp_filter on the vif),
+    # although the peer would answer it (it routes all of 10.33.0.0/24 to the host)
+    echos = _in_echos(peer)
+    sh.run("ip addr add 10.33.0.77/32 dev eth0")
+    out = sh.run(f"ping -c 3 -W 2 -I 10.33.0.77 {PEER}", timeout=60)
+    assert "3 packets transmitted, 0 packets received" in out, out
+    assert _in_echos(peer) == echos  # never reached the peer
+    out = _ping(sh, PEER)  # (and the counter does count)
+    assert re.search(PINGED, out) and _in_echos(peer) >= echos + 1, out
     # a hot-plugged second vif in route mode, then detached: its route goes with it
     from pyxen.toolstack.api import vif_to_dict
     from pyxen.toolstack.xlcfg import parse_vif_spec
