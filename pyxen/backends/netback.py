@@ -508,6 +508,7 @@ class NetBack:
             self.vif_plan = vifmode.setup(mode, self.ifname, self.domain.domid, self.devid,
                                           self.xs.try_read(f"{self.be}/ip") or "",
                                           self.xs.try_read(f"{self.be}/gatewaydev") or "")
+            self.bridge = None  # (network-list: in no bridge)
         except vifmode.VifModeError as e:
             try:
                 self.xs.write(f"{self.be}/hotplug-error", str(e))

@@ -138,6 +138,9 @@ def test_route_mode(nshost: object, netns: str, peer: str, initrd_net: Path) -> 
         _routes(netns)
     assert _ns(netns, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
     assert _ns(netns, "cat", f"/proc/sys/net/ipv4/conf/{vif}/proxy_arp").stdout.strip() == "1"
+    assert _ns(netns, "cat", f"/proc/sys/net/ipv4/conf/{vif}/rp_filter").stdout.strip() == "1"
+    [listed] = nshost.network_list(domid)  # type: ignore[attr-defined]
+    assert listed["bridge"] == "" and listed["vifname"] == vif, listed
     # the guest: its address, the gateway on the link, the default route through it
     sh.run(f"ip addr add {guest_ip}/32 dev eth0; ip link set eth0 up; ip route add {HOST_UP} dev eth0; "
            f"ip route add default via {HOST_UP}")

@@ -69,6 +69,10 @@ def test_plans() -> None:
     assert (p.address, p.routes, p.masquerade, p.nft_table) == (
         IPv4Address("10.0.4.129"), [IPv4Network("10.0.4.2/32")], [IPv4Network("10.0.4.2/32")],
         "pyxen-vif4.1")
+    # ip= with more than one entry: the router from the first, every entry routed and masqueraded
+    p = V.plan(V.NAT, "vif4.0", 4, 0, "192.168.5.2 192.168.6.0/24", "up0", None)
+    assert p.address == IPv4Address("192.168.5.129")
+    assert p.routes == p.masquerade == [IPv4Network("192.168.5.2/32"), IPv4Network("192.168.6.0/24")]
 
 
 def _data(e: dict) -> tuple[str, dict]:
