@@ -220,3 +220,34 @@ def test_route_without_ip_is_refused_at_load(tmp_path: Path) -> None:
         load_domain_config(cfg, ['kernel="/bin/true"', 'ramdisk="/bin/true"'])
     want = rf"{re.escape(str(cfg))}:\d+: vif: 'script=vif-route': ip: route mode"
     assert re.match(want, str(e.value)), e.value
+
+
+def test_netecho_routed_and_natted(nshost: object, netns: str, peer: str) -> None:  # noqa: F811
+    """Our own guest kernel, which has no routing of its own: it ARPs for
+    every address, and the vif's proxy_arp answers for what lies beyond the
+    host.  A routed netecho pings the peer and the peer's UDP reaches it; a
+    NATed one pings the peer, which has no route back to it."""
+    from tests.conftest import read_until
+    if not (ROOT / "guest" / "build" / "netecho").exists():
+        pytest.fail("guest/build/netecho was not built")
+    _run("ip", "-n", peer, "route", "add", "10.33.0.0/24", "via", HOST_UP)
+
+    def start(name: str, vif: str, extra: str) -> tuple[int, str]:
+        domid, s = nshost.create_attached(ROOT / "examples" / "netecho.cfg", [  # type: ignore[attr-defined]
+            f'name="{name}"', f'extra="{extra}"', f"vif=['{vif}']"])
+        out = read_until(s, rb"netecho: ping 10\.99\.0\.2: \d+ sent, \d+ answered", 120)
+        s.close()
+        return domid, out.decode(errors="replace")
+
+    _d1, out = start("ne-route", "script=vif-route,ip=10.33.0.3", f"ip=10.33.0.3 ping={PEER} ping_count=3")
+    assert re.search(r"ping 10\.99\.0\.2: 3 sent, [123] answered", out), out
+    p = _ns(netns, str(BUSYBOX), "ping", "-c", "3", "-W", "5", "10.33.0.3")
+    assert p.returncode == 0, p.stdout + p.stderr
+    echo = ("import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(5); "
+            "[s.sendto(b'via-route', ('10.33.0.3', 7)) for _ in range(3)]; print(s.recvfrom(64)[0].decode())")
+    r = _ns(peer, sys.executable, "-c", echo)
+    assert r.stdout.strip() == "via-route", r.stdout + r.stderr
+    _d2, out = start("ne-nat", "script=vif-nat,ip=192.168.50.2",
+                     f"ip=192.168.50.2 ping={PEER} ping_count=3")
+    assert re.search(r"ping 10\.99\.0\.2: 3 sent, [123] answered", out), out
+    assert "192.168." not in _routes(peer)
