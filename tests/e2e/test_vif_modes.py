@@ -195,7 +195,7 @@ def test_nat_mode(nshost: object, netns: str, peer: str, initrd_net: Path) -> No
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "ready"
-        # (busybox wget -T segfaults in this guest: not used)
+        # (no -T: Debian 12's busybox-static wget segfaults with it, on the host too)
         out = sh.run(f"for i in 1 2 3; do wget -q -O /tmp/seen http://{PEER}:7777/ && break; done; "
                      "cat /tmp/seen", timeout=60)
         assert f"seen-from-{HOST_UP}" in out, _diag(nshost, netns, sh, out)
