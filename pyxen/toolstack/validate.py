@@ -165,8 +165,12 @@ def vif(v: object) -> dict[str, Any]:
         vs, _ = parse_vif_spec(spec_)
         mac = string("vif mac", v.get("mac"), 17)
         ms, _ = parse_vif_spec(f"mac={mac},bridge={v.get('bridge') or 'xenbr0'}"
-                               + (f",vifname={v['vifname']}" if v.get("vifname") else "")
-                               + (f",gatewaydev={v['gatewaydev']}" if v.get("gatewaydev") else ""))
+                               + (f",vifname={v['vifname']}" if v.get("vifname") else ""))
+        gwdev = string("vif gatewaydev", v.get("gatewaydev") or "", 64)
+        if "," in gwdev:
+            raise ValueError(f"bad gatewaydev {gwdev!r}")
+        if gwdev:
+            parse_vif_spec(f"gatewaydev={gwdev}")  # an interface name
     except ValueError as e:
         raise RequestError(f"vif {spec_!r}: {e}") from None
     if vs.mac is not None and vs.mac != ms.mac:
@@ -189,7 +193,7 @@ def vif(v: object) -> dict[str, Any]:
     return {"spec": spec_, "devid": devid,
             "mac": ms.mac, "bridge": ms.bridge, "vifname": ms.options.get("vifname", ""),
             "ip": ip, "rate": rate, "script": script,
-            "gatewaydev": ms.options.get("gatewaydev", "")}
+            "gatewaydev": gwdev}
 
 
 def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:

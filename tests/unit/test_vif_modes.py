@@ -132,6 +132,8 @@ def test_daemon_checks_modes() -> None:
         validate.vif(base)
     with pytest.raises(validate.RequestError, match="bad gatewaydev"):
         validate.vif({**base, "ip": "10.0.0.2", "gatewaydev": "x y"})
+    with pytest.raises(validate.RequestError, match="bad gatewaydev"):
+        validate.vif({**base, "ip": "10.0.0.2", "gatewaydev": "up0,mac=00:16:3e:00:00:09"})
     assert validate.vif({**base, "ip": "10.0.0.2", "gatewaydev": "up0"})["gatewaydev"] == "up0"
 
 
