@@ -58,6 +58,7 @@ from ..abi import XenError
 from ..hv import gnttab
 from ..xenstore.client import XsClient, XsError
 from . import netif as N
+from . import vifmode
 
 if TYPE_CHECKING:
     from ..hv.domain import Domain
@@ -386,6 +387,7 @@ class NetBack:
         self.domain = domain
         self.script = script  # script=: a hotplug script does what bridge mode would (vif-bridge's job)
         self.script_online = False
+        self.vif_plan: vifmode.Plan | None = None  # route/NAT mode's host changes, while in effect
         self.xs = xs
         self.devid = devid
         self.mac = mac
@@ -448,7 +450,9 @@ class NetBack:
             if self.tap < 0:
                 self.tap = open_tap(self.ifname)
                 tap_prepare(self.ifname, None if self.script else self.bridge)
-            if self.script:
+            if vifmode.builtin_mode(self.script):  # Xen's vif-route/vif-nat, not installed: ours
+                self._mode_online()
+            elif self.script:
                 self._hotplug("online")  # the script does the rest, when Xen runs it
             else:
                 link_up(self.ifname)
@@ -493,6 +497,25 @@ class NetBack:
                     pass
             raise
         self.script_online = action == "online"
+
+    def _mode_online(self) -> None:
+        """Route or NAT mode done here (:mod:`.vifmode`), from the backend's
+        ``ip`` and ``gatewaydev`` nodes as Xen's scripts read them (the
+        toolstack wrote them; the guest cannot); failures as a script's."""
+        mode = vifmode.builtin_mode(self.script)
+        assert mode is not None
+        try:
+            self.vif_plan = vifmode.setup(mode, self.ifname, self.domain.domid, self.devid,
+                                          self.xs.try_read(f"{self.be}/ip") or "",
+                                          self.xs.try_read(f"{self.be}/gatewaydev") or "")
+            self.bridge = None  # (network-list: in no bridge)
+        except vifmode.VifModeError as e:
+            try:
+                self.xs.write(f"{self.be}/hotplug-error", str(e))
+                self.xs.write(f"{self.be}/hotplug-status", "error")
+            except XsError:
+                pass
+            raise NetError(str(e)) from None
 
     def reconnect_xenstore(self, xs: XsClient) -> None:
         """A new xenstore connection (the daemon restarted): watch again."""
@@ -982,6 +1005,10 @@ class NetBack:
             except NetError as e:
                 self.domain.log(f"netback {self.ifname}: {e}", always=True)
             self.script_online = False
+        if self.vif_plan is not None:  # route/NAT mode: its routes and nftables table go
+            for why in vifmode.undo(self.vif_plan):
+                self.domain.log(f"netback {self.ifname}: left behind: {why}", always=True)
+            self.vif_plan = None
         if self.tap >= 0:
             os.close(self.tap)  # the TAP goes with its last fd (it was not made persistent)
             self.tap = -1

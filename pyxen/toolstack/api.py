@@ -90,7 +90,8 @@ def vif_to_dict(v: VifSpec, devid: int | None = None) -> dict[str, Any]:
     return {"spec": v.spec, "devid": int(did or 0), "mac": v.mac or random_mac(),
             "bridge": v.bridge or "xenbr0", "vifname": v.options.get("vifname", ""),
             "ip": v.ip or "", "rate": v.options.get("rate", ""),
-            "script": vif_script_path(v.options.get("script", ""))}
+            "script": vif_script_path(v.options.get("script", "")),
+            "gatewaydev": v.options.get("gatewaydev", v.options.get("netdev", ""))}
 
 
 class Host:

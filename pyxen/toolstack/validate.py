@@ -20,13 +20,14 @@ open a file it could not open itself.
 from __future__ import annotations
 
 import uuid as uuidlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import hostmem
 from ..abi import MAX_GUEST_CMDLINE
 from . import paths
-from .xlcfg import parse_disk_spec, parse_vif_rate, parse_vif_spec
+from .xlcfg import check_vif_mode, parse_disk_spec, parse_vif_rate, parse_vif_spec
 
 MAX_DOMID = 0x7FEF  # DOMID_FIRST_RESERVED: 1..0x7FEF-1 are ordinary domains
 MAX_VCPUS = 128
@@ -37,7 +38,7 @@ ACTIONS = ("destroy", "restart", "rename-restart", "preserve", "coredump-destroy
 SPEC_KEYS = {"name", "memory_mib", "maxmem_mib", "vcpus", "maxvcpus", "kernel", "cmdline",
              "ramdisk", "uuid", "extra", "domid"}
 EXTRA_KEYS = {"disks", "disk_secrets", "paused", "actions", "vifs"}
-VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip", "rate", "script"}
+VIF_KEYS = {"spec", "devid", "mac", "bridge", "vifname", "ip", "rate", "script", "gatewaydev"}
 DISK_KEYS = {"spec", "vdev", "devid", "target", "format", "readwrite"}
 
 
@@ -165,6 +166,11 @@ def vif(v: object) -> dict[str, Any]:
         mac = string("vif mac", v.get("mac"), 17)
         ms, _ = parse_vif_spec(f"mac={mac},bridge={v.get('bridge') or 'xenbr0'}"
                                + (f",vifname={v['vifname']}" if v.get("vifname") else ""))
+        gwdev = string("vif gatewaydev", v.get("gatewaydev") or "", 64)
+        if "," in gwdev:
+            raise ValueError(f"bad gatewaydev {gwdev!r}")
+        if gwdev:
+            parse_vif_spec(f"gatewaydev={gwdev}")  # an interface name
     except ValueError as e:
         raise RequestError(f"vif {spec_!r}: {e}") from None
     if vs.mac is not None and vs.mac != ms.mac:
@@ -178,9 +184,16 @@ def vif(v: object) -> dict[str, Any]:
     script = string("vif script", v.get("script") or "", 4096)
     if script and (not script.startswith("/") or "\0" in script):
         raise RequestError(f"vif {spec_!r}: script {script!r} is not an absolute path")
-    return {"spec": spec_, "devid": integer("vif devid", v.get("devid", 0), 0, (1 << 16) - 1),
+    devid = integer("vif devid", v.get("devid", 0), 0, (1 << 16) - 1)
+    ip = string("vif ip", v.get("ip") or "", 1024)
+    try:  # route/NAT mode (Xen's vif-route/vif-nat done by pyxen): its ip= checked as at load
+        check_vif_mode(replace(vs, ip=ip, options={**vs.options, "script": script}), devid)
+    except ValueError as e:
+        raise RequestError(f"vif {spec_!r}: {e}") from None
+    return {"spec": spec_, "devid": devid,
             "mac": ms.mac, "bridge": ms.bridge, "vifname": ms.options.get("vifname", ""),
-            "ip": string("vif ip", v.get("ip") or "", 1024), "rate": rate, "script": script}
+            "ip": ip, "rate": rate, "script": script,
+            "gatewaydev": gwdev}
 
 
 def spec(v: object, acts: object) -> tuple[dict[str, Any], dict[str, str]]:

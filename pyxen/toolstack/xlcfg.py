@@ -32,6 +32,7 @@ from typing import Union
 from urllib.parse import unquote
 
 from .. import hostmem
+from ..backends.vifmode import VifModeError, builtin_mode, nat_addresses, parse_ips
 from ..hostmem import MAX_RAM_MIB
 from .paths import domain_name_problem
 
@@ -58,6 +59,7 @@ __all__ = [
     "parse_disk_spec",
     "parse_vif_rate",
     "parse_vif_spec",
+    "check_vif_mode",
     "parse_xl_cfg",
     "parse_xl_number",
     "vdev_to_devid",
@@ -1181,7 +1183,10 @@ def vif_script_path(script: str) -> str:
     for none.  As libxl (libxl__device_nic_setdefault): a name without a
     leading '/' is in XEN_SCRIPT_DIR.  Xen's default ``vif-bridge``, when no
     such file is installed, is pyxen's own bridge mode: "" (so xl configs that
-    name it keep working)."""
+    name it keep working).  Xen's ``vif-route`` and ``vif-nat`` keep their
+    path (the backend's ``script`` node holds it, as libxl writes it); when no
+    such script is installed netback does their work itself
+    (``vifmode.builtin_mode``)."""
     if not script:
         return ""
     path = script if script.startswith("/") else os.path.join(XEN_SCRIPT_DIR, script)
@@ -1194,11 +1199,34 @@ def check_vif_script(script: str) -> str:
     """``vif_script_path`` of ``script=``, checked: an executable file (ValueError
     naming it otherwise, so that a config load says which line is wrong)."""
     path = vif_script_path(script)
+    if path and builtin_mode(path):
+        return path  # Xen's vif-route/vif-nat, not installed: pyxen's own route/NAT mode
     if path and not os.path.isfile(path):
         raise ValueError(f"script '{script}': no such file ({path})")
     if path and not os.access(path, os.X_OK):
         raise ValueError(f"script '{script}': {path} is not executable")
     return path
+
+
+def check_vif_mode(v: VifSpec, devid: int) -> str | None:
+    """The mode pyxen sets up itself for a vif that names Xen's ``vif-route``
+    or ``vif-nat`` (not installed), checked (ValueError naming the field):
+    route needs ``ip=`` (the addresses routed to the guest), both route IPv4
+    only, and NAT's guest and router addresses must exist (vif-nat's rule).
+    None: bridge mode or a script of the user's own."""
+    mode = builtin_mode(vif_script_path(v.options.get("script", "")))
+    if mode is None:
+        return None
+    try:
+        parse_ips(v.ip or "")
+        if mode == "route" and not (v.ip or "").split():
+            raise ValueError("ip: route mode (vif-route) needs ip= (the guest's IPv4 "
+                             "addresses or networks to route to it)")
+        if mode == "nat":
+            nat_addresses(0, devid, v.ip or "")
+    except VifModeError as e:
+        raise ValueError(f"ip: {e}") from None
+    return mode
 
 
 def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
@@ -1271,6 +1299,10 @@ def parse_vif_spec(spec: str) -> tuple[VifSpec, list[str]]:
         raise ValueError("empty script (give a hotplug script's path or name)")
     if "netdev" in opts:
         warnings.append("vif option 'netdev' is deprecated, use gatewaydev")
+    gwdev = opts.get("gatewaydev", opts.get("netdev"))
+    if gwdev is not None and not _IFNAME_RE.fullmatch(gwdev):
+        raise ValueError(f"bad gatewaydev '{gwdev}' (a network interface name: 1 to 15 "
+                         "characters, no '/', ':' or blanks)")
     return VifSpec(spec=spec, options=opts, mac=mac, bridge=opts.get("bridge"),
                    ip=ip, model=opts.get("model"), type=vtype, mtu=mtu), warnings
 
@@ -1650,9 +1682,10 @@ class _Loader:
             if "script" in v.options:
                 try:
                     check_vif_script(v.options["script"])
+                    check_vif_mode(v, devid)
                 except ValueError as e:
                     raise s.error(f"'{a.text}': {e}", a) from None
-            for opt in ("model", "gatewaydev", "vlan", "accel", "backend"):
+            for opt in ("model", "vlan", "accel", "backend"):
                 if opt in v.options:
                     self.warn(s, f"vif '{a.text}': option '{opt}' is not supported by pyxen yet; ignored", a)
             if v.type == "ioemu":

@@ -114,6 +114,8 @@ def write_vif(xsd: Xenstored, domid: int, vif: dict[str, Any]) -> None:
                "script": str(vif.get("script") or "/etc/xen/scripts/vif-bridge"), "type": "vif"}
     if vif.get("ip"):
         be_vals["ip"] = str(vif["ip"])
+    if vif.get("gatewaydev"):  # vif-route/vif-nat's netdev (libxl__device_nic_add)
+        be_vals["gatewaydev"] = str(vif["gatewaydev"])
     if vif.get("rate"):  # libxl: "BYTES_PER_INTERVAL,INTERVAL_USECS", netback's credit limiter
         from .xlcfg import parse_vif_rate
         nbytes, usecs = parse_vif_rate(str(vif["rate"]))

@@ -63,8 +63,10 @@ def test_unsupported_options_are_warnings(tmp_path: Path) -> None:
     _, warns = cfg(tmp_path, "vif = [ 'model=e1000,rate=10Mb/s' ]")
     assert any("'model'" in w for w in warns) and not any("'rate'" in w for w in warns)
     # script= is run (docs/netback.md): one that is not installed is an error naming it
-    with pytest.raises(ConfigError, match=r"script 'vif-nat': no such file \(/etc/xen/scripts/vif-nat\)"):
-        cfg(tmp_path, "vif = [ 'script=vif-nat' ]")
+    # (vif-route and vif-nat, when not installed, are pyxen's own modes: tests/unit/test_vif_modes.py)
+    with pytest.raises(ConfigError, match=r"script 'vif-openvswitch': no such file "
+                       r"\(/etc/xen/scripts/vif-openvswitch\)"):
+        cfg(tmp_path, "vif = [ 'script=vif-openvswitch' ]")
 
 
 @pytest.mark.parametrize("rate,want", [
