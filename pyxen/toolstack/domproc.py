@@ -79,6 +79,7 @@ class DomainProcess:
         self.started = threading.Event()  # the daemon's "start" came
         # an incoming migration's timeline after END (logged with its report)
         self.stamps: list[tuple[str, float]] | None = None
+        self.out_stamps: list[tuple[str, float]] = []  # an outgoing migration's, from the suspend request
 
     # ------------------------------------------------------------ events to the daemon
     def event(self, **kw: Any) -> None:
@@ -417,6 +418,7 @@ class DomainProcess:
         d = self.domain
         assert d is not None
         ctl = f"/local/domain/{self.domid}/control/shutdown"
+        self.out_stamps.append(("suspend asked", time.monotonic()))
         self._xs().write(ctl, "suspend")
         end = time.monotonic() + timeout
         while d.shutdown_reason != abi.SHUTDOWN_suspend:
@@ -428,6 +430,7 @@ class DomainProcess:
                 raise RuntimeError(f"the guest did not suspend within {timeout:g} s (it must act on "
                                    "control/shutdown = \"suspend\"); it keeps running")
             time.sleep(0.001)
+        self.out_stamps.append(("suspended", time.monotonic()))
 
     def _migrate_out(self, rid: object, msg: dict[str, Any]) -> None:
         """``pyxen migrate``: connect, reservation, live rounds, stop-and-copy,
@@ -446,6 +449,7 @@ class DomainProcess:
         rounds: list[dict[str, Any]] = []
         remote = -1
         go_sent = False  # after "go" a failure leaves the domain's state undefined (xl's failed_badly)
+        self.out_stamps = []
         try:
             if "tcp" in msg:
                 host, _, port = str(msg["tcp"]).rpartition(":")
@@ -492,13 +496,16 @@ class DomainProcess:
                                 on_round=on_round, header_sent=True,
                                 wait_applied=lambda n: P.wait_applied(rfd, n, 300))
             t_end = time.monotonic()
+            self.out_stamps.append(("END sent", t_end))
             P.expect(rfd, P.READY, 300, "receiver's ready message")
             t_ready = time.monotonic()
+            self.out_stamps.append(("ready", t_ready))
             wfile.write(P.GO)
             wfile.flush()
             go_sent = True
             P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
             rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
+            self.out_stamps.append(("report", time.monotonic()))
             commit = {"end_to_ready_ms": (t_ready - t_end) * 1000,
                       "end_to_report_ms": (time.monotonic() - t_end) * 1000}
             if rc:
@@ -534,6 +541,10 @@ class DomainProcess:
             return
         self._close_channel(conn, proc)
         assert st is not None
+        if self.out_stamps:
+            t0 = self.out_stamps[0][1]
+            d.log(f"migrated out, from the suspend request (monotonic {t0:.6f}): " + ", ".join(
+                f"{what} {(t - t0) * 1000:.1f} ms" for what, t in self.out_stamps), always=True)
         stats = st.as_dict()
         stats["rounds"] = rounds
         stats["commitment"] = commit
@@ -619,7 +630,7 @@ class DomainProcess:
             d.unpause()
             P.write_all(wfd, P.REPORT + b"\0")
             t0 = stamps[0][1] if stamps else 0.0
-            d.log("migrated in, from the last round's first record: " + ", ".join(
+            d.log(f"migrated in, from the last round's first record (monotonic {t0:.6f}): " + ", ".join(
                 f"{what} {(t - t0) * 1000:.1f} ms" for what, t in stamps), always=True)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, no domain is left
             why = e.why if isinstance(e, XenError) else str(e)
