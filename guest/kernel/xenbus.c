@@ -919,6 +919,19 @@ static void shutdown_changed(struct xenbus_watch *w, const char *path, void *dat
     int known, rc;
 
     (void)w; (void)path; (void)data;
+    /* Most events find nothing asked (the watch's first event, our own
+     * clearing write, a resume's new watch): one plain read says so, where
+     * the transaction below costs three round trips that a resumed domain's
+     * drivers would wait behind.  A suspend is acknowledged by clearing the
+     * node with a plain write: two round trips from the request to the
+     * suspend instead of four (a migration's downtime starts there). */
+    rc = xenbus_read(XBT_NIL, "control/shutdown", req, sizeof(req));
+    if (rc <= 0)
+        return;
+    if (!strcmp(req, "suspend") && !xenbus_write(XBT_NIL, "control/shutdown", "")) {
+        kernel_suspend();               /* returns: cancelled, or resumed after restore */
+        return;
+    }
 again:
     rc = xenbus_transaction_start(&t);
     if (rc) {

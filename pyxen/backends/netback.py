@@ -465,13 +465,13 @@ class NetBack:
             "feature-multicast-control": "0", "feature-ctrl-ring": "0",
             "hotplug-status": "connected", "vifname": self.ifname,
         }
-        # one round trip for the features and InitWait (pipelined: xenstored
-        # answers in order, so the frontend that sees InitWait sees them all);
-        # a migration's destination does this between END and the unpause
+        # one round trip for the features, InitWait and our watch (pipelined:
+        # xenstored answers in order, so the frontend that sees InitWait sees
+        # them all); a migration's destination does this between END and the unpause
         vals["state"] = str(N.STATE_INITWAIT)
         self.state = N.STATE_INITWAIT
-        xs.write_many({f"{be}/{k}": v for k, v in vals.items()})
-        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+        xs.write_many({f"{be}/{k}": v for k, v in vals.items()},
+                      watch=(f"{self.fe}/state", self.token, self._on_frontend))
         self.thread = threading.Thread(target=self._service, name=f"netback-{self.devid}", daemon=True)
         self.thread.start()
 

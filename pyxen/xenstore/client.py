@@ -120,11 +120,17 @@ class XsClient:
     def _answered(self, rid: int) -> bool:
         return rid in self.replies or self.closed
 
-    def write_many(self, values: dict[str, str], tx: int = 0) -> None:
+    def write_many(self, values: dict[str, str], tx: int = 0,
+                   watch: tuple[str, str, WatchCallback] | None = None) -> None:
         """Write each path's value, pipelined (:meth:`pipeline`), in the
-        dict's order (a watcher of the last one sees the others written);
-        the first error is raised once all have been answered."""
-        res = self.pipeline([(Op.WRITE, p.encode() + b"\0" + v.encode()) for p, v in values.items()], tx)
+        dict's order (a watcher of the last one sees the others written),
+        and then set ``watch`` (path, token, callback) in the same round
+        trip; the first error is raised once all have been answered."""
+        reqs = [(int(Op.WRITE), p.encode() + b"\0" + v.encode()) for p, v in values.items()]
+        if watch is not None:
+            self.watches[watch[1]] = watch[2]
+            reqs.append((int(Op.WATCH), join(watch[0], watch[1])))
+        res = self.pipeline(reqs, tx)
         for r in res:
             if isinstance(r, XsError):
                 raise r
