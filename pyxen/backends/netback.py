@@ -440,17 +440,19 @@ class NetBack:
         return tot
 
     # ------------------------------------------------------------ xenstore
-    def start(self) -> None:
+    def start(self, link: bool = True) -> None:
         """Make the TAP and put it on the bridge (unless :func:`make_tap` did,
         then only bring it up: one ioctl), or run the hotplug script; advertise
-        our features, go InitWait, watch the frontend."""
+        our features, go InitWait, watch the frontend.  ``link=False`` leaves
+        the TAP down (a migration's destination at the reservation: the
+        caller brings it up with :func:`link_up` at the commitment)."""
         try:
             if self.tap < 0:
                 self.tap = open_tap(self.ifname)
                 tap_prepare(self.ifname, None if self.script else self.bridge)
             if self.script:
                 self._hotplug("online")  # the script does the rest, when Xen runs it
-            else:
+            elif link:
                 link_up(self.ifname)
         except NetError:
             if self.tap >= 0:

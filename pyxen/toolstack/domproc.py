@@ -28,7 +28,7 @@ from .. import kvm
 from ..abi import XenError
 from ..backends.blkback import BlkBack
 from ..backends.console import ConsoleLog
-from ..backends.netback import NetBack, NetError, make_tap
+from ..backends.netback import NetBack, NetError, link_up, make_tap
 from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
@@ -264,6 +264,10 @@ class DomainProcess:
                 d.shutdown(int(msg.get("reason", 0)))
             elif op == "info":
                 reply["info"] = d.info()
+            elif op == "prestart":  # an incoming migration's reservation: the vifs' backends ahead
+                for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
+                    if not vif.get("script"):  # (a hotplug script runs at start, as libxl's)
+                        self._start_netback(dict(vif), link=False)
             elif op == "start":
                 st = self.stamps.append if self.stamps is not None else (lambda _: None)
                 st(("start", time.monotonic()))
@@ -273,7 +277,14 @@ class DomainProcess:
                     self._start_blkback(devid)
                 st(("blkbacks", time.monotonic()))
                 for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
-                    self._start_netback(dict(vif))
+                    nb = self.netbacks.get(int(vif["devid"]))
+                    if nb is None:
+                        self._start_netback(dict(vif))
+                        continue
+                    try:  # made at the reservation: only its TAP comes up now
+                        link_up(nb.ifname)
+                    except (NetError, OSError) as e:
+                        d.log(f"vif {vif['devid']}: {e}", always=True)
                 st(("netbacks", time.monotonic()))
                 if not msg.get("paused"):
                     d.unpause()
@@ -853,11 +864,13 @@ class DomainProcess:
         self.tap_maker = threading.Thread(target=make, name="make-taps", daemon=True)
         self.tap_maker.start()
 
-    def _start_netback(self, vif: dict[str, Any], strict: bool = False) -> None:
+    def _start_netback(self, vif: dict[str, Any], strict: bool = False, link: bool = True) -> None:
         """The host end of a vif: a TAP on the bridge (in this process's
         network namespace: the daemon's), then the netif handshake.  A vif
         of the config that cannot be set up is logged and left out (the domain
-        runs on); a hot-plugged one (``strict``) fails its request."""
+        runs on); a hot-plugged one (``strict``) fails its request.
+        ``link=False``: the TAP stays down (a migration's destination before
+        the commitment; "start" brings it up)."""
         d = self.domain
         assert d is not None
         devid = int(vif["devid"])
@@ -867,7 +880,7 @@ class DomainProcess:
                      str(vif.get("vifname") or ""), script=str(vif.get("script") or ""),
                      tap=self.early_taps.pop(devid, -1))
         try:
-            nb.start()
+            nb.start(link=link)
         except (NetError, OSError) as e:
             if strict:
                 nb.close()
