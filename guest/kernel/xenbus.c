@@ -1085,6 +1085,9 @@ void xenbus_resume(void)
     notify_remote_via_evtchn(store_port);   /* anything already in the ring */
     if (xb_state == XB_PROBING)
         return;                             /* the probe goes on, on the new port */
+    /* Drivers told of the resume (netfront_resume) reconnect first: their
+     * round trips are the network's downtime, ours below are not. */
+    schedule();
     /* Every watch and feature in one round trip (xenbus_batch): a migrated
      * domain's drivers wait for these watches' first events to reconnect. */
     n = 0;
