@@ -135,6 +135,8 @@ struct netfront_dev *netfront_open(int devid, uint64_t timeout_ns, int *err);
 /* The MAC from the frontend directory's "mac" node. */
 const uint8_t *netfront_mac(struct netfront_dev *dev);
 int netfront_connected(struct netfront_dev *dev);
+/* The domain was restored: every device reconnects at once (main.c). */
+void netfront_resume(void);
 /* Block until connected (1) or the deadline (absolute system time, 0 = none); a
  * device whose connection failed may come back, so only the deadline ends it. */
 int netfront_wait_connected(struct netfront_dev *dev, uint64_t deadline_ns);

@@ -158,6 +158,21 @@ struct xenbus_watch {
     int registered;
 };
 int xenbus_watch(struct xenbus_watch *w, const char *path, xenbus_watch_cb cb, void *data);
+
+/* Several requests in one round trip (xenbus.c xenbus_batch): each op's
+ * result in op->rc (XS_READ: the value's length, the value in out). */
+struct xenbus_op {
+    uint32_t type;                  /* XS_READ, XS_WRITE, XS_RM, XS_MKDIR, XS_WATCH,
+                                       XS_UNWATCH, XS_TRANSACTION_END */
+    const char *path;               /* (XS_TRANSACTION_END: "T" commit, "F" abort) */
+    const char *value;              /* XS_WRITE */
+    struct xenbus_watch *w;         /* XS_WATCH (cb, data set), XS_UNWATCH */
+    char *out;                      /* XS_READ: NUL-terminated, truncated to size */
+    size_t size;
+    int rc;
+    int done;
+};
+int xenbus_batch(xenbus_transaction_t t, struct xenbus_op *ops, int n);
 int xenbus_unwatch(struct xenbus_watch *w);
 /* Block until w->events != *seen (then *seen = w->events, returns 1) or
  * the deadline (absolute system time; 0 = none) passes (returns 0). */

@@ -262,19 +262,46 @@ void gnttab_free_map_area(void *va, unsigned long n)
  * again with the same number of frames; grants made before the save are
  * gone with the old table (frontends grant again when they reconnect).
  */
+/*
+ * The table's nr_frames mappings changed with one multicall (as Linux's
+ * xen_mc batches do): one trap into the hypervisor instead of nr_frames,
+ * which a suspend and a resume both pay while the domain is stopped (a
+ * migration's downtime).  mfns[i] is the frame to map at frame i.  Returns
+ * the index of the first entry that failed, or -1.
+ */
+static int remap_frames(const unsigned long *mfns)
+{
+    static struct multicall_entry mc[GNTTAB_MAX_FRAMES];
+    char *va = (char *)table;
+
+    for (unsigned int i = 0; i < nr_frames; i++) {
+        mc[i].op = __HYPERVISOR_update_va_mapping;
+        mc[i].result = 0;
+        mc[i].args[0] = (unsigned long)va + i * PAGE_SIZE;
+        mc[i].args[1] = (mfns[i] << PAGE_SHIFT) | PTE_KERNEL_RW;
+        mc[i].args[2] = UVMF_INVLPG;
+    }
+    if (HYPERVISOR_multicall(mc, nr_frames))
+        return 0;
+    for (unsigned int i = 0; i < nr_frames; i++)
+        if (mc[i].result)
+            return (int)i;
+    return -1;
+}
+
 void gnttab_suspend(void)
 {
+    unsigned long mfns[GNTTAB_MAX_FRAMES];
     char *va = (char *)table;
+    int bad;
 
     if (!table)
         return;
-    for (unsigned int i = 0; i < nr_frames; i++) {
-        unsigned long a = (unsigned long)va + i * PAGE_SIZE;
-        if (HYPERVISOR_update_va_mapping(
-                a, (pfn_to_mfn(virt_to_pfn((void *)a)) << PAGE_SHIFT) | PTE_KERNEL_RW,
-                UVMF_INVLPG))
-            early_printk("gnttab: suspend: unmapping frame %u failed\n", i);
-    }
+    for (unsigned int i = 0; i < nr_frames; i++)
+        mfns[i] = pfn_to_mfn(virt_to_pfn(va + i * PAGE_SIZE));
+    bad = remap_frames(mfns);
+    if (bad >= 0)
+        early_printk("gnttab: suspend: unmapping frame %d failed\n", bad);
 }
 
 void gnttab_resume(int restored)
@@ -283,7 +310,6 @@ void gnttab_resume(int restored)
     struct gnttab_setup_table st = {
         .dom = DOMID_SELF, .nr_frames = nr_frames, .frame_list = frames,
     };
-    char *va = (char *)table;
     long rc;
 
     if (!table)
@@ -296,12 +322,10 @@ void gnttab_resume(int restored)
         table = NULL;
         return;
     }
-    for (unsigned int i = 0; i < nr_frames; i++) {
-        rc = HYPERVISOR_update_va_mapping((unsigned long)va + i * PAGE_SIZE,
-                                          (frames[i] << PAGE_SHIFT) | PTE_KERNEL_RW,
-                                          UVMF_INVLPG);
-        if (rc) {
-            printk("pyxen-guest: gnttab: resume: mapping frame %u failed rc=%ld\n", i, rc);
+    {
+        int bad = remap_frames(frames);
+        if (bad >= 0) {
+            printk("pyxen-guest: gnttab: resume: mapping frame %d failed\n", bad);
             table = NULL;
             return;
         }

@@ -16,6 +16,7 @@
 #include "mm.h"
 #include "sched.h"
 #include "traps.h"
+#include "netfront.h"
 #include "xenbus.h"
 #include "xtime.h"
 #include "gnttab.h"
@@ -236,8 +237,10 @@ int kernel_suspend(void)
     }
     gnttab_resume(!rc);
     irq_enable();
-    if (!rc)
+    if (!rc) {
+        netfront_resume();              /* its thread reconnects as soon as xenbus can */
         xenbus_resume();
+    }
     printk("pyxen-guest: %s (suspend returned %ld)\n", rc ? "suspend cancelled, running on"
            : "resumed in a restored domain", rc);
     return (int)rc;

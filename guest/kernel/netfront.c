@@ -60,8 +60,12 @@ struct netfront_dev {
     int be_watch_on;
     struct xenbus_front_kick kick;  /* watches and events -> device thread */
 
+    volatile int resumed;       /* restored elsewhere (netfront_resume): reconnect at once */
+    volatile int reconnecting;  /* from netfront_resume to fast_reconnect's end */
+    int early;                  /* our keys published, the backend not yet seen Connected */
+
     /* rings (events masked) */
-    volatile int connected;     /* both ends Connected: the rings may be used */
+    volatile int connected;     /* both ends Connected (or early): the rings may be used */
     struct netif_tx_sring *tx;
     struct netif_rx_sring *rx;
     grant_ref_t tx_ref, rx_ref;
@@ -300,6 +304,7 @@ static void teardown(struct netfront_dev *d, int lost)
     unsigned long flags = irq_save();
 
     d->connected = 0;
+    d->early = 0;
     if (d->port >= 0) {
         if (!lost && port_still_ours(d))
             close_evtchn((evtchn_port_t)d->port);
@@ -336,31 +341,51 @@ static int grant_buf(struct netfront_dev *d, struct buf *b, int readonly)
     return 0;
 }
 
-/* The frontend's keys (one transaction: xenbus_front_publish). */
-static int write_keys(xenbus_transaction_t t, void *arg)
+/*
+ * The frontend's keys, then state Connected, in one round trip to the store
+ * (xenbus_batch, after the caller's own ops[0..n-1]): the store answers a
+ * connection's requests in order, so the backend, which acts when our state
+ * node changes, finds every key written by then, as a transaction would
+ * give it (a transaction would cost two more round trips: its start, and a
+ * commit that the writes cannot share with the start).  ops has room for
+ * n + PUBLISH_OPS.  0, or the first failed op's -errno.
+ */
+#define PUBLISH_OPS 9
+static int publish_connected(struct netfront_dev *d, struct xenbus_op *ops, int n)
 {
-    struct netfront_dev *d = arg;
-    int rc = fe_printf(d, t, "tx-ring-ref", "%u", d->tx_ref);
+    static const char *const keys[PUBLISH_OPS] = {
+        "tx-ring-ref", "rx-ring-ref", "event-channel", "request-rx-copy", "feature-rx-notify",
+        "feature-no-csum-offload", "feature-sg", "feature-gso-tcpv4", "state",
+    };
+    char vals[PUBLISH_OPS][16], paths[PUBLISH_OPS][64];
+    int rc;
 
-    if (!rc)
-        rc = fe_printf(d, t, "rx-ring-ref", "%u", d->rx_ref);
-    if (!rc)
-        rc = fe_printf(d, t, "event-channel", "%d", d->port);
-    if (!rc)
-        rc = fe_printf(d, t, "request-rx-copy", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-rx-notify", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-no-csum-offload", "1");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-sg", "0");
-    if (!rc)
-        rc = fe_printf(d, t, "feature-gso-tcpv4", "0");
-    return rc;
+    snprintf(vals[0], sizeof(vals[0]), "%u", d->tx_ref);
+    snprintf(vals[1], sizeof(vals[1]), "%u", d->rx_ref);
+    snprintf(vals[2], sizeof(vals[2]), "%d", d->port);
+    snprintf(vals[3], sizeof(vals[3]), "1");
+    snprintf(vals[4], sizeof(vals[4]), "1");
+    snprintf(vals[5], sizeof(vals[5]), "1");
+    snprintf(vals[6], sizeof(vals[6]), "0");
+    snprintf(vals[7], sizeof(vals[7]), "0");
+    snprintf(vals[8], sizeof(vals[8]), "%d", XenbusStateConnected);
+    for (int i = 0; i < PUBLISH_OPS; i++) {
+        snprintf(paths[i], sizeof(paths[i]), "%s/%s", d->node, keys[i]);
+        ops[n + i] = (struct xenbus_op){ .type = XS_WRITE, .path = paths[i], .value = vals[i] };
+    }
+    xenbus_batch(XBT_NIL, ops, n + PUBLISH_OPS);
+    rc = 0;
+    for (int i = n; i < n + PUBLISH_OPS && !rc; i++)
+        rc = ops[i].rc;
+    if (rc)
+        return rc;
+    d->fe_state = XenbusStateConnected;
+    waitq_wake_all(&waiters);
+    return 0;
 }
 
-/* Rings, buffers and channel; keys in one transaction; Connected. */
-static int talk_to_backend(struct netfront_dev *d)
+/* Rings, buffers and channel, the RX buffers posted; on failure all undone. */
+static int setup_rings(struct netfront_dev *d)
 {
     unsigned long flags;
     int rc, port;
@@ -416,14 +441,6 @@ static int talk_to_backend(struct netfront_dev *d)
     d->rx->req_prod = d->rx_prod_pvt;
     irq_restore(flags);
 
-    rc = xenbus_front_publish(write_keys, d);
-    if (rc)
-        goto fail;
-    rc = switch_state(d, XenbusStateConnected);
-    if (rc)
-        goto fail;
-    printk("netfront: vif%u: tx-ring-ref %u rx-ring-ref %u event-channel %d, Connected\n",
-           d->devid, d->tx_ref, d->rx_ref, port);
     return 0;
 
 fail_tx:
@@ -437,6 +454,25 @@ fail:
     printk("netfront: vif%u: connecting: %s (%d)\n", d->devid, xenbus_strerror(rc), rc);
     teardown(d, 0);
     return rc;
+}
+
+/* Rings, buffers and channel; keys and Connected in one round trip. */
+static int talk_to_backend(struct netfront_dev *d)
+{
+    struct xenbus_op ops[PUBLISH_OPS];
+    int rc = setup_rings(d);
+
+    if (rc)
+        return rc;
+    rc = publish_connected(d, ops, 0);
+    if (rc) {
+        printk("netfront: vif%u: connecting: %s (%d)\n", d->devid, xenbus_strerror(rc), rc);
+        teardown(d, 0);
+        return rc;
+    }
+    printk("netfront: vif%u: tx-ring-ref %u rx-ring-ref %u event-channel %d, Connected\n",
+           d->devid, d->tx_ref, d->rx_ref, d->port);
+    return 0;
 }
 
 static int watch_backend(struct netfront_dev *d)
@@ -474,9 +510,104 @@ static int read_fe_store_state(struct netfront_dev *d)
     return xenbus_node_state(d->node, XenbusStateUnknown);
 }
 
+/*
+ * This domain was restored (a migration's destination, or pyxen restore):
+ * the old rings, grants and channel went with the old domain, and the
+ * toolstack wrote our device afresh (a new backend path, our state
+ * Initialising, the backend's InitWait written before we were unpaused).
+ * Reconnect in as few round trips to the store as the protocol allows
+ * (each is a trip through the domain's relay to xenstored and back):
+ * our device's nodes (1), the backend's state with its watch moved to the
+ * new path (1), then the rings and buffers granted, the channel allocated
+ * and keys plus Connected in one transaction (2).  Then the rings are used
+ * at once ("early"): netif.h lets a frontend put requests on the ring
+ * before the backend has connected, which serves them when it maps the
+ * rings; our state being Connected is what it waits for.  0, or -errno:
+ * the caller then goes the ordinary way (the watches drive it).
+ */
+static int fast_reconnect(struct netfront_dev *d)
+{
+    char paths[3][64], bes_path[160], be[128], beid[16], mac[24], bes[16];
+    struct xenbus_op ops[PUBLISH_OPS + 3];
+    uint8_t m[6];
+    int rc, n = 0, state, changed, watch;
+
+    teardown(d, 1);
+    d->fe_state = XenbusStateInitialising;
+    d->fatal = 0;
+    d->early = 0;
+    snprintf(paths[0], sizeof(paths[0]), "%s/backend", d->node);
+    snprintf(paths[1], sizeof(paths[1]), "%s/backend-id", d->node);
+    snprintf(paths[2], sizeof(paths[2]), "%s/mac", d->node);
+    ops[0] = (struct xenbus_op){ .type = XS_READ, .path = paths[0], .out = be, .size = sizeof(be) };
+    ops[1] = (struct xenbus_op){ .type = XS_READ, .path = paths[1], .out = beid, .size = sizeof(beid) };
+    ops[2] = (struct xenbus_op){ .type = XS_READ, .path = paths[2], .out = mac, .size = sizeof(mac) };
+    rc = xenbus_batch(XBT_NIL, ops, 3);
+    if (rc < 0)
+        return rc;
+    if (netfront_parse_mac(mac, m) || !be[0] || !beid[0])
+        return -XEN_EINVAL;
+    memcpy(d->mac, m, 6);
+    changed = strcmp(be, d->backend) != 0;
+    strncpy_z(d->backend, be, sizeof(d->backend));
+    d->backend_id = (domid_t)simple_strtoul(beid, NULL, 10);
+
+    snprintf(bes_path, sizeof(bes_path), "%s/state", d->backend);
+    /* The rings before we know the backend's state: it was made (InitWait)
+     * before this domain was unpaused, and a backend that comes later reads
+     * our state when it starts, as netback's probe does. */
+    rc = setup_rings(d);
+    if (rc) {
+        d->fatal = 1;
+        return 0;               /* (setup_rings said why) */
+    }
+    n = 0;
+    if (changed || !d->be_watch_on) {
+        if (d->be_watch_on)
+            ops[n++] = (struct xenbus_op){ .type = XS_UNWATCH, .w = &d->be_watch };
+        d->be_watch.cb = xenbus_front_kick_cb;
+        d->be_watch.data = &d->kick;
+        ops[n++] = (struct xenbus_op){ .type = XS_WATCH, .path = bes_path, .w = &d->be_watch };
+        d->be_watch_on = 0;
+    }
+    watch = n;
+    ops[n++] = (struct xenbus_op){ .type = XS_READ, .path = bes_path, .out = bes, .size = sizeof(bes) };
+    rc = publish_connected(d, ops, n);
+    if (watch && !ops[watch - 1].rc)
+        d->be_watch_on = 1;
+    if (rc) {
+        printk("netfront: vif%u: connecting: %s (%d)\n", d->devid, xenbus_strerror(rc), rc);
+        teardown(d, 0);
+        return rc;
+    }
+    state = ops[watch].rc >= 0 ? (int)simple_strtoul(bes, NULL, 10) : XenbusStateUnknown;
+    if (state != d->be_state) {
+        printk("netfront: vif%u: backend %s (frontend %s)\n", d->devid, xenbus_state_name(state),
+               xenbus_state_name(XenbusStateInitialising));
+        d->be_state = state;
+    }
+    printk("netfront: vif%u: tx-ring-ref %u rx-ring-ref %u event-channel %d, Connected (resumed)\n",
+           d->devid, d->tx_ref, d->rx_ref, d->port);
+    d->early = 1;
+    d->connected = 1;
+    waitq_wake_all(&waiters);
+    return 0;
+}
+
 static void step(struct netfront_dev *d)
 {
     int be, fe, changed, rc, store;
+
+    if (d->resumed) {
+        d->resumed = 0;
+        rc = fast_reconnect(d);
+        d->reconnecting = 0;
+        waitq_wake_all(&waiters);
+        if (!rc)
+            return;
+        printk("netfront: vif%u: fast reconnect: %s (%d): the ordinary way\n", d->devid,
+               xenbus_strerror(rc), rc);
+    }
 
     rc = read_frontend(d, &changed);
     if (rc == -XEN_ENOENT) {
@@ -550,7 +681,12 @@ static void step(struct netfront_dev *d)
         break;
     case XenbusStateConnected:
         if (d->tx && fe == XenbusStateConnected) {
-            if (!d->connected) {
+            if (!d->connected || d->early) {
+                d->early = 0;
+                /* what was queued early is the backend's already; a notify in
+                 * case it mapped the rings before the requests were pushed */
+                if (d->port >= 0)
+                    notify_remote_via_evtchn((evtchn_port_t)d->port);
                 d->connected = 1;
                 d->st.connects++;
                 printk("netfront: vif%u: connected, mac %02x:%02x:%02x:%02x:%02x:%02x\n",
@@ -619,6 +755,12 @@ static int is_connected(void *arg)
 static int only_connected(void *arg)
 {
     return ((struct netfront_dev *)arg)->connected;
+}
+
+static int connected_or_settled(void *arg)
+{
+    struct netfront_dev *d = arg;
+    return d->connected || !d->reconnecting;
 }
 
 /* (A device whose connection failed may still come back: only the deadline ends this.) */
@@ -711,6 +853,20 @@ out:
     return NULL;
 }
 
+/* The domain was restored (main.c kernel_suspend): each device thread
+ * reconnects at once (fast_reconnect) instead of waiting for the watches. */
+void netfront_resume(void)
+{
+    for (int i = 0; i < MAX_DEVS; i++) {
+        struct netfront_dev *d = &devs[i];
+        if (!d->used || !d->thread || d->gone)
+            continue;
+        d->reconnecting = 1;
+        d->resumed = 1;
+        xenbus_front_kick(&d->kick);
+    }
+}
+
 const uint8_t *netfront_mac(struct netfront_dev *d) { return d->mac; }
 int netfront_connected(struct netfront_dev *d) { return d->connected; }
 
@@ -751,6 +907,12 @@ int netfront_xmit(struct netfront_dev *d, const void *frame, size_t len, uint64_
         flags = irq_save();
         if (!rings_usable(d)) {
             irq_restore(flags);
+            /* A restored domain reconnecting: a frame sent meanwhile (a
+             * heartbeat) waits for the new ring, within the caller's deadline,
+             * rather than being dropped. */
+            if (d->reconnecting && deadline_ns && monotonic_ns() < deadline_ns &&
+                waitq_wait(&waiters, connected_or_settled, d, deadline_ns) && d->connected)
+                continue;
             return -XEN_ENODEV;
         }
         tx_gc(d);

@@ -82,6 +82,44 @@ static struct {
     int active, done;
     struct xsd_sockmsg hdr;             /* the reply's header */
 } pend;
+
+/* Or the outstanding requests of one xenbus_batch(): req_ids first..first+n-1. */
+static struct {
+    struct xenbus_op *ops;
+    uint32_t first;
+    int n, got, active;
+} batch;
+
+static int xs_error_to_errno(const char *s);
+
+/* A reply to one of the batch's requests (event context): its result in its op. */
+static int batch_deliver(void)
+{
+    uint32_t i = rx_hdr.req_id - batch.first;
+    struct xenbus_op *op;
+
+    if (!batch.active || i >= (uint32_t)batch.n)
+        return 0;
+    op = &batch.ops[i];
+    if (op->done)
+        return 0;
+    if (rx_hdr.type == XS_ERROR) {
+        op->rc = xs_error_to_errno(rx_body);
+    } else if (rx_hdr.type != op->type) {
+        op->rc = -XEN_EIO;
+    } else {
+        op->rc = 0;
+        if (op->type == XS_READ && op->out && op->size) {
+            size_t n = MIN((size_t)rx_hdr.len, op->size - 1);
+            memcpy(op->out, rx_body, n);
+            op->out[n] = '\0';
+            op->rc = rx_hdr.len < op->size ? (int)rx_hdr.len : -XEN_ENOBUFS;
+        }
+    }
+    op->done = 1;
+    batch.got++;
+    return 1;
+}
 static char reply_buf[XENSTORE_PAYLOAD_MAX + 1];
 
 /* Watch events waiting for the xenbus thread: [u32 len][len bytes], wrapped. */
@@ -126,6 +164,8 @@ static void xb_deliver(void)
         evq_push(rx_body, len);
         return;                         /* the caller wakes the waiters */
     }
+    if (batch_deliver())
+        return;
     if (pend.active && !pend.done && rx_hdr.req_id == pend.req_id) {
         pend.hdr = rx_hdr;
         memcpy(reply_buf, rx_body, len + 1);
@@ -390,6 +430,156 @@ static int xb_simple(uint32_t type, xenbus_transaction_t t, const struct xb_iov 
     return 0;
 }
 
+static int batch_done(void *arg)
+{
+    (void)arg;
+    xb_rx();
+    return batch.got == batch.n || (xb_state != XB_READY && xb_state != XB_PROBING);
+}
+
+static int watch_add(struct xenbus_watch *w);
+static void watch_del(struct xenbus_watch *w);
+static unsigned long token_seq;
+
+/* One request's bytes at tx_buf + *off: 0, or -XEN_E2BIG if they do not fit. */
+static int batch_put(size_t *off, uint32_t type, uint32_t id, xenbus_transaction_t t,
+                     const char *a, size_t alen, const char *b, size_t blen)
+{
+    struct xsd_sockmsg hdr = { type, id, t, (uint32_t)(alen + blen) };
+
+    if (*off + sizeof(hdr) + alen + blen > sizeof(tx_buf))
+        return -XEN_E2BIG;
+    memcpy(tx_buf + *off, &hdr, sizeof(hdr));
+    memcpy(tx_buf + *off + sizeof(hdr), a, alen);
+    if (blen)
+        memcpy(tx_buf + *off + sizeof(hdr) + alen, b, blen);
+    *off += sizeof(hdr) + alen + blen;
+    return 0;
+}
+
+/*
+ * Several requests put on the ring at once, their replies awaited together:
+ * one round trip to the store instead of n.  The wire protocol allows it (a
+ * connection may have many requests outstanding, each with its req_id, and
+ * the store answers them in order), so a write of the state node after the
+ * keys is seen after them.  All go in transaction t.  Each op's result is in
+ * op->rc (XS_READ: the value's length, the value in op->out); the return is
+ * the first op's error, or 0.  XS_WATCH registers op->w on op->path (with
+ * op->w->cb/data set by the caller) as xenbus_watch does (op->path NULL:
+ * op->w, registered before, is sent again with its path and token, as after
+ * a resume); XS_UNWATCH drops
+ * op->w (its events stop at once).  XS_TRANSACTION_END commits (op->path
+ * "T") or aborts ("F").
+ */
+int xenbus_batch(xenbus_transaction_t t, struct xenbus_op *ops, int n)
+{
+    size_t off = 0;
+    uint32_t first;
+    int rc = 0;
+
+    if (n <= 0)
+        return 0;
+    if (current != xenbus_thread_ptr || xb_state != XB_PROBING)
+        waitq_wait(&waiters, not_probing, NULL, 0);
+    if (xb_state == XB_ABSENT)
+        return -XEN_ENODEV;
+    if (xb_state == XB_BROKEN)
+        return -XEN_EIO;
+    waitq_wait(&waiters, try_lock, NULL, 0);
+    first = next_req_id;
+    next_req_id += (uint32_t)n;
+    for (int i = 0; i < n && !rc; i++) {
+        struct xenbus_op *op = &ops[i];
+        size_t plen = op->path ? strlen(op->path) : 0;
+        struct xenbus_watch *w = op->w;
+
+        op->done = 0;
+        op->rc = -XEN_EIO;
+        switch (op->type) {
+        case XS_WRITE:
+            rc = batch_put(&off, XS_WRITE, first + (uint32_t)i, t, op->path, plen + 1, op->value,
+                           strlen(op->value));
+            break;
+        case XS_READ:
+        case XS_RM:
+        case XS_MKDIR:
+        case XS_TRANSACTION_END:
+            rc = batch_put(&off, op->type, first + (uint32_t)i, t, op->path, plen + 1, NULL, 0);
+            break;
+        case XS_UNWATCH:
+            rc = batch_put(&off, XS_UNWATCH, first + (uint32_t)i, XBT_NIL, w->path,
+                           strlen(w->path) + 1, w->token, strlen(w->token) + 1);
+            if (!rc) {
+                watch_del(w);
+                w->registered = 0;
+            }
+            break;
+        case XS_WATCH:
+            if (!op->path) {            /* already ours: registered again (a resume) */
+                rc = batch_put(&off, XS_WATCH, first + (uint32_t)i, XBT_NIL, w->path,
+                               strlen(w->path) + 1, w->token, strlen(w->token) + 1);
+                break;
+            }
+            if (plen >= sizeof(w->path)) {
+                rc = -XEN_E2BIG;
+                break;
+            }
+            memcpy(w->path, op->path, plen + 1);
+            snprintf(w->token, sizeof(w->token), "pyxen-%lu", ++token_seq);
+            w->events = 0;
+            w->registered = 0;
+            rc = watch_add(w);
+            if (!rc)
+                rc = batch_put(&off, XS_WATCH, first + (uint32_t)i, XBT_NIL, w->path, plen + 1,
+                               w->token, strlen(w->token) + 1);
+            if (rc)
+                watch_del(w);
+            break;
+        default:
+            rc = -XEN_EINVAL;
+            break;
+        }
+        if (rc) {
+            /* nothing was sent: undo the watches added so far */
+            for (int k = 0; k < i; k++)
+                if (ops[k].type == XS_WATCH && ops[k].path)
+                    watch_del(ops[k].w);
+            xb_unlock();
+            return rc;
+        }
+    }
+    irq_disable();
+    batch.ops = ops;
+    batch.first = first;
+    batch.n = n;
+    batch.got = 0;
+    batch.active = 1;
+    irq_enable();
+
+    rc = xb_send(tx_buf, off, 0);
+    if (!rc)
+        waitq_wait(&waiters, batch_done, NULL, 0);
+
+    irq_disable();
+    batch.active = 0;
+    irq_enable();
+    for (int i = 0; i < n; i++) {
+        struct xenbus_op *op = &ops[i];
+        if (!op->done)
+            op->rc = rc ? rc : -XEN_EIO;
+        if (op->type == XS_WATCH && op->path) {
+            if (op->rc)
+                watch_del(op->w);
+            else
+                op->w->registered = 1;
+        }
+        if (!rc && op->rc < 0)
+            rc = op->rc;
+    }
+    xb_unlock();
+    return rc;
+}
+
 int xenbus_read(xenbus_transaction_t t, const char *path, char *buf, size_t size)
 {
     struct xb_iov iov = { path, strlen(path) + 1 };
@@ -570,7 +760,6 @@ int xenbus_transaction_end(xenbus_transaction_t t, int abort)
 
 #define MAX_WATCHES 32
 static struct xenbus_watch *watches[MAX_WATCHES];
-static unsigned long token_seq;
 
 static int watch_add(struct xenbus_watch *w)
 {
@@ -730,6 +919,19 @@ static void shutdown_changed(struct xenbus_watch *w, const char *path, void *dat
     int known, rc;
 
     (void)w; (void)path; (void)data;
+    /* Most events find nothing asked (the watch's first event, our own
+     * clearing write, a resume's new watch): one plain read says so, where
+     * the transaction below costs three round trips that a resumed domain's
+     * drivers would wait behind.  A suspend is acknowledged by clearing the
+     * node with a plain write: two round trips from the request to the
+     * suspend instead of four (a migration's downtime starts there). */
+    rc = xenbus_read(XBT_NIL, "control/shutdown", req, sizeof(req));
+    if (rc <= 0)
+        return;
+    if (!strcmp(req, "suspend") && !xenbus_write(XBT_NIL, "control/shutdown", "")) {
+        kernel_suspend();               /* returns: cancelled, or resumed after restore */
+        return;
+    }
 again:
     rc = xenbus_transaction_start(&t);
     if (rc) {
@@ -869,7 +1071,8 @@ void xenbus_resume(void)
     static const char *const features[] = {
         "control/feature-poweroff", "control/feature-reboot", "control/feature-suspend",
     };
-    int rc;
+    static struct xenbus_op ops[MAX_WATCHES + ARRAY_SIZE(features)];
+    int rc, n;
 
     if (xb_state != XB_READY && xb_state != XB_PROBING)
         return;
@@ -882,19 +1085,27 @@ void xenbus_resume(void)
     notify_remote_via_evtchn(store_port);   /* anything already in the ring */
     if (xb_state == XB_PROBING)
         return;                             /* the probe goes on, on the new port */
-    for (int i = 0; i < MAX_WATCHES; i++) {
-        struct xenbus_watch *w = watches[i];
-        struct xb_iov iov[2];
-
-        if (!w || !w->registered)
-            continue;
-        iov[0] = (struct xb_iov){ w->path, strlen(w->path) + 1 };
-        iov[1] = (struct xb_iov){ w->token, strlen(w->token) + 1 };
-        rc = xb_simple(XS_WATCH, XBT_NIL, iov, 2);
-        if (rc)
-            printk("pyxen-guest: xenbus: resume: watch %s: %s\n", w->path, xenbus_strerror(rc));
-    }
+    /* Drivers told of the resume (netfront_resume) reconnect first: their
+     * round trips are the network's downtime, ours below are not. */
+    schedule();
+    /* Every watch and feature in one round trip (xenbus_batch): a migrated
+     * domain's drivers wait for these watches' first events to reconnect. */
+    n = 0;
+    for (int i = 0; i < MAX_WATCHES; i++)
+        if (watches[i] && watches[i]->registered)
+            ops[n++] = (struct xenbus_op){ .type = XS_WATCH, .w = watches[i] };
     for (size_t i = 0; i < ARRAY_SIZE(features); i++)
-        xenbus_write(XBT_NIL, features[i], "1");
+        ops[n++] = (struct xenbus_op){ .type = XS_WRITE, .path = features[i], .value = "1" };
+    rc = xenbus_batch(XBT_NIL, ops, n);
+    if (rc == -XEN_E2BIG) {             /* too many for one message buffer: one at a time */
+        for (int i = 0; i < n; i++)
+            xenbus_batch(XBT_NIL, &ops[i], 1);
+    }
+    for (int i = 0; i < n; i++)
+        if (ops[i].rc)
+            printk("pyxen-guest: xenbus: resume: %s %s: %s\n",
+                   ops[i].type == XS_WATCH ? "watch" : "write",
+                   ops[i].type == XS_WATCH ? ops[i].w->path : ops[i].path,
+                   xenbus_strerror(ops[i].rc));
     printk("pyxen-guest: xenbus: reconnected (port %u)\n", store_port);
 }

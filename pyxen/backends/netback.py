@@ -442,10 +442,12 @@ class NetBack:
         return tot
 
     # ------------------------------------------------------------ xenstore
-    def start(self) -> None:
+    def start(self, link: bool = True) -> None:
         """Make the TAP and put it on the bridge (unless :func:`make_tap` did,
         then only bring it up: one ioctl), or run the hotplug script; advertise
-        our features, go InitWait, watch the frontend."""
+        our features, go InitWait, watch the frontend.  ``link=False`` leaves
+        the TAP down (a migration's destination at the reservation: the
+        caller brings it up with :func:`link_up` at the commitment)."""
         try:
             if self.tap < 0:
                 self.tap = open_tap(self.ifname)
@@ -454,7 +456,7 @@ class NetBack:
                 self._mode_online()
             elif self.script:
                 self._hotplug("online")  # the script does the rest, when Xen runs it
-            else:
+            elif link:
                 link_up(self.ifname)
         except NetError:
             if self.tap >= 0:
@@ -469,10 +471,13 @@ class NetBack:
             "feature-multicast-control": "0", "feature-ctrl-ring": "0",
             "hotplug-status": "connected", "vifname": self.ifname,
         }
-        for k, v in vals.items():
-            xs.write(f"{be}/{k}", v)
-        self._switch(N.STATE_INITWAIT)
-        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+        # one round trip for the features, InitWait and our watch (pipelined:
+        # xenstored answers in order, so the frontend that sees InitWait sees
+        # them all); a migration's destination does this between END and the unpause
+        vals["state"] = str(N.STATE_INITWAIT)
+        self.state = N.STATE_INITWAIT
+        xs.write_many({f"{be}/{k}": v for k, v in vals.items()},
+                      watch=(f"{self.fe}/state", self.token, self._on_frontend))
         self.thread = threading.Thread(target=self._service, name=f"netback-{self.devid}", daemon=True)
         self.thread.start()
 

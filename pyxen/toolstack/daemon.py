@@ -75,6 +75,7 @@ class Record:
     restore_stats: dict[str, Any] = field(default_factory=dict)
     reserved: threading.Event = field(default_factory=threading.Event)  # an incoming migration's
     busy: str = ""  # a save or migration under way: no second one meanwhile
+    prepared: bool = False  # an incoming migration's entries were written at the reservation
 
 
 class Daemon:
@@ -196,6 +197,7 @@ class Daemon:
                     self.domains.pop(domid, None)
                 self._kill(rec)
                 raise ValueError(rec.error)
+            self._prepare_incoming(rec)
             self.log(f"domain {domid} ({name}) reserved for an incoming migration, pid {rec.pid}")
             threading.Thread(target=self._finish_incoming, args=(rec,), daemon=True).start()
             return rec
@@ -241,6 +243,44 @@ class Daemon:
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
 
+    def _prepare_incoming(self, rec: Record) -> None:
+        """At an incoming migration's reservation, what does not depend on
+        the stream: the domain's xenstore entries (all but the four nodes
+        of its store and console rings, known at END) and its vifs' backends
+        made and waiting in InitWait, their TAPs still down ("prestart").
+        Then END to the unpause is the rings' nodes, the store's
+        introduction and the TAPs brought up, not a dozen round trips.  A
+        failure here is only logged: "start" does whatever was not done."""
+        domid, spec = rec.domid, rec.spec
+        try:
+            write_domain_layout(self.xsd, domid, spec, {})
+            for disk in (spec.get("extra") or {}).get("disks", []):
+                write_vbd(self.xsd, domid, disk)
+            for vif in (spec.get("extra") or {}).get("vifs", []):
+                write_vif(self.xsd, domid, vif)
+        except XsError as e:
+            self.log(f"xenstore entries for incoming domain {domid}: {e}")
+            return
+        rec.prepared = True
+        try:
+            self.request(rec, "prestart", timeout=30)
+        except (RuntimeError, TimeoutError, OSError) as e:
+            self.log(f"incoming domain {domid}: backends not made ahead ({e}); at start instead")
+
+    def _introduce_rings(self, rec: Record) -> None:
+        """The part of :meth:`_introduce` that needs the stream's start_info
+        (:meth:`_prepare_incoming` wrote the rest): the store introduced
+        with its ring, the ring nodes written."""
+        domid, info = rec.domid, rec.start_info
+        dp = f"/local/domain/{domid}"
+        try:
+            self.xsd.introduce(domid, info.get("store_mfn", 0), info.get("store_evtchn", 0))
+            for path, key in (("store/port", "store_evtchn"), ("store/ring-ref", "store_mfn"),
+                              ("console/port", "console_evtchn"), ("console/ring-ref", "console_mfn")):
+                self.xsd.write(f"{dp}/{path}", str(info.get(key, 0)))
+        except XsError as e:
+            self.log(f"xenstore entries for domain {domid}: {e}")
+
     def _finish_incoming(self, rec: Record) -> None:
         """An incoming migration's domain once its stream ended (the domain
         process's "ready"): its xenstore entries, then "start" paused; the
@@ -255,7 +295,10 @@ class Daemon:
             self._kill(rec)
             self.log(f"incoming domain {rec.domid} ({rec.name}) failed: {rec.error}")
             return
-        self._introduce(rec)
+        if rec.prepared:
+            self._introduce_rings(rec)
+        else:
+            self._introduce(rec)
         try:
             self.request(rec, "start", timeout=30, paused=True)
         except (RuntimeError, TimeoutError, OSError) as e:

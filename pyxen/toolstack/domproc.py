@@ -28,7 +28,7 @@ from .. import kvm
 from ..abi import XenError
 from ..backends.blkback import BlkBack
 from ..backends.console import ConsoleLog
-from ..backends.netback import NetBack, NetError, make_tap
+from ..backends.netback import NetBack, NetError, link_up, make_tap
 from ..backends.xsring import XenstoreRing
 from ..domctl import CreateError, create_domain
 from ..hv.domain import Domain, DomainSpec
@@ -79,6 +79,7 @@ class DomainProcess:
         self.started = threading.Event()  # the daemon's "start" came
         # an incoming migration's timeline after END (logged with its report)
         self.stamps: list[tuple[str, float]] | None = None
+        self.out_stamps: list[tuple[str, float]] = []  # an outgoing migration's, from the suspend request
 
     # ------------------------------------------------------------ events to the daemon
     def event(self, **kw: Any) -> None:
@@ -263,6 +264,10 @@ class DomainProcess:
                 d.shutdown(int(msg.get("reason", 0)))
             elif op == "info":
                 reply["info"] = d.info()
+            elif op == "prestart":  # an incoming migration's reservation: the vifs' backends ahead
+                for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
+                    if not vif.get("script"):  # (a hotplug script runs at start, as libxl's)
+                        self._start_netback(dict(vif), link=False)
             elif op == "start":
                 st = self.stamps.append if self.stamps is not None else (lambda _: None)
                 st(("start", time.monotonic()))
@@ -272,7 +277,14 @@ class DomainProcess:
                     self._start_blkback(devid)
                 st(("blkbacks", time.monotonic()))
                 for vif in list(self.spec.extra.get("vifs") or []):  # type: ignore[call-overload]
-                    self._start_netback(dict(vif))
+                    nb = self.netbacks.get(int(vif["devid"]))
+                    if nb is None:
+                        self._start_netback(dict(vif))
+                        continue
+                    try:  # made at the reservation: only its TAP comes up now
+                        link_up(nb.ifname)
+                    except (NetError, OSError) as e:
+                        d.log(f"vif {vif['devid']}: {e}", always=True)
                 st(("netbacks", time.monotonic()))
                 if not msg.get("paused"):
                     d.unpause()
@@ -417,6 +429,7 @@ class DomainProcess:
         d = self.domain
         assert d is not None
         ctl = f"/local/domain/{self.domid}/control/shutdown"
+        self.out_stamps.append(("suspend asked", time.monotonic()))
         self._xs().write(ctl, "suspend")
         end = time.monotonic() + timeout
         while d.shutdown_reason != abi.SHUTDOWN_suspend:
@@ -427,7 +440,8 @@ class DomainProcess:
                     self._xs().write(ctl, "")
                 raise RuntimeError(f"the guest did not suspend within {timeout:g} s (it must act on "
                                    "control/shutdown = \"suspend\"); it keeps running")
-            time.sleep(0.001)
+            time.sleep(0.0002)  # (the downtime runs: a fine poll)
+        self.out_stamps.append(("suspended", time.monotonic()))
 
     def _migrate_out(self, rid: object, msg: dict[str, Any]) -> None:
         """``pyxen migrate``: connect, reservation, live rounds, stop-and-copy,
@@ -446,6 +460,9 @@ class DomainProcess:
         rounds: list[dict[str, Any]] = []
         remote = -1
         go_sent = False  # after "go" a failure leaves the domain's state undefined (xl's failed_badly)
+        self.out_stamps = []
+        self.go_sent = False
+        self.commit_out: dict[str, float] = {}
         try:
             if "tcp" in msg:
                 host, _, port = str(msg["tcp"]).rpartition(":")
@@ -488,26 +505,23 @@ class DomainProcess:
                 rounds.append(dataclasses.asdict(r))
                 self.event(event="progress", pages=r.pages, total=d.max_pages, bytes=r.bytes,
                            ns=int(r.seconds * 1e9))
-            st = live.send_live(d, wfile, lambda: self._suspend_for_migration(timeout), pol,
-                                on_round=on_round, header_sent=True,
-                                wait_applied=lambda n: P.wait_applied(rfd, n, 300))
-            t_end = time.monotonic()
-            P.expect(rfd, P.READY, 300, "receiver's ready message")
-            t_ready = time.monotonic()
-            wfile.write(P.GO)
-            wfile.flush()
-            go_sent = True
-            P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
-            rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
-            commit = {"end_to_ready_ms": (t_ready - t_end) * 1000,
-                      "end_to_report_ms": (time.monotonic() - t_end) * 1000}
-            if rc:
-                raise P.ProtocolError(f"the destination could not unpause the domain ({rc})")
+            gil = contextlib.ExitStack()
+
+            def suspend() -> None:
+                gil.enter_context(short_gil_slices())  # until the commitment is over
+                self._suspend_for_migration(timeout)
+            with gil:
+                st = live.send_live(d, wfile, suspend, pol, on_round=on_round, header_sent=True,
+                                    wait_applied=lambda n: P.wait_applied(rfd, n, 300))
+                self._commit_out(rfd, wfile)
+            commit = self.commit_out
+            go_sent = self.go_sent
         except (P.ProtocolError, SV.SaveError, StreamError, XenError, OSError, RuntimeError,
                 ValueError, KeyError) as e:
             why = e.why if isinstance(e, XenError) else (e.strerror if isinstance(e, OSError) and
                                                         e.strerror else str(e))
             from .. import abi
+            go_sent = go_sent or self.go_sent
             suspended = d.shutdown_reason == abi.SHUTDOWN_suspend
             note = "it keeps running"
             if go_sent and suspended:
@@ -534,6 +548,10 @@ class DomainProcess:
             return
         self._close_channel(conn, proc)
         assert st is not None
+        if self.out_stamps:
+            t0 = self.out_stamps[0][1]
+            d.log(f"migrated out, from the suspend request (monotonic {t0:.6f}): " + ", ".join(
+                f"{what} {(t - t0) * 1000:.1f} ms" for what, t in self.out_stamps), always=True)
         stats = st.as_dict()
         stats["rounds"] = rounds
         stats["commitment"] = commit
@@ -541,6 +559,27 @@ class DomainProcess:
               f"{st.seconds:.3f} s, stop-and-copy {st.downtime_seconds * 1000:.1f} ms "
               f"({st.stop_reason})", always=True)
         self.event(reply=rid, ok=True, stats=stats, remote_domid=remote)
+
+    def _commit_out(self, rfd: int, wfile: Any) -> None:
+        """The sender's commitment: the receiver's ready, our go, its report
+        (``self.go_sent`` once go went: from then on a failure leaves the
+        domain's state undefined)."""
+        from ..migration import protocol as P
+        t_end = time.monotonic()
+        self.out_stamps.append(("END sent", t_end))
+        P.expect(rfd, P.READY, 300, "receiver's ready message")
+        t_ready = time.monotonic()
+        self.out_stamps.append(("ready", t_ready))
+        wfile.write(P.GO)
+        wfile.flush()
+        self.go_sent = True
+        P.expect(rfd, P.REPORT, 60, "receiver's unpause report")
+        rc = P.read_exact(rfd, 1, 60, "receiver's unpause result")[0]
+        self.out_stamps.append(("report", time.monotonic()))
+        self.commit_out = {"end_to_ready_ms": (t_ready - t_end) * 1000,
+                           "end_to_report_ms": (time.monotonic() - t_end) * 1000}
+        if rc:
+            raise P.ProtocolError(f"the destination could not unpause the domain ({rc})")
 
     @staticmethod
     def _close_channel(conn: Any, proc: Any) -> None:
@@ -595,9 +634,14 @@ class DomainProcess:
             rf = os.fdopen(rfd, "rb", buffering=1 << 20)
             stamps: list[tuple[str, float]] = []
             self.stamps = stamps
+            gil_old = sys.getswitchinterval()
+
+            def stamp(what: str) -> None:
+                stamps.append((what, time.monotonic()))
+                if what == "tail":  # the downtime runs from here to the guest's reconnect
+                    sys.setswitchinterval(min(gil_old, DOWNTIME_SWITCH_INTERVAL))
             stats = R.restore_into(d, S.iter_stream(rf, "migration stream", decode_pages=False),
-                                   self._progress(),
-                                   stamp=lambda what: stamps.append((what, time.monotonic())),
+                                   self._progress(), stamp=stamp,
                                    round_end=lambda n: P.write_all(wfd, P.APPLIED + b"%d\n" % n))
             off = d.machine.ram_offset(d.start_info["console_mfn"])
             port = d.start_info["console_evtchn"]
@@ -618,8 +662,11 @@ class DomainProcess:
             stamps.append(("go", time.monotonic()))
             d.unpause()
             P.write_all(wfd, P.REPORT + b"\0")
+            # the guest's resume and its drivers' reconnect (a few xenstore round
+            # trips) still run in this process: the default interval back after them
+            threading.Timer(1.0, sys.setswitchinterval, (gil_old,)).start()
             t0 = stamps[0][1] if stamps else 0.0
-            d.log("migrated in, from the last round's first record: " + ", ".join(
+            d.log(f"migrated in, from the last round's first record (monotonic {t0:.6f}): " + ", ".join(
                 f"{what} {(t - t0) * 1000:.1f} ms" for what, t in stamps), always=True)
         except Exception as e:  # noqa: BLE001 - whatever went wrong, no domain is left
             why = e.why if isinstance(e, XenError) else str(e)
@@ -817,11 +864,13 @@ class DomainProcess:
         self.tap_maker = threading.Thread(target=make, name="make-taps", daemon=True)
         self.tap_maker.start()
 
-    def _start_netback(self, vif: dict[str, Any], strict: bool = False) -> None:
+    def _start_netback(self, vif: dict[str, Any], strict: bool = False, link: bool = True) -> None:
         """The host end of a vif: a TAP on the bridge (in this process's
         network namespace: the daemon's), then the netif handshake.  A vif
         of the config that cannot be set up is logged and left out (the domain
-        runs on); a hot-plugged one (``strict``) fails its request."""
+        runs on); a hot-plugged one (``strict``) fails its request.
+        ``link=False``: the TAP stays down (a migration's destination before
+        the commitment; "start" brings it up)."""
         d = self.domain
         assert d is not None
         devid = int(vif["devid"])
@@ -831,7 +880,7 @@ class DomainProcess:
                      str(vif.get("vifname") or ""), script=str(vif.get("script") or ""),
                      tap=self.early_taps.pop(devid, -1))
         try:
-            nb.start()
+            nb.start(link=link)
         except (NetError, OSError) as e:
             if strict:
                 nb.close()
@@ -906,6 +955,26 @@ class DomainProcess:
                    sock=str(paths.domain_socket(self.rundir, self.domid)), spec=spec,
                    state=d.state, reason=d.info()["shutdown_reason"], **self._memory())
         self.sel.register(conn.sock, selectors.EVENT_READ, self._command)
+
+
+#: The GIL's switch interval (s) while a migration's downtime runs in this
+#: process.  Python's default (5 ms) is how long a thread that gets a reply
+#: (the xenstore relay, a backend's xenstore client) may wait for the vCPU
+#: thread, busy with the guest's hypercalls, to hand over the GIL: a
+#: suspend or a resume is a chain of such round trips, each paying it.
+DOWNTIME_SWITCH_INTERVAL = 0.0002
+
+
+@contextlib.contextmanager
+def short_gil_slices() -> Any:
+    """The downtime's stretch with :data:`DOWNTIME_SWITCH_INTERVAL`, the
+    previous interval back after it."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, DOWNTIME_SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 def open_disk(disk: dict[str, Any], secret_files: dict[str, str] | None = None) -> BlockImage:

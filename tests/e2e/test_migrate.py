@@ -829,6 +829,12 @@ def test_netecho_heartbeat_through_a_live_migration(lan: TwoHosts, guest) -> Non
         con = lan.console(1, "necmig")
         assert "dirty FAIL" not in con, con[-2000:]
         assert "netecho: reconnected" in con, con[-2000:]
+        # the resumed netfront reconnected at once (fast_reconnect), not through its watches
+        assert "Connected (resumed)" in con and "fast reconnect:" not in con, con[-2000:]
+        # the destination made the vif's backend at the reservation and logged both timelines
+        assert any("migrated in, from the last round's first record (monotonic" in line
+                   for line in lan.b.dmesg()), lan.b.dmesg()[-20:]
+        assert any("migrated out, from the suspend request" in line for line in lan.a.dmesg())
         # the destination's vif has the guest's MAC, on b's bridge
         vifs = lan.b.network_list(d["domid"])
         assert [v["mac"] for v in vifs] == [NETECHO_MAC] and vifs[0]["bridge"] == "xenbr0", vifs

@@ -83,3 +83,29 @@ def test_domains_and_their_watches_survive_a_restart(tmp_path: Path) -> None:
     assert Parser().feed(conn.take_output())[0].strings() == ["data/k", "t"]
     assert y.store.quotas.nodes == 50
     assert y.read("/local/domain/4/data/k", guest(4)) == b"v"
+
+
+def test_client_pipeline_and_write_many(tmp_path: Path) -> None:
+    """XsClient.pipeline: many requests on the wire at once, the replies (or
+    each one's error) in order; write_many raises the first error after all
+    were answered, and a watcher of the last path sees the others written."""
+    from pyxen.xenstore.client import XsClient
+    from pyxen.xenstore.tree import XsError
+    sock = tmp_path / "xs.sock"
+    with XenstoreServer(sock, tmp_path / "state.json", flush_delay=0):
+        c = XsClient(str(sock))
+        try:
+            c.write_many({"/p/a": "1", "/p/b": "2", "/p/state": "2"})
+            assert [c.read(f"/p/{k}") for k in ("a", "b", "state")] == ["1", "2", "2"]
+            res = c.pipeline([(Op.READ, join("/p/a")), (Op.READ, join("/nope")), (Op.READ, join("/p/b"))])
+            assert res[0] == b"1" and isinstance(res[1], XsError) and res[1].name == "ENOENT"
+            assert res[2] == b"2"
+            try:
+                c.write_many({"/p/c": "3", "": "bad", "/p/d": "4"})
+            except XsError as e:
+                assert e.name == "EINVAL"
+            else:
+                raise AssertionError("an invalid path was written")
+            assert c.read("/p/d") == "4"        # the ones after the bad one were still sent
+        finally:
+            c.close()
