@@ -349,6 +349,12 @@ class TxCredit:
             if now >= next_credit:
                 self.window_start = now
                 self._add()
+                # Linux arms its timer at the next_credit it computed before
+                # this refill, which is then in the past: the timer fires at
+                # once and refills a second time, so packets bigger than the
+                # credit pass at up to twice the rate.  The next refill is one
+                # interval after this one.
+                next_credit = now + self.usec / 1e6
             if size > self.remaining:
                 self.timer = self.window_start = next_credit
                 return max(next_credit - now, 1e-6)
