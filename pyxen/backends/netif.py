@@ -542,10 +542,9 @@ def queue_count(value: str | None, max_queues: int) -> int:
     whose keys are under queue-N/ with the flat layout: refusing it says why)."""
     if value is None:
         return 1
-    try:
-        n = int(value.strip(), 10)
-    except ValueError:
-        raise ValueError(f"multi-queue-num-queues {value!r} is not a number") from None
+    if not value.strip().isdigit() or not value.strip().isascii():
+        raise ValueError(f"multi-queue-num-queues {value!r} is not a number")
+    n = int(value.strip(), 10)
     if n == 0 or n > max_queues:
         raise ValueError(f"guest requested {n} queues, but valid range is 1 - {max_queues}.")
     return n
@@ -568,11 +567,10 @@ class QueueKeys:
 
 
 def _xs_uint(v: str, what: str) -> int:
-    try:
-        n = int(v.strip(), 10)
-    except ValueError:
-        raise ValueError(f"{what} {v!r} is not a number") from None
-    if not 0 <= n <= 0xFFFFFFFF:
+    if not v.strip().isdigit() or not v.strip().isascii():
+        raise ValueError(f"{what} {v!r} is not a number")
+    n = int(v.strip(), 10)
+    if n > 0xFFFFFFFF:
         raise ValueError(f"{what} {v!r} is out of range")
     return n
 
