@@ -424,3 +424,46 @@ def test_linux_netfront_two_queues(two_queues_offered: None, nshost: object, net
     bad = [ln for ln in nshost.dmesg()  # type: ignore[attr-defined]
            if "netback" in ln and ("protocol error" in ln or "Traceback" in ln)]
     assert not bad, bad
+
+
+def test_linux_two_queues_survive_save_restore(two_queues_offered: None, nshost: object,  # noqa: F811
+                                               netns: str, net_initrd: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A vif with 2 queues through ``save`` and ``restore``: the restored
+    domain's netback advertises again, Linux's netfront reconnects on resume
+    with its 2 queues, and the guest pings the host again."""
+    from tests.e2e.test_unmodified_guests import Shell as _Shell
+    domid, sh = _boot_mq(nshost, net_initrd)
+    _ns(netns, "ip", "addr", "add", f"{HOST_IP}/24", "dev", "xenbr0")
+    _ns(netns, "ip", "link", "set", "xenbr0", "up")
+    try:
+        _guest_up(sh, f"{NET}.42")
+        out = sh.run(f"ping -c 2 -W 5 {HOST_IP}", timeout=60)
+        assert re.search(r"2 packets transmitted, [12] packets received", out), out
+        [listed] = nshost.network_list(domid)  # type: ignore[attr-defined]
+        assert listed["stats"]["queues"] == 2, listed
+        f = tmp_path / "mq.save"
+        nshost.save(domid, f, timeout=60)  # type: ignore[attr-defined]
+    finally:
+        sh.s.close()
+    info = nshost.restore(f)  # type: ignore[attr-defined]
+    dom = int(info["domid"])
+    s = nshost.console_socket(dom)  # type: ignore[attr-defined]
+    try:
+        sh = _Shell(s)
+        sh.s.sendall(b"\n")
+        sh.wait_prompt(120)
+        end = time.monotonic() + 60
+        while True:
+            vifs = nshost.network_list(dom)  # type: ignore[attr-defined]
+            if vifs and vifs[0]["state"] == 4 and vifs[0]["stats"]["queues"] == 2:
+                break
+            assert time.monotonic() < end, vifs
+            time.sleep(0.2)
+        out = sh.run(f"ping -c 3 -W 5 {HOST_IP}", timeout=60)
+        assert re.search(r"3 packets transmitted, [123] packets received", out), \
+            _diag(nshost, netns, sh, out)
+        queues = sh.run("ls /sys/class/net/eth0/queues")
+        assert "tx-1" in queues, queues
+    finally:
+        s.close()
+    nshost.destroy(dom)  # type: ignore[attr-defined]
