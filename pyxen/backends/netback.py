@@ -15,12 +15,14 @@ toolstack writes both directories in Initialising; we advertise our
 features and go InitWait; the frontend writes ``tx-ring-ref``,
 ``rx-ring-ref``, ``event-channel`` or ``event-channel-tx``/``-rx`` (split),
 ``request-rx-copy``, its features, and goes Connected -- Linux's netfront
-skips Initialised; we map both rings and go Connected), one queue
-(``multi-queue-max-queues`` = 1; a frontend that writes
-``multi-queue-num-queues`` = 1 keeps its keys flat, as Linux's netfront and
-netback do for a single queue).
+skips Initialised; we map both rings and go Connected).  Multi-queue:
+we offer ``multi-queue-max-queues`` = min(8, host CPUs); a frontend that
+takes one queue keeps its keys flat, one that takes Q > 1 has each queue's
+under ``queue-N/``; each queue has its own rings, channels, TAP queue fd
+(the TAP is ``IFF_MULTI_QUEUE``), service thread, counters and credit
+(:class:`_Queue`); 0 or more queues than offered is refused.
 
-Data path (one service thread per vif, all per-packet work in
+Data path (one service thread per queue, all per-packet work in
 :meth:`NetBack._tx_packet` and :meth:`NetBack._rx_frame`, every guest page
 touched through :class:`GrantCopier` so that a native batch copy can replace
 it): TX takes each packet's slot chain off the ring (Linux netback's checks:
