@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, read_until
+from tests.e2e.test_migrate import lan  # noqa: F401 - fixture
 from tests.e2e.test_netback import (  # noqa: F401 - fixtures
     HOST_IP,
     NET,
@@ -365,6 +366,12 @@ def _boot_mq(host: object, initrd: Path) -> tuple[int, Shell]:
     sh.buf = read_until(s, re.escape(INIT_MARKER).encode(), 300)
     sh.wait_prompt(120)
     assert "xen_netfront.max_queues=2" in sh.run("cat /proc/cmdline")
+    _netfront_max_queues_2(sh)
+    return domid, sh
+
+
+def _netfront_max_queues_2(sh: Shell) -> None:
+    """Make sure Linux's netfront runs with max_queues=2 and has its 2 queues."""
     p = "/sys/module/xen_netfront/parameters/max_queues"
     if sh.run(f"cat {p}").split()[-1:] != ["2"]:
         # the parameter is writable; netfront reads it when it connects: reconnect the
@@ -376,7 +383,6 @@ def _boot_mq(host: object, initrd: Path) -> tuple[int, Shell]:
               "(busybox insmod ignores the command line)")
     sh.run("for i in $(seq 1 150); do ls /sys/class/net/eth0/queues/tx-1 >/dev/null 2>&1 && break; "
            "sleep 0.2; done", timeout=60)
-    return domid, sh
 
 
 def test_linux_netfront_two_queues(two_queues_offered: None, nshost: object, netns: str,  # noqa: F811
@@ -467,3 +473,41 @@ def test_linux_two_queues_survive_save_restore(two_queues_offered: None, nshost:
     finally:
         s.close()
     nshost.destroy(dom)  # type: ignore[attr-defined]
+
+
+def test_linux_two_queues_follow_a_live_migration(two_queues_offered: None, lan: object,  # noqa: F811
+                                                  net_initrd: Path) -> None:  # noqa: F811
+    """A Linux guest whose vif has 2 queues, live-migrated from host a to
+    host b (tests/e2e/test_migrate.py's hosts on one LAN): b's netback
+    advertises at start, the guest's netfront reconnects on resume with its 2
+    queues, and the guest reaches the outside host again from b."""
+    from tests.e2e.hosts import boot_net_linux
+    from tests.e2e.test_migrate import _port, running, wait_for
+    a, b = lan.a, lan.b  # type: ignore[attr-defined]
+    domid, sh = boot_net_linux(a, net_initrd, "mqmig", "00:16:3e:4d:11:0a")
+    try:
+        _netfront_max_queues_2(sh)
+        sh.run(f"ip addr add {lan.guest_ip}/24 dev eth0; ip link set eth0 up")  # type: ignore[attr-defined]
+        out = sh.run(f"ping -c 2 -W 5 {lan.lan_ips[2]}", 60)  # type: ignore[attr-defined]
+        assert re.search(r"[12] packets received", out), out
+        assert a.network_list(domid)[0]["stats"]["queues"] == 2
+    finally:
+        sh.s.close()
+    port = next(_port)
+    rx = lan.receiver(port)  # type: ignore[attr-defined]
+    a.migrate(domid, tcp=f"{lan.ips[1]}:{port}", timeout=60)  # type: ignore[attr-defined]
+    assert rx.wait(60) == 0
+    [d] = wait_for(lambda: running(b, "mqmig"), what="the guest on b")
+    wait_for(lambda: [v for v in b.network_list(d["domid"]) if v["state"] == 4 and v["stats"]["queues"] == 2],
+             60, "b's vif connected with 2 queues")
+    s = b.console_socket(d["domid"])
+    try:
+        sh = Shell(s)
+        sh.s.sendall(b"\n")
+        sh.wait_prompt(60)
+        out = sh.run(f"ping -c 3 -W 5 {lan.lan_ips[2]}", 60)  # type: ignore[attr-defined]
+        assert re.search(r"3 packets transmitted, [123] packets received", out), out
+        assert "tx-1" in sh.run("ls /sys/class/net/eth0/queues")
+    finally:
+        s.close()
+    b.destroy(d["domid"])
