@@ -236,20 +236,23 @@ def test_mq_advertised_and_one_queue_stays_flat(mq) -> None:  # noqa: ANN001
     assert nb.stats["tx_packets"] == 1
 
 
-def test_mq_two_queues_under_queue_n(mq) -> None:  # noqa: ANN001
+def test_mq_two_queues_under_queue_n(mq, path: str) -> None:  # noqa: ANN001, F811
     """Q=2: keys under queue-0/ and queue-1/ (queue 1 with split channels);
     each queue has its rings, a TAP queue fd (the TAP shows tx-0 and tx-1),
     its own counters, and its own credit when rate= is set; frames sent on
     either queue reach the host, and the host's flows come in on both."""
     from pyxen.backends import netif as N
     d, xs, nb, wire = mq
-    xs.write("/local/domain/0/backend/vif/32/0/rate", "100000000,50000")  # a high limit: each queue its own
+    if path == "python":  # a high rate= (a rate-limited vif runs the Python path): each queue its own credit
+        xs.write("/local/domain/0/backend/vif/32/0/rate", "100000000,50000")
     front = MqFront(d, xs, 2, split=(1,))
     front.connect(front.keys(num_queues="2"))
     assert len(nb.queues) == 1 and nb.stats["queues"] == 2
     q1 = nb.queues[0]
     assert (q1.tx_port, q1.rx_port) == front.ports[1] and q1.tx_port != q1.rx_port
-    assert nb.credit is not None and q1.credit is not None and nb.credit is not q1.credit
+    if path == "python":
+        assert nb.credit is not None and q1.credit is not None and nb.credit is not q1.credit
+    assert [nb.dev is not None, q1.dev is not None] == [path == "native"] * 2
     _wait(lambda: _tap_queues() == ["tx-0", "tx-1"], "the TAP's second queue")
     for q in (0, 1):
         _send_tx(front, q, 10 + q)
@@ -313,7 +316,7 @@ def test_mq_bad_queue_requests_are_refused(mq, bad: str) -> None:  # noqa: ANN00
     assert _tap_queues() == ["tx-0"]
 
 
-def test_mq_a_bad_queue_disconnects_the_vif_and_it_reconnects(mq) -> None:  # noqa: ANN001
+def test_mq_a_bad_queue_disconnects_the_vif_and_it_reconnects(mq, path: str) -> None:  # noqa: ANN001, F811
     """A protocol error on queue 1 disconnects the whole vif (Linux's
     xenvif_fatal_tx_err); the frontend starts over with 2 queues, then 1."""
     from pyxen.backends import netif as N
@@ -337,6 +340,7 @@ def test_mq_a_bad_queue_disconnects_the_vif_and_it_reconnects(mq) -> None:  # no
         front = MqFront(d, xs, again)
         front.connect(front.keys(num_queues=str(again)))
         assert nb.stats["queues"] == again
+        assert [x.dev is not None for x in [nb, *nb.queues]] == [path == "native"] * again
         _wait(lambda again=again: len(_tap_queues()) == again, f"{again} TAP queues")
         for q in range(again):
             _send_tx(front, q, 20 + q)
