@@ -515,3 +515,20 @@ def test_linux_two_queues_follow_a_live_migration(two_queues_offered: None, lan:
     finally:
         s.close()
     b.destroy(d["domid"])
+
+
+def test_mq_hot_unplug_with_two_queues(mq) -> None:  # noqa: ANN001
+    """network-detach of a vif connected with 2 queues: both queues off their
+    rings, queue 1's thread ended and its TAP fd closed, the TAP gone."""
+    import threading
+    d, xs, nb, wire = mq
+    front = MqFront(d, xs, 2)
+    front.connect(front.keys(num_queues="2"))
+    q1 = nb.queues[0]
+    assert q1.thread is not None and q1.thread.is_alive()
+    nb.detach(timeout=0.2)  # the played frontend does not close: netback goes on after the wait
+    nb.close = lambda: None  # detach closed it: the fixture must not close its fds again
+    assert nb.tx is None and q1.tx is None and nb.queues == [] and nb.stats["queues"] == 0
+    assert not q1.thread.is_alive() and q1.tap == -1 and q1.up_fd == -1
+    assert not [t for t in threading.enumerate() if t.name.startswith("netback-0-q")]
+    assert _ns(_ns_name[-1], "ls", f"/sys/class/net/{TAPNAME}").returncode != 0  # the TAP is gone
