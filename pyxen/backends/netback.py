@@ -15,12 +15,14 @@ toolstack writes both directories in Initialising; we advertise our
 features and go InitWait; the frontend writes ``tx-ring-ref``,
 ``rx-ring-ref``, ``event-channel`` or ``event-channel-tx``/``-rx`` (split),
 ``request-rx-copy``, its features, and goes Connected -- Linux's netfront
-skips Initialised; we map both rings and go Connected), one queue
-(``multi-queue-max-queues`` = 1; a frontend that writes
-``multi-queue-num-queues`` = 1 keeps its keys flat, as Linux's netfront and
-netback do for a single queue).
+skips Initialised; we map both rings and go Connected).  Multi-queue:
+we offer ``multi-queue-max-queues`` = min(8, host CPUs); a frontend that
+takes one queue keeps its keys flat, one that takes Q > 1 has each queue's
+under ``queue-N/``; each queue has its own rings, channels, TAP queue fd
+(the TAP is ``IFF_MULTI_QUEUE``), service thread, counters and credit
+(:class:`_Queue`); 0 or more queues than offered is refused.
 
-Data path (one service thread per vif, all per-packet work in
+Data path (one service thread per queue, all per-packet work in
 :meth:`NetBack._tx_packet` and :meth:`NetBack._rx_frame`, every guest page
 touched through :class:`GrantCopier` so that a native batch copy can replace
 it): TX takes each packet's slot chain off the ring (Linux netback's checks:
@@ -122,7 +124,7 @@ def _native_lib(anyway: bool = False) -> ctypes.CDLL | None:
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
-IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE = 0x0002, 0x1000, 0x4000, 0x0100
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 #: the MAC of the host end, as Linux's netback gives its vifs (never the bridge's own)
 HOST_MAC = "fe:ff:ff:ff:ff:ff"
@@ -133,7 +135,11 @@ class NetError(Exception):
 
 
 def open_tap(name: str) -> int:
-    """A TAP device ``name`` with a virtio_net_hdr in front of each frame; its fd."""
+    """A TAP device ``name`` with a virtio_net_hdr in front of each frame; its fd.
+    Always ``IFF_MULTI_QUEUE`` (a TAP's queue mode is fixed when it is made,
+    and how many queues the frontend takes is known only at connect): this fd
+    is its first queue, and calling this again with the same name attaches
+    one more (a multi-queue vif's queue N, :class:`_Queue`)."""
     if len(name.encode()) > 15:
         raise NetError(f"interface name {name!r} is longer than 15 bytes")
     try:
@@ -141,7 +147,8 @@ def open_tap(name: str) -> int:
     except OSError as e:
         raise NetError(f"cannot open /dev/net/tun: {e.strerror}") from None
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(),
+                                               IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE))
         fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", N.VNET_HDR.size))
     except OSError as e:
         os.close(fd)
@@ -378,12 +385,24 @@ class _Fatal(Exception):
     pass
 
 
+def max_queues_default() -> int:
+    """The queues a vif offers: Linux netback's default, min(8, host CPUs)
+    (its ``xenvif_max_queues``); PYXEN_NET_MAX_QUEUES sets it for the host as
+    netback's ``max_queues`` module parameter does."""
+    env = os.environ.get("PYXEN_NET_MAX_QUEUES", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return N.default_max_queues(os.cpu_count() or 1)
+
+
 class NetBack:
     """One virtual network interface of one domain."""
 
     def __init__(self, domain: Domain, xs: XsClient, devid: int, mac: str, bridge: str | None = "xenbr0",
-                 ifname: str = "", script: str = "", tap: int = -1) -> None:
-        """``tap``: the TAP already made by :func:`make_tap` (ours to close)."""
+                 ifname: str = "", script: str = "", tap: int = -1, max_queues: int = 0) -> None:
+        """``tap``: the TAP already made by :func:`make_tap` (ours to close).
+        ``max_queues``: the queues offered (``multi-queue-max-queues``); 0:
+        :func:`max_queues_default`."""
         self.domain = domain
         self.script = script  # script=: a hotplug script does what bridge mode would (vif-bridge's job)
         self.script_online = False
@@ -420,15 +439,36 @@ class NetBack:
         self._native_totals = dict.fromkeys(_NATIVE_STATS, 0)  # earlier connections'
         # (port, eventfd) the domain's native event hub watches: net.c signals the guest itself
         self._efds: list[tuple[int, int]] = []
+        self.max_queues = max_queues or max_queues_default()
+        #: queues 1..Q-1 of a multi-queue connection (this object is queue 0)
+        self.queues: list[_Queue] = []
+        self._gone_totals = dict.fromkeys(_NATIVE_STATS, 0)  # queues of earlier connections
 
-    @property
-    def stats(self) -> dict[str, int]:
-        """Packets and bytes both ways, drops and errors (both data paths)."""
+    def _own_stats(self) -> dict[str, int]:
+        """This queue's counters (both data paths, earlier connections included)."""
         out = dict(self._stats)
         for k, v in self._native_stats().items():
             out[k] += v
-        out["native"] = int(self.dev is not None)
         return out
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Packets and bytes both ways, drops and errors (both data paths), all
+        queues summed; ``queues``: how many the connection has (0: none)."""
+        out = self._own_stats()
+        for st in [q._own_stats() for q in list(self.queues)] + [self._gone_totals]:
+            for k, v in st.items():
+                out[k] += v
+        out["native"] = int(self.dev is not None)
+        out["queues"] = (1 + len(self.queues)) if self.tx is not None else 0
+        return out
+
+    @property
+    def queue_stats(self) -> list[dict[str, int]]:
+        """Each connected queue's own counters, queue 0 first."""
+        if self.tx is None:
+            return []
+        return [self._own_stats()] + [q._own_stats() for q in list(self.queues)]
 
     def _native_stats(self) -> dict[str, int]:
         tot = dict(self._native_totals)
@@ -467,7 +507,7 @@ class NetBack:
         vals = {
             "feature-sg": "1", "feature-gso-tcpv4": "1", "feature-gso-tcpv6": "1",
             "feature-ipv6-csum-offload": "1", "feature-rx-copy": "1", "feature-rx-flip": "0",
-            "feature-split-event-channels": "1", "multi-queue-max-queues": "1",
+            "feature-split-event-channels": "1", "multi-queue-max-queues": str(self.max_queues),
             "feature-multicast-control": "0", "feature-ctrl-ring": "0",
             "hotplug-status": "connected", "vifname": self.ifname,
         }
@@ -554,7 +594,7 @@ class NetBack:
             if fe in (N.STATE_INITIALISED, N.STATE_CONNECTED) and self.state == N.STATE_INITWAIT:
                 try:
                     self._connect()
-                except (XenError, XsError, ValueError, OSError) as e:
+                except (XenError, XsError, ValueError, OSError, NetError) as e:
                     self._fail(f"cannot connect: {e}")
             elif fe == N.STATE_CLOSING:
                 self._disconnect()
@@ -581,24 +621,12 @@ class NetBack:
 
     # ------------------------------------------------------------ connection
     def _connect(self) -> None:
+        """The frontend is ready: read how many queues it took and each one's
+        keys (flat for one queue, under ``queue-N/`` for more: netback's
+        connect and connect_data_rings), then attach them all or none."""
         xs, fe = self.xs, self.fe
-
-        def need(path: str) -> str:
-            v = xs.try_read(path)
-            if v is None:
-                raise ValueError(f"{path} is missing")
-            return v
-        nq = xs.try_read(f"{fe}/multi-queue-num-queues")
-        if nq not in (None, "", "1"):
-            raise ValueError(f"multi-queue-num-queues {nq!r}: we offered 1 queue")
-        base = fe  # one queue: its keys are flat, as netback's connect_data_rings reads them
-        tx_ref = int(need(f"{base}/tx-ring-ref"))
-        rx_ref = int(need(f"{base}/rx-ring-ref"))
-        split = xs.try_read(f"{base}/event-channel-tx")
-        if split:
-            tx_port, rx_port = int(split), int(need(f"{base}/event-channel-rx"))
-        else:
-            tx_port = rx_port = int(need(f"{base}/event-channel"))
+        nq = N.queue_count(xs.try_read(f"{fe}/multi-queue-num-queues"), self.max_queues)
+        keys = [N.read_queue_keys(xs.try_read, base) for base in N.queue_dirs(fe, nq)]
         if xs.try_read(f"{fe}/request-rx-copy", "0") != "1":
             raise ValueError("the frontend does not request rx-copy (page flipping is not supported)")
 
@@ -607,10 +635,44 @@ class NetBack:
         f = _Frontend(sg=flag("feature-sg"), gso4=flag("feature-gso-tcpv4"), gso6=flag("feature-gso-tcpv6"),
                       csum=not flag("feature-no-csum-offload"), ipv6_csum=flag("feature-ipv6-csum-offload"),
                       rx_notify=flag("feature-rx-notify"))
+        off_flags = 0
+        if f.csum:
+            off_flags |= TUN_F_CSUM
+            if f.sg and f.gso4:
+                off_flags |= TUN_F_TSO4
+            if f.sg and f.gso6:
+                off_flags |= TUN_F_TSO6
+        set_offload(self.tap, off_flags)  # the TAP's, whichever queue fd sets it
+        extra: list[_Queue] = []
+        try:
+            for i in range(1, nq):
+                extra.append(_Queue(self, i))
+            # each queue its own credit (netback's queue->credit_bytes): rate= is per queue
+            self._attach(keys[0], f, self._read_rate(), 0)
+            try:
+                for q, k in zip(extra, keys[1:], strict=True):
+                    q._attach(k, f, self._read_rate(), q.index)
+            except BaseException:
+                self._disconnect_rings()
+                raise
+        except BaseException:
+            for q in extra:
+                q.shutdown()
+            raise
+        self.queues = extra
+        for q in extra:
+            assert q.thread is not None
+            q.thread.start()
+        self._switch(N.STATE_CONNECTED)
+        self._wake()
+
+    def _attach(self, k: N.QueueKeys, f: _Frontend, credit: N.TxCredit | None, index: int) -> None:
+        """Map one queue's two rings, accept its channel(s) and hand them to
+        this object's data path (the C one unless rate-limited)."""
         d = self.domain
         maps: list[tuple[mmap.mmap, memoryview, int]] = []
         try:
-            for ref in (tx_ref, rx_ref):
+            for ref in (k.tx_ref, k.rx_ref):
                 off = d.gnttab.host_acquire(ref, BACKEND_DOMID, True)
                 try:
                     m = mmap.mmap(-1, N.PAGE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
@@ -623,36 +685,26 @@ class NetBack:
         except (XenError, OSError):
             self._unmap(maps)
             raise
-        off_flags = 0
-        if f.csum:
-            off_flags |= TUN_F_CSUM
-            if f.sg and f.gso4:
-                off_flags |= TUN_F_TSO4
-            if f.sg and f.gso6:
-                off_flags |= TUN_F_TSO6
+        bport = 0x9000 + 2 * self.devid + 0x100 * index  # dom0's (notional) end of the channel
         try:
-            set_offload(self.tap, off_flags)
-            d.evtchn.accept_interdomain(tx_port, BACKEND_DOMID, 0x9000 + 2 * self.devid, self._notified)
-            if rx_port != tx_port:
-                d.evtchn.accept_interdomain(rx_port, BACKEND_DOMID, 0x9001 + 2 * self.devid, self._notified)
+            d.evtchn.accept_interdomain(k.tx_port, BACKEND_DOMID, bport, self._notified)
+            if k.rx_port != k.tx_port:
+                d.evtchn.accept_interdomain(k.rx_port, BACKEND_DOMID, bport + 1, self._notified)
         except (XenError, OSError):
-            d.evtchn.remote_closed(tx_port, BACKEND_DOMID)
+            d.evtchn.remote_closed(k.tx_port, BACKEND_DOMID)
             self._unmap(maps)
             raise
-        credit = self._read_rate()
         with self.proc_lock:
             self.maps = maps
             self.tx = N.BackRing(maps[0][1], N.TX_SLOT)
             self.rx = N.BackRing(maps[1][1], N.RX_SLOT)
-            self.tx_port, self.rx_port, self.fe_feat = tx_port, rx_port, f
+            self.tx_port, self.rx_port, self.fe_feat = k.tx_port, k.rx_port, f
             self._pending = None
             self.credit, self._tx_wait = credit, 0.0
             if credit is None:
                 self._start_native(f)
             else:
                 self.native_why = "rate-limited vifs use the Python data path"
-        self._switch(N.STATE_CONNECTED)
-        self._wake()
 
     def _read_rate(self) -> N.TxCredit | None:
         """The backend's ``rate`` node as libxl writes it ("BYTES,USECS"), read at
@@ -722,6 +774,17 @@ class NetBack:
             self.domain.gnttab.host_release(ref)
 
     def _disconnect(self) -> None:
+        """Every queue off its rings and channels; queues 1.. go (their TAP
+        queue fds close, their threads end)."""
+        queues, self.queues = self.queues, []
+        for q in queues:
+            q.shutdown()
+            for k, v in q._own_stats().items():
+                self._gone_totals[k] += v
+        self._disconnect_rings()
+
+    def _disconnect_rings(self) -> None:
+        """This queue off its rings and channels (the service thread stays)."""
         if self.tx is None:
             return
         dev, lib = self.dev, _native_lib(anyway=True)
@@ -1017,3 +1080,65 @@ class NetBack:
         if self.tap >= 0:
             os.close(self.tap)  # the TAP goes with its last fd (it was not made persistent)
             self.tap = -1
+
+
+class _Queue(NetBack):
+    """Queue N (N >= 1) of a multi-queue vif: its own rings, channel(s), TAP
+    queue fd, service thread, C state, stats and credit -- the same data path
+    as queue 0 (the :class:`NetBack` itself), so it is one; the control plane
+    (state lock, xenstore, the frontend's features) is the vif's, and a
+    protocol error on any queue disconnects the whole vif, as Linux netback's
+    xenvif_fatal_tx_err does.  Made at connect, gone at disconnect."""
+
+    def __init__(self, vif: NetBack, index: int) -> None:
+        fd = open_tap(vif.ifname)  # one more queue of the vif's multi-queue TAP
+        try:
+            super().__init__(vif.domain, vif.xs, vif.devid, vif.mac, None, ifname=vif.ifname, tap=fd,
+                             max_queues=vif.max_queues)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.vif, self.index = vif, index
+        self.lock = vif.lock  # the state machine is the vif's
+        self._fd_lock = threading.Lock()
+        self.thread = threading.Thread(target=self._service, name=f"netback-{vif.devid}-q{index}",
+                                       daemon=True)
+
+    def _fail(self, why: str) -> None:
+        self.vif._fail(f"queue {self.index}: {why}")
+
+    def _disconnect(self) -> None:
+        self._disconnect_rings()
+
+    def _wake(self) -> None:
+        with self._fd_lock:
+            if self.up_fd >= 0:
+                super()._wake()
+
+    def _service(self) -> None:
+        try:
+            super()._service()
+        finally:
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        """The thread's own fds, closed once it is out of them (the TAP queue
+        fd detaches this queue from the TAP: the host stops steering flows here)."""
+        with self._fd_lock:
+            for fd in (self.up_fd, self.tap):
+                if fd >= 0:
+                    os.close(fd)
+            self.up_fd = self.tap = -1
+
+    def shutdown(self) -> None:
+        """Off the rings and channels, and the thread told to end (waited for
+        unless it is the caller: a queue's own protocol error ends here)."""
+        self._disconnect_rings()
+        self.stop = True
+        t = self.thread
+        if t is None or t.ident is None:  # never started (a connect that failed)
+            self._close_fds()
+            return
+        self._wake()
+        if t is not threading.current_thread():
+            t.join(5)

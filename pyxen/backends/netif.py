@@ -527,3 +527,75 @@ def rx_plan(length: int, meta: RxMeta) -> list[RxSlot]:
             out.append(RxSlot(extra=ExtraInfo(EXTRA_TYPE_GSO, 0, meta.gso_size, meta.gso_type, 0)))
         if pos >= length:
             return out
+
+
+# --- multi-queue (netif.h "Multiple transmit and receive queues") -----------------------------
+#: Linux netback's default for ``xenvif_max_queues`` is min(8, online CPUs)
+MAX_QUEUES_DEFAULT = 8
+
+
+def default_max_queues(cpus: int) -> int:
+    """``multi-queue-max-queues`` to offer: Linux netback's default
+    (min(MAX_QUEUES_DEFAULT, num_online_cpus())), at least 1."""
+    return max(1, min(MAX_QUEUES_DEFAULT, cpus))
+
+
+def queue_count(value: str | None, max_queues: int) -> int:
+    """How many queues the frontend asked for (``multi-queue-num-queues``;
+    absent: 1, as xenbus_read_unsigned's default).  ValueError, with Linux
+    netback's words, for 0, more than we offered, or a value that is not a
+    number (xenbus_read_unsigned's fallback to 1 would connect a frontend
+    whose keys are under queue-N/ with the flat layout: refusing it says why)."""
+    if value is None:
+        return 1
+    if not value.strip().isdigit() or not value.strip().isascii():
+        raise ValueError(f"multi-queue-num-queues {value!r} is not a number")
+    n = int(value.strip(), 10)
+    if n == 0 or n > max_queues:
+        raise ValueError(f"guest requested {n} queues, but valid range is 1 - {max_queues}.")
+    return n
+
+
+def queue_dirs(fe: str, queues: int) -> list[str]:
+    """Where each queue's keys are (netback's connect_data_rings): the
+    frontend's own directory for a single queue, ``queue-N`` below it else."""
+    return [fe] if queues == 1 else [f"{fe}/queue-{i}" for i in range(queues)]
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """One queue's rings and channels as the frontend wrote them."""
+
+    tx_ref: int
+    rx_ref: int
+    tx_port: int
+    rx_port: int  # == tx_port: one channel for both rings
+
+
+def _xs_uint(v: str, what: str) -> int:
+    if not v.strip().isdigit() or not v.strip().isascii():
+        raise ValueError(f"{what} {v!r} is not a number")
+    n = int(v.strip(), 10)
+    if n > 0xFFFFFFFF:
+        raise ValueError(f"{what} {v!r} is out of range")
+    return n
+
+
+def read_queue_keys(read: Callable[[str], str | None], base: str) -> QueueKeys:
+    """A queue's ``tx-ring-ref``, ``rx-ring-ref`` and ``event-channel-tx``/
+    ``-rx`` (split, tried first) or ``event-channel`` under ``base``; ``read``
+    returns a node's value or None.  ValueError naming the missing node, as
+    netback's ``xenbus_dev_fatal(..., "reading %s/ring-ref")``."""
+    tx, rx = read(f"{base}/tx-ring-ref"), read(f"{base}/rx-ring-ref")
+    if tx is None or rx is None:
+        which = "tx" if tx is None else "rx"
+        raise ValueError(f"reading {base}/ring-ref: {base}/{which}-ring-ref is missing")
+    etx, erx = read(f"{base}/event-channel-tx"), read(f"{base}/event-channel-rx")
+    if etx is not None and erx is not None:
+        tp, rp = _xs_uint(etx, f"{base}/event-channel-tx"), _xs_uint(erx, f"{base}/event-channel-rx")
+    else:
+        ev = read(f"{base}/event-channel")
+        if ev is None:
+            raise ValueError(f"reading {base}/event-channel: missing")
+        tp = rp = _xs_uint(ev, f"{base}/event-channel")
+    return QueueKeys(_xs_uint(tx, f"{base}/tx-ring-ref"), _xs_uint(rx, f"{base}/rx-ring-ref"), tp, rp)
