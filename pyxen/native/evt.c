@@ -85,6 +85,7 @@ static void kick(struct pxe_hub *h, struct pxe_vcpu *v)
 static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
 {
     uint32_t vi;
+    uint64_t old;
     struct pxe_vcpu *v;
     if (port >= PXE_MAX_PORTS)
         return;
@@ -92,14 +93,22 @@ static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
     if (vi >= h->nr_vcpus)
         vi = 0;
     v = &h->vcpus[vi];
-    __atomic_fetch_or(&v->fired[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
+    old = __atomic_fetch_or(&v->fired[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&h->events, 1, __ATOMIC_RELAXED);
     if (vi == self)
         return;
-    if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
+    if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST)) {
         efd_write(v->wake_fd);
-    else
+    } else if (old) {
+        /* Ports of this word fired earlier are still there: whoever fired them
+         * kicked (or is the vCPU itself, which delivers after its exit), and
+         * pxe_deliver takes the whole word in one exchange, ours included.  A
+         * second kick would only cost the guest one more exit (netback's TX
+         * and RX ports usually fire together). */
+        __atomic_fetch_add(&h->kicks_saved, 1, __ATOMIC_RELAXED);
+    } else {
         kick(h, v);
+    }
 }
 
 /* Read the eventfd of `key` (fd << 32 | port); if it had a count, fire the
