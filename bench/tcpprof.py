@@ -98,7 +98,8 @@ def main() -> int:
     ap.add_argument("--record", action="store_true")
     ap.add_argument("--out", default="")
     ap.add_argument("--syms", default="", help="guest kernel addresses (hex, comma-separated) to name")
-    ap.add_argument("--cycles", action="store_true", help="perf record -e cycles (where the guest's time goes)")
+    ap.add_argument("--cycles", action="store_true",
+                    help="perf record -e cycles (on PVM the guest shows as pvm_do_event_irqoff)")
     a = ap.parse_args()
     work = Path(a.out or tempfile.mkdtemp(prefix="tcpprof-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -162,9 +163,10 @@ def main() -> int:
             b.run("echo MARK''END")
         if a.syms:
             t = " ".join(x.strip().lower().removeprefix("0x") for x in a.syms.split(","))
-            out = s.shells[0].run(
-                f"awk -v a='{t}' 'BEGIN{{n=split(a,t,\" \")}} {{for(i=1;i<=n;i++) if ($1<=t[i] && $1>m[i]) "
-                "{m[i]=$1; b[i]=$3}} END{for(i=1;i<=n;i++) print \"SYM\", t[i], m[i], b[i]}' /proc/kallsyms", 120)
+            prog = ("BEGIN{n=split(a,t,\" \")} "
+                    "{for(i=1;i<=n;i++) if ($1<=t[i] && $1>m[i]) {m[i]=$1; b[i]=$3}} "
+                    "END{for(i=1;i<=n;i++) print \"SYM\", t[i], m[i], b[i]}")
+            out = s.shells[0].run(f"awk -v a='{t}' '{prog}' /proc/kallsyms", 120)
             report["syms"] = [ln for ln in out.splitlines() if ln.startswith("SYM ")]
             print("\n".join(report["syms"]), flush=True)
     finally:
