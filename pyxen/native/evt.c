@@ -70,13 +70,26 @@ static void efd_drain(int fd)
 }
 
 /* Under h->lock, so that once pxe_attach(.., 0, NULL) returned (the vCPU's
- * thread ended) its kvm_run may be unmapped. */
-static void kick(struct pxe_hub *h, struct pxe_vcpu *v)
+ * thread ended) its kvm_run may be unmapped.
+ *
+ * `word_busy`: ports of the fired port's 64-port word were already waiting
+ * for the vCPU.  If the kick that came with them is still pending too
+ * (immediate_exit still 1: no KVM_RUN has returned for it yet), that return
+ * makes the run loop attend and pxe_deliver take the whole word in one
+ * exchange, our port included, so a second kick would only cost the guest
+ * one more exit or one more KVM_RUN that ends at once (netback's TX and RX
+ * ports usually fire together).  Once a KVM_RUN consumed the pending kick
+ * (immediate_exit back to 0), we kick again. */
+static void kick(struct pxe_hub *h, struct pxe_vcpu *v, int word_busy)
 {
     pthread_mutex_lock(&h->lock);
     if (v->tid && v->immediate_exit) {
-        __atomic_store_n(v->immediate_exit, 1, __ATOMIC_SEQ_CST);
-        syscall(SYS_tgkill, getpid(), v->tid, PXE_KICK_SIGNAL);
+        if (word_busy && __atomic_load_n(v->immediate_exit, __ATOMIC_SEQ_CST)) {
+            __atomic_fetch_add(&h->kicks_saved, 1, __ATOMIC_RELAXED);
+        } else {
+            __atomic_store_n(v->immediate_exit, 1, __ATOMIC_SEQ_CST);
+            syscall(SYS_tgkill, getpid(), v->tid, PXE_KICK_SIGNAL);
+        }
     }
     pthread_mutex_unlock(&h->lock);
 }
@@ -99,15 +112,8 @@ static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
         return;
     if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST)) {
         efd_write(v->wake_fd);
-    } else if (old) {
-        /* Ports of this word fired earlier are still there: whoever fired them
-         * kicked (or is the vCPU itself, which delivers after its exit), and
-         * pxe_deliver takes the whole word in one exchange, ours included.  A
-         * second kick would only cost the guest one more exit (netback's TX
-         * and RX ports usually fire together). */
-        __atomic_fetch_add(&h->kicks_saved, 1, __ATOMIC_RELAXED);
     } else {
-        kick(h, v);
+        kick(h, v, old != 0);
     }
 }
 
