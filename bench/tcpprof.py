@@ -1,15 +1,24 @@
 """Where a TCP stream's time goes (issue 10): the netperf setup (bench/netperf.py)
 with host-side KVM counters and pyxen's exit profile, per MiB transferred.
 
-    sudo PYTHONPATH=$PWD python3 -m bench.tcpprof [--secs 8] [--dirs h2g,g2h,g2g] [--record]
+    sudo PYTHONPATH=$PWD python3 -m bench.tcpprof [--secs 8] [--dirs h2g,g2h,g2g] [--out DIR]
+        [--record] [--cycles] [--syms ffffffff81a043a0,...]
 
-For each direction it runs one iperf3 stream and, meanwhile, on the guest's
+For each direction it runs one iperf3 stream and, meanwhile, on guest 0's
 domain process: ``perf stat`` of KVM's tracepoints (exits, entries, page
-faults, emulated instructions, injected exceptions, the shadow MMU's events)
-and, with ``--record``, ``perf record -e kvm:kvm_exit`` for the exit reasons;
-the vCPU thread's CPU time from /proc; pyxen's exit profile
-(``PYXEN_PROFILE_EXITS``, phases marked from the guest's console).  Prints
-everything per MiB the receiver counted.  A diagnostic, not a benchmark row."""
+faults, emulated instructions, injected exceptions, the shadow MMU's events;
+on PVM only ``kvm_userspace_exit`` counts exits, ``kvm_exit``/``kvm_entry``
+/``kvm_page_fault`` never fire) and, with ``--record``, ``perf record -e
+kvm:kvm_exit`` (empty on PVM); with ``--cycles`` a ``perf record`` of the
+process; the threads' utime/stime/guest_time from /proc; pyxen's exit
+profile (``PYXEN_PROFILE_EXITS`` into DIR, one phase per direction, marked
+from the guests' consoles; ``python3 -m bench.exitprof DIR/d1-*.json``); the
+vifs' counters (``tx_events``/``rx_events``: events netback signalled).
+Per MiB the receiver counted (approximately: the rate times the perf
+window).  ``--syms`` names guest kernel addresses from guest 0's
+/proc/kallsyms.  Env such as ``PYXEN_NET_RX_COALESCE_US`` reaches the
+domains.  A diagnostic, not a benchmark row (docs/netback.md, "Where a TCP
+stream's time goes")."""
 
 from __future__ import annotations
 
