@@ -74,8 +74,10 @@ SERVE_MS = 20
 RX_COALESCE_US = int(os.environ.get("PYXEN_NET_RX_COALESCE_US", "150"))
 #: NAPI-style TX polling in the C loop: after the TX ring empties, look at it every
 #: 30 µs for this long (µs) before asking the frontend for events again, so that a
-#: guest sending steadily needs no EVTCHNOP_send (an exit, ~120 µs) per batch; 0: off
-TX_POLL_US = int(os.environ.get("PYXEN_NET_TX_POLL_US", "200"))
+#: guest sending steadily needs no EVTCHNOP_send (an exit, ~65-120 µs) per batch; 0:
+#: off.  1000 rather than 200: a TCP stream's TX pauses (ACKs, iperf3's writes) are
+#: often longer than 200 µs, and each re-arm cost the guest a notify (docs/netback.md)
+TX_POLL_US = int(os.environ.get("PYXEN_NET_TX_POLL_US", "1000"))
 #: TX completion coalescing in the C loop: hold an owed TX event this long (µs), or
 #: until an RX event goes (one upcall for both) or half the ring is unreaped; 0: off
 TX_COALESCE_US = int(os.environ.get("PYXEN_NET_TX_COALESCE_US", "150"))
