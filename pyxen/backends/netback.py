@@ -77,14 +77,19 @@ SERVE_MS = 20
 RX_COALESCE_US = int(os.environ.get("PYXEN_NET_RX_COALESCE_US", "150"))
 #: NAPI-style TX polling in the C loop: after the TX ring empties, look at it every
 #: 30 µs for this long (µs) before asking the frontend for events again, so that a
-#: guest sending steadily needs no EVTCHNOP_send (an exit, ~120 µs) per batch; 0: off
-TX_POLL_US = int(os.environ.get("PYXEN_NET_TX_POLL_US", "200"))
+#: guest sending steadily needs no EVTCHNOP_send (an exit, ~65-120 µs) per batch; 0:
+#: off.  1000 rather than 200: a TCP stream's TX pauses (ACKs, iperf3's writes) are
+#: often longer than 200 µs, and each re-arm cost the guest a notify (docs/netback.md)
+TX_POLL_US = int(os.environ.get("PYXEN_NET_TX_POLL_US", "1000"))
+#: TX completion coalescing in the C loop: hold an owed TX event this long (µs), or
+#: until an RX event goes (one upcall for both) or half the ring is unreaped; 0: off
+TX_COALESCE_US = int(os.environ.get("PYXEN_NET_TX_COALESCE_US", "150"))
 TAP_READ = 65536 + N.VNET_HDR.size + 64
 
 #: serve connected rings with the C data path (pyxen/native/net.c) when it loads
 NATIVE = os.environ.get("PYXEN_NATIVE", "1") != "0"
 _NATIVE_STATS = ("tx_packets", "tx_bytes", "tx_dropped", "tx_errors", "rx_packets", "rx_bytes",
-                 "rx_dropped", "rx_errors")  # net.c's pxn_stats order
+                 "rx_dropped", "rx_errors", "tx_events", "rx_events")  # net.c's pxn_stats order
 _PXN_NOTIFY, _PXN_MORE, _PXN_FATAL, _PXN_STALLED = 1, 2, 4, 8
 # net.c's pxn_new feature bits
 _F_CSUM, _F_IPV6_CSUM, _F_GSO4, _F_GSO6, _F_SG = 1, 2, 4, 8, 16
@@ -114,7 +119,7 @@ def _native_lib(anyway: bool = False) -> ctypes.CDLL | None:
         lib.pxn_stop.argtypes = [vp]
         lib.pxn_stop.restype = None
         ci = ctypes.c_int
-        lib.pxn_serve.argtypes = [vp, ci, ci, ci, ci, ci, ci, ci, ci]
+        lib.pxn_serve.argtypes = [vp, ci, ci, ci, ci, ci, ci, ci, ci, ci]
         lib.pxn_serve.restype = ci
         _declared.add(id(lib))
     return lib
@@ -873,7 +878,7 @@ class NetBack:
         tx_fd = self._efds[0][1]
         rx_fd = self._efds[-1][1]
         r = lib.pxn_serve(dev, self.up_fd, tx_fd, rx_fd, BUDGET, int(self.fe_feat.rx_notify), SERVE_MS,
-                          RX_COALESCE_US, TX_POLL_US)
+                          RX_COALESCE_US, TX_POLL_US, TX_COALESCE_US)
         if r & _PXN_FATAL:
             raise _Fatal(lib.pxn_msg(dev).decode(errors="replace"))
 

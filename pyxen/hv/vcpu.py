@@ -664,6 +664,9 @@ class VCPU:
             rc = v.run()
             if rc != -1:
                 break
+            # a kick (an event for this vCPU) ended the helper's KVM_RUN: the run
+            # loop must still attend to it (hub.deliver), or its ports wait
+            self.attention = True
         if rc != kvm.EXIT_IO or v.run_struct.exit.io.port != M.HELPER_PORT:
             raise GuestCrash(f"MMU helper failed: exit {kvm.EXIT_NAMES.get(rc, rc)} "
                              f"rip={v.regs.rip:#x}")

@@ -70,13 +70,26 @@ static void efd_drain(int fd)
 }
 
 /* Under h->lock, so that once pxe_attach(.., 0, NULL) returned (the vCPU's
- * thread ended) its kvm_run may be unmapped. */
-static void kick(struct pxe_hub *h, struct pxe_vcpu *v)
+ * thread ended) its kvm_run may be unmapped.
+ *
+ * `word_busy`: ports of the fired port's 64-port word were already waiting
+ * for the vCPU.  If the kick that came with them is still pending too
+ * (immediate_exit still 1: no KVM_RUN has returned for it yet), that return
+ * makes the run loop attend and pxe_deliver take the whole word in one
+ * exchange, our port included, so a second kick would only cost the guest
+ * one more exit or one more KVM_RUN that ends at once (netback's TX and RX
+ * ports usually fire together).  Once a KVM_RUN consumed the pending kick
+ * (immediate_exit back to 0), we kick again. */
+static void kick(struct pxe_hub *h, struct pxe_vcpu *v, int word_busy)
 {
     pthread_mutex_lock(&h->lock);
     if (v->tid && v->immediate_exit) {
-        __atomic_store_n(v->immediate_exit, 1, __ATOMIC_SEQ_CST);
-        syscall(SYS_tgkill, getpid(), v->tid, PXE_KICK_SIGNAL);
+        if (word_busy && __atomic_load_n(v->immediate_exit, __ATOMIC_SEQ_CST)) {
+            __atomic_fetch_add(&h->kicks_saved, 1, __ATOMIC_RELAXED);
+        } else {
+            __atomic_store_n(v->immediate_exit, 1, __ATOMIC_SEQ_CST);
+            syscall(SYS_tgkill, getpid(), v->tid, PXE_KICK_SIGNAL);
+        }
     }
     pthread_mutex_unlock(&h->lock);
 }
@@ -85,6 +98,7 @@ static void kick(struct pxe_hub *h, struct pxe_vcpu *v)
 static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
 {
     uint32_t vi;
+    uint64_t old;
     struct pxe_vcpu *v;
     if (port >= PXE_MAX_PORTS)
         return;
@@ -92,14 +106,15 @@ static void fire(struct pxe_hub *h, uint32_t port, uint32_t self)
     if (vi >= h->nr_vcpus)
         vi = 0;
     v = &h->vcpus[vi];
-    __atomic_fetch_or(&v->fired[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
+    old = __atomic_fetch_or(&v->fired[port / 64], 1ull << (port % 64), __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&h->events, 1, __ATOMIC_RELAXED);
     if (vi == self)
         return;
-    if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST))
+    if (__atomic_load_n(&v->waiting, __ATOMIC_SEQ_CST)) {
         efd_write(v->wake_fd);
-    else
-        kick(h, v);
+    } else {
+        kick(h, v, old != 0);
+    }
 }
 
 /* Read the eventfd of `key` (fd << 32 | port); if it had a count, fire the

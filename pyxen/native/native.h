@@ -162,6 +162,7 @@ struct pxe_hub {
     uint64_t events;                 /* events the pump took (statistics) */
     uint64_t max_poll_ns;            /* bound of vcpus[].poll_ns, 0: never poll */
     uint64_t polled, poll_hits;      /* waits that polled, and found their event (statistics) */
+    uint64_t kicks_saved;            /* fires that found their word's kick outstanding (statistics) */
     uint32_t port_vcpu[PXE_MAX_PORTS];
     int port_fd[PXE_MAX_PORTS];      /* the watched eventfd + 1, 0: none (under lock) */
     int out_fd[PXE_MAX_PORTS];       /* a send's eventfd + 1, 0: Python sends (GIL) */

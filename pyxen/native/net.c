@@ -64,7 +64,7 @@
 #define PXN_WORK 16     /* the round took requests (pxn_serve's TX polling) */
 
 /* pxn_stats order (netback.py _NATIVE_STATS) */
-enum { S_TXP, S_TXB, S_TXDROP, S_TXERR, S_RXP, S_RXB, S_RXDROP, S_RXERR, S_N };
+enum { S_TXP, S_TXB, S_TXDROP, S_TXERR, S_RXP, S_RXB, S_RXDROP, S_RXERR, S_TXEV, S_RXEV, S_N };
 
 #define F_CSUM 1
 #define F_IPV6_CSUM 2
@@ -610,15 +610,24 @@ static int64_t mono_ns(void)
  * a forced callback), ~200 us here, so fewer events leave it more time for
  * the frames themselves.
  *
+ * TX completion coalescing (tx_coalesce_us > 0): Linux's netfront asks for
+ * an event after every TX response it reaps (rsp_event = rsp_cons + 1), so
+ * each TX round would cost the guest an upcall; the owed TX event is held
+ * for at most tx_coalesce_us, sent at once together with an RX event (one
+ * upcall serves both ports) and when half the ring is outstanding (the
+ * frontend may be about to stop its queue).  Netfront also reaps responses
+ * on its own at each transmit, so held events delay nothing it waits for
+ * in a steady stream.
+ *
  * Returns after max_ms (so that Python's locks are released now and then),
  * at pxn_stop, or with PXN_FATAL (the message in pxn_msg).  rx_notify = 0:
  * the frontend never says it posted RX buffers, poll every 10 ms while stalled.
  */
 int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int rx_notify, int max_ms,
-              int coalesce_us, int tx_poll_us)
+              int coalesce_us, int tx_poll_us, int tx_coalesce_us)
 {
-    int64_t end = mono_ns() + (int64_t)max_ms * 1000000, owed_at = 0, tx_idle_at = mono_ns();
-    int busy = 1, stalled = 0, owed = 0, tx_armed = tx_poll_us <= 0;
+    int64_t end = mono_ns() + (int64_t)max_ms * 1000000, owed_at = 0, tx_idle_at = mono_ns(), tx_owed_at = 0;
+    int busy = 1, stalled = 0, owed = 0, tx_owed = 0, tx_armed = tx_poll_us <= 0;
     uint64_t owed_frames = 0;
     n->tx_noarm = tx_poll_us > 0;
     while (!__atomic_load_n(&n->stop, __ATOMIC_SEQ_CST)) {
@@ -638,6 +647,10 @@ int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int 
                 int64_t hold = owed_at + (int64_t)coalesce_us * 1000 - now;
                 wait = hold < wait ? hold : wait;
             }
+            if (tx_owed) {
+                int64_t hold = tx_owed_at + (int64_t)tx_coalesce_us * 1000 - now;
+                wait = hold < wait ? hold : wait;
+            }
             if (!tx_armed && wait > TX_POLL_STEP_NS)
                 wait = TX_POLL_STEP_NS;  /* polling the TX ring: look again soon */
             if (wait < 0)
@@ -653,8 +666,13 @@ int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int 
         int r = pxn_tx_round(n, budget);
         if (r & PXN_FATAL)
             return r;
-        if (r & PXN_NOTIFY)
+        if ((r & PXN_NOTIFY) && tx_coalesce_us <= 0) {
             efd_signal(tx_efd);
+            n->st[S_TXEV]++;
+        } else if ((r & PXN_NOTIFY) && !tx_owed) {
+            tx_owed = 1;
+            tx_owed_at = mono_ns();
+        }
         busy = (r & PXN_MORE) != 0;
         if (r & PXN_WORK) {
             tx_idle_at = mono_ns();
@@ -680,11 +698,32 @@ int pxn_serve(struct pxn *n, int up_fd, int tx_efd, int rx_efd, int budget, int 
         if (owed && (coalesce_us <= 0 || stalled || small || owed_frames >= 8 ||
                      mono_ns() - owed_at >= (int64_t)coalesce_us * 1000)) {
             efd_signal(rx_efd);
+            n->st[S_RXEV]++;
             owed = 0;
+            if (tx_owed) {  /* the same upcall serves both */
+                efd_signal(tx_efd);
+                n->st[S_TXEV]++;
+                tx_owed = 0;
+            }
+        }
+        if (tx_owed) {
+            /* responses the frontend has not reaped, as far as its rsp_event tells */
+            uint32_t unreaped = n->tx_pvt - (rd32(n->tx + 12) - 1u);
+            if (unreaped >= NSLOTS / 2 || mono_ns() - tx_owed_at >= (int64_t)tx_coalesce_us * 1000) {
+                efd_signal(tx_efd);
+                n->st[S_TXEV]++;
+                tx_owed = 0;
+            }
         }
     }
-    if (owed)
+    if (owed) {
         efd_signal(rx_efd);
+        n->st[S_RXEV]++;
+    }
+    if (tx_owed) {
+        efd_signal(tx_efd);
+        n->st[S_TXEV]++;
+    }
     n->tx_noarm = 0;
     if (!tx_armed && tx_arm(n))
         (void)!write(up_fd, &(uint64_t){1}, 8);  /* requests came: Python calls us straight back */
