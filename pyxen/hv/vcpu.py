@@ -164,7 +164,7 @@ class VCPU:
         self.tsc_khz = self.kvm.tsc_khz()
         self.tsc_mul, self.tsc_shift = tsc_scale(self.tsc_khz)
         self.time_lock = threading.Lock()  # update_time's writers (own thread, register_vcpu_info)
-        self.time_updated_ns = 0  # system time of the last update_time (continue_clock's slew)
+        self.time_updated_ns = 0  # host time of the last update_time (0: none yet; the slew's interval)
         # emulated privileged state (emulate.py): PHYSDEVOP_set_iopl's virtual IOPL
         # (0-3), Xen's view of CR4 (pv_fixup_guest_cr4) and the MSRs Xen keeps per
         # vCPU (the debug registers are dr/dr6/dr7 above, shared with set_debugreg)
@@ -256,7 +256,10 @@ class VCPU:
             t0, t1, tsc = best
             off = self.vi_off + abi.VI_TIME
             _, _, tsc0, sys0, mul0, shift0, _ = abi.VCPU_TIME_INFO.unpack_from(self.vi_buf, off)
-            now, mul = continue_clock((tsc0, sys0, mul0, shift0), tsc, (t0 + t1) // 2,
+            # the first record of this VCPU object starts a new line: a restored
+            # domain's saved record counts another VM's TSC
+            prev = (tsc0, sys0, mul0, shift0) if self.time_updated_ns else None
+            now, mul = continue_clock(prev, tsc, (t0 + t1) // 2,
                                       t1 - t0 <= TIME_PAIR_MAX_NS, self.tsc_mul, self.tsc_shift,
                                       max(t1 - self.time_updated_ns, 1_000_000))
             self.time_updated_ns = t1
