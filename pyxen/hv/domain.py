@@ -373,6 +373,7 @@ class Domain:
         self.started = True
         self.clock.write_wallclock(self.shared_info, 0)
         for v in self.vcpus:
+            v.time_updated_ns = 0  # a new TSC line: a restored domain's record counts another VM's TSC
             v.update_time()
             v.start()
 

@@ -665,7 +665,13 @@ class Hypercalls:
             # ahead is a guest's way of saying "no timer"; fire in 100 ms.
             timeout = now + 100_000_000
         if timeout <= now:
+            # Due at once, and the guest's clock says it is not: refresh the
+            # vCPU's time record as a fired timer does (check_timers), else a
+            # guest clock behind the host's stays behind, and Linux, which
+            # re-arms an early timer at >= 100 us, gets VIRQ_TIMER at each
+            # re-arm forever (a soft lockup at xen_hypercall_pv+5, seen under load)
             v.timer_deadline = 0
+            v.update_time()
             self.domain.evtchn.raise_virq(abi.VIRQ_TIMER, v.id)
             return 0
         v.set_timer(timeout)

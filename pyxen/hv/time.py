@@ -80,6 +80,44 @@ class DomainClock:
         self.boot_ns = now_mono - max(0, system_time_ns)
         self.boot_wall_ns = now_wall - max(0, system_time_ns)
 
+SLEW_MAX_PPM = 500  # continue_clock: the fastest a guest clock that is ahead is slowed
+RESYNC_NS = 50_000_000  # continue_clock: a gap this wide is no measurement error (restore, bug)
+
+
+def continue_clock(prev: tuple[int, int, int, int] | None, tsc: int, measured: int, narrow: bool,
+                   mul: int, shift: int, interval_ns: int) -> tuple[int, int]:
+    """(system_time, tsc_to_system_mul) for a new vcpu_time_info stamped at
+    guest TSC ``tsc`` so that the guest's clock never steps back.
+
+    Each update pairs a TSC read with a host clock bracket, which errs by up
+    to half the bracket (tens of us on a loaded host, either way).  Taken
+    as is, half the updates stepped the guest's clock back by that error
+    (measured: up to 10 us, every other tick under load); with
+    XEN_PVCLOCK_TSC_STABLE_BIT Linux trusts the record and keeps no
+    monotonic clamp, as Xen's records lie on one TSC line.  So the new
+    record starts where the previous one (``prev`` = tsc_timestamp,
+    system_time, mul, shift) reads at ``tsc``: a guest clock behind the
+    host's (``measured``) steps forward to it, one ahead is slowed by up to
+    SLEW_MAX_PPM (a lower mul) so that it meets the host's clock over about
+    ``interval_ns`` instead of stepping back.  Without a ``narrow`` bracket
+    the line is kept unchanged.  Without ``prev``, with a TSC before it, or
+    a disagreement wider than RESYNC_NS (a restored domain's record from
+    another TSC), the measurement is taken as is."""
+    if prev is None or prev[2] == 0 or prev[3] != shift or tsc < prev[0]:
+        return measured, mul
+    tsc0, sys0, mul0, shift0 = prev
+    on_line = sys0 + scale_delta(tsc - tsc0, mul0, shift0)
+    ahead = on_line - measured
+    if abs(ahead) > RESYNC_NS:
+        return measured, mul
+    if not narrow:
+        return on_line, mul0
+    if ahead <= 0:
+        return measured, mul
+    ppm = min(SLEW_MAX_PPM, ahead * 1_000_000 // max(interval_ns, 1) + 1)
+    return on_line, mul - mul * ppm // 1_000_000
+
+
 def write_vcpu_time(buf: Buffer, off: int, tsc: int, system_ns: int, mul: int, shift: int) -> None:
     """Update a vcpu_time_info at ``off``: version goes odd, fields, then even."""
     ver = struct.unpack_from("<I", buf, off)[0]

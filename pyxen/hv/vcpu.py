@@ -40,7 +40,7 @@ from . import machine as M
 from . import msr as msr_mod
 from .evtchn import set_pending_bits, unmask_bits
 from .hypercalls import XEN_MAJOR, XEN_MINOR
-from .time import scale_delta, tsc_scale, write_vcpu_time
+from .time import continue_clock, scale_delta, tsc_scale, write_vcpu_time
 
 if TYPE_CHECKING:
     from .domain import Domain
@@ -163,6 +163,8 @@ class VCPU:
         # time scale
         self.tsc_khz = self.kvm.tsc_khz()
         self.tsc_mul, self.tsc_shift = tsc_scale(self.tsc_khz)
+        self.time_lock = threading.Lock()  # update_time's writers (own thread, register_vcpu_info)
+        self.time_updated_ns = 0  # host time of the last update_time (0: none yet; the slew's interval)
         # emulated privileged state (emulate.py): PHYSDEVOP_set_iopl's virtual IOPL
         # (0-3), Xen's view of CR4 (pv_fixup_guest_cr4) and the MSRs Xen keeps per
         # vCPU (the debug registers are dr/dr6/dr7 above, shared with set_debugreg)
@@ -235,18 +237,35 @@ class VCPU:
         only when the two readings are close (the midpoint then errs by at
         most half the gap); a thread preempted between them (a loaded host)
         would otherwise pair a late clock with an early TSC and run the
-        guest's clock ahead by the preemption."""
+        guest's clock ahead by the preemption.  Without a close pair the
+        record stays on its previous TSC line; time.continue_clock keeps the
+        guest's clock from stepping back at an update.  One writer at a time
+        (time_lock): register_vcpu_info may update another vCPU's record."""
         clock = self.domain.clock
-        for _ in range(8):
-            t0 = clock.system_time()
-            tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
-            t1 = clock.system_time()
-            if t1 - t0 <= TIME_PAIR_MAX_NS:
-                break
-        now = (t0 + t1) // 2
-        write_vcpu_time(self.vi_buf, self.vi_off + abi.VI_TIME, tsc, now, self.tsc_mul, self.tsc_shift)
-        if self.time_area:
-            self.update_time_area()
+        with self.time_lock:
+            best: tuple[int, int, int] | None = None
+            for _ in range(8):
+                t0 = clock.system_time()
+                tsc = self.kvm.get_msrs([kvm.MSR_IA32_TSC])[0]
+                t1 = clock.system_time()
+                if best is None or t1 - t0 < best[1] - best[0]:
+                    best = (t0, t1, tsc)
+                if t1 - t0 <= TIME_PAIR_MAX_NS:
+                    break
+            assert best is not None
+            t0, t1, tsc = best
+            off = self.vi_off + abi.VI_TIME
+            _, _, tsc0, sys0, mul0, shift0, _ = abi.VCPU_TIME_INFO.unpack_from(self.vi_buf, off)
+            # the first record of this VCPU object starts a new line: a restored
+            # domain's saved record counts another VM's TSC
+            prev = (tsc0, sys0, mul0, shift0) if self.time_updated_ns else None
+            now, mul = continue_clock(prev, tsc, (t0 + t1) // 2,
+                                      t1 - t0 <= TIME_PAIR_MAX_NS, self.tsc_mul, self.tsc_shift,
+                                      max(t1 - self.time_updated_ns, 1_000_000))
+            self.time_updated_ns = t1
+            write_vcpu_time(self.vi_buf, off, tsc, now, mul, self.tsc_shift)
+            if self.time_area:
+                self.update_time_area()
 
     def update_time_area(self) -> None:
         """Copy vcpu_time_info to the area of VCPUOP_register_vcpu_time_memory_area
