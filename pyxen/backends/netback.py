@@ -627,6 +627,7 @@ class NetBack:
             self.domain.log(f"netback {self.ifname}: frontend change: {e!r}\n{traceback.format_exc()}")
 
     def _frontend_changed(self) -> None:
+        t0 = time.monotonic()  # the watch fired (the connect's line in the log counts from here)
         with self.lock:
             vals: dict[str, str | None] | None = None
             if self.state == N.STATE_INITWAIT:
@@ -639,7 +640,7 @@ class NetBack:
                 fe = self._fe_state()
             if fe in (N.STATE_INITIALISED, N.STATE_CONNECTED) and self.state == N.STATE_INITWAIT:
                 try:
-                    self._connect(vals)
+                    self._connect(vals, t0)
                 except (XenError, XsError, ValueError, OSError, NetError) as e:
                     self._fail(f"cannot connect: {e}")
             elif fe == N.STATE_CLOSING:
@@ -666,15 +667,20 @@ class NetBack:
         self._switch(N.STATE_CLOSING)
 
     # ------------------------------------------------------------ connection
-    def _connect(self, vals: dict[str, str | None] | None = None) -> None:
+    def _connect(self, vals: dict[str, str | None] | None = None, t0: float | None = None) -> None:
         """The frontend is ready: read how many queues it took and each one's
         keys (flat for one queue, under ``queue-N/`` for more: netback's
         connect and connect_data_rings), then attach them all or none.
         ``vals``: the nodes of :meth:`_connect_paths`, already read (else
-        they are read here, in one round trip)."""
+        they are read here, in one round trip); ``t0``: when the frontend's
+        change was seen (monotonic), for the log line that times the connect
+        (a migration's downtime includes it)."""
         fe = self.fe
+        if t0 is None:
+            t0 = time.monotonic()
         if vals is None:
             vals = self.xs.read_many(self._connect_paths())
+        t_read = time.monotonic()
         read = vals.get  # a node not in the batch reads as absent, as ENOENT would
         nq = N.queue_count(read(f"{fe}/multi-queue-num-queues"), self.max_queues)
         keys = [N.read_queue_keys(read, base) for base in N.queue_dirs(fe, nq)]
@@ -712,11 +718,20 @@ class NetBack:
                 q.shutdown()
             raise
         self.queues = extra
+        t_attached = time.monotonic()
         for q in extra:
             assert q.thread is not None
             q.thread.start()
-        self._switch(N.STATE_CONNECTED)
+        # serve first, then say Connected (Linux netback's order: connect_data_rings
+        # starts the queues' threads before xenbus_switch_state): what the frontend
+        # queued before we connected (netif.h allows it) leaves without waiting for
+        # the state write's round trip
         self._wake()
+        self._switch(N.STATE_CONNECTED)
+        ms = [round((t - t0) * 1e3, 1) for t in (t_read, t_attached, time.monotonic())]
+        self.domain.log(f"netback {self.ifname}: connected, {nq} queue(s), from the frontend's change "
+                        f"(monotonic {t0:.6f}): keys read +{ms[0]} ms, rings mapped and served "
+                        f"+{ms[1]} ms, Connected +{ms[2]} ms")
 
     def _attach(self, k: N.QueueKeys, f: _Frontend, credit: N.TxCredit | None, index: int) -> None:
         """Map one queue's two rings, accept its channel(s) and hand them to
