@@ -390,6 +390,26 @@ class _Fatal(Exception):
     pass
 
 
+#: a queue's nodes (:func:`netif.read_queue_keys` reads these under its base)
+QUEUE_KEY_NODES = ("tx-ring-ref", "rx-ring-ref", "event-channel-tx", "event-channel-rx", "event-channel")
+#: the frontend's feature nodes read at connect (absent: "0")
+_FE_FEATURES = ("feature-sg", "feature-gso-tcpv4", "feature-gso-tcpv6", "feature-no-csum-offload",
+                "feature-ipv6-csum-offload", "feature-rx-notify")
+
+
+def _parse_rate(v: str | None) -> N.TxCredit | None:
+    """The backend's ``rate`` node as libxl writes it ("BYTES,USECS"), read at
+    connect as netback's xen_net_read_rate; absent or malformed: no limit.
+    Each queue gets its own credit (netback's queue->credit_bytes)."""
+    try:
+        b, u = (int(x) for x in (v or "").split(","))
+    except ValueError:
+        return None
+    if b <= 0 or u <= 0:
+        return None
+    return N.TxCredit(b, u, time.monotonic())
+
+
 def max_queues_default() -> int:
     """The queues a vif offers: Linux netback's default, min(8, host CPUs)
     (its ``xenvif_max_queues``); PYXEN_NET_MAX_QUEUES sets it for the host as
@@ -580,12 +600,30 @@ class NetBack:
         except XsError:
             pass
 
-    def _fe_state(self) -> int:
-        v = self.xs.try_read(f"{self.fe}/state")
+    def _fe_state(self, v: str | None = None, read: bool = True) -> int:
+        """The frontend's state: ``v`` (already read) or, with ``read``, read now."""
+        if read:
+            v = self.xs.try_read(f"{self.fe}/state")
         try:
             return int(v) if v is not None else N.STATE_UNKNOWN
         except ValueError:
             return N.STATE_UNKNOWN
+
+    def _connect_paths(self) -> list[str]:
+        """Every node :meth:`_connect` may read, so that one pipelined round
+        trip fetches them all (absent ones are ENOENT answers in the batch):
+        the queue count, each queue's keys both flat and under ``queue-N/``
+        for every N we offer (which layout applies is only known from the
+        count, read in the same batch), ``request-rx-copy``, the frontend's
+        features and the backend's ``rate``.  Reading them one by one cost
+        13-14 round trips through the store, the bulk of netback's part of
+        a migrated guest's reconnect."""
+        fe = self.fe
+        bases = N.queue_dirs(fe, 1) + (N.queue_dirs(fe, self.max_queues) if self.max_queues > 1 else [])
+        return ([f"{fe}/multi-queue-num-queues"]
+                + [f"{b}/{k}" for b in bases for k in QUEUE_KEY_NODES]
+                + [f"{fe}/{k}" for k in ("request-rx-copy",) + _FE_FEATURES]
+                + [f"{self.be}/rate"])
 
     def _on_frontend(self, path: str, token: str) -> None:
         try:
@@ -594,11 +632,20 @@ class NetBack:
             self.domain.log(f"netback {self.ifname}: frontend change: {e!r}\n{traceback.format_exc()}")
 
     def _frontend_changed(self) -> None:
+        t0 = time.monotonic()  # the watch fired (the connect's line in the log counts from here)
         with self.lock:
-            fe = self._fe_state()
+            vals: dict[str, str | None] | None = None
+            if self.state == N.STATE_INITWAIT:
+                # the frontend may be ready: its state and everything the
+                # connect reads in one round trip (the store answers in order,
+                # so the keys are read after the state, as one by one)
+                vals = self.xs.read_many([f"{self.fe}/state"] + self._connect_paths())
+                fe = self._fe_state(vals[f"{self.fe}/state"], read=False)
+            else:
+                fe = self._fe_state()
             if fe in (N.STATE_INITIALISED, N.STATE_CONNECTED) and self.state == N.STATE_INITWAIT:
                 try:
-                    self._connect()
+                    self._connect(vals, t0)
                 except (XenError, XsError, ValueError, OSError, NetError) as e:
                     self._fail(f"cannot connect: {e}")
             elif fe == N.STATE_CLOSING:
@@ -625,18 +672,28 @@ class NetBack:
         self._switch(N.STATE_CLOSING)
 
     # ------------------------------------------------------------ connection
-    def _connect(self) -> None:
+    def _connect(self, vals: dict[str, str | None] | None = None, t0: float | None = None) -> None:
         """The frontend is ready: read how many queues it took and each one's
         keys (flat for one queue, under ``queue-N/`` for more: netback's
-        connect and connect_data_rings), then attach them all or none."""
-        xs, fe = self.xs, self.fe
-        nq = N.queue_count(xs.try_read(f"{fe}/multi-queue-num-queues"), self.max_queues)
-        keys = [N.read_queue_keys(xs.try_read, base) for base in N.queue_dirs(fe, nq)]
-        if xs.try_read(f"{fe}/request-rx-copy", "0") != "1":
+        connect and connect_data_rings), then attach them all or none.
+        ``vals``: the nodes of :meth:`_connect_paths`, already read (else
+        they are read here, in one round trip); ``t0``: when the frontend's
+        change was seen (monotonic), for the log line that times the connect
+        (a migration's downtime includes it)."""
+        fe = self.fe
+        if t0 is None:
+            t0 = time.monotonic()
+        if vals is None:
+            vals = self.xs.read_many(self._connect_paths())
+        t_read = time.monotonic()
+        read = vals.get  # a node not in the batch reads as absent, as ENOENT would
+        nq = N.queue_count(read(f"{fe}/multi-queue-num-queues"), self.max_queues)
+        keys = [N.read_queue_keys(read, base) for base in N.queue_dirs(fe, nq)]
+        if (read(f"{fe}/request-rx-copy") or "0") != "1":
             raise ValueError("the frontend does not request rx-copy (page flipping is not supported)")
 
         def flag(k: str, default: str = "0") -> bool:
-            return (xs.try_read(f"{fe}/{k}", default) or default) == "1"
+            return (read(f"{fe}/{k}") or default) == "1"
         f = _Frontend(sg=flag("feature-sg"), gso4=flag("feature-gso-tcpv4"), gso6=flag("feature-gso-tcpv6"),
                       csum=not flag("feature-no-csum-offload"), ipv6_csum=flag("feature-ipv6-csum-offload"),
                       rx_notify=flag("feature-rx-notify"))
@@ -653,10 +710,11 @@ class NetBack:
             for i in range(1, nq):
                 extra.append(_Queue(self, i))
             # each queue its own credit (netback's queue->credit_bytes): rate= is per queue
-            self._attach(keys[0], f, self._read_rate(), 0)
+            rate = read(f"{self.be}/rate")
+            self._attach(keys[0], f, _parse_rate(rate), 0)
             try:
                 for q, k in zip(extra, keys[1:], strict=True):
-                    q._attach(k, f, self._read_rate(), q.index)
+                    q._attach(k, f, _parse_rate(rate), q.index)
             except BaseException:
                 self._disconnect_rings()
                 raise
@@ -665,11 +723,20 @@ class NetBack:
                 q.shutdown()
             raise
         self.queues = extra
+        t_attached = time.monotonic()
         for q in extra:
             assert q.thread is not None
             q.thread.start()
-        self._switch(N.STATE_CONNECTED)
+        # serve first, then say Connected (Linux netback's order: connect_data_rings
+        # starts the queues' threads before xenbus_switch_state): what the frontend
+        # queued before we connected (netif.h allows it) leaves without waiting for
+        # the state write's round trip
         self._wake()
+        self._switch(N.STATE_CONNECTED)
+        ms = [round((t - t0) * 1e3, 1) for t in (t_read, t_attached, time.monotonic())]
+        self.domain.log(f"netback {self.ifname}: connected, {nq} queue(s), from the frontend's change "
+                        f"(monotonic {t0:.6f}): keys read +{ms[0]} ms, rings mapped and served "
+                        f"+{ms[1]} ms, Connected +{ms[2]} ms")
 
     def _attach(self, k: N.QueueKeys, f: _Frontend, credit: N.TxCredit | None, index: int) -> None:
         """Map one queue's two rings, accept its channel(s) and hand them to
@@ -710,18 +777,6 @@ class NetBack:
                 self._start_native(f)
             else:
                 self.native_why = "rate-limited vifs use the Python data path"
-
-    def _read_rate(self) -> N.TxCredit | None:
-        """The backend's ``rate`` node as libxl writes it ("BYTES,USECS"), read at
-        connect as netback's xen_net_read_rate; absent or malformed: no limit."""
-        v = self.xs.try_read(f"{self.be}/rate")
-        try:
-            b, u = (int(x) for x in (v or "").split(","))
-        except ValueError:
-            return None
-        if b <= 0 or u <= 0:
-            return None
-        return N.TxCredit(b, u, time.monotonic())
 
     def _start_native(self, f: _Frontend) -> None:
         """Serve the rings with net.c when the library loads (else Python does)."""

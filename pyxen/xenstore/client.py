@@ -135,6 +135,20 @@ class XsClient:
             if isinstance(r, XsError):
                 raise r
 
+    def read_many(self, paths: list[str], tx: int = 0) -> dict[str, str | None]:
+        """Each path's value, or None where the read failed (absent: ENOENT,
+        or EACCES...), as :meth:`try_read` would answer each, but in one
+        pipelined round trip (:meth:`pipeline`); a path given twice is read
+        once.  A store that does not answer at all makes every value None,
+        as it would make each try_read's."""
+        uniq = list(dict.fromkeys(paths))
+        try:
+            res = self.pipeline([(int(Op.READ), join(p)) for p in uniq], tx)
+        except XsError:
+            return dict.fromkeys(uniq)
+        return {p: (None if isinstance(r, XsError) else r.decode(errors="replace"))
+                for p, r in zip(uniq, res, strict=True)}
+
     # ------------------------------------------------------------ operations
     def read(self, path: str, tx: int = 0) -> str:
         return self.request(Op.READ, join(path), tx).decode(errors="replace")

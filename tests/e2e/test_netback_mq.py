@@ -357,36 +357,28 @@ def two_queues_offered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYXEN_NET_MAX_QUEUES", "4")
 
 
-def _boot_mq(host: object, initrd: Path) -> tuple[int, Shell]:
+def _boot_mq(host: object, initrd: Path, name: str = "netmq", mac: str = "",
+             memory: int = 384) -> tuple[int, Shell]:
     """Debian's kernel with ``xen_netfront.max_queues=2`` on its command line
-    (one vCPU).  The test initramfs loads modules with busybox's insmod, which
-    does not read /proc/cmdline as kmod's modprobe does: when the module came
-    up with its default, the value is written to its sysfs parameter and the
-    vif is unbound and bound again (a disconnect and a new handshake)."""
+    (one vCPU), booted to its shell with its vif's 2 queues up.  The test
+    initramfs's init passes the command line's ``xen_netfront.*`` words to
+    busybox's insmod (tools/mkinitramfs), so the module comes up with
+    max_queues=2 and netfront's first handshake takes 2 queues."""
+    vif = f"vif=['mac={mac},bridge=xenbr0']" if mac else "vif=['bridge=xenbr0']"
     domid, s = host.create_attached(ROOT / "examples" / "linux-net.cfg", [  # type: ignore[attr-defined]
-        'name="netmq"', f'kernel="{VMLINUZ}"', f'ramdisk="{initrd}"', "vif=['bridge=xenbr0']",
-        "memory=384", 'on_crash="destroy"', 'extra="console=hvc0 panic=-1 xen_netfront.max_queues=2"'])
+        f'name="{name}"', f'kernel="{VMLINUZ}"', f'ramdisk="{initrd}"', vif,
+        f"memory={memory}", 'on_crash="destroy"', 'extra="console=hvc0 panic=-1 xen_netfront.max_queues=2"'])
     sh = Shell(s)
     sh.buf = read_until(s, re.escape(INIT_MARKER).encode(), 300)
+    assert "pyxen-initramfs: xen-netfront: max_queues=2" in sh.buf.decode(errors="replace"), sh.buf[-2000:]
     sh.wait_prompt(120)
     assert "xen_netfront.max_queues=2" in sh.run("cat /proc/cmdline")
-    _netfront_max_queues_2(sh)
-    return domid, sh
-
-
-def _netfront_max_queues_2(sh: Shell) -> None:
-    """Make sure Linux's netfront runs with max_queues=2 and has its 2 queues."""
+    # right from boot: the module's parameter, and the 2 queues once the vif connects
     p = "/sys/module/xen_netfront/parameters/max_queues"
-    if sh.run(f"cat {p}").split()[-1:] != ["2"]:
-        # the parameter is writable; netfront reads it when it connects: reconnect the
-        # device (unbind: netfront closes, netback goes Closed; bind: a new handshake)
-        out = sh.run(f"echo 2 > {p}; echo vif-0 > /sys/bus/xen/drivers/vif/unbind; "
-                     "echo vif-0 > /sys/bus/xen/drivers/vif/bind; echo rc=$?; cat " + p, timeout=60)
-        assert "rc=0" in out and out.split()[-1:] == ["2"], out
-        print("xen_netfront: max_queues=2 set through sysfs and the vif reconnected "
-              "(busybox insmod ignores the command line)")
+    assert sh.run(f"cat {p}").split()[-1:] == ["2"], "insmod did not get the command line's max_queues"
     sh.run("for i in $(seq 1 150); do ls /sys/class/net/eth0/queues/tx-1 >/dev/null 2>&1 && break; "
            "sleep 0.2; done", timeout=60)
+    return domid, sh
 
 
 def test_linux_netfront_two_queues(two_queues_offered: None, nshost: object, netns: str,  # noqa: F811
@@ -486,12 +478,10 @@ def test_linux_two_queues_follow_a_live_migration(two_queues_offered: None, lan:
     host b (tests/e2e/test_migrate.py's hosts on one LAN): b's netback
     advertises at start, the guest's netfront reconnects on resume with its 2
     queues, and the guest reaches the outside host again from b."""
-    from tests.e2e.hosts import boot_net_linux
     from tests.e2e.test_migrate import _port, running, wait_for
     a, b = lan.a, lan.b  # type: ignore[attr-defined]
-    domid, sh = boot_net_linux(a, net_initrd, "mqmig", "00:16:3e:4d:11:0a")
+    domid, sh = _boot_mq(a, net_initrd, "mqmig", "00:16:3e:4d:11:0a", memory=256)
     try:
-        _netfront_max_queues_2(sh)
         sh.run(f"ip addr add {lan.guest_ip}/24 dev eth0; ip link set eth0 up")  # type: ignore[attr-defined]
         out = sh.run(f"ping -c 2 -W 5 {lan.lan_ips[2]}", 60)  # type: ignore[attr-defined]
         assert re.search(r"[12] packets received", out), out
