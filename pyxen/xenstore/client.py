@@ -79,18 +79,10 @@ class XsClient:
         self.events.put(None)
 
     def request(self, op: int, payload: bytes, tx: int = 0) -> bytes:
-        rid = next(self.ids) & 0xFFFFFFFF
-        with self.lock:
-            self.sock.sendall(encode(op, payload, rid, tx))
-        with self.cond:
-            if not self.cond.wait_for(lambda: rid in self.replies or self.closed, self.timeout):
-                raise XsError("EIO", "xenstored did not answer")
-            if rid not in self.replies:
-                raise XsError("EIO", "connection to xenstored closed")
-            typ, data = self.replies.pop(rid)
-        if typ == Op.ERROR:
-            raise XsError(data.rstrip(b"\0").decode() or "EIO", "")
-        return data
+        r = self.pipeline([(op, payload)], tx)[0]
+        if isinstance(r, XsError):
+            raise r
+        return r
 
     def pipeline(self, reqs: list[tuple[int, bytes]], tx: int = 0) -> list[bytes | XsError]:
         """Several requests sent at once, then their replies (or each one's
