@@ -4,7 +4,9 @@ Off by default, and then it costs nothing: the hooks are installed only when
 the environment variable is set when a domain is created.
 
 ``PYXEN_TRACE_EXITS=1`` writes to stderr, ``PYXEN_TRACE_EXITS=/path`` appends
-to that file.  One line per event::
+to that file (``PYXEN_TRACE_TIME=1`` adds ``t=`` CLOCK_MONOTONIC seconds after
+the sequence number, to line a trace up with other processes' stamps, as
+bench/migprof.py does).  One line per event::
 
     d1 v0 hc   5 memory_op(XENMEM_memory_map, 0xffffffff82a03e40, ...) = 0
     d1 v0 hc   6 vcpu_op(VCPUOP_register_runstate_memory_area, 0x0, ...) = -38 ENOSYS
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
 
 _setting = os.environ.get("PYXEN_TRACE_EXITS", "")
 ENABLED = bool(_setting) and _setting != "0"
+_TIMED = os.environ.get("PYXEN_TRACE_TIME", "") not in ("", "0")
 _psetting = os.environ.get("PYXEN_PROFILE_EXITS", "")
 PROFILE = bool(_psetting) and _psetting != "0"
 DEFAULT_PHASES = "userland=Run /init as init process,prompt=[/~] # "
@@ -134,7 +137,10 @@ def _emit(domid: int, line: str) -> None:
             _out = sys.stderr if _setting in ("1", "stderr") else open(_setting, "a", buffering=1)  # noqa: SIM115
         n = _seq.get(domid, 0) + 1
         _seq[domid] = n
-        _out.write(f"d{domid} #{n} {line}\n")
+        if _TIMED:
+            _out.write(f"d{domid} #{n} t={time.monotonic():.6f} {line}\n")
+        else:
+            _out.write(f"d{domid} #{n} {line}\n")
 
 
 def describe_hypercall(nr: int, args: tuple[int, ...]) -> str:
