@@ -13,6 +13,7 @@ Debian's cloud kernel).  Skips loudly without KVM, the fetched guests, root,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -517,11 +518,13 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return str(request.param)
 
 
-@pytest.fixture
-def played(guest: Path, in_netns: str,
-           path: str) -> Iterator[tuple[object, object, NetFront, object, object]]:
-    """A domain (not running), a xenstored, a started NetBack on TAP vifT.0 (no
-    bridge) and an AF_PACKET socket on that TAP: (domain, xs, front, netback, wire)."""
+@contextlib.contextmanager
+def played_netback(guest: Path, name: str, domid: int, mac: str, ifname: str,
+                   max_queues: int = 1) -> Iterator[tuple[object, object, object, object]]:
+    """A domain (not running), a xenstored, both device states "1", a started
+    NetBack on TAP ``ifname`` (no bridge) in backend state InitWait, and an
+    AF_PACKET socket on that TAP: (domain, xs, netback, wire).  The frontend
+    is the caller's to play."""
     import socket as so
 
     from pyxen.backends.netback import NetBack
@@ -532,20 +535,19 @@ def played(guest: Path, in_netns: str,
     sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
     server = XenstoreServer(sock).start()
     xs = XsClient(str(sock))
-    d = create_domain(DomainSpec(name="netplay", memory_mib=16, kernel=str(guest / "hello"), domid=31),
+    d = create_domain(DomainSpec(name=name, memory_mib=16, kernel=str(guest / "hello"), domid=domid),
                       start=False)
-    front = NetFront(d, xs)
-    for node in (front.fe + "/state", front.be + "/state"):
+    be = f"/local/domain/0/backend/vif/{domid}/0/state"
+    for node in (f"/local/domain/{domid}/device/vif/0/state", be):
         xs.write(node, "1")
-    nb = NetBack(d, xs, 0, "00:16:3e:00:00:31", bridge=None, ifname="vifT.0")
+    nb = NetBack(d, xs, 0, mac, bridge=None, ifname=ifname, max_queues=max_queues)
     wire = so.socket(so.AF_PACKET, so.SOCK_RAW, so.htons(0x0003))
     try:
         nb.start()
-        wire.bind(("vifT.0", 0))
+        wire.bind((ifname, 0))
         wire.settimeout(5)
-        _wait(lambda: xs.read(f"{front.be}/state") == "2", "backend InitWait")
-        yield d, xs, front, nb, wire
-        assert nb.stats["native"] == int(path == "native" and nb.tx is not None), nb.native_why
+        _wait(lambda: xs.read(be) == "2", "backend InitWait")
+        yield d, xs, nb, wire
     finally:
         wire.close()
         nb.close()
@@ -553,6 +555,17 @@ def played(guest: Path, in_netns: str,
         d.close()
         xs.close()
         server.stop()
+
+
+@pytest.fixture
+def played(guest: Path, in_netns: str,
+           path: str) -> Iterator[tuple[object, object, NetFront, object, object]]:
+    """:func:`played_netback` on TAP vifT.0 with a :class:`NetFront` of the
+    test's: (domain, xs, front, netback, wire)."""
+    with played_netback(guest, "netplay", 31, "00:16:3e:00:00:31", "vifT.0") as (d, xs, nb, wire):
+        front = NetFront(d, xs)
+        yield d, xs, front, nb, wire
+        assert nb.stats["native"] == int(path == "native" and nb.tx is not None), nb.native_why
 
 
 def _frame(n: int, dst: bytes = b"\xfe\xff\xff\xff\xff\xff", fill: int = 0) -> bytes:

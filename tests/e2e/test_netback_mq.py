@@ -16,7 +16,6 @@ Two kinds of test, as tests/e2e/test_netback.py:
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import struct
@@ -43,6 +42,7 @@ from tests.e2e.test_netback import (  # noqa: F401 - fixtures
     netns,
     nshost,
     path,
+    played_netback,
 )
 from tests.e2e.test_unmodified_guests import INIT_MARKER, VMLINUZ, Shell
 
@@ -144,36 +144,10 @@ class MqFront:
 @pytest.fixture
 def mq(guest: Path, in_netns: str,  # noqa: F811
        path: str) -> Iterator[tuple[object, object, object, socket.socket]]:  # noqa: F811
-    """A domain (not run), a xenstored, a started NetBack offering 4 queues on
-    TAP vifM.0 and an AF_PACKET socket on it: (domain, xs, netback, wire)."""
-    from pyxen.backends.netback import NetBack
-    from pyxen.domctl import create_domain
-    from pyxen.hv.domain import DomainSpec
-    from pyxen.xenstore.client import XsClient
-    from pyxen.xenstore.server import XenstoreServer
-    sock = Path(f"/tmp/pyxen-xs-{os.getpid()}-{time.monotonic_ns()}.sock")
-    server = XenstoreServer(sock).start()
-    xs = XsClient(str(sock))
-    d = create_domain(DomainSpec(name="netmq", memory_mib=16, kernel=str(guest / "hello"), domid=32),
-                      start=False)
-    for node in ("/local/domain/32/device/vif/0/state", "/local/domain/0/backend/vif/32/0/state"):
-        xs.write(node, "1")
-    nb = NetBack(d, xs, 0, "00:16:3e:00:00:32", bridge=None, ifname=TAPNAME, max_queues=4)
+    """:func:`played_netback` offering 4 queues on TAP vifM.0: (domain, xs, netback, wire)."""
     _ns_name[:] = [in_netns]
-    wire = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-    try:
-        nb.start()
-        wire.bind((TAPNAME, 0))
-        wire.settimeout(5)
-        _wait(lambda: xs.read("/local/domain/0/backend/vif/32/0/state") == "2", "backend InitWait")
-        yield d, xs, nb, wire
-    finally:
-        wire.close()
-        nb.close()
-        d.destroy()
-        d.close()
-        xs.close()
-        server.stop()
+    with played_netback(guest, "netmq", 32, "00:16:3e:00:00:32", TAPNAME, max_queues=4) as played:
+        yield played
 
 
 _ns_name: list[str] = []
