@@ -339,6 +339,21 @@ def _nft_del(p: Plan) -> None:
         nft.close()
 
 
+def drop_nat_table(vif: str) -> bool:
+    """Delete NAT vif ``vif``'s nftables table if it is still there (its
+    domain process died without undoing its plan: SIGKILL); True if one
+    was.  The routes and proxy_arp went with the TAP; the table does not."""
+    name = f"pyxen-{vif}"
+    if name not in nft_tables():
+        return False
+    nft = _nft()
+    try:
+        nft.table("del", name=name)
+    finally:
+        nft.close()
+    return True
+
+
 def nft_tables() -> list[str]:
     """The names of the IPv4 nftables tables of this network namespace (tests, diagnostics)."""
     nft = _nft()

@@ -386,6 +386,22 @@ class Daemon:
                 except XsError:
                     pass
 
+    def _drop_nat_tables(self, rec: Record) -> None:
+        """A NAT vif's nftables table outlives a domain process that was
+        killed before it could undo it (its TAP, routes and proxy_arp go
+        with the process): remove it.  A process that exited cleanly has."""
+        from ..backends import vifmode
+        for vif in (rec.spec.get("extra") or {}).get("vifs", []):
+            if vifmode.builtin_mode(str(vif.get("script") or "")) != "nat":
+                continue
+            name = str(vif.get("vifname") or "") or f"vif{rec.domid}.{vif.get('devid', 0)}"
+            try:
+                if vifmode.drop_nat_table(name):
+                    self.log(f"domain {rec.domid}: removed {name}'s NAT table, which its process "
+                             "left behind")
+            except Exception as e:  # noqa: BLE001 - pyroute2 missing, netlink refused: said
+                self.log(f"domain {rec.domid}: cannot check {name}'s NAT table: {e}")
+
     def _peer_gone(self, domid: int) -> None:
         """Tell every other domain process that ``domid`` is gone (its event
         channels to us become unbound, its grant mappings died with it)."""
@@ -511,6 +527,7 @@ class Daemon:
         if still:
             self._xs_release(rec.domid)
             self._peer_gone(rec.domid)
+            self._drop_nat_tables(rec)
         if not rec.ready.is_set():
             rec.error = rec.error or "domain process exited during creation"
             rec.ready.set()

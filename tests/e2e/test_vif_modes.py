@@ -251,3 +251,28 @@ def test_netecho_routed_and_natted(nshost: object, netns: str, peer: str) -> Non
                      f"ip=192.168.50.2 ping={PEER} ping_count=3")
     assert re.search(r"ping 10\.99\.0\.2: 3 sent, [123] answered", out), out
     assert "192.168." not in _routes(peer)
+
+
+def test_killed_domain_leaves_no_nat_table(nshost: object, netns: str, peer: str) -> None:  # noqa: F811
+    """A NAT vif's masquerade table is the vif's own; a domain process
+    killed with SIGKILL cannot undo it, so the daemon removes it when the
+    process's connection closes (the TAP, its routes and proxy_arp go with
+    the process)."""
+    import os
+    import signal
+    if not (ROOT / "guest" / "build" / "netecho").exists():
+        pytest.fail("guest/build/netecho was not built")
+    domid, s = nshost.create_attached(ROOT / "examples" / "netecho.cfg", [  # type: ignore[attr-defined]
+        'name="ne-killed"', 'extra="ip=192.168.50.2"', "vif=['script=vif-nat,ip=192.168.50.2']"])
+    s.close()
+    vif = f"vif{domid}.0"
+    assert f"pyxen-{vif}" in _nft_tables(netns)
+    pid = [int(d["pid"]) for d in nshost.list() if d["domid"] == domid][0]  # type: ignore[attr-defined]
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if f"pyxen-{vif}" not in _nft_tables(netns):
+            break
+        time.sleep(0.1)
+    assert f"pyxen-{vif}" not in _nft_tables(netns)
+    assert not any(d["domid"] == domid for d in nshost.list())  # type: ignore[attr-defined]
+
