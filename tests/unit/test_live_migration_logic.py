@@ -97,3 +97,22 @@ def test_plot_tool_draws_both_figures(tmp_path) -> None:  # noqa: ANN001
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert (tmp_path / out).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clear_bitmap_aligns_to_64_pages_and_stops_at_the_slot_end() -> None:
+    from pyxen.hv.domain import clear_bitmap
+    # a run starting mid-word: first page rounded down to 64, whole words of bits
+    lo, n, bm = clear_bitmap(list(range(70, 200)), 1000)  # type: ignore[misc]
+    assert (lo, n, len(bm)) == (64, 192, 24)
+    bits = int.from_bytes(bm, "little")
+    assert [i + lo for i in range(n) if bits >> i & 1] == list(range(70, 200))
+    # scattered pfns; the range ends at the slot's end (not a multiple of 64)
+    lo, n, bm = clear_bitmap([3, 64, 130, 999], 1000)  # type: ignore[misc]
+    assert (lo, n, len(bm)) == (0, 1000, 128)
+    bits = int.from_bytes(bm, "little")
+    assert [i for i in range(n) if bits >> i & 1] == [3, 64, 130, 999]
+    # pfns past the slot are dropped; none in it: nothing to clear
+    lo, n, bm = clear_bitmap(list(range(990, 1010)), 1000)  # type: ignore[misc]
+    assert (lo, n) == (960, 40) and int.from_bytes(bm, "little") == ((1 << 10) - 1) << 30
+    assert clear_bitmap([1000, 1001], 1000) is None
+    assert clear_bitmap([], 1000) is None
