@@ -79,7 +79,7 @@ def _round_marks(stats: dict[str, Any]) -> dict[str, float]:
         out["src:log-dirty on"] = stats["t_logdirty"]
     for r in stats.get("rounds", []):
         if r.get("t_end") and r.get("live", True):
-            out[f"src:round {r['round']} end ({r['pages']} pages)"] = r["t_end"]
+            out[f"src:round {r['round']} end"] = r["t_end"]
     return out
 
 
@@ -92,7 +92,8 @@ def where(t: float, marks: dict[str, float]) -> str:
     return f"+{(t - v) * 1000:.1f} ms after {k}"
 
 
-def one_move(lan: Any, src: int, port: int, dom: int | str, rounds: bool = False) -> dict[str, Any]:
+def one_move(lan: Any, src: int, port: int, dom: int | str, rounds: bool = False,
+             policy: dict[str, float] | None = None) -> dict[str, Any]:
     from tests.e2e.hosts import Observer
     hosts = [lan.a, lan.b]
     for h in hosts:
@@ -109,7 +110,7 @@ def one_move(lan: Any, src: int, port: int, dom: int | str, rounds: bool = False
         if b"listening" not in line:
             raise RuntimeError(f"migrate-receive: {line!r}")
         t_req = time.monotonic()
-        r = hosts[src].migrate(dom, tcp=f"{lan.ips[dst]}:{port}", timeout=120)
+        r = hosts[src].migrate(dom, tcp=f"{lan.ips[dst]}:{port}", timeout=120, **(policy or {}))
         t_ret = time.monotonic()
         rx.wait(30)
         time.sleep(0.5)
@@ -129,7 +130,7 @@ def one_move(lan: Any, src: int, port: int, dom: int | str, rounds: bool = False
     allg = sorted(((b - a, a) for a, b in zip(beats, beats[1:], strict=False)), reverse=True)[:3]
     row["record_gaps"] = [{"ms": round(g * 1000 - PERIOD_MS, 2), "at_ms": round((a - t0) * 1000, 2),
                            "where": where(a, dict(rm, **{"src:suspend asked": t0}))} for g, a in allg]
-    row["beats"] = len(beats)
+    row["beats"] = [(b[0], b[1], b[2]) for b in ob["beats"]]  # seq, guest ns, arrival (--json)
     marks = dict(tl, **{"obs:last beat": ga, "obs:first beat": gb, "migrate returned": t_ret})
     if rounds:
         marks.update(rm)
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=128)
     ap.add_argument("--wss", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--max-rounds", type=int, help="pyxen migrate --max-rounds (default: its default)")
+    ap.add_argument("--max-rate", type=float, help="pyxen migrate --max-rate, Mbit/s")
     ap.add_argument("--rounds", action="store_true",
                     help="the pre-copy's rounds in each timeline (log-dirty on, each round's end)")
     a = ap.parse_args(argv)
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         for i in range(a.n):
             src = i % 2
-            row = one_move(lan, src, 9200 + i, name, a.rounds)
+            pol = {k: v for k, v in (("max_rounds", a.max_rounds), ("max_rate", a.max_rate)) if v is not None}
+            row = one_move(lan, src, 9200 + i, name, a.rounds, pol)
             rows.append(row)
             print(f"move {i + 1} {'ab'[src]}->{'ab'[1 - src]}: downtime {row['downtime_ms']:.1f} ms")
             print("    largest gaps of the whole record: " + "; ".join(

@@ -318,9 +318,12 @@ class Domain:
         bitmap = vm.get_dirty_log(M.RAM_SLOT) if self.dirty_logging else b""
         if bitmap and self.dirty_manual and protect:
             vm.clear_dirty_log(M.RAM_SLOT, 0, vm.slots[M.RAM_SLOT].memory_size >> 12, bitmap)
-        pfns = set()
+        pfns: set[int] = set()
         words = struct.unpack(f"<{len(bitmap) // 8}Q", bitmap)
         for wi, w in enumerate(words):
+            if w == 0xFFFF_FFFF_FFFF_FFFF and wi * 64 + 64 <= self.nr_pages:
+                pfns.update(range(wi * 64, wi * 64 + 64))  # manual mode's initially set log
+                continue
             while w:
                 low = w & -w
                 pfn = wi * 64 + low.bit_length() - 1

@@ -48,7 +48,14 @@ class RatePolicy:
     min_rate: float = 1000.0
     max_rate: float = 8000.0
     increment: float = 50.0  # the paper's "+ 50 Mbit/s"
-    max_rounds: int = 30  # live rounds before stop-and-copy whatever remains
+    # live rounds before stop-and-copy whatever remains: Xen's save since its
+    # stream v2 (xg_sr_save.c: max_iterations 5, the first sending every page),
+    # not the legacy 30 (xc_domain_save.c's DEF_MAX_ITERS 29): a working set
+    # the guest rewrites faster than a round ends stays dirty however long we
+    # iterate, and each round costs the guest a write fault per page of it
+    # (PVM: shadow paging) and the host CPU that the heartbeat's path then
+    # waits for (docs/migration.md, "Pre-copy stalls")
+    max_rounds: int = 5
     few_pages: int = 50  # Xen's threshold: fewer dirty pages than this, stop
 
     def first(self) -> float:

@@ -19,6 +19,13 @@ def test_first_round_at_the_minimum_and_next_at_dirtying_rate_plus_50() -> None:
     assert p.next_rate(0) == 100  # never below the minimum
 
 
+def test_defaults_are_xens_stream_v2_save() -> None:
+    # xg_sr_save.c: max_iterations 5 (the first sends every page), dirty_threshold 50
+    p = RatePolicy()
+    assert (p.max_rounds, p.few_pages) == (5, 50)
+    assert p.stop(4, 4096, 1000) is None and "5 rounds" in (p.stop(5, 4096, 1000) or "")
+
+
 def test_stop_conditions() -> None:
     p = RatePolicy(min_rate=100, max_rate=500, max_rounds=5, few_pages=50)
     assert p.stop(1, 49, 200) and "remain" in p.stop(1, 49, 200)  # type: ignore[operator]
