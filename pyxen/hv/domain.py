@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import mmap
+import os
 import struct
 import threading
 import time
@@ -296,7 +297,9 @@ class Domain:
         which on PVM (shadow paging) the guest then faults back in."""
         vm = self.machine.vm
         if on:
-            manual = all_dirty and vm.set_manual_dirty_protect(True)
+            # PYXEN_DIRTY_LOG_MANUAL=0: the whole-slot protect, for comparisons
+            manual = (all_dirty and os.environ.get("PYXEN_DIRTY_LOG_MANUAL", "1") != "0"
+                      and vm.set_manual_dirty_protect(True))
             if not manual and self.dirty_manual:
                 vm.set_manual_dirty_protect(False)
             self.dirty_manual = manual
