@@ -72,7 +72,28 @@ def _measure_lock() -> Any:
     return f
 
 
-def one_move(lan: Any, src: int, port: int, dom: int | str) -> dict[str, Any]:
+def _round_marks(stats: dict[str, Any]) -> dict[str, float]:
+    """The pre-copy's boundaries (absolute monotonic): log-dirty on, each round's end."""
+    out: dict[str, float] = {}
+    if stats.get("t_logdirty"):
+        out["src:log-dirty on"] = stats["t_logdirty"]
+    for r in stats.get("rounds", []):
+        if r.get("t_end") and r.get("live", True):
+            out[f"src:round {r['round']} end"] = r["t_end"]
+    return out
+
+
+def where(t: float, marks: dict[str, float]) -> str:
+    """``t`` placed after the latest of ``marks`` before it (e.g. a gap's start)."""
+    before = [(v, k) for k, v in marks.items() if v <= t]
+    if not before:
+        return "before the pre-copy"
+    v, k = max(before)
+    return f"+{(t - v) * 1000:.1f} ms after {k}"
+
+
+def one_move(lan: Any, src: int, port: int, dom: int | str, rounds: bool = False,
+             policy: dict[str, float] | None = None) -> dict[str, Any]:
     from tests.e2e.hosts import Observer
     hosts = [lan.a, lan.b]
     for h in hosts:
@@ -89,7 +110,7 @@ def one_move(lan: Any, src: int, port: int, dom: int | str) -> dict[str, Any]:
         if b"listening" not in line:
             raise RuntimeError(f"migrate-receive: {line!r}")
         t_req = time.monotonic()
-        r = hosts[src].migrate(dom, tcp=f"{lan.ips[dst]}:{port}", timeout=120)
+        r = hosts[src].migrate(dom, tcp=f"{lan.ips[dst]}:{port}", timeout=120, **(policy or {}))
         t_ret = time.monotonic()
         rx.wait(30)
         time.sleep(0.5)
@@ -104,7 +125,15 @@ def one_move(lan: Any, src: int, port: int, dom: int | str) -> dict[str, Any]:
     gap, ga, gb = max(gaps) if gaps else (0.0, t0, t0)
     row = {"downtime_ms": round(gap * 1000 - PERIOD_MS, 2), "t0": t0,
            "stats": r.get("stats", {}).get("commitment")}
+    rm = _round_marks(r.get("stats", {}))
+    # the largest gap of the whole record (a pre-copy stall may exceed the switch's)
+    allg = sorted(((b - a, a) for a, b in zip(beats, beats[1:], strict=False)), reverse=True)[:3]
+    row["record_gaps"] = [{"ms": round(g * 1000 - PERIOD_MS, 2), "at_ms": round((a - t0) * 1000, 2),
+                           "where": where(a, dict(rm, **{"src:suspend asked": t0}))} for g, a in allg]
+    row["beats"] = [(b[0], b[1], b[2]) for b in ob["beats"]]  # seq, guest ns, arrival (--json)
     marks = dict(tl, **{"obs:last beat": ga, "obs:first beat": gb, "migrate returned": t_ret})
+    if rounds:
+        marks.update(rm)
     row["marks_ms"] = {k: round((v - t0) * 1000, 2) for k, v in sorted(marks.items(), key=lambda kv: kv[1])}
     return row
 
@@ -115,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory", type=int, default=128)
     ap.add_argument("--wss", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--max-rounds", type=int, help="pyxen migrate --max-rounds (default: its default)")
+    ap.add_argument("--max-rate", type=float, help="pyxen migrate --max-rate, Mbit/s")
+    ap.add_argument("--rounds", action="store_true",
+                    help="the pre-copy's rounds in each timeline (log-dirty on, each round's end)")
     a = ap.parse_args(argv)
     lock = _measure_lock()
     print(f"load average at the start: {open('/proc/loadavg').read().split()[0]}")
@@ -138,9 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1.0)
         for i in range(a.n):
             src = i % 2
-            row = one_move(lan, src, 9200 + i, name)
+            pol = {k: v for k, v in (("max_rounds", a.max_rounds), ("max_rate", a.max_rate)) if v is not None}
+            row = one_move(lan, src, 9200 + i, name, a.rounds, pol)
             rows.append(row)
             print(f"move {i + 1} {'ab'[src]}->{'ab'[1 - src]}: downtime {row['downtime_ms']:.1f} ms")
+            print("    largest gaps of the whole record: " + "; ".join(
+                f"{g['ms']:.1f} ms at {g['at_ms']:.1f} ({g['where']})" for g in row["record_gaps"]))
             for k, v in row["marks_ms"].items():
                 print(f"    {v:8.2f}  {k}")
             sys.stdout.flush()
@@ -150,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if dts:
         print(f"downtime: median {statistics.median(dts):.1f} ms, min {min(dts):.1f}, max {max(dts):.1f} "
               f"over {len(dts)} moves")
+        rg = [r["record_gaps"][0]["ms"] for r in rows if r["record_gaps"]]
+        if rg:
+            print(f"largest gap of the whole record: median {statistics.median(rg):.1f} ms, "
+                  f"max {max(rg):.1f}")
         keys = sorted({k for r in rows for k in r["marks_ms"]},
                       key=lambda k: statistics.median(r["marks_ms"][k] for r in rows if k in r["marks_ms"]))
         print("median mark (ms from the suspend request):")

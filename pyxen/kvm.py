@@ -132,6 +132,16 @@ class DirtyLog(ctypes.Structure):
     _fields_ = [("slot", u32), ("padding", u32), ("dirty_bitmap", u64)]
 
 
+class ClearDirtyLog(ctypes.Structure):
+    """struct kvm_clear_dirty_log: clear (and write-protect again) the pages
+    of ``num_pages`` from ``first_page`` whose bits ``dirty_bitmap`` sets."""
+    _fields_ = [("slot", u32), ("num_pages", u32), ("first_page", u64), ("dirty_bitmap", u64)]
+
+
+class EnableCap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
 class Fpu(ctypes.Structure):
     _fields_ = [("fpr", u8 * 128), ("fcw", u16), ("fsw", u16), ("ftwx", u8), ("pad1", u8),
                 ("last_opcode", u16), ("last_ip", u64), ("last_dp", u64),
@@ -161,6 +171,8 @@ KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
 KVM_GET_SUPPORTED_CPUID = _iowr(0x05, 8)
 KVM_CREATE_VCPU = _io(0x41)
 KVM_GET_DIRTY_LOG = _iow(0x42, ctypes.sizeof(DirtyLog))
+KVM_ENABLE_CAP = _iow(0xA3, ctypes.sizeof(EnableCap))
+KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, ctypes.sizeof(ClearDirtyLog))
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, ctypes.sizeof(UserspaceMemoryRegion))
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_RUN = _io(0x80)
@@ -189,6 +201,9 @@ KVM_SYNC_X86_SREGS = 2
 KVM_SYNC_X86_EVENTS = 4
 
 KVM_MEM_LOG_DIRTY_PAGES = 1
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1  # GET_DIRTY_LOG copies, CLEAR_DIRTY_LOG re-protects
+KVM_DIRTY_LOG_INITIALLY_SET = 2  # turning the log on protects nothing: every bit starts set
 
 # word indexes into the kvm_run page (see VCPU.q/.d/.w)
 Q_VALID, Q_DIRTY = 36, 37  # kvm_valid_regs, kvm_dirty_regs (64-bit words)
@@ -337,8 +352,43 @@ class VM:
         r = self.slots[slot]
         self.set_memory(slot, r.guest_phys_addr, r.memory_size, r.userspace_addr, on)
 
+    def set_manual_dirty_protect(self, on: bool) -> bool:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with KVM_DIRTY_LOG_INITIALLY_SET
+        (Linux's Documentation/virt/kvm/api.rst): turning a slot's log on
+        then write-protects nothing (every page counts as dirty), and
+        :meth:`get_dirty_log` only copies the bitmap: the pages are protected
+        again by :meth:`clear_dirty_log`, a chunk at a time, right before they
+        are sent.  Without it, turning the log on write-protects the whole
+        slot and each read the pages it returns, all at once, under the MMU
+        lock, and (PVM: shadow paging) the guest faults them back in.  Takes
+        effect for the slots whose log is turned on afterwards.  False when
+        this KVM lacks it (``on`` then changes nothing)."""
+        want = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+        try:
+            have = ioctl(self.fd, KVM_CHECK_EXTENSION, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        except KvmError:
+            have = 0
+        if have & want != want:
+            return False
+        cap = EnableCap(cap=KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        cap.args[0] = want if on else 0
+        ioctl(self.fd, KVM_ENABLE_CAP, cap)
+        return True
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG (manual protect mode): clear the bits ``bitmap``
+        sets for pages ``first_page``.. (a multiple of 64) and write-protect
+        those pages again; ``num_pages`` is a multiple of 64 unless the range
+        ends at the slot's end; ``bitmap`` holds at least ``num_pages`` bits."""
+        buf = ctypes.create_string_buffer(bytes(bitmap), max(len(bitmap), ((num_pages + 63) // 64) * 8))
+        ioctl(self.fd, KVM_CLEAR_DIRTY_LOG, ClearDirtyLog(
+            slot=slot, num_pages=num_pages, first_page=first_page,
+            dirty_bitmap=ctypes.addressof(buf)))
+
     def get_dirty_log(self, slot: int) -> bytes:
-        """The slot's dirty bitmap since the last call (one bit per 4 KiB page)."""
+        """The slot's dirty bitmap since the last call (one bit per 4 KiB page);
+        in manual protect mode, the bits set since they were last cleared
+        (nothing is cleared or protected)."""
         r = self.slots[slot]
         npages = r.memory_size // 4096
         buf = ctypes.create_string_buffer(((npages + 63) // 64) * 8)

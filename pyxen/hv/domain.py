@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 import mmap
+import os
 import struct
 import threading
 import time
@@ -37,6 +38,29 @@ if TYPE_CHECKING:
 
 ConsoleSink = Callable[[bytes], None]
 CONSOLE_IO_LINE_MAX = 1024  # a console_io line that never ends is logged in pieces this long
+
+
+def clear_bitmap(pfns: list[int], npages: int) -> tuple[int, int, bytes] | None:
+    """KVM_CLEAR_DIRTY_LOG's arguments for ``pfns`` (sorted) of a slot of
+    ``npages``: the first page (a multiple of 64, as KVM requires), the
+    number of pages (a multiple of 64 unless the range ends at the slot's
+    end) and the bitmap (whole 64-bit words); None when no pfn is in the slot."""
+    if not pfns:
+        return None
+    lo = pfns[0] & ~63
+    hi = min(((pfns[-1] >> 6) + 1) << 6, npages)
+    if lo >= hi:
+        return None
+    if pfns[-1] - pfns[0] == len(pfns) - 1:  # a run (round 1, most batches)
+        bits = ((1 << len(pfns)) - 1) << (pfns[0] - lo)
+    else:
+        bits = 0
+        for p in pfns:
+            bits |= 1 << (p - lo)
+    bits &= (1 << (hi - lo)) - 1
+    if not bits:
+        return None
+    return lo, hi - lo, bits.to_bytes(((hi - lo + 63) // 64) * 8, "little")
 
 
 @dataclass
@@ -143,6 +167,7 @@ class Domain:
         self.started = False
         self.create_time = time.time()
         self.dirty_logging = False
+        self.dirty_manual = False  # KVM's manual dirty-log protect mode (set_dirty_logging)
         self.host_dirty: set[int] = set()
         self.machine = M.Machine(self.max_pages, max(spec.vcpus, spec.maxvcpus or spec.vcpus))
         ram = self.machine.ram
@@ -257,23 +282,51 @@ class Domain:
             with self.mmu_lock:
                 self.mmu_pending.append(M.DM_VA + maddr)
 
-    def set_dirty_logging(self, on: bool) -> None:
+    def set_dirty_logging(self, on: bool, all_dirty: bool = False) -> None:
         """Log-dirty mode (for live migration): KVM logs guest writes to RAM;
         writes the hypervisor and backends make are recorded by mark_dirty
-        (KVM does not see them, platform-notes.md fact 8)."""
-        self.machine.vm.set_dirty_logging(M.RAM_SLOT, on)
+        (KVM does not see them, platform-notes.md fact 8).
+
+        ``all_dirty`` (a live migration's pre-copy): where KVM has manual
+        protect mode, turning the log on protects nothing and every page
+        counts as dirty; :meth:`read_dirty` with ``protect=False`` then
+        leaves the pages it returns writable, and :meth:`clear_dirty`
+        protects a batch again just before it is sent.  Without it (or
+        without that KVM capability) turning the log on write-protects all
+        of RAM at once and each :meth:`read_dirty` the pages it returns,
+        which on PVM (shadow paging) the guest then faults back in."""
+        vm = self.machine.vm
+        if on:
+            # PYXEN_DIRTY_LOG_MANUAL=0: the whole-slot protect, for comparisons
+            manual = (all_dirty and os.environ.get("PYXEN_DIRTY_LOG_MANUAL", "1") != "0"
+                      and vm.set_manual_dirty_protect(True))
+            if not manual and self.dirty_manual:
+                vm.set_manual_dirty_protect(False)
+            self.dirty_manual = manual
+        vm.set_dirty_logging(M.RAM_SLOT, on)
         self.host_dirty.clear()
         self.dirty_logging = on
         g = self.gnttab._pxg  # the native block path marks what it writes itself
         if g is not None:
             native.fast().pxg_set_logdirty(g, int(on))  # type: ignore[union-attr]
 
-    def read_dirty(self) -> set[int]:
-        """PFNs written since the last call (guest and host writes), and clear."""
-        bitmap = self.machine.vm.get_dirty_log(M.RAM_SLOT) if self.dirty_logging else b""
-        pfns = set()
+    def read_dirty(self, protect: bool = True) -> set[int]:
+        """PFNs written since the last call (guest and host writes), and clear.
+        ``protect=False`` in manual protect mode (``set_dirty_logging(True,
+        all_dirty=True)``): KVM's bits for the pages returned stay set and
+        the pages writable until :meth:`clear_dirty` (a page the caller does
+        not clear comes back in the next read); otherwise KVM's log is read
+        and cleared at once, its pages write-protected again."""
+        vm = self.machine.vm
+        bitmap = vm.get_dirty_log(M.RAM_SLOT) if self.dirty_logging else b""
+        if bitmap and self.dirty_manual and protect:
+            vm.clear_dirty_log(M.RAM_SLOT, 0, vm.slots[M.RAM_SLOT].memory_size >> 12, bitmap)
+        pfns: set[int] = set()
         words = struct.unpack(f"<{len(bitmap) // 8}Q", bitmap)
         for wi, w in enumerate(words):
+            if w == 0xFFFF_FFFF_FFFF_FFFF and wi * 64 + 64 <= self.nr_pages:
+                pfns.update(range(wi * 64, wi * 64 + 64))  # manual mode's initially set log
+                continue
             while w:
                 low = w & -w
                 pfn = wi * 64 + low.bit_length() - 1
@@ -295,6 +348,18 @@ class Domain:
         host.update(self.always_dirty_mfns())
         pfns.update(m - M.MFN_BASE for m in host if 0 <= m - M.MFN_BASE < self.nr_pages)
         return pfns
+
+    def clear_dirty(self, pfns: list[int]) -> None:
+        """Manual protect mode: clear KVM's dirty bits of ``pfns`` (sorted) and
+        write-protect those pages again, just before the caller reads them
+        to send them: a write after this sets the bit again for the next
+        round.  Nothing outside that mode (reading the log cleared it)."""
+        if not (self.dirty_manual and self.dirty_logging and pfns):
+            return
+        npages = self.machine.vm.slots[M.RAM_SLOT].memory_size >> 12
+        rng = clear_bitmap(pfns, npages)
+        if rng is not None:
+            self.machine.vm.clear_dirty_log(M.RAM_SLOT, *rng)
 
     def always_dirty_mfns(self) -> set[int]:
         """Guest frames the host side writes without going through copy_to_guest:

@@ -48,7 +48,14 @@ class RatePolicy:
     min_rate: float = 1000.0
     max_rate: float = 8000.0
     increment: float = 50.0  # the paper's "+ 50 Mbit/s"
-    max_rounds: int = 30  # live rounds before stop-and-copy whatever remains
+    # live rounds before stop-and-copy whatever remains: Xen's save since its
+    # stream v2 (xg_sr_save.c: max_iterations 5, the first sending every page),
+    # not the legacy 30 (xc_domain_save.c's DEF_MAX_ITERS 29): a working set
+    # the guest rewrites faster than a round ends stays dirty however long we
+    # iterate, and each round costs the guest a write fault per page of it
+    # (PVM: shadow paging) and the host CPU that the heartbeat's path then
+    # waits for (docs/migration.md, "Pre-copy stalls")
+    max_rounds: int = 5
     few_pages: int = 50  # Xen's threshold: fewer dirty pages than this, stop
 
     def first(self) -> float:
@@ -78,6 +85,8 @@ class RoundStat:
     rate_limit: float  # Mbit/s this round was held to (0: the final round, at max)
     bytes: int = 0
     live: bool = True
+    t_start: float = 0.0  # CLOCK_MONOTONIC when the round began (lines up with traces, migprof)
+    t_end: float = 0.0  # ... when its dirty log had been read (the round's boundary)
 
 
 @dataclass
@@ -90,6 +99,7 @@ class LiveStats:
     suspend_seconds: float = 0.0  # from the suspend request to the guest suspended
     downtime_seconds: float = 0.0  # from the suspend request to END sent (sender's view)
     max_pages: int = 0
+    t_logdirty: float = 0.0  # CLOCK_MONOTONIC when log-dirty mode was turned on
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,9 +145,12 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
     else:
         SV.write_headers(d, out, config)
     pw = SV.PageWriter(d, out, xalloc_holes=True)
-    d.set_dirty_logging(True)
+    st.t_logdirty = time.monotonic()
+    # manual protect where KVM has it: nothing is write-protected now; each
+    # batch is protected again right before it is sent (pw.write's before=)
+    d.set_dirty_logging(True, all_dirty=True)
     try:
-        d.read_dirty()  # start clean: round 1 sends everything anyway
+        d.read_dirty(protect=False)  # start clean: round 1 sends everything anyway
         rate = pol.first()
         pfns = list(range(d.max_pages))
         present: bytearray | None = SV._present_pages(d.machine.memfd, d.max_pages)
@@ -146,14 +159,14 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
             n += 1
             r0 = time.monotonic()
             b0 = out.n
-            sent = pw.write(pfns, present, live=True, throttle=Throttle(rate))
+            sent = pw.write(pfns, present, live=True, throttle=Throttle(rate), before=d.clear_dirty)
             out.rec(S.Rec.PYXEN_ROUND_END, struct.pack("<II", n, 0))
             f.flush()
             present = None
-            dirty = d.read_dirty()
+            dirty = d.read_dirty(protect=False)
             secs = time.monotonic() - r0
             drate = len(dirty) / secs if secs > 0 else 0.0
-            rs = RoundStat(n, sent, secs, drate, rate, out.n - b0)
+            rs = RoundStat(n, sent, secs, drate, rate, out.n - b0, t_start=r0, t_end=r0 + secs)
             st.rounds.append(rs)
             if on_round:
                 on_round(rs)
@@ -174,7 +187,7 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
         r0 = time.monotonic()
         b0 = out.n
         vcpu_recs, _si = SV.vcpu_records(d, pw.m2p)
-        last = set(pfns) | d.read_dirty() | pw.deferred
+        last = set(pfns) | d.read_dirty(protect=False) | pw.deferred
         last.update(pw.changed_types())
         # pfns ballooned out since they were sent: XTAB, so the destination frees them
         last.update(p for p in d.free_pfns if pw.sent_type[p] != pw.UNSENT)
@@ -184,7 +197,8 @@ def send_live(d: Domain, f: IO[bytes], suspend: Callable[[], None],
         SV.write_tail(d, out, vcpu_recs)
         f.flush()
         now = time.monotonic()
-        rs = RoundStat(n + 1, sent, now - r0, 0.0, pol.max_rate, out.n - b0, live=False)
+        rs = RoundStat(n + 1, sent, now - r0, 0.0, pol.max_rate, out.n - b0, live=False,
+                       t_start=r0, t_end=now)
         st.rounds.append(rs)
         if on_round:
             on_round(rs)

@@ -172,9 +172,12 @@ class PageWriter:
 
     def write(self, pfns: list[int], present: bytearray | None = None, live: bool = False,
               progress: Callable[[int], None] | None = None,
-              throttle: Callable[[int], None] | None = None) -> int:
+              throttle: Callable[[int], None] | None = None,
+              before: Callable[[list[int]], None] | None = None) -> int:
         """Send ``pfns`` (sorted); the number of pages sent (with data, or
-        XALLOC for a hole)."""
+        XALLOC for a hole).  ``before(batch)`` is called before each batch's
+        pages are read (a live round: ``Domain.clear_dirty``, so that the dirty
+        log catches what the guest writes from then on)."""
         d, out, ft, m2p = self.d, self.out, self.d.ft, self.m2p
         ram = d.machine.ram_view
         free = d.free_pfns
@@ -189,6 +192,8 @@ class PageWriter:
                     free_map[p] = 1
         for first in range(0, len(pfns), S.MAX_BATCH_SIZE):
             batch = pfns[first:first + S.MAX_BATCH_SIZE]
+            if before:
+                before(batch)
             a, n = batch[0], len(batch)
             if (batch[-1] - a == n - 1
                     and b"\x01" not in bytes(ft.type[base + a:base + a + n]).translate(_PT_TABLE)
@@ -206,7 +211,7 @@ class PageWriter:
             run_start = run_end = -1
             run_hole = False
             npages = ndata = 0
-            for pfn in pfns[first:first + S.MAX_BATCH_SIZE]:
+            for pfn in batch:
                 if pfn in free:
                     entries.append((pfn, S.PageType.XTAB))
                     sent_type[pfn] = self.UNSENT

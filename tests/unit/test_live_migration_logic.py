@@ -19,6 +19,13 @@ def test_first_round_at_the_minimum_and_next_at_dirtying_rate_plus_50() -> None:
     assert p.next_rate(0) == 100  # never below the minimum
 
 
+def test_defaults_are_xens_stream_v2_save() -> None:
+    # xg_sr_save.c: max_iterations 5 (the first sends every page), dirty_threshold 50
+    p = RatePolicy()
+    assert (p.max_rounds, p.few_pages) == (5, 50)
+    assert p.stop(4, 4096, 1000) is None and "5 rounds" in (p.stop(5, 4096, 1000) or "")
+
+
 def test_stop_conditions() -> None:
     p = RatePolicy(min_rate=100, max_rate=500, max_rounds=5, few_pages=50)
     assert p.stop(1, 49, 200) and "remain" in p.stop(1, 49, 200)  # type: ignore[operator]
@@ -97,3 +104,22 @@ def test_plot_tool_draws_both_figures(tmp_path) -> None:  # noqa: ANN001
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert (tmp_path / out).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clear_bitmap_aligns_to_64_pages_and_stops_at_the_slot_end() -> None:
+    from pyxen.hv.domain import clear_bitmap
+    # a run starting mid-word: first page rounded down to 64, whole words of bits
+    lo, n, bm = clear_bitmap(list(range(70, 200)), 1000)  # type: ignore[misc]
+    assert (lo, n, len(bm)) == (64, 192, 24)
+    bits = int.from_bytes(bm, "little")
+    assert [i + lo for i in range(n) if bits >> i & 1] == list(range(70, 200))
+    # scattered pfns; the range ends at the slot's end (not a multiple of 64)
+    lo, n, bm = clear_bitmap([3, 64, 130, 999], 1000)  # type: ignore[misc]
+    assert (lo, n, len(bm)) == (0, 1000, 128)
+    bits = int.from_bytes(bm, "little")
+    assert [i for i in range(n) if bits >> i & 1] == [3, 64, 130, 999]
+    # pfns past the slot are dropped; none in it: nothing to clear
+    lo, n, bm = clear_bitmap(list(range(990, 1010)), 1000)  # type: ignore[misc]
+    assert (lo, n) == (960, 40) and int.from_bytes(bm, "little") == ((1 << 10) - 1) << 30
+    assert clear_bitmap([1000, 1001], 1000) is None
+    assert clear_bitmap([], 1000) is None
