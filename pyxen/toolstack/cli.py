@@ -537,7 +537,7 @@ def commands() -> dict[str, argparse.ArgumentParser]:
     mg.add_argument("--min-rate", type=float, help="Mbit/s of the first round (default 1000)")
     mg.add_argument("--max-rate", type=float,
                     help="Mbit/s above which iterating stops; the stop-and-copy rate (default 8000)")
-    mg.add_argument("--max-rounds", type=int, help="live rounds at most (default 30)")
+    mg.add_argument("--max-rounds", type=int, help="live rounds at most (default 5, as Xen's stream-v2 save)")
     mg.add_argument("-t", dest="timeout", type=float, help="seconds the guest has to suspend (10)")
     mr = new("migrate-receive", "receive a live migration (stdin/stdout, or --listen)",
              cmd_migrate_receive)
