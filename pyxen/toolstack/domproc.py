@@ -44,6 +44,22 @@ SCROLLBACK = 64 << 10
 CLIENT_BACKLOG = 1 << 20
 
 
+def background_priority() -> None:
+    """Every thread of this process (and those it starts later, which inherit
+    it) to SCHED_IDLE and nice 19: it runs only on CPU time nobody else
+    wants.  For a process that has nothing left to do but exit; best effort
+    (a kernel without SCHED_IDLE, no permission: as before)."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [threading.get_native_id()]
+    for tid in tids:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
 class DomainProcess:
     def __init__(self, domid: int, spec: dict[str, Any], rundir: Path) -> None:
         self.domid = domid
@@ -622,6 +638,11 @@ class DomainProcess:
                            "end_to_report_ms": (time.monotonic() - t_end) * 1000}
         if rc:
             raise P.ProtocolError(f"the destination could not unpause the domain ({rc})")
+        # committed: the domain runs there and this process only tears down
+        # (replies, then the daemon's destroy: KVM and 128+ MiB freed, TAPs
+        # removed), which must not compete with the guest's resume there
+        # (on the same CPUs when both hosts share a machine)
+        background_priority()
 
     @staticmethod
     def _close_channel(conn: Any, proc: Any) -> None:
