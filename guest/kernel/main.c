@@ -33,6 +33,7 @@ extern char boot_stack_top[];
 extern char hypervisor_callback[], failsafe_callback[];
 
 void __noreturn start_kernel(struct start_info *si);
+static void suspend_evtchn_init(void);
 
 void map_shared_info(void)
 {
@@ -147,6 +148,7 @@ void start_kernel(struct start_info *si)
     /* The xenbus thread (store probe, control/shutdown).  The grant table
      * is set up on first use (gnttab_ready()). */
     xenbus_init();
+    suspend_evtchn_init();
 
     irq_enable();
     idle_loop();
@@ -244,4 +246,80 @@ int kernel_suspend(void)
     printk("pyxen-guest: %s (suspend returned %ld)\n", rc ? "suspend cancelled, running on"
            : "resumed in a restored domain", rc);
     return (int)rc;
+}
+
+/*
+ * Xen's suspend event channel (docs/misc/xenstore-paths,
+ * ~/device/suspend/event-channel): we allocate a port unbound for dom0 and
+ * write its number there; a toolstack that finds it binds to it and asks
+ * for the suspend by signalling it (libxl's domain_suspend_callback_common)
+ * instead of writing control/shutdown = "suspend", which we keep serving
+ * (xenbus.c).  That skips the store's watch event and our two round trips
+ * to acknowledge it: the suspend is one event away.  The suspend itself
+ * runs in its own thread, never in the event handler.  A restored domain's
+ * channels are all closed and its store directory is fresh: the port is
+ * allocated and advertised again, a little after the resume so that the
+ * drivers' reconnect (the network's downtime) goes first.  The command
+ * line flag "suspend-evtchn=0" leaves it out (the control/shutdown way
+ * only, as Linux, which offers no such channel).
+ */
+static evtchn_port_t suspend_port;
+static volatile int suspend_asked;
+static struct waitq suspend_waiters = { .name = "suspend" };
+
+static void suspend_event(evtchn_port_t port, struct pt_regs *regs, void *data)
+{
+    (void)port; (void)regs; (void)data;
+    suspend_asked = 1;
+    waitq_wake_all(&suspend_waiters);
+}
+
+static int suspend_was_asked(void *arg)
+{
+    (void)arg;
+    return suspend_asked;
+}
+
+static void suspend_evtchn_advertise(void)
+{
+    int port, rc;
+
+    suspend_port = 0;
+    port = evtchn_alloc_unbound(0, suspend_event, NULL);
+    if (port < 0) {
+        printk("pyxen-guest: suspend event channel: alloc_unbound: %d\n", port);
+        return;
+    }
+    rc = xenbus_printf(XBT_NIL, "device/suspend/event-channel", "%d", port);
+    if (rc) {
+        printk("pyxen-guest: suspend event channel: write: %s\n", xenbus_strerror(rc));
+        close_evtchn((evtchn_port_t)port);
+        return;
+    }
+    suspend_port = (evtchn_port_t)port;
+    printk("pyxen-guest: suspend event channel %d\n", port);
+}
+
+static void suspend_thread(void *arg)
+{
+    (void)arg;
+    if (!xenbus_available())
+        return;
+    suspend_evtchn_advertise();
+    for (;;) {
+        waitq_wait(&suspend_waiters, suspend_was_asked, NULL, 0);
+        suspend_asked = 0;
+        if (kernel_suspend() == 0) {    /* a restored domain: advertise anew */
+            msleep(100);
+            suspend_evtchn_advertise();
+        }
+    }
+}
+
+static void suspend_evtchn_init(void)
+{
+    if (!cmdline_get_ulong(kernel_cmdline, "suspend-evtchn", 1))
+        return;
+    if (!create_thread("suspend", suspend_thread, NULL))
+        printk("pyxen-guest: no suspend thread: no suspend event channel\n");
 }

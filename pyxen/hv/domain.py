@@ -156,6 +156,9 @@ class Domain:
         self.shutdown_code: int | None = None
         self.crashed = False
         self.crash_info = ""
+        # XEN_DOMCTL_subscribe's port: the guest's suspend event channel, sent
+        # on when the domain has suspended (the toolstack bound its other end)
+        self.suspend_evtchn = 0
         self.dying = False
         self.paused = 0
         self.vm_assist = 0  # VMASST_TYPE_* bits the guest enabled (hypercalls.do_vm_assist)
@@ -478,6 +481,13 @@ class Domain:
             self.shutdown_reason = reason
         self.log(f"shutdown: {abi.SHUTDOWN_NAMES.get(reason, reason)}", always=True)
         self._stop_vcpus()
+        if reason == abi.SHUTDOWN_suspend and self.suspend_evtchn:
+            # Xen's __domain_finalise_shutdown: the subscribed toolstack hears
+            # of the suspend on that channel (a port since closed: nobody hears)
+            try:
+                self.evtchn.send(self.suspend_evtchn)
+            except XenError:
+                pass
         if self.on_state:
             self.on_state(self)
 

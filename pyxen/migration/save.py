@@ -20,13 +20,16 @@ import json
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from .. import abi
+from ..abi import XenError
 from ..hv import machine as M
+from ..hv.evtchn import ST_INTERDOMAIN
 from . import stream as S
 
 if TYPE_CHECKING:
@@ -82,6 +85,145 @@ def _mfn_to_pfn(d: Domain) -> Callable[[int], int | None]:
             return pfn
         return None
     return conv
+
+
+# ---------------------------------------------------------------- asking the guest to suspend
+SUSPEND_EVTCHN_NODE = "device/suspend/event-channel"  # docs/misc/xenstore-paths.pandoc
+SUSPEND_DOM0_PORT = 0x7F00  # the number our (dom0's) end reports in EVTCHNOP_status
+
+
+def suspend_evtchn_port(value: str | None) -> int:
+    """The port in ``~/device/suspend/event-channel`` as Xen's
+    xs_suspend_evtchn_port reads it: -1 (none) when the node is missing or
+    empty, else C's atoi (leading blanks, a sign, digits; no digits: 0), so
+    a guest that writes nonsense gets what it gets on Xen: a bind to that
+    port, which fails the suspend."""
+    if not value:
+        return -1
+    m = re.match(r"[ \t\n\v\f\r]*([+-]?\d+)", value)
+    if m is None:
+        return 0
+    return max(-(1 << 31), min(int(m.group(1)), (1 << 31) - 1))
+
+
+class SuspendChannel:
+    """dom0's end of the guest's suspend event channel for one save or
+    migration, as libxl__domain_suspend_init sets it up before the first
+    page (xc_suspend_evtchn_init_exclusive): an interdomain bind to the
+    guest's port, then XEN_DOMCTL_subscribe, so that the hypervisor sends on
+    it once the guest has suspended (Domain.shutdown).  :func:`suspend_guest`
+    signals it to ask for the suspend.  ``fired``: an event came from the
+    guest's side (the subscription's, or the guest's own send).
+
+    A failed bind is a failed save, as with libxl ("Suspend event channel
+    initialization failed"): the guest advertised a port that is not
+    waiting for dom0."""
+
+    def __init__(self, d: Domain, port: int) -> None:
+        self.d, self.port = d, port
+        self.fired = threading.Event()
+        self.late = False  # the request timed out: a suspend after it is undone
+        ev = d.evtchn
+        with ev.lock:  # our end left bound by an earlier request that timed out: ours again
+            ch = ev.ports[port] if 0 < port < len(ev.ports) else None
+            stale = (ch is not None and ch.state == ST_INTERDOMAIN and ch.remote_dom == 0
+                     and ch.remote_port == SUSPEND_DOM0_PORT)
+        if stale:
+            ev.remote_closed(port, 0)
+        try:
+            d.evtchn.accept_interdomain(port, 0, SUSPEND_DOM0_PORT, self._fire)
+        except XenError as e:
+            raise SaveError(f"suspend event channel initialization failed: port {port} of "
+                            f"domain {d.domid}: {e.why or e}") from None
+        d.suspend_evtchn = port
+
+    def _fire(self) -> None:
+        """The guest's side sent (in its vCPU thread, or the hypervisor's
+        finalised suspend)."""
+        self.fired.set()
+        if self.late and self.d.shutdown_reason == abi.SHUTDOWN_suspend:
+            threading.Thread(target=self._resume_late, daemon=True).start()
+
+    def _resume_late(self) -> None:
+        """The guest acted on a request we had given up on: it runs on, its
+        suspend cancelled (returns 1), as xl resumes a domain whose save failed."""
+        try:
+            self.d.resume_after_suspend(True)
+            self.d.log("the guest suspended after its save or migration had given up: resumed",
+                       always=True)
+        except XenError:
+            pass
+        self.release()
+
+    def notify(self) -> None:
+        """xenevtchn_notify on our end: the guest's port becomes pending."""
+        self.d.raise_port(self.port, self.d.evtchn.notify_vcpu(self.port))
+
+    def release(self) -> None:
+        """xc_suspend_evtchn_release: unsubscribed, unbound (the guest's port
+        waits for dom0 again, ready for the next save)."""
+        d, ev = self.d, self.d.evtchn
+        if d.suspend_evtchn == self.port:
+            d.suspend_evtchn = 0
+        with ev.lock:  # still our channel (the guest may have closed the port and reused it)
+            ch = ev.ports[self.port] if 0 < self.port < len(ev.ports) else None
+            ours = ch is not None and ch.state == ST_INTERDOMAIN and ch.backend == self._fire
+        if ours:
+            ev.remote_closed(self.port, 0)
+
+
+def suspend_guest(d: Domain, timeout: float, chan: SuspendChannel | None,
+                  ask_xenstore: Callable[[str], None]) -> str:
+    """Ask the guest to suspend, as libxl's domain_suspend_callback_common,
+    and wait until it has (SCHEDOP_shutdown(SHUTDOWN_suspend)): by its
+    suspend event channel when it advertised one (``chan``), else through
+    ``ask_xenstore("suspend")`` (control/shutdown).  The wait sleeps until
+    the domain's state changes (the subscription's event, the domain's
+    state callback), never a poll: during a migration this is downtime, on
+    the same CPUs as the guest.  After ``timeout`` s: SaveError and the
+    guest keeps running; the xenstore request is withdrawn
+    (``ask_xenstore("")``); an event cannot be, so a suspend that follows
+    it is cancelled at once (the guest's hypercall returns 1).  Returns
+    "event channel" or "xenstore"."""
+    woke = chan.fired if chan is not None else threading.Event()
+    prev = d.on_state
+
+    def on_state(dom: Domain) -> None:
+        woke.set()
+        if prev is not None:
+            prev(dom)
+    d.on_state = on_state
+    try:
+        woke.clear()
+        if chan is not None:
+            chan.notify()
+            via = "event channel"
+        else:
+            ask_xenstore("suspend")
+            via = "xenstore"
+        end = time.monotonic() + timeout
+        while d.shutdown_reason != abi.SHUTDOWN_suspend:
+            if d.crashed or d.dying or (d.shutdown_reason is not None):
+                raise SaveError(f"domain {d.domid} {d.state} instead of suspending")
+            left = end - time.monotonic()
+            if left <= 0:
+                if chan is not None:
+                    chan.late = True
+                    if d.shutdown_reason == abi.SHUTDOWN_suspend:  # just now
+                        chan.late = False
+                        break
+                    raise SaveError(f"the guest did not suspend within {timeout:g} s (it was asked "
+                                    f"on its suspend event channel, port {chan.port}); it keeps running")
+                ask_xenstore("")
+                raise SaveError(f"the guest did not suspend within {timeout:g} s (it must act on "
+                                "control/shutdown = \"suspend\"); it keeps running")
+            woke.wait(min(left, 0.05))
+            woke.clear()
+    finally:
+        d.on_state = prev
+    if chan is not None:
+        chan.release()
+    return via
 
 
 def check_suspended(d: Domain) -> None:

@@ -20,7 +20,6 @@ process only.  Every field of every request is checked by validate.py.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import itertools
 import json
@@ -854,7 +853,8 @@ class Daemon:
 
     def save(self, rec: Record, path: str, checkpoint: bool, timeout: float) -> dict[str, Any]:
         """``xl save [-c]``: suspend the guest as libxl does for a PV domain
-        (``control/shutdown = "suspend"``; the guest answers with
+        (a signal on its suspend event channel if it advertises one, else
+        ``control/shutdown = "suspend"``; the guest answers with
         SCHEDOP_shutdown(SHUTDOWN_suspend)), have the domain process write the
         stream, then destroy the domain, or with ``checkpoint`` let it run on
         (its suspend hypercall returns 1).  A guest that does not suspend
@@ -863,23 +863,16 @@ class Daemon:
         resumes it, the partial file is removed)."""
         if rec.state not in ("running", "blocked", "paused"):
             raise RuntimeError(f"domain {rec.domid} is {rec.state}: only a running domain can be saved")
-        ctl = f"/local/domain/{rec.domid}/control/shutdown"
         if rec.busy:
             raise RuntimeError(f"domain {rec.domid} is being {rec.busy}")
         rec.progress = {}
-        self.xsd.write(ctl, "suspend")
-        self.log(f"domain {rec.domid} ({rec.name}): asked to suspend through xenstore")
-        end = time.monotonic() + timeout
-        while not (rec.state == "shutdown" and rec.reason == "suspend"):
-            if rec.state in ("shutdown", "crashed") or self.domains.get(rec.domid) is not rec:
-                raise RuntimeError(f"domain {rec.domid} {rec.state} ({rec.reason}) instead of suspending")
-            if time.monotonic() > end:
-                with contextlib.suppress(XsError):
-                    self.xsd.write(ctl, "")
-                raise RuntimeError(f"domain {rec.domid} did not suspend within {timeout:g} s (the "
-                                   "guest must act on control/shutdown = \"suspend\"); it keeps running")
-            time.sleep(0.01)
-        reply = self.request(rec, "save", timeout=3600, raw=True, file=path, checkpoint=checkpoint)
+        self.log(f"domain {rec.domid} ({rec.name}): saving to {path}")
+        # the domain process asks the guest to suspend (its suspend event channel, or
+        # control/shutdown) and waits for it: it holds the domain's state
+        reply = self.request(rec, "save", timeout=3600 + timeout, raw=True, file=path,
+                             checkpoint=checkpoint, suspend_timeout=timeout)
+        if reply.get("ok") and "pages" not in reply:  # _domain_gone's answer: the process died
+            raise RuntimeError(f"domain {rec.domid}'s process exited during the save")
         if checkpoint or not reply.get("ok"):
             self._xs_resumed(rec.domid)
         if not reply.get("ok"):

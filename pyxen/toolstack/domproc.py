@@ -44,6 +44,22 @@ SCROLLBACK = 64 << 10
 CLIENT_BACKLOG = 1 << 20
 
 
+def background_priority() -> None:
+    """Every thread of this process (and those it starts later, which inherit
+    it) to SCHED_IDLE and nice 19: it runs only on CPU time nobody else
+    wants.  For a process that has nothing left to do but exit; best effort
+    (a kernel without SCHED_IDLE, no permission: as before)."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [threading.get_native_id()]
+    for tid in tids:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
 class DomainProcess:
     def __init__(self, domid: int, spec: dict[str, Any], rundir: Path) -> None:
         self.domid = domid
@@ -80,6 +96,7 @@ class DomainProcess:
         # an incoming migration's timeline after END (logged with its report)
         self.stamps: list[tuple[str, float]] | None = None
         self.out_stamps: list[tuple[str, float]] = []  # an outgoing migration's, from the suspend request
+        self.suspend_via = ""  # how the last suspend was asked: "event channel" or "xenstore"
 
     # ------------------------------------------------------------ events to the daemon
     def event(self, **kw: Any) -> None:
@@ -362,7 +379,9 @@ class DomainProcess:
                 return  # the thread answers
             elif op == "save":
                 path, checkpoint = str(msg["file"]), bool(msg.get("checkpoint"))
-                threading.Thread(target=self._save, args=(rid, path, checkpoint), daemon=True).start()
+                wait = msg.get("suspend_timeout")  # ask the guest to suspend first (pyxen save)
+                threading.Thread(target=self._save, daemon=True, args=(
+                    rid, path, checkpoint, None if wait is None else float(wait))).start()
                 return  # the thread answers
             elif op == "destroy":
                 self.event(**reply)
@@ -389,15 +408,32 @@ class DomainProcess:
             self.event(event="progress", pages=done, total=total, bytes=nbytes, ns=now - t0)
         return cb
 
-    def _save(self, rid: object, path: str, checkpoint: bool) -> None:
+    def _save(self, rid: object, path: str, checkpoint: bool, suspend_timeout: float | None = None) -> None:
         """Write the suspended domain to ``path`` (a thread: the console and the
-        daemon's other requests are served meanwhile).  On failure the file is
+        daemon's other requests are served meanwhile).  With ``suspend_timeout``
+        the guest is asked to suspend first, as libxl does (its suspend event
+        channel if it advertises one, else control/shutdown); one that does
+        not within that many seconds keeps running and the save fails
+        ("did not suspend within").  On failure the file is
         removed and the domain resumed (its suspend hypercall returns 1), as
         xl does after a failed save; after a checkpoint it is resumed too."""
-        from ..migration.save import SaveError, save_domain
+        from ..migration.save import SaveError, save_domain, suspend_guest
         from ..migration.stream import StreamError
         d = self.domain
         assert d is not None
+        if suspend_timeout is not None:
+            chan = None
+            try:
+                chan = self._suspend_channel()
+                via = suspend_guest(d, suspend_timeout, chan, self._ask_suspend)
+            except Exception as e:  # noqa: BLE001 - the guest runs on; the save fails
+                if chan is not None and not chan.late:
+                    chan.release()
+                why = e.why if isinstance(e, XenError) else str(e)
+                self.event(reply=rid, ok=False, error=f"domain {self.domid}: {why}")
+                return
+            d.log("save: suspend asked through " + ("control/shutdown" if via == "xenstore"
+                  else "the guest's suspend event channel"), always=True)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "wb", buffering=1 << 20) as f:
@@ -422,25 +458,41 @@ class DomainProcess:
         self.event(reply=rid, ok=True, pages=stats.pages, bytes=stats.bytes, seconds=stats.seconds)
 
     # ------------------------------------------------------------ live migration
-    def _suspend_for_migration(self, timeout: float) -> None:
-        """Ask the guest to suspend as a save does (control/shutdown =
-        "suspend", libxl's PV suspend) and wait until it has."""
-        from .. import abi
+    def _suspend_channel(self) -> Any:
+        """The guest's suspend event channel bound, if it advertises one
+        (libxl__domain_suspend_init, before the first page: the request
+        itself is then one event), else None (the control/shutdown way).
+        A port that cannot be bound fails the save or migration (SaveError),
+        as on Xen."""
+        from ..migration import save as SV
         d = self.domain
         assert d is not None
+        raw = self._xs().try_read(f"/local/domain/{self.domid}/{SV.SUSPEND_EVTCHN_NODE}")
+        port = SV.suspend_evtchn_port(raw)
+        return SV.SuspendChannel(d, port) if port >= 0 else None
+
+    def _ask_suspend(self, value: str) -> None:
+        """control/shutdown = ``value`` ("suspend", or "" to withdraw the
+        request, best effort)."""
         ctl = f"/local/domain/{self.domid}/control/shutdown"
+        if value:
+            self._xs().write(ctl, value)
+        else:
+            with contextlib.suppress(Exception):
+                self._xs().write(ctl, value)
+
+    def _suspend_for_migration(self, timeout: float, chan: Any = None) -> None:
+        """Ask the guest to suspend as a save does (its suspend event channel
+        ``chan`` if bound, else control/shutdown = "suspend", libxl's PV
+        suspend) and wait until it has (woken by the suspend, no poll)."""
+        from ..migration import save as SV
+        d = self.domain
+        assert d is not None
         self.out_stamps.append(("suspend asked", time.monotonic()))
-        self._xs().write(ctl, "suspend")
-        end = time.monotonic() + timeout
-        while d.shutdown_reason != abi.SHUTDOWN_suspend:
-            if d.crashed or d.dying or (d.shutdown_reason is not None):
-                raise RuntimeError(f"domain {self.domid} {d.state} instead of suspending")
-            if time.monotonic() > end:
-                with contextlib.suppress(Exception):
-                    self._xs().write(ctl, "")
-                raise RuntimeError(f"the guest did not suspend within {timeout:g} s (it must act on "
-                                   "control/shutdown = \"suspend\"); it keeps running")
-            time.sleep(0.0002)  # (the downtime runs: a fine poll)
+        try:
+            self.suspend_via = SV.suspend_guest(d, timeout, chan, self._ask_suspend)
+        except SV.SaveError as e:
+            raise RuntimeError(str(e)) from None
         self.out_stamps.append(("suspended", time.monotonic()))
 
     def _migrate_out(self, rid: object, msg: dict[str, Any]) -> None:
@@ -459,6 +511,7 @@ class DomainProcess:
         commit: dict[str, float] = {}
         rounds: list[dict[str, Any]] = []
         remote = -1
+        chan: Any = None  # the guest's suspend event channel, bound
         go_sent = False  # after "go" a failure leaves the domain's state undefined (xl's failed_badly)
         self.out_stamps = []
         self.go_sent = False
@@ -500,6 +553,7 @@ class DomainProcess:
                 if key in msg:
                     setattr(pol, key, type(getattr(pol, key))(msg[key]))
             timeout = float(msg.get("suspend_timeout", 10))
+            chan = self._suspend_channel()
 
             def on_round(r: live.RoundStat) -> None:
                 rounds.append(dataclasses.asdict(r))
@@ -509,7 +563,7 @@ class DomainProcess:
 
             def suspend() -> None:
                 gil.enter_context(short_gil_slices())  # until the commitment is over
-                self._suspend_for_migration(timeout)
+                self._suspend_for_migration(timeout, chan)
             with gil:
                 st = live.send_live(d, wfile, suspend, pol, on_round=on_round, header_sent=True,
                                     wait_applied=lambda n: P.wait_applied(rfd, n, 300))
@@ -522,6 +576,8 @@ class DomainProcess:
                                                         e.strerror else str(e))
             from .. import abi
             go_sent = go_sent or self.go_sent
+            if chan is not None and not chan.late:  # (a failure before the suspend)
+                chan.release()
             suspended = d.shutdown_reason == abi.SHUTDOWN_suspend
             note = "it keeps running"
             if go_sent and suspended:
@@ -552,6 +608,8 @@ class DomainProcess:
             t0 = self.out_stamps[0][1]
             d.log(f"migrated out, from the suspend request (monotonic {t0:.6f}): " + ", ".join(
                 f"{what} {(t - t0) * 1000:.1f} ms" for what, t in self.out_stamps), always=True)
+            d.log("migration: suspend asked through " + ("control/shutdown" if self.suspend_via ==
+                  "xenstore" else "the guest's suspend event channel"), always=True)
         stats = st.as_dict()
         stats["rounds"] = rounds
         stats["commitment"] = commit
@@ -580,6 +638,11 @@ class DomainProcess:
                            "end_to_report_ms": (time.monotonic() - t_end) * 1000}
         if rc:
             raise P.ProtocolError(f"the destination could not unpause the domain ({rc})")
+        # committed: the domain runs there and this process only tears down
+        # (replies, then the daemon's destroy: KVM and 128+ MiB freed, TAPs
+        # removed), which must not compete with the guest's resume there
+        # (on the same CPUs when both hosts share a machine)
+        background_priority()
 
     @staticmethod
     def _close_channel(conn: Any, proc: Any) -> None:

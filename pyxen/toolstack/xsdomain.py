@@ -68,6 +68,9 @@ def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: 
     for node in ("shutdown", "feature-poweroff", "feature-reboot", "feature-suspend", "sysrq"):
         xsd.write(f"{dp}/control/{node}", "")
         xsd.set_perms(f"{dp}/control/{node}", rw)
+    # the guest may advertise its suspend event channel here (libxl_create.c)
+    xsd.write(f"{dp}/device/suspend/event-channel", "")
+    xsd.set_perms(f"{dp}/device/suspend/event-channel", rw)
 
 
 def _write_device(xsd: Xenstored, domid: int, be: str, be_vals: dict[str, str], fe: str,
