@@ -368,7 +368,11 @@ def cmd_migrate(h: Host, a: argparse.Namespace) -> int:
           f"in {float(st.get('seconds') or 0):.2f} s, {len(rounds)} rounds "
           f"({st.get('stop_reason')}), stop-and-copy {float(st.get('downtime_seconds') or 0) * 1000:.1f} ms; "
           f"domain {r.get('remote_domid')} on the destination", file=sys.stderr)
-    return 0
+    # as migrate-receive: the guest is resuming on the destination, maybe on
+    # these CPUs; this interpreter's shutdown would compete with it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def cmd_migrate_receive(h: Host, a: argparse.Namespace) -> int:
