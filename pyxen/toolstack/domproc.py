@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import selectors
@@ -990,11 +991,14 @@ def tap_root_qdisc(ifname: str, kind: str = "pfifo_fast") -> None:
     still chosen per flow (its queue mapping is set before the qdisc), so
     netback's queues are served as before.  With it, the TAP comes up in
     ~0.1 ms.  Raises OSError (the kernel's errno) on failure."""
+    try:
+        index = socket.if_nametoindex(ifname)
+    except OSError:
+        raise OSError(errno.ENODEV, f"{ifname}: no such interface") from None
     k = kind.encode() + b"\0"
     attr = struct.pack("HH", 4 + len(k), _TCA_KIND) + k
     attr += bytes(-len(attr) % 4)
-    body = struct.pack("BBHiIII", socket.AF_UNSPEC, 0, 0, socket.if_nametoindex(ifname), 0,
-                       _TC_H_ROOT, 0) + attr
+    body = struct.pack("BBHiIII", socket.AF_UNSPEC, 0, 0, index, 0, _TC_H_ROOT, 0) + attr
     msg = struct.pack("IHHII", 16 + len(body), _RTM_NEWQDISC,
                       _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE, 1, 0) + body
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
