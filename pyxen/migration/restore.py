@@ -44,12 +44,25 @@ Progress = Callable[[int, int, int], None]  # pages done, pages in all, bytes re
 _ZERO_PAGE = bytes(S.PAGE_SIZE)
 _ZEROS = bytes(S.MAX_BATCH_SIZE * S.PAGE_SIZE)  # a record's longest run (memcmp via startswith)
 _INVALID_M2P = (1 << 64) - 1  # INVALID_M2P_ENTRY: what a fresh domain's M2P holds
-_NONZERO_RUN = re.compile(b"[^\\x00]+")
-_POPULATED_RUN = re.compile(b"\\x01+")
-_FREE_RUN = re.compile(b"\\x00+")
+# one literal byte: sre finds it at C speed (memchr), where a character class
+# ([^\\x00]) or a repeat (\\x01+) steps byte by byte: 0.2-0.4 ms over a 128 MiB
+# domain's 32768 pfns, in the downtime
 _ONE = re.compile(b"\\x01")
 _NONZERO_TO_ONE = bytes([0] + [1] * 255)
 _ZERO_TO_ONE = bytes([1] + [0] * 255)
+
+
+def _runs(b: bytes, v: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """The runs [start, end) of the byte ``v`` (0 or 1) in ``b[lo:hi]``, a
+    bytemap of 0s and 1s, found with bytes.find (memchr)."""
+    other = v ^ 1
+    i = b.find(v, lo, hi)
+    while i >= 0:
+        j = b.find(other, i, hi)
+        if j < 0:
+            j = hi
+        yield i, j
+        i = b.find(v, j, hi)
 
 
 class PfnSet:
@@ -77,7 +90,8 @@ class PfnSet:
 
     def runs(self) -> list[tuple[int, int]]:
         """(first pfn, count) of each run of populated pfns."""
-        return [(m.start(), m.end() - m.start()) for m in re.finditer(b"\x01+", self.b)]
+        b = bytes(self.b)
+        return [(i, j - i) for i, j in _runs(b, 1, 0, len(b))]
 
     def missing(self) -> set[int]:
         return {m.start() for m in re.finditer(b"\x00", self.b)}
@@ -187,11 +201,11 @@ class _Restorer:
         elif cur != old:
             changed = (int.from_bytes(cur, "little") ^ int.from_bytes(old, "little")).to_bytes(
                 len(cur), "little")
-            for c in _NONZERO_RUN.finditer(changed):
-                for r in _POPULATED_RUN.finditer(cur, c.start(), c.end()):
-                    m.set_m2p_range(r.start() + M.MFN_BASE, r.start(), r.end() - r.start())
-                for r in _FREE_RUN.finditer(cur, c.start(), c.end()):
-                    for pfn in range(r.start(), r.end()):
+            for a, b in _runs(changed, 1, 0, len(changed)):  # (bytes 0/1: the XOR too)
+                for p, q in _runs(cur, 1, a, b):
+                    m.set_m2p_range(p + M.MFN_BASE, p, q - p)
+                for p, q in _runs(cur, 0, a, b):
+                    for pfn in range(p, q):
                         m.set_m2p(pfn + M.MFN_BASE, _INVALID_M2P)
         self.m2p_seen = cur
 
@@ -579,7 +593,8 @@ def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None =
                  round_end: Callable[[int], None] | None = None) -> RestoreStats:
     """Apply the libxc records in ``items`` to the new, not yet started domain ``d``.
     ``stamp``: told "tail" at the first record after the pages (a migration's
-    downtime breakdown) and "complete" once the domain is built."""
+    downtime breakdown), "END read" at the END record and "complete" once the
+    domain is built."""
     t0 = time.monotonic()
     r = _Restorer(d, progress)
     r.round_end = round_end
@@ -593,6 +608,8 @@ def restore_into(d: Domain, items: Iterator[S.Item], progress: Progress | None =
             tail = True
             stamp("tail")
         if r.item(it):
+            if stamp:
+                stamp("END read")
             r.complete()
             done = True
             if stamp:
