@@ -75,6 +75,8 @@ class Record:
     reserved: threading.Event = field(default_factory=threading.Event)  # an incoming migration's
     busy: str = ""  # a save or migration under way: no second one meanwhile
     prepared: bool = False  # an incoming migration's entries were written at the reservation
+    # an incoming migration's "start", sent by the connection's reader at "ready" (its reply's event)
+    start_sent: threading.Event | None = None
 
 
 class Daemon:
@@ -280,6 +282,21 @@ class Daemon:
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
 
+    def _start_incoming(self, rec: Record) -> None:
+        """An incoming migration's domain process said "ready" (its stream is
+        applied): the rings' nodes written and "start" sent from here, the
+        connection's reader, in the downtime, rather than after waking
+        ``_finish_incoming``'s thread; that thread waits for the reply."""
+        self._introduce_rings(rec)
+        ev = threading.Event()
+        rec.pending[id(ev)] = ev
+        with rec.send_lock:
+            try:
+                rec.conn.send({"op": "start", "id": id(ev), "paused": True})  # type: ignore[union-attr]
+            except OSError:
+                pass  # the process is gone: _domain_gone answers the waiter
+        rec.start_sent = ev
+
     def _finish_incoming(self, rec: Record) -> None:
         """An incoming migration's domain once its stream ended (the domain
         process's "ready"): its xenstore entries, then "start" paused; the
@@ -294,12 +311,19 @@ class Daemon:
             self._kill(rec)
             self.log(f"incoming domain {rec.domid} ({rec.name}) failed: {rec.error}")
             return
-        if rec.prepared:
-            self._introduce_rings(rec)
-        else:
-            self._introduce(rec)
         try:
-            self.request(rec, "start", timeout=30, paused=True)
+            ev = rec.start_sent
+            if ev is None:  # (not prepared at the reservation: everything now)
+                self._introduce(rec)
+                self.request(rec, "start", timeout=30, paused=True)
+            else:
+                rid = id(ev)
+                if not ev.wait(30):
+                    rec.pending.pop(rid, None)
+                    raise TimeoutError(f"domain {rec.domid} did not answer 'start'")
+                reply = rec.pending.pop(rid)
+                if not reply.get("ok"):
+                    raise RuntimeError(reply.get("error", "failed"))
         except (RuntimeError, TimeoutError, OSError) as e:
             self.log(f"incoming domain {rec.domid} ({rec.name}): start failed: {e}")
             self.destroy(rec)
@@ -481,6 +505,8 @@ class Daemon:
             rec.memfd = validate.integer("memfd", msg.get("memfd", -1), -1, 1 << 20)
             rec.max_pages = validate.integer("max_pages", msg.get("max_pages", 0), 0, 1 << 40)
             rec.state = "running"
+            if rec.prepared and rec.start_sent is None and rec.conn is not None:  # incoming
+                self._start_incoming(rec)
             rec.ready.set()
         elif kind == "error":
             rec.error = str(msg.get("error"))[:4000]
