@@ -542,7 +542,8 @@ class NetBack:
         vals["state"] = str(N.STATE_INITWAIT)
         self.state = N.STATE_INITWAIT
         xs.write_many({f"{be}/{k}": v for k, v in vals.items()},
-                      watch=(f"{self.fe}/state", self.token, self._on_frontend))
+                      watch=(f"{self.fe}/state", self.token, self._on_frontend),
+                      inline=self._on_frontend_inline)
         self.thread = threading.Thread(target=self._service, name=f"netback-{self.devid}", daemon=True)
         self.thread.start()
 
@@ -591,7 +592,7 @@ class NetBack:
         """A new xenstore connection (the daemon restarted): watch again."""
         with self.lock:
             self.xs = xs
-        xs.watch(f"{self.fe}/state", self.token, self._on_frontend)
+        xs.watch(f"{self.fe}/state", self.token, self._on_frontend, inline=self._on_frontend_inline)
 
     def _switch(self, state: int) -> None:
         self.state = state
@@ -624,6 +625,20 @@ class NetBack:
                 + [f"{b}/{k}" for b in bases for k in QUEUE_KEY_NODES]
                 + [f"{fe}/{k}" for k in ("request-rx-copy",) + _FE_FEATURES]
                 + [f"{self.be}/rate"])
+
+    def _on_frontend_inline(self, path: str, token: str) -> bool:
+        """The frontend's state changed, on the xenstore client's reader thread
+        (XsClient's inline callbacks): a migrated guest's connect then costs no
+        thread hand-over per round trip.  Only if the state machine is free:
+        whoever holds it may be waiting for the store, whose replies this
+        thread reads; then the dispatcher runs it (False)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            self._on_frontend(path, token)
+        finally:
+            self.lock.release()
+        return True
 
     def _on_frontend(self, path: str, token: str) -> None:
         try:
