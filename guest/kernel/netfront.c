@@ -584,6 +584,10 @@ static int fast_reconnect(struct netfront_dev *d)
         d->fe_state = XenbusStateInitialising;
         return rc;
     }
+    /* A sender woken by the early connection (a heartbeat that came due
+     * while we were away) queues now, while the backend reads our keys,
+     * rather than after our next round trip. */
+    schedule();
     memcpy(d->mac, m, 6);
     changed = strcmp(be, d->backend) != 0;
     strncpy_z(d->backend, be, sizeof(d->backend));
