@@ -24,6 +24,7 @@ static unsigned int nr_entries;
 static unsigned int mapped;
 static unsigned int hi_ref;
 static unsigned long resume_mfns[GNTTAB_MAX_FRAMES];  /* setup_table's frames, for the rest */
+static unsigned int resumed_mapped;     /* for gnttab_resume_report */
 static int map_rest(void);
 
 /* Free refs: a stack (refs below GNTTAB_NR_RESERVED_ENTRIES never enter it). */
@@ -380,7 +381,16 @@ void gnttab_resume(int restored)
         return;
     }
     mapped = need;
-    if (restored)
+    resumed_mapped = restored ? need : 0;
+}
+
+/* The resume's log line, said late (xenbus_resume, after the drivers'
+ * reconnect): a console write is an exit and the console backend's work,
+ * while the network is still down. */
+void gnttab_resume_report(void)
+{
+    if (resumed_mapped)
         printk("pyxen-guest: gnttab: %u frames set up again, %u mapped (grants before the save "
-               "are gone)\n", nr_frames, need);
+               "are gone)\n", nr_frames, resumed_mapped);
+    resumed_mapped = 0;
 }

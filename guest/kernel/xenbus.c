@@ -19,6 +19,7 @@
  */
 #include "xenbus.h"
 #include "events.h"
+#include "gnttab.h"
 #include "hypercall.h"
 #include "mm.h"
 #include "sched.h"
@@ -1092,12 +1093,15 @@ void xenbus_resume(void)
         xb_broken("cannot bind the store's channel after resume");
         return;
     }
-    notify_remote_via_evtchn(store_port);   /* anything already in the ring */
-    if (xb_state == XB_PROBING)
+    if (xb_state == XB_PROBING) {
+        notify_remote_via_evtchn(store_port);   /* anything already in the ring */
         return;                             /* the probe goes on, on the new port */
+    }
     /* Drivers told of the resume (netfront_resume) reconnect first: their
-     * round trips are the network's downtime, ours below are not. */
+     * round trips are the network's downtime, ours below are not (and their
+     * first request tells the store to look at the ring, as this would). */
     schedule();
+    notify_remote_via_evtchn(store_port);   /* anything already in the ring */
     /* Every watch and feature in one round trip (xenbus_batch): a migrated
      * domain's drivers wait for these watches' first events to reconnect. */
     n = 0;
@@ -1118,4 +1122,5 @@ void xenbus_resume(void)
                    ops[i].type == XS_WATCH ? ops[i].w->path : ops[i].path,
                    xenbus_strerror(ops[i].rc));
     printk("pyxen-guest: xenbus: reconnected (port %u)\n", store_port);
+    gnttab_resume_report();
 }
