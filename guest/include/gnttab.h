@@ -182,6 +182,7 @@ static inline long HYPERVISOR_grant_table_op(unsigned int cmd, void *uop, unsign
 void gnttab_init(void);
 void gnttab_suspend(void);              /* unmap the table frames */
 void gnttab_resume(int restored);       /* map them again (set up anew if restored) */
+void gnttab_resume_report(void);        /* its log line, once the drivers have reconnected */
 int  gnttab_ready(void);            /* initialises if needed; 1 = usable */
 unsigned int gnttab_nr_frames(void);        /* frames set up (0 = none) */
 unsigned int gnttab_max_frames(void);       /* query_size's max_nr_frames */

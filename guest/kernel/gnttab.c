@@ -17,6 +17,15 @@
 static struct grant_entry_v1 *table;
 static unsigned int nr_frames, max_frames;
 static unsigned int nr_entries;
+/* Frames mapped now: all of them, but for a while after a suspend, when only
+ * those that hold a ref ever handed out are (gnttab_resume); the others are
+ * mapped when a ref of theirs is first needed (get_free_ref).  hi_ref: the
+ * highest ref ever handed out. */
+static unsigned int mapped;
+static unsigned int hi_ref;
+static unsigned long resume_mfns[GNTTAB_MAX_FRAMES];  /* setup_table's frames, for the rest */
+static unsigned int resumed_mapped;     /* for gnttab_resume_report */
+static int map_rest(void);
 
 /* Free refs: a stack (refs below GNTTAB_NR_RESERVED_ENTRIES never enter it). */
 static uint16_t free_refs[MAX_ENTRIES];
@@ -93,6 +102,7 @@ void gnttab_init(void)
     }
 
     nr_entries = nr_frames * ENTRIES_PER_FRAME;
+    mapped = nr_frames;
     nr_free = 0;
     /* Push high refs first so low refs come out first. */
     for (unsigned int r = nr_entries; r-- > GNTTAB_NR_RESERVED_ENTRIES; )
@@ -106,6 +116,16 @@ static int get_free_ref(void)
 {
     unsigned long flags = irq_save();
     int ref = nr_free ? free_refs[--nr_free] : -XEN_ENOSPC;
+
+    /* Refs come out low first, and those freed go back on top: a ref in a
+     * frame not mapped again since the suspend comes out only once every
+     * ref below it is in use. */
+    if (ref >= 0 && (unsigned int)ref >= mapped * ENTRIES_PER_FRAME && map_rest()) {
+        free_refs[nr_free++] = (uint16_t)ref;
+        ref = -XEN_ENOSPC;
+    }
+    if (ref >= 0 && (unsigned int)ref > hi_ref)
+        hi_ref = (unsigned int)ref;
     irq_restore(flags);
     return ref;
 }
@@ -148,8 +168,8 @@ int gnttab_end_access(grant_ref_t ref)
 
     if (!table)
         return -XEN_ENOSYS;
-    if (ref < GNTTAB_NR_RESERVED_ENTRIES || ref >= nr_entries)
-        return -XEN_EINVAL;
+    if (ref < GNTTAB_NR_RESERVED_ENTRIES || ref >= nr_entries || ref >= mapped * ENTRIES_PER_FRAME)
+        return -XEN_EINVAL;     /* (never handed out: its frame is not mapped) */
     fp = &table[ref].flags;
     /* Guess the common value rather than load it first (the backend's CPU
      * just had the line): a wrong guess loads the real value for the loop. */
@@ -263,32 +283,63 @@ void gnttab_free_map_area(void *va, unsigned long n)
  * gone with the old table (frontends grant again when they reconnect).
  */
 /*
- * The table's nr_frames mappings changed with one multicall (as Linux's
- * xen_mc batches do): one trap into the hypervisor instead of nr_frames,
- * which a suspend and a resume both pay while the domain is stopped (a
- * migration's downtime).  mfns[i] is the frame to map at frame i.  Returns
- * the index of the first entry that failed, or -1.
+ * The table's mappings of frames [from, to) changed with one multicall (as
+ * Linux's xen_mc batches do): one trap into the hypervisor instead of one
+ * per frame, which a suspend and a resume both pay while the domain is
+ * stopped (a migration's downtime).  mfns[i] is the frame to map at frame
+ * i.  Returns the index of the first entry that failed, or -1.
  */
-static int remap_frames(const unsigned long *mfns)
+static int remap_frames(const unsigned long *mfns, unsigned int from, unsigned int to)
 {
     static struct multicall_entry mc[GNTTAB_MAX_FRAMES];
     char *va = (char *)table;
+    unsigned int n = 0;
 
-    for (unsigned int i = 0; i < nr_frames; i++) {
-        mc[i].op = __HYPERVISOR_update_va_mapping;
-        mc[i].result = 0;
-        mc[i].args[0] = (unsigned long)va + i * PAGE_SIZE;
-        mc[i].args[1] = (mfns[i] << PAGE_SHIFT) | PTE_KERNEL_RW;
-        mc[i].args[2] = UVMF_INVLPG;
+    for (unsigned int i = from; i < to; i++, n++) {
+        mc[n].op = __HYPERVISOR_update_va_mapping;
+        mc[n].result = 0;
+        mc[n].args[0] = (unsigned long)va + i * PAGE_SIZE;
+        mc[n].args[1] = (mfns[i] << PAGE_SHIFT) | PTE_KERNEL_RW;
+        mc[n].args[2] = UVMF_INVLPG;
     }
-    if (HYPERVISOR_multicall(mc, nr_frames))
-        return 0;
-    for (unsigned int i = 0; i < nr_frames; i++)
+    if (!n)
+        return -1;
+    if (HYPERVISOR_multicall(mc, n))
+        return (int)from;
+    for (unsigned int i = 0; i < n; i++)
         if (mc[i].result)
-            return (int)i;
+            return (int)(from + i);
     return -1;
 }
 
+/* Events masked.  The frames a resume left unmapped: 0, or -1 (the table is then unusable). */
+static int map_rest(void)
+{
+    int bad;
+
+    if (mapped >= nr_frames)
+        return 0;
+    bad = remap_frames(resume_mfns, mapped, nr_frames);
+    if (bad >= 0) {
+        early_printk("gnttab: mapping frame %d failed\n", bad);
+        return -1;
+    }
+    mapped = nr_frames;
+    return 0;
+}
+
+/*
+ * Suspend/resume (main.c kernel_suspend), as Linux's gnttab_suspend and
+ * gnttab_resume: the table's frames are Xen's, not the domain's RAM, so they
+ * are unmapped before the save (our pages under them come back) and mapped
+ * again after.  A restored domain's table is a new, empty one: it is set up
+ * again with the same number of frames; grants made before the save are
+ * gone with the old table (frontends grant again when they reconnect).
+ * Only the frames that hold a ref ever handed out are mapped at the resume
+ * (usually the first one or two of 32), the others when a ref of theirs is
+ * first needed: both the suspend's unmapping and the resume's mapping run
+ * while the domain is stopped, a frame's update_va_mapping each.
+ */
 void gnttab_suspend(void)
 {
     unsigned long mfns[GNTTAB_MAX_FRAMES];
@@ -297,24 +348,25 @@ void gnttab_suspend(void)
 
     if (!table)
         return;
-    for (unsigned int i = 0; i < nr_frames; i++)
+    for (unsigned int i = 0; i < mapped; i++)
         mfns[i] = pfn_to_mfn(virt_to_pfn(va + i * PAGE_SIZE));
-    bad = remap_frames(mfns);
+    bad = remap_frames(mfns, 0, mapped);
     if (bad >= 0)
         early_printk("gnttab: suspend: unmapping frame %d failed\n", bad);
 }
 
 void gnttab_resume(int restored)
 {
-    unsigned long frames[GNTTAB_MAX_FRAMES];
     struct gnttab_setup_table st = {
-        .dom = DOMID_SELF, .nr_frames = nr_frames, .frame_list = frames,
+        .dom = DOMID_SELF, .nr_frames = nr_frames, .frame_list = resume_mfns,
     };
+    unsigned int need = MIN(nr_frames, hi_ref / ENTRIES_PER_FRAME + 1);
     long rc;
+    int bad;
 
     if (!table)
         return;
-    memset(frames, 0, sizeof(frames));
+    memset(resume_mfns, 0, sizeof(resume_mfns));
     rc = HYPERVISOR_grant_table_op(GNTTABOP_setup_table, &st, 1);
     if (rc < 0 || st.status != GNTST_okay) {
         printk("pyxen-guest: gnttab: resume: setup_table(%u) failed rc=%ld status=%d\n",
@@ -322,15 +374,23 @@ void gnttab_resume(int restored)
         table = NULL;
         return;
     }
-    {
-        int bad = remap_frames(frames);
-        if (bad >= 0) {
-            printk("pyxen-guest: gnttab: resume: mapping frame %d failed\n", bad);
-            table = NULL;
-            return;
-        }
+    bad = remap_frames(resume_mfns, 0, need);
+    if (bad >= 0) {
+        printk("pyxen-guest: gnttab: resume: mapping frame %d failed\n", bad);
+        table = NULL;
+        return;
     }
-    if (restored)
-        printk("pyxen-guest: gnttab: %u frames set up again (grants before the save are gone)\n",
-               nr_frames);
+    mapped = need;
+    resumed_mapped = restored ? need : 0;
+}
+
+/* The resume's log line, said late (xenbus_resume, after the drivers'
+ * reconnect): a console write is an exit and the console backend's work,
+ * while the network is still down. */
+void gnttab_resume_report(void)
+{
+    if (resumed_mapped)
+        printk("pyxen-guest: gnttab: %u frames set up again, %u mapped (grants before the save "
+               "are gone)\n", nr_frames, resumed_mapped);
+    resumed_mapped = 0;
 }

@@ -515,52 +515,84 @@ static int read_fe_store_state(struct netfront_dev *d)
  * the old rings, grants and channel went with the old domain, and the
  * toolstack wrote our device afresh (a new backend path, our state
  * Initialising, the backend's InitWait written before we were unpaused).
- * Reconnect in as few round trips to the store as the protocol allows
- * (each is a trip through the domain's relay to xenstored and back):
- * our device's nodes (1), the backend's state with its watch moved to the
- * new path (1), then the rings and buffers granted, the channel allocated
- * and keys plus Connected in one transaction (2).  Then the rings are used
- * at once ("early"): netif.h lets a frontend put requests on the ring
- * before the backend has connected, which serves them when it maps the
- * rings; our state being Connected is what it waits for.  0, or -errno:
- * the caller then goes the ordinary way (the watches drive it).
+ * The network is down until the backend serves our new rings, so what
+ * precedes the write of our state is only what the backend reads when it
+ * sees it (netif.h, Linux netfront's talk_to_netback): the rings granted,
+ * the channel allocated, the RX buffers posted, the keys.  All of it is
+ * ours to make without asking the store, but for the backend's domain (the
+ * grants name it): the one we had, which a restore keeps (the toolstack's
+ * backends are in domain 0), checked in the same round trip.  So:
+ *
+ *   1. rings, buffers and channel, granted to the old backend-id, then the
+ *      rings are used at once ("early": netif.h lets a frontend queue
+ *      requests before the backend connects, which serves them when it maps
+ *      the rings: a heartbeat sent now leaves at the backend's connect);
+ *   2. one round trip: backend, backend-id and mac read, then the keys and
+ *      state Connected written (the store answers in order: a backend woken
+ *      by our state finds the keys);
+ *   3. off the network's path: the watch moved to the new backend's state
+ *      and that state read, in one more round trip.
+ *
+ * A backend-id that changed (the grants name the wrong domain), a device
+ * gone, or a failed write undo it all (our nodes written for a device that
+ * is not there are removed).  0, or -errno: the caller then goes the
+ * ordinary way (the watches drive it).
  */
 static int fast_reconnect(struct netfront_dev *d)
 {
     char paths[3][64], bes_path[160], be[128], beid[16], mac[24], bes[16];
     struct xenbus_op ops[PUBLISH_OPS + 3];
     uint8_t m[6];
-    int rc, n = 0, state, changed, watch;
+    int rc, n, state, changed, watch;
+    unsigned long flags;
 
     teardown(d, 1);
     d->fe_state = XenbusStateInitialising;
     d->fatal = 0;
     d->early = 0;
-    snprintf(paths[0], sizeof(paths[0]), "%s/backend", d->node);
-    snprintf(paths[1], sizeof(paths[1]), "%s/backend-id", d->node);
-    snprintf(paths[2], sizeof(paths[2]), "%s/mac", d->node);
-    ops[0] = (struct xenbus_op){ .type = XS_READ, .path = paths[0], .out = be, .size = sizeof(be) };
-    ops[1] = (struct xenbus_op){ .type = XS_READ, .path = paths[1], .out = beid, .size = sizeof(beid) };
-    ops[2] = (struct xenbus_op){ .type = XS_READ, .path = paths[2], .out = mac, .size = sizeof(mac) };
-    rc = xenbus_batch(XBT_NIL, ops, 3);
-    if (rc < 0)
-        return rc;
-    if (netfront_parse_mac(mac, m) || !be[0] || !beid[0])
-        return -XEN_EINVAL;
-    memcpy(d->mac, m, 6);
-    changed = strcmp(be, d->backend) != 0;
-    strncpy_z(d->backend, be, sizeof(d->backend));
-    d->backend_id = (domid_t)simple_strtoul(beid, NULL, 10);
-
-    snprintf(bes_path, sizeof(bes_path), "%s/state", d->backend);
-    /* The rings before we know the backend's state: it was made (InitWait)
-     * before this domain was unpaused, and a backend that comes later reads
-     * our state when it starts, as netback's probe does. */
     rc = setup_rings(d);
     if (rc) {
         d->fatal = 1;
         return 0;               /* (setup_rings said why) */
     }
+    flags = irq_save();
+    d->early = 1;
+    d->connected = 1;           /* queue on the new rings from now on */
+    irq_restore(flags);
+    waitq_wake_all(&waiters);
+
+    snprintf(paths[0], sizeof(paths[0]), "%s/backend", d->node);
+    snprintf(paths[1], sizeof(paths[1]), "%s/backend-id", d->node);
+    snprintf(paths[2], sizeof(paths[2]), "%s/mac", d->node);
+    be[0] = beid[0] = mac[0] = '\0';
+    ops[0] = (struct xenbus_op){ .type = XS_READ, .path = paths[0], .out = be, .size = sizeof(be) };
+    ops[1] = (struct xenbus_op){ .type = XS_READ, .path = paths[1], .out = beid, .size = sizeof(beid) };
+    ops[2] = (struct xenbus_op){ .type = XS_READ, .path = paths[2], .out = mac, .size = sizeof(mac) };
+    rc = publish_connected(d, ops, 3);
+    if (ops[0].rc == -XEN_ENOENT) {
+        /* no device (any more): what we just wrote made nodes of it */
+        xenbus_rm(XBT_NIL, d->node);
+        rc = -XEN_ENOENT;
+    } else if (!rc && (netfront_parse_mac(mac, m) || !be[0] || !beid[0])) {
+        rc = -XEN_EINVAL;
+    } else if (!rc && (domid_t)simple_strtoul(beid, NULL, 10) != d->backend_id) {
+        rc = -XEN_EAGAIN;       /* granted to the wrong domain: the ordinary way */
+    }
+    if (rc) {
+        printk("netfront: vif%u: connecting: %s (%d)\n", d->devid, xenbus_strerror(rc), rc);
+        teardown(d, 0);
+        d->fe_state = XenbusStateInitialising;
+        return rc;
+    }
+    /* A sender woken by the early connection (a heartbeat that came due
+     * while we were away) queues now, while the backend reads our keys,
+     * rather than after our next round trip. */
+    schedule();
+    memcpy(d->mac, m, 6);
+    changed = strcmp(be, d->backend) != 0;
+    strncpy_z(d->backend, be, sizeof(d->backend));
+
+    snprintf(bes_path, sizeof(bes_path), "%s/state", d->backend);
     n = 0;
     if (changed || !d->be_watch_on) {
         if (d->be_watch_on)
@@ -572,25 +604,17 @@ static int fast_reconnect(struct netfront_dev *d)
     }
     watch = n;
     ops[n++] = (struct xenbus_op){ .type = XS_READ, .path = bes_path, .out = bes, .size = sizeof(bes) };
-    rc = publish_connected(d, ops, n);
+    xenbus_batch(XBT_NIL, ops, n);
     if (watch && !ops[watch - 1].rc)
         d->be_watch_on = 1;
-    if (rc) {
-        printk("netfront: vif%u: connecting: %s (%d)\n", d->devid, xenbus_strerror(rc), rc);
-        teardown(d, 0);
-        return rc;
-    }
+    printk("netfront: vif%u: tx-ring-ref %u rx-ring-ref %u event-channel %d, Connected (resumed)\n",
+           d->devid, d->tx_ref, d->rx_ref, d->port);
     state = ops[watch].rc >= 0 ? (int)simple_strtoul(bes, NULL, 10) : XenbusStateUnknown;
     if (state != d->be_state) {
         printk("netfront: vif%u: backend %s (frontend %s)\n", d->devid, xenbus_state_name(state),
-               xenbus_state_name(XenbusStateInitialising));
+               xenbus_state_name(XenbusStateConnected));
         d->be_state = state;
     }
-    printk("netfront: vif%u: tx-ring-ref %u rx-ring-ref %u event-channel %d, Connected (resumed)\n",
-           d->devid, d->tx_ref, d->rx_ref, d->port);
-    d->early = 1;
-    d->connected = 1;
-    waitq_wake_all(&waiters);
     return 0;
 }
 

@@ -5,8 +5,9 @@
  * Ring (io/xs_wire.h): two 1 KiB byte rings with free-running 32-bit
  * indices.  We produce requests at req[req_prod] and the store consumes at
  * req_cons; the store produces replies and watch events at rsp[rsp_prod]
- * and we consume at rsp_cons.  After moving an index we notify the store's
- * event channel; the store notifies us after moving its own.  Messages are
+ * and we consume at rsp_cons.  After producing requests we notify the
+ * store's event channel, after consuming replies only if the ring was full
+ * (as Linux's xb_read); the store notifies us after moving its own.  Messages are
  * a struct xsd_sockmsg header plus up to XENSTORE_PAYLOAD_MAX bytes, so a
  * message may be larger than the ring: both directions stream, and the
  * receiver keeps a partial message across events.
@@ -18,6 +19,7 @@
  */
 #include "xenbus.h"
 #include "events.h"
+#include "gnttab.h"
 #include "hypercall.h"
 #include "mm.h"
 #include "sched.h"
@@ -178,7 +180,7 @@ static void xb_deliver(void)
 
 static void xb_rx(void)
 {
-    XENSTORE_RING_IDX cons, prod;
+    XENSTORE_RING_IDX cons, prod, start;
 
     if (!ring || (xb_state != XB_READY && xb_state != XB_PROBING))
         return;
@@ -191,6 +193,7 @@ static void xb_rx(void)
     }
     if (cons == prod)
         return;
+    start = cons;
     while (cons != prod) {
         XENSTORE_RING_IDX avail = prod - cons;
         uint32_t off = MASK_XENSTORE_IDX(cons);
@@ -220,7 +223,15 @@ static void xb_rx(void)
     }
     mb();                               /* done reading before freeing the space */
     WRITE_ONCE(ring->rsp_cons, cons);
-    notify_remote_via_evtchn(store_port);
+    /* The store is told only when it may be waiting for the space: the ring
+     * was full when we started (Linux's xb_read).  A relay fills the ring as
+     * far as it can, so it has more only then; any other notification is an
+     * exit, and a wake-up on the other side, for nothing, and each reply of a
+     * restored domain's reconnect would pay one.  The barrier: the store sees
+     * the space before we look at its producer. */
+    mb();
+    if ((XENSTORE_RING_IDX)(READ_ONCE(ring->rsp_prod) - start) >= XENSTORE_RING_SIZE)
+        notify_remote_via_evtchn(store_port);
     waitq_wake_all(&waiters);
 }
 
@@ -1082,12 +1093,15 @@ void xenbus_resume(void)
         xb_broken("cannot bind the store's channel after resume");
         return;
     }
-    notify_remote_via_evtchn(store_port);   /* anything already in the ring */
-    if (xb_state == XB_PROBING)
+    if (xb_state == XB_PROBING) {
+        notify_remote_via_evtchn(store_port);   /* anything already in the ring */
         return;                             /* the probe goes on, on the new port */
+    }
     /* Drivers told of the resume (netfront_resume) reconnect first: their
-     * round trips are the network's downtime, ours below are not. */
+     * round trips are the network's downtime, ours below are not (and their
+     * first request tells the store to look at the ring, as this would). */
     schedule();
+    notify_remote_via_evtchn(store_port);   /* anything already in the ring */
     /* Every watch and feature in one round trip (xenbus_batch): a migrated
      * domain's drivers wait for these watches' first events to reconnect. */
     n = 0;
@@ -1108,4 +1122,5 @@ void xenbus_resume(void)
                    ops[i].type == XS_WATCH ? ops[i].w->path : ops[i].path,
                    xenbus_strerror(ops[i].rc));
     printk("pyxen-guest: xenbus: reconnected (port %u)\n", store_port);
+    gnttab_resume_report();
 }

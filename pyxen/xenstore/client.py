@@ -5,6 +5,17 @@ Requests are synchronous (one reply per request, matched by req_id); watch
 events go to callbacks on a dispatcher thread of their own, so a callback may
 itself make requests (the reader thread must stay free to read the replies).  Errors come back as
 :class:`XsError` carrying xenstored's error name ("ENOENT", "EACCES", ...).
+
+A watch may also have an *inline* callback, run by the reader thread itself
+as soon as the event is parsed; its requests are answered by that same thread
+reading the socket (:meth:`XsClient._pump`).  That saves two thread wake-ups
+per event (reader to dispatcher, and back for each reply), which a loaded
+host pays in GIL hand-overs: a migrated guest's netback connects on such an
+event, with the network down.  An inline callback must not wait for anything
+another client thread holds while it waits for the store (it would wait for
+a reply only this thread can read): it returns False instead, and the event
+goes to the dispatcher, as do events while earlier ones wait there (the order
+of events is kept).
 """
 
 from __future__ import annotations
@@ -12,14 +23,17 @@ from __future__ import annotations
 import functools
 import itertools
 import queue
+import select
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from .tree import XsError
 from .wire import HEADER, Op, Parser, encode, join
 
 WatchCallback = Callable[[str, str], None]  # (path, token)
+InlineCallback = Callable[[str, str], bool]  # (path, token) -> handled (False: to the dispatcher)
 
 
 class XsClient:
@@ -34,8 +48,11 @@ class XsClient:
         self.cond = threading.Condition()
         self.replies: dict[int, tuple[int, bytes]] = {}
         self.watches: dict[str, WatchCallback] = {}
+        self.inline: dict[str, InlineCallback] = {}  # run by the reader thread (module docstring)
         self.closed = False
         self.events: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.queued = 0  # events put for the dispatcher and not yet done (reader and dispatcher)
+        self.parser = Parser()  # the reader thread's only
         self.reader = threading.Thread(target=self._read_loop, name="xs-client", daemon=True)
         self.reader.start()
         self.dispatcher = threading.Thread(target=self._dispatch_loop, name="xs-watches", daemon=True)
@@ -53,9 +70,10 @@ class XsClient:
                     cb(path, token)
                 except Exception:  # noqa: BLE001 - a callback must not stop the others
                     pass
+            with self.cond:
+                self.queued -= 1
 
     def _read_loop(self) -> None:
-        parser = Parser()
         while True:
             try:
                 data = self.sock.recv(65536)
@@ -63,20 +81,64 @@ class XsClient:
                 data = b""
             if not data:
                 break
-            for m in parser.feed(data):
-                if m.type == Op.WATCH_EVENT:
-                    parts = m.payload.split(b"\0")
-                    if len(parts) >= 2:
-                        self.events.put((parts[0].decode(errors="replace"),
-                                         parts[1].decode(errors="replace")))
-                    continue
-                with self.cond:
-                    self.replies[m.req_id] = (m.type, m.payload)
-                    self.cond.notify_all()
+            self._feed(data, True)
         with self.cond:
             self.closed = True
             self.cond.notify_all()
         self.events.put(None)
+
+    def _feed(self, data: bytes, inline: bool) -> None:
+        """Replies to their waiters, watch events to their callbacks (reader
+        thread).  ``inline``: an inline callback may run here (not while one
+        runs already: its events wait for the dispatcher)."""
+        for m in self.parser.feed(data):
+            if m.type != Op.WATCH_EVENT:
+                with self.cond:
+                    self.replies[m.req_id] = (m.type, m.payload)
+                    self.cond.notify_all()
+                continue
+            parts = m.payload.split(b"\0")
+            if len(parts) < 2:
+                continue
+            ev = (parts[0].decode(errors="replace"), parts[1].decode(errors="replace"))
+            cb = self.inline.get(ev[1]) if inline else None
+            with self.cond:
+                if self.queued:
+                    cb = None  # earlier events still wait for the dispatcher: after them
+            if cb is not None:
+                try:
+                    if cb(*ev):
+                        continue
+                except Exception:  # noqa: BLE001 - as the dispatcher: the reader must go on
+                    continue
+            with self.cond:
+                self.queued += 1
+            self.events.put(ev)
+
+    def _pump(self, rids: list[int]) -> None:
+        """The reader thread, in an inline callback, waiting for replies: it
+        reads the socket itself (nobody else does meanwhile)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self.cond:
+                if self.closed or all(r in self.replies for r in rids):
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return  # (pipeline says EIO)
+            try:
+                r, _, _ = select.select([self.sock], [], [], left)
+                data = self.sock.recv(65536) if r else None
+            except (OSError, ValueError):
+                data = b""
+            if data is None:
+                continue
+            if not data:  # closed: the read loop finds it so too, and ends
+                with self.cond:
+                    self.closed = True
+                    self.cond.notify_all()
+                return
+            self._feed(data, False)
 
     def request(self, op: int, payload: bytes, tx: int = 0) -> bytes:
         r = self.pipeline([(op, payload)], tx)[0]
@@ -97,10 +159,14 @@ class XsClient:
         data = b"".join(encode(op, payload, rid, tx) for (op, payload), rid in zip(reqs, rids, strict=True))
         with self.lock:
             self.sock.sendall(data)
+        wait = self.timeout
+        if threading.current_thread() is self.reader:
+            self._pump(rids)  # an inline callback's requests: nobody else reads the replies
+            wait = 0.0
         out: list[bytes | XsError] = []
         with self.cond:
             for rid in rids:
-                if not self.cond.wait_for(functools.partial(self._answered, rid), self.timeout):
+                if not self.cond.wait_for(functools.partial(self._answered, rid), wait):
                     raise XsError("EIO", "xenstored did not answer")
                 if rid not in self.replies:
                     raise XsError("EIO", "connection to xenstored closed")
@@ -113,14 +179,16 @@ class XsClient:
         return rid in self.replies or self.closed
 
     def write_many(self, values: dict[str, str], tx: int = 0,
-                   watch: tuple[str, str, WatchCallback] | None = None) -> None:
+                   watch: tuple[str, str, WatchCallback] | None = None,
+                   inline: InlineCallback | None = None) -> None:
         """Write each path's value, pipelined (:meth:`pipeline`), in the
         dict's order (a watcher of the last one sees the others written),
-        and then set ``watch`` (path, token, callback) in the same round
-        trip; the first error is raised once all have been answered."""
+        and then set ``watch`` (path, token, callback; ``inline``: as
+        :meth:`watch`) in the same round trip; the first error is raised
+        once all have been answered."""
         reqs = [(int(Op.WRITE), p.encode() + b"\0" + v.encode()) for p, v in values.items()]
         if watch is not None:
-            self.watches[watch[1]] = watch[2]
+            self._set_callbacks(watch[1], watch[2], inline)
             reqs.append((int(Op.WATCH), join(watch[0], watch[1])))
         res = self.pipeline(reqs, tx)
         for r in res:
@@ -168,12 +236,22 @@ class XsClient:
     def set_perms(self, path: str, perms: list[str], tx: int = 0) -> None:
         self.request(Op.SET_PERMS, join(path, *perms), tx)
 
-    def watch(self, path: str, token: str, cb: WatchCallback) -> None:
+    def _set_callbacks(self, token: str, cb: WatchCallback, inline: InlineCallback | None) -> None:
         self.watches[token] = cb
+        if inline is not None:
+            self.inline[token] = inline
+        else:
+            self.inline.pop(token, None)
+
+    def watch(self, path: str, token: str, cb: WatchCallback, inline: InlineCallback | None = None) -> None:
+        """Watch ``path``: ``cb`` runs on the dispatcher thread; ``inline``, if
+        given, first tries on the reader thread (module docstring)."""
+        self._set_callbacks(token, cb, inline)
         self.request(Op.WATCH, join(path, token))
 
     def unwatch(self, path: str, token: str) -> None:
         self.watches.pop(token, None)
+        self.inline.pop(token, None)
         try:
             self.request(Op.UNWATCH, join(path, token))
         except XsError:

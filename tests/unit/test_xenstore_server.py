@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 from pyxen.xenstore import wire
@@ -107,5 +108,63 @@ def test_client_pipeline_and_write_many(tmp_path: Path) -> None:
             else:
                 raise AssertionError("an invalid path was written")
             assert c.read("/p/d") == "4"        # the ones after the bad one were still sent
+        finally:
+            c.close()
+
+
+def test_client_inline_watch_callbacks(tmp_path: Path) -> None:
+    """XsClient inline callbacks: run by the reader thread, their own requests
+    answered there (no dispatcher, no thread waiting for the reader); one that
+    declines (False) goes to the dispatcher's callback, and while that one
+    runs, later events of any watch wait behind it (their order kept)."""
+    import queue as _queue
+    import threading
+
+    from pyxen.xenstore.client import XsClient
+    sock = tmp_path / "xs.sock"
+    with XenstoreServer(sock, tmp_path / "state.json", flush_delay=0):
+        c = XsClient(str(sock))
+        try:
+            seen: _queue.Queue[tuple[str, str, str]] = _queue.Queue()
+            decline = threading.Event()
+            release = threading.Event()
+
+            def inline(path: str, token: str) -> bool:
+                if decline.is_set():
+                    return False
+                # requests from the reader thread itself: answered by it
+                v = c.read_many(["/w/state", "/w/key"])
+                c.write("/w/seen", v["/w/state"] or "")
+                seen.put(("inline", threading.current_thread().name, v["/w/key"] or ""))
+                return True
+
+            def slow(path: str, token: str) -> None:
+                seen.put(("dispatcher", threading.current_thread().name, c.read("/w/state")))
+                release.wait(10)
+
+            c.write_many({"/w/key": "k0", "/w/state": "1"})
+            c.watch("/w/state", "tok", slow, inline=inline)
+            first = seen.get(timeout=10)  # a new watch fires once
+            assert first == ("inline", "xs-client", "k0")
+            c.write_many({"/w/key": "k1", "/w/state": "4"})
+            assert seen.get(timeout=10) == ("inline", "xs-client", "k1")
+            assert c.read("/w/seen") == "4"
+            decline.set()
+            c.write("/w/state", "5")
+            assert seen.get(timeout=10) == ("dispatcher", "xs-watches", "5")
+            decline.clear()
+            c.write("/w/state", "6")  # the dispatcher is still busy: this one queues behind
+            assert c.read("/w/state") == "6"  # (the reader is not blocked meanwhile)
+            assert seen.empty()
+            release.set()
+            assert seen.get(timeout=10)[0] == "dispatcher"
+            for _ in range(1000):  # the dispatcher done with it
+                if not c.queued:
+                    break
+                time.sleep(0.01)
+            c.write("/w/state", "7")  # the dispatcher idle again: inline once more
+            assert seen.get(timeout=10)[:2] == ("inline", "xs-client")
+            c.unwatch("/w/state", "tok")
+            assert "tok" not in c.inline and "tok" not in c.watches
         finally:
             c.close()
