@@ -309,13 +309,20 @@ class _Restorer:
         sent) or of zero pages is not written into fresh memory, so it is
         never allocated; page tables, and pages over the tables validated
         during a live round, go one by one."""
-        pfns = S.PageData.unpack_header(body, self.max_pfn)
-        mv = memoryview(body)
-        off = 8 + 8 * len(pfns)
         ft = self.d.ft
         ftype, fcount = ft.type, ft.count
         pv = self.prevalidated
         base = M.MFN_BASE - ft.mfn_base
+        u = S.PageData.uniform_run(body, self.max_pfn)
+        if u is not None and u[1] in (S.PageType.NOTAB, S.PageType.XALLOC) and not (
+                pv and any(fcount[base + u[0]:base + u[0] + u[2]])):
+            # one run of ordinary or XALLOC pages (most records): no entry-by-entry walk
+            pfn, t, n = u
+            self._run(None if t == S.PageType.XALLOC else memoryview(body), pfn, 8 + 8 * n, n)
+            return
+        pfns = S.PageData.unpack_header(body, self.max_pfn)
+        mv = memoryview(body)
+        off = 8 + 8 * len(pfns)
         run_pfn, run_off, run_n, run_zero = -1, 0, 0, False
         notab, xalloc = S.PageType.NOTAB, S.PageType.XALLOC
         for pfn, t in pfns:
@@ -358,8 +365,10 @@ class _Restorer:
         else:
             ram[pfn << 12:(pfn + n) << 12] = data
         seen.add_range(pfn, n)
-        if types:
-            for p in range(pfn, pfn + n):
+        if types:  # the page tables among them are ordinary pages now
+            gone = range(pfn, pfn + n) if n <= len(types) + len(pins) else [
+                p for p in (*types, *pins) if pfn <= p < pfn + n]
+            for p in gone:
                 types.pop(p, None)
                 pins.pop(p, None)
         if self.xtab:

