@@ -526,10 +526,16 @@ class Daemon:
         elif kind == "log":
             self.log(str(msg.get("line"))[:4000])
         elif kind == "state":
+            was = rec.state
             rec.state = validate.string("state", msg.get("state"), 32)
             reason = msg.get("reason")
             rec.reason = None if reason is None else validate.string("reason", reason, 32)
             rec.crash = str(msg.get("crash") or "")[:8000]
+            if was == "shutdown" and rec.state in ("running", "blocked", "paused"):
+                # it runs again after a suspend (a checkpoint, a failed save or
+                # migration, a suspend that came after its request had timed
+                # out): its next shutdown fires @releaseDomain again
+                self._xs_resumed(rec.domid)
             if rec.state in ("shutdown", "crashed"):
                 try:
                     self.xsd.domain_shutdown(rec.domid)

@@ -139,7 +139,20 @@ def test_late_suspend_is_cancelled(host, tmp_path: Path) -> None:  # noqa: ANN00
     while not any(x["name"] == "se-late" and x["state"] in ("running", "blocked") for x in host.list()):
         assert time.monotonic() < end
         time.sleep(0.05)
-    host.save(d, tmp_path / "ck.save", checkpoint=True)
+    # the late suspend told xenstored the domain shut down; running again, its
+    # next suspend must fire @releaseDomain again (xenstored fires it once per
+    # shutdown): the checkpoint's does
+    import threading
+    fired = threading.Event()
+    xs = XsClient(str(host.run_dir / "xenstored.sock"))
+    try:
+        xs.watch("@releaseDomain", "late", lambda path, token: fired.set())
+        time.sleep(0.5)  # a new watch fires once: let it
+        fired.clear()
+        host.save(d, tmp_path / "ck.save", checkpoint=True)
+        assert fired.wait(5), "the checkpoint's suspend did not fire @releaseDomain"
+    finally:
+        xs.close()
     assert dmesg_count(host, VIA_EVTCHN) == 1
     console_text(host, d, rb"suspend cancelled[\s\S]*?suspend cancelled[\s\S]*?^tick \d+ ")
     host.destroy(d)
