@@ -333,6 +333,19 @@ struct xb_iov {
     size_t len;
 };
 
+/* Wait until the store can be talked to (the probe's own thread may talk
+ * during the probe); 0, or why it never will. */
+static int xb_usable(void)
+{
+    if (current != xenbus_thread_ptr || xb_state != XB_PROBING)
+        waitq_wait(&waiters, not_probing, NULL, 0);
+    if (xb_state == XB_ABSENT)
+        return -XEN_ENODEV;
+    if (xb_state == XB_BROKEN)
+        return -XEN_EIO;
+    return 0;
+}
+
 /*
  * One request/reply exchange.  On success the reply payload is in
  * reply_buf (NUL-terminated), its length in *rlen, and the lock is still
@@ -346,12 +359,9 @@ static int xb_talk(uint32_t type, xenbus_transaction_t t, const struct xb_iov *i
     size_t total = 0;
     int rc;
 
-    if (current != xenbus_thread_ptr || xb_state != XB_PROBING)
-        waitq_wait(&waiters, not_probing, NULL, 0);
-    if (xb_state == XB_ABSENT)
-        return -XEN_ENODEV;
-    if (xb_state == XB_BROKEN)
-        return -XEN_EIO;
+    rc = xb_usable();
+    if (rc)
+        return rc;
     for (int i = 0; i < niov; i++)
         total += iov[i].len;
     if (total > XENSTORE_PAYLOAD_MAX)
@@ -490,12 +500,9 @@ int xenbus_batch(xenbus_transaction_t t, struct xenbus_op *ops, int n)
 
     if (n <= 0)
         return 0;
-    if (current != xenbus_thread_ptr || xb_state != XB_PROBING)
-        waitq_wait(&waiters, not_probing, NULL, 0);
-    if (xb_state == XB_ABSENT)
-        return -XEN_ENODEV;
-    if (xb_state == XB_BROKEN)
-        return -XEN_EIO;
+    rc = xb_usable();
+    if (rc)
+        return rc;
     waitq_wait(&waiters, try_lock, NULL, 0);
     first = next_req_id;
     next_req_id += (uint32_t)n;
