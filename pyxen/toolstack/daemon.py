@@ -41,7 +41,7 @@ from ..xenstore.tree import XsError
 from . import paths, validate
 from .proto import Conn, PeerCred, ProtocolError, peer_allowed, peer_cred
 from .validate import MAX_DOMID, RequestError
-from .xsdomain import DomainSocket, write_domain_layout, write_vbd, write_vif
+from .xsdomain import DomainSocket, write_domain_layout, write_ring_nodes, write_vbd, write_vif
 
 # ops only a domain process (the one the zygote forked for a domain) may send,
 # on a connection of its own; it may send nothing else
@@ -236,13 +236,20 @@ class Daemon:
         try:
             self.xsd.introduce(domid, rec.start_info.get("store_mfn", 0),
                                rec.start_info.get("store_evtchn", 0))
-            write_domain_layout(self.xsd, domid, spec, rec.start_info)
-            for disk in (spec.get("extra") or {}).get("disks", []):
-                write_vbd(self.xsd, domid, disk)
-            for vif in (spec.get("extra") or {}).get("vifs", []):
-                write_vif(self.xsd, domid, vif)
+            self._write_entries(domid, spec, rec.start_info)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
+
+    def _write_entries(self, domid: int, spec: dict[str, Any], info: dict[str, int]) -> None:
+        """The domain's directory as libxl writes it, then its vbd and vif
+        nodes (an incoming migration's ``info`` is {} until END: its ring
+        nodes follow then, :meth:`_introduce_rings`)."""
+        write_domain_layout(self.xsd, domid, spec, info)
+        extra = spec.get("extra") or {}
+        for disk in extra.get("disks", []):
+            write_vbd(self.xsd, domid, disk)
+        for vif in extra.get("vifs", []):
+            write_vif(self.xsd, domid, vif)
 
     def _prepare_incoming(self, rec: Record) -> None:
         """At an incoming migration's reservation, what does not depend on
@@ -254,11 +261,7 @@ class Daemon:
         failure here is only logged: "start" does whatever was not done."""
         domid, spec = rec.domid, rec.spec
         try:
-            write_domain_layout(self.xsd, domid, spec, {})
-            for disk in (spec.get("extra") or {}).get("disks", []):
-                write_vbd(self.xsd, domid, disk)
-            for vif in (spec.get("extra") or {}).get("vifs", []):
-                write_vif(self.xsd, domid, vif)
+            self._write_entries(domid, spec, {})
         except XsError as e:
             self.log(f"xenstore entries for incoming domain {domid}: {e}")
             return
@@ -273,12 +276,9 @@ class Daemon:
         (:meth:`_prepare_incoming` wrote the rest): the store introduced
         with its ring, the ring nodes written."""
         domid, info = rec.domid, rec.start_info
-        dp = f"/local/domain/{domid}"
         try:
             self.xsd.introduce(domid, info.get("store_mfn", 0), info.get("store_evtchn", 0))
-            for path, key in (("store/port", "store_evtchn"), ("store/ring-ref", "store_mfn"),
-                              ("console/port", "console_evtchn"), ("console/ring-ref", "console_mfn")):
-                self.xsd.write(f"{dp}/{path}", str(info.get(key, 0)))
+            write_ring_nodes(self.xsd, domid, info)
         except XsError as e:
             self.log(f"xenstore entries for domain {domid}: {e}")
 

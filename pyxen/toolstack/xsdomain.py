@@ -29,6 +29,18 @@ CHUNK = 64 << 10            # bytes taken from a domain's queue at a time
 REQUEST_CHUNK = 4096 + 16
 
 
+#: The nodes of a domain's store and console rings, and the start_info keys
+#: they come from: all a restored or migrated domain's layout waits for.
+RING_NODES = (("store/port", "store_evtchn"), ("store/ring-ref", "store_mfn"),
+              ("console/port", "console_evtchn"), ("console/ring-ref", "console_mfn"))
+
+
+def write_ring_nodes(xsd: Xenstored, domid: int, info: dict[str, int]) -> None:
+    """The ring nodes of :data:`RING_NODES` from ``info`` (start_info)."""
+    for path, key in RING_NODES:
+        xsd.write(f"/local/domain/{domid}/{path}", str(info.get(key, 0)))
+
+
 def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: dict[str, int]) -> None:
     """What libxl writes for a new PV domain, with its permissions: the domain
     can read its own directory and write only where guests write."""
@@ -50,10 +62,7 @@ def write_domain_layout(xsd: Xenstored, domid: int, spec: dict[str, Any], info: 
         f"{dp}/vm": vm, f"{dp}/name": str(spec.get("name", "")), f"{dp}/domid": str(domid),
         f"{dp}/memory/static-max": str(maxmem_kib), f"{dp}/memory/target": str(mem_kib),
         f"{dp}/memory/videoram": "-1",
-        f"{dp}/store/port": str(info.get("store_evtchn", 0)),
-        f"{dp}/store/ring-ref": str(info.get("store_mfn", 0)),
-        f"{dp}/console/port": str(info.get("console_evtchn", 0)),
-        f"{dp}/console/ring-ref": str(info.get("console_mfn", 0)),
+        **{f"{dp}/{path}": str(info.get(key, 0)) for path, key in RING_NODES},
         f"{dp}/console/type": "xenconsoled", f"{dp}/console/limit": "1048576",
         f"{dp}/image/os_type": "linux",
     }
